@@ -1,0 +1,77 @@
+"""Actuation: turn a decision into the few group commands that change something.
+
+Only setpoints that differ from what was last commanded are sent, batched one
+message per group (a rack), since fan-out per miner is what makes a broker
+slow. A command the miner has not acknowledged (telemetry `ack_seq`) within
+`retry_after_s` is sent again; after a reconnect everything is re-sent.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.payloads import GroupCommand, Setpoint
+
+_UNKNOWN = -1
+
+
+class Actuator:
+    """Remembers what each miner was told; builds the commands for a new decision."""
+
+    def __init__(self, n: int, group_idx: npt.NDArray[np.intp], ids: list[str],
+                 groups: list[str], retry_after_s: float = 30.0) -> None:
+        self._group_idx = group_idx
+        self._ids = ids
+        self._groups = groups
+        self.level = np.full(n, _UNKNOWN, dtype=np.intp)
+        self.power_w = np.full(n, np.nan)
+        self.seq = np.full(n, -1, dtype=np.int64)
+        self.sent_at = np.full(n, -np.inf)
+        self.retry_after_s = retry_after_s
+        # Sequence numbers grow across restarts too: start from the wall clock in ms.
+        self._next_seq = int(time.time() * 1000)
+
+    def forget(self) -> None:
+        """After a reconnect nothing is known to have arrived: re-send on the next decision."""
+        self.level[:] = _UNKNOWN
+
+    def plan(
+        self,
+        level: npt.NDArray[np.intp],
+        power_w: npt.NDArray[np.float64],
+        commandable: npt.NDArray[np.bool_],
+        ack_seq: npt.NDArray[np.int64],
+        now: float,
+    ) -> tuple[list[tuple[str, GroupCommand]], npt.NDArray[np.intp]]:
+        """Commands for the miners whose setpoint changed (or went unacknowledged)."""
+        changed = (level != self.level) | ((level > 0) & (power_w != self.power_w))
+        unacked = (ack_seq < self.seq) & (now - self.sent_at > self.retry_after_s)
+        send = np.flatnonzero(commandable & (changed | unacked))
+        if send.size == 0:
+            return [], send
+        seq = self._next_seq
+        self._next_seq += 1
+        ts = time.time()
+        commands: list[tuple[str, GroupCommand]] = []
+        order = send[np.argsort(self._group_idx[send], kind="stable")]
+        groups = self._group_idx[order]
+        bounds = np.flatnonzero(np.diff(groups)) + 1
+        for chunk in np.split(order, bounds):
+            targets = {
+                self._ids[i]: (
+                    Setpoint(action="sleep")
+                    if level[i] == 0
+                    else Setpoint(action="set_power", power_w=float(power_w[i]))
+                )
+                for i in chunk
+            }
+            group = self._groups[self._group_idx[chunk[0]]]
+            commands.append((group, GroupCommand(seq=seq, ts=ts, targets=targets)))
+        self.level[send] = level[send]
+        self.power_w[send] = power_w[send]
+        self.seq[send] = seq
+        self.sent_at[send] = now
+        return commands, send

@@ -1,0 +1,144 @@
+"""A local MQTT broker for the demo and the tests: mosquitto when installed, else amqtt.
+
+Both run as a child process bound to 127.0.0.1 on a port of our choosing, so the
+demo needs no system service and tests never touch the machine's own broker.
+mosquitto is preferred: amqtt (pure Python) moves only a few thousand messages
+a second, enough for the demo's per-rack telemetry but not for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str | None:
+    """Path of a mosquitto binary, if this machine has one (Debian puts it in /usr/sbin)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_PATHS if os.access(p, os.X_OK)), None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
+
+
+class LocalBroker:
+    """A broker child process on 127.0.0.1:`port`; `stop()`/`start()` can be repeated."""
+
+    def __init__(self, port: int | None = None, *, prefer: str = "auto") -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        mosquitto = find_mosquitto() if prefer in ("auto", "mosquitto") else None
+        if prefer == "mosquitto" and mosquitto is None:
+            raise RuntimeError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        self.kind = "mosquitto" if mosquitto else "amqtt"
+        self._mosquitto = mosquitto
+        self._dir = tempfile.TemporaryDirectory(prefix="mineops-broker-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _command(self) -> list[str]:
+        if self._mosquitto:
+            conf = Path(self._dir.name) / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} {self.host}\n"
+                "allow_anonymous true\n"
+                "persistence false\n"
+                "max_queued_messages 100000\n"
+                "log_dest stderr\n"
+                "log_type error\n"
+                "log_type warning\n"
+            )
+            return [self._mosquitto, "-c", str(conf)]
+        return [sys.executable, "-m", "controller.broker", "--port", str(self.port)]
+
+    def start(self) -> LocalBroker:
+        if self._proc is not None and self._proc.poll() is None:
+            return self
+        log = (Path(self._dir.name) / "broker.log").open("ab")
+        self._proc = subprocess.Popen(
+            self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{self.kind} did not start: {self.log_tail()}") from None
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_tail(self) -> str:
+        path = Path(self._dir.name) / "broker.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _serve_amqtt(port: int) -> None:
+    from amqtt.broker import Broker  # imported here: only the child process needs it
+
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+    async def serve() -> None:
+        broker = Broker(config)
+        await broker.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await broker.shutdown()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Run the embedded amqtt broker on 127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    _serve_amqtt(parser.parse_args().port)

@@ -1,0 +1,181 @@
+"""The `mineops` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from controller import logs
+from controller.catalogue import load_catalogue
+from controller.config import ConfigError, SiteConfig, load_config
+from drivers.price_csv import PriceFileError, load_price_csv
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mineops",
+        description="Operations controller for Bitcoin mining sites: runs every miner at the "
+        "power target that earns the most under the site's power cap and the grid's signals.",
+        epilog="Start with `mineops demo`. Docs: README.md and docs/ in the source tree.",
+    )
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="default: info")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                   help="auto: JSON lines unless stderr is a terminal")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the controller daemon against a site's broker",
+                         description="Run the controller for the site in FILE until stopped "
+                         "(SIGINT/SIGTERM). Metrics on the configured port (default 9108).")
+    run.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="override [metrics] port")
+
+    sim = sub.add_parser("simulate", help="run a simulated site (miners, meter, prices)",
+                         description="Simulate the fleet in FILE on its broker, for a "
+                         "controller to drive.")
+    sim.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
+    sim.add_argument("--speed", type=_positive, default=1.0,
+                     help="simulated seconds per real second (default 1)")
+    _price_args(sim)
+
+    demo = sub.add_parser(
+        "demo", help="a whole simulated site with its controller, on a local broker",
+        description="Start a local MQTT broker (mosquitto if installed, else embedded amqtt) "
+        "on 127.0.0.1, a simulated mixed fleet, a site meter, a price replay, the controller "
+        "and its metrics endpoint, and show a live summary. Ctrl-C stops everything.")
+    demo.add_argument("--miners", type=_count, default=1000, help="fleet size (default 1000)")
+    demo.add_argument("--duration", type=_positive, metavar="SECONDS",
+                      help="stop after this many seconds and print a summary (default: run "
+                      "until Ctrl-C)")
+    demo.add_argument("--speed", type=_positive, default=60.0,
+                      help="simulated seconds per real second (default 60: a 15-minute price "
+                      "interval every 15 s)")
+    demo.add_argument("--metrics-port", type=int, default=9108, metavar="PORT",
+                      help="Prometheus endpoint port on 127.0.0.1 (default 9108; 0: any free)")
+    demo.add_argument("--broker", metavar="HOST:PORT",
+                      help="use this broker instead of starting one")
+    _price_args(demo)
+
+    check = sub.add_parser("check-config", help="validate a site file",
+                           description="Exit 0 if FILE is a valid site file, else print what "
+                           "is wrong and exit 2.")
+    check.add_argument("file", type=Path, metavar="FILE")
+
+    sub.add_parser("models", help="list the miner models the catalogue knows")
+    return p
+
+
+def _price_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prices", type=Path, metavar="FILE",
+                   help="replay this price CSV (default: a synthetic week)")
+    p.add_argument("--price-column", metavar="NAME",
+                   help="price column in FILE (default: price_usd_per_mwh or "
+                   "hb_south_rtm_spp_usd_mwh)")
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return EXIT_OK
+
+
+async def _run(cfg: SiteConfig) -> int:
+    from controller.daemon import Controller  # noqa: PLC0415 - keep `check-config` fast
+
+    controller = Controller(cfg)
+    server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+    try:
+        await controller.run()
+    finally:
+        server.close()
+    return EXIT_OK
+
+
+async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
+    from simulators.prices import synthetic_prices  # noqa: PLC0415
+    from simulators.site import SimulatedSite  # noqa: PLC0415
+
+    prices = load_price_csv(args.prices, args.price_column) if args.prices else synthetic_prices()
+    await SimulatedSite(cfg, speed=args.speed, prices=prices).run()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet_demo = args.command == "demo" and args.log_level == "info"
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    logs.configure("warning" if quiet_demo else args.log_level, json=fmt)
+    try:
+        if args.command == "check-config":
+            cfg = load_config(args.file)
+            print(f"{args.file}: ok: site {cfg.site_id!r}, {len(cfg.inventory)} miners in "
+                  f"{len({m.group for m in cfg.inventory})} groups, cap {cfg.power_cap_kw:g} kW")
+            return EXIT_OK
+        if args.command == "models":
+            catalogue = load_catalogue()
+            print(f"{'key':14} {'model':24} {'TH/s':>6} {'W':>6} {'J/TH':>5} "
+                  f"{'range W':>11} {'break-even $/MWh @ $40/PH/day':>30}")
+            for key, m in catalogue.models.items():
+                print(f"{key:14} {m.name:24} {m.nominal_ths:6g} {m.nominal_w:6g} "
+                      f"{m.efficiency_j_per_th:5.1f} {m.min_w:5g}-{m.max_w:<5g} "
+                      f"{m.breakeven_usd_per_mwh(40.0):30.1f}")
+            return EXIT_OK
+        if args.command == "run":
+            cfg = load_config(args.config)
+            if args.metrics_port is not None:
+                metrics = cfg.metrics.model_copy(update={"port": args.metrics_port})
+                cfg = cfg.model_copy(update={"metrics": metrics})
+            return _run_async(_run(cfg))
+        if args.command == "simulate":
+            cfg = load_config(args.config)
+            return _run_async(_simulate(cfg, args))
+        if args.command == "demo":
+            from controller.demo import run_demo  # noqa: PLC0415
+
+            async def demo() -> int:
+                result = await run_demo(
+                    miners=args.miners, duration_s=args.duration, speed=args.speed,
+                    metrics_port=args.metrics_port, broker=args.broker,
+                    prices_file=args.prices, price_column=args.price_column,
+                )
+                if not result.ok:
+                    print(f"demo failed: {result.why}", file=sys.stderr)
+                return EXIT_OK if result.ok else EXIT_FAIL
+
+            return _run_async(demo())
+    except (ConfigError, PriceFileError) as e:
+        print(f"mineops: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"mineops: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

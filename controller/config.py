@@ -1,0 +1,229 @@
+"""Site configuration: one TOML file, validated by pydantic, overridable by MINEOPS_* variables.
+
+Environment overrides use `__` between levels, e.g. MINEOPS_BROKER__PORT=1884 or
+MINEOPS_POWER_CAP_KW=2500. Unknown keys are errors, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from controller.catalogue import MinerModel, load_catalogue
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def _known_model(key: str) -> str:
+    if key not in load_catalogue().models:
+        known = ", ".join(sorted(load_catalogue().models))
+        raise ValueError(f"unknown miner model {key!r}; known models: {known}")
+    return key
+
+
+ModelKey = Annotated[str, AfterValidator(_known_model)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Strict):
+    """Where the MQTT broker is and how to log in."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port")
+    tls: bool = Field(default=False, description="Connect with TLS")
+    ca_file: Path | None = Field(default=None, description="CA bundle for TLS (system if unset)")
+    username: str | None = Field(default=None, description="MQTT user name")
+    password: SecretStr | None = Field(default=None, description="MQTT password")
+    keepalive_s: int = Field(default=15, ge=5, le=600, description="MQTT keepalive, s")
+    reconnect_max_s: float = Field(
+        default=10.0, gt=0, le=300, description="Longest wait between reconnect attempts, s"
+    )
+
+
+class MinerGroup(_Strict):
+    """A rack (or row, or container) of identical miners, described by a count."""
+
+    name: str = Field(pattern=_ID, description="Group id, used in topics and metrics")
+    model: ModelKey = Field(description="Catalogue key, e.g. 's21' (see `mineops models`)")
+    count: int = Field(ge=1, le=100_000, description="Number of miners in the group")
+    id_prefix: str | None = Field(
+        default=None, pattern=_ID, description="Miner ids are <prefix>-<nnnn>; default: group name"
+    )
+    never_curtail: bool = Field(default=False, description="Keep these at full power always")
+    priority: int = Field(
+        default=0, ge=0, le=9, description="Higher sheds later when the cap binds"
+    )
+
+
+class MinerEntry(_Strict):
+    """One miner listed by itself (for odd machines outside any uniform rack)."""
+
+    id: str = Field(pattern=_ID)
+    model: ModelKey
+    group: str = Field(pattern=_ID)
+    never_curtail: bool = False
+    priority: int = Field(default=0, ge=0, le=9)
+
+
+class FleetConfig(_Strict):
+    """The miners on site."""
+
+    groups: list[MinerGroup] = Field(default_factory=list)
+    miners: list[MinerEntry] = Field(default_factory=list)
+
+
+class MineopsMeter(_Strict):
+    """A meter publishing the project's own JSON on mineops/<site>/meter/<id>/telemetry."""
+
+    type: Literal["mineops"] = "mineops"
+    id: str = Field(pattern=_ID)
+    role: Literal["site", "aux"] = Field(default="site", description="What the meter measures")
+
+
+MeterConfig = Annotated[MineopsMeter, Field(discriminator="type")]
+
+
+class EnergyConfig(_Strict):
+    """How energy is paid for."""
+
+    adders_usd_per_mwh: float = Field(
+        default=0.0, ge=-1000, le=10_000, description="Added to the market price (fees, TDSP)"
+    )
+    aux_fraction: float = Field(
+        default=0.05, ge=0, le=1, description="Cooling/auxiliary load as a fraction of IT load"
+    )
+    default_price_usd_per_mwh: float = Field(
+        default=1000.0, description="Price assumed before any price arrives (high: run nothing risky)"
+    )
+
+
+class PolicyConfig(_Strict):
+    """Control-loop and policy knobs."""
+
+    decision_interval_s: float = Field(default=5.0, gt=0, le=3600, description="Tick, s")
+    telemetry_stale_s: float = Field(
+        default=30.0, gt=0, description="Telemetry older than this counts at max power, s"
+    )
+    min_run_s: float = Field(default=300.0, ge=0, description="Minimum time on after waking, s")
+    min_sleep_s: float = Field(default=300.0, ge=0, description="Minimum time asleep, s")
+    cap_headroom_fraction: float = Field(
+        default=0.01, ge=0, le=0.5,
+        description="Plan this far below the cap, so meter noise and settling stay under it",
+    )
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoint."""
+
+    host: str = Field(default="127.0.0.1", description="Listen address")
+    port: int = Field(default=9108, ge=0, le=65535, description="Listen port (0: any free)")
+    per_miner: bool = Field(default=False, description="Also export per-miner series")
+
+
+class SiteConfig(BaseSettings):
+    """A mine site: identity, broker, fleet, limits and economics."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MINEOPS_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    site_id: str = Field(pattern=_ID, description="Site id, the second level of every topic")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    fleet: FleetConfig
+    meters: list[MeterConfig] = Field(default_factory=list)
+    power_cap_kw: float = Field(gt=0, le=10_000_000, description="Site import limit incl. aux, kW")
+    hashprice_usd_per_ph_day: float = Field(
+        gt=0, le=10_000, description="Revenue per PH/s per day, $ (feed may override)"
+    )
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _check_fleet(self) -> SiteConfig:
+        ids = [m.id for m in self.inventory]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"miner id {dup!r} appears twice in the fleet")
+        if not ids:
+            raise ValueError("the fleet has no miners")
+        return self
+
+    @cached_property
+    def inventory(self) -> list[MinerEntry]:
+        """Every miner, groups expanded, in a stable order (the fleet arrays' index)."""
+        out = [
+            MinerEntry(
+                id=f"{g.id_prefix or g.name}-{i:04d}",
+                model=g.model,
+                group=g.name,
+                never_curtail=g.never_curtail,
+                priority=g.priority,
+            )
+            for g in self.fleet.groups
+            for i in range(1, g.count + 1)
+        ]
+        return out + list(self.fleet.miners)
+
+    def model_of(self, entry: MinerEntry) -> MinerModel:
+        return load_catalogue().get(entry.model)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file is passed per load (see load_config); the environment wins over it.
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """A site file that cannot be used, with one message naming the field and why."""
+
+
+def load_config(path: Path | str, **overrides: Any) -> SiteConfig:
+    """Read and validate a site file; raise ConfigError with a clear one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = TomlConfigSettingsSource(SiteConfig, toml_file=path)()
+    except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    data.update(overrides)
+    try:
+        return SiteConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {describe_validation_error(e)}") from None
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """First error as 'field.path: why (got value)', plus how many more there are."""
+    errors = e.errors()
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling against deploy/site.example.toml)"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    msg = re.sub(r"^Value error, ", "", msg)
+    more = f"; and {len(errors) - 1} more error(s)" if len(errors) > 1 else ""
+    return f"{where}: {msg}{shown}{more}"

@@ -1,0 +1,294 @@
+"""The controller: ingest -> fleet state -> decide (optimizer + policy) -> actuate -> metrics.
+
+One asyncio task reads MQTT and updates state; one loop decides on a tick, or
+at once when a trigger (a new price, a reconnect) asks for it. Each cycle re-reads
+the state, plans from scratch and sends only what changed, so a missed message
+or a restart costs one cycle, not correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import Counter
+
+import numpy as np
+import structlog
+
+from controller.actuation import Actuator
+from controller.config import SiteConfig
+from controller.fleet_state import FleetState
+from controller.logs import LogLimiter
+from controller.metrics import Metrics
+from controller.optimizer import prepare
+from controller.payloads import (
+    DecisionSummary,
+    GroupTelemetry,
+    HashpriceSignal,
+    MeterTelemetry,
+    MinerTelemetry,
+    PayloadError,
+    PriceSignal,
+    decode,
+)
+from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
+from controller.reasons import REASON_NAMES, Reason
+from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
+from controller.transport import LastWill, Transport
+
+log = structlog.get_logger("mineops.controller")
+
+PRICE_STALE_S = 3600.0
+
+
+class Controller:
+    """A site's controller; `run()` until cancelled."""
+
+    def __init__(self, cfg: SiteConfig, *, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.topics = SiteTopics(cfg.site_id)
+        self.fleet = FleetState(cfg.inventory)
+        self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
+        # Until miners report, assume every one runs at full power: the worst case.
+        self.policy_state = PolicyState.initial(self.fleet.n, self.prepared.max_level)
+        self.knobs = PolicyKnobs(min_run_s=cfg.policy.min_run_s,
+                                 min_sleep_s=cfg.policy.min_sleep_s)
+        self.actuator = Actuator(self.fleet.n, self.fleet.group_idx, self.fleet.ids,
+                                 self.fleet.groups)
+        self.meter_ids = {m.id for m in cfg.meters if m.role == "site"}
+        self.metrics = metrics or Metrics()
+        self.transport = Transport(
+            cfg.broker,
+            client_id=f"mineops-controller-{cfg.site_id}",
+            subscriptions=self._subscriptions(),
+            will=LastWill(self.topics.controller_availability, OFFLINE.encode()),
+            on_connect=self._on_connect,
+            on_disconnect=self.actuator.forget,
+            on_close=self._on_close,
+        )
+        self.last_planned_w = math.nan
+        self.reason_counts = np.zeros(len(Reason), dtype=np.int64)
+        self.decision_count = 0
+        self.invalid: Counter[tuple[str, str]] = Counter()
+        self._trigger = asyncio.Event()
+        self._trigger_why = "start"
+        self._quiet = LogLimiter(60.0)
+        self.metrics.attach(self)  # last: the collector reads the attributes above
+
+    def _subscriptions(self) -> list[str]:
+        t = self.topics
+        return [
+            t.miner("+", "telemetry"),
+            t.miner("+", "availability"),
+            t.group("+", "telemetry"),
+            t.group("+", "availability"),
+            f"{t.base}/meter/+/telemetry",
+            t.price,
+            t.hashprice,
+        ]
+
+    # -- inputs in force --------------------------------------------------------
+
+    def price_usd_per_mwh(self) -> float:
+        """Market price plus adders; a missing or stale price counts as the cautious default."""
+        site = self.fleet.site
+        fresh = time.monotonic() - site.price_at < PRICE_STALE_S
+        market = site.price_usd_per_mwh if fresh and site.price_usd_per_mwh is not None else (
+            self.cfg.energy.default_price_usd_per_mwh
+        )
+        return market + self.cfg.energy.adders_usd_per_mwh
+
+    def hashprice_usd_per_ph_day(self) -> float:
+        feed = self.fleet.site.hashprice_usd_per_ph_day
+        return self.cfg.hashprice_usd_per_ph_day if feed is None else feed
+
+    def cap_w(self) -> float:
+        return self.cfg.power_cap_kw * 1000.0
+
+    # -- ingest -------------------------------------------------------------------
+
+    def trigger(self, why: str) -> None:
+        """Ask for a decision now rather than at the next tick."""
+        self._trigger_why = why
+        self._trigger.set()
+
+    def _reject(self, kind: Kind, reason: str, topic: str, detail: str) -> None:
+        self.invalid[(kind.value, reason)] += 1
+        self.metrics.invalid.labels(kind.value, reason).inc()
+        suppressed = self._quiet.allow(kind.value, reason)
+        if suppressed is not None:
+            log.warning("message_dropped", kind=kind.value, reason=reason, topic=topic,
+                        detail=detail[:200], suppressed_since_last=suppressed)
+
+    def on_message(self, topic: str, raw: bytes) -> None:
+        """Validate and apply one message; a bad one is counted and dropped, never raised."""
+        parsed = self.topics.parse(topic)
+        self.metrics.messages.labels(parsed.kind.value).inc()
+        try:
+            self._apply(parsed.kind, parsed.device, raw)
+        except PayloadError as e:
+            self._reject(parsed.kind, e.reason, topic, e.detail)
+        except Exception as e:  # a bug must not take the controller down with it
+            log.exception("message_handler_failed", topic=topic)
+            self._reject(parsed.kind, "internal_error", topic, repr(e))
+
+    def _apply(self, kind: Kind, device: str, raw: bytes) -> None:
+        now = time.monotonic()
+        fleet = self.fleet
+        if kind is Kind.GROUP_TELEMETRY:
+            msg = decode(GroupTelemetry, raw)
+            unknown = 0
+            for r in msg.miners:
+                i = fleet.index.get(r.id)
+                if i is None:
+                    unknown += 1
+                    continue
+                fleet.update(i, r, now)
+            if unknown:
+                raise PayloadError("unknown_miner", f"{unknown} unknown miner id(s) in {device}")
+        elif kind is Kind.MINER_TELEMETRY:
+            reading = decode(MinerTelemetry, raw)
+            fleet.update(self._miner(device), reading, now)
+        elif kind in (Kind.MINER_AVAILABILITY, Kind.GROUP_AVAILABILITY):
+            text = raw.decode(errors="replace").strip()
+            if text not in (ONLINE, OFFLINE):
+                raise PayloadError("bad_value", f"availability must be online/offline: {text!r}")
+            if kind is Kind.MINER_AVAILABILITY:
+                fleet.set_available(self._miner(device), text == ONLINE)
+            elif device in fleet.groups:
+                fleet.set_available(fleet.members(device), text == ONLINE)
+            else:
+                raise PayloadError("unknown_group", device)
+            if text == OFFLINE:
+                self.trigger("availability")
+        elif kind is Kind.METER_TELEMETRY:
+            reading_m = decode(MeterTelemetry, raw)
+            if self.meter_ids and device not in self.meter_ids:
+                raise PayloadError("unknown_meter", device)
+            fleet.site.meter_power_w = reading_m.power_w
+            fleet.site.meter_at = now
+            if reading_m.frequency_hz is not None:
+                fleet.site.frequency_hz = reading_m.frequency_hz
+        elif kind is Kind.PRICE:
+            price = decode(PriceSignal, raw)
+            changed = price.price_usd_per_mwh != fleet.site.price_usd_per_mwh
+            fleet.site.price_usd_per_mwh = price.price_usd_per_mwh
+            fleet.site.price_at = now
+            if changed:
+                self.trigger("price")
+        elif kind is Kind.HASHPRICE:
+            hp = decode(HashpriceSignal, raw)
+            fleet.site.hashprice_usd_per_ph_day = hp.hashprice_usd_per_ph_day
+            self.trigger("hashprice")
+        else:
+            raise PayloadError("unknown_topic", "not a topic the controller reads")
+
+    def _miner(self, miner_id: str) -> int:
+        i = self.fleet.index.get(miner_id)
+        if i is None:
+            raise PayloadError("unknown_miner", miner_id)
+        return i
+
+    # -- decide and act -----------------------------------------------------------
+
+    async def _on_connect(self) -> None:
+        await self.transport.publish(self.topics.controller_availability, ONLINE, qos=1,
+                                     retain=True)
+        self.actuator.forget()
+        self.trigger("connect")
+
+    async def decide_and_act(self, why: str) -> DecisionSummary:
+        started = time.perf_counter()
+        now = time.monotonic()
+        fleet = self.fleet
+        stale = fleet.stale(now, self.cfg.policy.telemetry_stale_s)
+        price = self.price_usd_per_mwh()
+        market = MarketInputs(
+            price_usd_per_mwh=price,
+            hashprice_usd_per_ph_day=self.hashprice_usd_per_ph_day(),
+            cap_w=self.cap_w() * (1.0 - self.cfg.policy.cap_headroom_fraction),
+            aux_fraction=self.cfg.energy.aux_fraction,
+        )
+        decision = decide(
+            self.prepared,
+            market,
+            MinerInputs(stale=stale, never_curtail=fleet.never_curtail),
+            self.policy_state,
+            self.knobs,
+            now_s=now,
+        )
+        commands, sent = self.actuator.plan(
+            decision.level, decision.power_w, decision.commandable, fleet.ack_seq, now
+        )
+        if commands:
+            results = await asyncio.gather(*(
+                self.transport.publish(self.topics.group(g, "cmd"), cmd.encode(), qos=1)
+                for g, cmd in commands
+            ))
+            if not all(results):
+                self.actuator.forget()  # some did not go out: re-send all once reconnected
+            self.metrics.commands.inc(int(sent.size))
+            self.metrics.command_messages.inc(len(commands))
+        self.last_planned_w = decision.site_power_w
+        self.reason_counts = np.bincount(decision.reason, minlength=len(Reason))[: len(Reason)]
+        self.decision_count += 1
+        duration = time.perf_counter() - started
+        self.metrics.decision_seconds.observe(duration)
+        self.metrics.decisions.labels(why).inc()
+        summary = DecisionSummary(
+            ts=time.time(),
+            price_usd_per_mwh=price,
+            hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
+            cap_w=market.cap_w,
+            planned_site_power_w=round(decision.site_power_w, 1),
+            measured_site_power_w=None if math.isnan(fleet.site.meter_power_w)
+            else fleet.site.meter_power_w,
+            miners_by_state=fleet.counts_by_state(now, self.cfg.policy.telemetry_stale_s),
+            miners_by_reason={
+                REASON_NAMES[r]: int(c) for r, c in enumerate(self.reason_counts) if c
+            },
+            commands_sent=int(sent.size),
+            duration_s=round(duration, 6),
+        )
+        await self.transport.publish(self.topics.decision, summary.encode(), qos=1, retain=True)
+        if sent.size:
+            log.info("decision", trigger=why, price_usd_per_mwh=round(price, 2),
+                     planned_kw=round(decision.site_power_w / 1000, 1),
+                     cap_kw=round(market.cap_w / 1000, 1), commands=int(sent.size),
+                     reasons=summary.miners_by_reason)
+        return summary
+
+    async def _decide_forever(self) -> None:
+        interval = self.cfg.policy.decision_interval_s
+        # Retained price and availability arrive right after connecting: deciding before
+        # them would sleep the fleet on the cautious default price, then wake it again.
+        grace_s = max(2.0, 2 * interval)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                while self.fleet.site.price_usd_per_mwh is None:
+                    await asyncio.sleep(0.05)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trigger.wait(), timeout=interval)
+            why = self._trigger_why if self._trigger.is_set() else "tick"
+            self._trigger.clear()
+            try:
+                await self.decide_and_act(why)
+            except Exception:
+                # Keep deciding: a failed cycle is retried at the next tick.
+                log.exception("decision_failed", trigger=why)
+
+    async def run(self) -> None:
+        """Run until cancelled; 'offline' is published on a clean stop, the last will on a crash."""
+        log.info("controller_starting", site=self.cfg.site_id, miners=self.fleet.n,
+                 cap_kw=self.cfg.power_cap_kw, broker=f"{self.cfg.broker.host}:"
+                 f"{self.cfg.broker.port}")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.transport.run(self.on_message), name="controller-mqtt")
+            tg.create_task(self._decide_forever(), name="controller-decide")
+
+    async def _on_close(self) -> None:
+        await self.transport.publish(self.topics.controller_availability, OFFLINE, qos=1,
+                                     retain=True)

@@ -1,0 +1,102 @@
+"""Fleet state: what the controller knows of every miner, as numpy arrays indexed by miner."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.catalogue import load_catalogue, operating_points
+from controller.config import MinerEntry
+from controller.payloads import MinerReading
+
+# Reported states, as small ints; UNKNOWN until the first telemetry.
+STATES = ("unknown", "running", "sleeping", "waking", "stopping", "error")
+_STATE_CODE = {s: i for i, s in enumerate(STATES)}
+
+
+@dataclass(slots=True)
+class SiteReadings:
+    """Site-level inputs: the meter and the markets."""
+
+    meter_power_w: float = math.nan
+    meter_at: float = -math.inf
+    frequency_hz: float = math.nan
+    price_usd_per_mwh: float | None = None
+    price_at: float = -math.inf
+    hashprice_usd_per_ph_day: float | None = None
+
+
+class FleetState:
+    """Per-miner arrays; `index` maps miner id to row."""
+
+    def __init__(self, inventory: list[MinerEntry]) -> None:
+        catalogue = load_catalogue()
+        n = len(inventory)
+        self.ids = [m.id for m in inventory]
+        self.index = {m: i for i, m in enumerate(self.ids)}
+        self.groups = sorted({m.group for m in inventory})
+        gidx = {g: i for i, g in enumerate(self.groups)}
+        self.group_idx = np.array([gidx[m.group] for m in inventory], dtype=np.intp)
+        self.model_keys = sorted({m.model for m in inventory})
+        kidx = {k: i for i, k in enumerate(self.model_keys)}
+        self.model_idx = np.array([kidx[m.model] for m in inventory], dtype=np.intp)
+        models = [catalogue.get(k) for k in self.model_keys]
+        power, hashrate = operating_points(models)
+        self.points_w = power[self.model_idx]
+        self.points_ths = hashrate[self.model_idx]
+        self.nominal_w = np.array([m.nominal_w for m in models])[self.model_idx]
+        self.max_w = self.points_w[:, -1].copy()
+        self.never_curtail = np.array([m.never_curtail for m in inventory], dtype=bool)
+        self.priority = np.array([m.priority for m in inventory], dtype=np.int8)
+
+        self.state = np.zeros(n, dtype=np.int8)
+        self.power_w = np.zeros(n)
+        self.hashrate_ths = np.zeros(n)
+        self.target_w = np.full(n, np.nan)
+        self.temp_c = np.full(n, np.nan)
+        self.ack_seq = np.full(n, -1, dtype=np.int64)
+        self.last_seen = np.full(n, -np.inf)
+        self.announced_offline = np.zeros(n, dtype=bool)
+        self.site = SiteReadings()
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def members(self, group: str) -> npt.NDArray[np.intp]:
+        return np.flatnonzero(self.group_idx == self.groups.index(group))
+
+    def update(self, i: int, r: MinerReading, now: float) -> None:
+        self.state[i] = _STATE_CODE[r.state]
+        self.power_w[i] = r.power_w
+        self.hashrate_ths[i] = r.hashrate_ths
+        self.target_w[i] = np.nan if r.target_w is None else r.target_w
+        self.temp_c[i] = np.nan if r.temp_c is None else r.temp_c
+        if r.ack_seq is not None:
+            self.ack_seq[i] = r.ack_seq
+        self.last_seen[i] = now
+        self.announced_offline[i] = False
+
+    def set_available(self, idx: npt.NDArray[np.intp] | int, online: bool) -> None:
+        self.announced_offline[idx] = not online
+
+    def stale(self, now: float, stale_after_s: float) -> npt.NDArray[np.bool_]:
+        """Miners whose actual draw is unknown: silent too long, or announced offline."""
+        return self.announced_offline | (now - self.last_seen > stale_after_s)
+
+    def counts_by_state(self, now: float, stale_after_s: float) -> dict[str, int]:
+        """Operator view: running, underclocked, sleeping (incl. stopping), waking, offline."""
+        stale = self.stale(now, stale_after_s)
+        running = ~stale & (self.state == _STATE_CODE["running"])
+        under = running & (self.target_w < self.nominal_w - 1.0)
+        return {
+            "running": int((running & ~under).sum()),
+            "underclocked": int(under.sum()),
+            "sleeping": int((~stale & np.isin(self.state, (2, 4))).sum()),
+            "waking": int((~stale & (self.state == _STATE_CODE["waking"])).sum()),
+            "error": int((~stale & (self.state == _STATE_CODE["error"])).sum()),
+            "offline": int(stale.sum()),
+        }

@@ -1,0 +1,172 @@
+"""Every MQTT payload as a versioned pydantic model with a size limit, and one decoder.
+
+Bounds are physical: a value outside them is absurd (a 2 MW miner, a 90 Hz grid)
+and the message is dropped with reason `out_of_range` rather than trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+class PayloadError(Exception):
+    """A payload that cannot be accepted; `reason` is a fixed metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Payload(BaseModel):
+    """Base of all payloads: strict keys, a schema version, a byte limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    MAX_BYTES: ClassVar[int] = 4096
+
+    v: Literal[1] = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+Watts = Annotated[float, Field(ge=0, le=50_000)]
+MinerState = Literal["running", "sleeping", "waking", "stopping", "error"]
+
+
+class MinerReading(BaseModel):
+    """What a miner reports about itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    state: MinerState
+    power_w: Watts
+    hashrate_ths: float = Field(ge=0, le=5_000)
+    target_w: Watts | None = Field(default=None, description="Power target in force")
+    temp_c: float | None = Field(default=None, ge=-50, le=150)
+    fan_rpm: int | None = Field(default=None, ge=0, le=30_000)
+    hashboards: int | None = Field(default=None, ge=0, le=8, description="Boards hashing")
+    ack_seq: int | None = Field(default=None, ge=0, description="Last command applied")
+
+
+class MinerTelemetry(Payload, MinerReading):
+    """mineops/<site>/miner/<id>/telemetry"""
+
+    ts: float = Field(ge=0, description="Unix time of the reading, s")
+
+
+class GroupMinerReading(MinerReading):
+    id: str = Field(min_length=1, max_length=64)
+
+
+class GroupTelemetry(Payload):
+    """mineops/<site>/group/<g>/telemetry: a rack's readings in one message."""
+
+    MAX_BYTES: ClassVar[int] = 512 * 1024
+
+    ts: float = Field(ge=0)
+    miners: list[GroupMinerReading] = Field(max_length=2000)
+
+
+class MeterTelemetry(Payload):
+    """mineops/<site>/meter/<id>/telemetry: the project's own meter format."""
+
+    ts: float = Field(ge=0)
+    power_w: float = Field(ge=-2e9, le=2e9, description="Active power, import positive")
+    energy_import_wh: float | None = Field(default=None, ge=0)
+    energy_export_wh: float | None = Field(default=None, ge=0)
+    voltage_v: float | None = Field(default=None, ge=0, le=1_000_000)
+    frequency_hz: float | None = Field(default=None, ge=40, le=70)
+
+
+class PriceSignal(Payload):
+    """mineops/<site>/signal/price: real-time energy price for the interval starting at ts."""
+
+    ts: float = Field(ge=0)
+    price_usd_per_mwh: float = Field(ge=-10_000, le=100_000)
+    interval_s: float | None = Field(default=None, gt=0, le=86_400)
+    source: str | None = Field(default=None, max_length=64)
+
+
+class HashpriceSignal(Payload):
+    """mineops/<site>/signal/hashprice"""
+
+    ts: float = Field(ge=0)
+    hashprice_usd_per_ph_day: float = Field(gt=0, le=10_000)
+
+
+CommandAction = Literal["set_power", "sleep", "wake"]
+
+
+class Setpoint(BaseModel):
+    """One command body: sleep, wake, or run at a power target (waking if asleep)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: CommandAction
+    power_w: Watts | None = None
+
+
+class MinerCommand(Payload, Setpoint):
+    """mineops/<site>/miner/<id>/cmd"""
+
+    seq: int = Field(ge=0)
+    ts: float = Field(ge=0)
+
+
+class GroupCommand(Payload):
+    """mineops/<site>/group/<g>/cmd: one broadcast setpoint for all, or per-miner setpoints."""
+
+    MAX_BYTES: ClassVar[int] = 512 * 1024
+
+    seq: int = Field(ge=0)
+    ts: float = Field(ge=0)
+    all: Setpoint | None = Field(default=None, description="Applies to every group member")
+    targets: dict[str, Setpoint] | None = Field(default=None, max_length=5000)
+
+
+class DecisionSummary(Payload):
+    """mineops/<site>/controller/decision (retained): the latest decision, for audit."""
+
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    ts: float
+    price_usd_per_mwh: float
+    hashprice_usd_per_ph_day: float
+    cap_w: float
+    planned_site_power_w: float
+    measured_site_power_w: float | None = None
+    miners_by_state: dict[str, int]
+    miners_by_reason: dict[str, int]
+    commands_sent: int
+    duration_s: float
+
+
+P = TypeVar("P", bound=Payload)
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                 "finite_number"}
+
+
+def decode(model: type[P], raw: bytes) -> P:
+    """Validate raw bytes as `model`, or raise PayloadError with a fixed reason."""
+    if len(raw) > model.MAX_BYTES:
+        raise PayloadError("oversized", f"{len(raw)} bytes > {model.MAX_BYTES}")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] in ("json_invalid", "json_type"):
+            raise PayloadError("bad_json", err["msg"]) from None
+        if err["type"] in _RANGE_ERRORS:
+            raise PayloadError("out_of_range", f"{where}: {err['msg']}") from None
+        if err["loc"] == ("v",):
+            raise PayloadError("bad_version", f"schema version {err.get('input')!r}") from None
+        if err["type"] in ("missing", "extra_forbidden"):
+            raise PayloadError("bad_schema", f"{where}: {err['msg']}") from None
+        raise PayloadError("wrong_type", f"{where}: {err['msg']}") from None

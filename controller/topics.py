@@ -1,0 +1,135 @@
+"""Every MQTT topic of a site, built and parsed in one place.
+
+    mineops/<site>/miner/<id>/telemetry     miner -> controller     QoS 0
+    mineops/<site>/miner/<id>/availability  miner -> all            retained, last will
+    mineops/<site>/miner/<id>/cmd           controller -> miner     QoS 1, sequence number
+    mineops/<site>/group/<g>/telemetry      bridge/simulator -> controller, a rack in one message
+    mineops/<site>/group/<g>/availability   bridge/simulator -> all  retained, last will
+    mineops/<site>/group/<g>/cmd            controller -> group     QoS 1, batch or broadcast
+    mineops/<site>/meter/<id>/telemetry     meter -> controller
+    mineops/<site>/signal/price             price feed -> controller, retained
+    mineops/<site>/signal/hashprice         hashprice feed -> controller, retained
+    mineops/<site>/signal/grid              grid events -> controller, retained, QoS 1
+    mineops/<site>/controller/availability  retained, last will
+    mineops/<site>/controller/decision      latest decision summary, retained
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+ROOT = "mineops"
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+class Kind(StrEnum):
+    """What a topic carries; also the `kind` label of message counters."""
+
+    MINER_TELEMETRY = "miner_telemetry"
+    MINER_AVAILABILITY = "miner_availability"
+    MINER_CMD = "miner_cmd"
+    GROUP_TELEMETRY = "group_telemetry"
+    GROUP_AVAILABILITY = "group_availability"
+    GROUP_CMD = "group_cmd"
+    METER_TELEMETRY = "meter_telemetry"
+    PRICE = "price"
+    HASHPRICE = "hashprice"
+    GRID = "grid"
+    CONTROLLER_AVAILABILITY = "controller_availability"
+    DECISION = "decision"
+    UNKNOWN = "unknown"
+
+
+_DEVICE_KINDS = {
+    ("miner", "telemetry"): Kind.MINER_TELEMETRY,
+    ("miner", "availability"): Kind.MINER_AVAILABILITY,
+    ("miner", "cmd"): Kind.MINER_CMD,
+    ("group", "telemetry"): Kind.GROUP_TELEMETRY,
+    ("group", "availability"): Kind.GROUP_AVAILABILITY,
+    ("group", "cmd"): Kind.GROUP_CMD,
+    ("meter", "telemetry"): Kind.METER_TELEMETRY,
+}
+_SITE_KINDS = {
+    ("signal", "price"): Kind.PRICE,
+    ("signal", "hashprice"): Kind.HASHPRICE,
+    ("signal", "grid"): Kind.GRID,
+    ("controller", "availability"): Kind.CONTROLLER_AVAILABILITY,
+    ("controller", "decision"): Kind.DECISION,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A topic taken apart: its kind and the device id (empty for site topics)."""
+
+    kind: Kind
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SiteTopics:
+    """Topic names for one site."""
+
+    site: str
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.site}"
+
+    def miner(self, miner_id: str, leaf: str) -> str:
+        return f"{self.base}/miner/{miner_id}/{leaf}"
+
+    def group(self, group: str, leaf: str) -> str:
+        return f"{self.base}/group/{group}/{leaf}"
+
+    def meter(self, meter_id: str) -> str:
+        return f"{self.base}/meter/{meter_id}/telemetry"
+
+    @property
+    def price(self) -> str:
+        return f"{self.base}/signal/price"
+
+    @property
+    def hashprice(self) -> str:
+        return f"{self.base}/signal/hashprice"
+
+    @property
+    def grid(self) -> str:
+        return f"{self.base}/signal/grid"
+
+    @property
+    def controller_availability(self) -> str:
+        return f"{self.base}/controller/availability"
+
+    @property
+    def decision(self) -> str:
+        return f"{self.base}/controller/decision"
+
+    def controller_subscriptions(self) -> list[str]:
+        """What the controller listens to."""
+        return [
+            f"{self.base}/miner/+/telemetry",
+            f"{self.base}/miner/+/availability",
+            f"{self.base}/group/+/telemetry",
+            f"{self.base}/group/+/availability",
+            f"{self.base}/meter/+/telemetry",
+            f"{self.base}/signal/+",
+        ]
+
+    def simulator_subscriptions(self) -> list[str]:
+        """What a simulated (or bridged) fleet listens to."""
+        return [f"{self.base}/miner/+/cmd", f"{self.base}/group/+/cmd"]
+
+    def parse(self, topic: str) -> Parsed:
+        """Classify a topic of this site; anything else is Kind.UNKNOWN."""
+        parts = topic.split("/")
+        if len(parts) < 4 or parts[0] != ROOT or parts[1] != self.site:
+            return Parsed(Kind.UNKNOWN)
+        if len(parts) == 5:
+            kind = _DEVICE_KINDS.get((parts[2], parts[4]))
+            return Parsed(kind, parts[3]) if kind else Parsed(Kind.UNKNOWN)
+        if len(parts) == 4:
+            return Parsed(_SITE_KINDS.get((parts[2], parts[3]), Kind.UNKNOWN))
+        return Parsed(Kind.UNKNOWN)

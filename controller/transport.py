@@ -1,0 +1,152 @@
+"""MQTT transport: the only module that imports aiomqtt.
+
+One long-lived connection per process, reconnected with jittered exponential
+backoff when the broker goes away; on every (re)connect it re-subscribes and
+calls `on_connect` so the owner can re-announce itself (availability, state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiomqtt
+import structlog
+
+from controller.config import BrokerConfig
+
+log = structlog.get_logger("mineops.transport")
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LastWill:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+class Transport:
+    """A reconnecting MQTT client; `run()` delivers every message to `handler` until cancelled."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        *,
+        client_id: str,
+        subscriptions: Sequence[str],
+        will: LastWill | None = None,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._broker = broker
+        self._client_id = client_id
+        self._subscriptions = list(subscriptions)
+        self._will = will
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._on_close = on_close
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.connects = 0
+
+    def _make_client(self) -> aiomqtt.Client:
+        b = self._broker
+        tls: ssl.SSLContext | None = None
+        if b.tls:
+            tls = ssl.create_default_context(cafile=str(b.ca_file) if b.ca_file else None)
+        will = (
+            aiomqtt.Will(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
+            if self._will
+            else None
+        )
+        client = aiomqtt.Client(
+            b.host,
+            b.port,
+            identifier=self._client_id,
+            username=b.username,
+            password=b.password.get_secret_value() if b.password else None,
+            will=will,
+            keepalive=b.keepalive_s,
+            tls_context=tls,
+            timeout=10,
+            max_queued_outgoing_messages=100_000,
+        )
+        # Batches of concurrent publishes are normal here, not a sign of trouble.
+        client.pending_calls_threshold = 10_000
+        return client
+
+    async def run(self, handler: MessageHandler) -> None:
+        """Connect, subscribe and dispatch forever; reconnect on any broker failure."""
+        attempt = 0
+        while True:
+            try:
+                async with self._make_client() as client:
+                    for topic in self._subscriptions:
+                        await client.subscribe(topic, qos=1)
+                    self._client = client
+                    self.connects += 1
+                    self.connected.set()
+                    attempt = 0
+                    log.info("mqtt_connected", host=self._broker.host, port=self._broker.port,
+                             client_id=self._client_id, connects=self.connects)
+                    if self._on_connect:
+                        await self._on_connect()
+                    try:
+                        async for message in client.messages:
+                            payload = message.payload
+                            raw = payload if isinstance(payload, bytes | bytearray) else str(
+                                payload
+                            ).encode()
+                            handler(message.topic.value, bytes(raw))
+                    except asyncio.CancelledError:
+                        await self._say_goodbye()
+                        raise
+            except aiomqtt.MqttError as e:
+                self._lost()
+                attempt += 1
+                # Full jitter: many clients reconnecting at once do not stampede the broker.
+                delay = random.uniform(0.5, 1.0) * min(
+                    self._broker.reconnect_max_s, 0.25 * 2 ** min(attempt, 10)
+                )
+                log.warning("mqtt_disconnected", error=str(e), retry_in_s=round(delay, 2),
+                            attempt=attempt)
+                await asyncio.sleep(delay)
+            finally:
+                self._lost()
+
+    async def _say_goodbye(self) -> None:
+        """On a clean stop, let the owner publish its last words while still connected."""
+        if self._on_close is None:
+            return
+        try:
+            await asyncio.wait_for(self._on_close(), timeout=2.0)
+        except (TimeoutError, aiomqtt.MqttError) as e:
+            log.warning("mqtt_goodbye_failed", error=str(e))
+
+    def _lost(self) -> None:
+        if self._client is not None:
+            self._client = None
+            self.connected.clear()
+            if self._on_disconnect:
+                self._on_disconnect()
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False
+    ) -> bool:
+        """Publish if connected; False (nothing sent) when the broker is away."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+        except aiomqtt.MqttError as e:
+            log.warning("mqtt_publish_failed", topic=topic, error=str(e))
+            return False
+        return True

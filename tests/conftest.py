@@ -1,0 +1,111 @@
+"""Shared fixtures: a real MQTT broker on a free loopback port, and small site configs.
+
+The broker is mosquitto when installed. Without it (a developer's fresh machine)
+the embedded amqtt broker stands in and the test header says so; with
+MINEOPS_REQUIRE_MOSQUITTO=1 (set by CI) a missing mosquitto fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from controller.broker import LocalBroker, find_mosquitto
+from controller.config import SiteConfig
+from controller.transport import Transport
+
+REQUIRE_MOSQUITTO = os.environ.get("MINEOPS_REQUIRE_MOSQUITTO") == "1"
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+ERCOT_CSV = os.path.normpath(
+    os.path.join(SHARED, "data", "prices", "ercot_hb_south_rt15_2024-06_2024-09.csv")
+)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    mosquitto = find_mosquitto()
+    if mosquitto:
+        return f"mqtt broker for integration tests: mosquitto ({mosquitto})"
+    if REQUIRE_MOSQUITTO:
+        return "mqtt broker: mosquitto REQUIRED (MINEOPS_REQUIRE_MOSQUITTO=1) but not installed"
+    return ("mqtt broker for integration tests: embedded amqtt (mosquitto not installed; "
+            "apt-get install mosquitto to test against it)")
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    """A fresh broker per test, stopped afterwards."""
+    with LocalBroker(prefer="mosquitto" if REQUIRE_MOSQUITTO else "auto") as b:
+        yield b
+
+
+def make_site(broker: LocalBroker, groups: list[tuple[str, str, int]], **overrides: Any) -> SiteConfig:
+    """A site config with racks (name, model, count) on the test broker; fast policy times."""
+    data: dict[str, Any] = {
+        "site_id": "test",
+        "broker": {"host": broker.host, "port": broker.port, "reconnect_max_s": 0.5,
+                   "keepalive_s": 5},
+        "fleet": {"groups": [{"name": n, "model": m, "count": c} for n, m, c in groups]},
+        "meters": [{"type": "mineops", "id": "poi"}],
+        "power_cap_kw": 10_000,
+        "hashprice_usd_per_ph_day": 42.0,
+        "energy": {"adders_usd_per_mwh": 0.0, "aux_fraction": 0.05},
+        "policy": {"decision_interval_s": 0.5, "telemetry_stale_s": 5.0,
+                   "min_run_s": 0.0, "min_sleep_s": 0.0},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return SiteConfig.model_validate(data)
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
+    """Poll `cond` until true; fail the test with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or cond}")
+        await asyncio.sleep(0.05)
+
+
+class Peer:
+    """A plain MQTT client for tests: publishes, and records what arrives."""
+
+    def __init__(self, cfg: SiteConfig, subscriptions: list[str] | None = None) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        self.transport = Transport(cfg.broker, client_id=f"test-peer-{id(self)}",
+                                   subscriptions=subscriptions or [])
+
+    async def run(self) -> None:
+        await self.transport.run(lambda topic, raw: self.received.append((topic, raw)))
+
+    async def publish(self, topic: str, payload: bytes | str, **kw: Any) -> None:
+        await self.transport.connected.wait()
+        assert await self.transport.publish(topic, payload, **kw), f"publish to {topic} failed"
+
+
+@pytest.fixture
+async def tasks() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
+    """Start background tasks that are cancelled and awaited when the test ends."""
+    started: list[asyncio.Task[Any]] = []
+
+    def start(coro: Any, name: str = "") -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name or None)
+        started.append(task)
+        return task
+
+    yield start
+    for task in reversed(started):
+        task.cancel()
+    for task in reversed(started):
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: PERF203 - teardown
+            pass
