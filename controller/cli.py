@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -16,6 +17,10 @@ from controller.config import ConfigError, SiteConfig, load_config
 from drivers.price_csv import PriceFileError, load_price_csv
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+# Subcommands that live in their own modules: each has `add_parser(subparsers)`, which
+# registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _positive(text: str) -> float:
@@ -84,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path, metavar="FILE")
 
     sub.add_parser("models", help="list the miner models the catalogue knows")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return p
 
 
@@ -130,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     logs.configure("warning" if quiet_demo else args.log_level, json=fmt)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
         if args.command == "check-config":
             cfg = load_config(args.file)
             print(f"{args.file}: ok: site {cfg.site_id!r}, {len(cfg.inventory)} miners in "
