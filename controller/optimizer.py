@@ -52,19 +52,21 @@ class PreparedFleet:
     """Operating points per miner and the fleet-wide order of their steps, built once.
 
     power_w and hashrate_ths are (n_miners, k) with ascending power per row and
-    column 0 = sleep; rows with fewer real points repeat their last point.
-    The remaining arrays are derived by :func:`prepare`; treat them as read-only.
+    column 0 = sleep; rows with fewer real points repeat their last point. They are
+    stored column-major, and the derived arrays level-major ((levels, n)), because
+    every per-decision pass runs over all miners for one level at a time.
+    The derived arrays come from :func:`prepare`; treat them as read-only.
     """
 
     power_w: FloatArray
     hashrate_ths: FloatArray
     top: IntArray  # (n,) highest real level: first column of the repeated tail
-    wake_level: npt.NDArray[np.int16]  # (n, k-1): level woken to when max level is f+1
-    chord_pos: PosArray  # (n, k-1): position of the wake chord when max level is f+1
-    curve_pos: PosArray  # (n, k-2): position of the step from level e+1 to e+2
-    order: PosArray  # (N,) entry ids by descending slope (chords first, then steps)
+    wake_level_t: npt.NDArray[np.int16]  # (k-1, n): level woken to when max level is f+1
+    chord_pos_t: PosArray  # (k-1, n): position of that wake chord in `order`
+    curve_pos_t: PosArray  # (k-2, n): position of the step from level e+1 to e+2
+    order: PosArray  # (N,) entry ids by descending slope (chords, then steps)
     neg_slope: FloatArray  # (N,) -slope in that order (ascending, for searchsorted)
-    row_offset: npt.NDArray[np.int64]  # (n,) i * k, to gather one point per row
+    index: npt.NDArray[np.int64]  # (n,) 0..n-1, to gather one point per miner
 
     @property
     def n(self) -> int:
@@ -86,12 +88,12 @@ class PreparedFleet:
             self.power_w,
             self.hashrate_ths,
             self.top,
-            self.wake_level,
-            self.chord_pos,
-            self.curve_pos,
+            self.wake_level_t,
+            self.chord_pos_t,
+            self.curve_pos_t,
             self.order,
             self.neg_slope,
-            self.row_offset,
+            self.index,
         )
         return sum(a.nbytes for a in arrays)
 
@@ -101,7 +103,7 @@ class PreparedFleet:
 
     def gather(self, values: FloatArray, level: IntArray) -> FloatArray:
         """values[i, level[i]] for every miner (values shaped like power_w)."""
-        out: FloatArray = values.ravel()[self.row_offset + level]
+        out: FloatArray = values.T.ravel()[level * self.n + self.index]
         return out
 
 
@@ -194,7 +196,7 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
     if k > 1 and np.any((np.diff(p, axis=1) <= 0) & real[:, 1:]):
         raise ValueError("power must be strictly ascending from sleep up to the last point")
 
-    kf, kc = k - 1, max(k - 2, 0)
+    kf = k - 1
     # Wake chords: best average slope from sleep to a level <= f+1, and which level.
     with np.errstate(divide="ignore", invalid="ignore"):
         avg = (h[:, 1:] - h[:, :1]) / (p[:, 1:] - p[:, :1])
@@ -205,26 +207,30 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
         newmax = np.zeros((n, kf), dtype=bool)
         newmax[:, 0] = True
         newmax[:, 1:] = avg[:, 1:] > chord_slope[:, :-1]
-        wake = (np.maximum.accumulate(np.where(newmax, cols[:kf], 0), axis=1) + 1).astype(np.int16)
+        wake = np.maximum.accumulate(np.where(newmax, cols[:kf], 0), axis=1) + 1
     curve_slope = _strictly_concave_slopes(p, h, top)
 
-    keys = np.concatenate([chord_slope.ravel(), curve_slope.ravel()])
+    # Entry ids are level-major: chord (f, i) -> f*n + i, step (e, i) -> n*kf + e*n + i.
+    # A stable sort then breaks slope ties chord first and keeps each miner's steps
+    # in chain order, which the level counts in _levels rely on.
+    keys = np.concatenate([chord_slope.T.ravel(), curve_slope.T.ravel()])
     keys = np.where(np.isnan(keys), -np.inf, keys)
     total = keys.size
     pos_dtype = np.int32 if total < 2**31 - 1 else np.int64
     order: PosArray = np.argsort(-keys, kind="stable").astype(pos_dtype)
     pos: PosArray = np.empty(total, dtype=pos_dtype)
     pos[order] = np.arange(total, dtype=pos_dtype)
+    kc = max(k - 2, 0)
     return PreparedFleet(
-        power_w=p,
-        hashrate_ths=h,
+        power_w=np.asfortranarray(p),
+        hashrate_ths=np.asfortranarray(h),
         top=top,
-        wake_level=wake,
-        chord_pos=pos[: n * kf].reshape(n, kf),
-        curve_pos=pos[n * kf :].reshape(n, kc),
+        wake_level_t=np.ascontiguousarray(wake.T, dtype=np.int16),
+        chord_pos_t=pos[: n * kf].reshape(kf, n),
+        curve_pos_t=pos[n * kf :].reshape(kc, n),
         order=order,
         neg_slope=-keys[order],
-        row_offset=np.arange(n, dtype=np.int64) * k,
+        index=np.arange(n, dtype=np.int64),
     )
 
 
@@ -274,11 +280,10 @@ def _bounds(fleet: PreparedFleet, lo_in: IntArray | None, hi_in: IntArray | None
         # A pin above an upper bound yields to the bound (thermal and caps are safety).
         lo = np.minimum(np.maximum(np.asarray(lo_in, dtype=np.intp), 0), hi)
     has_chord = (lo == 0) & (hi >= 1)
-    f = np.maximum(hi - 1, 0)
     if fleet.k > 1:
-        flat = np.arange(n, dtype=np.int64) * (fleet.k - 1) + f
-        wake = fleet.wake_level.ravel()[flat].astype(np.intp)
-        chord_pos = fleet.chord_pos.ravel()[flat]
+        flat = np.maximum(hi - 1, 0) * n + fleet.index
+        wake = fleet.wake_level_t.ravel()[flat].astype(np.intp)
+        chord_pos = fleet.chord_pos_t.ravel()[flat]
     else:
         wake = np.zeros(n, dtype=np.intp)
         chord_pos = np.zeros(n, dtype=np.int64)
@@ -291,12 +296,12 @@ def _levels(fleet: PreparedFleet, b: _Bounds, r: int | PosArray) -> IntArray:
 
     r is one position for the fleet, or one per miner (priority classes).
     """
-    rr: int | npt.NDArray[np.int64] = r if isinstance(r, int) else np.asarray(r)[:, None]
-    taken = np.count_nonzero(fleet.curve_pos < rr, axis=1) if fleet.k > 2 else 0
+    taken = np.zeros(fleet.n, dtype=np.intp)
+    for row in fleet.curve_pos_t:  # one pass per level, vectorised over miners
+        taken += row < r
     run = np.minimum(np.maximum(1 + taken, b.start), b.hi)
-    rv = r if isinstance(r, int) else np.asarray(r)
-    awake = ~b.has_chord | (b.chord_pos < rv)
-    return np.where(awake, run, b.lo).astype(np.intp)
+    awake = ~b.has_chord | (b.chord_pos < r)
+    return np.where(awake, run, b.lo)
 
 
 def levels_at_price(
@@ -326,46 +331,41 @@ class _Entries:
 
     def __init__(self, fleet: PreparedFleet, b: _Bounds, cls: IntArray | None, n_cls: int):
         self.fleet, self.b, self.cls, self.n_cls = fleet, b, cls, n_cls
-        n, k = fleet.n, fleet.k
-        total = fleet.order.size
-        self.n_blocks = (total >> _BLOCK_SHIFT) + 1
-        p = fleet.power_w
-        kc = max(k - 2, 0)
-        e = np.arange(kc)
-        if kc:
-            # Step e (level e+1 -> e+2) is an entry while start <= e+1 < hi.
-            active = (e[None, :] >= (b.start - 1)[:, None]) & (e[None, :] < (b.hi - 1)[:, None])
-            self.w_curve = np.where(active, p[:, 2:] - p[:, 1:-1], 0.0)
-        else:
-            self.w_curve = np.zeros((n, 0))
-        wake_w = fleet.gather(p, b.start) - p[:, 0]
+        n_blocks = (int(fleet.order.size) >> _BLOCK_SHIFT) + 1
+        pt = fleet.power_w.T  # (k, n) view, rows contiguous
+        kc = max(fleet.k - 2, 0)
+        e = np.arange(kc)[:, None]
+        # Step e (level e+1 -> e+2) is an entry while start <= e+1 < hi.
+        active = (e >= (b.start - 1)[None, :]) & (e < (b.hi - 1)[None, :])
+        self.w_curve_t = np.where(active, pt[2:] - pt[1:-1], 0.0)
+        wake_w = fleet.gather(fleet.power_w, b.start) - pt[0]
         self.w_chord = np.where(b.has_chord, wake_w, 0.0)
-        blk_curve = fleet.curve_pos >> _BLOCK_SHIFT
+        blk_curve = fleet.curve_pos_t >> _BLOCK_SHIFT
         blk_chord = b.chord_pos >> _BLOCK_SHIFT
-        size = self.n_blocks * n_cls
         if cls is not None:
-            off = cls * self.n_blocks
-            blk_curve = blk_curve + off[:, None]
+            off = cls * n_blocks
+            blk_curve = blk_curve + off[None, :]
             blk_chord = blk_chord + off
-        sums = np.bincount(blk_curve.ravel(), weights=self.w_curve.ravel(), minlength=size)
-        sums = sums.astype(np.float64) + np.bincount(blk_chord, weights=self.w_chord, minlength=size)
-        self.block_sums = sums.reshape(n_cls, self.n_blocks)
+        size = n_blocks * n_cls
+        curve_sums = np.bincount(blk_curve.ravel(), weights=self.w_curve_t.ravel(), minlength=size)
+        sums = curve_sums.astype(np.float64) + np.bincount(
+            blk_chord, weights=self.w_chord, minlength=size
+        )
+        self.block_sums = sums.reshape(n_cls, n_blocks)
 
     def span(self, start: int, stop: int) -> tuple[FloatArray, IntArray]:
         """Weights and classes of the entries at positions start..stop-1, in order."""
         fleet, b = self.fleet, self.b
         ids = fleet.order[start:stop].astype(np.int64)
-        n, k = fleet.n, fleet.k
-        kf, kc = k - 1, max(k - 2, 0)
-        n_chord = n * kf
+        n = fleet.n
+        n_chord = n * (fleet.k - 1)
         is_chord = ids < n_chord
-        miner = np.where(is_chord, ids // max(kf, 1), (ids - n_chord) // max(kc, 1))
-        f = ids % max(kf, 1)
-        w = np.where(
-            is_chord,
-            np.where(f == b.hi[miner] - 1, self.w_chord[miner], 0.0),
-            self.w_curve.ravel()[np.where(is_chord, 0, ids - n_chord)] if kc else 0.0,
-        )
+        curve_id = np.where(is_chord, 0, ids - n_chord)
+        miner = np.where(is_chord, ids, curve_id) % n
+        f = ids // n
+        chord_w = np.where(f == b.hi[miner] - 1, self.w_chord[miner], 0.0)
+        curve_w = self.w_curve_t.ravel()[curve_id] if self.w_curve_t.size else 0.0
+        w = np.where(is_chord, chord_w, curve_w)
         c = self.cls[miner] if self.cls is not None else np.zeros(ids.size, dtype=np.intp)
         return w, c
 

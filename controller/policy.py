@@ -1,18 +1,54 @@
-"""Safety and policy around the optimizer: stale data, never-curtail, dwell times.
+"""Safety and policy around the optimizer: stale data, thermal, dwell, wake latency, ramps.
 
-`decide` is the single entry point the daemon and the backtest call: it pins
-what policy forbids changing, asks the optimizer for the rest, and records why.
-Pure: arrays and time in, decision out.
+`decide` is the single entry point the daemon and the backtest call: it bounds what
+policy forbids changing, asks the optimizer for the rest, and records why each miner
+got its level. Pure and vectorised: arrays and time in, decision out, no loop per miner.
+
+The rules, in the order they bind (the first one that decided a miner is its reason):
+
+1. Stale or offline: counted at the miner's maximum power against the cap, never
+   commanded (its real draw is unknown; that is the worst case for the grid).
+2. Thermal: at or above ``critical_c`` the miner sleeps. Between ``derate_start_c``
+   and ``critical_c`` its highest power target falls linearly from max to min power.
+3. Never-curtail: pinned at its (thermally allowed) maximum.
+4. Dwell: a miner that switched on stays on for ``min_run_s``; one that went to sleep
+   stays asleep for ``min_sleep_s``. Thermal shutdowns are not held on.
+5. Wake latency: the policy cannot see the future price, so a sleeping miner is woken
+   for a price only once the price has been below its wake threshold for at least
+   ``wake_latency_factor * wake_s`` seconds, or when the market's ``expected_dip_s``
+   (a forecast) says the cheap spell lasts that long. A dip that has already lasted
+   as long as the wake-up is, on a real price trace, more likely to last through it
+   than a fresh one; a shorter one would mostly be spent ramping. The first decision
+   after a start has no history and does not wait.
+6. Hysteresis: a miner keeps its current level if that level would be the best choice
+   at some price within ``hysteresis_usd_per_mwh`` of the current price, so price
+   noise around a break-even does not flap targets or switch miners on and off.
+7. Cap and grid: the optimizer fills the cap in descending marginal efficiency
+   (higher ``priority`` first). The cap is a hard limit: when it binds, hysteresis
+   holds are dropped; when the pinned minimum alone exceeds it, dwell and wake holds
+   are dropped, then never-curtail miners are shed last, and if stale miners alone
+   still exceed it the decision is marked ``infeasible`` with everything else asleep.
+8. Ramp: planned site power moves at most ``ramp_kw_per_min`` per minute in either
+   direction for economic reasons. Reductions demanded by the cap or a grid
+   obligation are never slowed down, and a ramp-down never pushes above the cap.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from controller.optimizer import FloatArray, IntArray, PreparedFleet, solve
+from controller.optimizer import (
+    FloatArray,
+    IntArray,
+    Plan,
+    PreparedFleet,
+    levels_at_price,
+    solve,
+)
 from controller.reasons import Reason
 
 BoolArray = npt.NDArray[np.bool_]
@@ -22,8 +58,15 @@ BoolArray = npt.NDArray[np.bool_]
 class PolicyKnobs:
     """Operator-tunable rules (from the site config's [policy] table)."""
 
-    min_run_s: float = 300.0
-    min_sleep_s: float = 300.0
+    min_run_s: float = 300.0  # a miner switched on stays on at least this long
+    min_sleep_s: float = 300.0  # a miner put to sleep stays asleep at least this long
+    hysteresis_usd_per_mwh: float = 5.0  # price band within which levels are kept
+    wake_latency_factor: float = 1.0  # cheap spell needed before waking, x wake_s
+    default_wake_s: float = 180.0  # wake time when MinerInputs.wake_s is not given
+    ramp_kw_per_min: float = math.inf  # site ramp limit for economic moves
+    derate_start_c: float = 80.0  # above this, the max power target falls linearly
+    critical_c: float = 95.0  # at or above this, the miner sleeps
+    aux_in_energy_cost: bool = True  # cooling energy is paid at the same price
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +78,8 @@ class MarketInputs:
     cap_w: float  # tightest of site cap, grid obligation and generation, incl. aux load
     aux_fraction: float = 0.0
     cap_is_grid: bool = False  # the binding limit comes from a grid obligation
+    adder_usd_per_mwh: float = 0.0  # delivery charges and fees on top of the price
+    expected_dip_s: float | None = None  # forecast: how long the current price holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +88,32 @@ class MinerInputs:
 
     stale: BoolArray  # no fresh telemetry, or announced offline: unknown actual draw
     never_curtail: BoolArray
+    temp_c: FloatArray | None = None  # hottest sensor, deg C; NaN or None = unknown
+    priority: npt.NDArray[np.integer] | None = None  # small int, higher = shed later
+    wake_s: FloatArray | None = None  # time from wake to full hashrate, s (model data)
+    offline: BoolArray | None = None  # announced offline (refines STALE to OFFLINE)
 
 
 @dataclass(slots=True)
 class PolicyState:
-    """Memory across decisions: last planned level and when it last switched on/off."""
+    """Memory across decisions: last planned level, switch times, cheap spells, site power."""
 
     level: IntArray
     switched_at: FloatArray = field(default_factory=lambda: np.empty(0))
+    # Since when the price has been worth waking each miner for; NaN: it is not now;
+    # -inf: no history yet (first decision after a start does not wait).
+    cheap_since_s: FloatArray = field(default_factory=lambda: np.empty(0))
+    site_power_w: float = math.nan  # last planned site power incl. aux
+    decided_at_s: float = math.nan
 
     @classmethod
     def initial(cls, n: int, start_level: IntArray) -> PolicyState:
         # -inf: nothing has switched yet, so no dwell holds a miner at start.
-        return cls(level=start_level.copy(), switched_at=np.full(n, -np.inf))
+        return cls(
+            level=np.asarray(start_level, dtype=np.intp).copy(),
+            switched_at=np.full(n, -np.inf),
+            cheap_since_s=np.full(n, -np.inf),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +125,45 @@ class Decision:
     reason: npt.NDArray[np.uint8]
     commandable: BoolArray
     site_power_w: float
+    hashrate_ths: FloatArray | None = None
+    cap_binding: bool = False  # the cap (or ramp-up limit) held the fleet below its optimum
+    infeasible: bool = False  # even the unmovable miners exceed the cap
+    multiplier_usd_per_mwh: float = 0.0  # shadow price of site power under the cap
+    site_reason: Reason = Reason.PROFIT  # what bound the site as a whole
+
+    def reason_counts(self) -> npt.NDArray[np.int64]:
+        """Number of miners per Reason code (index = code), for metrics."""
+        counts: npt.NDArray[np.int64] = np.bincount(self.reason, minlength=len(Reason))
+        return counts
+
+
+def thermal_max_level(
+    fleet: PreparedFleet, temp_c: FloatArray, knobs: PolicyKnobs
+) -> tuple[IntArray, BoolArray, BoolArray]:
+    """Highest level each miner may run at its temperature.
+
+    Returns (max_level, critical, derated): critical miners get 0; derated ones a
+    max power falling linearly from the top target at ``derate_start_c`` to the
+    lowest target at ``critical_c`` (never below the lowest target).
+    """
+    t = np.asarray(temp_c, dtype=np.float64)
+    known = np.isfinite(t)
+    critical = known & (t >= knobs.critical_c)
+    derated = known & (t > knobs.derate_start_c) & ~critical
+    hi = fleet.top.copy()
+    rows = np.flatnonzero(derated)
+    if rows.size and fleet.k > 1:
+        span_c = max(knobs.critical_c - knobs.derate_start_c, 1e-9)
+        frac = np.clip((t[rows] - knobs.derate_start_c) / span_c, 0.0, 1.0)
+        p = fleet.power_w[rows]
+        top = fleet.top[rows]
+        p_min, p_max = p[:, 1], p[np.arange(rows.size), top]
+        allowed_w = p_max - frac * (p_max - p_min)
+        cols = np.arange(1, fleet.k)
+        ok = (p[:, 1:] <= allowed_w[:, None] + 1e-9) & (cols[None, :] <= top[:, None])
+        hi[rows] = np.maximum(ok.sum(axis=1), 1)
+    hi[critical] = 0
+    return hi, critical, derated & (hi < fleet.top)
 
 
 def decide(
@@ -78,54 +175,199 @@ def decide(
     *,
     now_s: float,
 ) -> Decision:
-    """Plan every miner's level under policy; update `state` in place."""
-    top = fleet.max_level
-    lo = np.zeros(fleet.n, dtype=np.intp)
-    hi = top.copy()
-    pinned_reason = np.full(fleet.n, 255, dtype=np.uint8)
+    """Plan every miner's level under policy; update `state` in place.
 
-    # Dwell: a miner that just switched on/off keeps that side for a while.
-    running = state.level > 0
+    Args:
+        fleet: Prepared operating points.
+        market: Prices and the cap at this moment.
+        miners: Per-miner facts (stale, never-curtail, temperature, priority).
+        state: Memory from the previous decision; updated in place.
+        knobs: Policy rules.
+        now_s: Decision time (any monotonic clock, seconds).
+
+    Returns:
+        The decision: level, power and a Reason per miner, and site-level flags.
+    """
+    n = fleet.n
+    top = fleet.top
+    prev = state.level
+    offline = miners.offline if miners.offline is not None else np.zeros(n, dtype=bool)
+    unknown = miners.stale | offline
+    nc = miners.never_curtail & ~unknown
+    movable = ~unknown & ~nc
+
+    def best(price_usd_per_mwh: float, lo_s: IntArray, hi_s: IntArray) -> IntArray:
+        return levels_at_price(
+            fleet,
+            price_usd_per_mwh=price_usd_per_mwh,
+            hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
+            aux_fraction=market.aux_fraction,
+            adder_usd_per_mwh=market.adder_usd_per_mwh,
+            aux_in_cost=knobs.aux_in_energy_cost,
+            min_level=lo_s,
+            max_level=hi_s,
+        )
+
+    # Hard bounds: thermal, never-curtail, unknown draw counted at maximum.
+    if miners.temp_c is not None:
+        hi, critical, derated = thermal_max_level(fleet, miners.temp_c, knobs)
+    else:
+        hi, critical, derated = top.copy(), np.zeros(n, bool), np.zeros(n, bool)
+    lo = np.zeros(n, dtype=np.intp)
+    lo[nc] = hi[nc]
+    lo[unknown] = hi[unknown] = top[unknown]
+    free = best(market.price_usd_per_mwh, lo, hi)
+
+    # Dwell.
+    running = prev > 0
     since = now_s - state.switched_at
-    hold_on = running & (since < knobs.min_run_s)
-    hold_off = ~running & (since < knobs.min_sleep_s)
-    lo[hold_on] = np.maximum(lo[hold_on], 1)
-    hi[hold_off] = 0
-    pinned_reason[hold_on | hold_off] = Reason.DWELL
+    hold_on = movable & running & (since < knobs.min_run_s) & (hi >= 1)
+    hold_off = movable & ~running & (since < knobs.min_sleep_s)
 
-    lo[miners.never_curtail] = hi[miners.never_curtail] = top[miners.never_curtail]
-    pinned_reason[miners.never_curtail] = Reason.NEVER_CURTAIL
-    # Unknown state is the worst case for the grid: count it at full power.
-    lo[miners.stale] = hi[miners.stale] = top[miners.stale]
-    pinned_reason[miners.stale] = Reason.STALE
-
-    plan = solve(
-        fleet,
-        price_usd_per_mwh=market.price_usd_per_mwh,
-        hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
-        cap_w=market.cap_w,
-        aux_fraction=market.aux_fraction,
-        min_level=lo,
-        max_level=hi,
+    # Wake latency: how long has waking this miner been worth it?
+    worth = free > 0
+    cheap_since = np.where(
+        worth, np.where(np.isnan(state.cheap_since_s), now_s, state.cheap_since_s), np.nan
     )
-    reason = plan.reason.copy()
-    if market.cap_is_grid:
-        reason[reason == Reason.CAP] = Reason.GRID
-    # Dwell only explains a miner where it actually held the choice back.
-    dwell_bound = (pinned_reason == Reason.DWELL) & (
-        ((plan.level == lo) & hold_on) | ((plan.level == 0) & hold_off)
+    wake_s = miners.wake_s if miners.wake_s is not None else knobs.default_wake_s
+    latency = np.broadcast_to(np.asarray(wake_s, dtype=np.float64), (n,)) * (
+        knobs.wake_latency_factor
     )
-    fixed = (pinned_reason != 255) & (pinned_reason != Reason.DWELL)
-    reason[fixed] = pinned_reason[fixed]
-    reason[dwell_bound] = Reason.DWELL
+    waited = (now_s - cheap_since) >= latency
+    if market.expected_dip_s is not None:
+        waited |= market.expected_dip_s >= latency
+    block_wake = movable & ~running & ~hold_off & worth & ~waited
 
-    switched = (plan.level > 0) != (state.level > 0)
-    state.switched_at[switched & ~miners.stale] = now_s
-    state.level[~miners.stale] = plan.level[~miners.stale]
+    lo_d, hi_d = lo.copy(), hi.copy()
+    lo_d[hold_on] = np.maximum(lo_d[hold_on], 1)
+    hi_d[hold_off | block_wake] = 0
+
+    # Hysteresis: keep a level that is optimal somewhere within the price band.
+    keep = np.zeros(n, dtype=bool)
+    econ_d = free
+    band = knobs.hysteresis_usd_per_mwh
+    if band > 0:
+        econ_d = best(market.price_usd_per_mwh, lo_d, hi_d)
+        dearer = best(market.price_usd_per_mwh + band, lo_d, hi_d)
+        cheaper = best(market.price_usd_per_mwh - band, lo_d, hi_d)
+        keep = (
+            movable
+            & (prev != econ_d)
+            & (prev >= dearer)
+            & (prev <= cheaper)
+            & (prev >= lo_d)
+            & (prev <= hi_d)
+        )
+
+    # Ramp limit on economic moves; the cap is never relaxed by it.
+    cap_eff, floor_w = market.cap_w, 0.0
+    if (
+        math.isfinite(knobs.ramp_kw_per_min)
+        and math.isfinite(state.site_power_w)
+        and math.isfinite(state.decided_at_s)
+    ):
+        step_w = knobs.ramp_kw_per_min * 1e3 * max(now_s - state.decided_at_s, 0.0) / 60.0
+        cap_eff = min(market.cap_w, state.site_power_w + step_w)
+        floor_w = min(max(state.site_power_w - step_w, 0.0), market.cap_w)
+
+    def run(lo_s: IntArray, hi_s: IntArray, prio: npt.NDArray[np.integer] | None) -> Plan:
+        return solve(
+            fleet,
+            price_usd_per_mwh=market.price_usd_per_mwh,
+            cap_w=cap_eff,
+            min_level=lo_s,
+            max_level=hi_s,
+            floor_w=floor_w,
+            priority=prio,
+            hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
+            aux_fraction=market.aux_fraction,
+            adder_usd_per_mwh=market.adder_usd_per_mwh,
+            aux_in_cost=knobs.aux_in_energy_cost,
+        )
+
+    def over_cap(p: Plan) -> bool:
+        return p.infeasible and p.site_power_w > market.cap_w
+
+    stage = 0  # 0: all holds, 1: no hysteresis, 2: no dwell/wake, 3: never-curtail shed
+    if keep.any():
+        lo_h, hi_h = lo_d.copy(), hi_d.copy()
+        lo_h[keep] = hi_h[keep] = prev[keep]
+        plan = run(lo_h, hi_h, miners.priority)
+        if plan.cap_binding or plan.infeasible:
+            stage = 1
+    else:
+        stage = 1
+    if stage >= 1:
+        plan = run(lo_d, hi_d, miners.priority)
+        if over_cap(plan):
+            stage = 2
+            plan = run(lo, hi, miners.priority)
+    if stage == 2 and over_cap(plan):
+        stage = 3
+        base = np.zeros(n, np.int64) if miners.priority is None else np.asarray(miners.priority)
+        boosted = np.where(nc, int(base.max(initial=0)) + 1, base)
+        lo_nc = lo.copy()
+        lo_nc[nc] = 0
+        plan = run(lo_nc, hi, boosted)
+
+    level = plan.level
+    if cap_eff < market.cap_w and not plan.infeasible:
+        cap_reason = Reason.RAMP
+    else:
+        cap_reason = Reason.GRID if market.cap_is_grid else Reason.CAP
+    holds = stage <= 1
+    conditions = [
+        offline,
+        unknown,
+        critical,
+        nc & (stage < 3),
+        holds & hold_on & (free == 0),
+        holds & hold_off & (free > 0),
+        holds & block_wake & (level == 0),
+        (stage == 0) & keep & (level == prev),
+        plan.reason == Reason.CAP,
+        plan.reason == Reason.RAMP,
+        derated & (level == hi),
+    ]
+    choices = [
+        Reason.OFFLINE,
+        Reason.STALE,
+        Reason.THERMAL,
+        Reason.NEVER_CURTAIL,
+        Reason.DWELL,
+        Reason.DWELL,
+        Reason.WAKE_LATENCY,
+        Reason.HYSTERESIS,
+        cap_reason,
+        Reason.RAMP,
+        Reason.THERMAL,
+    ]
+    reason = np.select(conditions, [np.uint8(c) for c in choices], np.uint8(Reason.PROFIT))
+    reason = reason.astype(np.uint8)
+
+    if plan.infeasible or plan.cap_binding:
+        site_reason = cap_reason
+    elif plan.floor_binding:
+        site_reason = Reason.RAMP
+    else:
+        site_reason = Reason.PROFIT
+
+    known = ~unknown
+    switched = known & ((level > 0) != running)
+    state.switched_at[switched] = now_s
+    state.level[known] = level[known]
+    state.cheap_since_s = cheap_since
+    state.site_power_w = plan.site_power_w
+    state.decided_at_s = now_s
     return Decision(
-        level=plan.level,
+        level=level,
         power_w=plan.power_w,
         reason=reason,
-        commandable=~miners.stale,
+        commandable=known,
         site_power_w=plan.site_power_w,
+        hashrate_ths=plan.hashrate_ths,
+        cap_binding=plan.cap_binding,
+        infeasible=plan.infeasible,
+        multiplier_usd_per_mwh=plan.multiplier_usd_per_mwh,
+        site_reason=site_reason,
     )

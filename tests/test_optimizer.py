@@ -1,0 +1,344 @@
+"""Optimizer tests: brute-force equivalence, cap safety, monotonicity, efficiency order."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controller import optimizer as opt
+from controller.catalogue import load_catalogue, operating_points
+from controller.reasons import Reason
+
+FloatArray = npt.NDArray[np.float64]
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def pad(rows: list[tuple[list[float], list[float]]]) -> tuple[FloatArray, FloatArray]:
+    """Rows of (powers, hashrates) padded to one width by repeating the last point."""
+    k = max(len(p) for p, _ in rows)
+    power = np.array([list(p) + [p[-1]] * (k - len(p)) for p, _ in rows], dtype=np.float64)
+    hashrate = np.array([list(h) + [h[-1]] * (k - len(h)) for _, h in rows], dtype=np.float64)
+    return power, hashrate
+
+
+@st.composite
+def miner_rows(draw: st.DrawFn) -> tuple[list[float], list[float]]:
+    """One miner: sleep point, then a concave increasing curve of 1..5 points."""
+    n_points = draw(st.integers(1, 5))
+    sleep_w = draw(st.floats(0, 60))
+    min_w = draw(st.floats(400, 2500))
+    steps = draw(st.lists(st.floats(20, 600), min_size=n_points - 1, max_size=n_points - 1))
+    slopes = sorted(
+        draw(st.lists(st.floats(0.002, 0.09), min_size=n_points - 1, max_size=n_points - 1)),
+        reverse=True,
+    )
+    h_min = draw(st.floats(5, 200))
+    power = [sleep_w, min_w, *(min_w + np.cumsum(steps)).tolist()]
+    hashrate = [0.0, h_min, *(h_min + np.cumsum(np.multiply(slopes, steps))).tolist()]
+    return power, hashrate
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, object]:
+    rows = draw(st.lists(miner_rows(), min_size=1, max_size=4))
+    power, hashrate = pad(rows)
+    fleet = opt.prepare(power, hashrate)
+    hi = np.array([draw(st.integers(0, int(t))) for t in fleet.top], dtype=np.intp)
+    lo = np.array(
+        [draw(st.sampled_from([0, 0, min(1, int(h)), int(h)])) for h in hi], dtype=np.intp
+    )
+    aux = draw(st.floats(0, 0.3))
+    full = float(power.max(axis=1).sum()) * (1 + aux)
+    return {
+        "fleet": fleet,
+        "lo": lo,
+        "hi": hi,
+        "price": draw(st.floats(-30, 250)),
+        "hashprice": draw(st.floats(15, 90)),
+        "aux": aux,
+        "cap": draw(st.floats(0, 1.3)) * full,
+    }
+
+
+def brute_force(
+    fleet: opt.PreparedFleet,
+    value: float,
+    cost: float,
+    budget: float,
+    lo: npt.NDArray[np.intp],
+    hi: npt.NDArray[np.intp],
+) -> float:
+    """Best objective over every combination of allowed levels (-inf if none fits)."""
+    best = -np.inf
+    rows = np.arange(fleet.n)
+    for combo in itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi, strict=True))):
+        level = np.array(combo)
+        p = fleet.power_w[rows, level].sum()
+        if p <= budget:
+            best = max(best, value * fleet.hashrate_ths[rows, level].sum() - cost * p)
+    return float(best)
+
+
+def one_step_value(fleet: opt.PreparedFleet, value: float, cost: float) -> float:
+    """Largest objective gain of one firmware step (the sleep->level jump counts as one)."""
+    p, h = fleet.power_w, fleet.hashrate_ths
+    wake = value * (h[:, 1:] - h[:, :1]) - cost * (p[:, 1:] - p[:, :1])
+    step = value * np.diff(h[:, 1:], axis=1) - cost * np.diff(p[:, 1:], axis=1)
+    return float(max(wake.max(initial=0.0), step.max(initial=0.0), 0.0))
+
+
+def run(s: dict[str, object], **kw: object) -> opt.Plan:
+    fleet = s["fleet"]
+    assert isinstance(fleet, opt.PreparedFleet)
+    return opt.solve(
+        fleet,
+        price_usd_per_mwh=float(s["price"]),  # type: ignore[arg-type]
+        hashprice_usd_per_ph_day=float(s["hashprice"]),  # type: ignore[arg-type]
+        cap_w=float(s["cap"]),  # type: ignore[arg-type]
+        aux_fraction=float(s["aux"]),  # type: ignore[arg-type]
+        min_level=s["lo"],  # type: ignore[arg-type]
+        max_level=s["hi"],  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def objective(s: dict[str, object], plan: opt.Plan) -> tuple[float, float]:
+    value = opt.usd_per_ths_hour(float(s["hashprice"]))  # type: ignore[arg-type]
+    cost = float(s["price"]) * (1 + float(s["aux"])) / 1e6  # type: ignore[arg-type]
+    return value, cost
+
+
+@SETTINGS
+@given(scenarios())
+def test_matches_brute_force_within_one_step(s: dict[str, object]) -> None:
+    fleet = s["fleet"]
+    assert isinstance(fleet, opt.PreparedFleet)
+    plan = run(s)
+    value, cost = objective(s, plan)
+    lo, hi = s["lo"], s["hi"]
+    budget = float(s["cap"]) / (1 + float(s["aux"]))  # type: ignore[arg-type]
+    best = brute_force(fleet, value, cost, budget, lo, hi)  # type: ignore[arg-type]
+    assert np.all(plan.level >= lo) and np.all(plan.level <= hi)  # type: ignore[operator]
+    if best == -np.inf:
+        assert plan.infeasible
+        return
+    ours = value * plan.hashrate_ths.sum() - cost * plan.power_w.sum()
+    scale = 1e-9 * max(1.0, abs(best))
+    assert ours <= best + scale
+    if plan.cap_binding:
+        assert best - ours <= one_step_value(fleet, value, cost) + scale
+    else:
+        assert best - ours <= scale  # unconstrained: exact
+
+
+@SETTINGS
+@given(scenarios())
+def test_cap_never_exceeded(s: dict[str, object]) -> None:
+    plan = run(s)
+    if not plan.infeasible:
+        assert plan.site_power_w <= float(s["cap"])  # type: ignore[arg-type]
+    # Whatever happens, reported power is the sum of the chosen points.
+    aux1 = 1 + float(s["aux"])  # type: ignore[arg-type]
+    assert plan.site_power_w == pytest.approx(plan.power_w.sum() * aux1)
+
+
+@SETTINGS
+@given(scenarios(), st.floats(0, 200))
+def test_higher_price_never_raises_power(s: dict[str, object], rise: float) -> None:
+    low = run(s)
+    high = run({**s, "price": float(s["price"]) + rise})  # type: ignore[arg-type]
+    assert high.power_w.sum() <= low.power_w.sum() + 1e-9
+    assert np.all(high.level <= low.level)
+
+
+@SETTINGS
+@given(miner_rows(), st.floats(0.5, 0.99), st.floats(-30, 250), st.floats(0, 1.2))
+def test_less_efficient_twin_never_favoured(
+    row: tuple[list[float], list[float]], worse: float, price: float, cap_frac: float
+) -> None:
+    power, hashrate = row
+    twin = [h * worse for h in hashrate]  # same shape, fewer TH/s at every power
+    p, h = pad([(power, twin), (power, hashrate), (power, twin)])
+    fleet = opt.prepare(p, h)
+    plan = opt.solve(
+        fleet,
+        price_usd_per_mwh=price,
+        hashprice_usd_per_ph_day=45.0,
+        cap_w=cap_frac * float(p.max(axis=1).sum()),
+    )
+    assert plan.level[0] <= plan.level[1]
+    assert plan.level[2] <= plan.level[1]
+
+
+@SETTINGS
+@given(scenarios(), st.floats(0, 1.2))
+def test_floor_kept_and_cap_wins(s: dict[str, object], floor_frac: float) -> None:
+    fleet = s["fleet"]
+    assert isinstance(fleet, opt.PreparedFleet)
+    aux1 = 1 + float(s["aux"])  # type: ignore[arg-type]
+    floor_w = floor_frac * float(fleet.power_w.max(axis=1).sum()) * aux1
+    plan = run(s, floor_w=floor_w)
+    free = run(s)
+    if plan.infeasible:
+        return
+    assert plan.site_power_w <= float(s["cap"])  # type: ignore[arg-type]
+    assert plan.site_power_w >= min(free.site_power_w, float(s["cap"])) - 1e-6  # type: ignore[arg-type]
+    if plan.floor_binding:
+        top_w = fleet.gather(fleet.power_w, np.asarray(s["hi"])).sum() * aux1  # type: ignore[arg-type]
+        # Either the floor is met, or the next step would break the cap, or all is on.
+        assert (
+            plan.site_power_w >= floor_w - 1e-6
+            or plan.site_power_w >= top_w - 1e-6
+            or plan.site_power_w + one_step_w(fleet) * aux1 > float(s["cap"])  # type: ignore[arg-type]
+        )
+        assert np.all(plan.reason[plan.level > free.level] == Reason.RAMP)
+
+
+def one_step_w(fleet: opt.PreparedFleet) -> float:
+    p = fleet.power_w
+    return float(max((p[:, 1:] - p[:, :1]).max(initial=0.0), 0.0))
+
+
+def catalogue_fleet(n: int, seed: int = 0) -> tuple[FloatArray, FloatArray]:
+    models = list(load_catalogue().models.values())
+    p, h = operating_points(models)
+    pick = np.random.default_rng(seed).integers(0, len(models), n)
+    return p[pick], h[pick]
+
+
+def test_catalogue_fleet_unconstrained_is_per_miner_optimum() -> None:
+    p, h = catalogue_fleet(300)
+    fleet = opt.prepare(p, h)
+    value = opt.usd_per_ths_hour(40.0)
+    for price in (-10.0, 20.0, 45.0, 70.0, 90.0, 400.0):
+        plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=40.0, cap_w=1e12)
+        per_miner = value * h - price / 1e6 * p
+        best = per_miner.max(axis=1)
+        got = per_miner[np.arange(fleet.n), plan.level]
+        np.testing.assert_allclose(got, best, rtol=0, atol=1e-12)
+        assert not plan.cap_binding and plan.multiplier_usd_per_mwh == 0.0
+
+
+def test_cap_binding_fills_by_efficiency_and_reports_multiplier() -> None:
+    p, h = catalogue_fleet(500, seed=3)
+    fleet = opt.prepare(p, h)
+    free = opt.solve(fleet, price_usd_per_mwh=30.0, hashprice_usd_per_ph_day=45.0, cap_w=1e12)
+    cap = 0.6 * free.site_power_w
+    plan = opt.solve(fleet, price_usd_per_mwh=30.0, hashprice_usd_per_ph_day=45.0, cap_w=cap)
+    assert plan.cap_binding and plan.site_power_w <= cap
+    # The greedy stops within one step of the cap.
+    assert cap - plan.site_power_w <= one_step_w(fleet)
+    assert plan.multiplier_usd_per_mwh > 0
+    assert set(np.unique(plan.reason)) <= {Reason.PROFIT, Reason.CAP}
+    assert np.all((plan.reason == Reason.CAP) == (plan.level < free.level))
+
+
+def test_priorities_shed_lower_class_first() -> None:
+    p, h = catalogue_fleet(200, seed=5)
+    fleet = opt.prepare(p, h)
+    prio = np.where(np.arange(200) < 100, 2, 1)
+    free = opt.solve(fleet, price_usd_per_mwh=10.0, hashprice_usd_per_ph_day=50.0, cap_w=1e12)
+    cap = 0.55 * free.site_power_w
+    plan = opt.solve(
+        fleet, price_usd_per_mwh=10.0, hashprice_usd_per_ph_day=50.0, cap_w=cap, priority=prio
+    )
+    assert plan.site_power_w <= cap
+    high, low = plan.level[:100], plan.level[100:]
+    assert np.all(high == free.level[:100])  # the high class keeps its optimum
+    assert low.sum() < free.level[100:].sum()
+
+
+def test_pinned_miners_over_cap_sleep_everyone_else() -> None:
+    p, h = catalogue_fleet(10, seed=1)
+    fleet = opt.prepare(p, h)
+    pinned = np.zeros(10, dtype=np.intp)
+    pinned[:3] = fleet.top[:3]
+    cap = 0.5 * float(p[np.arange(3), fleet.top[:3]].sum())
+    plan = opt.solve(
+        fleet, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=cap, min_level=pinned
+    )
+    assert plan.infeasible
+    assert np.all(plan.level[3:] == 0)
+    assert np.all(plan.level[:3] == fleet.top[:3])
+    assert np.all(plan.reason[3:] == Reason.CAP)
+
+
+def test_padding_presets_and_single_point_rows() -> None:
+    rows = [
+        ([10.0, 1500.0, 2000.0, 2500.0], [0.0, 60.0, 75.0, 85.0]),  # presets
+        ([15.0, 3000.0], [0.0, 150.0]),  # one target only
+        ([5.0], [0.0]),  # sleep only (e.g. decommissioned)
+    ]
+    p, h = pad(rows)
+    fleet = opt.prepare(p, h)
+    assert fleet.top.tolist() == [3, 1, 0]
+    plan = opt.solve(fleet, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=1e9)
+    assert plan.level.tolist() == [3, 1, 0]
+    plan = opt.solve(fleet, price_usd_per_mwh=1e6, hashprice_usd_per_ph_day=50.0, cap_w=1e9)
+    assert plan.level.tolist() == [0, 0, 0]
+
+
+def test_sleep_to_min_jump_uses_the_hull() -> None:
+    # Sleep draws a lot, so waking is only worth it straight to a high target:
+    # the low targets are below the hull of (sleep, targets) and never chosen.
+    p, h = pad([([900.0, 1000.0, 2000.0, 3000.0], [0.0, 2.0, 90.0, 140.0])])
+    fleet = opt.prepare(p, h)
+    seen = set()
+    for price in np.linspace(0, 300, 61):
+        plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=50, cap_w=1e9)
+        seen.add(int(plan.level[0]))
+    assert seen == {0, 2, 3}
+
+
+def test_non_concave_input_still_respects_the_cap() -> None:
+    rng = np.random.default_rng(7)
+    p = np.sort(rng.uniform(100, 4000, size=(50, 6)), axis=1)
+    p[:, 0] = 10.0
+    h = np.sort(rng.uniform(0, 300, size=(50, 6)), axis=1)
+    h[:, 0] = 0.0
+    fleet = opt.prepare(p, h)
+    for frac in (0.1, 0.3, 0.6, 0.9):
+        cap = frac * float(p[:, -1].sum())
+        plan = opt.solve(fleet, price_usd_per_mwh=5.0, hashprice_usd_per_ph_day=60, cap_w=cap)
+        assert plan.site_power_w <= cap
+
+
+def test_negative_price_runs_everything_and_zero_hashprice_nothing() -> None:
+    p, h = catalogue_fleet(20)
+    fleet = opt.prepare(p, h)
+    plan = opt.solve(fleet, price_usd_per_mwh=-50.0, hashprice_usd_per_ph_day=0.0, cap_w=1e12)
+    assert np.all(plan.level == fleet.top)
+    plan = opt.solve(fleet, price_usd_per_mwh=50.0, hashprice_usd_per_ph_day=0.0, cap_w=1e12)
+    assert np.all(plan.level == 0)
+
+
+@pytest.mark.parametrize(
+    ("power", "hashrate"),
+    [
+        (np.ones((2, 3)), np.ones((2, 2))),
+        (np.array([[10.0, 5.0, 20.0]]), np.array([[0.0, 1.0, 2.0]])),
+        (np.array([[10.0, np.nan]]), np.array([[0.0, 1.0]])),
+    ],
+)
+def test_prepare_rejects_bad_points(power: FloatArray, hashrate: FloatArray) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        opt.prepare(power, hashrate)
+
+
+def test_large_fleet_blocks_agree_with_small_search() -> None:
+    # Thousands of entries span many blocks; the blockwise search must give the
+    # same plan as a direct cumulative sum over the sorted order.
+    p, h = catalogue_fleet(3000, seed=11)
+    h = h * np.random.default_rng(11).normal(1, 0.03, size=(3000, 1))
+    fleet = opt.prepare(p, h)
+    free = opt.solve(fleet, price_usd_per_mwh=25.0, hashprice_usd_per_ph_day=45.0, cap_w=1e12)
+    for frac in (0.2, 0.5, 0.8, 0.99):
+        cap = frac * free.site_power_w
+        plan = opt.solve(fleet, price_usd_per_mwh=25.0, hashprice_usd_per_ph_day=45.0, cap_w=cap)
+        assert plan.site_power_w <= cap
+        assert cap - plan.site_power_w <= one_step_w(fleet)
