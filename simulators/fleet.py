@@ -121,7 +121,7 @@ class SimulatedFleet:
             [self.target_w * share, np.maximum(self.sleep_w, 0.1 * self.target_w)],
             default=self.sleep_w,
         )
-        tau = np.where(self.mode == Mode.STOPPING, self.sleep_s, self.settle_s) / 4.0
+        tau = np.where(self.mode == Mode.STOPPING, self.sleep_s, self.settle_s) / 5.0
         self.power_w += (goal - self.power_w) * (1.0 - np.exp(-dt / tau))
         heat_goal = self.ambient_c + 45.0 * self.power_w / self.nominal_w
         self.temp_c += (heat_goal - self.temp_c) * (1.0 - np.exp(-dt / 60.0))

@@ -67,6 +67,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
 
 def brute_force(
     fleet: opt.PreparedFleet,
+    *,
     value: float,
     cost: float,
     budget: float,
@@ -122,7 +123,7 @@ def test_matches_brute_force_within_one_step(s: dict[str, object]) -> None:
     value, cost = objective(s, plan)
     lo, hi = s["lo"], s["hi"]
     budget = float(s["cap"]) / (1 + float(s["aux"]))  # type: ignore[arg-type]
-    best = brute_force(fleet, value, cost, budget, lo, hi)  # type: ignore[arg-type]
+    best = brute_force(fleet, value=value, cost=cost, budget=budget, lo=lo, hi=hi)  # type: ignore[arg-type]
     assert np.all(plan.level >= lo) and np.all(plan.level <= hi)  # type: ignore[operator]
     if best == -np.inf:
         assert plan.infeasible

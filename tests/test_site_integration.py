@@ -66,9 +66,12 @@ async def test_telemetry_reaches_fleet_state(broker: LocalBroker, tasks: Any) ->
     await peer.publish(controller.topics.price, price(20.0), qos=1, retain=True)
     await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()),
                    what="telemetry from every miner")
-    await asyncio.sleep(0.5)
-    # Fleet state holds what the simulated miners report.
-    assert controller.fleet.power_w == pytest.approx(sim.fleet.power_w, rel=0.05, abs=50)
+    # Fleet state holds what the simulated miners report (once the commands have settled).
+    await wait_for(lambda: bool((controller.fleet.ack_seq >= controller.actuator.seq).all()),
+                   what="commands acknowledged")
+    await wait_for(lambda: bool(np.allclose(controller.fleet.power_w, sim.fleet.power_w,
+                                            rtol=0.02, atol=20)),
+                   what="fleet state power to match the simulated miners")
     assert controller.fleet.hashrate_ths.sum() > 0.9 * sim.fleet.hashrate_ths().sum()
     assert not np.isnan(controller.fleet.site.meter_power_w)
     text = scrape(controller)
