@@ -44,7 +44,6 @@ IntArray = npt.NDArray[np.intp]
 PosArray = npt.NDArray[np.signedinteger[Any]]
 
 _BLOCK_SHIFT = 10  # 1024 entries per block: the exact search touches one block
-_CAP_SLACK = 1e-9  # relative: keep float rounding of sums strictly under the cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +464,6 @@ def solve(
     )
     r0 = fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
     budget = cap_w / aux1
-    budget -= _CAP_SLACK * max(abs(budget), 1.0)
     floor_it = min(floor_w / aux1, budget)
 
     econ = _levels(fleet, b, r0)
@@ -496,11 +494,11 @@ def solve(
             econ_level=econ,
         )
 
-    if floor_it <= econ_total <= budget:
+    if floor_it <= econ_total and econ_total * aux1 <= cap_w:
         return plan(econ, binding=False)
 
     base_total = float(fleet.gather(fleet.power_w, b.lo).sum())
-    if base_total > budget:
+    if base_total * aux1 > cap_w:
         return plan(b.lo.copy(), binding=True, infeasible=True)
 
     cls, n_cls = _classes(priority)
@@ -508,24 +506,27 @@ def solve(
     total_entries = int(fleet.order.size)
     below = ent.below(r0)  # per class: weight of the entries worth taking at this price
     acc_total = base_total + float(below.sum())
-    r_cls = np.full(n_cls, r0, dtype=np.int64)
-    cut_pos = -1
-    if econ_total > budget:
-        # Greedy by descending marginal efficiency, class by class, until the cap.
-        remaining = budget - base_total
-        for c in range(n_cls):  # a few priority classes, never one per miner
-            if below[c] <= remaining:
-                remaining -= float(below[c])
-                continue
-            cut_pos, _ = ent.first_exceeding(c, 0, r0, remaining)
-            r_cls[c] = cut_pos
-            r_cls[c + 1 :] = 0
-            break
-    else:
+    above = ent.block_sums.sum(axis=1) - below
+    binding = econ_total * aux1 > cap_w
+
+    def prefixes(budget: float) -> tuple[npt.NDArray[np.int64], int]:
+        """Per-class prefix of the order to take, and where the cap cut it (-1: nowhere)."""
+        r_cls = np.full(n_cls, r0, dtype=np.int64)
+        if binding:
+            # Greedy by descending marginal efficiency, class by class, until the cap.
+            remaining = budget - base_total
+            for c in range(n_cls):  # a few priority classes, never one per miner
+                if below[c] <= remaining:
+                    remaining -= float(below[c])
+                    continue
+                cut_pos, _ = ent.first_exceeding(c, 0, r0, remaining)
+                r_cls[c] = cut_pos
+                r_cls[c + 1 :] = 0
+                return r_cls, cut_pos
+            return r_cls, -1
         # Below the floor: keep the least unprofitable steps, never above the cap.
         need = floor_it - acc_total
         room = budget - acc_total
-        above = ent.block_sums.sum(axis=1) - below
         for c in range(n_cls):
             if above[c] < need:
                 r_cls[c] = total_entries
@@ -538,22 +539,29 @@ def solve(
             fits = acc + step <= room
             r_cls[c] = min(p_first + 1, total_entries) if fits else p_first
             break
-    r_miner: int | npt.NDArray[np.int64] = int(r_cls[0]) if cls is None else r_cls[cls]
-    level = _levels(fleet, b, r_miner)
-    multiplier = 0.0
-    if 0 <= cut_pos < total_entries:
-        value = usd_per_ths_hour(hashprice_usd_per_ph_day)
-        slope = -float(fleet.neg_slope[cut_pos])
-        multiplier = max((value * slope * 1e6 - cost) / aux1, 0.0)
-    out = plan(
-        level,
-        binding=econ_total > budget,
-        multiplier=multiplier,
-        floor_binding=econ_total < floor_it,
-    )
-    if out.site_power_w > cap_w:  # float safety net; the accounting above is conservative
-        return plan(b.lo.copy(), binding=True)
-    return out
+        return r_cls, -1
+
+    value = usd_per_ths_hour(hashprice_usd_per_ph_day)
+    for _ in range(3):
+        r_cls, cut_pos = prefixes(budget)
+        r_miner: int | npt.NDArray[np.int64] = int(r_cls[0]) if cls is None else r_cls[cls]
+        multiplier = 0.0
+        if 0 <= cut_pos < total_entries:
+            slope = -float(fleet.neg_slope[cut_pos])
+            multiplier = max((value * slope * 1e6 - cost) / aux1, 0.0)
+        out = plan(
+            _levels(fleet, b, r_miner),
+            binding=binding,
+            multiplier=multiplier,
+            floor_binding=not binding,
+        )
+        if out.site_power_w <= cap_w:
+            return out
+        # Float rounding of the sums put the plan a hair over an exactly-met cap:
+        # shave the budget by the excess and search again.
+        excess = (out.site_power_w - cap_w) / aux1
+        budget -= 2.0 * excess + 1e-12 * abs(budget)
+    return plan(b.lo.copy(), binding=True)
 
 
 def _classes(priority: npt.NDArray[np.integer] | None) -> tuple[IntArray | None, int]:

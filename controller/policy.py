@@ -260,7 +260,7 @@ def decide(
         )
 
     # Ramp limit on economic moves; the cap is never relaxed by it.
-    cap_eff, floor_w = market.cap_w, 0.0
+    cap_eff, floor_w, floor_cut_by_cap = market.cap_w, 0.0, False
     if (
         math.isfinite(knobs.ramp_kw_per_min)
         and math.isfinite(state.site_power_w)
@@ -268,7 +268,9 @@ def decide(
     ):
         step_w = knobs.ramp_kw_per_min * 1e3 * max(now_s - state.decided_at_s, 0.0) / 60.0
         cap_eff = min(market.cap_w, state.site_power_w + step_w)
-        floor_w = min(max(state.site_power_w - step_w, 0.0), market.cap_w)
+        floor_w = max(state.site_power_w - step_w, 0.0)
+        floor_cut_by_cap = floor_w > market.cap_w  # the cap demands a faster cut
+        floor_w = min(floor_w, market.cap_w)
 
     def run(lo_s: IntArray, hi_s: IntArray, prio: npt.NDArray[np.integer] | None) -> Plan:
         return solve(
@@ -311,7 +313,7 @@ def decide(
         plan = run(lo_nc, hi, boosted)
 
     level = plan.level
-    if cap_eff < market.cap_w and not plan.infeasible:
+    if cap_eff < market.cap_w and not plan.infeasible and not floor_cut_by_cap:
         cap_reason = Reason.RAMP
     else:
         cap_reason = Reason.GRID if market.cap_is_grid else Reason.CAP
@@ -345,7 +347,7 @@ def decide(
     reason = np.select(conditions, [np.uint8(c) for c in choices], np.uint8(Reason.PROFIT))
     reason = reason.astype(np.uint8)
 
-    if plan.infeasible or plan.cap_binding:
+    if plan.infeasible or plan.cap_binding or (plan.floor_binding and floor_cut_by_cap):
         site_reason = cap_reason
     elif plan.floor_binding:
         site_reason = Reason.RAMP
