@@ -260,7 +260,7 @@ def threshold_ths_per_w(cost_usd_per_mwh_it: float, hashprice_usd_per_ph_day: fl
 
 
 @dataclass(frozen=True, slots=True)
-class _Bounds:
+class Bounds:
     """Per-decision view of each miner's chain under its level bounds."""
 
     lo: IntArray
@@ -270,37 +270,79 @@ class _Bounds:
     chord_pos: PosArray  # (n,) position of that chord (meaningful where has_chord)
 
 
-def _bounds(fleet: PreparedFleet, lo_in: IntArray | None, hi_in: IntArray | None) -> _Bounds:
+def make_bounds(
+    fleet: PreparedFleet, min_level: IntArray | None, max_level: IntArray | None
+) -> Bounds:
+    """Per-decision view of each miner's steps under level bounds (reuse it across calls).
+
+    A minimum above a maximum yields to the maximum (thermal limits are safety).
+    """
     n = fleet.n
-    hi = fleet.top if hi_in is None else np.clip(np.asarray(hi_in, dtype=np.intp), 0, fleet.top)
-    if lo_in is None:
+    if max_level is None:
+        hi = fleet.top
+    else:
+        hi = np.maximum(np.minimum(np.asarray(max_level, dtype=np.intp), fleet.top), 0)
+    if min_level is None:
         lo = np.zeros(n, dtype=np.intp)
     else:
-        # A pin above an upper bound yields to the bound (thermal and caps are safety).
-        lo = np.minimum(np.maximum(np.asarray(lo_in, dtype=np.intp), 0), hi)
+        lo = np.minimum(np.maximum(np.asarray(min_level, dtype=np.intp), 0), hi)
     has_chord = (lo == 0) & (hi >= 1)
     if fleet.k > 1:
         flat = np.maximum(hi - 1, 0) * n + fleet.index
-        wake = fleet.wake_level_t.ravel()[flat].astype(np.intp)
-        chord_pos = fleet.chord_pos_t.ravel()[flat]
+        wake = np.take(fleet.wake_level_t.ravel(), flat).astype(np.intp)
+        chord_pos = np.take(fleet.chord_pos_t.ravel(), flat)
     else:
         wake = np.zeros(n, dtype=np.intp)
         chord_pos = np.zeros(n, dtype=np.int64)
     start = np.where(has_chord, np.minimum(wake, hi), lo)
-    return _Bounds(lo, hi, start, has_chord, chord_pos)
+    return Bounds(lo, hi, start, has_chord, chord_pos)
 
 
-def _levels(fleet: PreparedFleet, b: _Bounds, r: int | PosArray) -> IntArray:
+def levels_at(fleet: PreparedFleet, b: Bounds, r: int | PosArray) -> IntArray:
     """Level of every miner when exactly the entries before position r are taken.
 
-    r is one position for the fleet, or one per miner (priority classes).
+    r is one position for the fleet (see :func:`position_at_price`), or one per miner.
     """
-    taken = np.zeros(fleet.n, dtype=np.intp)
-    for row in fleet.curve_pos_t:  # one pass per level, vectorised over miners
-        taken += row < r
-    run = np.minimum(np.maximum(1 + taken, b.start), b.hi)
+    rr = r if isinstance(r, int) else np.asarray(r)[None, :]
+    count_dtype = np.uint8 if fleet.k < 256 else np.int32
+    below = (fleet.curve_pos_t < rr).view(np.uint8)
+    taken = below.sum(axis=0, dtype=count_dtype).astype(np.intp)
+    run = np.minimum(np.maximum(taken + 1, b.start), b.hi)
     awake = ~b.has_chord | (b.chord_pos < r)
     return np.where(awake, run, b.lo)
+
+
+def position_at_price(
+    fleet: PreparedFleet,
+    *,
+    price_usd_per_mwh: float,
+    hashprice_usd_per_ph_day: float,
+    aux_fraction: float = 0.0,
+    adder_usd_per_mwh: float = 0.0,
+    aux_in_cost: bool = True,
+) -> int:
+    """Position in the prepared order up to which every step pays at this price."""
+    cost = energy_cost_usd_per_mwh_it(
+        price_usd_per_mwh,
+        aux_fraction=aux_fraction,
+        adder_usd_per_mwh=adder_usd_per_mwh,
+        aux_in_cost=aux_in_cost,
+    )
+    return fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
+
+
+def plan_at(fleet: PreparedFleet, level: IntArray, *, aux_fraction: float = 0.0) -> Plan:
+    """A plan of given levels that the cap does not bind (all reasons PROFIT)."""
+    pw = fleet.gather(fleet.power_w, level)
+    return Plan(
+        level=level,
+        power_w=pw,
+        hashrate_ths=fleet.gather(fleet.hashrate_ths, level),
+        reason=np.zeros(fleet.n, dtype=np.uint8),
+        site_power_w=float(pw.sum()) * (1.0 + aux_fraction),
+        cap_binding=False,
+        econ_level=level,
+    )
 
 
 def levels_at_price(
@@ -322,13 +364,13 @@ def levels_at_price(
         aux_in_cost=aux_in_cost,
     )
     r0 = fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
-    return _levels(fleet, _bounds(fleet, min_level, max_level), r0)
+    return levels_at(fleet, make_bounds(fleet, min_level, max_level), r0)
 
 
 class _Entries:
     """Weights (W) of every entry under the current bounds, and their block sums per class."""
 
-    def __init__(self, fleet: PreparedFleet, b: _Bounds, cls: IntArray | None, n_cls: int):
+    def __init__(self, fleet: PreparedFleet, b: Bounds, cls: IntArray | None, n_cls: int):
         self.fleet, self.b, self.cls, self.n_cls = fleet, b, cls, n_cls
         n_blocks = (int(fleet.order.size) >> _BLOCK_SHIFT) + 1
         pt = fleet.power_w.T  # (k, n) view, rows contiguous
@@ -426,6 +468,7 @@ def solve(
     priority: npt.NDArray[np.integer] | None = None,
     adder_usd_per_mwh: float = 0.0,
     aux_in_cost: bool = True,
+    bounds: Bounds | None = None,
 ) -> Plan:
     """Choose each miner's level to maximise profit under the site cap.
 
@@ -448,6 +491,8 @@ def solve(
             to higher priorities first (lexicographic), by efficiency within one.
         adder_usd_per_mwh: Delivery charges and fees on top of the price.
         aux_in_cost: Whether auxiliary load is paid for in the energy cost.
+        bounds: ``make_bounds(fleet, min_level, max_level)`` computed already; when
+            given, min_level and max_level are ignored.
 
     Returns:
         The plan; reasons are PROFIT, CAP (held below its economic level by the
@@ -455,7 +500,7 @@ def solve(
     """
     n = fleet.n
     aux1 = 1.0 + aux_fraction
-    b = _bounds(fleet, min_level, max_level)
+    b = bounds if bounds is not None else make_bounds(fleet, min_level, max_level)
     cost = energy_cost_usd_per_mwh_it(
         price_usd_per_mwh,
         aux_fraction=aux_fraction,
@@ -466,7 +511,7 @@ def solve(
     budget = cap_w / aux1
     floor_it = min(floor_w / aux1, budget)
 
-    econ = _levels(fleet, b, r0)
+    econ = levels_at(fleet, b, r0)
     econ_total = float(fleet.gather(fleet.power_w, econ).sum())
 
     def plan(
@@ -550,7 +595,7 @@ def solve(
             slope = -float(fleet.neg_slope[cut_pos])
             multiplier = max((value * slope * 1e6 - cost) / aux1, 0.0)
         out = plan(
-            _levels(fleet, b, r_miner),
+            levels_at(fleet, b, r_miner),
             binding=binding,
             multiplier=multiplier,
             floor_binding=not binding,

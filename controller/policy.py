@@ -41,14 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from controller.optimizer import (
-    FloatArray,
-    IntArray,
-    Plan,
-    PreparedFleet,
-    levels_at_price,
-    solve,
-)
+from controller import optimizer as opt
+from controller.optimizer import FloatArray, IntArray, Plan, PreparedFleet, solve
 from controller.reasons import Reason
 
 BoolArray = npt.NDArray[np.bool_]
@@ -196,17 +190,17 @@ def decide(
     nc = miners.never_curtail & ~unknown
     movable = ~unknown & ~nc
 
-    def best(price_usd_per_mwh: float, lo_s: IntArray, hi_s: IntArray) -> IntArray:
-        return levels_at_price(
+    def position(price_usd_per_mwh: float) -> int:
+        return opt.position_at_price(
             fleet,
             price_usd_per_mwh=price_usd_per_mwh,
             hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
             aux_fraction=market.aux_fraction,
             adder_usd_per_mwh=market.adder_usd_per_mwh,
             aux_in_cost=knobs.aux_in_energy_cost,
-            min_level=lo_s,
-            max_level=hi_s,
         )
+
+    r_now = position(market.price_usd_per_mwh)
 
     # Hard bounds: thermal, never-curtail, unknown draw counted at maximum.
     if miners.temp_c is not None:
@@ -216,7 +210,8 @@ def decide(
     lo = np.zeros(n, dtype=np.intp)
     lo[nc] = hi[nc]
     lo[unknown] = hi[unknown] = top[unknown]
-    free = best(market.price_usd_per_mwh, lo, hi)
+    hard = opt.make_bounds(fleet, lo, hi)
+    free = opt.levels_at(fleet, hard, r_now)
 
     # Dwell.
     running = prev > 0
@@ -242,14 +237,15 @@ def decide(
     lo_d[hold_on] = np.maximum(lo_d[hold_on], 1)
     hi_d[hold_off | block_wake] = 0
 
+    held = opt.make_bounds(fleet, lo_d, hi_d)
+    econ_d = opt.levels_at(fleet, held, r_now)
+
     # Hysteresis: keep a level that is optimal somewhere within the price band.
     keep = np.zeros(n, dtype=bool)
-    econ_d = free
     band = knobs.hysteresis_usd_per_mwh
     if band > 0:
-        econ_d = best(market.price_usd_per_mwh, lo_d, hi_d)
-        dearer = best(market.price_usd_per_mwh + band, lo_d, hi_d)
-        cheaper = best(market.price_usd_per_mwh - band, lo_d, hi_d)
+        dearer = opt.levels_at(fleet, held, position(market.price_usd_per_mwh + band))
+        cheaper = opt.levels_at(fleet, held, position(market.price_usd_per_mwh - band))
         keep = (
             movable
             & (prev != econ_d)
@@ -272,45 +268,46 @@ def decide(
         floor_cut_by_cap = floor_w > market.cap_w  # the cap demands a faster cut
         floor_w = min(floor_w, market.cap_w)
 
-    def run(lo_s: IntArray, hi_s: IntArray, prio: npt.NDArray[np.integer] | None) -> Plan:
+    def run(bounds: opt.Bounds, prio: npt.NDArray[np.integer] | None = miners.priority) -> Plan:
         return solve(
             fleet,
             price_usd_per_mwh=market.price_usd_per_mwh,
             cap_w=cap_eff,
-            min_level=lo_s,
-            max_level=hi_s,
             floor_w=floor_w,
             priority=prio,
             hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
             aux_fraction=market.aux_fraction,
             adder_usd_per_mwh=market.adder_usd_per_mwh,
             aux_in_cost=knobs.aux_in_energy_cost,
+            bounds=bounds,
         )
+
+    def within_limits(level: IntArray) -> Plan | None:
+        """The plan of these levels if the cap, ramp and floor all leave them be."""
+        plan = opt.plan_at(fleet, level, aux_fraction=market.aux_fraction)
+        return plan if floor_w <= plan.site_power_w <= cap_eff else None
 
     def over_cap(p: Plan) -> bool:
         return p.infeasible and p.site_power_w > market.cap_w
 
-    stage = 0  # 0: all holds, 1: no hysteresis, 2: no dwell/wake, 3: never-curtail shed
-    if keep.any():
-        lo_h, hi_h = lo_d.copy(), hi_d.copy()
-        lo_h[keep] = hi_h[keep] = prev[keep]
-        plan = run(lo_h, hi_h, miners.priority)
-        if plan.cap_binding or plan.infeasible:
-            stage = 1
-    else:
+    # Stages: 0 all holds, 1 no hysteresis (cap binds), 2 no dwell/wake (pins break
+    # the cap), 3 never-curtail shed last. Each is tried only if the previous fails.
+    stage = 0
+    maybe = within_limits(np.where(keep, prev, econ_d)) if keep.any() else None
+    if maybe is None:
         stage = 1
-    if stage >= 1:
-        plan = run(lo_d, hi_d, miners.priority)
-        if over_cap(plan):
-            stage = 2
-            plan = run(lo, hi, miners.priority)
+        maybe = within_limits(econ_d)
+    plan = maybe if maybe is not None else run(held)
+    if over_cap(plan):
+        stage = 2
+        plan = run(hard)
     if stage == 2 and over_cap(plan):
         stage = 3
         base = np.zeros(n, np.int64) if miners.priority is None else np.asarray(miners.priority)
         boosted = np.where(nc, int(base.max(initial=0)) + 1, base)
         lo_nc = lo.copy()
         lo_nc[nc] = 0
-        plan = run(lo_nc, hi, boosted)
+        plan = run(opt.make_bounds(fleet, lo_nc, hi), boosted)
 
     level = plan.level
     if cap_eff < market.cap_w and not plan.infeasible and not floor_cut_by_cap:
