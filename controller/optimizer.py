@@ -66,6 +66,9 @@ class PreparedFleet:
     order: PosArray  # (N,) entry ids by descending slope (chords, then steps)
     neg_slope: FloatArray  # (N,) -slope in that order (ascending, for searchsorted)
     index: npt.NDArray[np.int64]  # (n,) 0..n-1, to gather one point per miner
+    step_w_t: FloatArray  # (k-2, n): power of the step from level e+1 to e+2
+    default_start: IntArray  # (n,) first stepping level with no bounds (the wake level)
+    default_block_w: FloatArray  # (blocks,) step power per block of `order`, no bounds
 
     @property
     def n(self) -> int:
@@ -93,6 +96,9 @@ class PreparedFleet:
             self.order,
             self.neg_slope,
             self.index,
+            self.step_w_t,
+            self.default_start,
+            self.default_block_w,
         )
         return sum(a.nbytes for a in arrays)
 
@@ -102,7 +108,7 @@ class PreparedFleet:
 
     def gather(self, values: FloatArray, level: IntArray) -> FloatArray:
         """values[i, level[i]] for every miner (values shaped like power_w)."""
-        out: FloatArray = values.T.ravel()[level * self.n + self.index]
+        out: FloatArray = np.take(values.T.ravel(), level * self.n + self.index)
         return out
 
 
@@ -220,16 +226,33 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
     pos: PosArray = np.empty(total, dtype=pos_dtype)
     pos[order] = np.arange(total, dtype=pos_dtype)
     kc = max(k - 2, 0)
+    pt = np.asfortranarray(p)
+    step_w_t = np.ascontiguousarray(pt.T[2:] - pt.T[1:-1])
+    curve_pos_t = pos[n * kf :].reshape(kc, n)
+    default_start = np.ones(n, dtype=np.intp)
+    if kf:
+        default_start = np.minimum(wake[np.arange(n), np.maximum(top - 1, 0)], top)
+    e = np.arange(kc)[:, None]
+    default_w = np.where(
+        (e >= (default_start - 1)[None, :]) & (e < (top - 1)[None, :]), step_w_t, 0.0
+    )
+    n_blocks = (total >> _BLOCK_SHIFT) + 1
+    default_block_w = np.bincount(
+        (curve_pos_t >> _BLOCK_SHIFT).ravel(), weights=default_w.ravel(), minlength=n_blocks
+    ).astype(np.float64)
     return PreparedFleet(
-        power_w=np.asfortranarray(p),
+        power_w=pt,
         hashrate_ths=np.asfortranarray(h),
         top=top,
         wake_level_t=np.ascontiguousarray(wake.T, dtype=np.int16),
         chord_pos_t=pos[: n * kf].reshape(kf, n),
-        curve_pos_t=pos[n * kf :].reshape(kc, n),
+        curve_pos_t=curve_pos_t,
         order=order,
         neg_slope=-keys[order],
         index=np.arange(n, dtype=np.int64),
+        step_w_t=step_w_t,
+        default_start=default_start.astype(np.intp),
+        default_block_w=default_block_w,
     )
 
 
@@ -368,31 +391,44 @@ def levels_at_price(
 
 
 class _Entries:
-    """Weights (W) of every entry under the current bounds, and their block sums per class."""
+    """Weights (W) of every entry under the current bounds, and their block sums per class.
+
+    Without priority classes the step weights start from the sums prepared for
+    unbounded miners and are corrected only for miners whose bounds change their
+    steps (derated, pinned, held); the wake chords are summed every time.
+    """
 
     def __init__(self, fleet: PreparedFleet, b: Bounds, cls: IntArray | None, n_cls: int):
         self.fleet, self.b, self.cls, self.n_cls = fleet, b, cls, n_cls
-        n_blocks = (int(fleet.order.size) >> _BLOCK_SHIFT) + 1
+        n_blocks = int(fleet.default_block_w.size)
+        size = n_blocks * n_cls
         pt = fleet.power_w.T  # (k, n) view, rows contiguous
-        kc = max(fleet.k - 2, 0)
-        e = np.arange(kc)[:, None]
-        # Step e (level e+1 -> e+2) is an entry while start <= e+1 < hi.
-        active = (e >= (b.start - 1)[None, :]) & (e < (b.hi - 1)[None, :])
-        self.w_curve_t = np.where(active, pt[2:] - pt[1:-1], 0.0)
+        e = np.arange(max(fleet.k - 2, 0))[:, None]
         wake_w = fleet.gather(fleet.power_w, b.start) - pt[0]
         self.w_chord = np.where(b.has_chord, wake_w, 0.0)
-        blk_curve = fleet.curve_pos_t >> _BLOCK_SHIFT
         blk_chord = b.chord_pos >> _BLOCK_SHIFT
-        if cls is not None:
-            off = cls * n_blocks
-            blk_curve = blk_curve + off[None, :]
-            blk_chord = blk_chord + off
-        size = n_blocks * n_cls
-        curve_sums = np.bincount(blk_curve.ravel(), weights=self.w_curve_t.ravel(), minlength=size)
-        sums = curve_sums.astype(np.float64) + np.bincount(
-            blk_chord, weights=self.w_chord, minlength=size
-        )
-        self.block_sums = sums.reshape(n_cls, n_blocks)
+        if cls is None:
+            changed = np.flatnonzero((b.start != fleet.default_start) | (b.hi != fleet.top))
+            sub_start, sub_hi = b.start[changed], b.hi[changed]
+            now = (e >= (sub_start - 1)[None, :]) & (e < (sub_hi - 1)[None, :])
+            before = (e >= (fleet.default_start[changed] - 1)[None, :]) & (
+                e < (fleet.top[changed] - 1)[None, :]
+            )
+            delta = fleet.step_w_t[:, changed] * (now.astype(np.int8) - before.astype(np.int8))
+            blk = fleet.curve_pos_t[:, changed] >> _BLOCK_SHIFT
+            curve = fleet.default_block_w + np.bincount(
+                blk.ravel(), weights=delta.ravel(), minlength=size
+            )
+        else:
+            active = (e >= (b.start - 1)[None, :]) & (e < (b.hi - 1)[None, :])
+            w = np.where(active, fleet.step_w_t, 0.0)
+            blk_all = (fleet.curve_pos_t >> _BLOCK_SHIFT) + (cls * n_blocks)[None, :]
+            blk_chord = blk_chord + cls * n_blocks
+            curve = np.bincount(blk_all.ravel(), weights=w.ravel(), minlength=size).astype(
+                np.float64
+            )
+        chord = np.bincount(blk_chord, weights=self.w_chord, minlength=size)
+        self.block_sums = (curve.astype(np.float64) + chord).reshape(n_cls, n_blocks)
 
     def span(self, start: int, stop: int) -> tuple[FloatArray, IntArray]:
         """Weights and classes of the entries at positions start..stop-1, in order."""
@@ -405,7 +441,12 @@ class _Entries:
         miner = np.where(is_chord, ids, curve_id) % n
         f = ids // n
         chord_w = np.where(f == b.hi[miner] - 1, self.w_chord[miner], 0.0)
-        curve_w = self.w_curve_t.ravel()[curve_id] if self.w_curve_t.size else 0.0
+        if fleet.step_w_t.size:
+            e = curve_id // n
+            active = (e >= b.start[miner] - 1) & (e < b.hi[miner] - 1)
+            curve_w = np.where(active, fleet.step_w_t.ravel()[curve_id], 0.0)
+        else:
+            curve_w = np.zeros(ids.size)
         w = np.where(is_chord, chord_w, curve_w)
         c = self.cls[miner] if self.cls is not None else np.zeros(ids.size, dtype=np.intp)
         return w, c

@@ -149,13 +149,13 @@ def thermal_max_level(
     if rows.size and fleet.k > 1:
         span_c = max(knobs.critical_c - knobs.derate_start_c, 1e-9)
         frac = np.clip((t[rows] - knobs.derate_start_c) / span_c, 0.0, 1.0)
-        p = fleet.power_w[rows]
+        p = fleet.power_w.T[:, rows]  # (k, m): level-major, like the prepared arrays
         top = fleet.top[rows]
-        p_min, p_max = p[:, 1], p[np.arange(rows.size), top]
+        p_min, p_max = p[1], p[top, np.arange(rows.size)]
         allowed_w = p_max - frac * (p_max - p_min)
-        cols = np.arange(1, fleet.k)
-        ok = (p[:, 1:] <= allowed_w[:, None] + 1e-9) & (cols[None, :] <= top[:, None])
-        hi[rows] = np.maximum(ok.sum(axis=1), 1)
+        levels = np.arange(1, fleet.k)[:, None]
+        ok = (p[1:] <= allowed_w[None, :] + 1e-9) & (levels <= top[None, :])
+        hi[rows] = np.maximum(ok.sum(axis=0), 1)
     hi[critical] = 0
     return hi, critical, derated & (hi < fleet.top)
 
@@ -284,8 +284,10 @@ def decide(
 
     def within_limits(level: IntArray) -> Plan | None:
         """The plan of these levels if the cap, ramp and floor all leave them be."""
-        plan = opt.plan_at(fleet, level, aux_fraction=market.aux_fraction)
-        return plan if floor_w <= plan.site_power_w <= cap_eff else None
+        site_w = float(fleet.gather(fleet.power_w, level).sum()) * (1.0 + market.aux_fraction)
+        if not floor_w <= site_w <= cap_eff:
+            return None
+        return opt.plan_at(fleet, level, aux_fraction=market.aux_fraction)
 
     def over_cap(p: Plan) -> bool:
         return p.infeasible and p.site_power_w > market.cap_w
