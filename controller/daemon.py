@@ -15,13 +15,14 @@ import time
 from collections import Counter
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from controller.actuation import Actuator
 from controller.config import SiteConfig
 from controller.fleet_state import FleetState
 from controller.logs import LogLimiter
-from controller.metrics import Metrics
+from controller.metrics import GridEventStatus, Metrics
 from controller.optimizer import prepare
 from controller.payloads import (
     DecisionSummary,
@@ -35,6 +36,7 @@ from controller.payloads import (
 )
 from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
 from controller.reasons import REASON_NAMES, Reason
+from controller.systemd import supervise
 from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.transport import LastWill, Transport
 
@@ -69,6 +71,10 @@ class Controller:
             on_close=self._on_close,
         )
         self.last_planned_w = math.nan
+        # Per miner, from the last decision (metrics).
+        self.planned_power_w: npt.NDArray[np.float64] | None = None
+        self.last_decision_unix_s = math.nan
+        self.grid_event: GridEventStatus | None = None  # set by the grid-event lifecycle
         self.reason_counts = np.zeros(len(Reason), dtype=np.int64)
         self.decision_count = 0
         self.invalid: Counter[tuple[str, str]] = Counter()
@@ -169,6 +175,7 @@ class Controller:
                 raise PayloadError("unknown_meter", device)
             fleet.site.meter_power_w = reading_m.power_w
             fleet.site.meter_at = now
+            self.metrics.energy.observe(reading_m.power_w, reading_m.energy_import_wh, now)
             if reading_m.frequency_hz is not None:
                 fleet.site.frequency_hz = reading_m.frequency_hz
         elif kind is Kind.PRICE:
@@ -234,6 +241,8 @@ class Controller:
         self.last_planned_w = decision.site_power_w
         self.reason_counts = np.bincount(decision.reason, minlength=len(Reason))[: len(Reason)]
         self.decision_count += 1
+        self.planned_power_w = decision.power_w
+        self.last_decision_unix_s = time.time()
         duration = time.perf_counter() - started
         self.metrics.decision_seconds.observe(duration)
         self.metrics.decisions.labels(why).inc()
@@ -288,6 +297,9 @@ class Controller:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.transport.run(self.on_message), name="controller-mqtt")
             tg.create_task(self._decide_forever(), name="controller-decide")
+            # systemd (Type=notify): READY=1 after the first connect, watchdog pings from
+            # this event loop; does nothing without $NOTIFY_SOCKET.
+            tg.create_task(supervise(self.transport.connected), name="controller-systemd")
 
     async def _on_close(self) -> None:
         await self.transport.publish(self.topics.controller_availability, OFFLINE, qos=1,
