@@ -1,0 +1,871 @@
+"""Backtest: the daemon's own optimizer and policy over a historical price series, in simulated time.
+
+What runs (no MQTT, no sleeping; time is passed in):
+
+* **mineops**: :func:`controller.policy.decide` (which calls :func:`controller.optimizer.solve`)
+  at every interval start on the *previous* interval's price (the last one published
+  before the interval starts), and again inside an interval when a policy hold (dwell,
+  wake latency) expires, as the daemon's tick would. Revenue and cost are settled at the
+  interval's *actual* price, time-weighted over those segments.
+* **optimum**: :func:`controller.optimizer.solve` per interval with that interval's own
+  price, no policy: the hindsight ceiling.
+* **always_on**: every miner at its stock power target (the firmware target nearest the
+  vendor's nominal power), shed least-efficient-first only where the cap forces it.
+* **onoff**: the strike-price rule: a miner runs at stock while the previous price is below
+  its model's break-even, else sleeps (solve() on a sleep/stock-only fleet).
+* **optimum_onoff**: the hindsight optimum on that sleep/stock-only fleet; the difference
+  to **optimum** is the value of underclocking.
+
+All strategies plan against the same cap: the site cap (or a grid window's) less the
+configured headroom, incl. auxiliary load; never-curtail miners are pinned on.
+
+Speed, exactly: miners of one class (model, priority, never-curtail) that share a policy
+history are identical to the optimizer and the policy, so they are kept as one *cohort*
+with a count. A cohort is handed to the optimizer as rows of power-of-two counts whose
+operating points are the model's scaled by that count: scaling by a power of two is
+exact in floating point, so every step's marginal efficiency is bit-for-bit the per-miner
+one and the optimizer's order and decisions are unchanged. Only when the cap cuts through
+a cohort can identical miners end differently: then the number of miners the per-miner
+greedy would still fit is computed, the cohort is split in two and the decision re-run,
+so the plan equals the per-miner plan up to which of the identical miners got the step.
+Cohorts whose histories become equivalent merge again. Decisions are memoised on
+(cohorts, state relative to now, the price's position in the optimizer's step order at
+the price and at +/- the hysteresis band, cap): identical inputs give identical outputs.
+Tests check the whole against a plain per-miner run (``exact=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.catalogue import load_catalogue
+from controller.config import SiteConfig
+from controller.fleet_state import FleetState
+from controller.optimizer import (
+    PreparedFleet,
+    energy_cost_usd_per_mwh_it,
+    prepare,
+    solve,
+    threshold_ths_per_w,
+    usd_per_ths_hour,
+)
+from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
+from controller.reasons import Reason
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+STRATEGIES = ("mineops", "optimum", "always_on", "onoff", "optimum_onoff")
+_CAP_REASONS = (int(Reason.CAP), int(Reason.GRID))
+_CAP_SLACK = 1e-9  # the optimizer plans this far (relative) under the cap
+_MAX_SPLITS = 12  # cap cuts refined per decision (two are the rule)
+_MAX_EVENTS = 32  # policy-hold expiries decided on inside one interval
+_MEMO_LIMIT = 500_000
+_TIME_FIELD = re.compile(r"(_at|_at_s|_since|_since_s)$")
+_LOW_PRICE = -1e9  # $/MWh: every step worth taking; only the cap limits (always-on)
+
+
+# -- the fleet as classes of identical miners ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetClasses:
+    """Miners grouped into classes that the optimizer and policy cannot tell apart."""
+
+    model_keys: tuple[str, ...]  # per class
+    priority: IntArray
+    never_curtail: npt.NDArray[np.bool_]
+    count: IntArray  # miners per class
+    points_w: FloatArray  # (n_cls, k) per-miner operating points, column 0 = sleep
+    points_ths: FloatArray
+    top: IntArray  # highest real level per class
+    stock_level: IntArray  # firmware target nearest the nominal power
+    wake_s: FloatArray
+    member: IntArray  # class of every configured miner
+
+    @classmethod
+    def from_config(cls, cfg: SiteConfig) -> FleetClasses:
+        fs = FleetState(cfg.inventory)
+        keys = np.stack([fs.model_idx, fs.priority.astype(np.intp), fs.never_curtail], axis=1)
+        _, first, member = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # classes in the order their first miner is configured
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        member = rank[member.ravel()]
+        rep = first[order]
+        catalogue = load_catalogue()
+        models = [fs.model_keys[fs.model_idx[i]] for i in rep]
+        p, h = fs.points_w[rep], fs.points_ths[rep]
+        same = (p == p[:, -1:]) & (h == h[:, -1:])
+        top = np.argmax(same, axis=1).astype(np.int64)
+        stock = np.empty(rep.size, dtype=np.int64)
+        for j, key in enumerate(models):
+            nominal = catalogue.get(key).nominal_w
+            targets = p[j, 1 : top[j] + 1]
+            stock[j] = 1 + int(np.argmin(np.abs(targets - nominal)))
+        return cls(
+            model_keys=tuple(models),
+            priority=fs.priority[rep].astype(np.int64),
+            never_curtail=fs.never_curtail[rep].copy(),
+            count=np.bincount(member, minlength=rep.size).astype(np.int64),
+            points_w=p,
+            points_ths=h,
+            top=top,
+            stock_level=stock,
+            wake_s=np.array([catalogue.get(k).wake_s for k in models]),
+            member=member.astype(np.int64),
+        )
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.model_keys)
+
+    def stock_points(self) -> tuple[FloatArray, FloatArray]:
+        """Sleep and stock only, per class: the fleet of an on/off operator."""
+        rows = np.arange(self.n_classes)
+        p = np.stack([self.points_w[:, 0], self.points_w[rows, self.stock_level]], axis=1)
+        h = np.stack([self.points_ths[:, 0], self.points_ths[rows, self.stock_level]], axis=1)
+        return p, h
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One kind of fleet (full points or stock only) over the classes."""
+
+    classes: FleetClasses
+    points_w: FloatArray
+    points_ths: FloatArray
+    top: IntArray
+
+
+def _top_of(p: FloatArray, h: FloatArray) -> IntArray:
+    same = (p == p[:, -1:]) & (h == h[:, -1:])
+    return np.argmax(same, axis=1).astype(np.int64)
+
+
+# -- cohorts: identical miners with one history -------------------------------------------
+
+
+@dataclass
+class _Cohorts:
+    """Cohorts in optimizer order; `cols` holds each per-miner state field per cohort."""
+
+    cls: IntArray
+    weight: IntArray
+    level: IntArray  # planned level (what is settled)
+    cols: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    scalars: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.cls.size)
+
+    def split(self, j: int, first: int) -> _Cohorts:
+        """Cohort j into `first` miners, then the rest, both with j's history."""
+        idx = np.insert(np.arange(len(self)), j + 1, j)
+        weight = self.weight[idx].copy()
+        weight[j] = first
+        weight[j + 1] = self.weight[j] - first
+        return _Cohorts(
+            self.cls[idx], weight, self.level[idx],
+            {k: v[idx] for k, v in self.cols.items()}, dict(self.scalars),
+        )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Cohorts as optimizer rows of power-of-two counts."""
+
+    cohort: IntArray  # row -> cohort
+    cls: IntArray
+    weight: IntArray
+    fleet: PreparedFleet
+    stale: npt.NDArray[np.bool_]
+    never_curtail: npt.NDArray[np.bool_]
+    priority: IntArray
+    wake_s: FloatArray
+    min_level: IntArray
+    max_level: IntArray
+
+
+def _bits(w: int) -> list[int]:
+    return [1 << b for b in range(w.bit_length() - 1, -1, -1) if w >> b & 1]
+
+
+class _Engine:
+    """Prepared fleets per row structure, cap-cut refinement, time normalisation."""
+
+    def __init__(self, table: _Table, horizon_s: float, aggregate: bool) -> None:
+        self.t = table
+        self.horizon_s = horizon_s
+        self.aggregate = aggregate
+        self._rows_cache: dict[bytes, _Rows] = {}
+
+    def initial(self, level: IntArray | None = None) -> _Cohorts:
+        c = self.t.classes
+        if self.aggregate:
+            cls = np.arange(c.n_classes, dtype=np.int64)
+            weight = c.count.copy()
+        else:
+            cls = c.member.copy()
+            weight = np.ones(cls.size, dtype=np.int64)
+        lvl = self.t.top[cls].copy() if level is None else level
+        return _Cohorts(cls, weight, lvl)
+
+    def rows(self, coh: _Cohorts) -> _Rows:
+        key = coh.cls.tobytes() + b"|" + coh.weight.tobytes()
+        hit = self._rows_cache.get(key)
+        if hit is not None:
+            return hit
+        cohort: list[int] = []
+        weight: list[int] = []
+        for j, w in enumerate(coh.weight.tolist()):
+            parts = _bits(w) if self.aggregate else [w]
+            cohort += [j] * len(parts)
+            weight += parts
+        ci = np.array(cohort, dtype=np.int64)
+        wi = np.array(weight, dtype=np.int64)
+        cls = coh.cls[ci]
+        t, c = self.t, self.t.classes
+        scale = wi[:, None].astype(np.float64)
+        fleet = prepare(t.points_w[cls] * scale, t.points_ths[cls] * scale)
+        nc = c.never_curtail[cls]
+        top = t.top[cls]
+        rows = _Rows(
+            cohort=ci, cls=cls, weight=wi, fleet=fleet,
+            stale=np.zeros(ci.size, dtype=bool), never_curtail=nc,
+            priority=c.priority[cls], wake_s=c.wake_s[cls],
+            min_level=np.where(nc, top, 0), max_level=top,
+        )
+        if len(self._rows_cache) > 4096:
+            self._rows_cache.clear()
+        self._rows_cache[key] = rows
+        return rows
+
+    def it_w(self, rows: _Rows, level: IntArray) -> float:
+        return float((self.t.points_w[rows.cls, level] * rows.weight).sum())
+
+    def cut(
+        self, coh: _Cohorts, rows: _Rows, level: IntArray, held: npt.NDArray[np.bool_],
+        cap_w: float, aux: float,
+    ) -> _Cohorts | None:
+        """Split the cohort the cap cuts through, if the per-miner greedy fits more of it.
+
+        `held` marks rows the cap kept below their economic level. The greedy fills the
+        highest priority first and, within it, steps by falling marginal efficiency
+        (ties: wake chords first, then row order), so the first held row in that order
+        is where it stopped; the per-miner greedy would go on with single miners of it
+        while their step still fits.
+        """
+        cand = np.flatnonzero(held)
+        if cand.size == 0:
+            return None
+        cand = cand[rows.priority[cand] == rows.priority[cand].max()]
+        p, h = self.t.points_w, self.t.points_ths
+        best: tuple[float, int, int] | None = None
+        best_row, best_delta = -1, 0.0
+        for r in cand.tolist():
+            c, lv = int(rows.cls[r]), int(level[r])
+            if lv == 0:
+                up = np.arange(1, int(self.t.top[c]) + 1)
+                if up.size == 0:
+                    continue
+                avg = (h[c, up] - h[c, 0]) / (p[c, up] - p[c, 0])
+                w_lv = int(up[int(np.argmax(avg))])
+                slope, delta, kind = float(avg.max()), float(p[c, w_lv] - p[c, 0]), 0
+            elif lv < int(self.t.top[c]):
+                delta = float(p[c, lv + 1] - p[c, lv])
+                slope, kind = float((h[c, lv + 1] - h[c, lv]) / delta), 1
+            else:
+                continue
+            key = (-slope, kind, r)
+            if best is None or key < best:
+                best, best_row, best_delta = key, r, delta
+        if best is None or best_delta <= 0:
+            return None
+        budget = cap_w / (1.0 + aux)
+        budget -= _CAP_SLACK * max(abs(budget), 1.0)
+        m = int((budget - self.it_w(rows, level)) // best_delta)
+        j = int(rows.cohort[best_row])
+        mine = np.flatnonzero(rows.cohort == j)
+        before = int(rows.weight[mine[mine < best_row]].sum())
+        if m <= 0 or m >= int(rows.weight[best_row]):
+            return None
+        return coh.split(j, before + m)
+
+    def regroup(
+        self, rows: _Rows, level: IntArray, cols: dict[str, npt.NDArray[Any]],
+        scalars: dict[str, Any], now: float,
+    ) -> _Cohorts:
+        """Rows back to cohorts: rows of one class with an equivalent history merge."""
+        n = rows.cls.size
+        if not self.aggregate:
+            return _Cohorts(rows.cls.copy(), rows.weight.copy(), level.copy(), cols, scalars)
+        key = self.state_matrix(rows.cls, level, cols, now)
+        void = np.ascontiguousarray(key).view(np.dtype((np.void, key.dtype.itemsize * key.shape[1])))
+        _, first, inverse = np.unique(void.ravel(), return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        group = rank[inverse.ravel()]
+        keep = first[order]
+        weight = np.bincount(group, weights=rows.weight, minlength=keep.size).astype(np.int64)
+        if keep.size == n:
+            return _Cohorts(rows.cls.copy(), rows.weight.copy(), level.copy(), cols, scalars)
+        return _Cohorts(
+            rows.cls[keep], weight, level[keep], {k: v[keep] for k, v in cols.items()}, scalars
+        )
+
+    def rel(self, name: str, values: npt.NDArray[Any], now: float) -> npt.NDArray[Any]:
+        """Time fields as 'seconds ago', capped at the horizon where they stop mattering."""
+        if not _TIME_FIELD.search(name):
+            return values
+        with np.errstate(invalid="ignore"):
+            ago = now - values.astype(np.float64)
+        return np.where(np.isnan(ago), np.nan, np.minimum(ago, self.horizon_s))
+
+    def state_matrix(
+        self, cls: IntArray, level: IntArray, cols: dict[str, npt.NDArray[Any]], now: float
+    ) -> FloatArray:
+        parts = [cls.astype(np.float64)[:, None], level.astype(np.float64)[:, None]]
+        for name in sorted(cols):
+            v = self.rel(name, cols[name], now)
+            parts.append(np.asarray(v, dtype=np.float64).reshape(cls.size, -1))
+        return np.concatenate(parts, axis=1)
+
+
+# -- stateless strategies: one solve() per distinct (price position, cap) ------------------
+
+
+def _solve_totals(
+    eng: _Engine, price: float, hp: float, cap_w: float, aux: float, adder: float,
+    aux_in_cost: bool,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per-class IT W, TH/s and miners asleep for solve() at one price and cap."""
+    coh = eng.initial()
+    for _ in range(_MAX_SPLITS):
+        rows = eng.rows(coh)
+        plan = solve(
+            rows.fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hp, cap_w=cap_w,
+            aux_fraction=aux, min_level=rows.min_level, max_level=rows.max_level,
+            priority=rows.priority, adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost,
+        )
+        level = np.asarray(plan.level, dtype=np.int64)
+        if not plan.cap_binding or plan.infeasible:
+            break
+        nxt = eng.cut(coh, rows, level, plan.reason == Reason.CAP, cap_w, aux)
+        if nxt is None:
+            break
+        coh = nxt
+    return _class_totals(eng, rows.cls, rows.weight, level)
+
+
+def _class_totals(
+    eng: _Engine, cls: IntArray, weight: IntArray, level: IntArray
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    n_cls = eng.t.classes.n_classes
+    w = weight.astype(np.float64)
+    it = np.bincount(cls, weights=w * eng.t.points_w[cls, level], minlength=n_cls)
+    ths = np.bincount(cls, weights=w * eng.t.points_ths[cls, level], minlength=n_cls)
+    asleep = np.bincount(cls, weights=w * (level == 0), minlength=n_cls)
+    return it, ths, asleep
+
+
+def _position(fleet: PreparedFleet, price: float, hp: float, aux: float, adder: float,
+              aux_in_cost: bool) -> int:
+    cost = energy_cost_usd_per_mwh_it(
+        price, aux_fraction=aux, adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost
+    )
+    return fleet.position(threshold_ths_per_w(cost, hp))
+
+
+# -- settings, results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A grid event or peak window: the site may draw at most cap_kw from start to end."""
+
+    start_s: float
+    end_s: float
+    cap_kw: float
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Economics and limits of one backtest run."""
+
+    hashprice_usd_per_ph_day: float
+    adder_usd_per_mwh: float
+    aux_fraction: float
+    cap_w: float  # site cap incl. aux
+    headroom_fraction: float
+    knobs: PolicyKnobs
+
+    @classmethod
+    def from_config(
+        cls, cfg: SiteConfig, *, hashprice: float | None = None, adder: float | None = None,
+        knob_overrides: dict[str, float] | None = None,
+    ) -> Settings:
+        knobs = PolicyKnobs(min_run_s=cfg.policy.min_run_s, min_sleep_s=cfg.policy.min_sleep_s)
+        if knob_overrides:
+            knobs = dataclasses.replace(knobs, **knob_overrides)
+        return cls(
+            hashprice_usd_per_ph_day=cfg.hashprice_usd_per_ph_day if hashprice is None
+            else hashprice,
+            adder_usd_per_mwh=cfg.energy.adders_usd_per_mwh if adder is None else adder,
+            aux_fraction=cfg.energy.aux_fraction,
+            cap_w=cfg.power_cap_kw * 1000.0,
+            headroom_fraction=cfg.policy.cap_headroom_fraction,
+            knobs=knobs,
+        )
+
+
+@dataclass(frozen=True)
+class Series:
+    """One strategy, per interval: mean power, hashrate, money; per class power and hash."""
+
+    it_w: FloatArray
+    ths: FloatArray
+    asleep: FloatArray  # miners asleep (time-weighted mean over the interval)
+    class_it_w: FloatArray  # (intervals, classes)
+    class_ths: FloatArray
+    site_w: FloatArray
+    energy_mwh: FloatArray
+    revenue_usd: FloatArray
+    energy_cost_usd: FloatArray
+    profit_usd: FloatArray
+
+
+@dataclass(frozen=True)
+class BacktestResult:
+    """Everything a report needs; `summary()` is the JSON object of the CLI."""
+
+    settings: Settings
+    classes: FleetClasses
+    start_s: FloatArray
+    interval_s: float
+    price_usd_per_mwh: FloatArray  # settled
+    decision_price_usd_per_mwh: FloatArray  # what mineops and on/off decided on
+    cap_w: FloatArray  # planning cap per interval (after headroom)
+    grid_window: npt.NDArray[np.bool_]
+    series: dict[str, Series]
+    strike_usd_per_mwh: dict[str, float]  # on/off break-even market price per model
+    decisions: int
+    elapsed_s: float
+    no_window_profit_usd: float | None = None
+
+    @property
+    def intervals(self) -> int:
+        return int(self.start_s.size)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.series
+        mo, opt = s["mineops"], s["optimum"]
+        dt_h = self.interval_s / 3600.0
+        n = int(self.classes.count.sum())
+
+        def total(x: FloatArray) -> float:
+            return round(float(x.sum()), 2)
+
+        opt_profit = float(opt.profit_usd.sum())
+        out: dict[str, Any] = {
+            "intervals": self.intervals,
+            "interval_s": self.interval_s,
+            "hours": round(self.intervals * dt_h, 2),
+            "miners": n,
+            "hashprice_usd_per_ph_day": self.settings.hashprice_usd_per_ph_day,
+            "adder_usd_per_mwh": self.settings.adder_usd_per_mwh,
+            "profit_usd": total(mo.profit_usd),
+            "revenue_usd": total(mo.revenue_usd),
+            "energy_cost_usd": total(mo.energy_cost_usd),
+            "energy_mwh": round(float(mo.energy_mwh.sum()), 3),
+            "curtailed_hours": round(float(mo.asleep.sum()) * dt_h / n, 2),
+            "optimum_profit_usd": total(opt.profit_usd),
+            "always_on_profit_usd": total(s["always_on"].profit_usd),
+            "onoff_profit_usd": total(s["onoff"].profit_usd),
+            "optimum_onoff_profit_usd": total(s["optimum_onoff"].profit_usd),
+            "ratio_to_optimum": round(float(mo.profit_usd.sum()) / opt_profit, 5)
+            if opt_profit > 0 else None,
+            "gain_over_onoff_usd": round(float(mo.profit_usd.sum() - s["onoff"].profit_usd.sum()),
+                                         2),
+            "underclocking_value_usd": round(
+                opt_profit - float(s["optimum_onoff"].profit_usd.sum()), 2),
+            "grid_window_intervals": int(self.grid_window.sum()),
+            "decisions": self.decisions,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "strategies": {
+                name: {
+                    "profit_usd": total(x.profit_usd),
+                    "revenue_usd": total(x.revenue_usd),
+                    "energy_cost_usd": total(x.energy_cost_usd),
+                    "energy_mwh": round(float(x.energy_mwh.sum()), 3),
+                    "curtailed_hours": round(float(x.asleep.sum()) * dt_h / n, 2),
+                }
+                for name, x in s.items()
+            },
+            "models": self.by_model(),
+            "strike_usd_per_mwh": {k: round(v, 2) for k, v in self.strike_usd_per_mwh.items()},
+        }
+        if self.no_window_profit_usd is not None:
+            out["grid_window_cost_usd"] = round(
+                self.no_window_profit_usd - float(mo.profit_usd.sum()), 2)
+        return out
+
+    def by_model(self, strategy: str = "mineops") -> dict[str, dict[str, float]]:
+        """Per model: miners, MWh, revenue, cost (aux shared pro rata), profit, hours asleep."""
+        x = self.series[strategy]
+        c = self.classes
+        dt_h = self.interval_s / 3600.0
+        aux1 = 1.0 + self.settings.aux_fraction
+        paid = (self.price_usd_per_mwh + self.settings.adder_usd_per_mwh)[:, None]
+        pays_aux = self.settings.knobs.aux_in_energy_cost
+        mwh = x.class_it_w * aux1 * dt_h / 1e6
+        cost = paid * (mwh if pays_aux else x.class_it_w * dt_h / 1e6)
+        rev = x.class_ths * usd_per_ths_hour(self.settings.hashprice_usd_per_ph_day) * dt_h
+        out: dict[str, dict[str, float]] = {}
+        for j, key in enumerate(c.model_keys):
+            row = out.setdefault(key, {"miners": 0, "energy_mwh": 0.0, "revenue_usd": 0.0,
+                                       "energy_cost_usd": 0.0, "profit_usd": 0.0})
+            row["miners"] += int(c.count[j])
+            row["energy_mwh"] += float(mwh[:, j].sum())
+            row["revenue_usd"] += float(rev[:, j].sum())
+            row["energy_cost_usd"] += float(cost[:, j].sum())
+            row["profit_usd"] += float(rev[:, j].sum() - cost[:, j].sum())
+        return {k: {f: round(v, 2) if isinstance(v, float) else v for f, v in r.items()}
+                for k, r in out.items()}
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+Progress = Callable[[int, int], None]
+
+
+def window_caps(
+    start_s: FloatArray, interval_s: float, windows: Sequence[Window], site_cap_w: float
+) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+    """Cap per interval incl. aux: a window applies to every interval it overlaps."""
+    cap = np.full(start_s.size, site_cap_w)
+    grid = np.zeros(start_s.size, dtype=bool)
+    for w in windows:
+        hit = (start_s < w.end_s) & (start_s + interval_s > w.start_s)
+        lower = hit & (w.cap_kw * 1000.0 < cap)
+        cap[lower] = w.cap_kw * 1000.0
+        grid |= lower
+    return cap, grid
+
+
+def run_backtest(
+    cfg: SiteConfig,
+    start_s: FloatArray,
+    price_usd_per_mwh: FloatArray,
+    interval_s: float,
+    settings: Settings,
+    *,
+    windows: Sequence[Window] = (),
+    exact: bool = False,
+    progress: Progress | None = None,
+    with_window_cost: bool = True,
+) -> BacktestResult:
+    """Run every strategy over a price series and settle each interval at its own price.
+
+    Args:
+        cfg: The site: fleet, cap, energy.
+        start_s: Interval start times, Unix s, regular.
+        price_usd_per_mwh: Market price of each interval.
+        interval_s: Interval length, s.
+        settings: Hashprice, adder, cap, policy knobs.
+        windows: Grid events / peak windows lowering the cap.
+        exact: One row per miner and no memo (the reference the fast path is tested against).
+        progress: Called with (done, total) intervals now and then.
+        with_window_cost: With windows, also run mineops without them to price them.
+    """
+    started = time.perf_counter()
+    start_s = np.asarray(start_s, dtype=np.float64)
+    price = np.asarray(price_usd_per_mwh, dtype=np.float64)
+    if start_s.shape != price.shape or price.size == 0:
+        raise ValueError("start_s and price_usd_per_mwh must be equal, non-empty 1-D arrays")
+    if not np.all(np.isfinite(price)):
+        raise ValueError("prices must be finite")
+    classes = FleetClasses.from_config(cfg)
+    headroom = 1.0 - settings.headroom_fraction
+    site_cap, grid = window_caps(start_s, interval_s, windows, settings.cap_w)
+    cap = site_cap * headroom
+    decision_price = np.concatenate([price[:1], price[:-1]])
+
+    full = _Table(classes, classes.points_w, classes.points_ths, classes.top)
+    sp, sh = classes.stock_points()
+    stock = _Table(classes, sp, sh, _top_of(sp, sh))
+    horizon = _horizon(settings.knobs, classes, interval_s)
+
+    series: dict[str, Series] = {}
+    mo, decisions = _run_mineops(full, horizon, start_s, interval_s, decision_price, cap, grid,
+                                 settings, exact, progress)
+    series["mineops"] = _settle(mo, price, interval_s, settings)
+    stateless = {
+        "optimum": (full, price, None),
+        "always_on": (stock, np.full(price.size, _LOW_PRICE), None),
+        "onoff": (stock, decision_price, None),
+        "optimum_onoff": (stock, price, None),
+    }
+    for name, (table, at, _) in stateless.items():
+        eng = _Engine(table, horizon, aggregate=not exact)
+        totals = _run_stateless(eng, at, cap, settings)
+        series[name] = _settle(totals, price, interval_s, settings)
+
+    no_window: float | None = None
+    if windows and with_window_cost and grid.any():
+        plain_cap = np.full(price.size, settings.cap_w * headroom)
+        nw, _ = _run_mineops(full, horizon, start_s, interval_s, decision_price, plain_cap,
+                             np.zeros(price.size, dtype=bool), settings, exact, None)
+        no_window = float(_settle(nw, price, interval_s, settings).profit_usd.sum())
+
+    strike = _strikes(stock, settings)
+    return BacktestResult(
+        settings=settings, classes=classes, start_s=start_s, interval_s=interval_s,
+        price_usd_per_mwh=price, decision_price_usd_per_mwh=decision_price, cap_w=cap,
+        grid_window=grid, series=series, strike_usd_per_mwh=strike, decisions=decisions,
+        elapsed_s=time.perf_counter() - started, no_window_profit_usd=no_window,
+    )
+
+
+def _horizon(knobs: PolicyKnobs, classes: FleetClasses, interval_s: float) -> float:
+    """Seconds after which no policy clock can matter: the longest hold, plus margin."""
+    return max(_durations(knobs, classes), default=0.0) + 2.0 * interval_s + 1.0
+
+
+def _durations(knobs: PolicyKnobs, classes: FleetClasses) -> list[float]:
+    out = [
+        float(v) for f in dataclasses.fields(knobs)
+        if f.name.endswith("_s") and isinstance(v := getattr(knobs, f.name), int | float)
+        and math.isfinite(v) and v > 0
+    ]
+    factor = float(getattr(knobs, "wake_latency_factor", 1.0))
+    out += [float(w) * factor for w in np.unique(classes.wake_s) if w * factor > 0]
+    return sorted(set(out))
+
+
+@dataclass
+class _Totals:
+    it_w: FloatArray
+    ths: FloatArray
+    asleep: FloatArray
+
+
+def _run_stateless(eng: _Engine, at: FloatArray, cap: FloatArray, st: Settings) -> _Totals:
+    hp, aux, adder = st.hashprice_usd_per_ph_day, st.aux_fraction, st.adder_usd_per_mwh
+    pays = st.knobs.aux_in_energy_cost
+    base = eng.rows(eng.initial()).fleet
+    uniq, inverse = np.unique(np.stack([at, cap], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    # solve() sees a price only through its position in the step order: one solve per
+    # distinct (position, cap), whatever the number of intervals.
+    key_of = [(_position(base, float(p), hp, aux, adder, pays), float(c)) for p, c in uniq]
+    done: dict[tuple[int, float], tuple[FloatArray, FloatArray, FloatArray]] = {}
+    n_cls = eng.t.classes.n_classes
+    it, ths, asleep = (np.empty((uniq.shape[0], n_cls)) for _ in range(3))
+    for u, key in enumerate(key_of):
+        if key not in done:
+            done[key] = _solve_totals(eng, float(uniq[u, 0]), hp, key[1], aux, adder, pays)
+        it[u], ths[u], asleep[u] = done[key]
+    return _Totals(it[inverse], ths[inverse], asleep[inverse].sum(axis=1))
+
+
+def _settle(x: _Totals, price: FloatArray, interval_s: float, st: Settings) -> Series:
+    dt_h = interval_s / 3600.0
+    it_w = x.it_w.sum(axis=1)
+    ths = x.ths.sum(axis=1)
+    site_w = it_w * (1.0 + st.aux_fraction)
+    energy = site_w * dt_h / 1e6
+    paid_mwh = energy if st.knobs.aux_in_energy_cost else it_w * dt_h / 1e6
+    cost = (price + st.adder_usd_per_mwh) * paid_mwh
+    revenue = ths * usd_per_ths_hour(st.hashprice_usd_per_ph_day) * dt_h
+    return Series(
+        it_w=it_w, ths=ths, asleep=x.asleep, class_it_w=x.it_w, class_ths=x.ths,
+        site_w=site_w, energy_mwh=energy, revenue_usd=revenue, energy_cost_usd=cost,
+        profit_usd=revenue - cost,
+    )
+
+
+def _strikes(stock: _Table, st: Settings) -> dict[str, float]:
+    """Market price below which each model's stock operation pays (the on/off rule)."""
+    c = stock.classes
+    value = usd_per_ths_hour(st.hashprice_usd_per_ph_day)
+    aux1 = 1.0 + st.aux_fraction if st.knobs.aux_in_energy_cost else 1.0
+    out: dict[str, float] = {}
+    for j, key in enumerate(c.model_keys):
+        dh = stock.points_ths[j, 1] - stock.points_ths[j, 0]
+        dp = stock.points_w[j, 1] - stock.points_w[j, 0]
+        out[key] = value * dh / dp * 1e6 / aux1 - st.adder_usd_per_mwh
+    return out
+
+
+# -- mineops: decide() through time --------------------------------------------------------
+
+
+def _run_mineops(
+    table: _Table, horizon: float, start_s: FloatArray, interval_s: float,
+    decision_price: FloatArray, cap: FloatArray, grid: npt.NDArray[np.bool_], st: Settings,
+    exact: bool, progress: Progress | None,
+) -> tuple[_Totals, int]:
+    eng = _Engine(table, horizon, aggregate=not exact)
+    runner = _Mineops(eng, st, memo=not exact)
+    n_int, n_cls = start_s.size, table.classes.n_classes
+    it = np.zeros((n_int, n_cls))
+    ths = np.zeros((n_int, n_cls))
+    asleep = np.zeros(n_int)
+    durations = np.array(_durations(st.knobs, table.classes))
+    p_w, p_h = table.points_w, table.points_ths
+    step = max(n_int // 200, 1)
+    for t in range(n_int):
+        t0 = float(start_s[t])
+        t1 = t0 + interval_s
+        now = t0
+        for _ in range(_MAX_EVENTS):
+            runner.step(float(decision_price[t]), float(cap[t]), bool(grid[t]), now)
+            nxt = runner.next_event(now, t1, durations)
+            frac = ((nxt if nxt is not None else t1) - now) / interval_s
+            coh = runner.coh
+            w = coh.weight * frac
+            it[t] += np.bincount(coh.cls, weights=w * p_w[coh.cls, coh.level], minlength=n_cls)
+            ths[t] += np.bincount(coh.cls, weights=w * p_h[coh.cls, coh.level], minlength=n_cls)
+            asleep[t] += float(w[coh.level == 0].sum())
+            if nxt is None:
+                break
+            now = nxt
+        if progress is not None and (t % step == 0 or t == n_int - 1):
+            progress(t + 1, n_int)
+    return _Totals(it, ths, asleep), runner.decisions
+
+
+class _Mineops:
+    """The policy's memory, kept per cohort, and decide() with cap-cut refinement."""
+
+    def __init__(self, eng: _Engine, st: Settings, *, memo: bool) -> None:
+        self.eng, self.st = eng, st
+        coh = eng.initial()
+        rows = eng.rows(coh)
+        # As the daemon starts: every miner assumed at full power, no holds.
+        state = PolicyState.initial(rows.cls.size, rows.fleet.max_level)
+        cols, scalars = _state_parts(state, rows.cls.size)
+        self.memo_ok = memo and all(_hashable(v) for v in scalars.values())
+        self.coh = eng.regroup(rows, np.asarray(state.level, dtype=np.int64), cols, scalars,
+                               0.0)
+        self.band = float(getattr(st.knobs, "hysteresis_usd_per_mwh", 0.0))
+        self.memo: dict[tuple[Any, ...], tuple[_Cohorts, float]] = {}
+        self.decisions = 0
+
+    def market(self, price: float, cap_w: float, grid: bool) -> MarketInputs:
+        st = self.st
+        return MarketInputs(
+            price_usd_per_mwh=price, hashprice_usd_per_ph_day=st.hashprice_usd_per_ph_day,
+            cap_w=cap_w, aux_fraction=st.aux_fraction, cap_is_grid=grid,
+            adder_usd_per_mwh=st.adder_usd_per_mwh,
+        )
+
+    def step(self, price: float, cap_w: float, grid: bool, now: float) -> None:
+        key: tuple[Any, ...] | None = None
+        if self.memo_ok:
+            key = self._key(price, cap_w, grid, now)
+            hit = self.memo.get(key)
+            if hit is not None:
+                self.coh = self._restore(hit[0], now)
+                return
+        self.coh = self._decide(price, cap_w, grid, now)
+        if key is not None:
+            if len(self.memo) > _MEMO_LIMIT:
+                self.memo.clear()
+            self.memo[key] = (self._relative(self.coh, now), now)
+
+    def _key(self, price: float, cap_w: float, grid: bool, now: float) -> tuple[Any, ...]:
+        coh, eng, st = self.coh, self.eng, self.st
+        fleet = eng.rows(coh).fleet
+        args = (st.hashprice_usd_per_ph_day, st.aux_fraction, st.adder_usd_per_mwh,
+                st.knobs.aux_in_energy_cost)
+        pos = tuple(_position(fleet, price + d, *args) for d in (0.0, self.band, -self.band))
+        m = eng.state_matrix(coh.cls, coh.level, coh.cols, now)
+        scal = tuple((k, float(eng.rel(k, np.asarray(v, dtype=np.float64), now)))
+                     for k, v in sorted(coh.scalars.items()))
+        return (coh.weight.tobytes(), m.tobytes(), pos, cap_w, grid, scal)
+
+    def _relative(self, coh: _Cohorts, now: float) -> _Cohorts:
+        rel = self.eng.rel
+        return _Cohorts(
+            coh.cls, coh.weight, coh.level, {k: rel(k, v, now) for k, v in coh.cols.items()},
+            {k: rel(k, np.asarray(v, dtype=np.float64), now) for k, v in coh.scalars.items()},
+        )
+
+    def _restore(self, coh: _Cohorts, now: float) -> _Cohorts:
+        def back(name: str, v: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return now - v if _TIME_FIELD.search(name) else v.copy()
+
+        scalars = {k: float(back(k, v)) if _TIME_FIELD.search(k) else float(v)
+                   for k, v in coh.scalars.items()}
+        return _Cohorts(coh.cls, coh.weight, coh.level,
+                        {k: back(k, v) for k, v in coh.cols.items()}, scalars)
+
+    def _decide(self, price: float, cap_w: float, grid: bool, now: float) -> _Cohorts:
+        eng = self.eng
+        market = self.market(price, cap_w, grid)
+        coh = self.coh
+        for _ in range(_MAX_SPLITS):
+            rows = eng.rows(coh)
+            state = PolicyState(
+                **{k: v[rows.cohort].copy() for k, v in coh.cols.items()}, **coh.scalars
+            )
+            d = decide(
+                rows.fleet, market,
+                MinerInputs(stale=rows.stale, never_curtail=rows.never_curtail,
+                            priority=rows.priority, wake_s=rows.wake_s),
+                state, self.st.knobs, now_s=now,
+            )
+            self.decisions += 1
+            level = np.asarray(d.level, dtype=np.int64)
+            if not d.cap_binding or d.infeasible:
+                break
+            held = np.isin(d.reason, _CAP_REASONS)
+            nxt = eng.cut(coh, rows, level, held, cap_w, self.st.aux_fraction)
+            if nxt is None:
+                break
+            coh = nxt
+        cols, scalars = _state_parts(state, rows.cls.size)
+        return eng.regroup(rows, level, cols, scalars, now)
+
+    def next_event(self, now: float, end: float, durations: FloatArray) -> float | None:
+        """Earliest policy clock (a time field plus a hold duration) inside (now, end)."""
+        times = [v.ravel() for k, v in self.coh.cols.items() if _TIME_FIELD.search(k)]
+        if not times or durations.size == 0:
+            return None
+        t = np.concatenate(times).astype(np.float64)
+        t = t[np.isfinite(t) & (t > now - durations.max())]
+        if t.size == 0:
+            return None
+        cand = (t[:, None] + durations[None, :]).ravel()
+        cand = cand[(cand > now + 1e-6) & (cand < end - 1e-6)]
+        return float(cand.min()) if cand.size else None
+
+
+def _state_parts(state: PolicyState, n: int) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+    cols: dict[str, npt.NDArray[Any]] = {}
+    scalars: dict[str, Any] = {}
+    for f in dataclasses.fields(state):
+        v = getattr(state, f.name)
+        if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n:
+            cols[f.name] = v
+        else:
+            scalars[f.name] = v
+    return cols, scalars
+
+
+def _hashable(v: Any) -> bool:
+    return isinstance(v, int | float | bool | np.floating | np.integer)
