@@ -1,0 +1,198 @@
+"""The metrics collector: names, what is left out when unknown, group sums, cost at 100k miners."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.config import SiteConfig
+from controller.daemon import Controller
+from controller.metrics import VIEW_STATES, EnergyCounter, GridEventStatus, view_states
+
+STATE_CODES = {"running": 1, "sleeping": 2, "waking": 3, "stopping": 4, "error": 5}
+
+
+def site(groups: list[tuple[str, str, int]], **metrics: Any) -> SiteConfig:
+    return SiteConfig.model_validate({
+        "site_id": "unit",
+        "fleet": {"groups": [{"name": n, "model": m, "count": c} for n, m, c in groups]},
+        "power_cap_kw": 5000,
+        "hashprice_usd_per_ph_day": 40.0,
+        "policy": {"telemetry_stale_s": 30.0},
+        "metrics": {"port": 0, **metrics},
+    })
+
+
+def samples(c: Controller) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(c.metrics.registry).decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(c: Controller, name: str, **labels: str) -> float:
+    return samples(c)[(name, tuple(sorted(labels.items())))]
+
+
+def names(c: Controller) -> set[str]:
+    return {name for name, _ in samples(c)}
+
+
+def report(c: Controller, i: int, state: str, power_w: float, ths: float, *,
+           target_w: float | None = None) -> None:
+    f = c.fleet
+    f.state[i] = STATE_CODES[state]
+    f.power_w[i] = power_w
+    f.hashrate_ths[i] = ths
+    f.target_w[i] = math.nan if target_w is None else target_w
+    f.last_seen[i] = time.monotonic()
+
+
+def test_unknown_values_are_left_out_not_invented() -> None:
+    c = Controller(site([("a", "s21", 4)]))
+    got = names(c)
+    for absent in ("mineops_site_power_watts", "mineops_site_power_planned_watts",
+                   "mineops_grid_frequency_hertz", "mineops_fleet_efficiency_joules_per_terahash",
+                   "mineops_profit_rate_usd_per_hour", "mineops_grid_event_target_watts",
+                   "mineops_grid_event_on_track", "mineops_last_decision_timestamp_seconds",
+                   "mineops_group_power_planned_watts", "mineops_miner_power_watts"):
+        assert absent not in got, absent
+    # Always there: the cap, prices, counts (all offline before any telemetry).
+    assert value(c, "mineops_site_power_cap_watts") == 5e6
+    assert value(c, "mineops_miners", state="offline") == 4
+    assert value(c, "mineops_site_meter_last_reading_timestamp_seconds") == 0
+    assert value(c, "mineops_mqtt_connected") == 0
+    assert value(c, "mineops_mqtt_messages_invalid_total", kind="price", reason="bad_json") == 0
+
+
+def test_site_and_group_series_follow_fleet_state() -> None:
+    c = Controller(site([("a", "s21", 3), ("b", "s19j_pro", 2)]))
+    nominal = c.fleet.nominal_w
+    report(c, 0, "running", 3500.0, 200.0, target_w=float(nominal[0]))
+    report(c, 1, "running", 2800.0, 170.0, target_w=float(nominal[1]) - 500)
+    report(c, 2, "sleeping", 15.0, 0.0)
+    report(c, 3, "waking", 300.0, 10.0)
+    # miner 4 never reported: offline
+    c.fleet.site.meter_power_w = 7000.0
+    c.fleet.site.meter_at = time.monotonic()
+    c.fleet.site.frequency_hz = 60.01
+
+    assert value(c, "mineops_site_power_watts") == 7000.0
+    assert value(c, "mineops_fleet_hashrate_hashes_per_second") == pytest.approx(380e12)
+    assert value(c, "mineops_fleet_efficiency_joules_per_terahash") == pytest.approx(
+        (3500 + 2800 + 15 + 300) / 380)
+    for state, n in {"running": 1, "underclocked": 1, "sleeping": 1, "waking": 1,
+                     "error": 0, "offline": 1}.items():
+        assert value(c, "mineops_miners", state=state) == n, state
+        assert value(c, "mineops_group_miners", group="a", state=state) == (
+            n if state not in ("waking", "offline") else 0), state
+    assert value(c, "mineops_group_power_watts", group="a") == 3500 + 2800 + 15
+    assert value(c, "mineops_group_power_watts", group="b") == 300
+    assert value(c, "mineops_group_hashrate_hashes_per_second", group="b") == pytest.approx(10e12)
+    assert value(c, "mineops_group_info", group="b", model="s19j_pro") == 1
+    assert value(c, "mineops_miners_configured") == 5
+    # Profit: revenue at the hashprice minus the metered power at the price in force.
+    revenue = 380 / 1000 * 40.0 / 24
+    cost = 7000 / 1e6 * c.price_usd_per_mwh()
+    assert value(c, "mineops_revenue_rate_usd_per_hour") == pytest.approx(revenue)
+    assert value(c, "mineops_profit_rate_usd_per_hour") == pytest.approx(revenue - cost)
+    assert value(c, "mineops_breakeven_price_usd_per_mwh", model="s21") > value(
+        c, "mineops_breakeven_price_usd_per_mwh", model="s19j_pro")
+
+
+def test_view_states_match_fleet_counts() -> None:
+    c = Controller(site([("a", "s21", 300)]))
+    rng = np.random.default_rng(7)
+    now = time.monotonic()
+    f = c.fleet
+    f.state[:] = rng.integers(0, 6, f.n)
+    f.target_w[:] = np.where(rng.random(f.n) < 0.3, np.nan, rng.uniform(2000, 4000, f.n))
+    f.last_seen[:] = now - rng.uniform(0, 60, f.n)
+    f.announced_offline[:] = rng.random(f.n) < 0.1
+    code = view_states(c, now)
+    counts = f.counts_by_state(now, c.cfg.policy.telemetry_stale_s)
+    assert {s: int((code == i).sum()) for i, s in enumerate(VIEW_STATES)} == counts
+
+
+def test_grid_event_series_only_with_an_event() -> None:
+    c = Controller(site([("a", "s21", 2)]))
+    assert "mineops_grid_event_on_track" not in names(c)
+    c.grid_event = GridEventStatus(target_w=1e6, deadline_unix_s=1.8e9, on_track=False)
+    assert value(c, "mineops_grid_event_target_watts") == 1e6
+    assert value(c, "mineops_grid_event_on_track") == 0
+    assert value(c, "mineops_grid_event_deadline_timestamp_seconds") == 1.8e9
+
+
+def test_per_miner_series_only_when_enabled() -> None:
+    off = Controller(site([("a", "s21", 3)]))
+    assert not any(n.startswith("mineops_miner_") for n in names(off))
+    on = Controller(site([("a", "s21", 3)], per_miner=True))
+    report(on, 1, "running", 3000.0, 190.0)
+    assert value(on, "mineops_miner_power_watts", miner="a-0002", group="a") == 3000
+    assert value(on, "mineops_miner_up", miner="a-0001", group="a") == 0
+    assert ("mineops_miner_power_watts", (("group", "a"), ("miner", "a-0001"))) not in samples(on)
+
+
+def test_names_follow_prometheus_conventions() -> None:
+    c = Controller(site([("a", "s21", 2)], per_miner=True))
+    c.grid_event = GridEventStatus(target_w=1.0, deadline_unix_s=1.0, on_track=True)
+    text = generate_latest(c.metrics.registry).decode()
+    units = ("_watts", "_hertz", "_seconds", "_joules_total", "_usd_per_mwh", "_usd_per_ph_day",
+             "_usd_per_hour", "_hashes_per_second", "_joules_per_terahash", "_celsius")
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("mineops_"), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        if family.name.endswith("_info"):
+            assert {s.value for s in family.samples} == {1.0}
+        if family.name.endswith("_created"):  # prometheus_client's counter start times
+            continue
+        if family.type == "gauge" and not family.name.endswith("_info"):
+            counts = ("mineops_miners", "mineops_miners_by_reason", "mineops_miners_configured",
+                      "mineops_group_miners", "mineops_mqtt_connected",
+                      "mineops_mqtt_incoming_queue_messages", "mineops_grid_event_on_track",
+                      "mineops_miner_up")
+            assert family.name in counts or family.name.endswith(units), family.name
+
+
+def test_energy_counter_uses_register_else_integrates_power() -> None:
+    e = EnergyCounter()
+    e.observe(1000.0, None, 0.0)
+    e.observe(3000.0, None, 2.0)  # trapezoid: 2000 W for 2 s
+    assert e.joules == pytest.approx(4000.0)
+    e.observe(3000.0, None, 2.0 + 3600.0)  # a gap too long to guess across
+    assert e.joules == pytest.approx(4000.0)
+    e.observe(3000.0, 10.0, 3700.0)  # a register appears: counting starts from it
+    e.observe(3000.0, 12.5, 3703.0)
+    assert e.joules == pytest.approx(4000.0 + 2.5 * 3600)
+    e.observe(3000.0, 1.0, 3704.0)  # meter reset: never goes backwards
+    e.observe(3000.0, 2.0, 3705.0)
+    assert e.joules == pytest.approx(4000.0 + 3.5 * 3600)
+
+
+def test_scrape_stays_cheap_at_100k_miners() -> None:
+    c = Controller(site([(f"r{i:04d}", "s21" if i % 2 else "s19j_pro", 40) for i in range(2500)]))
+    f = c.fleet
+    assert f.n == 100_000
+    rng = np.random.default_rng(1)
+    f.state[:] = rng.integers(1, 6, f.n)
+    f.power_w[:] = rng.uniform(0, 3500, f.n)
+    f.hashrate_ths[:] = rng.uniform(0, 200, f.n)
+    f.last_seen[:] = time.monotonic()
+    c.planned_power_w = f.power_w.copy()
+    generate_latest(c.metrics.registry)  # warm up
+    started = time.perf_counter()
+    text = generate_latest(c.metrics.registry).decode()
+    took = time.perf_counter() - started
+    lines = sum(1 for line in text.splitlines() if not line.startswith("#"))
+    # Series grow with groups (2,500 here), never with miners: ~10 per group plus a few hundred.
+    assert lines < 11 * 2500 + 500, lines
+    assert took < 1.0, f"a scrape of 100k miners took {took:.2f} s"
