@@ -270,23 +270,30 @@ class _Engine:
             return None
         cand = cand[rows.priority[cand] == rows.priority[cand].max()]
         p, h = self.t.points_w, self.t.points_ths
-        best: tuple[float, int, int] | None = None
+        best: tuple[float, int, int, int] | None = None
         best_row, best_delta = -1, 0.0
         for r in cand.tolist():
             c, lv = int(rows.cls[r]), int(level[r])
+            top = int(self.t.top[c])
             if lv == 0:
-                up = np.arange(1, int(self.t.top[c]) + 1)
+                up = np.arange(1, top + 1)
                 if up.size == 0:
                     continue
                 avg = (h[c, up] - h[c, 0]) / (p[c, up] - p[c, 0])
                 w_lv = int(up[int(np.argmax(avg))])
-                slope, delta, kind = float(avg.max()), float(p[c, w_lv] - p[c, 0]), 0
-            elif lv < int(self.t.top[c]):
-                delta = float(p[c, lv + 1] - p[c, lv])
-                slope, kind = float((h[c, lv + 1] - h[c, lv]) / delta), 1
+                key = (-float(avg.max()), 0, 0, r)
+                delta = float(p[c, w_lv] - p[c, 0])
+            elif lv < top:
+                # A running miner's level counts its steps ahead of the cut in the
+                # optimizer's order (slope, then step): its next step is the lv-th there,
+                # which is step lv -> lv+1 unless rounding made equal slopes differ.
+                dp = p[c, 2 : top + 1] - p[c, 1:top]
+                slope = (h[c, 2 : top + 1] - h[c, 1:top]) / dp
+                e = int(np.lexsort((np.arange(slope.size), -slope))[lv - 1])
+                key = (-float(slope[e]), 1, e, r)
+                delta = float(dp[e])
             else:
                 continue
-            key = (-slope, kind, r)
             if best is None or key < best:
                 best, best_row, best_delta = key, r, delta
         if best is None or best_delta <= 0:
