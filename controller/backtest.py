@@ -1,4 +1,4 @@
-"""Backtest: the daemon's own optimizer and policy over a historical price series, in simulated time.
+"""Backtest: the daemon's own optimizer and policy over historical prices, in simulated time.
 
 What runs (no MQTT, no sleeping; time is passed in):
 
@@ -36,12 +36,16 @@ Tests check the whole against a plain per-miner run (``exact=True``).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,7 +153,8 @@ class _Table:
 
 def _top_of(p: FloatArray, h: FloatArray) -> IntArray:
     same = (p == p[:, -1:]) & (h == h[:, -1:])
-    return np.argmax(same, axis=1).astype(np.int64)
+    top: IntArray = np.argmax(same, axis=1).astype(np.int64)
+    return top
 
 
 # -- cohorts: identical miners with one history -------------------------------------------
@@ -254,7 +259,7 @@ class _Engine:
         return float((self.t.points_w[rows.cls, level] * rows.weight).sum())
 
     def cut(
-        self, coh: _Cohorts, rows: _Rows, level: IntArray, held: npt.NDArray[np.bool_],
+        self, coh: _Cohorts, rows: _Rows, level: IntArray, *, held: npt.NDArray[np.bool_],
         cap_w: float, aux: float,
     ) -> _Cohorts | None:
         """Split the cohort the cap cuts through, if the per-miner greedy fits more of it.
@@ -317,7 +322,8 @@ class _Engine:
         if not self.aggregate:
             return _Cohorts(rows.cls.copy(), rows.weight.copy(), level.copy(), cols, scalars)
         key = self.state_matrix(rows.cls, level, cols, now)
-        void = np.ascontiguousarray(key).view(np.dtype((np.void, key.dtype.itemsize * key.shape[1])))
+        width = key.dtype.itemsize * key.shape[1]
+        void = np.ascontiguousarray(key).view(np.dtype((np.void, width)))
         _, first, inverse = np.unique(void.ravel(), return_index=True, return_inverse=True)
         order = np.argsort(first)
         rank = np.empty_like(order)
@@ -353,7 +359,7 @@ class _Engine:
 
 
 def _solve_totals(
-    eng: _Engine, price: float, hp: float, cap_w: float, aux: float, adder: float,
+    eng: _Engine, price: float, *, hp: float, cap_w: float, aux: float, adder: float,
     aux_in_cost: bool,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Per-class IT W, TH/s and miners asleep for solve() at one price and cap."""
@@ -368,7 +374,7 @@ def _solve_totals(
         level = np.asarray(plan.level, dtype=np.int64)
         if not plan.cap_binding or plan.infeasible:
             break
-        nxt = eng.cut(coh, rows, level, plan.reason == Reason.CAP, cap_w, aux)
+        nxt = eng.cut(coh, rows, level, held=plan.reason == Reason.CAP, cap_w=cap_w, aux=aux)
         if nxt is None:
             break
         coh = nxt
@@ -383,10 +389,10 @@ def _class_totals(
     it = np.bincount(cls, weights=w * eng.t.points_w[cls, level], minlength=n_cls)
     ths = np.bincount(cls, weights=w * eng.t.points_ths[cls, level], minlength=n_cls)
     asleep = np.bincount(cls, weights=w * (level == 0), minlength=n_cls)
-    return it, ths, asleep
+    return it.astype(np.float64), ths.astype(np.float64), asleep.astype(np.float64)
 
 
-def _position(fleet: PreparedFleet, price: float, hp: float, aux: float, adder: float,
+def _position(fleet: PreparedFleet, price: float, *, hp: float, aux: float, adder: float,
               aux_in_cost: bool) -> int:
     cost = energy_cost_usd_per_mwh_it(
         price, aux_fraction=aux, adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost
@@ -407,6 +413,74 @@ class Window:
     name: str = ""
 
 
+class WindowFileError(ValueError):
+    """A grid-window file that cannot be used; the message names the entry and why."""
+
+
+def _window_time(text: Any) -> float:
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    value = str(text).strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:  # naive: same convention as the price files (market time as UTC)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def load_windows(path: Path | str) -> list[Window]:
+    """Grid events and peak windows from CSV (`start,end,cap_kw[,name]`) or JSON.
+
+    JSON is a list of objects with the same keys, or {"windows": [...]}. Times are ISO
+    8601 or Unix seconds; naive times are read like the price file's (as UTC).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise WindowFileError(f"{path}: cannot open: {e.strerror}") from None
+    entries: list[tuple[str, dict[str, Any]]] = []
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WindowFileError(f"{path}: not valid JSON: {e}") from None
+        if isinstance(data, dict):
+            data = data.get("windows")
+        if not isinstance(data, list):
+            raise WindowFileError(f"{path}: expected a list of windows or {{\"windows\": [...]}}")
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise WindowFileError(f"{path}: window {i}: expected an object")
+            entries.append((f"window {i}", item))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        missing = {"start", "end", "cap_kw"} - set(reader.fieldnames or [])
+        if missing:
+            raise WindowFileError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                "(header: start,end,cap_kw[,name])"
+            )
+        entries = [(f"line {n}", row) for n, row in enumerate(reader, start=2)]
+    out: list[Window] = []
+    for where, item in entries:
+        try:
+            w = Window(
+                start_s=_window_time(item["start"]), end_s=_window_time(item["end"]),
+                cap_kw=float(item["cap_kw"]), name=str(item.get("name") or ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise WindowFileError(f"{path}: {where}: unparseable window ({e})") from None
+        if not (w.end_s > w.start_s and math.isfinite(w.cap_kw) and w.cap_kw >= 0):
+            raise WindowFileError(
+                f"{path}: {where}: needs end after start and a cap_kw >= 0")
+        out.append(w)
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     """Economics and limits of one backtest run."""
@@ -421,7 +495,7 @@ class Settings:
     @classmethod
     def from_config(
         cls, cfg: SiteConfig, *, hashprice: float | None = None, adder: float | None = None,
-        knob_overrides: dict[str, float] | None = None,
+        knob_overrides: dict[str, Any] | None = None,
     ) -> Settings:
         knobs = PolicyKnobs(min_run_s=cfg.policy.min_run_s, min_sleep_s=cfg.policy.min_sleep_s)
         if knob_overrides:
@@ -616,8 +690,9 @@ def run_backtest(
     horizon = _horizon(settings.knobs, classes, interval_s)
 
     series: dict[str, Series] = {}
-    mo, decisions = _run_mineops(full, horizon, start_s, interval_s, decision_price, cap, grid,
-                                 settings, exact, progress)
+    mo, decisions = _run_mineops(
+        full, horizon, start_s=start_s, interval_s=interval_s, decision_price=decision_price,
+        cap=cap, grid=grid, st=settings, exact=exact, progress=progress)
     series["mineops"] = _settle(mo, price, interval_s, settings)
     stateless = {
         "optimum": (full, price, None),
@@ -633,8 +708,10 @@ def run_backtest(
     no_window: float | None = None
     if windows and with_window_cost and grid.any():
         plain_cap = np.full(price.size, settings.cap_w * headroom)
-        nw, _ = _run_mineops(full, horizon, start_s, interval_s, decision_price, plain_cap,
-                             np.zeros(price.size, dtype=bool), settings, exact, None)
+        nw, _ = _run_mineops(
+            full, horizon, start_s=start_s, interval_s=interval_s, decision_price=decision_price,
+            cap=plain_cap, grid=np.zeros(price.size, dtype=bool), st=settings, exact=exact,
+            progress=None)
         no_window = float(_settle(nw, price, interval_s, settings).profit_usd.sum())
 
     strike = _strikes(stock, settings)
@@ -677,13 +754,17 @@ def _run_stateless(eng: _Engine, at: FloatArray, cap: FloatArray, st: Settings) 
     inverse = inverse.ravel()
     # solve() sees a price only through its position in the step order: one solve per
     # distinct (position, cap), whatever the number of intervals.
-    key_of = [(_position(base, float(p), hp, aux, adder, pays), float(c)) for p, c in uniq]
+    key_of = [
+        (_position(base, float(p), hp=hp, aux=aux, adder=adder, aux_in_cost=pays), float(c))
+        for p, c in uniq
+    ]
     done: dict[tuple[int, float], tuple[FloatArray, FloatArray, FloatArray]] = {}
     n_cls = eng.t.classes.n_classes
     it, ths, asleep = (np.empty((uniq.shape[0], n_cls)) for _ in range(3))
     for u, key in enumerate(key_of):
         if key not in done:
-            done[key] = _solve_totals(eng, float(uniq[u, 0]), hp, key[1], aux, adder, pays)
+            done[key] = _solve_totals(eng, float(uniq[u, 0]), hp=hp, cap_w=key[1], aux=aux,
+                                      adder=adder, aux_in_cost=pays)
         it[u], ths[u], asleep[u] = done[key]
     return _Totals(it[inverse], ths[inverse], asleep[inverse].sum(axis=1))
 
@@ -721,7 +802,7 @@ def _strikes(stock: _Table, st: Settings) -> dict[str, float]:
 
 
 def _run_mineops(
-    table: _Table, horizon: float, start_s: FloatArray, interval_s: float,
+    table: _Table, horizon: float, *, start_s: FloatArray, interval_s: float,
     decision_price: FloatArray, cap: FloatArray, grid: npt.NDArray[np.bool_], st: Settings,
     exact: bool, progress: Progress | None,
 ) -> tuple[_Totals, int]:
@@ -797,9 +878,11 @@ class _Mineops:
     def _key(self, price: float, cap_w: float, grid: bool, now: float) -> tuple[Any, ...]:
         coh, eng, st = self.coh, self.eng, self.st
         fleet = eng.rows(coh).fleet
-        args = (st.hashprice_usd_per_ph_day, st.aux_fraction, st.adder_usd_per_mwh,
-                st.knobs.aux_in_energy_cost)
-        pos = tuple(_position(fleet, price + d, *args) for d in (0.0, self.band, -self.band))
+        pos = tuple(
+            _position(fleet, price + d, hp=st.hashprice_usd_per_ph_day, aux=st.aux_fraction,
+                      adder=st.adder_usd_per_mwh, aux_in_cost=st.knobs.aux_in_energy_cost)
+            for d in (0.0, self.band, -self.band)
+        )
         m = eng.state_matrix(coh.cls, coh.level, coh.cols, now)
         scal = tuple((k, float(eng.rel(k, np.asarray(v, dtype=np.float64), now)))
                      for k, v in sorted(coh.scalars.items()))
@@ -827,9 +910,8 @@ class _Mineops:
         coh = self.coh
         for _ in range(_MAX_SPLITS):
             rows = eng.rows(coh)
-            state = PolicyState(
-                **{k: v[rows.cohort].copy() for k, v in coh.cols.items()}, **coh.scalars
-            )
+            fields: dict[str, Any] = {k: v[rows.cohort].copy() for k, v in coh.cols.items()}
+            state = PolicyState(**fields, **coh.scalars)
             d = decide(
                 rows.fleet, market,
                 MinerInputs(stale=rows.stale, never_curtail=rows.never_curtail,
@@ -841,7 +923,7 @@ class _Mineops:
             if not d.cap_binding or d.infeasible:
                 break
             held = np.isin(d.reason, _CAP_REASONS)
-            nxt = eng.cut(coh, rows, level, held, cap_w, self.st.aux_fraction)
+            nxt = eng.cut(coh, rows, level, held=held, cap_w=cap_w, aux=self.st.aux_fraction)
             if nxt is None:
                 break
             coh = nxt

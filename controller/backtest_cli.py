@@ -1,0 +1,127 @@
+"""The `mineops backtest` subcommand: a site's fleet over historical prices, against baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from controller.backtest import (
+    Settings,
+    WindowFileError,
+    load_windows,
+    run_backtest,
+)
+from controller.backtest_report import text_report, write_csv, write_png
+from controller.config import load_config
+from controller.policy import PolicyKnobs
+from drivers.price_csv import load_price_csv
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `backtest` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "backtest", help="what the fleet would have earned on historical prices",
+        description="Run the controller's own optimizer and policy over a price CSV in "
+        "simulated time, and compare with always-on, on/off at break-even and the hindsight "
+        "optimum. mineops and on/off decide each interval on the previous interval's price. "
+        "See docs/backtest.md.",
+    )
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
+    p.add_argument("--prices", type=Path, required=True, metavar="FILE",
+                   help="price CSV: ERCOT export or `timestamp,price_usd_per_mwh`")
+    p.add_argument("--price-column", metavar="NAME",
+                   help="price column (default: price_usd_per_mwh or hb_south_rtm_spp_usd_mwh)")
+    p.add_argument("--hashprice", type=float, metavar="USD_PER_PH_DAY",
+                   help="override the site file's hashprice")
+    p.add_argument("--adder", type=float, metavar="USD_PER_MWH",
+                   help="override the site file's energy adders")
+    p.add_argument("--windows", type=Path, metavar="FILE",
+                   help="grid events / peak windows: CSV `start,end,cap_kw[,name]` or JSON")
+    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a policy knob for this run, e.g. hysteresis_usd_per_mwh=3 "
+                   "(repeatable)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write backtest.png and backtest.csv (interval series) here")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="progress bar on stderr (auto: when stderr is a terminal)")
+    p.add_argument("--exact", action="store_true",
+                   help="one optimizer row per miner, no memo (slow; for cross-checks)")
+    p.set_defaults(handler=run)
+
+
+def _knobs(items: list[str]) -> dict[str, Any]:
+    known = {f: type(getattr(PolicyKnobs(), f)) for f in PolicyKnobs.__dataclass_fields__}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(f"--knob {item!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(sorted(known))}")
+        if known[name] is bool:
+            out[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            out[name] = float(value)
+    return out
+
+
+class ProgressBar:
+    """A one-line progress bar on a stream, redrawn at most a few times a second."""
+
+    def __init__(self, stream: TextIO, label: str = "backtest") -> None:
+        self.stream, self.label = stream, label
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        frac = done / max(total, 1)
+        bar = "#" * int(frac * 30)
+        eta = (now - self.started) * (1 - frac) / frac if frac > 0 else 0.0
+        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:5.1%} {done:,}/{total:,} "
+                          f"eta {eta:4.0f} s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of `mineops backtest`; ConfigError and PriceFileError reach the CLI's main."""
+    cfg = load_config(args.config)
+    prices = load_price_csv(args.prices, args.price_column)
+    try:
+        windows = load_windows(args.windows) if args.windows else []
+        knobs = _knobs(args.knob)
+    except (WindowFileError, ValueError) as e:
+        print(f"mineops: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = Settings.from_config(cfg, hashprice=args.hashprice, adder=args.adder,
+                                    knob_overrides=knobs)
+    show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    result = run_backtest(
+        cfg, prices.start_s, prices.price_usd_per_mwh, prices.interval_s, settings,
+        windows=windows, exact=args.exact, progress=ProgressBar(sys.stderr) if show else None,
+    )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(result, args.out / "backtest.csv")
+        write_png(result, args.out / "backtest.png")
+    if args.json:
+        summary = result.summary()
+        summary["price_column"] = prices.column
+        print(json.dumps(summary))
+    else:
+        print(text_report(result))
+        if args.out is not None:
+            print(f"wrote {args.out / 'backtest.png'} and {args.out / 'backtest.csv'}")
+    return EXIT_OK
