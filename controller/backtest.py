@@ -56,10 +56,9 @@ from controller.config import SiteConfig
 from controller.fleet_state import FleetState
 from controller.optimizer import (
     PreparedFleet,
-    energy_cost_usd_per_mwh_it,
+    position_at_price,
     prepare,
     solve,
-    threshold_ths_per_w,
     usd_per_ths_hour,
 )
 from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
@@ -394,10 +393,11 @@ def _class_totals(
 
 def _position(fleet: PreparedFleet, price: float, *, hp: float, aux: float, adder: float,
               aux_in_cost: bool) -> int:
-    cost = energy_cost_usd_per_mwh_it(
-        price, aux_fraction=aux, adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost
+    """Where a price falls in the optimizer's step order: all solve() sees of it."""
+    return position_at_price(
+        fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hp, aux_fraction=aux,
+        adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost,
     )
-    return fleet.position(threshold_ths_per_w(cost, hp))
 
 
 # -- settings, results ---------------------------------------------------------------------
@@ -497,9 +497,12 @@ class Settings:
         cls, cfg: SiteConfig, *, hashprice: float | None = None, adder: float | None = None,
         knob_overrides: dict[str, Any] | None = None,
     ) -> Settings:
-        knobs = PolicyKnobs(min_run_s=cfg.policy.min_run_s, min_sleep_s=cfg.policy.min_sleep_s)
-        if knob_overrides:
-            knobs = dataclasses.replace(knobs, **knob_overrides)
+        # Every knob the site file's [policy] table sets, as the daemon builds them.
+        from_site = {
+            f.name: getattr(cfg.policy, f.name)
+            for f in dataclasses.fields(PolicyKnobs) if hasattr(cfg.policy, f.name)
+        }
+        knobs = PolicyKnobs(**{**from_site, **(knob_overrides or {})})
         return cls(
             hashprice_usd_per_ph_day=cfg.hashprice_usd_per_ph_day if hashprice is None
             else hashprice,
