@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -74,6 +75,12 @@ _MAX_SPLITS = 12  # cap cuts refined per decision (two are the rule)
 _MAX_EVENTS = 32  # policy-hold expiries decided on inside one interval
 _MEMO_LIMIT = 500_000
 _TIME_FIELD = re.compile(r"(_at|_at_s|_since|_since_s)$")
+
+
+@functools.cache
+def _is_time(name: str) -> bool:
+    """PolicyState fields holding a clock time (compared with now_s by the policy)."""
+    return _TIME_FIELD.search(name) is not None
 _LOW_PRICE = -1e9  # $/MWh: every step worth taking; only the cap limits (always-on)
 
 
@@ -338,7 +345,7 @@ class _Engine:
 
     def rel(self, name: str, values: npt.NDArray[Any], now: float) -> npt.NDArray[Any]:
         """Time fields as 'seconds ago', capped at the horizon where they stop mattering."""
-        if not _TIME_FIELD.search(name):
+        if not _is_time(name):
             return values
         with np.errstate(invalid="ignore"):
             ago = now - values.astype(np.float64)
@@ -815,7 +822,6 @@ def _run_mineops(
     it = np.zeros((n_int, n_cls))
     ths = np.zeros((n_int, n_cls))
     asleep = np.zeros(n_int)
-    durations = np.array(_durations(st.knobs, table.classes))
     p_w, p_h = table.points_w, table.points_ths
     step = max(n_int // 200, 1)
     for t in range(n_int):
@@ -824,7 +830,7 @@ def _run_mineops(
         now = t0
         for _ in range(_MAX_EVENTS):
             runner.step(float(decision_price[t]), float(cap[t]), bool(grid[t]), now)
-            nxt = runner.next_event(now, t1, durations)
+            nxt = runner.next_event(now, t1)
             frac = ((nxt if nxt is not None else t1) - now) / interval_s
             coh = runner.coh
             w = coh.weight * frac
@@ -855,6 +861,12 @@ class _Mineops:
         self.band = float(getattr(st.knobs, "hysteresis_usd_per_mwh", 0.0))
         self.memo: dict[tuple[Any, ...], tuple[_Cohorts, float]] = {}
         self.decisions = 0
+        knobs, classes = st.knobs, eng.t.classes
+        self.durations_s = np.array(_durations(knobs, classes))
+        self.dwell_s = np.array([float(getattr(knobs, k, 0.0))
+                                 for k in ("min_run_s", "min_sleep_s")])
+        factor = float(getattr(knobs, "wake_latency_factor", 1.0))
+        self.latency_s = classes.wake_s * factor
 
     def market(self, price: float, cap_w: float, grid: bool) -> MarketInputs:
         st = self.st
@@ -900,9 +912,9 @@ class _Mineops:
 
     def _restore(self, coh: _Cohorts, now: float) -> _Cohorts:
         def back(name: str, v: npt.NDArray[Any]) -> npt.NDArray[Any]:
-            return now - v if _TIME_FIELD.search(name) else v.copy()
+            return now - v if _is_time(name) else v.copy()
 
-        scalars = {k: float(back(k, v)) if _TIME_FIELD.search(k) else float(v)
+        scalars = {k: float(back(k, v)) if _is_time(k) else float(v)
                    for k, v in coh.scalars.items()}
         return _Cohorts(coh.cls, coh.weight, coh.level,
                         {k: back(k, v) for k, v in coh.cols.items()}, scalars)
@@ -933,18 +945,31 @@ class _Mineops:
         cols, scalars = _state_parts(state, rows.cls.size)
         return eng.regroup(rows, level, cols, scalars, now)
 
-    def next_event(self, now: float, end: float, durations: FloatArray) -> float | None:
-        """Earliest policy clock (a time field plus a hold duration) inside (now, end)."""
-        times = [v.ravel() for k, v in self.coh.cols.items() if _TIME_FIELD.search(k)]
-        if not times or durations.size == 0:
-            return None
-        t = np.concatenate(times).astype(np.float64)
-        t = t[np.isfinite(t) & (t > now - durations.max())]
-        if t.size == 0:
-            return None
-        cand = (t[:, None] + durations[None, :]).ravel()
-        cand = cand[(cand > now + 1e-6) & (cand < end - 1e-6)]
-        return float(cand.min()) if cand.size else None
+    def next_event(self, now: float, end: float) -> float | None:
+        """Earliest policy clock inside (now, end): a hold that expires, as a tick would see.
+
+        Known clocks pair with their own durations (switch time with the dwell times, the
+        cheap spell with each class's wake latency); any other time field with all of them.
+        """
+        best = math.inf
+        for name, v in self.coh.cols.items():
+            if not _is_time(name):
+                continue
+            t = np.asarray(v, dtype=np.float64)
+            if name == "cheap_since_s" and t.ndim == 1:
+                d = self.latency_s[self.coh.cls][:, None]
+            elif name == "switched_at" and t.ndim == 1:
+                d = self.dwell_s[None, :]
+            else:
+                t, d = t.ravel(), self.durations_s[None, :]
+            if d.size == 0:
+                continue
+            with np.errstate(invalid="ignore"):
+                cand = (t[:, None] + d).ravel()
+            cand = cand[(cand > now + 1e-6) & (cand < end - 1e-6)]
+            if cand.size:
+                best = min(best, float(cand.min()))
+        return best if best < math.inf else None
 
 
 def _state_parts(state: PolicyState, n: int) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
