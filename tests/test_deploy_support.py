@@ -29,7 +29,7 @@ REQUIRE_MOSQUITTO = os.environ.get("MINEOPS_REQUIRE_MOSQUITTO") == "1"
 PACKAGES = {
     "prometheus": "prometheus", "promtool": "prometheus", "mosquitto": "mosquitto",
     "mosquitto_passwd": "mosquitto", "mosquitto_pub": "mosquitto-clients",
-    "mosquitto_sub": "mosquitto-clients", "openssl": "openssl",
+    "mosquitto_sub": "mosquitto-clients", "openssl": "openssl", "systemd-analyze": "systemd",
 }
 
 

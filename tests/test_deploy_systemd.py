@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from controller.broker import LocalBroker
 from controller.daemon import Controller
 from controller.systemd import Notifier, supervise, watchdog_interval_s
 from tests.conftest import make_site, wait_for
+from tests.test_deploy_support import DEPLOY, need, run
 
 
 @pytest.fixture
@@ -132,3 +134,22 @@ async def test_controller_says_ready_after_first_connect(
     await asyncio.sleep(0.3)
     messages.extend(received(sock))
     assert messages.count("WATCHDOG=1") >= 2
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    """deploy/systemd/mineops.service passes systemd-analyze with the real mineops binary."""
+    analyze = need("systemd-analyze")
+    unit = (DEPLOY / "systemd" / "mineops.service").read_text()
+    for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NotifyAccess=main"):
+        assert f"\n{key}" in unit, key
+    mineops = Path(sys.executable).with_name("mineops")
+    copy = tmp_path / "mineops.service"
+    copy.write_text(unit.replace("/opt/mineops/bin/mineops", str(mineops)))
+    run([analyze, "verify", str(copy)])
+    # The ExecStart command line parses (global options before the subcommand).
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.removeprefix("ExecStart=").split()[1:]
+    from controller.cli import _parser  # noqa: PLC0415
+
+    args = _parser().parse_args(argv)
+    assert args.command == "run" and args.log_format == "json"
