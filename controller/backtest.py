@@ -17,7 +17,9 @@ What runs (no MQTT, no sleeping; time is passed in):
   to **optimum** is the value of underclocking.
 
 All strategies plan against the same cap: the site cap (or a grid window's) less the
-configured headroom, incl. auxiliary load; never-curtail miners are pinned on.
+configured headroom, incl. auxiliary load; never-curtail miners are pinned on. Priorities
+order only mineops' shedding (as the daemon's): the optimum and the baselines maximise
+profit, so what priorities cost shows in the ratio rather than in a lower ceiling.
 
 Speed, exactly: miners of one class (model, priority, never-curtail) that share a policy
 history are identical to the optimizer and the policy, so they are kept as one *cohort*
@@ -266,7 +268,7 @@ class _Engine:
 
     def cut(
         self, coh: _Cohorts, rows: _Rows, level: IntArray, *, held: npt.NDArray[np.bool_],
-        cap_w: float, aux: float,
+        cap_w: float, aux: float, priority: bool,
     ) -> _Cohorts | None:
         """Split the cohort the cap cuts through, if the per-miner greedy fits more of it.
 
@@ -279,7 +281,8 @@ class _Engine:
         cand = np.flatnonzero(held)
         if cand.size == 0:
             return None
-        cand = cand[rows.priority[cand] == rows.priority[cand].max()]
+        if priority:
+            cand = cand[rows.priority[cand] == rows.priority[cand].max()]
         p, h = self.t.points_w, self.t.points_ths
         best: tuple[float, int, int, int] | None = None
         best_row, best_delta = -1, 0.0
@@ -347,18 +350,16 @@ class _Engine:
         """Time fields as 'seconds ago', capped at the horizon where they stop mattering."""
         if not _is_time(name):
             return values
-        with np.errstate(invalid="ignore"):
-            ago = now - values.astype(np.float64)
-        return np.where(np.isnan(ago), np.nan, np.minimum(ago, self.horizon_s))
+        # -inf (never) becomes the horizon; NaN (not running) stays NaN.
+        return np.minimum(now - np.asarray(values, dtype=np.float64), self.horizon_s)
 
     def state_matrix(
         self, cls: IntArray, level: IntArray, cols: dict[str, npt.NDArray[Any]], now: float
     ) -> FloatArray:
-        parts = [cls.astype(np.float64)[:, None], level.astype(np.float64)[:, None]]
-        for name in sorted(cols):
-            v = self.rel(name, cols[name], now)
-            parts.append(np.asarray(v, dtype=np.float64).reshape(cls.size, -1))
-        return np.concatenate(parts, axis=1)
+        n = cls.size
+        parts = [cls.reshape(n, 1), level.reshape(n, 1)]
+        parts += [self.rel(name, cols[name], now).reshape(n, -1) for name in sorted(cols)]
+        return np.hstack(parts, dtype=np.float64)
 
 
 # -- stateless strategies: one solve() per distinct (price position, cap) ------------------
@@ -375,12 +376,13 @@ def _solve_totals(
         plan = solve(
             rows.fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hp, cap_w=cap_w,
             aux_fraction=aux, min_level=rows.min_level, max_level=rows.max_level,
-            priority=rows.priority, adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost,
+            adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost,
         )
         level = np.asarray(plan.level, dtype=np.int64)
         if not plan.cap_binding or plan.infeasible:
             break
-        nxt = eng.cut(coh, rows, level, held=plan.reason == Reason.CAP, cap_w=cap_w, aux=aux)
+        nxt = eng.cut(coh, rows, level, held=plan.reason == Reason.CAP, cap_w=cap_w, aux=aux,
+                      priority=False)
         if nxt is None:
             break
         coh = nxt
@@ -938,7 +940,8 @@ class _Mineops:
             if not d.cap_binding or d.infeasible:
                 break
             held = np.isin(d.reason, _CAP_REASONS)
-            nxt = eng.cut(coh, rows, level, held=held, cap_w=cap_w, aux=self.st.aux_fraction)
+            nxt = eng.cut(coh, rows, level, held=held, cap_w=cap_w, aux=self.st.aux_fraction,
+                          priority=True)
             if nxt is None:
                 break
             coh = nxt
