@@ -101,12 +101,13 @@ def write_png(result: BacktestResult, path: Path) -> None:
     price = result.price_usd_per_mwh
     ax_p.plot(t, price, lw=0.6, color="black", label="price")
     top = float(np.percentile(price, 99.5))
-    for key, strike in sorted(result.strike_usd_per_mwh.items(), key=lambda kv: kv[1]):
-        ax_p.axhline(strike, lw=0.8, ls="--", alpha=0.7, label=f"{key} break-even")
+    strikes = sorted(result.strike_usd_per_mwh.items(), key=lambda kv: kv[1])
+    for i, (key, strike) in enumerate(strikes):
+        ax_p.axhline(strike, lw=0.9, ls="--", color=f"C{i % 10}", label=f"{key} break-even")
         top = max(top, strike)
     ax_p.set_ylim(min(float(price.min()), 0.0) - 5, top * 1.15 + 5)
     spikes = int((price > top * 1.15 + 5).sum())
-    title = "energy price, $/MWh"
+    title = "energy price, \\$/MWh"
     if spikes:
         title += f" ({spikes} intervals above the axis)"
     ax_p.set_title(title)
@@ -121,12 +122,13 @@ def write_png(result: BacktestResult, path: Path) -> None:
 
     for name in ("optimum", "mineops", "onoff", "always_on"):
         ax_c.plot(t, np.cumsum(ser[name].profit_usd), lw=1.0, label=LABELS[name])
-    ax_c.set_title("cumulative profit, $")
+    ax_c.set_title("cumulative profit, \\$")
     ax_c.legend(fontsize=8, loc="upper left")
     s = result.summary()
+    # "\\$": a bare $ starts matplotlib's math mode.
     fig.suptitle(
-        f"{s['miners']:,} miners, hashprice ${s['hashprice_usd_per_ph_day']:g}/PH/day, adder "
-        f"${s['adder_usd_per_mwh']:g}/MWh: ratio to optimum {s['ratio_to_optimum']}"
+        f"{s['miners']:,} miners, hashprice \\${s['hashprice_usd_per_ph_day']:g}/PH/day, "
+        f"adder \\${s['adder_usd_per_mwh']:g}/MWh: ratio to optimum {s['ratio_to_optimum']}"
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)
