@@ -54,6 +54,8 @@ class LocalBroker:
     def __init__(self, port: int | None = None, *, prefer: str = "auto") -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        if prefer not in ("auto", "mosquitto", "amqtt"):
+            raise ValueError(f"unknown broker {prefer!r}: auto, mosquitto or amqtt")
         mosquitto = find_mosquitto() if prefer in ("auto", "mosquitto") else None
         if prefer == "mosquitto" and mosquitto is None:
             raise RuntimeError("mosquitto is not installed (Debian: apt-get install mosquitto)")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -81,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="Prometheus endpoint port on 127.0.0.1 (default 9108; 0: any free)")
     demo.add_argument("--broker", metavar="HOST:PORT",
                       help="use this broker instead of starting one")
+    demo.add_argument("--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                      help="which local broker to start (default auto: mosquitto if installed)")
     _price_args(demo)
 
     check = sub.add_parser("check-config", help="validate a site file",
@@ -103,11 +106,20 @@ def _price_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
-        print("\nstopped", file=sys.stderr)
-        return EXIT_OK
+    """Run until done; SIGTERM and SIGINT stop it cleanly (last words published, exit 0)."""
+
+    async def main() -> int:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            print("\nstopped", file=sys.stderr)
+            return EXIT_OK
+
+    return asyncio.run(main())
 
 
 async def _run(cfg: SiteConfig) -> int:
@@ -168,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             async def demo() -> int:
                 result = await run_demo(
                     miners=args.miners, duration_s=args.duration, speed=args.speed,
-                    metrics_port=args.metrics_port, broker=args.broker,
+                    metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
                     prices_file=args.prices, price_column=args.price_column,
                 )
                 if not result.ok:

@@ -119,6 +119,20 @@ class PolicyConfig(_Strict):
     )
     min_run_s: float = Field(default=300.0, ge=0, description="Minimum time on after waking, s")
     min_sleep_s: float = Field(default=300.0, ge=0, description="Minimum time asleep, s")
+    hysteresis_usd_per_mwh: float = Field(
+        default=5.0, ge=0, description="Keep a miner's level while the price moves less than this"
+    )
+    wake_latency_factor: float = Field(
+        default=1.0, ge=0,
+        description="Wake a sleeping miner only after the price has been low this many times "
+        "its wake time (0: at once)",
+    )
+    ramp_kw_per_min: float = Field(
+        default=float("inf"), gt=0,
+        description="Site ramp limit for economic moves, kW/min (cap and grid cuts ignore it)",
+    )
+    derate_start_c: float = Field(default=80.0, description="Above this, lower the max target")
+    critical_c: float = Field(default=95.0, description="At or above this, the miner sleeps")
     cap_headroom_fraction: float = Field(
         default=0.01, ge=0, le=0.5,
         description="Plan this far below the cap, so meter noise and settling stay under it",

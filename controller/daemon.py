@@ -55,8 +55,13 @@ class Controller:
         self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
         # Until miners report, assume every one runs at full power: the worst case.
         self.policy_state = PolicyState.initial(self.fleet.n, self.prepared.max_level)
-        self.knobs = PolicyKnobs(min_run_s=cfg.policy.min_run_s,
-                                 min_sleep_s=cfg.policy.min_sleep_s)
+        pc = cfg.policy
+        self.knobs = PolicyKnobs(
+            min_run_s=pc.min_run_s, min_sleep_s=pc.min_sleep_s,
+            hysteresis_usd_per_mwh=pc.hysteresis_usd_per_mwh,
+            wake_latency_factor=pc.wake_latency_factor, ramp_kw_per_min=pc.ramp_kw_per_min,
+            derate_start_c=pc.derate_start_c, critical_c=pc.critical_c,
+        )
         self.actuator = Actuator(self.fleet.n, self.fleet.group_idx, self.fleet.ids,
                                  self.fleet.groups)
         self.meter_ids = {m.id for m in cfg.meters if m.role == "site"}
@@ -221,7 +226,9 @@ class Controller:
         decision = decide(
             self.prepared,
             market,
-            MinerInputs(stale=stale, never_curtail=fleet.never_curtail),
+            MinerInputs(stale=stale, never_curtail=fleet.never_curtail, temp_c=fleet.temp_c,
+                        priority=fleet.priority, wake_s=fleet.wake_s,
+                        offline=fleet.announced_offline),
             self.policy_state,
             self.knobs,
             now_s=now,

@@ -65,6 +65,8 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
             "telemetry_stale_s": 10.0,
             "min_run_s": 300.0 / speed,
             "min_sleep_s": 300.0 / speed,
+            # The controller reads wake times from the catalogue in real seconds.
+            "wake_latency_factor": 1.0 / speed,
         },
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
     })
@@ -136,6 +138,7 @@ async def run_demo(
     speed: float,
     metrics_port: int,
     broker: str | None,
+    embedded: str = "auto",
     prices_file: Path | None,
     price_column: str | None,
     out: TextIO = sys.stdout,
@@ -146,7 +149,7 @@ async def run_demo(
         host, _, port = broker.rpartition(":")
         host, port_n = host or "127.0.0.1", int(port)
     else:
-        local = LocalBroker().start()
+        local = LocalBroker(prefer=embedded).start()
         host, port_n = local.host, local.port
         out.write(f"broker: embedded {local.kind} on {host}:{port_n}\n")
     try:

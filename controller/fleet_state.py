@@ -48,6 +48,7 @@ class FleetState:
         self.points_w = power[self.model_idx]
         self.points_ths = hashrate[self.model_idx]
         self.nominal_w = np.array([m.nominal_w for m in models])[self.model_idx]
+        self.wake_s = np.array([m.wake_s for m in models])[self.model_idx]
         self.max_w = self.points_w[:, -1].copy()
         self.never_curtail = np.array([m.never_curtail for m in inventory], dtype=bool)
         self.priority = np.array([m.priority for m in inventory], dtype=np.int8)

@@ -55,7 +55,7 @@ def make_site(broker: LocalBroker, groups: list[tuple[str, str, int]], **overrid
         "hashprice_usd_per_ph_day": 42.0,
         "energy": {"adders_usd_per_mwh": 0.0, "aux_fraction": 0.05},
         "policy": {"decision_interval_s": 0.5, "telemetry_stale_s": 5.0,
-                   "min_run_s": 0.0, "min_sleep_s": 0.0},
+                   "min_run_s": 0.0, "min_sleep_s": 0.0, "wake_latency_factor": 0.0},
         "metrics": {"host": "127.0.0.1", "port": 0},
     }
     for key, value in overrides.items():

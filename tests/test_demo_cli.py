@@ -76,3 +76,55 @@ def test_missing_file_and_help() -> None:
     assert r.returncode == 0 and "--duration" in r.stdout and "--speed" in r.stdout
     r = mineops("models")
     assert r.returncode == 0 and "Antminer S23 Hydro" in r.stdout
+
+
+@pytest.mark.integration
+def test_demo_on_the_embedded_amqtt_broker() -> None:
+    """The fresh-machine path: no mosquitto, the embedded broker carries the demo."""
+    r = mineops("demo", "--duration", "10", "--miners", "300", "--metrics-port", "0",
+                "--embedded", "amqtt", timeout=90)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "embedded amqtt" in r.stdout
+    assert "miners reporting 300/300" in r.stdout
+
+
+@pytest.mark.integration
+def test_run_and_simulate_daemons_stop_cleanly_on_sigterm(tmp_path: Path) -> None:
+    from controller.broker import LocalBroker, free_port, wait_for_port  # noqa: PLC0415
+    from tests.conftest import REQUIRE_MOSQUITTO  # noqa: PLC0415
+
+    with LocalBroker(prefer="mosquitto" if REQUIRE_MOSQUITTO else "auto") as broker:
+        metrics_port = free_port()
+        site = tmp_path / "site.toml"
+        site.write_text(EXAMPLE.read_text())
+        env = {**os.environ, "MINEOPS_BROKER__PORT": str(broker.port),
+               "MINEOPS_METRICS__HOST": "127.0.0.1", "MINEOPS_METRICS__PORT": str(metrics_port)}
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-format", "json",
+                              *args, "--config", str(site)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for args in (["run"], ["simulate", "--speed", "30"])
+        ]
+        try:
+            wait_for_port("127.0.0.1", metrics_port, timeout_s=20)
+            import time  # noqa: PLC0415
+            import urllib.request  # noqa: PLC0415
+
+            deadline = time.monotonic() + 30
+            body = ""
+            while time.monotonic() < deadline:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                    body = resp.read().decode()
+                if 'mineops_miners{state="offline"} 0.0' in body:
+                    break
+                time.sleep(0.5)
+            assert 'mineops_miners{state="offline"} 0.0' in body, "all 1,000 miners report"
+        finally:
+            for p in procs:
+                p.send_signal(15)
+            outs = [p.communicate(timeout=20) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-2000:]
+        # JSON log lines, one event each, from the daemon.
+        first = outs[0][1].splitlines()[0]
+        assert first.startswith("{") and '"event"' in first

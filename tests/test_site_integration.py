@@ -42,6 +42,19 @@ async def start_site(broker: LocalBroker, tasks: Any, groups: list[tuple[str, st
     return controller, sim, peer
 
 
+async def settled(controller: Controller, sim: SimulatedSite) -> None:
+    """Wait until every miner was commanded, acknowledged, and finished waking or stopping."""
+    await wait_for(lambda: bool((controller.actuator.level >= 0).all()), what="all commanded")
+    await wait_for(lambda: bool((controller.fleet.ack_seq >= controller.actuator.seq).all()),
+                   what="commands acknowledged")
+    await wait_for(lambda: bool(np.isin(sim.fleet.mode, (0, 1)).all()),
+                   what="no miner still waking or stopping")
+    await wait_for(lambda: abs(sim.fleet.total_power_w() * 1.05 - controller.last_planned_w)
+                   < 0.01 * controller.last_planned_w, what="site power at the plan")
+    await wait_for(lambda: abs(controller.fleet.site.meter_power_w - controller.last_planned_w)
+                   < 0.02 * controller.last_planned_w, what="the meter to see it")
+
+
 def scrape(controller: Controller) -> str:
     server = controller.metrics.serve("127.0.0.1", 0)
     try:
@@ -67,13 +80,12 @@ async def test_telemetry_reaches_fleet_state(broker: LocalBroker, tasks: Any) ->
     await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()),
                    what="telemetry from every miner")
     # Fleet state holds what the simulated miners report (once the commands have settled).
-    await wait_for(lambda: bool((controller.fleet.ack_seq >= controller.actuator.seq).all()),
-                   what="commands acknowledged")
+    await settled(controller, sim)
     await wait_for(lambda: bool(np.allclose(controller.fleet.power_w, sim.fleet.power_w,
                                             rtol=0.02, atol=20)),
                    what="fleet state power to match the simulated miners")
     assert controller.fleet.hashrate_ths.sum() > 0.9 * sim.fleet.hashrate_ths().sum()
-    assert not np.isnan(controller.fleet.site.meter_power_w)
+    await wait_for(lambda: not np.isnan(controller.fleet.site.meter_power_w), what="meter")
     text = scrape(controller)
     assert metric(text, "mineops_fleet_hashrate_hashes_per_second") > 1e15
     assert metric(text, "mineops_site_power_watts") > 100_000
@@ -118,9 +130,7 @@ async def test_measured_power_never_exceeds_cap(broker: LocalBroker, tasks: Any)
     await peer.publish(controller.topics.price, price(5.0), qos=1, retain=True)
     await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()), what="telemetry")
     # Settled: every miner has acknowledged its last command and the power has converged.
-    await wait_for(lambda: bool((controller.fleet.ack_seq >= controller.actuator.seq).all()),
-                   what="commands acknowledged")
-    await asyncio.sleep(2.0)
+    await settled(controller, sim)
     readings = []
     for _ in range(40):
         readings.append(controller.fleet.site.meter_power_w)
@@ -206,3 +216,30 @@ async def test_broker_restart_reconnects_and_resumes(broker: LocalBroker, tasks:
     seen_before = controller.fleet.last_seen.copy()
     await wait_for(lambda: bool((controller.fleet.last_seen > seen_before).all()),
                    what="fresh telemetry after the restart")
+
+
+async def test_silent_miners_count_at_max_power_against_the_cap(broker: LocalBroker,
+                                                               tasks: Any) -> None:
+    """A miner whose network drops keeps drawing power: the others make room for it."""
+    catalogue = load_catalogue()
+    s21 = catalogue.get("s21")
+    groups = [("a", "s21", 20), ("b", "s21", 20)]
+    cap_kw = 30 * s21.nominal_w * 1.05 / 1000  # room for 30 of 40 at stock
+    controller, sim, peer = await start_site(broker, tasks, groups, power_cap_kw=cap_kw)
+    await peer.publish(controller.topics.price, price(5.0), qos=1, retain=True)
+    await settled(controller, sim)
+    # Ten miners go silent and are ordered (too late) to run at max: they never hear more.
+    silent = np.arange(10)
+    sim.fleet.target_w[silent] = s21.max_w
+    sim.fleet.set_offline(silent)
+    await wait_for(lambda: bool(controller.fleet.stale(time.monotonic(), 5.0)[silent].all()),
+                   what="silent miners seen as stale")
+    await asyncio.sleep(3.0)
+    assert controller.reason_counts[8] == 10  # Reason.STALE
+    planned_others = controller.last_planned_w
+    assert planned_others <= cap_kw * 1000
+    readings = []
+    for _ in range(20):
+        readings.append(controller.fleet.site.meter_power_w)
+        await asyncio.sleep(0.1)
+    assert max(readings) <= cap_kw * 1000, "the cap holds although ten miners went silent"
