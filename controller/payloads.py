@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -99,6 +99,44 @@ class HashpriceSignal(Payload):
     hashprice_usd_per_ph_day: float = Field(gt=0, le=10_000)
 
 
+GridEventKind = Literal["target_kw", "shed_kw", "emergency"]
+
+
+class GridEvent(Payload):
+    """mineops/<site>/signal/grid (QoS 1, retained): one demand-response event.
+
+    `target_kw`: hold site power at or below `value_kw`. `shed_kw`: `value_kw` below
+    the baseline the controller measured before the event. `emergency`: everything
+    sleeps except the configured keep-alive set. The target must be met by
+    `deadline_ts` (default: the start), so the controller ramps down before it.
+    Re-sending an id updates that event; `cancelled: true` cancels it.
+    """
+
+    MAX_BYTES: ClassVar[int] = 16 * 1024
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    kind: GridEventKind
+    value_kw: float | None = Field(default=None, ge=0, le=10_000_000)
+    start_ts: float = Field(ge=0, description="Unix time the obligation starts")
+    end_ts: float = Field(ge=0, description="Unix time it ends")
+    deadline_ts: float | None = Field(default=None, ge=0, description="Target met by, Unix s")
+    source: str = Field(default="mqtt", max_length=128)
+    priority: int = Field(default=0, ge=0, le=9)
+    cancelled: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> GridEvent:
+        if self.end_ts <= self.start_ts:
+            raise ValueError("end_ts must be after start_ts")
+        if self.kind != "emergency" and self.value_kw is None:
+            raise ValueError(f"a {self.kind} event needs value_kw")
+        return self
+
+    @property
+    def met_by_ts(self) -> float:
+        return self.start_ts if self.deadline_ts is None else self.deadline_ts
+
+
 CommandAction = Literal["set_power", "sleep", "wake"]
 
 
@@ -167,6 +205,8 @@ def decode(model: type[P], raw: bytes) -> P:
             raise PayloadError("out_of_range", f"{where}: {err['msg']}") from None
         if err["loc"] == ("v",):
             raise PayloadError("bad_version", f"schema version {err.get('input')!r}") from None
+        if err["type"] == "value_error":
+            raise PayloadError("bad_value", f"{where}: {err['msg']}") from None
         if err["type"] in ("missing", "extra_forbidden"):
             raise PayloadError("bad_schema", f"{where}: {err['msg']}") from None
         raise PayloadError("wrong_type", f"{where}: {err['msg']}") from None
