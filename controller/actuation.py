@@ -38,6 +38,15 @@ class Actuator:
         """After a reconnect nothing is known to have arrived: re-send on the next decision."""
         self.level[:] = _UNKNOWN
 
+    def mark_sleep(self, idx: npt.NDArray[np.intp], now: float) -> int:
+        """Record a broadcast sleep to `idx` (sent by the caller); returns its sequence number."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self.level[idx] = 0
+        self.seq[idx] = seq
+        self.sent_at[idx] = now
+        return seq
+
     def plan(
         self,
         level: npt.NDArray[np.intp],

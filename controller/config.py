@@ -139,6 +139,42 @@ class PolicyConfig(_Strict):
     )
 
 
+class FrequencyConfig(_Strict):
+    """Under-frequency response: shed at once, restore after the grid recovers."""
+
+    shed_below_hz: float = Field(default=59.7, ge=40, le=70,
+                                 description="Shed when the meter reads below this")
+    restore_above_hz: float = Field(default=59.9, ge=40, le=70,
+                                    description="Restore after this long above this")
+    restore_hold_s: float = Field(default=30.0, ge=0, description="Hold time before restoring, s")
+    shed_groups: list[str] = Field(
+        default_factory=list, description="Groups slept at once (empty: every group)"
+    )
+
+
+class GridConfig(_Strict):
+    """Grid obligations: demand-response events and frequency response."""
+
+    journal_path: Path = Field(
+        default=Path("mineops-grid.sqlite3"),
+        description="SQLite journal of grid events (survives restarts; settlement records)",
+    )
+    prepare_s: float = Field(
+        default=30.0, ge=0, description="The event target is in force this long before its deadline"
+    )
+    recovery_kw_per_min: float | None = Field(
+        default=None, gt=0,
+        description="Ramp back up after an event, kW/min (default: policy.ramp_kw_per_min, or "
+        "10 % of the site cap per minute)",
+    )
+    record_interval_s: float = Field(default=5.0, gt=0,
+                                     description="Compliance sample interval, s")
+    keep_alive_groups: list[str] = Field(
+        default_factory=list, description="Groups that keep running through an emergency event"
+    )
+    frequency: FrequencyConfig = Field(default_factory=FrequencyConfig)
+
+
 class MetricsConfig(_Strict):
     """Prometheus endpoint."""
 
@@ -165,6 +201,7 @@ class SiteConfig(BaseSettings):
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
 
     @model_validator(mode="after")
     def _check_fleet(self) -> SiteConfig:
@@ -174,6 +211,10 @@ class SiteConfig(BaseSettings):
             raise ValueError(f"miner id {dup!r} appears twice in the fleet")
         if not ids:
             raise ValueError("the fleet has no miners")
+        groups = {m.group for m in self.inventory}
+        for name in [*self.grid.keep_alive_groups, *self.grid.frequency.shed_groups]:
+            if name not in groups:
+                raise ValueError(f"grid: unknown group {name!r} (not in the fleet)")
         return self
 
     @cached_property

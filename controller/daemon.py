@@ -21,17 +21,22 @@ import structlog
 from controller.actuation import Actuator
 from controller.config import SiteConfig
 from controller.fleet_state import FleetState
+from controller.grid import GridObligations, GridRules, Obligation
+from controller.grid_journal import GridJournal
 from controller.logs import LogLimiter
 from controller.metrics import GridEventStatus, Metrics
 from controller.optimizer import prepare
 from controller.payloads import (
     DecisionSummary,
+    GridEvent,
+    GroupCommand,
     GroupTelemetry,
     HashpriceSignal,
     MeterTelemetry,
     MinerTelemetry,
     PayloadError,
     PriceSignal,
+    Setpoint,
     decode,
 )
 from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
@@ -65,6 +70,7 @@ class Controller:
         self.actuator = Actuator(self.fleet.n, self.fleet.group_idx, self.fleet.ids,
                                  self.fleet.groups)
         self.meter_ids = {m.id for m in cfg.meters if m.role == "site"}
+        self.grid = self._grid_obligations(cfg)
         self.metrics = metrics or Metrics()
         self.transport = Transport(
             cfg.broker,
@@ -86,6 +92,8 @@ class Controller:
         self._trigger = asyncio.Event()
         self._trigger_why = "start"
         self._quiet = LogLimiter(60.0)
+        self._background: set[asyncio.Task[None]] = set()
+        self.cap_in_force_w = self.cap_w()
         self.metrics.attach(self)  # last: the collector reads the attributes above
 
     def _subscriptions(self) -> list[str]:
@@ -98,7 +106,28 @@ class Controller:
             f"{t.base}/meter/+/telemetry",
             t.price,
             t.hashprice,
+            t.grid,
         ]
+
+    def _grid_obligations(self, cfg: SiteConfig) -> GridObligations:
+        fleet, g = self.fleet, cfg.grid
+        in_groups = np.array([fleet.groups[i] for i in fleet.group_idx])
+        keep_alive = np.isin(in_groups, g.keep_alive_groups)
+        shed = (np.isin(in_groups, g.frequency.shed_groups) if g.frequency.shed_groups
+                else np.ones(fleet.n, dtype=bool))
+        sleep_w = fleet.points_w[:, 0]
+        keep_alive_w = float(np.where(keep_alive, fleet.max_w, sleep_w).sum()) * (
+            1.0 + cfg.energy.aux_fraction)
+        ramp = cfg.policy.ramp_kw_per_min if math.isfinite(cfg.policy.ramp_kw_per_min) else None
+        recovery_kw_per_min = g.recovery_kw_per_min or ramp or 0.1 * cfg.power_cap_kw
+        rules = GridRules(
+            prepare_s=g.prepare_s, recovery_w_per_s=recovery_kw_per_min * 1000.0 / 60.0,
+            record_interval_s=g.record_interval_s, shed_below_hz=g.frequency.shed_below_hz,
+            restore_above_hz=g.frequency.restore_above_hz,
+            restore_hold_s=g.frequency.restore_hold_s,
+        )
+        return GridObligations(GridJournal(g.journal_path), rules, keep_alive=keep_alive,
+                               frequency_shed=shed, keep_alive_w=keep_alive_w)
 
     # -- inputs in force --------------------------------------------------------
 
@@ -183,6 +212,12 @@ class Controller:
             self.metrics.energy.observe(reading_m.power_w, reading_m.energy_import_wh, now)
             if reading_m.frequency_hz is not None:
                 fleet.site.frequency_hz = reading_m.frequency_hz
+                if self.grid.frequency(reading_m.frequency_hz, time.time()):
+                    self._shed_now(self.grid.frequency_shed)
+                    self.trigger("frequency")
+        elif kind is Kind.GRID:
+            if self.grid.accept(decode(GridEvent, raw), time.time()):
+                self.trigger("grid")
         elif kind is Kind.PRICE:
             price = decode(PriceSignal, raw)
             changed = price.price_usd_per_mwh != fleet.site.price_usd_per_mwh
@@ -205,6 +240,41 @@ class Controller:
 
     # -- decide and act -----------------------------------------------------------
 
+    def _shed_now(self, mask: npt.NDArray[np.bool_]) -> None:
+        """Sleep every group with a miner in `mask`: one broadcast message per group, now."""
+        idx = np.flatnonzero(mask)
+        seq = self.actuator.mark_sleep(idx, time.monotonic())
+        groups = sorted({self.fleet.groups[g] for g in np.unique(self.fleet.group_idx[idx])})
+        cmd = GroupCommand(seq=seq, ts=time.time(), all=Setpoint(action="sleep")).encode()
+        task = asyncio.get_running_loop().create_task(self._broadcast(groups, cmd))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _broadcast(self, groups: list[str], payload: bytes) -> None:
+        results = await asyncio.gather(*(
+            self.transport.publish(self.topics.group(g, "cmd"), payload, qos=1) for g in groups
+        ))
+        self.metrics.command_messages.inc(len(groups))
+        if not all(results):
+            self.actuator.forget()
+
+    def site_power_w(self, now: float) -> float | None:
+        """Site power as best known: a fresh meter reading, else the last plan (None: unknown)."""
+        site = self.fleet.site
+        if now - site.meter_at <= self.cfg.policy.telemetry_stale_s:
+            return site.meter_power_w
+        return None if math.isnan(self.last_planned_w) else self.last_planned_w
+
+    def _grid_status(self, ob: Obligation, planned_w: float, now_ts: float,
+                     meter_w: float | None) -> GridEventStatus | None:
+        if ob.event is None or ob.event.target_w is None or ob.deadline_ts is None:
+            return None
+        target = ob.event.target_w
+        on_plan = planned_w <= target * 1.0001
+        met = now_ts < ob.deadline_ts or (meter_w is not None and meter_w <= target * 1.005)
+        return GridEventStatus(target_w=target, deadline_unix_s=ob.deadline_ts,
+                               on_track=on_plan and met)
+
     async def _on_connect(self) -> None:
         await self.transport.publish(self.topics.controller_availability, ONLINE, qos=1,
                                      retain=True)
@@ -217,18 +287,23 @@ class Controller:
         fleet = self.fleet
         stale = fleet.stale(now, self.cfg.policy.telemetry_stale_s)
         price = self.price_usd_per_mwh()
+        now_ts = time.time()
+        site_w = self.site_power_w(now)
+        ob = self.grid.obligation(now_ts, site_w, self.cap_w())
+        cap = min(self.cap_w(), ob.cap_w)
         market = MarketInputs(
             price_usd_per_mwh=price,
             hashprice_usd_per_ph_day=self.hashprice_usd_per_ph_day(),
-            cap_w=self.cap_w() * (1.0 - self.cfg.policy.cap_headroom_fraction),
+            cap_w=cap * (1.0 - self.cfg.policy.cap_headroom_fraction),
             aux_fraction=self.cfg.energy.aux_fraction,
+            cap_is_grid=ob.cap_w < self.cap_w() or ob.force_sleep is not None,
         )
         decision = decide(
             self.prepared,
             market,
             MinerInputs(stale=stale, never_curtail=fleet.never_curtail, temp_c=fleet.temp_c,
                         priority=fleet.priority, wake_s=fleet.wake_s,
-                        offline=fleet.announced_offline),
+                        offline=fleet.announced_offline, force_sleep=ob.force_sleep),
             self.policy_state,
             self.knobs,
             now_s=now,
@@ -246,6 +321,9 @@ class Controller:
             self.metrics.commands.inc(int(sent.size))
             self.metrics.command_messages.inc(len(commands))
         self.last_planned_w = decision.site_power_w
+        self.grid.note_meter(now_ts, site_w)
+        self.grid_event = self._grid_status(ob, decision.site_power_w, now_ts, site_w)
+        self.cap_in_force_w = cap
         self.reason_counts = np.bincount(decision.reason, minlength=len(Reason))[: len(Reason)]
         self.decision_count += 1
         self.planned_power_w = decision.power_w

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ RACK_SIZE = 40
 
 
 def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
-              metrics_port: int, cap_fraction: float = 0.92) -> SiteConfig:
+              metrics_port: int, journal_path: str, cap_fraction: float = 0.92) -> SiteConfig:
     """A mixed site of `miners` miners in racks, capped below its stock draw."""
     catalogue = load_catalogue()
     groups: list[dict[str, Any]] = []
@@ -69,6 +70,7 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
             "wake_latency_factor": 1.0 / speed,
         },
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "grid": {"journal_path": journal_path},
     })
 
 
@@ -153,8 +155,9 @@ async def run_demo(
         host, port_n = local.host, local.port
         out.write(f"broker: embedded {local.kind} on {host}:{port_n}\n")
     try:
+        state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
         cfg = demo_site(miners, speed=speed, broker_host=host, broker_port=port_n,
-                        metrics_port=metrics_port)
+                        metrics_port=metrics_port, journal_path=f"{state_dir}/grid.sqlite3")
         prices = (load_price_csv(prices_file, price_column) if prices_file
                   else synthetic_prices())
         sim = SimulatedSite(cfg, speed=speed, prices=prices)

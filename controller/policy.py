@@ -86,6 +86,7 @@ class MinerInputs:
     priority: npt.NDArray[np.integer] | None = None  # small int, higher = shed later
     wake_s: FloatArray | None = None  # time from wake to full hashrate, s (model data)
     offline: BoolArray | None = None  # announced offline (refines STALE to OFFLINE)
+    force_sleep: BoolArray | None = None  # grid obligation: these sleep (emergency, frequency)
 
 
 @dataclass(slots=True)
@@ -207,6 +208,9 @@ def decide(
         hi, critical, derated = thermal_max_level(fleet, miners.temp_c, knobs)
     else:
         hi, critical, derated = top.copy(), np.zeros(n, bool), np.zeros(n, bool)
+    # A grid obligation (emergency, under-frequency) outranks never-curtail and dwell.
+    forced = np.zeros(n, bool) if miners.force_sleep is None else miners.force_sleep & ~unknown
+    hi[forced] = 0
     lo = np.zeros(n, dtype=np.intp)
     lo[nc] = hi[nc]
     lo[unknown] = hi[unknown] = top[unknown]
@@ -321,6 +325,7 @@ def decide(
         offline,
         unknown,
         critical,
+        forced,
         nc & (stage < 3),
         holds & hold_on & (free == 0),
         holds & hold_off & (free > 0),
@@ -334,6 +339,7 @@ def decide(
         Reason.OFFLINE,
         Reason.STALE,
         Reason.THERMAL,
+        Reason.GRID,
         Reason.NEVER_CURTAIL,
         Reason.DWELL,
         Reason.DWELL,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -57,6 +59,8 @@ def make_site(broker: LocalBroker, groups: list[tuple[str, str, int]], **overrid
         "policy": {"decision_interval_s": 0.5, "telemetry_stale_s": 5.0,
                    "min_run_s": 0.0, "min_sleep_s": 0.0, "wake_latency_factor": 0.0},
         "metrics": {"host": "127.0.0.1", "port": 0},
+        "grid": {"journal_path": str(Path(tempfile.mkdtemp(prefix="mineops-test-")) / "grid.db"),
+                 "prepare_s": 2.0, "record_interval_s": 0.2},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

@@ -98,7 +98,8 @@ def test_run_and_simulate_daemons_stop_cleanly_on_sigterm(tmp_path: Path) -> Non
         site = tmp_path / "site.toml"
         site.write_text(EXAMPLE.read_text())
         env = {**os.environ, "MINEOPS_BROKER__PORT": str(broker.port),
-               "MINEOPS_METRICS__HOST": "127.0.0.1", "MINEOPS_METRICS__PORT": str(metrics_port)}
+               "MINEOPS_METRICS__HOST": "127.0.0.1", "MINEOPS_METRICS__PORT": str(metrics_port),
+               "MINEOPS_GRID__JOURNAL_PATH": str(tmp_path / "grid.db")}
         procs = [
             subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-format", "json",
                               *args, "--config", str(site)], cwd=ROOT, env=env,

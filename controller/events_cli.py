@@ -1,0 +1,91 @@
+"""`mineops events`: list grid events and export their compliance records for settlement."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from controller.config import load_config
+from controller.grid_journal import EventRow, GridJournal
+
+FIELDS = ("id", "kind", "status", "source", "start_ts", "end_ts", "deadline_ts", "value_kw",
+          "baseline_kw", "target_kw", "reached_ts", "time_to_target_s", "curtailed_kwh",
+          "samples_after_deadline", "violations", "complied")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "events", help="grid events: list, or export compliance records",
+        description="Read the site's grid-event journal ([grid] journal_path).")
+    p.add_argument("action", choices=["list", "export"],
+                   help="list: one line per event; export: CSV or JSON for settlement")
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
+    p.add_argument("--format", choices=["csv", "json"], default="csv", help="export format")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write here (default: stdout)")
+    p.add_argument("--samples", action="store_true",
+                   help="JSON only: include the meter samples of each event")
+    p.set_defaults(handler=run)
+
+
+def record(row: EventRow) -> dict[str, Any]:
+    """One event's settlement record, in kW and kWh."""
+    p = row.payload
+    start = p.get("start_ts")
+    deadline = p.get("deadline_ts") or start
+    reached = row.reached_ts
+    return {
+        "id": row.id, "kind": row.kind, "status": row.status, "source": p.get("source"),
+        "start_ts": start, "end_ts": p.get("end_ts"), "deadline_ts": deadline,
+        "value_kw": p.get("value_kw"),
+        "baseline_kw": None if row.baseline_w is None else round(row.baseline_w / 1e3, 3),
+        "target_kw": None if row.target_w is None else round(row.target_w / 1e3, 3),
+        "reached_ts": reached,
+        "time_to_target_s": None if reached is None or start is None
+        else round(max(0.0, reached - start), 3),
+        "curtailed_kwh": round(row.curtailed_wh / 1e3, 3),
+        "samples_after_deadline": row.samples_after_deadline,
+        "violations": row.violations,
+        "complied": row.complied,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    path = cfg.grid.journal_path
+    if not path.exists():
+        print(f"mineops: no grid journal at {path} (no event has been received yet)",
+              file=sys.stderr)
+        return 2
+    journal = GridJournal(path)
+    rows = journal.rows()
+    out = args.out.open("w", newline="") if args.out else sys.stdout
+    try:
+        if args.action == "list":
+            for r in rows:
+                rec = record(r)
+                out.write(f"{r.id:32} {r.kind:10} {r.status:10} target {rec['target_kw']} kW "
+                          f"complied {rec['complied']}\n")
+        elif args.format == "json":
+            records = [record(r) for r in rows]
+            if args.samples:
+                for rec in records:
+                    rec["samples"] = [
+                        {"ts": ts, "meter_w": m, "target_w": t}
+                        for ts, m, t, _ in journal.samples(rec["id"])
+                    ]
+            json.dump(records, out, indent=2)
+            out.write("\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=FIELDS)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(record(r))
+    finally:
+        journal.close()
+        if args.out:
+            out.close()
+    return 0
