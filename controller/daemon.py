@@ -321,7 +321,6 @@ class Controller:
             self.metrics.commands.inc(int(sent.size))
             self.metrics.command_messages.inc(len(commands))
         self.last_planned_w = decision.site_power_w
-        self.grid.note_meter(now_ts, site_w)
         self.grid_event = self._grid_status(ob, decision.site_power_w, now_ts, site_w)
         self.cap_in_force_w = cap
         self.reason_counts = np.bincount(decision.reason, minlength=len(Reason))[: len(Reason)]

@@ -133,7 +133,7 @@ class GridObligations:
                 row = next(x for x in self.journal.rows() if x.id == self.frequency_event)
                 row.status = "completed"
                 self.journal.update(row, now_ts)
-                log.info("under_frequency_restored", hz=hz, event=self.frequency_event)
+                log.info("under_frequency_restored", hz=hz, event_id=self.frequency_event)
                 self.frequency_event = None
                 self._recovering.append((now_ts, math.nan))  # ramp back from measured power
         return False
@@ -176,6 +176,8 @@ class GridObligations:
             if target < cap:
                 cap, tightest, deadline = target, row, met_by
             emergency |= row.kind == "emergency"
+        if meter_w is not None:
+            self._last_meter = (now_ts, meter_w)
         cap = min(cap, self._recovery_cap(now_ts, meter_w, site_cap_w))
         force = None
         if emergency:
@@ -216,7 +218,3 @@ class GridObligations:
                     row.violations += 1
             self.journal.add_sample(row.id, now_ts, meter_w, target, target)
             self.journal.update(row, now_ts)
-
-    def note_meter(self, now_ts: float, meter_w: float | None) -> None:
-        if meter_w is not None:
-            self._last_meter = (now_ts, meter_w)
