@@ -11,7 +11,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -93,7 +102,108 @@ class MineopsMeter(_Strict):
     role: Literal["site", "aux"] = Field(default="site", description="What the meter measures")
 
 
-MeterConfig = Annotated[MineopsMeter, Field(discriminator="type")]
+# One MQTT topic level (no wildcards, no slash), and a topic prefix of such levels.
+_TOPIC_LEVEL = r"^[^/#+\s]{1,64}$"
+_TOPIC_PREFIX = r"^[^/#+\s]+(/[^/#+\s]+)*$"
+
+
+class TasmotaMeter(_Strict):
+    """A Tasmota energy monitor: the ENERGY block on tele/<topic>/SENSOR, stat/<topic>/STATUS8."""
+
+    type: Literal["tasmota"]
+    id: str = Field(pattern=_ID, description="Meter id, used in logs and metrics")
+    role: Literal["site", "aux"] = Field(default="site", description="What the meter measures")
+    topic: str = Field(pattern=_TOPIC_LEVEL, description="The device's %topic% (Tasmota `Topic`)")
+    full_topic: str = Field(
+        default="%prefix%/%topic%/", max_length=128,
+        description="The device's FullTopic (Tasmota `FullTopic`); %prefix% and %topic% are "
+        "filled in",
+    )
+
+    @field_validator("full_topic")
+    @classmethod
+    def _check_full_topic(cls, value: str) -> str:
+        if "%prefix%" not in value:
+            raise ValueError("full_topic must contain %prefix% (tele/stat tell readings apart)")
+        if any(c in value for c in "#+ ") or value.startswith("/"):
+            raise ValueError("full_topic must not hold wildcards, spaces or a leading /")
+        return value
+
+    def device_topic(self, prefix: str, leaf: str) -> str:
+        """A topic of this device, e.g. device_topic("tele", "SENSOR")."""
+        full = self.full_topic.replace("%prefix%", prefix).replace("%topic%", self.topic)
+        return f"{full.rstrip('/')}/{leaf}"
+
+    @property
+    def source(self) -> str:
+        return self.device_topic("tele", "SENSOR")
+
+
+class ShellyGen2Meter(_Strict):
+    """A Shelly Gen2/Gen3 three-phase meter (Pro 3EM, 3EM Gen3) in the triphase profile."""
+
+    type: Literal["shelly_gen2"]
+    id: str = Field(pattern=_ID, description="Meter id, used in logs and metrics")
+    role: Literal["site", "aux"] = Field(default="site", description="What the meter measures")
+    prefix: str = Field(
+        pattern=_TOPIC_PREFIX, max_length=128,
+        description="The device's MQTT topic prefix (default on the device: its id, e.g. "
+        "shellypro3em-0cb815fcaff4)",
+    )
+
+    @property
+    def source(self) -> str:
+        return f"shelly {self.prefix}"
+
+
+class ShellyGen1Meter(_Strict):
+    """A Shelly Gen1 EM or 3EM: one value per topic, shellies/<device_id>/emeter/<i>/<quantity>."""
+
+    type: Literal["shelly_gen1"]
+    id: str = Field(pattern=_ID, description="Meter id, used in logs and metrics")
+    role: Literal["site", "aux"] = Field(default="site", description="What the meter measures")
+    device_id: str = Field(
+        pattern=_TOPIC_LEVEL, description="The device's MQTT id, e.g. shellyem3-ECFABCC7F0F0"
+    )
+    channels: list[Annotated[int, Field(ge=0, le=2)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, max_length=3,
+        description="Channels summed into the reading: 0-2 on a 3EM, 0 and/or 1 on an EM",
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct_channels(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return sorted(value)
+
+    @property
+    def source(self) -> str:
+        return f"shellies/{self.device_id}"
+
+
+# evcc-style: `type` picks the driver (drivers/meters/registry.py), one model per device type.
+MeterConfig = Annotated[
+    MineopsMeter | TasmotaMeter | ShellyGen2Meter | ShellyGen1Meter, Field(discriminator="type")
+]
+
+
+def _distinct_meters(meters: list[MeterConfig]) -> list[MeterConfig]:
+    ids: set[str] = set()
+    sources: dict[str, str] = {}
+    for m in meters:
+        if m.id in ids:
+            raise ValueError(f"meter id {m.id!r} appears twice")
+        ids.add(m.id)
+        source = m.id if isinstance(m, MineopsMeter) else m.source
+        if source in sources:
+            raise ValueError(f"meters {sources[source]!r} and {m.id!r} read the same device "
+                             f"({source})")
+        sources[source] = m.id
+    return meters
+
+
+MeterList = Annotated[list[MeterConfig], AfterValidator(_distinct_meters)]
 
 
 class EnergyConfig(_Strict):
@@ -172,6 +282,10 @@ class GridConfig(_Strict):
     keep_alive_groups: list[str] = Field(
         default_factory=list, description="Groups that keep running through an emergency event"
     )
+    peak_hold_kw: float | None = Field(
+        default=None, ge=0,
+        description="Site level held through a peak alert (4CP) that names no level, kW",
+    )
     frequency: FrequencyConfig = Field(default_factory=FrequencyConfig)
 
 
@@ -193,7 +307,8 @@ class SiteConfig(BaseSettings):
     site_id: str = Field(pattern=_ID, description="Site id, the second level of every topic")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     fleet: FleetConfig
-    meters: list[MeterConfig] = Field(default_factory=list)
+    meters: MeterList = Field(default_factory=list,
+                              description="Energy meters, each read by its `type`'s driver")
     power_cap_kw: float = Field(gt=0, le=10_000_000, description="Site import limit incl. aux, kW")
     hashprice_usd_per_ph_day: float = Field(
         gt=0, le=10_000, description="Revenue per PH/s per day, $ (feed may override)"

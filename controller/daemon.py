@@ -35,6 +35,7 @@ from controller.payloads import (
     MeterTelemetry,
     MinerTelemetry,
     PayloadError,
+    PriceSchedule,
     PriceSignal,
     Setpoint,
     decode,
@@ -94,6 +95,7 @@ class Controller:
         self._quiet = LogLimiter(60.0)
         self._background: set[asyncio.Task[None]] = set()
         self.cap_in_force_w = self.cap_w()
+        self.price_schedule: PriceSchedule | None = None
         self.metrics.attach(self)  # last: the collector reads the attributes above
 
     def _subscriptions(self) -> list[str]:
@@ -105,6 +107,7 @@ class Controller:
             t.group("+", "availability"),
             f"{t.base}/meter/+/telemetry",
             t.price,
+            t.price_schedule,
             t.hashprice,
             t.grid,
         ]
@@ -125,6 +128,7 @@ class Controller:
             record_interval_s=g.record_interval_s, shed_below_hz=g.frequency.shed_below_hz,
             restore_above_hz=g.frequency.restore_above_hz,
             restore_hold_s=g.frequency.restore_hold_s,
+            peak_hold_w=None if g.peak_hold_kw is None else g.peak_hold_kw * 1000.0,
         )
         return GridObligations(GridJournal(g.journal_path), rules, keep_alive=keep_alive,
                                frequency_shed=shed, keep_alive_w=keep_alive_w)
@@ -132,12 +136,14 @@ class Controller:
     # -- inputs in force --------------------------------------------------------
 
     def price_usd_per_mwh(self) -> float:
-        """Market price plus adders; a missing or stale price counts as the cautious default."""
+        """Market price plus adders: real-time if fresh, else day-ahead, else the cautious default."""
         site = self.fleet.site
         fresh = time.monotonic() - site.price_at < PRICE_STALE_S
-        market = site.price_usd_per_mwh if fresh and site.price_usd_per_mwh is not None else (
-            self.cfg.energy.default_price_usd_per_mwh
-        )
+        market = site.price_usd_per_mwh if fresh else None
+        if market is None and self.price_schedule is not None:
+            market = self.price_schedule.price_at(time.time())
+        if market is None:
+            market = self.cfg.energy.default_price_usd_per_mwh
         return market + self.cfg.energy.adders_usd_per_mwh
 
     def hashprice_usd_per_ph_day(self) -> float:
@@ -225,6 +231,9 @@ class Controller:
             fleet.site.price_at = now
             if changed:
                 self.trigger("price")
+        elif kind is Kind.PRICE_SCHEDULE:
+            self.price_schedule = decode(PriceSchedule, raw)
+            self.trigger("price_schedule")
         elif kind is Kind.HASHPRICE:
             hp = decode(HashpriceSignal, raw)
             fleet.site.hashprice_usd_per_ph_day = hp.hashprice_usd_per_ph_day

@@ -48,6 +48,7 @@ class GridRules:
     shed_below_hz: float = 59.7
     restore_above_hz: float = 59.9
     restore_hold_s: float = 30.0
+    peak_hold_w: float | None = None  # level held through a peak alert that names none
 
 
 class GridObligations:
@@ -97,6 +98,9 @@ class GridObligations:
             self.rows[event.id] = fresh
         else:
             self._close(fresh, status, now_ts)
+        if event.kind == "peak" and event.value_kw is None and self.rules.peak_hold_w is None:
+            log.error("peak_alert_without_level", id=event.id,
+                      hint="set grid.peak_hold_kw or send value_kw")
         log.info("grid_event_accepted", id=event.id, kind=event.kind, value_kw=event.value_kw,
                  start_ts=event.start_ts, end_ts=event.end_ts, status=status,
                  source=event.source)
@@ -148,6 +152,9 @@ class GridObligations:
             if row.baseline_w is None:
                 return None
             return max(0.0, row.baseline_w - float(p["value_kw"]) * 1000.0)
+        if row.kind == "peak":
+            value = p.get("value_kw")
+            return float(value) * 1000.0 if value is not None else self.rules.peak_hold_w
         return self.keep_alive_w  # emergency
 
     def obligation(self, now_ts: float, meter_w: float | None, site_cap_w: float) -> Obligation:

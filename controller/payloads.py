@@ -92,6 +92,33 @@ class PriceSignal(Payload):
     source: str | None = Field(default=None, max_length=64)
 
 
+class ScheduledPrice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    start_ts: float = Field(ge=0)
+    price_usd_per_mwh: float = Field(ge=-10_000, le=100_000)
+
+
+class PriceSchedule(Payload):
+    """mineops/<site>/signal/price_schedule (retained): day-ahead prices by interval.
+
+    Used when the real-time price is missing or stale, before the cautious default.
+    """
+
+    MAX_BYTES: ClassVar[int] = 256 * 1024
+
+    ts: float = Field(ge=0)
+    interval_s: float = Field(gt=0, le=86_400)
+    prices: list[ScheduledPrice] = Field(min_length=1, max_length=2000)
+    source: str | None = Field(default=None, max_length=64)
+
+    def price_at(self, ts: float) -> float | None:
+        for p in self.prices:
+            if p.start_ts <= ts < p.start_ts + self.interval_s:
+                return p.price_usd_per_mwh
+        return None
+
+
 class HashpriceSignal(Payload):
     """mineops/<site>/signal/hashprice"""
 
@@ -99,7 +126,7 @@ class HashpriceSignal(Payload):
     hashprice_usd_per_ph_day: float = Field(gt=0, le=10_000)
 
 
-GridEventKind = Literal["target_kw", "shed_kw", "emergency"]
+GridEventKind = Literal["target_kw", "shed_kw", "emergency", "peak"]
 
 
 class GridEvent(Payload):
@@ -107,7 +134,9 @@ class GridEvent(Payload):
 
     `target_kw`: hold site power at or below `value_kw`. `shed_kw`: `value_kw` below
     the baseline the controller measured before the event. `emergency`: everything
-    sleeps except the configured keep-alive set. The target must be met by
+    sleeps except the configured keep-alive set. `peak`: a transmission-peak alert (ERCOT
+    4CP season, June-September): hold the configured low level (`grid.peak_hold_kw`),
+    or `value_kw` when given. The target must be met by
     `deadline_ts` (default: the start), so the controller ramps down before it.
     Re-sending an id updates that event; `cancelled: true` cancels it.
     """
@@ -128,7 +157,7 @@ class GridEvent(Payload):
     def _check(self) -> GridEvent:
         if self.end_ts <= self.start_ts:
             raise ValueError("end_ts must be after start_ts")
-        if self.kind != "emergency" and self.value_kw is None:
+        if self.kind in ("target_kw", "shed_kw") and self.value_kw is None:
             raise ValueError(f"a {self.kind} event needs value_kw")
         return self
 

@@ -8,6 +8,7 @@
     mineops/<site>/group/<g>/cmd            controller -> group     QoS 1, batch or broadcast
     mineops/<site>/meter/<id>/telemetry     meter -> controller
     mineops/<site>/signal/price             price feed -> controller, retained
+    mineops/<site>/signal/price_schedule    day-ahead prices -> controller, retained
     mineops/<site>/signal/hashprice         hashprice feed -> controller, retained
     mineops/<site>/signal/grid              grid events -> controller, retained, QoS 1
     mineops/<site>/controller/availability  retained, last will
@@ -35,6 +36,7 @@ class Kind(StrEnum):
     GROUP_CMD = "group_cmd"
     METER_TELEMETRY = "meter_telemetry"
     PRICE = "price"
+    PRICE_SCHEDULE = "price_schedule"
     HASHPRICE = "hashprice"
     GRID = "grid"
     CONTROLLER_AVAILABILITY = "controller_availability"
@@ -53,6 +55,7 @@ _DEVICE_KINDS = {
 }
 _SITE_KINDS = {
     ("signal", "price"): Kind.PRICE,
+    ("signal", "price_schedule"): Kind.PRICE_SCHEDULE,
     ("signal", "hashprice"): Kind.HASHPRICE,
     ("signal", "grid"): Kind.GRID,
     ("controller", "availability"): Kind.CONTROLLER_AVAILABILITY,
@@ -90,6 +93,10 @@ class SiteTopics:
     @property
     def price(self) -> str:
         return f"{self.base}/signal/price"
+
+    @property
+    def price_schedule(self) -> str:
+        return f"{self.base}/signal/price_schedule"
 
     @property
     def hashprice(self) -> str:

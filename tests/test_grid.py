@@ -280,3 +280,39 @@ def toml_of(data: dict[str, Any], prefix: str = "") -> str:
                 lines.append(f"\n[[{name}]]")
                 lines.append(toml_of(item, f"{name}."))
     return "\n".join(lines)
+
+
+def test_peak_alert_holds_the_configured_level(tmp_path: Path) -> None:
+    g = obligations(tmp_path, GridRules(prepare_s=10.0, peak_hold_w=20_000.0))
+    g.accept(event(id="4cp", kind="peak", value_kw=None), 900.0)
+    g.accept(event(id="4cp-b", kind="peak", value_kw=30.0, start_ts=1500.0), 900.0)
+    assert g.obligation(995.0, 80_000.0, 1e6).cap_w == 20_000.0
+    assert g.rows["4cp-b"].status == "scheduled"
+
+
+def test_controller_reads_grid_and_schedule_messages_without_a_broker(tmp_path: Path) -> None:
+    """Ingest is a pure function of messages: no broker needed to check routing."""
+    from controller.payloads import PriceSchedule, ScheduledPrice  # noqa: PLC0415
+
+    cfg = make_site(_FakeAddress(), [("a", "s21", 4)])  # type: ignore[arg-type]
+    c = Controller(cfg)
+    now = time.time()
+    sched = PriceSchedule(ts=now, interval_s=3600, prices=[
+        ScheduledPrice(start_ts=now - 60, price_usd_per_mwh=42.0)])
+    c.on_message(c.topics.price_schedule, sched.encode())
+    assert c.price_usd_per_mwh() == 42.0, "day-ahead price when no real-time price came"
+    c.on_message(c.topics.price, price(10.0))
+    assert c.price_usd_per_mwh() == 10.0, "real-time wins"
+    c.on_message(c.topics.grid, event(id="x", start_ts=now + 5, end_ts=now + 60).encode())
+    assert "x" in c.grid.rows
+    c.on_message(c.topics.grid, b'{"v":1,"id":"bad","kind":"target_kw","start_ts":5,'
+                                b'"end_ts":9}')
+    assert c.invalid[("grid", "bad_value")] == 1
+    assert "bad" not in c.grid.rows
+
+
+class _FakeAddress:
+    """Only host/port are read from the broker by make_site; nothing connects here."""
+
+    host = "127.0.0.1"
+    port = 1
