@@ -21,7 +21,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 # Subcommands that live in their own modules: each has `add_parser(subparsers)`, which
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
-COMMAND_MODULES: tuple[str, ...] = ("controller.backtest_cli", "controller.events_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "controller.backtest_cli", "controller.events_cli", "controller.decode_cli",
+)
 
 
 def _positive(text: str) -> float:

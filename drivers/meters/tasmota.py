@@ -1,0 +1,110 @@
+"""Tasmota energy monitors: the ENERGY block of tele/<topic>/SENSOR and stat/<topic>/STATUS8.
+
+Tasmota's units: Total, Today, Yesterday and ExportActive in kWh; Power in W;
+ApparentPower in VA; ReactivePower in var; Voltage in V; Current in A; Factor
+unitless; Frequency in Hz. Multi-channel devices (three-phase meters, two-channel
+relays) send arrays, one value per channel: power, currents and energies are summed,
+voltages and frequencies averaged. `Total` is the import register and the optional
+`ExportActive` the export register. STATUS8 (and its newer name STATUS10) wrap the
+same block in `StatusSNS`. Every message is complete, so the driver keeps no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from controller.config import TasmotaMeter
+from controller.payloads import PayloadError
+from drivers.meters.base import (
+    MeterDriver,
+    MeterReading,
+    as_number,
+    combined_power_factor,
+    load_json,
+    mean,
+)
+
+MAX_BYTES = 16 * 1024  # SENSOR also carries any other sensors on the device
+MAX_CHANNELS = 16
+STATUS_LEAVES = ("STATUS8", "STATUS10")
+
+
+class TasmotaDriver(MeterDriver):
+    """One Tasmota device."""
+
+    name = "tasmota"
+
+    def __init__(self, config: TasmotaMeter) -> None:
+        super().__init__(config)
+        self.sensor_topic = config.device_topic("tele", "SENSOR")
+        self.status_topics = tuple(config.device_topic("stat", leaf) for leaf in STATUS_LEAVES)
+
+    def subscriptions(self) -> list[str]:
+        return [self.sensor_topic, *self.status_topics]
+
+    def exact_topics(self) -> list[str]:
+        return self.subscriptions()
+
+    def decode(self, topic: str, raw: bytes) -> MeterReading | None:
+        data = load_json(raw, MAX_BYTES)
+        if topic == self.sensor_topic:
+            body: Any = data
+        elif topic in self.status_topics:
+            body = data.get("StatusSNS")
+            if not isinstance(body, dict):
+                raise PayloadError("bad_schema", "StatusSNS: missing or not an object")
+        else:
+            raise PayloadError("unknown_topic", f"not a topic of Tasmota {self.config.id}")
+        energy = body.get("ENERGY")
+        if not isinstance(energy, dict):
+            raise PayloadError("bad_schema", "ENERGY: missing or not an object")
+        power = _channels(energy, "Power")
+        if power is None:
+            raise PayloadError("bad_schema", "ENERGY.Power: missing")
+        total = _channels(energy, "Total")
+        export = _channels(energy, "ExportActive")
+        voltage = _channels(energy, "Voltage")
+        current = _channels(energy, "Current")
+        frequency = _channels(energy, "Frequency")
+        return MeterReading(
+            power_w=sum(power),
+            energy_import_wh=None if total is None else sum(total) * 1000.0,
+            energy_export_wh=None if export is None else sum(export) * 1000.0,
+            voltage_v=None if voltage is None else mean(voltage),
+            current_a=None if current is None else sum(current),
+            power_factor=combined_power_factor(
+                power, _channels(energy, "ApparentPower"), _channels(energy, "Factor")
+            ),
+            frequency_hz=None if frequency is None else mean(frequency),
+        ).checked()
+
+    @classmethod
+    def config_from_topics(cls, topics: Sequence[str]) -> TasmotaMeter:
+        names = set()
+        for topic in topics:
+            parts = topic.split("/")
+            shape = (parts[0], parts[-1]) if len(parts) == 3 else None
+            if shape not in {("tele", "SENSOR"), *(("stat", leaf) for leaf in STATUS_LEAVES)}:
+                raise PayloadError("unknown_topic", f"{topic}: Tasmota topics are "
+                                   "tele/<topic>/SENSOR or stat/<topic>/STATUS8")
+            names.add(parts[1])
+        if len(names) != 1:
+            raise PayloadError("unknown_topic", "topics of more than one Tasmota device")
+        return TasmotaMeter(type="tasmota", id="tasmota", topic=names.pop())
+
+
+def _channels(energy: dict[str, Any], key: str) -> list[float] | None:
+    """A value as a list of channels: a number is one channel, an array one per channel."""
+    value = energy.get(key)
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if not 1 <= len(value) <= MAX_CHANNELS:
+            raise PayloadError("bad_value", f"ENERGY.{key}: {len(value)} channels")
+        out = [as_number(v, f"ENERGY.{key}[{i}]") for i, v in enumerate(value)]
+        if any(v is None for v in out):
+            raise PayloadError("wrong_type", f"ENERGY.{key}: null in a channel array")
+        return [v for v in out if v is not None]
+    number = as_number(value, f"ENERGY.{key}")
+    return None if number is None else [number]
