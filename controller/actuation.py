@@ -13,7 +13,7 @@ import time
 import numpy as np
 import numpy.typing as npt
 
-from controller.payloads import GroupCommand, Setpoint
+from controller.payloads import encode_group_targets
 
 _UNKNOWN = -1
 
@@ -54,8 +54,12 @@ class Actuator:
         commandable: npt.NDArray[np.bool_],
         ack_seq: npt.NDArray[np.int64],
         now: float,
-    ) -> tuple[list[tuple[str, GroupCommand]], npt.NDArray[np.intp]]:
-        """Commands for the miners whose setpoint changed (or went unacknowledged)."""
+    ) -> tuple[list[tuple[str, bytes]], npt.NDArray[np.intp]]:
+        """Encoded group commands for the miners whose setpoint changed (or went unacknowledged).
+
+        Each is a `GroupCommand` with per-miner `targets`; a fleet-wide shed builds tens
+        of thousands of them, so they are encoded directly rather than as models.
+        """
         changed = (level != self.level) | ((level > 0) & (power_w != self.power_w))
         unacked = (ack_seq < self.seq) & (now - self.sent_at > self.retry_after_s)
         send = np.flatnonzero(commandable & (changed | unacked))
@@ -64,21 +68,15 @@ class Actuator:
         seq = self._next_seq
         self._next_seq += 1
         ts = time.time()
-        commands: list[tuple[str, GroupCommand]] = []
+        commands: list[tuple[str, bytes]] = []
         order = send[np.argsort(self._group_idx[send], kind="stable")]
         groups = self._group_idx[order]
         bounds = np.flatnonzero(np.diff(groups)) + 1
         for chunk in np.split(order, bounds):
-            targets = {
-                self._ids[i]: (
-                    Setpoint(action="sleep")
-                    if level[i] == 0
-                    else Setpoint(action="set_power", power_w=float(power_w[i]))
-                )
-                for i in chunk
-            }
             group = self._groups[self._group_idx[chunk[0]]]
-            commands.append((group, GroupCommand(seq=seq, ts=ts, targets=targets)))
+            payload = encode_group_targets(
+                seq, ts, [self._ids[i] for i in chunk], level[chunk] == 0, power_w[chunk])
+            commands.append((group, payload))
         self.level[send] = level[send]
         self.power_w[send] = power_w[send]
         self.seq[send] = seq

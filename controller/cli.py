@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                          description="Simulate the fleet in FILE on its broker, for a "
                          "controller to drive.")
     sim.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
+    sim.add_argument("--no-prices", action="store_true",
+                     help="publish no prices (another feed does)")
+    sim.add_argument("--telemetry-interval", type=_positive, default=1.0, metavar="SECONDS",
+                     help="seconds between telemetry rounds, a message per rack (default 1)")
     sim.add_argument("--speed", type=_positive, default=1.0,
                      help="simulated seconds per real second (default 1)")
     _price_args(sim)
@@ -140,8 +144,11 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     from simulators.prices import synthetic_prices  # noqa: PLC0415
     from simulators.site import SimulatedSite  # noqa: PLC0415
 
-    prices = load_price_csv(args.prices, args.price_column) if args.prices else synthetic_prices()
-    await SimulatedSite(cfg, speed=args.speed, prices=prices).run()
+    prices = (None if args.no_prices else
+              load_price_csv(args.prices, args.price_column) if args.prices else
+              synthetic_prices())
+    await SimulatedSite(cfg, speed=args.speed, prices=prices,
+                        telemetry_interval_s=args.telemetry_interval).run()
     return EXIT_OK
 
 

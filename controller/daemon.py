@@ -218,8 +218,10 @@ class Controller:
             self.metrics.energy.observe(reading_m.power_w, reading_m.energy_import_wh, now)
             if reading_m.frequency_hz is not None:
                 fleet.site.frequency_hz = reading_m.frequency_hz
-                if self.grid.frequency(reading_m.frequency_hz, time.time()):
+                change = self.grid.frequency(reading_m.frequency_hz, time.time())
+                if change == "shed":
                     self._shed_now(self.grid.frequency_shed)
+                if change:
                     self.trigger("frequency")
         elif kind is Kind.GRID:
             if self.grid.accept(decode(GridEvent, raw), time.time()):
@@ -322,8 +324,8 @@ class Controller:
         )
         if commands:
             results = await asyncio.gather(*(
-                self.transport.publish(self.topics.group(g, "cmd"), cmd.encode(), qos=1)
-                for g, cmd in commands
+                self.transport.publish(self.topics.group(g, "cmd"), payload, qos=1)
+                for g, payload in commands
             ))
             if not all(results):
                 self.actuator.forget()  # some did not go out: re-send all once reconnected

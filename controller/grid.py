@@ -116,8 +116,8 @@ class GridObligations:
         log.info("grid_event_closed", id=row.id, status=status, complied=row.complied,
                  curtailed_kwh=round(row.curtailed_wh / 1000, 3))
 
-    def frequency(self, hz: float, now_ts: float) -> bool:
-        """Feed a frequency reading; True when it starts a shed (act at once)."""
+    def frequency(self, hz: float, now_ts: float) -> str | None:
+        """Feed a frequency reading: "shed" (act at once), "restored", or None."""
         r = self.rules
         if hz < r.shed_below_hz:
             self.frequency_ok_since = None
@@ -128,8 +128,8 @@ class GridObligations:
                                      "start_ts": now_ts}, now_ts, "active")
                 log.warning("under_frequency_shed", hz=hz, threshold_hz=r.shed_below_hz,
                             miners=int(self.frequency_shed.sum()))
-                return True
-            return False
+                return "shed"
+            return None
         if self.frequency_event is not None and hz >= r.restore_above_hz:
             if self.frequency_ok_since is None:
                 self.frequency_ok_since = now_ts
@@ -140,7 +140,8 @@ class GridObligations:
                 log.info("under_frequency_restored", hz=hz, event_id=self.frequency_event)
                 self.frequency_event = None
                 self._recovering.append((now_ts, math.nan))  # ramp back from measured power
-        return False
+                return "restored"
+        return None
 
     # -- the cap in force -----------------------------------------------------------
 

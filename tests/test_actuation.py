@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from controller.actuation import Actuator
+from controller.payloads import GroupCommand, Setpoint, decode, encode_group_targets
+
+
+def test_direct_encoding_matches_the_model() -> None:
+    raw = encode_group_targets(7, 1234.5, ["a-1", "b.2"], [True, False], [15.0, 3400.0])
+    model = GroupCommand(seq=7, ts=1234.5, targets={
+        "a-1": Setpoint(action="sleep"), "b.2": Setpoint(action="set_power", power_w=3400.0)})
+    assert decode(GroupCommand, raw) == model
 
 
 def make() -> Actuator:
@@ -19,10 +27,10 @@ def test_only_changes_are_sent_one_message_per_group() -> None:
     ok = np.ones(4, dtype=bool)
     cmds, sent = act.plan(level, power, ok, np.full(4, -1), now=0.0)
     assert [g for g, _ in cmds] == ["r1", "r2"] and sent.tolist() == [0, 1, 2, 3]
-    r1 = cmds[0][1].targets or {}
+    r1 = decode(GroupCommand, cmds[0][1]).targets or {}
     assert r1["a"].action == "set_power" and r1["a"].power_w == 3000.0
     assert r1["b"].action == "sleep"
-    acked = np.full(4, cmds[0][1].seq)
+    acked = np.full(4, decode(GroupCommand, cmds[0][1]).seq)
     assert act.plan(level, power, ok, acked, now=1.0)[1].size == 0, "nothing changed"
     power2 = power.copy()
     power2[3] = 2500.0
@@ -37,7 +45,7 @@ def test_not_commandable_is_never_sent_and_unacked_is_retried() -> None:
     ok = np.array([True, True, True, False])
     cmds, sent = act.plan(level, power, ok, np.full(4, -1), now=0.0)
     assert sent.tolist() == [0, 1, 2]
-    seq = cmds[0][1].seq
+    seq = decode(GroupCommand, cmds[0][1]).seq
     acks = np.array([seq, seq, -1, -1])
     assert act.plan(level, power, ok, acks, now=5.0)[1].size == 0, "not yet time to retry"
     assert act.plan(level, power, ok, acks, now=11.0)[1].tolist() == [2]
@@ -47,6 +55,6 @@ def test_forget_resends_everything() -> None:
     act = make()
     level, power, ok = np.array([1, 1, 0, 0]), np.full(4, 2000.0), np.ones(4, dtype=bool)
     cmds, _ = act.plan(level, power, ok, np.full(4, -1), now=0.0)
-    acks = np.full(4, cmds[0][1].seq)
+    acks = np.full(4, decode(GroupCommand, cmds[0][1]).seq)
     act.forget()
     assert act.plan(level, power, ok, acks, now=1.0)[1].size == 4

@@ -97,15 +97,15 @@ def test_restart_resumes_from_the_journal_without_double_apply(tmp_path: Path) -
 
 def test_frequency_sheds_at_once_and_restores_after_hold(tmp_path: Path) -> None:
     g = obligations(tmp_path, GridRules(restore_hold_s=30.0, recovery_w_per_s=1000.0))
-    assert not g.frequency(60.0, 0.0)
-    assert g.frequency(59.6, 1.0), "a dip starts a shed"
-    assert not g.frequency(59.5, 1.5), "only once"
+    assert g.frequency(60.0, 0.0) is None
+    assert g.frequency(59.6, 1.0) == "shed", "a dip starts a shed"
+    assert g.frequency(59.5, 1.5) is None, "only once"
     ob = g.obligation(2.0, 20_000.0, 1e6)
     assert ob.force_sleep is not None and ob.force_sleep.sum() == N - 2
     g.frequency(59.95, 10.0)
     g.frequency(59.95, 39.0)
     assert g.obligation(39.0, 20_000.0, 1e6).force_sleep is not None, "still holding"
-    g.frequency(59.95, 41.0)
+    assert g.frequency(59.95, 41.0) == "restored"
     ob = g.obligation(41.0, 20_000.0, 1e6)
     assert ob.force_sleep is None and ob.cap_w == pytest.approx(20_000.0), "ramps back"
     assert [r.kind for r in g.journal.rows()] == ["frequency"]
