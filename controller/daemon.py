@@ -45,6 +45,7 @@ from controller.reasons import REASON_NAMES, Reason
 from controller.systemd import supervise
 from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.transport import LastWill, Transport
+from drivers.meters import MeterRouter
 
 log = structlog.get_logger("mineops.controller")
 
@@ -71,6 +72,7 @@ class Controller:
         self.actuator = Actuator(self.fleet.n, self.fleet.group_idx, self.fleet.ids,
                                  self.fleet.groups)
         self.meter_ids = {m.id for m in cfg.meters if m.role == "site"}
+        self.meter_router = MeterRouter(cfg.meters)  # meters in vendor formats
         self.grid = self._grid_obligations(cfg)
         self.metrics = metrics or Metrics()
         self.transport = Transport(
@@ -110,6 +112,7 @@ class Controller:
             t.price_schedule,
             t.hashprice,
             t.grid,
+            *self.meter_router.subscriptions(),
         ]
 
     def _grid_obligations(self, cfg: SiteConfig) -> GridObligations:
@@ -170,6 +173,9 @@ class Controller:
 
     def on_message(self, topic: str, raw: bytes) -> None:
         """Validate and apply one message; a bad one is counted and dropped, never raised."""
+        if self.meter_router.claims(topic):
+            self._on_vendor_meter(topic, raw)
+            return
         parsed = self.topics.parse(topic)
         self.metrics.messages.labels(parsed.kind.value).inc()
         try:
@@ -179,6 +185,22 @@ class Controller:
         except Exception as e:  # a bug must not take the controller down with it
             log.exception("message_handler_failed", topic=topic)
             self._reject(parsed.kind, "internal_error", topic, repr(e))
+
+    def _on_vendor_meter(self, topic: str, raw: bytes) -> None:
+        """A meter in its vendor's format: its driver decodes, then it is applied as our own."""
+        kind = Kind.METER_TELEMETRY
+        self.metrics.messages.labels(kind.value).inc()
+        try:
+            routed = self.meter_router.decode(topic, raw)
+            if routed is not None and routed.role == "site":
+                # Through the same path as the project's own meter messages (frequency too).
+                telemetry = routed.reading.telemetry(time.time())
+                self._apply(kind, routed.meter_id, telemetry.encode())
+        except PayloadError as e:
+            self._reject(kind, e.reason, topic, e.detail)
+        except Exception as e:  # a bug must not take the controller down with it
+            log.exception("message_handler_failed", topic=topic)
+            self._reject(kind, "internal_error", topic, repr(e))
 
     def _apply(self, kind: Kind, device: str, raw: bytes) -> None:
         now = time.monotonic()
