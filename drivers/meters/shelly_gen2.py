@@ -104,11 +104,12 @@ class ShellyGen2Driver(MeterDriver):
             if method == "NotifyFullStatus":
                 updates[component] = _full(component, body, where)
                 continue
+            delta = _fields(component, body, where)
             base = self.status.get(component)
             if base is None:
                 raise PayloadError("no_base_status", f"NotifyStatus delta for {component} "
                                    f"before any full {component} status")
-            updates[component] = {**base, **_fields(component, body, where)}
+            updates[component] = {**base, **delta}
         return updates
 
     @classmethod
