@@ -67,7 +67,8 @@ class MinerModel(BaseModel):
     def hashrate_ths(self, power_w: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Hashrate at the given power targets (linear between curve points)."""
         p, h = zip(*self.curve, strict=True)
-        return np.interp(np.asarray(power_w, dtype=np.float64), p, h)
+        out: npt.NDArray[np.float64] = np.interp(np.asarray(power_w, dtype=np.float64), p, h)
+        return out
 
     def breakeven_usd_per_mwh(self, hashprice_usd_per_ph_day: float) -> float:
         """Power price at which stock operation earns exactly nothing."""

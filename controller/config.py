@@ -216,7 +216,8 @@ class EnergyConfig(_Strict):
         default=0.05, ge=0, le=1, description="Cooling/auxiliary load as a fraction of IT load"
     )
     default_price_usd_per_mwh: float = Field(
-        default=1000.0, description="Price assumed before any price arrives (high: run nothing risky)"
+        default=1000.0,
+        description="Price assumed before any price arrives (high: run nothing risky)",
     )
 
 

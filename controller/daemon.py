@@ -139,7 +139,7 @@ class Controller:
     # -- inputs in force --------------------------------------------------------
 
     def price_usd_per_mwh(self) -> float:
-        """Market price plus adders: real-time if fresh, else day-ahead, else the cautious default."""
+        """Market price plus adders: real-time if fresh, else day-ahead, else a cautious default."""
         site = self.fleet.site
         fresh = time.monotonic() - site.price_at < PRICE_STALE_S
         market = site.price_usd_per_mwh if fresh else None

@@ -88,7 +88,7 @@ class GridObligations:
         payload = event.model_dump(mode="json")
         if not self.journal.upsert(event.id, event.kind, payload, now_ts, status):
             return False
-        fresh = [r for r in self.journal.rows() if r.id == event.id][0]
+        fresh = next(r for r in self.journal.rows() if r.id == event.id)
         prior = self.rows.get(event.id)
         if prior is not None and status != "cancelled":
             # An update keeps what was measured so far; only the terms change.
@@ -198,12 +198,11 @@ class GridObligations:
         cap = math.inf
         keep = []
         for ended_ts, start_w in self._recovering:
-            start = start_w if not math.isnan(start_w) else (meter_w or 0.0)
-            if math.isnan(start_w):  # frequency: start from the power measured at release
-                start_w = start
-            level = start + self.rules.recovery_w_per_s * (now_ts - ended_ts)
+            # NaN (a frequency restore): ramp from the power measured at release.
+            base = (meter_w or 0.0) if math.isnan(start_w) else start_w
+            level = base + self.rules.recovery_w_per_s * (now_ts - ended_ts)
             if level < site_cap_w:
-                keep.append((ended_ts, start_w))
+                keep.append((ended_ts, base))
                 cap = min(cap, level)
         self._recovering = keep
         return cap

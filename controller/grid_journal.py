@@ -118,4 +118,4 @@ class GridJournal:
     def samples(self, event_id: str) -> list[tuple[float, float | None, float, float]]:
         cur = self._db.execute("SELECT ts, meter_w, target_w, cap_w FROM samples "
                                "WHERE event_id = ? ORDER BY ts", (event_id,))
-        return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
+        return [tuple(r) for r in cur.fetchall()]

@@ -11,7 +11,6 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
@@ -32,7 +31,7 @@ class Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     MAX_BYTES: ClassVar[int] = 4096
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1  # SCHEMA_VERSION
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

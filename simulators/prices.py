@@ -37,4 +37,5 @@ def synthetic_prices(
     evening = (hour >= 17.0) & (hour <= 21.5)
     spikes = evening & (rng.random(n) < 0.03)
     price[spikes] += rng.pareto(1.5, spikes.sum()) * 150.0 + 120.0
-    return PriceSeries(t, np.round(price, 2), interval_s, "synthetic")
+    return PriceSeries(t.astype(np.float64), np.round(price, 2).astype(np.float64), interval_s,
+                       "synthetic")

@@ -11,8 +11,8 @@ import asyncio
 import os
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,7 +45,8 @@ def broker() -> Iterator[LocalBroker]:
         yield b
 
 
-def make_site(broker: LocalBroker, groups: list[tuple[str, str, int]], **overrides: Any) -> SiteConfig:
+def make_site(broker: LocalBroker, groups: list[tuple[str, str, int]],
+              **overrides: Any) -> SiteConfig:
     """A site config with racks (name, model, count) on the test broker; fast policy times."""
     data: dict[str, Any] = {
         "site_id": "test",
@@ -111,5 +112,5 @@ async def tasks() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
     for task in reversed(started):
         try:
             await task
-        except (asyncio.CancelledError, Exception):  # noqa: PERF203 - teardown
+        except (asyncio.CancelledError, Exception):
             pass

@@ -1,4 +1,4 @@
-"""Grid obligations: event lifecycle and journal (unit), and shedding on time over MQTT (integration)."""
+"""Grid obligations: lifecycle and journal (unit), and shedding on time over MQTT."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ async def test_event_met_by_deadline_held_and_recovered_at_ramp(broker: LocalBro
 @pytest.mark.integration
 async def test_frequency_dip_sheds_within_one_telemetry_interval(broker: LocalBroker,
                                                                  tasks: Any) -> None:
-    controller, sim, peer = await running_site(broker, tasks)
+    controller, sim, _ = await running_site(broker, tasks)
     applied: list[float] = []
     original = sim.fleet.apply
 
@@ -262,9 +262,7 @@ def toml_of(data: dict[str, Any], prefix: str = "") -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
+        if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
             tables.append((key, value))
         elif value == float("inf"):
             lines.append(f"{key} = inf")
