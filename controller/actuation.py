@@ -13,9 +13,13 @@ import time
 import numpy as np
 import numpy.typing as npt
 
-from controller.payloads import encode_group_targets
+from controller.payloads import encode_targets
 
 _UNKNOWN = -1
+# Above this many racks touched, setpoints go site-wide on the fleet topic in a few large
+# messages: a publish costs ~1 ms in the client, so 1,000 rack messages would take a second.
+FLEET_BATCH_MIN_GROUPS = 32
+FLEET_BATCH_TARGETS = 10_000
 
 
 class Actuator:
@@ -54,11 +58,12 @@ class Actuator:
         commandable: npt.NDArray[np.bool_],
         ack_seq: npt.NDArray[np.int64],
         now: float,
-    ) -> tuple[list[tuple[str, bytes]], npt.NDArray[np.intp]]:
+    ) -> tuple[list[tuple[str | None, bytes]], npt.NDArray[np.intp]]:
         """Encoded group commands for the miners whose setpoint changed (or went unacknowledged).
 
-        Each is a `GroupCommand` with per-miner `targets`; a fleet-wide shed builds tens
-        of thousands of them, so they are encoded directly rather than as models.
+        Each is (group, GroupCommand) for a few racks, or (None, FleetCommand) chunks for
+        the fleet topic when many racks change at once. A fleet-wide shed builds tens of
+        thousands of setpoints, so they are encoded directly rather than as models.
         """
         changed = (level != self.level) | ((level > 0) & (power_w != self.power_w))
         unacked = (ack_seq < self.seq) & (now - self.sent_at > self.retry_after_s)
@@ -68,15 +73,21 @@ class Actuator:
         seq = self._next_seq
         self._next_seq += 1
         ts = time.time()
-        commands: list[tuple[str, bytes]] = []
+        commands: list[tuple[str | None, bytes]] = []
         order = send[np.argsort(self._group_idx[send], kind="stable")]
         groups = self._group_idx[order]
         bounds = np.flatnonzero(np.diff(groups)) + 1
-        for chunk in np.split(order, bounds):
-            group = self._groups[self._group_idx[chunk[0]]]
-            payload = encode_group_targets(
+        if bounds.size + 1 >= FLEET_BATCH_MIN_GROUPS:
+            chunks = [order[i:i + FLEET_BATCH_TARGETS]
+                      for i in range(0, order.size, FLEET_BATCH_TARGETS)]
+            names: list[str | None] = [None] * len(chunks)
+        else:
+            chunks = np.split(order, bounds)
+            names = [self._groups[self._group_idx[c[0]]] for c in chunks]
+        for name, chunk in zip(names, chunks, strict=True):
+            payload = encode_targets(
                 seq, ts, [self._ids[i] for i in chunk], level[chunk] == 0, power_w[chunk])
-            commands.append((group, payload))
+            commands.append((name, payload))
         self.level[send] = level[send]
         self.power_w[send] = power_w[send]
         self.seq[send] = seq

@@ -28,8 +28,8 @@ from controller.metrics import GridEventStatus, Metrics
 from controller.optimizer import prepare
 from controller.payloads import (
     DecisionSummary,
+    FleetCommand,
     GridEvent,
-    GroupCommand,
     GroupTelemetry,
     HashpriceSignal,
     MeterTelemetry,
@@ -274,21 +274,20 @@ class Controller:
     # -- decide and act -----------------------------------------------------------
 
     def _shed_now(self, mask: npt.NDArray[np.bool_]) -> None:
-        """Sleep every group with a miner in `mask`: one broadcast message per group, now."""
+        """Sleep the groups of the miners in `mask` now: one site-wide broadcast message."""
         idx = np.flatnonzero(mask)
         seq = self.actuator.mark_sleep(idx, time.monotonic())
         groups = sorted({self.fleet.groups[g] for g in np.unique(self.fleet.group_idx[idx])})
-        cmd = GroupCommand(seq=seq, ts=time.time(), all=Setpoint(action="sleep")).encode()
-        task = asyncio.get_running_loop().create_task(self._broadcast(groups, cmd))
+        cmd = FleetCommand(seq=seq, ts=time.time(), all=Setpoint(action="sleep"),
+                           groups=None if len(groups) == len(self.fleet.groups) else groups)
+        task = asyncio.get_running_loop().create_task(self._broadcast(cmd.encode()))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _broadcast(self, groups: list[str], payload: bytes) -> None:
-        results = await asyncio.gather(*(
-            self.transport.publish(self.topics.group(g, "cmd"), payload, qos=1) for g in groups
-        ))
-        self.metrics.command_messages.inc(len(groups))
-        if not all(results):
+    async def _broadcast(self, payload: bytes) -> None:
+        ok = await self.transport.publish(self.topics.fleet_cmd, payload, qos=1)
+        self.metrics.command_messages.inc()
+        if not ok:
             self.actuator.forget()
 
     def site_power_w(self, now: float) -> float | None:
@@ -346,7 +345,9 @@ class Controller:
         )
         if commands:
             results = await asyncio.gather(*(
-                self.transport.publish(self.topics.group(g, "cmd"), payload, qos=1)
+                self.transport.publish(
+                    self.topics.fleet_cmd if g is None else self.topics.group(g, "cmd"),
+                    payload, qos=1)
                 for g, payload in commands
             ))
             if not all(results):

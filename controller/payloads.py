@@ -199,10 +199,10 @@ class GroupCommand(Payload):
     targets: dict[str, Setpoint] | None = Field(default=None, max_length=5000)
 
 
-def encode_group_targets(seq: int, ts: float, ids: Sequence[str],
+def encode_targets(seq: int, ts: float, ids: Sequence[str],
                          sleep: Sequence[bool] | npt.NDArray[np.bool_],
                          power_w: Sequence[float] | npt.NDArray[np.float64]) -> bytes:
-    """The JSON of GroupCommand(seq, ts, targets={id: sleep or set_power}), built directly.
+    """The JSON of a Group/FleetCommand(seq, ts, targets={id: sleep or set_power}), built directly.
 
     The hot path of a fleet-wide shed. Miner ids match the config's id pattern (no
     quotes or escapes), so they are written as they are; a test checks that the
@@ -214,6 +214,23 @@ def encode_group_targets(seq: int, ts: float, ids: Sequence[str],
         for i, s, p in zip(ids, sleep, power_w, strict=True)
     ]
     return f'{{"v":1,"seq":{int(seq)},"ts":{float(ts)!r},"targets":{{{",".join(parts)}}}}}'.encode()
+
+
+class FleetCommand(Payload):
+    """mineops/<site>/fleet/cmd: site-wide, for shedding fast (a message per rack is too many).
+
+    `all` applies to every miner of the listed `groups` (every group when omitted);
+    `targets` carries per-miner setpoints for any group. Every simulator and bridge
+    process reads it and applies what concerns its own miners.
+    """
+
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+
+    seq: int = Field(ge=0)
+    ts: float = Field(ge=0)
+    all: Setpoint | None = None
+    groups: list[str] | None = Field(default=None, max_length=100_000)
+    targets: dict[str, Setpoint] | None = Field(default=None, max_length=20_000)
 
 
 class DecisionSummary(Payload):

@@ -6,6 +6,7 @@
     mineops/<site>/group/<g>/telemetry      bridge/simulator -> controller, a rack in one message
     mineops/<site>/group/<g>/availability   bridge/simulator -> all  retained, last will
     mineops/<site>/group/<g>/cmd            controller -> group     QoS 1, batch or broadcast
+    mineops/<site>/fleet/cmd                controller -> all fleets QoS 1, site-wide batch/broadcast
     mineops/<site>/meter/<id>/telemetry     meter -> controller
     mineops/<site>/signal/price             price feed -> controller, retained
     mineops/<site>/signal/price_schedule    day-ahead prices -> controller, retained
@@ -34,6 +35,7 @@ class Kind(StrEnum):
     GROUP_TELEMETRY = "group_telemetry"
     GROUP_AVAILABILITY = "group_availability"
     GROUP_CMD = "group_cmd"
+    FLEET_CMD = "fleet_cmd"
     METER_TELEMETRY = "meter_telemetry"
     PRICE = "price"
     PRICE_SCHEDULE = "price_schedule"
@@ -58,6 +60,7 @@ _SITE_KINDS = {
     ("signal", "price_schedule"): Kind.PRICE_SCHEDULE,
     ("signal", "hashprice"): Kind.HASHPRICE,
     ("signal", "grid"): Kind.GRID,
+    ("fleet", "cmd"): Kind.FLEET_CMD,
     ("controller", "availability"): Kind.CONTROLLER_AVAILABILITY,
     ("controller", "decision"): Kind.DECISION,
 }
@@ -89,6 +92,10 @@ class SiteTopics:
 
     def meter(self, meter_id: str) -> str:
         return f"{self.base}/meter/{meter_id}/telemetry"
+
+    @property
+    def fleet_cmd(self) -> str:
+        return f"{self.base}/fleet/cmd"
 
     @property
     def price(self) -> str:
@@ -127,7 +134,7 @@ class SiteTopics:
 
     def simulator_subscriptions(self) -> list[str]:
         """What a simulated (or bridged) fleet listens to."""
-        return [f"{self.base}/miner/+/cmd", f"{self.base}/group/+/cmd"]
+        return [f"{self.base}/miner/+/cmd", f"{self.base}/group/+/cmd", self.fleet_cmd]
 
     def parse(self, topic: str) -> Parsed:
         """Classify a topic of this site; anything else is Kind.UNKNOWN."""

@@ -18,12 +18,14 @@ import structlog
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.payloads import (
+    FleetCommand,
     GroupCommand,
     GroupTelemetry,
     MeterTelemetry,
     MinerCommand,
     PayloadError,
     PriceSignal,
+    Setpoint,
     decode,
 )
 from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
@@ -99,9 +101,30 @@ class SimulatedSite:
                 self.commands_applied += 1
             elif parsed.kind is Kind.GROUP_CMD:
                 self._apply_group(parsed.device, decode(GroupCommand, raw), now)
+            elif parsed.kind is Kind.FLEET_CMD:
+                self._apply_fleet(decode(FleetCommand, raw), now)
         except PayloadError as e:
             self.rejected[e.reason] += 1
             log.warning("sim_command_rejected", topic=topic, reason=e.reason, detail=e.detail)
+
+    def _apply_fleet(self, cmd: FleetCommand, now: float) -> None:
+        if cmd.all is not None:
+            names = self.groups if cmd.groups is None else cmd.groups
+            members = [self.groups[g] for g in names if g in self.groups]
+            if members:
+                idx = np.concatenate(members)
+                self.fleet.apply(idx, cmd.all, cmd.seq, now)
+                self.commands_applied += len(idx)
+        if cmd.targets:
+            # Other processes' miners are in the same message: not ours is not an error.
+            by_setpoint: dict[Setpoint, list[int]] = {}
+            for miner_id, setpoint in cmd.targets.items():
+                i = self.fleet.index.get(miner_id)
+                if i is not None:
+                    by_setpoint.setdefault(setpoint, []).append(i)
+            for setpoint, ix in by_setpoint.items():
+                self.fleet.apply(np.array(ix, dtype=np.intp), setpoint, cmd.seq, now)
+                self.commands_applied += len(ix)
 
     def _apply_group(self, group: str, cmd: GroupCommand, now: float) -> None:
         members = self.groups.get(group)

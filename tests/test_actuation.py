@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from controller.actuation import Actuator
-from controller.payloads import GroupCommand, Setpoint, decode, encode_group_targets
+from controller.actuation import FLEET_BATCH_MIN_GROUPS
+from controller.payloads import FleetCommand, GroupCommand, Setpoint, decode, encode_targets
 
 
 def test_direct_encoding_matches_the_model() -> None:
-    raw = encode_group_targets(7, 1234.5, ["a-1", "b.2"], [True, False], [15.0, 3400.0])
+    raw = encode_targets(7, 1234.5, ["a-1", "b.2"], [True, False], [15.0, 3400.0])
     model = GroupCommand(seq=7, ts=1234.5, targets={
         "a-1": Setpoint(action="sleep"), "b.2": Setpoint(action="set_power", power_w=3400.0)})
     assert decode(GroupCommand, raw) == model
@@ -58,3 +59,18 @@ def test_forget_resends_everything() -> None:
     acks = np.full(4, decode(GroupCommand, cmds[0][1]).seq)
     act.forget()
     assert act.plan(level, power, ok, acks, now=1.0)[1].size == 4
+
+
+def test_many_racks_at_once_go_site_wide_in_few_messages() -> None:
+    racks = FLEET_BATCH_MIN_GROUPS * 4
+    n = racks * 100
+    act = Actuator(n, np.repeat(np.arange(racks), 100), [f"m{i}" for i in range(n)],
+                   [f"r{g}" for g in range(racks)])
+    level = np.zeros(n, dtype=np.intp)
+    cmds, sent = act.plan(level, np.full(n, 15.0), np.ones(n, dtype=bool), np.full(n, -1), 0.0)
+    assert sent.size == n
+    assert [g for g, _ in cmds] == [None, None], "two fleet-topic chunks, not 128 rack messages"
+    targets: dict[str, Setpoint] = {}
+    for _, raw in cmds:
+        targets.update(decode(FleetCommand, raw).targets or {})
+    assert len(targets) == n and {t.action for t in targets.values()} == {"sleep"}
