@@ -63,8 +63,8 @@ ENERGY_MAX_GAP_S = 60.0
 class GridEventStatus:
     """What the controller knows of the grid event in force; exported only while one exists.
 
-    Filled by the grid-event lifecycle (a later issue); until then the controller
-    has none and the `mineops_grid_event_*` series are absent.
+    Set by the controller from the grid obligation in force; between events it is
+    None and the `mineops_grid_event_*` series are absent.
     """
 
     target_w: float  # site power the event asks for, incl. aux

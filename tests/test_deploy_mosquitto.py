@@ -26,7 +26,14 @@ from pydantic import SecretStr
 from controller.broker import free_port, wait_for_port
 from controller.config import BrokerConfig
 from controller.transport import Transport
-from tests.test_deploy_support import DEPLOY, log_tail, need, process, run
+from tests.test_deploy_support import (  # noqa: F401 - default_logging is a fixture
+    DEPLOY,
+    default_logging,
+    log_tail,
+    need,
+    process,
+    run,
+)
 
 MOSQUITTO = DEPLOY / "mosquitto"
 SITE = "mineops/pecos-1"
@@ -244,6 +251,7 @@ def test_a_miner_reads_only_its_own_and_its_groups_commands(broker: Broker) -> N
                                          f"{SITE}/miner/s21-r1-0001/cmd cmd"]
 
 
+@pytest.mark.usefixtures("default_logging")
 async def test_the_controller_connects_over_tls(broker: Broker) -> None:
     cfg = BrokerConfig(host="127.0.0.1", port=broker.tls_port, tls=True,
                        ca_file=broker.dir / "ca.crt", username="controller",

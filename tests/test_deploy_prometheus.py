@@ -1,14 +1,17 @@
 """deploy/prometheus and deploy/grafana against the real Prometheus: promtool, and live PromQL.
 
-The live test runs `mineops demo` (200 miners, its own broker) and a real
+The live test runs `mineops demo` (200 miners, on the test's broker) and a real
 `prometheus` scraping it every second with the shipped scrape config and rules,
 then evaluates every PromQL expression of the dashboard and of the alert rules
-through the HTTP API: each must return data. Alert expressions are evaluated
-without their threshold: see `comparison_operands`.
+through the HTTP API: each must return data. The demo gets a grid event first, so
+the grid-event series exist too. Alert expressions are evaluated without their
+threshold: see `comparison_operands`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -19,23 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
-from controller.broker import free_port
+from controller.broker import LocalBroker, free_port
+from controller.config import BrokerConfig
+from controller.payloads import GridEvent
+from controller.topics import SiteTopics
+from controller.transport import Transport
 from tests.test_deploy_support import DEPLOY, REPO, log_tail, need, process, run, wait_http
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULES = PROMETHEUS / "rules" / "mineops.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "mineops.json"
 
-# Expressions that cannot return data yet: the controller exports the grid-event series
-# only while it knows of an event, and grid events arrive with a later issue (the demo
-# has none). Listed one by one so a new expression is never excused by accident; when the
-# grid-event feature lands, the demo should run an event and this list should go.
-PENDING_GRID_EVENT = {
-    "mineops_grid_event_target_watts",  # dashboard: site power vs cap vs event target, events
-    "mineops_grid_event_on_track",  # dashboard: on track; alert MineopsGridEventOffTrack
-}
+# The grid-event series exist only while the controller knows of an event, so the test
+# sends the demo one (a target_kw event below the cap) before checking.
+GRID_EVENT_SERIES = ("mineops_grid_event_target_watts", "mineops_grid_event_on_track")
 
 # Grafana's variables, as the test substitutes them (all groups; a rate window that holds
 # enough 1 s scrapes).
@@ -122,10 +125,6 @@ def all_expressions() -> list[tuple[str, str]]:
     return exprs
 
 
-def pending(expr: str) -> bool:
-    return any(name in expr for name in PENDING_GRID_EVENT)
-
-
 def test_promtool_check_config() -> None:
     promtool = need("promtool")
     out = run([promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")])
@@ -154,12 +153,10 @@ def test_promtool_unit_tests_every_alert() -> None:
     run([promtool, "test", "rules", *map(str, files)], cwd=PROMETHEUS)
 
 
-def test_every_expression_is_checked_or_listed_as_pending() -> None:
+def test_the_checked_expressions_cover_dashboard_and_alerts() -> None:
     exprs = all_expressions()
     assert len(exprs) > 25
-    excused = {e for _, e in exprs if pending(e)}
-    # Exactly the grid-event expressions, nothing else, are excused.
-    assert excused == {"mineops_grid_event_target_watts", "mineops_grid_event_on_track"}
+    assert {e for _, e in exprs} >= set(GRID_EVENT_SERIES)
     alerts = {r["alert"] for r in alert_rules()}
     assert alerts == {"MineopsControllerDown", "MineopsSiteOverCap", "MineopsGridEventOffTrack",
                       "MineopsMeterTelemetryStale", "MineopsMinersOffline",
@@ -175,6 +172,34 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
     return result
 
 
+def send_grid_event(broker: LocalBroker, metrics_port: int) -> None:
+    """Publish a retained target_kw event (80 % of the demo's cap, from now) to the demo."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^mineops_site_power_cap_watts (\S+)$", text, re.MULTILINE)
+    assert m, "the demo exports its cap"
+    cap_w = float(m[1])
+    now = time.time()
+    event = GridEvent(id="test-event-1", kind="target_kw", value_kw=0.8 * cap_w / 1000,
+                      start_ts=now, end_ts=now + 3600, deadline_ts=now + 30)
+
+    async def publish() -> None:
+        cfg = BrokerConfig(host=broker.host, port=broker.port)
+        t = Transport(cfg, client_id="test-grid-source", subscriptions=[])
+        task = asyncio.create_task(t.run(lambda *_: None))
+        try:
+            async with asyncio.timeout(10):
+                await t.connected.wait()
+            assert await t.publish(SiteTopics("demo").grid, event.encode(), qos=1, retain=True)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    structlog.reset_defaults()  # see tests.test_deploy_support.default_logging
+    asyncio.run(publish())
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_real_prometheus_scrapes_demo_and_every_expression_returns_data(tmp_path: Path) -> None:
@@ -188,18 +213,20 @@ def test_real_prometheus_scrapes_demo_and_every_expression_returns_data(tmp_path
     job["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
 
+    broker = LocalBroker().start()  # ours, so the test can send the demo a grid event
     demo_cmd = [sys.executable, "-m", "controller.cli", "demo", "--duration", "90",
-                "--miners", "200", "--metrics-port", str(metrics_port)]
+                "--miners", "200", "--metrics-port", str(metrics_port),
+                "--broker", f"{broker.host}:{broker.port}"]
     prom_cmd = [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                 f"--storage.tsdb.path={tmp_path / 'data'}",
                 f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"]
     base = f"http://127.0.0.1:{web_port}"
     demo_log, prom_log = tmp_path / "demo.log", tmp_path / "prometheus.log"
-    with process(demo_cmd, demo_log) as demo, process(prom_cmd, prom_log) as prom:
+    with broker, process(demo_cmd, demo_log) as demo, process(prom_cmd, prom_log) as prom:
         wait_http(f"http://127.0.0.1:{metrics_port}/metrics", demo, demo_log)
         wait_http(f"{base}/-/ready", prom, prom_log)
-        exprs = [(w, e) for w, e in all_expressions() if not pending(e)]
-        missing: list[tuple[str, str]] = exprs
+        send_grid_event(broker, metrics_port)
+        missing: list[tuple[str, str]] = all_expressions()
         deadline = time.monotonic() + 40.0
         while missing and time.monotonic() < deadline:
             time.sleep(1.0)
@@ -209,9 +236,6 @@ def test_real_prometheus_scrapes_demo_and_every_expression_returns_data(tmp_path
             missing = [(w, e) for w, e in missing if not query(base, e)]
         assert not missing, "no data for:\n" + "\n".join(f"  {w}: {e}" for w, e in missing)
         assert query(base, 'up{job="mineops"} == 1'), "the demo is up as seen by Prometheus"
-        # The excused ones really are absent, not typos hidden by the exception.
-        for name in PENDING_GRID_EVENT:
-            assert not query(base, name)
     assert demo.returncode is not None and prom.returncode is not None
 
 

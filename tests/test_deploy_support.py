@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -98,3 +99,15 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: flo
             pass
         time.sleep(0.2)
     pytest.fail(f"{url} did not answer within {timeout_s:g} s:\n{log_tail(log)}")
+
+
+@pytest.fixture
+def default_logging() -> Iterator[None]:
+    """structlog back to its defaults around a test that runs the controller's own code.
+
+    `logs.configure` binds the sys.stderr of the moment; a test that ran `mineops` under
+    capsys leaves it bound to a closed stream, and the next log line would raise.
+    """
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

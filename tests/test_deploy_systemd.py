@@ -18,7 +18,12 @@ from controller.broker import LocalBroker
 from controller.daemon import Controller
 from controller.systemd import Notifier, supervise, watchdog_interval_s
 from tests.conftest import make_site, wait_for
-from tests.test_deploy_support import DEPLOY, need, run
+from tests.test_deploy_support import (  # noqa: F401 - default_logging is a fixture
+    DEPLOY,
+    default_logging,
+    need,
+    run,
+)
 
 
 @pytest.fixture
@@ -114,6 +119,7 @@ async def test_a_blocked_event_loop_stops_the_pings(
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("default_logging")
 async def test_controller_says_ready_after_first_connect(
         broker: LocalBroker, tasks: Any, notify_socket: tuple[str, socket.socket],
         monkeypatch: pytest.MonkeyPatch) -> None:
