@@ -207,13 +207,12 @@ class Controller:
         fleet = self.fleet
         if kind is Kind.GROUP_TELEMETRY:
             msg = decode(GroupTelemetry, raw)
-            unknown = 0
-            for r in msg.miners:
-                i = fleet.index.get(r.id)
-                if i is None:
-                    unknown += 1
-                    continue
-                fleet.update(i, r, now)
+            found = [(fleet.index.get(r.id), r) for r in msg.miners]
+            known = [(i, r) for i, r in found if i is not None]
+            if known:
+                idx, readings = zip(*known, strict=True)
+                fleet.update_many(idx, readings, now)
+            unknown = len(found) - len(known)
             if unknown:
                 raise PayloadError("unknown_miner", f"{unknown} unknown miner id(s) in {device}")
         elif kind is Kind.MINER_TELEMETRY:

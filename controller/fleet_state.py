@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,15 +72,22 @@ class FleetState:
         return np.flatnonzero(self.group_idx == self.groups.index(group))
 
     def update(self, i: int, r: MinerReading, now: float) -> None:
-        self.state[i] = _STATE_CODE[r.state]
-        self.power_w[i] = r.power_w
-        self.hashrate_ths[i] = r.hashrate_ths
-        self.target_w[i] = np.nan if r.target_w is None else r.target_w
-        self.temp_c[i] = np.nan if r.temp_c is None else r.temp_c
-        if r.ack_seq is not None:
-            self.ack_seq[i] = r.ack_seq
-        self.last_seen[i] = now
-        self.announced_offline[i] = False
+        self.update_many([i], [r], now)
+
+    def update_many(self, idx: Sequence[int], readings: Sequence[MinerReading],
+                    now: float) -> None:
+        """Apply a batch of readings (a rack's message) with one array write per field."""
+        nan = np.nan
+        ix = np.asarray(idx, dtype=np.intp)
+        self.state[ix] = [_STATE_CODE[r.state] for r in readings]
+        self.power_w[ix] = [r.power_w for r in readings]
+        self.hashrate_ths[ix] = [r.hashrate_ths for r in readings]
+        self.target_w[ix] = [nan if r.target_w is None else r.target_w for r in readings]
+        self.temp_c[ix] = [nan if r.temp_c is None else r.temp_c for r in readings]
+        acks = [-1 if r.ack_seq is None else r.ack_seq for r in readings]
+        self.ack_seq[ix] = np.maximum(self.ack_seq[ix], acks)
+        self.last_seen[ix] = now
+        self.announced_offline[ix] = False
 
     def set_available(self, idx: npt.NDArray[np.intp] | int, online: bool) -> None:
         self.announced_offline[idx] = not online

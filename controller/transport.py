@@ -105,6 +105,9 @@ class Transport:
                                 payload
                             ).encode()
                             handler(message.topic.value, bytes(raw))
+                            # Let a decision a message triggered run before the next
+                            # message of a backlog (a grid event behind a telemetry burst).
+                            await asyncio.sleep(0)
                     except asyncio.CancelledError:
                         await self._say_goodbye()
                         raise
