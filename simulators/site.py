@@ -68,7 +68,10 @@ class SimulatedSite:
         self.prices = prices
         self.telemetry_interval_s = telemetry_interval_s
         self.meter_interval_s = meter_interval_s
-        self.meter_id = next((m.id for m in cfg.meters if m.role == "site"), "site")
+        # The simulator speaks the project's meter format: it plays the first such site
+        # meter (vendor-format meters are real devices, or `mineops decode` fixtures).
+        self.meter_id = next(
+            (m.id for m in cfg.meters if m.role == "site" and m.type == "mineops"), "site")
         self.frequency_hz = 60.0
         self.rejected: Counter[str] = Counter()
         self.commands_applied = 0
