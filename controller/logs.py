@@ -29,11 +29,21 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # Third-party libraries log through stdlib logging: keep them quiet unless asked.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time (not the object seen at configure time)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class LogLimiter:

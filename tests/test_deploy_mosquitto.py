@@ -243,8 +243,8 @@ def test_only_the_controller_commands_and_only_the_grid_source_signals(broker: B
 def test_a_miner_reads_only_its_own_and_its_groups_commands(broker: Broker) -> None:
     with Subscriber(broker, "s21-r1-0001", [f"{SITE}/#"]) as miner:
         for topic in (f"{SITE}/miner/s21-r1-0002/cmd", f"{SITE}/group/s21-r2/cmd",
-                      f"{SITE}/signal/grid", f"{SITE}/miner/s21-r1-0001/cmd",
-                      f"{SITE}/group/s21-r1/cmd"):
+                      f"{SITE}/signal/grid", f"{SITE}/fleet/cmd",
+                      f"{SITE}/miner/s21-r1-0001/cmd", f"{SITE}/group/s21-r1/cmd"):
             assert pub(broker, "controller", topic, "cmd").returncode == 0
         miner.wait_for(f"{SITE}/group/s21-r1/cmd cmd")
         assert sorted(miner.lines()) == [f"{SITE}/group/s21-r1/cmd cmd",
@@ -279,3 +279,12 @@ async def test_the_controller_connects_over_tls(broker: Broker) -> None:
          "-t", f"{SITE}/controller/decision", "-m", "x"],
         capture_output=True, text=True, timeout=10, check=False)
     assert untrusted.returncode != 0, "a client that does not trust the CA got through"
+
+
+def test_only_the_controller_writes_and_only_bridges_read_the_fleet_topic(broker: Broker) -> None:
+    with Subscriber(broker, "bridge", [f"{SITE}/fleet/cmd"]) as bridge:
+        assert pub(broker, "bridge", f"{SITE}/fleet/cmd", "forged").returncode == 0
+        assert pub(broker, "s21-r1-0001", f"{SITE}/fleet/cmd", "forged").returncode == 0
+        assert pub(broker, "controller", f"{SITE}/fleet/cmd", "shed").returncode == 0
+        bridge.wait_for(f"{SITE}/fleet/cmd shed")
+        assert bridge.lines() == [f"{SITE}/fleet/cmd shed"], "forged sheds were dropped"

@@ -40,7 +40,18 @@ def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False,
         yield f"topic read {b}/{leaf}"
     yield f"topic write {b}/miner/+/cmd"
     yield f"topic write {b}/group/+/cmd"
+    yield f"topic write {b}/fleet/cmd"
     yield f"topic readwrite {b}/controller/#"
+    yield ""
+    yield "# A firmware bridge (`mineops bridge`) speaks for many miners: their telemetry and"
+    yield "# availability, every command topic, and the site-wide fleet topic for fast sheds."
+    yield "user bridge"
+    for leaf in ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
+                 "group/+/availability"):
+        yield f"topic write {b}/{leaf}"
+    yield f"topic read {b}/miner/+/cmd"
+    yield f"topic read {b}/group/+/cmd"
+    yield f"topic read {b}/fleet/cmd"
     yield ""
     yield "# The grid-signal source (utility/aggregator bridge): alone publishes grid signals."
     yield "user grid-source"
@@ -70,6 +81,7 @@ def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False,
             yield f"topic write {b}/{leaf}"
         yield f"topic read {b}/miner/+/cmd"
         yield f"topic read {b}/group/+/cmd"
+        yield f"topic read {b}/fleet/cmd"
     if miners:
         yield ""
         yield "# Each miner also reads its group's broadcast commands."
