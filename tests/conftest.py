@@ -29,6 +29,9 @@ ERCOT_CSV = os.path.normpath(
 
 
 def pytest_report_header(config: pytest.Config) -> str:
+    forced = os.environ.get("MINEOPS_TEST_BROKER")
+    if forced:
+        return f"mqtt broker for integration tests: {forced} (MINEOPS_TEST_BROKER)"
     mosquitto = find_mosquitto()
     if mosquitto:
         return f"mqtt broker for integration tests: mosquitto ({mosquitto})"
@@ -41,7 +44,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture
 def broker() -> Iterator[LocalBroker]:
     """A fresh broker per test, stopped afterwards."""
-    with LocalBroker(prefer="mosquitto" if REQUIRE_MOSQUITTO else "auto") as b:
+    prefer = os.environ.get("MINEOPS_TEST_BROKER", "mosquitto" if REQUIRE_MOSQUITTO else "auto")
+    with LocalBroker(prefer=prefer) as b:
         yield b
 
 
@@ -109,8 +113,7 @@ async def tasks() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
     yield start
     for task in reversed(started):
         task.cancel()
-    for task in reversed(started):
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
+    # A task that ignores cancellation is a bug: fail the test rather than hang the run.
+    _, stuck = await asyncio.wait(started, timeout=15)
+    if stuck:
+        pytest.fail(f"tasks did not stop within 15 s of cancel: {[t.get_name() for t in stuck]}")
