@@ -647,6 +647,9 @@ def solve(
         # shave the budget by the excess and search again.
         excess = (out.site_power_w - cap_w) / aux1
         budget -= 2.0 * excess + 1e-12 * abs(budget)
+    if not binding:
+        # Only the floor pushed past the cap: the economic plan fits, keep it.
+        return plan(econ, binding=False)
     return plan(b.lo.copy(), binding=True)
 
 

@@ -16,12 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from controller.broker import LocalBroker, find_mosquitto
 from controller.config import SiteConfig
 from controller.transport import Transport
 
 REQUIRE_MOSQUITTO = os.environ.get("MINEOPS_REQUIRE_MOSQUITTO") == "1"
+
+# CI replays a fixed sequence of examples, so a red CI is reproducible; developers'
+# runs keep exploring new ones (that is where a property test finds bugs).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 ERCOT_CSV = os.path.normpath(
     os.path.join(SHARED, "data", "prices", "ercot_hb_south_rt15_2024-06_2024-09.csv")
