@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from controller.config import load_config
+from pydantic import ValidationError
+
+from controller.config import SiteConfig, load_config
 from controller.grid_journal import EventRow, GridJournal
+from controller.payloads import GridEvent
+from controller.topics import SiteTopics
+from controller.transport import Transport
 
 FIELDS = ("id", "kind", "status", "source", "start_ts", "end_ts", "deadline_ts", "value_kw",
           "baseline_kw", "target_kw", "reached_ts", "time_to_target_s", "curtailed_kwh",
@@ -21,13 +29,23 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "events", help="grid events: list, or export compliance records",
         description="Read the site's grid-event journal ([grid] journal_path).")
-    p.add_argument("action", choices=["list", "export"],
-                   help="list: one line per event; export: CSV or JSON for settlement")
+    p.add_argument("action", choices=["list", "export", "send", "cancel"],
+                   help="list: one line per event; export: CSV or JSON for settlement; "
+                   "send/cancel: publish an operator's event to the site's grid topic")
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
     p.add_argument("--format", choices=["csv", "json"], default="csv", help="export format")
     p.add_argument("--out", type=Path, metavar="FILE", help="write here (default: stdout)")
     p.add_argument("--samples", action="store_true",
                    help="JSON only: include the meter samples of each event")
+    send = p.add_argument_group("send/cancel")
+    send.add_argument("--id", help="event id (default: operator-<unix time>)")
+    send.add_argument("--kind", choices=["target_kw", "shed_kw", "emergency", "peak"],
+                      default="target_kw")
+    send.add_argument("--value-kw", type=float, help="target (target_kw, peak) or shed amount")
+    send.add_argument("--start-in", type=float, default=0.0, metavar="SECONDS",
+                      help="starts this many seconds from now (default 0)")
+    send.add_argument("--duration", type=float, default=3600.0, metavar="SECONDS",
+                      help="lasts this long (default 3600)")
     p.set_defaults(handler=run)
 
 
@@ -53,8 +71,47 @@ def record(row: EventRow) -> dict[str, Any]:
     }
 
 
+def _send(cfg: SiteConfig, args: argparse.Namespace) -> int:
+    """Publish one event (QoS 1, retained) and wait for the broker to take it."""
+    now = time.time()
+    try:
+        if args.action == "cancel" and not args.id:
+            raise ValueError("cancel needs --id")
+        event = GridEvent(
+            id=args.id or f"operator-{int(now)}", kind=args.kind, value_kw=args.value_kw,
+            start_ts=now + args.start_in, end_ts=now + args.start_in + args.duration,
+            source="operator-cli", cancelled=args.action == "cancel")
+    except (ValueError, ValidationError) as e:
+        print(f"mineops: not a valid event: {e}", file=sys.stderr)
+        return 2
+
+    async def publish() -> bool:
+        transport = Transport(cfg.broker, client_id=f"mineops-cli-{os.getpid()}",
+                              subscriptions=[])
+        task = asyncio.create_task(transport.run(lambda *_: None))
+        try:
+            async with asyncio.timeout(15):
+                await transport.connected.wait()
+                return await transport.publish(SiteTopics(cfg.site_id).grid, event.encode(),
+                                               qos=1, retain=True)
+        except TimeoutError:
+            return False
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    if not asyncio.run(publish()):
+        print(f"mineops: could not publish to {cfg.broker.host}:{cfg.broker.port}",
+              file=sys.stderr)
+        return 1
+    print(event.model_dump_json())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    if args.action in ("send", "cancel"):
+        return _send(cfg, args)
     path = cfg.grid.journal_path
     if not path.exists():
         print(f"mineops: no grid journal at {path} (no event has been received yet)",

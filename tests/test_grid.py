@@ -314,3 +314,30 @@ class _FakeAddress:
 
     host = "127.0.0.1"
     port = 1
+
+
+@pytest.mark.integration
+async def test_operator_sends_and_cancels_an_event_from_the_cli(broker: LocalBroker, tasks: Any,
+                                                                tmp_path: Path) -> None:
+    cfg = make_site(broker, [("a", "s21", 4)])
+    site = tmp_path / "site.toml"
+    site.write_text(toml_of(cfg.model_dump(mode="json", exclude_none=True)))
+    controller = Controller(cfg)
+    tasks(controller.run())
+    await wait_for(lambda: controller.transport.connected.is_set(), what="controller up")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "controller.cli", "events", *args,
+                               "--config", str(site)], capture_output=True, text=True,
+                              cwd=ROOT, check=False, timeout=60)
+
+    sent = await asyncio.to_thread(cli, "send", "--id", "op-1", "--value-kw", "5",
+                                   "--start-in", "60", "--duration", "600")
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["id"] == "op-1"
+    await wait_for(lambda: "op-1" in controller.grid.rows, what="event accepted")
+    bad = await asyncio.to_thread(cli, "send", "--kind", "shed_kw")
+    assert bad.returncode == 2 and "needs value_kw" in bad.stderr
+    await asyncio.to_thread(cli, "cancel", "--id", "op-1", "--value-kw", "5")
+    await wait_for(lambda: "op-1" not in controller.grid.rows, what="event cancelled")
+    assert [r.status for r in controller.grid.journal.rows()] == ["cancelled"]
