@@ -23,6 +23,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "controller.backtest_cli", "controller.events_cli", "controller.decode_cli",
+    "controller.ven_cli",
 )
 
 
