@@ -49,6 +49,10 @@ def fleet_10k() -> SiteConfig:
     ]
     data["fleet"] = {"groups": groups, "miners": miners}
     data["power_cap_kw"] = data["power_cap_kw"] * 10
+    # Group names changed: grid settings that name groups follow them.
+    grid = data.get("grid", {})
+    grid["keep_alive_groups"] = [f"{g}-x{k}" for k in range(10)
+                                 for g in grid.get("keep_alive_groups", [])]
     return SiteConfig.model_validate(data)
 
 
