@@ -402,7 +402,8 @@ class OpenAdrVen:
 
     def _make_client(self) -> Any:
         oa = self.oa
-        client = OpenADRClient(
+        client = _Client(
+            has_reading=lambda: self.power.latest(self.clock()) is not None,
             ven_name=oa.ven_name, vtn_url=oa.vtn_url, ven_id=oa.ven_id,
             cert=str(oa.cert_file) if oa.cert_file else None,
             key=str(oa.key_file) if oa.key_file else None,
@@ -461,6 +462,27 @@ class OpenAdrVen:
             tg.create_task(self.transport.run(self._on_mqtt), name="ven-mqtt")
             tg.create_task(self._run_openadr(), name="ven-openadr")
             tg.create_task(self._republish(), name="ven-republish")
+
+
+class _Client(OpenADRClient):  # type: ignore[misc]  # openleadr ships no type hints
+    """openleadr's client, except that it sends no report while there is no fresh reading.
+
+    openleadr would send a report without intervals, which openleadr's own VTN answers
+    with an HTTP 500; and stale power is no measurement to give a utility.
+    """
+
+    def __init__(self, *args: Any, has_reading: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._has_reading = has_reading
+        self._skipped = LogLimiter(300.0)
+
+    async def update_report(self, report_request_id: str) -> None:
+        if not self._has_reading():
+            if (n := self._skipped.allow("report")) is not None:
+                log.warning("openadr_report_skipped", reason="no_fresh_reading",
+                            report_request_id=report_request_id, suppressed=n)
+            return
+        await super().update_report(report_request_id)
 
 
 def _sampling_rate(interval: timedelta) -> Any:

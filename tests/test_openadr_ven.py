@@ -1,0 +1,385 @@
+"""OpenADR VEN: event translation (pure), and a real openleadr VTN talking to the VEN over loopback.
+
+The integration tests run an openleadr `OpenADRServer` in-process on 127.0.0.1 (plain
+HTTP, unsigned messages: openleadr checks signatures only on TLS connections), register
+the VEN with it, and watch both ends: the VTN's opt and report callbacks, and the MQTT
+grid topic through a real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from openleadr import OpenADRServer, enums, objects
+from structlog.testing import capture_logs
+
+from controller.broker import LocalBroker
+from controller.cli import main as cli_main
+from controller.config import OpenAdrConfig, SiteConfig
+from controller.payloads import GridEvent, MeterTelemetry, decode
+from controller.topics import SiteTopics
+from drivers.openadr_ven import OPT_IN, OPT_OUT, OpenAdrVen, grid_event_id, translate_event
+from tests.conftest import Peer, make_site, wait_for
+
+# openleadr's VTN keys its aiohttp app by string: a library matter, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey")
+
+NOW = 1_760_000_000.0
+VEN_ID = "ven-test"
+
+
+def dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def oa(**kw: Any) -> OpenAdrConfig:
+    base: dict[str, Any] = {"vtn_url": "http://127.0.0.1:1/OpenADR2/Simple/2.0b",
+                            "ven_name": "mine-1", "level_1_kw": 3000.0, "level_2_kw": 1500.0,
+                            "level_3_kw": 200.0}
+    return OpenAdrConfig(**{**base, **kw})
+
+
+def simple_event(levels: list[float], *, start: float = NOW + 600, step: float = 900,
+                 mod: int = 0, status: str = "far", ramp_s: float | None = None,
+                 name: str = "SIMPLE", stype: str = "level",
+                 measurement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An event as openleadr's client hands it to on_event."""
+    active: dict[str, Any] = {"dtstart": dt(start), "duration": timedelta(seconds=step * len(
+        levels))}
+    if ramp_s is not None:
+        active["ramp_up"] = timedelta(seconds=ramp_s)
+    signal: dict[str, Any] = {
+        "signal_name": name, "signal_type": stype, "signal_id": "s1",
+        "intervals": [{"dtstart": dt(start + i * step), "duration": timedelta(seconds=step),
+                       "signal_payload": v, "uid": i} for i, v in enumerate(levels)]}
+    if measurement is not None:
+        signal["measurement"] = measurement
+    return {"event_descriptor": {"event_id": "ev-1", "modification_number": mod,
+                                 "event_status": status, "priority": 0},
+            "active_period": active, "event_signals": [signal], "response_required": "always"}
+
+
+# --- translation (no I/O) -------------------------------------------------------------
+
+
+def test_simple_levels_map_to_targets_one_grid_event_per_interval_with_an_obligation() -> None:
+    t = translate_event(simple_event([1, 2, 0, 3]), oa(), vtn_id="VTN", now_ts=NOW)
+    assert t.opt == OPT_IN and not t.skipped
+    assert [(e.kind, e.value_kw) for e in t.events] == [
+        ("target_kw", 3000.0), ("target_kw", 1500.0), ("target_kw", 200.0)]
+    first, second, third = t.events
+    assert first.id == grid_event_id("ev-1", 0, 0, 0) == "oadr-ev-1-m0-s0-i0"
+    assert third.id == "oadr-ev-1-m0-s0-i3"  # level 0 (interval 2) is no obligation
+    assert (first.start_ts, first.end_ts, first.deadline_ts) == (NOW + 600, NOW + 1500, NOW + 600)
+    assert (second.start_ts, second.deadline_ts) == (NOW + 1500, NOW + 1500)
+    assert first.source == "openadr:VTN" and not first.cancelled
+
+
+def test_ramp_up_moves_the_first_deadline_unless_configured_off() -> None:
+    event = simple_event([2, 2], ramp_s=120)
+    t = translate_event(event, oa(), vtn_id="VTN", now_ts=NOW)
+    assert [e.deadline_ts for e in t.events] == [NOW + 720, NOW + 1500]
+    t = translate_event(event, oa(deadline_from_ramp_up=False), vtn_id="VTN", now_ts=NOW)
+    assert [e.deadline_ts for e in t.events] == [NOW + 600, NOW + 1500]
+
+
+def test_ended_intervals_are_dropped_and_the_running_one_is_kept() -> None:
+    t = translate_event(simple_event([2, 1], start=NOW - 1000, step=900), oa(), vtn_id="V",
+                        now_ts=NOW)
+    assert t.opt == OPT_IN and [e.value_kw for e in t.events] == [3000.0]
+
+
+@pytest.mark.parametrize(("event", "reason"), [
+    (simple_event([7]), "level_out_of_range"),
+    (simple_event([-1]), "level_out_of_range"),
+    (simple_event([1.5]), "level_out_of_range"),
+    (simple_event([float("nan")]), "bad_value"),
+    (simple_event(["x"]), "bad_value"),  # type: ignore[list-item]
+    (simple_event([2], stype="price"), "unsupported_signal_type"),
+    (simple_event([30], name="ELECTRICITY_PRICE", stype="price"), "unsupported_signal"),
+    (simple_event([1], name="x-unknown", stype="level"), "unsupported_signal"),
+    (simple_event([5], name="LOAD_DISPATCH", stype="multiplier"), "unsupported_signal_type"),
+    (simple_event([1e12], name="LOAD_DISPATCH", stype="setpoint"), "value_out_of_range"),
+    (simple_event([-5], name="LOAD_DISPATCH", stype="setpoint"), "value_out_of_range"),
+    (simple_event([100], name="LOAD_DISPATCH", stype="delta"), "load_increase_unsupported"),
+    (simple_event([5], name="LOAD_DISPATCH", stype="setpoint",
+                  measurement={"name": "energyReal", "unit": "Wh", "scale": "k"}), "bad_unit"),
+    (simple_event([5], step=0), "open_ended_interval"),
+])
+def test_bad_input_is_skipped_with_a_reason_and_opted_out(event: dict[str, Any],
+                                                          reason: str) -> None:
+    t = translate_event(event, oa(), vtn_id="VTN", now_ts=NOW)
+    assert [s.reason for s in t.skipped] == [reason]
+    assert t.opt == OPT_OUT and t.events == []
+
+
+def test_garbage_events_do_not_raise() -> None:
+    events: list[dict[str, Any]] = [
+        {}, {"event_descriptor": {"event_id": "e", "modification_number": 0}},
+        {"event_descriptor": {"event_id": "e", "modification_number": 0},
+         "event_signals": [{"intervals": [{"dtstart": "soon"}]}]},
+        {"event_descriptor": {"event_id": "e", "modification_number": "1"}}]
+    for event in events:
+        t = translate_event(event, oa(), vtn_id="VTN", now_ts=NOW)
+        assert t.opt == OPT_OUT and t.skipped and not t.events
+
+
+def test_load_dispatch_in_watts_kilowatts_and_megawatts() -> None:
+    for scale, value, kw in [("none", 750_000, 750.0), ("k", 750, 750.0), ("M", 0.75, 750.0)]:
+        event = simple_event([value], name="LOAD_DISPATCH", stype="setpoint", measurement={
+            "name": "powerReal", "description": "RealPower", "unit": "W", "scale": scale})
+        t = translate_event(event, oa(), vtn_id="VTN", now_ts=NOW)
+        assert [(e.kind, e.value_kw) for e in t.events] == [("target_kw", kw)], scale
+    t = translate_event(simple_event([-400], name="LOAD_DISPATCH", stype="delta"), oa(),
+                        vtn_id="VTN", now_ts=NOW)  # no item base: kW
+    assert [(e.kind, e.value_kw) for e in t.events] == [("shed_kw", 400.0)]
+
+
+def test_opt_in_policies() -> None:
+    unmapped = simple_event([1, 3])
+    cfg_missing = {"level_3_kw": None}
+    t = translate_event(unmapped, oa(**cfg_missing), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_OUT and t.events == [] and t.skipped[0].reason == "level_not_configured"
+    t = translate_event(unmapped, oa(opt_in="always", **cfg_missing), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_IN and [e.value_kw for e in t.events] == [3000.0]
+    t = translate_event(unmapped, oa(opt_in="never"), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_OUT and t.events == []
+    t = translate_event(simple_event([3]), oa(min_target_kw=500), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_OUT and t.skipped[0].reason == "below_min_target"
+    t = translate_event(simple_event([0, 0]), oa(), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_IN and t.events == []  # nothing asked: trivially honoured
+
+
+def test_odd_event_ids_become_valid_distinct_grid_event_ids() -> None:
+    a = grid_event_id("evt/2024 #1", 3, 0, 0)
+    b = grid_event_id("evt_2024__1", 3, 0, 0)
+    long = grid_event_id("x" * 500, 0, 0, 0)
+    for i in (a, b, long):
+        GridEvent(id=i, kind="emergency", start_ts=1, end_ts=2)  # valid id
+    assert a != b and len(long) <= 128
+
+
+def test_config_rejects_inverted_levels_and_half_a_key_pair() -> None:
+    with pytest.raises(ValueError, match="higher SIMPLE level"):
+        oa(level_1_kw=100, level_2_kw=500)
+    with pytest.raises(ValueError, match="go together"):
+        oa(cert_file="ven.pem")
+
+
+def test_cli_ven_without_openadr_table_is_a_clear_error(tmp_path: Any,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('site_id = "s"\npower_cap_kw = 1000\nhashprice_usd_per_ph_day = 40\n'
+                    '[[fleet.groups]]\nname = "a"\nmodel = "s21"\ncount = 2\n')
+    assert cli_main(["ven", "--config", str(site)]) == 2
+    assert "no [openadr] table" in capsys.readouterr().err
+
+
+# --- a real VTN -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Vtn:
+    server: Any
+    url: str
+    opts: list[tuple[str, str]] = field(default_factory=list)  # (event_id, opt_type)
+    reports: list[tuple[datetime, float]] = field(default_factory=list)
+    registered_reports: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def on_opt(self, ven_id: str, event_id: str, opt_type: str) -> None:
+        self.opts.append((event_id, opt_type))
+
+
+@pytest.fixture
+async def vtn_stopped() -> AsyncIterator[Vtn]:
+    """A VTN set up but not started (`await vtn.server.run()`); stopped at the end if started."""
+    port = free_port()
+    server = OpenADRServer(vtn_id="TestVTN", http_host="127.0.0.1", http_port=port,
+                           requested_poll_freq=timedelta(seconds=1))
+    v = Vtn(server, f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b")
+    server.add_handler("on_create_party_registration", lambda payload: (VEN_ID, "reg-1"))
+
+    def on_register_report(*, ven_id: str, resource_id: str, measurement: str, unit: str,
+                           scale: str, min_sampling_interval: timedelta,
+                           max_sampling_interval: timedelta) -> tuple[Any, timedelta]:
+        v.registered_reports.append((resource_id, measurement, unit, scale))
+        return v.reports.extend, min_sampling_interval  # the VTN's update-report callback
+
+    server.add_handler("on_register_report", on_register_report)
+    try:
+        yield v
+    finally:
+        if getattr(server, "app_runner", None) is not None:
+            await server.stop()
+
+
+@pytest.fixture
+async def vtn(vtn_stopped: Vtn) -> Vtn:
+    """A VTN on a free loopback port, polled every second."""
+    await vtn_stopped.server.run()
+    return vtn_stopped
+
+
+def ven_site(broker: LocalBroker, vtn: Vtn, **openadr: Any) -> SiteConfig:
+    return make_site(broker, [("a", "s21", 2)], openadr={
+        "vtn_url": vtn.url, "ven_name": "mine-test", "level_1_kw": 3000, "level_2_kw": 1500,
+        "level_3_kw": 200, "report_interval_s": 1, **openadr})
+
+
+async def start(cfg: SiteConfig, tasks: Any) -> tuple[OpenAdrVen, Peer]:
+    ven = OpenAdrVen(cfg)
+    grid = Peer(cfg, [SiteTopics(cfg.site_id).grid])
+    tasks(ven.run(), "ven")
+    tasks(grid.run(), "grid-peer")
+    await wait_for(lambda: ven.registered.is_set() and ven.transport.connected.is_set()
+                   and grid.transport.connected.is_set(), what="VEN registered, peers connected")
+    return ven, grid
+
+
+def grid_events(peer: Peer) -> list[GridEvent]:
+    return [decode(GridEvent, raw) for _, raw in peer.received]
+
+
+@pytest.mark.integration
+async def test_vtn_event_opt_in_grid_event_reports_and_cancel(
+        broker: LocalBroker, vtn: Vtn, tasks: Any) -> None:
+    cfg = ven_site(broker, vtn)
+    ven, grid = await start(cfg, tasks)
+    assert vtn.registered_reports == [("test", "RealPower", "W", "none")]
+
+    # The site meter publishes; the VTN receives its power in W.
+    meter = Peer(cfg)
+    tasks(meter.run(), "meter")
+
+    async def meter_loop() -> None:
+        while True:
+            await meter.publish(SiteTopics("test").meter("poi"),
+                                MeterTelemetry(ts=time.time(), power_w=2345.0).encode())
+            await asyncio.sleep(0.3)
+
+    tasks(meter_loop(), "meter-loop")
+    await wait_for(lambda: any(value == 2345.0 for _, value in vtn.reports), timeout_s=15,
+                   what="the meter's power reported to the VTN")
+
+    # An event with SIMPLE level 2 for 10 minutes, then level 0: one GridEvent at 1500 kW.
+    start_dt = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+    vtn.server.add_event(
+        ven_id=VEN_ID, signal_name="SIMPLE", signal_type="level", event_id="dr-42",
+        intervals=[{"dtstart": start_dt, "duration": timedelta(minutes=10), "signal_payload": 2},
+                   {"dtstart": start_dt + timedelta(minutes=10),
+                    "duration": timedelta(minutes=5), "signal_payload": 0}],
+        callback=vtn.on_opt)
+    await wait_for(lambda: ("dr-42", "optIn") in vtn.opts, timeout_s=15, what="VEN opted in")
+    await wait_for(lambda: len(grid.received) == 1, what="GridEvent on the grid topic")
+    (event,) = grid_events(grid)
+    assert event.id == "oadr-dr-42-m0-s0-i0"
+    assert (event.kind, event.value_kw, event.cancelled) == ("target_kw", 1500.0, False)
+    assert event.start_ts == start_dt.timestamp() == event.deadline_ts
+    assert event.end_ts == start_dt.timestamp() + 600
+    assert event.source == "openadr:TestVTN"
+
+    # Retained: a controller that connects later still gets it.
+    late = Peer(cfg, [SiteTopics("test").grid])
+    tasks(late.run(), "late-peer")
+    await wait_for(lambda: len(late.received) == 1, what="retained GridEvent")
+    assert grid_events(late)[0] == event
+
+    # The VTN cancels: the same id comes back cancelled.
+    vtn.server.cancel_event(VEN_ID, "dr-42")
+    await wait_for(lambda: len(grid.received) == 2, timeout_s=15, what="cancellation")
+    cancelled = grid_events(grid)[1]
+    assert cancelled == event.model_copy(update={"cancelled": True})
+    assert ven.opts["dr-42"] == OPT_IN
+
+
+@pytest.mark.integration
+async def test_bad_vtn_events_are_skipped_and_the_ven_keeps_going(
+        broker: LocalBroker, vtn_stopped: Vtn, tasks: Any) -> None:
+    vtn = vtn_stopped
+    # openleadr's VTN will not send a SIMPLE level above 3, so the test sends level 3 and
+    # turns it into 9 on the wire (plain HTTP, unsigned: nothing notices).
+    @web.middleware
+    async def absurd_level(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if isinstance(response, web.Response) and response.text \
+                and "<ei:eventID>absurd</ei:eventID>" in response.text:
+            response.text = response.text.replace("<ei:value>3</ei:value>",
+                                                  "<ei:value>9</ei:value>")
+        return response
+
+    vtn.server.app.middlewares.append(absurd_level)
+    await vtn.server.run()
+    cfg = ven_site(broker, vtn)
+    with capture_logs() as logs:
+        ven, grid = await start(cfg, tasks)
+        await send_bad_and_good_events(vtn)
+        await wait_for(lambda: {e for e, _ in vtn.opts} == {"absurd", "price", "dispatch"},
+                       timeout_s=20, what="answers to all three events")
+    skipped = {(e["event_id"], e["reason"]) for e in logs
+               if e["event"] == "openadr_signal_skipped"}
+    assert skipped == {("absurd", "level_out_of_range"), ("price", "unsupported_signal")}
+    assert dict(vtn.opts) == {"absurd": "optOut", "price": "optOut", "dispatch": "optIn"}
+    await wait_for(lambda: len(grid.received) >= 1, what="the dispatch GridEvent")
+    await asyncio.sleep(0.5)
+    (event,) = grid_events(grid)
+    assert (event.id, event.kind, event.value_kw) == ("oadr-dispatch-m0-s0-i0", "target_kw", 800.0)
+    assert ven.registered.is_set()
+
+
+async def send_bad_and_good_events(vtn: Vtn) -> None:
+    start_dt = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+    interval = {"dtstart": start_dt, "duration": timedelta(minutes=30)}
+    vtn.server.add_event(ven_id=VEN_ID, signal_name="SIMPLE", signal_type="level",
+                         event_id="absurd", intervals=[{**interval, "signal_payload": 3}],
+                         callback=vtn.on_opt)
+    vtn.server.add_event(ven_id=VEN_ID, signal_name="ELECTRICITY_PRICE", signal_type="price",
+                         event_id="price", intervals=[{**interval, "signal_payload": 0.3}],
+                         callback=vtn.on_opt)
+    # LOAD_DISPATCH with a real-power item base in kW.
+    signal = objects.EventSignal(
+        intervals=[objects.Interval(dtstart=start_dt, duration=timedelta(minutes=30),
+                                    signal_payload=800.0)],
+        signal_name="LOAD_DISPATCH", signal_type="setpoint", signal_id="ld-1",
+        measurement=objects.Measurement(name="powerReal", description="RealPower", unit="W",
+                                        scale="k", power_attributes=enums.MEASUREMENTS
+                                        .REAL_POWER.power_attributes))
+    dispatch = objects.Event(
+        event_descriptor=objects.EventDescriptor(event_id="dispatch", modification_number=0,
+                                                 market_context="oadr://test", event_status="far"),
+        event_signals=[signal], targets=[{"ven_id": VEN_ID}])
+    vtn.server.add_raw_event(ven_id=VEN_ID, event=dispatch, callback=vtn.on_opt)
+
+
+@pytest.mark.integration
+async def test_events_wait_for_the_broker(broker: LocalBroker, tasks: Any) -> None:
+    """A GridEvent translated while MQTT is away is published once the broker is reachable."""
+    cfg = make_site(broker, [("a", "s21", 2)], openadr={
+        "vtn_url": "http://127.0.0.1:1/x", "ven_name": "v", "level_2_kw": 1500})
+    ven = OpenAdrVen(cfg)
+    opt = await ven.on_event(simple_event([2], start=time.time() + 600))
+    assert opt == OPT_IN and len(ven._outbox) == 1  # nothing connected yet
+    grid = Peer(cfg, [SiteTopics("test").grid])
+    tasks(grid.run(), "grid-peer")
+    await grid.transport.connected.wait()
+    mqtt = tasks(ven.transport.run(ven._on_mqtt), "ven-mqtt")
+    await wait_for(lambda: len(grid.received) == 1, what="deferred GridEvent")
+    assert grid_events(grid)[0].id == "oadr-ev-1-m0-s0-i0" and not ven._outbox
+    mqtt.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await mqtt
