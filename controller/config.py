@@ -345,7 +345,9 @@ class OpenAdrConfig(_Strict):
         "a lower target is not honoured under when_mapped",
     )
     deadline_from_ramp_up: bool = Field(
-        default=True,
+        # OpenADR's ramp-up is time *before* the start: the safe reading for the grid is to
+        # be at the target by the start, so the lenient one is opt-in.
+        default=False,
         description="Deadline = start + the event's ramp-up period (x-eiRampUp); false: the start",
     )
     republish_s: float = Field(

@@ -84,12 +84,12 @@ def test_simple_levels_map_to_targets_one_grid_event_per_interval_with_an_obliga
     assert first.source == "openadr:VTN" and not first.cancelled
 
 
-def test_ramp_up_moves_the_first_deadline_unless_configured_off() -> None:
+def test_ramp_up_moves_the_first_deadline_only_when_configured() -> None:
     event = simple_event([2, 2], ramp_s=120)
-    t = translate_event(event, oa(), vtn_id="VTN", now_ts=NOW)
+    t = translate_event(event, oa(deadline_from_ramp_up=True), vtn_id="VTN", now_ts=NOW)
     assert [e.deadline_ts for e in t.events] == [NOW + 720, NOW + 1500]
-    t = translate_event(event, oa(deadline_from_ramp_up=False), vtn_id="VTN", now_ts=NOW)
-    assert [e.deadline_ts for e in t.events] == [NOW + 600, NOW + 1500]
+    t = translate_event(event, oa(), vtn_id="VTN", now_ts=NOW)
+    assert [e.deadline_ts for e in t.events] == [NOW + 600, NOW + 1500], "safe default"
 
 
 def test_ended_intervals_are_dropped_and_the_running_one_is_kept() -> None:
