@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import secrets
@@ -164,7 +165,7 @@ class LuxosApiServer:
         try:
             for api in self.miners.values():
                 server = await asyncio.start_server(
-                    lambda r, w, a=api: self._serve(a, r, w), api.host, self.port,
+                    functools.partial(self._serve, api), api.host, self.port,
                     reuse_address=True, backlog=64)
                 self._servers.append(server)
         except OSError:
@@ -312,7 +313,7 @@ class LuxosApiServer:
 
     def _power(self, api: _MinerApi) -> Reply:
         return {"STATUS": _status(335, "Power"),
-                "POWER": [{"Watts": int(round(float(self.fleet.power_w[api.index])))}], "id": 1}
+                "POWER": [{"Watts": round(float(self.fleet.power_w[api.index]))}], "id": 1}
 
     def _fans(self, api: _MinerApi) -> Reply:
         f, i = self.fleet, api.index
@@ -333,7 +334,7 @@ class LuxosApiServer:
 
     def _profiles(self, api: _MinerApi) -> Reply:
         return {"STATUS": _status(300, "Profiles"), "PROFILES": [
-            {"Profile Name": p.name, "Watts": int(round(p.watts)),
+            {"Profile Name": p.name, "Watts": round(p.watts),
              "Hashrate": round(p.hashrate_ths, 2), "IsTuned": False, "Frequency": p.mhz,
              "Voltage": round(12.0 + 3.0 * p.watts / api.model.max_w, 2), "Step": k}
             for k, p in enumerate(api.profiles)], "id": 1}
@@ -388,7 +389,7 @@ class LuxosApiServer:
         self.fleet.target_w[i] = profile.watts
         api.profile = profile.name
         return {"STATUS": _status(302, "Profile set"),
-                "PROFILE": [{"Profile": profile.name, "Watts": int(round(profile.watts))}],
+                "PROFILE": [{"Profile": profile.name, "Watts": round(profile.watts)}],
                 "id": 1}
 
     def _atmset(self, api: _MinerApi, args: list[str]) -> Reply:
