@@ -12,9 +12,11 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from controller import logs
 from controller.catalogue import load_catalogue
-from controller.config import ConfigError, SiteConfig, load_config
+from controller.config import ConfigError, SiteConfig, describe_validation_error, load_config
 from drivers.price_csv import PriceFileError, load_price_csv
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -23,7 +25,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "controller.backtest_cli", "controller.events_cli", "controller.decode_cli",
-    "controller.ven_cli",
+    "controller.ven_cli", "controller.bridge_cli",
 )
 
 
@@ -71,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between telemetry rounds, a message per rack (default 1)")
     sim.add_argument("--speed", type=_positive, default=1.0,
                      help="simulated seconds per real second (default 1)")
+    sim.add_argument("--miners", type=_count, metavar="N",
+                     help="simulate only the first N miners of the fleet")
+    sim.add_argument("--luxos-api", action="store_true",
+                     help="also serve each simulated Antminer's LuxOS API on its own loopback "
+                     "address (127.0.0.2, 127.0.0.3, ... port 4028); prints the address map")
+    sim.add_argument("--luxos-only", action="store_true",
+                     help="like --luxos-api, but the miners speak only LuxOS (no MQTT miner "
+                     "telemetry or commands): for `mineops bridge` to be their voice")
     _price_args(sim)
 
     demo = sub.add_parser(
@@ -148,9 +158,48 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     prices = (None if args.no_prices else
               load_price_csv(args.prices, args.price_column) if args.prices else
               synthetic_prices())
-    await SimulatedSite(cfg, speed=args.speed, prices=prices,
-                        telemetry_interval_s=args.telemetry_interval).run()
+    if args.miners is not None:
+        cfg = _first_miners(cfg, args.miners)
+    luxos = args.luxos_api or args.luxos_only
+    site = SimulatedSite(cfg, speed=args.speed, prices=prices,
+                         telemetry_interval_s=args.telemetry_interval,
+                         miner_mqtt=not args.luxos_only)
+    if not luxos:
+        await site.run()
+        return EXIT_OK
+    from simulators.luxos_api import LuxosApiServer, address_map_lines  # noqa: PLC0415
+
+    catalogue = load_catalogue()
+    api = LuxosApiServer(site.fleet, [catalogue.get(m.model) for m in cfg.inventory])
+    await api.start()
+    groups: dict[str, list[str]] = {}
+    for m in cfg.inventory:
+        groups.setdefault(m.group, []).append(m.id)
+    print(f"LuxOS API of {len(api.miners)} simulated miners:", flush=True)
+    for line in address_map_lines(api, groups):
+        print(line, flush=True)
+    try:
+        await site.run()
+    finally:
+        await api.close()
     return EXIT_OK
+
+
+def _first_miners(cfg: SiteConfig, n: int) -> SiteConfig:
+    """The site with only the first `n` miners of its inventory (ids and groups kept)."""
+    data = cfg.model_dump(exclude={"fleet", "bridge"})
+    kept = cfg.inventory[:n]
+    data["fleet"] = {"miners": [m.model_dump() for m in kept]}
+    # Grid settings may name racks that are now left out.
+    groups = {m.group for m in kept}
+    grid = data["grid"]
+    grid["keep_alive_groups"] = [g for g in grid["keep_alive_groups"] if g in groups]
+    grid["frequency"]["shed_groups"] = [g for g in grid["frequency"]["shed_groups"]
+                                        if g in groups]
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"--miners {n}: {describe_validation_error(e)}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import ipaddress
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,20 +44,13 @@ Reply = dict[str, Any]
 
 
 def loopback_addresses(first: str, count: int) -> list[str]:
-    """`count` consecutive loopback addresses from `first`, skipping .0 and .255 hosts."""
+    """`count` consecutive loopback addresses from `first` (as a bridge range expands them)."""
     start = ipaddress.IPv4Address(first)
-    if not start.is_loopback:
-        raise ValueError(f"{first} is not a loopback address (only 127.0.0.0/8 is served)")
-    out: list[str] = []
-    n = int(start)
-    while len(out) < count:
-        addr = ipaddress.IPv4Address(n)
-        if not addr.is_loopback:
-            raise ValueError(f"{count} addresses from {first} run out of 127.0.0.0/8")
-        if n & 0xFF not in (0, 255):
-            out.append(str(addr))
-        n += 1
-    return out
+    last = ipaddress.IPv4Address(int(start) + max(count - 1, 0))
+    if not (start.is_loopback and last.is_loopback):
+        raise ValueError(f"{count} addresses from {first} leave 127.0.0.0/8 (only loopback "
+                         "addresses are served)")
+    return [str(ipaddress.IPv4Address(int(start) + k)) for k in range(count)]
 
 
 def serves_luxos(model: MinerModel) -> bool:
@@ -437,13 +430,25 @@ async def _read_request(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     return None
 
 
-def address_map_lines(server: LuxosApiServer, groups: dict[str, Sequence[str]]) -> Iterator[str]:
-    """Human-readable address map, one line per group range, for `mineops simulate`."""
+def address_map_lines(server: LuxosApiServer, groups: Mapping[str, Sequence[str]]) -> Iterator[str]:
+    """The address map, one line per group, then the `[bridge]` table that reaches it."""
     addresses = server.addresses
+    ranges = []
     for group, ids in groups.items():
         served = [i for i in ids if i in addresses]
         if not served:
             continue
         first, last = addresses[served[0]], addresses[served[-1]]
-        yield (f"  {group:12} {len(served):5d} miners  {served[0]} .. {served[-1]}  "
+        ranges.append((group, first, len(served)))
+        yield (f"  {group:12} {len(served):6d} miners  {served[0]} .. {served[-1]}  "
                f"{first} .. {last}  port {server.port}")
+    if server.skipped:
+        yield f"  ({len(server.skipped)} miners of non-Antminer models have no LuxOS API)"
+    yield ""
+    yield "  # for `mineops bridge`, in the site file:"
+    yield "  [bridge]"
+    yield "  miners = ["
+    for group, first, count in ranges:
+        yield f'    {{ group = "{group}", first_host = "{first}", count = {count}, ' \
+              'firmware = "luxos" },'
+    yield "  ]"

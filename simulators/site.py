@@ -48,8 +48,12 @@ class SimulatedSite:
         telemetry_interval_s: float = 1.0,
         meter_interval_s: float = 1.0,
         seed: int = 0,
+        miner_mqtt: bool = True,
     ) -> None:
         self.cfg = cfg
+        # False when the miners speak only through another API (e.g. LuxOS for the bridge):
+        # then the site publishes the meter and prices, and no miner telemetry or commands.
+        self.miner_mqtt = miner_mqtt
         self.topics = SiteTopics(cfg.site_id)
         catalogue = load_catalogue()
         inventory = cfg.inventory
@@ -79,7 +83,7 @@ class SimulatedSite:
         self.transport = Transport(
             cfg.broker,
             client_id=f"mineops-sim-{cfg.site_id}",
-            subscriptions=self.topics.simulator_subscriptions(),
+            subscriptions=self.topics.simulator_subscriptions() if miner_mqtt else [],
             on_connect=self._announce,
             on_close=self._goodbye,
         )
@@ -87,6 +91,8 @@ class SimulatedSite:
     # -- MQTT -------------------------------------------------------------------
 
     async def _announce(self) -> None:
+        if not self.miner_mqtt:
+            return
         for g in self.groups:
             await self.transport.publish(self.topics.group(g, "availability"), ONLINE, qos=1,
                                          retain=True)
@@ -151,12 +157,15 @@ class SimulatedSite:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.transport.run(self.on_message), name="sim-mqtt")
             tg.create_task(self._physics(), name="sim-physics")
-            tg.create_task(self._telemetry(), name="sim-telemetry")
+            if self.miner_mqtt:
+                tg.create_task(self._telemetry(), name="sim-telemetry")
             tg.create_task(self._meter(), name="sim-meter")
             if self.prices is not None:
                 tg.create_task(self._price_replay(self.prices), name="sim-prices")
 
     async def _goodbye(self) -> None:
+        if not self.miner_mqtt:
+            return
         await asyncio.gather(*(
             self.transport.publish(self.topics.group(g, "availability"), OFFLINE, qos=1,
                                    retain=True)
