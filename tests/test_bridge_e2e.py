@@ -1,0 +1,232 @@
+"""End to end: simulated LuxOS miners, the bridge, a real broker and the controller.
+
+The simulated site publishes only its meter: the miners' only voice is their LuxOS API,
+which the bridge reads with pyasic and speaks for on MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from controller.broker import LocalBroker
+from controller.catalogue import load_catalogue
+from controller.config import SiteConfig
+from controller.daemon import Controller
+from controller.payloads import GroupTelemetry, PriceSignal, decode
+from controller.topics import SiteTopics
+from drivers.bridge import MinerBridge
+from drivers.bridge_capabilities import GroupCapabilities
+from simulators.fleet import Mode
+from simulators.luxos_api import LuxosApiServer, luxos_profiles
+from simulators.site import SimulatedSite
+from tests.conftest import Peer, make_site, wait_for
+from tests.test_luxos_pyasic import free_loopback_base
+
+pytestmark = pytest.mark.integration
+
+SPEED = 100.0  # sleep in 0.1 s, wake in ~2 s
+
+
+def price(p: float) -> bytes:
+    return PriceSignal(ts=time.time(), price_usd_per_mwh=p).encode()
+
+
+@dataclass
+class Rig:
+    cfg: SiteConfig
+    site: SimulatedSite
+    api: LuxosApiServer
+    bridge: MinerBridge
+    peer: Peer
+
+
+def bridged_site(broker: LocalBroker, groups: list[tuple[str, str, int]],
+                 **bridge: Any) -> SiteConfig:
+    first = free_loopback_base()
+    ranges, offset = [], 0
+    base = first.rsplit(".", 1)[0]
+    for name, _, count in groups:
+        ranges.append({"group": name, "first_host": f"{base}.{2 + offset}",
+                       "firmware": "luxos"})
+        offset += count
+    assert offset < 250
+    return make_site(broker, groups, bridge={
+        "miners": ranges, "poll_interval_s": 0.5, "timeout_s": 2.0, "offline_after_polls": 2,
+        **bridge})
+
+
+@pytest.fixture
+async def start_rig(broker: LocalBroker, tasks: Any) -> AsyncIterator[Callable[..., Any]]:
+    servers: list[LuxosApiServer] = []
+
+    async def start(groups: list[tuple[str, str, int]], **bridge: Any) -> Rig:
+        cfg = bridged_site(broker, groups, **bridge)
+        assert cfg.bridge is not None
+        site = SimulatedSite(cfg, speed=SPEED, meter_interval_s=0.1, miner_mqtt=False)
+        catalogue = load_catalogue()
+        first = cfg.bridge.endpoints(cfg.inventory)[0].host
+        api = LuxosApiServer(site.fleet, [catalogue.get(m.model) for m in cfg.inventory],
+                             first_address=first)
+        await api.start()
+        servers.append(api)
+        assert api.addresses == {e.id: e.host for e in cfg.bridge.endpoints(cfg.inventory)}
+        bridge_ = MinerBridge(cfg)
+        peer = Peer(cfg, [f"{SiteTopics(cfg.site_id).base}/#"])
+        tasks(site.run(), "sim")
+        tasks(bridge_.run(), "bridge")
+        tasks(peer.run(), "peer")
+        await wait_for(lambda: site.transport.connected.is_set()
+                       and bridge_.transport.connected.is_set()
+                       and peer.transport.connected.is_set(), what="all connected")
+        return Rig(cfg, site, api, bridge_, peer)
+
+    yield start
+    for api in servers:
+        await api.close()
+
+
+async def test_price_spike_sleeps_inefficient_miners_through_the_bridge(
+        start_rig: Callable[..., Any], tasks: Any) -> None:
+    catalogue = load_catalogue()
+    old, new = catalogue.get("s19j_pro"), catalogue.get("s21")
+    hp = 42.0
+    # Above what the S19j Pro earns even at its most efficient target; below the S21's.
+    best_old = max(old.hashrate_ths(w) / w for w in old.targets_w())
+    spike = 0.5 * (hp / 1000 / 24 * best_old * 1e6 + new.breakeven_usd_per_mwh(hp))
+    assert spike < new.breakeven_usd_per_mwh(hp)
+
+    rig: Rig = await start_rig([("old", "s19j_pro", 30), ("new", "s21", 30)])
+    fleet = rig.site.fleet
+    old_idx, new_idx = np.arange(30), np.arange(30, 60)
+    controller = Controller(rig.cfg)
+    tasks(controller.run(), "controller")
+    await rig.peer.publish(controller.topics.price, price(10.0), qos=1, retain=True)
+    await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()), timeout_s=15,
+                   what="bridge telemetry for every miner")
+    await wait_for(lambda: bool((fleet.mode == Mode.RUNNING).all()), what="all running")
+    # The controller sees what the LuxOS API says, through the bridge.
+    await wait_for(lambda: bool(np.allclose(controller.fleet.power_w, fleet.power_w,
+                                            rtol=0.03, atol=30)), what="power as simulated")
+
+    await rig.peer.publish(controller.topics.price, price(spike), qos=1, retain=True)
+    await wait_for(lambda: bool((fleet.mode[old_idx] == Mode.SLEEPING).all()), timeout_s=20,
+                   what="the S19j Pros asleep")
+    assert (fleet.mode[new_idx] == Mode.RUNNING).all(), "the S21s keep running"
+    assert (fleet.power_w[old_idx] < 50).all()
+    # Through the bridge and LuxOS `curtail`, not the simulator's own MQTT commands.
+    assert rig.site.commands_applied == 0
+    assert rig.bridge.commands_applied >= 30
+    assert all(rig.api.miners[fleet.ids[i]].session_id for i in old_idx), "logged on"
+    await wait_for(lambda: bool((controller.fleet.ack_seq[old_idx]
+                                 >= controller.actuator.seq[old_idx]).all()),
+                   what="sleep acknowledged in bridge telemetry")
+    await wait_for(lambda: (controller.fleet.counts_by_state(time.monotonic(), 5.0)
+                            ["sleeping"] >= 30), what="the controller sees them asleep")
+
+    await rig.peer.publish(controller.topics.price, price(10.0), qos=1, retain=True)
+    await wait_for(lambda: bool((fleet.mode == Mode.RUNNING).all()), timeout_s=20,
+                   what="the S19j Pros awake again")
+    await wait_for(lambda: bool((fleet.power_w[old_idx] > 0.5 * old.nominal_w).all()),
+                   what="and drawing power")
+    assert rig.bridge.commands_failed == 0
+
+
+async def test_silent_miner_goes_offline_and_comes_back_after_a_restart(
+        start_rig: Callable[..., Any], tasks: Any) -> None:
+    rig: Rig = await start_rig([("a", "s21", 6)])
+    fleet, topics = rig.site.fleet, SiteTopics(rig.cfg.site_id)
+    controller = Controller(rig.cfg)
+    tasks(controller.run(), "controller")
+    await rig.peer.publish(controller.topics.price, price(10.0), qos=1, retain=True)
+    await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()), what="telemetry")
+
+    def availability(miner_id: str) -> str | None:
+        topic = topics.miner(miner_id, "availability")
+        seen = [raw.decode() for t, raw in rig.peer.received if t == topic]
+        return seen[-1] if seen else None
+
+    fleet.set_offline(np.array([1, 2]))
+    await wait_for(lambda: availability("a-0002") == "offline"
+                   and availability("a-0003") == "offline", timeout_s=10,
+                   what="two miners announced offline")
+    assert rig.bridge.devices["a-0002"].failures >= 2
+    now = time.monotonic()
+    assert controller.fleet.stale(now, rig.cfg.policy.telemetry_stale_s)[[1, 2]].all(), \
+        "the controller counts them at maximum power"
+    await wait_for(lambda: controller.fleet.counts_by_state(time.monotonic(), 5.0)["offline"]
+                   == 2, what="two offline in the controller's view")
+
+    # Their telemetry is left out while they are away.
+    def last_reported() -> set[str]:
+        last = [decode(GroupTelemetry, raw) for t, raw in rig.peer.received
+                if t == topics.group("a", "telemetry")][-1]
+        return {r.id for r in last.miners}
+
+    await wait_for(lambda: last_reported() == {"a-0001", "a-0004", "a-0005", "a-0006"},
+                   what="telemetry without the silent two")
+
+    # They reboot (new sessions) and answer again: picked up, and commandable.
+    rig.api.restart(["a-0002", "a-0003"])
+    fleet.set_offline(np.array([1, 2]), False)
+    await wait_for(lambda: availability("a-0002") == "online"
+                   and availability("a-0003") == "online", timeout_s=10, what="back online")
+    await wait_for(lambda: controller.fleet.counts_by_state(time.monotonic(), 5.0)["offline"]
+                   == 0, what="none offline")
+    await rig.peer.publish(controller.topics.price, price(5000.0), qos=1, retain=True)
+    await wait_for(lambda: bool((fleet.mode == Mode.SLEEPING).all()), timeout_s=15,
+                   what="all asleep at $5000/MWh, the restarted ones too")
+    assert rig.api.miners["a-0002"].session_id, "a new session after the restart"
+
+
+async def test_capabilities_expose_presets(start_rig: Callable[..., Any]) -> None:
+    rig: Rig = await start_rig([("a", "s21", 3), ("b", "s19j_pro", 2)])
+    topics = SiteTopics(rig.cfg.site_id)
+
+    def caps(group: str) -> GroupCapabilities | None:
+        seen = [raw for t, raw in rig.peer.received if t == topics.group(group, "capabilities")]
+        return decode(GroupCapabilities, seen[-1]) if seen else None
+
+    await wait_for(lambda: caps("a") is not None and caps("b") is not None,
+                   what="capabilities of both groups")
+    catalogue = load_catalogue()
+    for group, key, ids in (("a", "s21", ["a-0001", "a-0002", "a-0003"]),
+                            ("b", "s19j_pro", ["b-0001", "b-0002"])):
+        got = caps(group)
+        assert got is not None and len(got.sets) == 1
+        s = got.sets[0]
+        assert s.control == "presets" and s.firmware == "LuxOS"
+        assert s.miners == ids
+        profiles = luxos_profiles(catalogue.get(key))
+        assert s.presets_w == [round(p.watts) for p in profiles]
+        assert s.presets_ths == pytest.approx([round(p.hashrate_ths) for p in profiles])
+    # Retained: a controller that starts later still learns them.
+    late = Peer(rig.cfg, [topics.group("a", "capabilities")])
+    task = asyncio.create_task(late.run())
+    try:
+        await wait_for(lambda: bool(late.received), what="retained capabilities")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_set_power_snaps_to_a_preset(start_rig: Callable[..., Any]) -> None:
+    rig: Rig = await start_rig([("a", "s21", 2)])
+    topics = SiteTopics(rig.cfg.site_id)
+    fleet = rig.site.fleet
+    await wait_for(lambda: all(d.reading is not None for d in rig.bridge.devices.values()),
+                   what="first poll")
+    cmd = ('{"v":1,"seq":7,"ts":1,"targets":{"a-0001":{"action":"set_power","power_w":2450},'
+           '"a-0002":{"action":"set_power","power_w":900}}}')
+    await rig.peer.publish(topics.group("a", "cmd"), cmd, qos=1)
+    await wait_for(lambda: fleet.target_w[0] == 2400 and fleet.target_w[1] == 1800,
+                   what="highest preset at or below; the lowest when none is")
+    await wait_for(lambda: all(d.ack_seq == 7 for d in rig.bridge.devices.values()),
+                   what="acknowledged")
