@@ -148,6 +148,8 @@ class LuxosApiServer:
             self.miners[fleet.ids[i]] = _MinerApi(i, fleet.ids[i], model, host, profiles[key])
         self.skipped = [fleet.ids[i] for i, m in enumerate(models) if not serves_luxos(m)]
         self._servers: list[asyncio.Server] = []
+        self.connections = 0  # open now, across all miners
+        self.max_connections = 0  # the most at once: what a client's concurrency bound allows
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -201,6 +203,8 @@ class LuxosApiServer:
 
     async def _serve(self, api: _MinerApi, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.max_connections = max(self.max_connections, self.connections)
         try:
             if self.fleet.offline[api.index]:
                 writer.transport.abort()
@@ -213,6 +217,7 @@ class LuxosApiServer:
         except (TimeoutError, ConnectionError):
             pass
         finally:
+            self.connections -= 1
             # One request per connection: closing is how the client knows the reply is whole.
             writer.close()
             with contextlib.suppress(Exception):

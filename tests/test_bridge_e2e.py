@@ -7,6 +7,7 @@ which the bridge reads with pyasic and speaks for on MQTT.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,14 +50,12 @@ class Rig:
 
 def bridged_site(broker: LocalBroker, groups: list[tuple[str, str, int]],
                  **bridge: Any) -> SiteConfig:
-    first = free_loopback_base()
+    first = int(ipaddress.IPv4Address(free_loopback_base()))
     ranges, offset = [], 0
-    base = first.rsplit(".", 1)[0]
     for name, _, count in groups:
-        ranges.append({"group": name, "first_host": f"{base}.{2 + offset}",
+        ranges.append({"group": name, "first_host": str(ipaddress.IPv4Address(first + offset)),
                        "firmware": "luxos"})
         offset += count
-    assert offset < 250
     return make_site(broker, groups, bridge={
         "miners": ranges, "poll_interval_s": 0.5, "timeout_s": 2.0, "offline_after_polls": 2,
         **bridge})
@@ -230,3 +229,30 @@ async def test_set_power_snaps_to_a_preset(start_rig: Callable[..., Any]) -> Non
                    what="highest preset at or below; the lowest when none is")
     await wait_for(lambda: all(d.ack_seq == 7 for d in rig.bridge.devices.values()),
                    what="acknowledged")
+
+
+@pytest.mark.slow
+async def test_a_thousand_miners_polled_within_ten_seconds(broker: LocalBroker) -> None:
+    """One bridge process, 1,000 LuxOS miners (served by this same process), 10 s poll."""
+    n, concurrency = 1000, 128
+    cfg = bridged_site(broker, [("a", "s21", n // 2), ("b", "s19j_pro", n // 2)],
+                       concurrency=concurrency, poll_interval_s=10.0)
+    assert cfg.bridge is not None
+    site = SimulatedSite(cfg, speed=1.0, miner_mqtt=False)
+    catalogue = load_catalogue()
+    endpoints = cfg.bridge.endpoints(cfg.inventory)
+    api = LuxosApiServer(site.fleet, [catalogue.get(m.model) for m in cfg.inventory],
+                         first_address=endpoints[0].host)
+    async with api:
+        bridge = MinerBridge(cfg)
+        await bridge.poll_once()  # identifies every miner and reads its presets
+        assert all(d.online for d in bridge.devices.values())
+        await bridge.poll_once()
+        steady_s = bridge.last_cycle_s
+        assert steady_s < 10.0, f"a poll of {n} miners took {steady_s:.1f} s"
+        assert api.max_connections <= concurrency
+        powers = np.array([bridge.devices[i].reading.power_w  # type: ignore[union-attr]
+                           for i in site.fleet.ids])
+        assert np.allclose(powers, site.fleet.power_w, atol=1.0)
+    print(f"\n{n} miners: steady poll {steady_s:.2f} s, at most {api.max_connections} "
+          "connections at once")
