@@ -30,6 +30,7 @@ from controller.payloads import (
     DecisionSummary,
     FleetCommand,
     GridEvent,
+    GroupCapabilities,
     GroupTelemetry,
     HashpriceSignal,
     MeterTelemetry,
@@ -107,6 +108,7 @@ class Controller:
             t.miner("+", "availability"),
             t.group("+", "telemetry"),
             t.group("+", "availability"),
+            t.group("+", "capabilities"),
             f"{t.base}/meter/+/telemetry",
             t.price,
             t.price_schedule,
@@ -254,6 +256,8 @@ class Controller:
             fleet.site.price_at = now
             if changed:
                 self.trigger("price")
+        elif kind is Kind.GROUP_CAPABILITIES:
+            self._apply_capabilities(decode(GroupCapabilities, raw))
         elif kind is Kind.PRICE_SCHEDULE:
             self.price_schedule = decode(PriceSchedule, raw)
             self.trigger("price_schedule")
@@ -263,6 +267,29 @@ class Controller:
             self.trigger("hashprice")
         else:
             raise PayloadError("unknown_topic", "not a topic the controller reads")
+
+    def _apply_capabilities(self, caps: GroupCapabilities) -> None:
+        """A bridge's firmware facts: preset-only miners plan over their presets alone."""
+        fleet = self.fleet
+        changed = False
+        for s in caps.sets:
+            idx = [i for i in (fleet.index.get(m) for m in s.miners) if i is not None]
+            by_model: dict[int, list[int]] = {}
+            for i in idx:
+                by_model.setdefault(int(fleet.model_idx[i]), []).append(i)
+            for m, ix in by_model.items():
+                model = fleet.models[m]
+                if s.control == "presets" and s.presets_w:
+                    changed |= fleet.set_points(ix, s.presets_w, s.presets_ths)
+                elif s.control == "none":  # stock firmware: stock or asleep
+                    changed |= fleet.set_points(ix, [model.nominal_w], None)
+        if changed:
+            # The step order depends on every row: prepare again (rare: retained, per session).
+            self.prepared = prepare(fleet.points_w, fleet.points_ths)
+            top = self.prepared.max_level
+            self.policy_state.level = np.minimum(self.policy_state.level, top)
+            log.info("operating_points_updated", sets=len(caps.sets))
+            self.trigger("capabilities")
 
     def _miner(self, miner_id: str) -> int:
         i = self.fleet.index.get(miner_id)

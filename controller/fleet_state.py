@@ -45,6 +45,7 @@ class FleetState:
         kidx = {k: i for i, k in enumerate(self.model_keys)}
         self.model_idx = np.array([kidx[m.model] for m in inventory], dtype=np.intp)
         models = [catalogue.get(k) for k in self.model_keys]
+        self.models = models
         power, hashrate = operating_points(models)
         self.points_w = power[self.model_idx]
         self.points_ths = hashrate[self.model_idx]
@@ -63,6 +64,39 @@ class FleetState:
         self.last_seen = np.full(n, -np.inf)
         self.announced_offline = np.zeros(n, dtype=bool)
         self.site = SiteReadings()
+
+    def set_points(self, idx: Sequence[int], power_w: Sequence[float],
+                   hashrate_ths: Sequence[float] | None) -> bool:
+        """Give miners `idx` these operating points (a firmware's presets); True if changed.
+
+        Column 0 stays sleep; hashrate defaults to the model's curve at those powers.
+        Rows are padded by repeating their last point, and the arrays widen if needed.
+        """
+        ix = np.asarray(idx, dtype=np.intp)
+        if ix.size == 0:
+            return False
+        model = self.models[int(self.model_idx[ix[0]])]
+        p = np.asarray(power_w, dtype=np.float64)
+        h = (model.hashrate_ths(p) if hashrate_ths is None
+             else np.asarray(hashrate_ths, dtype=np.float64))
+        row_w = np.concatenate([[model.sleep_w], p])
+        row_h = np.concatenate([[0.0], h])
+        k = self.points_w.shape[1]
+        if row_w.size > k:  # widen every row by repeating its last point
+            extra = row_w.size - k
+            self.points_w = np.hstack([self.points_w, np.repeat(self.points_w[:, -1:], extra, 1)])
+            self.points_ths = np.hstack(
+                [self.points_ths, np.repeat(self.points_ths[:, -1:], extra, 1)])
+            k = row_w.size
+        pad_w = np.concatenate([row_w, np.repeat(row_w[-1], k - row_w.size)])
+        pad_h = np.concatenate([row_h, np.repeat(row_h[-1], k - row_h.size)])
+        if (np.array_equal(self.points_w[ix], np.broadcast_to(pad_w, (ix.size, k)))
+                and np.array_equal(self.points_ths[ix], np.broadcast_to(pad_h, (ix.size, k)))):
+            return False
+        self.points_w[ix] = pad_w
+        self.points_ths[ix] = pad_h
+        self.max_w[ix] = pad_w[-1]
+        return True
 
     @property
     def n(self) -> int:

@@ -6,6 +6,7 @@
     mineops/<site>/group/<g>/telemetry      bridge/simulator -> controller, a rack in one message
     mineops/<site>/group/<g>/availability   bridge/simulator -> all  retained, last will
     mineops/<site>/group/<g>/cmd            controller -> group     QoS 1, batch or broadcast
+    mineops/<site>/group/<g>/capabilities   bridge -> controller    retained: presets per miner
     mineops/<site>/fleet/cmd                controller -> all fleets QoS 1, site-wide batch/broadcast
     mineops/<site>/meter/<id>/telemetry     meter -> controller
     mineops/<site>/signal/price             price feed -> controller, retained
@@ -35,6 +36,7 @@ class Kind(StrEnum):
     GROUP_TELEMETRY = "group_telemetry"
     GROUP_AVAILABILITY = "group_availability"
     GROUP_CMD = "group_cmd"
+    GROUP_CAPABILITIES = "group_capabilities"
     FLEET_CMD = "fleet_cmd"
     METER_TELEMETRY = "meter_telemetry"
     PRICE = "price"
@@ -53,6 +55,7 @@ _DEVICE_KINDS = {
     ("group", "telemetry"): Kind.GROUP_TELEMETRY,
     ("group", "availability"): Kind.GROUP_AVAILABILITY,
     ("group", "cmd"): Kind.GROUP_CMD,
+    ("group", "capabilities"): Kind.GROUP_CAPABILITIES,
     ("meter", "telemetry"): Kind.METER_TELEMETRY,
 }
 _SITE_KINDS = {

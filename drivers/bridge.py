@@ -25,18 +25,19 @@ from controller.catalogue import MinerModel, load_catalogue
 from controller.config import BridgeConfig, BridgeEndpoint, SiteConfig
 from controller.payloads import (
     FleetCommand,
+    GroupCapabilities,
     GroupCommand,
     GroupMinerReading,
     GroupTelemetry,
     MinerCommand,
     MinerState,
     PayloadError,
+    PowerControlSet,
     Setpoint,
     decode,
 )
 from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.transport import Transport
-from drivers.bridge_capabilities import CAPABILITIES_LEAF, GroupCapabilities, PowerControlSet
 from drivers.bridge_firmware import Capabilities, FirmwareError, FirmwareMiner, FirmwareReading
 
 log = structlog.get_logger("mineops.bridge")
@@ -297,7 +298,7 @@ class MinerBridge:
             old = self._published_caps.get(g)
             if not caps.sets or (old is not None and old.sets == caps.sets):
                 continue
-            if await self.transport.publish(self.topics.group(g, CAPABILITIES_LEAF),
+            if await self.transport.publish(self.topics.group(g, "capabilities"),
                                             caps.encode(), qos=1, retain=True):
                 self._published_caps[g] = caps
 

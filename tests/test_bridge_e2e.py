@@ -20,10 +20,9 @@ from controller.broker import LocalBroker
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.daemon import Controller
-from controller.payloads import GroupTelemetry, PriceSignal, decode
+from controller.payloads import GroupCapabilities, GroupTelemetry, PriceSignal, decode
 from controller.topics import SiteTopics
 from drivers.bridge import MinerBridge
-from drivers.bridge_capabilities import GroupCapabilities
 from simulators.fleet import Mode
 from simulators.luxos_api import LuxosApiServer, luxos_profiles
 from simulators.site import SimulatedSite

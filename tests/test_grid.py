@@ -341,3 +341,29 @@ async def test_operator_sends_and_cancels_an_event_from_the_cli(broker: LocalBro
     await asyncio.to_thread(cli, "cancel", "--id", "op-1", "--value-kw", "5")
     await wait_for(lambda: "op-1" not in controller.grid.rows, what="event cancelled")
     assert [r.status for r in controller.grid.journal.rows()] == ["cancelled"]
+
+
+async def test_preset_only_firmware_plans_over_its_presets(tmp_path: Path) -> None:
+    """A bridge's retained capabilities replace the catalogue's range with the presets."""
+    from controller.payloads import GroupCapabilities, PowerControlSet  # noqa: PLC0415
+
+    cfg = make_site(_FakeAddress(), [("a", "s21", 4), ("b", "s19j_pro", 2)])  # type: ignore[arg-type]
+    c = Controller(cfg)
+    presets = [2000.0, 2800.0, 3500.0]
+    caps = GroupCapabilities(ts=time.time(), sets=[
+        PowerControlSet(firmware="LuxOS", control="presets", presets_w=presets,
+                        miners=["a-0001", "a-0002", "a-0003"]),
+        PowerControlSet(firmware="stock", control="none", miners=["a-0004"])])
+    c.on_message(c.topics.group("a", "capabilities"), caps.encode())
+    row = c.fleet.points_w[0]
+    assert row[:4].tolist() == [15.0, *presets] and set(row[4:]) == {3500.0}
+    assert set(c.fleet.points_w[3]) == {15.0, 3500.0}, "stock firmware: stock or asleep"
+    assert c.fleet.points_w[4, 1] == 1600.0, "other groups keep the catalogue's range"
+    c.on_message(c.topics.price, price(60.0))
+    for i in range(6):  # every miner reports, so none is stale
+        c.fleet.last_seen[i] = time.monotonic()
+    await c.decide_and_act("test")
+    planned = c.planned_power_w
+    assert planned is not None
+    assert set(planned[:3]) <= {15.0, *presets}
+    assert planned[3] in (15.0, 3500.0)
