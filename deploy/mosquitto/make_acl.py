@@ -36,7 +36,8 @@ def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False,
     yield "# The controller: reads the site, alone commands miners and publishes decisions."
     yield "user controller"
     for leaf in ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
-                 "group/+/availability", "meter/+/telemetry", "signal/#"):
+                 "group/+/availability", "group/+/capabilities", "meter/+/telemetry",
+                 "signal/#"):
         yield f"topic read {b}/{leaf}"
     yield f"topic write {b}/miner/+/cmd"
     yield f"topic write {b}/group/+/cmd"
@@ -47,7 +48,7 @@ def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False,
     yield "# availability, every command topic, and the site-wide fleet topic for fast sheds."
     yield "user bridge"
     for leaf in ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
-                 "group/+/availability"):
+                 "group/+/availability", "group/+/capabilities"):
         yield f"topic write {b}/{leaf}"
     yield f"topic read {b}/miner/+/cmd"
     yield f"topic read {b}/group/+/cmd"
