@@ -7,7 +7,7 @@
     mineops/<site>/group/<g>/availability   bridge/simulator -> all  retained, last will
     mineops/<site>/group/<g>/cmd            controller -> group     QoS 1, batch or broadcast
     mineops/<site>/group/<g>/capabilities   bridge -> controller    retained: presets per miner
-    mineops/<site>/fleet/cmd                controller -> all fleets QoS 1, site-wide batch/broadcast
+    mineops/<site>/fleet/cmd                controller -> fleets    QoS 1, site-wide batch/broadcast
     mineops/<site>/meter/<id>/telemetry     meter -> controller
     mineops/<site>/signal/price             price feed -> controller, retained
     mineops/<site>/signal/price_schedule    day-ahead prices -> controller, retained

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.actuation import Actuator
-from controller.actuation import FLEET_BATCH_MIN_GROUPS
+from controller.actuation import FLEET_BATCH_MIN_GROUPS, Actuator
 from controller.payloads import FleetCommand, GroupCommand, Setpoint, decode, encode_targets
 
 

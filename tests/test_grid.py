@@ -128,7 +128,7 @@ async def running_site(broker: LocalBroker, tasks: Any, **overrides: Any
     peer = Peer(cfg)
     for coro in (sim.run(), controller.run(), peer.run()):
         tasks(coro)
-    await wait_for(lambda: peer.transport.connected.is_set(), what="peer connected")
+    await wait_for(peer.transport.connected.is_set, what="peer connected")
     await peer.publish(controller.topics.price, price(5.0), qos=1, retain=True)
     await wait_for(lambda: bool((sim.fleet.mode == 0).all())
                    and controller.fleet.site.meter_power_w > 0.95 * sim.site_power_w(),
@@ -139,7 +139,7 @@ async def running_site(broker: LocalBroker, tasks: Any, **overrides: Any
 @pytest.mark.integration
 async def test_event_met_by_deadline_held_and_recovered_at_ramp(broker: LocalBroker,
                                                                tasks: Any) -> None:
-    controller, sim, peer = await running_site(
+    controller, _, peer = await running_site(
         broker, tasks, grid={"prepare_s": 2.0, "recovery_kw_per_min": 600.0})
     full_w = controller.fleet.site.meter_power_w
     target_kw = round(0.5 * full_w / 1000, 1)
@@ -262,7 +262,8 @@ def toml_of(data: dict[str, Any], prefix: str = "") -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for key, value in data.items():
-        if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        tabular = isinstance(value, list) and value and isinstance(value[0], dict)
+        if isinstance(value, dict) or tabular:
             tables.append((key, value))
         elif value == float("inf"):
             lines.append(f"{key} = inf")
@@ -324,7 +325,7 @@ async def test_operator_sends_and_cancels_an_event_from_the_cli(broker: LocalBro
     site.write_text(toml_of(cfg.model_dump(mode="json", exclude_none=True)))
     controller = Controller(cfg)
     tasks(controller.run())
-    await wait_for(lambda: controller.transport.connected.is_set(), what="controller up")
+    await wait_for(controller.transport.connected.is_set, what="controller up")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "controller.cli", "events", *args,
