@@ -380,13 +380,11 @@ def levels_at_price(
     max_level: IntArray | None = None,
 ) -> IntArray:
     """Each miner's most profitable level at a price, within bounds, ignoring the cap."""
-    cost = energy_cost_usd_per_mwh_it(
-        price_usd_per_mwh,
-        aux_fraction=aux_fraction,
-        adder_usd_per_mwh=adder_usd_per_mwh,
-        aux_in_cost=aux_in_cost,
+    r0 = position_at_price(
+        fleet, price_usd_per_mwh=price_usd_per_mwh,
+        hashprice_usd_per_ph_day=hashprice_usd_per_ph_day, aux_fraction=aux_fraction,
+        adder_usd_per_mwh=adder_usd_per_mwh, aux_in_cost=aux_in_cost,
     )
-    r0 = fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
     return levels_at(fleet, make_bounds(fleet, min_level, max_level), r0)
 
 
