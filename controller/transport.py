@@ -8,9 +8,10 @@ calls `on_connect` so the owner can re-announce itself (availability, state).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
@@ -87,7 +88,7 @@ class Transport:
         attempt = 0
         while True:
             try:
-                async with self._make_client() as client:
+                async with self._session() as client:
                     for topic in self._subscriptions:
                         await client.subscribe(topic, qos=1)
                     self._client = client
@@ -123,6 +124,23 @@ class Transport:
                 await asyncio.sleep(delay)
             finally:
                 self._lost()
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiomqtt.Client]:
+        """A connected client whose disconnect is bounded in time.
+
+        aiomqtt waits for the broker's disconnect acknowledgement without a limit; under
+        load that wait was seen to never end, hanging a clean stop. Five seconds is plenty.
+        """
+        client = self._make_client()
+        await client.__aenter__()
+        try:
+            yield client
+        finally:
+            try:
+                await asyncio.wait_for(client.__aexit__(None, None, None), timeout=5.0)
+            except TimeoutError:
+                log.warning("mqtt_disconnect_timeout", client_id=self._client_id)
 
     async def _say_goodbye(self) -> None:
         """On a clean stop, let the owner publish its last words while still connected."""
