@@ -1,9 +1,9 @@
 """Benchmark: a year of 5-minute prices for a 10,000-miner fleet through `run_backtest`.
 
-The prices are the shared ERCOT trace (15-minute, June-September 2024) resampled to
-5 minutes with a little noise and repeated to a full year (105,120 intervals); the fleet
-is deploy/site.example.toml's racks ten times over (10,000 miners, cap x 10). Nothing is
-written into the project. Run: .venv/bin/python benchmarks/bench_backtest.py
+The prices are the packaged ERCOT trace (`ercot-hb-south-2024-summer`, 15-minute,
+June-September 2024) resampled to 5 minutes with a little noise and repeated to a full
+year (105,120 intervals); the fleet is deploy/site.example.toml's racks ten times over
+(10,000 miners, cap x 10). Nothing is written into the project. Run: .venv/bin/python benchmarks/bench_backtest.py
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ import numpy as np
 
 from controller.backtest import Settings, run_backtest
 from controller.config import SiteConfig
-from drivers.price_csv import load_price_csv
+from drivers.datasets import load_prices
 
 ROOT = Path(__file__).resolve().parent.parent
-ERCOT = ROOT.parent / "shared/data/prices/ercot_hb_south_rt15_2024-06_2024-09.csv"
 YEAR_5MIN = 365 * 288
 
 
 def year_of_prices(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """105,120 five-minute prices from the ERCOT trace (resampled, noised, repeated)."""
-    src = load_price_csv(ERCOT).price_usd_per_mwh
+    src = load_prices("ercot-hb-south-2024-summer").price_usd_per_mwh
     rng = np.random.default_rng(seed)
     five = np.repeat(src, 3)
     reps = -(-YEAR_5MIN // five.size)

@@ -18,7 +18,7 @@ from controller.backtest import (
 from controller.backtest_report import text_report, write_csv, write_png
 from controller.config import load_config
 from controller.policy import PolicyKnobs
-from drivers.price_csv import load_price_csv
+from drivers.datasets import dataset_help, load_prices
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -33,10 +33,11 @@ def add_parser(subparsers: Any) -> None:
         "See docs/backtest.md.",
     )
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
-    p.add_argument("--prices", type=Path, required=True, metavar="FILE",
-                   help="price CSV: ERCOT export or `timestamp,price_usd_per_mwh`")
-    p.add_argument("--price-column", metavar="NAME",
-                   help="price column (default: price_usd_per_mwh or hb_south_rtm_spp_usd_mwh)")
+    p.add_argument("--prices", required=True, metavar="NAME|FILE",
+                   help="a built-in price trace or a price CSV (ERCOT export or "
+                   f"`timestamp,price_usd_per_mwh`). Built-in: {dataset_help()}")
+    p.add_argument("--price-column", metavar="COLUMN",
+                   help="price column (default: the trace's own, or price_usd_per_mwh)")
     p.add_argument("--hashprice", type=float, metavar="USD_PER_PH_DAY",
                    help="override the site file's hashprice")
     p.add_argument("--adder", type=float, metavar="USD_PER_MWH",
@@ -98,7 +99,7 @@ class ProgressBar:
 def run(args: argparse.Namespace) -> int:
     """Handler of `mineops backtest`; ConfigError and PriceFileError reach the CLI's main."""
     cfg = load_config(args.config)
-    prices = load_price_csv(args.prices, args.price_column)
+    prices = load_prices(args.prices, args.price_column)
     try:
         windows = load_windows(args.windows) if args.windows else []
         knobs = _knobs(args.knob)

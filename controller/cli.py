@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import signal
 import sys
+import textwrap
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from pydantic import ValidationError
 from controller import logs
 from controller.catalogue import load_catalogue
 from controller.config import ConfigError, SiteConfig, describe_validation_error, load_config
-from drivers.price_csv import PriceFileError, load_price_csv
+from drivers.datasets import dataset_help, load_prices
+from drivers.price_csv import PriceFileError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -43,9 +45,23 @@ def _count(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text without breaking names at hyphens (trace names, model keys, topics)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser, with the same help formatting as the top level."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mineops",
+        prog="mineops", formatter_class=_HelpFormatter,
         description="Operations controller for Bitcoin mining sites: runs every miner at the "
         "power target that earns the most under the site's power cap and the grid's signals.",
         epilog="Start with `mineops demo`. Docs: README.md and docs/ in the source tree.",
@@ -54,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"], help="default: info")
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                    help="auto: JSON lines unless stderr is a terminal")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_SubParser)
 
     run = sub.add_parser("run", help="run the controller daemon against a site's broker",
                          description="Run the controller for the site in FILE until stopped "
@@ -115,11 +132,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _price_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prices", type=Path, metavar="FILE",
-                   help="replay this price CSV (default: a synthetic week)")
-    p.add_argument("--price-column", metavar="NAME",
-                   help="price column in FILE (default: price_usd_per_mwh or "
-                   "hb_south_rtm_spp_usd_mwh)")
+    p.add_argument("--prices", metavar="NAME|FILE",
+                   help="replay a built-in price trace or a price CSV (default: a synthetic "
+                   f"week). Built-in: {dataset_help()}")
+    p.add_argument("--price-column", metavar="COLUMN",
+                   help="price column in the file (default: the trace's own, or "
+                   "price_usd_per_mwh)")
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -156,7 +174,7 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     from simulators.site import SimulatedSite  # noqa: PLC0415
 
     prices = (None if args.no_prices else
-              load_price_csv(args.prices, args.price_column) if args.prices else
+              load_prices(args.prices, args.price_column) if args.prices else
               synthetic_prices())
     if args.miners is not None:
         cfg = _first_miners(cfg, args.miners)

@@ -16,14 +16,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 from controller.broker import LocalBroker
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.daemon import Controller
-from drivers.price_csv import load_price_csv
+from drivers.datasets import load_prices
 from simulators.prices import synthetic_prices
 from simulators.site import SimulatedSite
 
@@ -141,7 +140,7 @@ async def run_demo(
     metrics_port: int,
     broker: str | None,
     embedded: str = "auto",
-    prices_file: Path | None,
+    prices_file: str | None,
     price_column: str | None,
     out: TextIO = sys.stdout,
 ) -> DemoResult:
@@ -158,7 +157,7 @@ async def run_demo(
         state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
         cfg = demo_site(miners, speed=speed, broker_host=host, broker_port=port_n,
                         metrics_port=metrics_port, journal_path=f"{state_dir}/grid.sqlite3")
-        prices = (load_price_csv(prices_file, price_column) if prices_file
+        prices = (load_prices(prices_file, price_column) if prices_file
                   else synthetic_prices())
         sim = SimulatedSite(cfg, speed=speed, prices=prices)
         controller = Controller(cfg)

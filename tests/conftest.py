@@ -29,10 +29,10 @@ REQUIRE_MOSQUITTO = os.environ.get("MINEOPS_REQUIRE_MOSQUITTO") == "1"
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-ERCOT_CSV = os.path.normpath(
-    os.path.join(SHARED, "data", "prices", "ercot_hb_south_rt15_2024-06_2024-09.csv")
-)
+# The real ERCOT trace shipped as package data (drivers/datasets), by its built-in name.
+ERCOT = "ercot-hb-south-2024-summer"
+# Device payloads copied from the vendors' documentation (sources in its README.md).
+DEVICE_PAYLOADS = Path(__file__).parent / "fixtures" / "device-payloads"
 
 
 def pytest_report_header(config: pytest.Config) -> str:

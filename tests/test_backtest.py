@@ -25,8 +25,8 @@ from controller.backtest import (
 from controller.catalogue import load_catalogue
 from controller.cli import main
 from controller.config import SiteConfig
-from drivers.price_csv import load_price_csv
-from tests.conftest import ERCOT_CSV
+from drivers.datasets import load_prices
+from tests.conftest import ERCOT
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_717_200_000.0  # 2024-06-01 00:00 UTC
@@ -219,7 +219,7 @@ def test_optimum_is_the_ceiling_on_any_input(
 def test_cohorts_match_per_miner_run(cap_kw: float) -> None:
     cfg = site([("s19j_pro", 13), ("s21", 9), ("s19j_pro", 7), ("m60s", 11),
                 ("s21_xp_hydro", 5)], cap_kw=cap_kw, adder=20.0, priority={3: 1})
-    prices = load_price_csv(ERCOT_CSV).price_usd_per_mwh[6000:6400]
+    prices = load_prices(ERCOT).price_usd_per_mwh[6000:6400]
     fast = run(cfg, prices)
     exact = run(cfg, prices, exact=True)
     for name in STRATEGIES:
@@ -302,7 +302,7 @@ def test_cli_json_and_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_cli_text_report_on_ercot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["backtest", "--config", str(write_site(tmp_path)), "--prices", ERCOT_CSV,
+    code = main(["backtest", "--config", str(write_site(tmp_path)), "--prices", ERCOT,
                  "--price-column", "hb_south_dam_spp_usd_mwh", "--knob",
                  "hysteresis_usd_per_mwh=2", "--progress", "off"])
     assert code == 0
@@ -348,7 +348,7 @@ def test_ercot_six_cases_close_to_optimum_and_beat_onoff() -> None:
     data["fleet"]["miners"] = data["fleet"]["miners"][::8]
     data["power_cap_kw"] /= 8
     cfg = SiteConfig.model_validate(data)
-    prices = load_price_csv(ERCOT_CSV)
+    prices = load_prices(ERCOT)
     results = {}
     for hp in (40.0, 55.0):
         for adder in (0.0, 25.0, 40.0):

@@ -1,6 +1,6 @@
-"""Meter drivers: the shared device examples, payloads built per the vendors' docs, bad input.
+"""Meter drivers: real device examples, payloads built per the vendors' docs, bad input.
 
-The examples stay in ../shared/data/device-payloads/ (read from there, never copied).
+The examples are fixtures in tests/fixtures/device-payloads/ (sources in its README.md).
 Payloads built here follow the vendors' documentation: Tasmota's ENERGY block (kWh
 registers, arrays on multi-channel devices, Frequency, ExportActive), Shelly Gen2 EM /
 EMData status and NotifyStatus, Shelly Gen1 per-value emeter topics.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, get_args
 
@@ -32,11 +31,10 @@ from drivers.meters.mineops import MineopsDriver
 from drivers.meters.shelly_gen1 import ShellyGen1Driver
 from drivers.meters.shelly_gen2 import EM_FIELDS, ShellyGen2Driver
 from drivers.meters.tasmota import TasmotaDriver
-from tests.conftest import SHARED, make_site
+from tests.conftest import DEVICE_PAYLOADS, make_site
 
-PAYLOADS = Path(os.path.normpath(os.path.join(SHARED, "data", "device-payloads")))
-TASMOTA_SENSOR = PAYLOADS / "tasmota_pow_r2_SENSOR.json"
-SHELLY_EM0 = PAYLOADS / "shelly_pro3em_status_em0.json"
+TASMOTA_SENSOR = DEVICE_PAYLOADS / "tasmota_pow_r2_SENSOR.json"
+SHELLY_EM0 = DEVICE_PAYLOADS / "shelly_pro3em_status_em0.json"
 
 KEYS = ["power_w", "energy_import_wh", "energy_export_wh", "voltage_v", "current_a",
         "power_factor", "frequency_hz"]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +17,11 @@ import pytest
 from controller.broker import LocalBroker
 from controller.daemon import Controller
 from controller.payloads import PriceSignal
-from tests.conftest import SHARED, Peer, make_site, wait_for
+from tests.conftest import DEVICE_PAYLOADS, Peer, make_site, wait_for
 
 pytestmark = pytest.mark.integration
 
-PAYLOADS = Path(os.path.normpath(os.path.join(SHARED, "data", "device-payloads")))
+PAYLOADS = DEVICE_PAYLOADS
 PREFIX = "site/shellypro3em-0cb815fcaff4"
 
 
@@ -57,7 +55,7 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
     await wait_for(lambda: dropped("no_base_status") == 1, what="delta before status dropped")
     assert math.isnan(controller.fleet.site.meter_power_w)
 
-    # Tasmota: the shared example, then malformed ones.
+    # Tasmota: the device example, then malformed ones.
     await peer.publish("tele/pow-r2/SENSOR", (PAYLOADS / "tasmota_pow_r2_SENSOR.json")
                        .read_bytes(), qos=1)
     await wait_for(lambda: controller.fleet.site.meter_power_w == 2635.0, what="tasmota power")
@@ -74,7 +72,7 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
     await wait_for(lambda: controller.fleet.site.meter_power_w == 3000.0, what="tasmota arrays")
     assert controller.fleet.site.frequency_hz == 60.01
 
-    # Shelly Pro 3EM: the shared full status, a delta merged onto it, a malformed delta.
+    # Shelly Pro 3EM: the device's full status, a delta merged onto it, a malformed delta.
     await peer.publish(f"{PREFIX}/status/em:0",
                        (PAYLOADS / "shelly_pro3em_status_em0.json").read_bytes(), qos=1)
     await wait_for(lambda: controller.fleet.site.meter_power_w == 2581.781, what="shelly power")

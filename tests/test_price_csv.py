@@ -7,18 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from drivers.datasets import load_prices
 from drivers.price_csv import PriceFileError, load_price_csv
 from simulators.prices import synthetic_prices
-from tests.conftest import ERCOT_CSV
+from tests.conftest import ERCOT
 
 
-def test_reads_the_real_ercot_file() -> None:
-    s = load_price_csv(ERCOT_CSV)
+def test_reads_the_real_ercot_file_by_its_builtin_name() -> None:
+    s = load_prices(ERCOT)
     assert len(s) == 11_712 and s.interval_s == 900
     assert s.column == "hb_south_rtm_spp_usd_mwh"
     assert s.price_usd_per_mwh.max() == pytest.approx(4857.82)
     assert s.price_usd_per_mwh.min() == pytest.approx(-3.37)
-    dam = load_price_csv(ERCOT_CSV, "hb_south_dam_spp_usd_mwh")
+    dam = load_prices(ERCOT, "hb_south_dam_spp_usd_mwh")
     assert not np.array_equal(dam.price_usd_per_mwh, s.price_usd_per_mwh)
 
 
@@ -61,3 +62,26 @@ def test_synthetic_prices_look_like_a_market() -> None:
     assert 10 < np.median(p) < 60
     hours = (s.start_s % 86_400) // 3600
     assert p[(hours >= 18) & (hours <= 21)].mean() > p[(hours >= 1) & (hours <= 5)].mean()
+
+
+def test_builtin_traces_ship_with_their_licence_and_are_listed_in_help(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.resources import files  # noqa: PLC0415
+
+    from controller.cli import main  # noqa: PLC0415
+    from drivers.datasets import DATASETS  # noqa: PLC0415
+
+    shipped = files("drivers.datasets")
+    licence = (shipped / "LICENSE.MPC-BESS-ERCOT.txt").read_text()
+    assert licence.startswith("MIT License")
+    assert "ThibaudCambronne/MPC-BESS-ERCOT" in (shipped / "README.md").read_text()
+    for command in (["demo", "--help"], ["backtest", "--help"], ["simulate", "--help"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert all(name in help_text for name in DATASETS), command
+
+
+def test_an_unknown_name_is_read_as_a_path_and_says_so() -> None:
+    with pytest.raises(PriceFileError, match="ercot-typo: cannot open"):
+        load_prices("ercot-typo")
