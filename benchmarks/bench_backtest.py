@@ -18,7 +18,7 @@ import numpy as np
 
 from controller.backtest import Settings, run_backtest
 from controller.config import SiteConfig
-from drivers.datasets import load_prices
+from drivers.prices import load_prices
 
 ROOT = Path(__file__).resolve().parent.parent
 YEAR_5MIN = 365 * 288

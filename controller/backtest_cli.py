@@ -18,7 +18,7 @@ from controller.backtest import (
 from controller.backtest_report import text_report, write_csv, write_png
 from controller.config import load_config
 from controller.policy import PolicyKnobs
-from drivers.datasets import dataset_help, load_prices
+from drivers.prices import dataset_help, load_prices
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

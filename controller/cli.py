@@ -18,8 +18,7 @@ from pydantic import ValidationError
 from controller import logs
 from controller.catalogue import load_catalogue
 from controller.config import ConfigError, SiteConfig, describe_validation_error, load_config
-from drivers.datasets import dataset_help, load_prices
-from drivers.price_csv import PriceFileError
+from drivers.prices import PriceFileError, dataset_help, load_prices
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -22,7 +22,7 @@ from controller.broker import LocalBroker
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.daemon import Controller
-from drivers.datasets import load_prices
+from drivers.prices import load_prices
 from simulators.prices import synthetic_prices
 from simulators.site import SimulatedSite
 

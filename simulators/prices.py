@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from drivers.price_csv import PriceSeries
+from drivers.prices import PriceSeries
 
 DAY_S = 86_400.0
 

@@ -30,7 +30,7 @@ from controller.payloads import (
 )
 from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.transport import Transport
-from drivers.price_csv import PriceSeries
+from drivers.prices import PriceSeries
 from simulators.fleet import SimulatedFleet
 
 log = structlog.get_logger("mineops.simulator")

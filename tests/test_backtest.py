@@ -25,7 +25,7 @@ from controller.backtest import (
 from controller.catalogue import load_catalogue
 from controller.cli import main
 from controller.config import SiteConfig
-from drivers.datasets import load_prices
+from drivers.prices import load_prices
 from tests.conftest import ERCOT
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from controller.config import SiteConfig
 from controller.daemon import Controller
 from controller.payloads import GroupCapabilities, GroupTelemetry, PriceSignal, decode
 from controller.topics import SiteTopics
-from drivers.bridge import MinerBridge
+from drivers.firmware.bridge import MinerBridge
 from simulators.fleet import Mode
 from simulators.luxos_api import LuxosApiServer, luxos_profiles
 from simulators.site import SimulatedSite

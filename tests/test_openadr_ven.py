@@ -27,7 +27,7 @@ from controller.cli import main as cli_main
 from controller.config import OpenAdrConfig, SiteConfig
 from controller.payloads import GridEvent, MeterTelemetry, decode
 from controller.topics import SiteTopics
-from drivers.openadr_ven import OPT_IN, OPT_OUT, OpenAdrVen, grid_event_id, translate_event
+from drivers.openadr.ven import OPT_IN, OPT_OUT, OpenAdrVen, grid_event_id, translate_event
 from tests.conftest import Peer, make_site, wait_for
 
 # openleadr's VTN keys its aiohttp app by string: a library matter, not ours.

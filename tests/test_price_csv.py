@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers.datasets import load_prices
-from drivers.price_csv import PriceFileError, load_price_csv
+from drivers.prices import PriceFileError, load_price_csv, load_prices
 from simulators.prices import synthetic_prices
 from tests.conftest import ERCOT
 
@@ -69,9 +68,9 @@ def test_builtin_traces_ship_with_their_licence_and_are_listed_in_help(
     from importlib.resources import files  # noqa: PLC0415
 
     from controller.cli import main  # noqa: PLC0415
-    from drivers.datasets import DATASETS  # noqa: PLC0415
+    from drivers.prices import DATASETS  # noqa: PLC0415
 
-    shipped = files("drivers.datasets")
+    shipped = files("drivers.prices") / "data"
     licence = (shipped / "LICENSE.MPC-BESS-ERCOT.txt").read_text()
     assert licence.startswith("MIT License")
     assert "ThibaudCambronne/MPC-BESS-ERCOT" in (shipped / "README.md").read_text()

@@ -3,7 +3,7 @@
 To the controller a bridged miner looks like a simulated one: a rack's readings in one
 `group/<g>/telemetry` message per poll, `miner/<id>/availability` when a miner stops or
 starts answering, commands from `miner/<id>/cmd`, `group/<g>/cmd` and `fleet/cmd`
-acknowledged through `ack_seq`. Firmware I/O goes through pyasic (drivers/bridge_firmware.py)
+acknowledged through `ack_seq`. Firmware I/O goes through pyasic (drivers/firmware/pyasic_miner.py)
 with at most `concurrency` requests in flight. A miner that fails `offline_after_polls`
 polls in a row is announced offline (the controller counts it at its maximum power) and
 its firmware session is dropped; when it answers again it is identified afresh (a
@@ -38,7 +38,12 @@ from controller.payloads import (
 )
 from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.transport import Transport
-from drivers.bridge_firmware import Capabilities, FirmwareError, FirmwareMiner, FirmwareReading
+from drivers.firmware.pyasic_miner import (
+    Capabilities,
+    FirmwareError,
+    FirmwareMiner,
+    FirmwareReading,
+)
 
 log = structlog.get_logger("mineops.bridge")
 

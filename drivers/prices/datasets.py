@@ -2,7 +2,7 @@
 
 `--prices ercot-hb-south-2024-summer` replays the real ERCOT trace packaged here;
 anything that is not a built-in name is read as a CSV path. Sources and licences
-are in README.md beside the data files.
+are in data/README.md beside the data files.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from importlib.resources import as_file, files
 from pathlib import Path
 
-from drivers.price_csv import PriceSeries, load_price_csv
+from drivers.prices.files import PriceSeries, load_price_csv
+
+_DATA = files("drivers.prices") / "data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,6 @@ def load_prices(source: str | Path, column: str | None = None) -> PriceSeries:
     dataset = DATASETS.get(str(source))
     if dataset is None:
         return load_price_csv(source, column)
-    with as_file(files(__name__) / dataset.file) as path:
+    with as_file(_DATA / dataset.file) as path:
         return load_price_csv(path, column or dataset.price_column)
 
