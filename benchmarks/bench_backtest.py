@@ -3,7 +3,8 @@
 The prices are the packaged ERCOT trace (`ercot-hb-south-2024-summer`, 15-minute,
 June-September 2024) resampled to 5 minutes with a little noise and repeated to a full
 year (105,120 intervals); the fleet is deploy/site.example.toml's racks ten times over
-(10,000 miners, cap x 10). Nothing is written into the project. Run: .venv/bin/python benchmarks/bench_backtest.py
+(10,000 miners, cap x 10). Nothing is written into the project.
+Run: .venv/bin/python benchmarks/bench_backtest.py
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.backtest import Settings, run_backtest
+from controller.backtest.engine import Settings, run_backtest
 from controller.config import SiteConfig
 from drivers.prices import load_prices
 

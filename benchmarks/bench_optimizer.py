@@ -19,9 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from controller import optimizer as opt
 from controller.catalogue import load_catalogue
-from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
+from controller.core import optimizer as opt
+from controller.core.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
 
 FloatArray = npt.NDArray[np.float64]
 PRICE, HASHPRICE, AUX = 35.0, 42.0, 0.05

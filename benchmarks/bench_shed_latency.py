@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.broker import LocalBroker
 from controller.config import BrokerConfig
-from controller.payloads import GridEvent, MeterTelemetry, PriceSignal
-from controller.topics import SiteTopics
-from controller.transport import Transport
+from controller.protocol.broker import LocalBroker
+from controller.protocol.payloads import GridEvent, MeterTelemetry, PriceSignal
+from controller.protocol.topics import SiteTopics
+from controller.protocol.transport import Transport
 
 ROOT = Path(__file__).resolve().parents[1]
 RACK = 100
@@ -112,7 +112,7 @@ class Listener:
 async def measure(n: int, trials: int) -> dict[str, float]:
     state = Path(tempfile.mkdtemp(prefix="mineops-bench-"))
     with LocalBroker(prefer="mosquitto") as broker:
-        from controller.broker import free_port  # noqa: PLC0415
+        from controller.protocol.broker import free_port  # noqa: PLC0415
 
         site = state / "site.toml"
         site.write_text(site_toml(n, broker.port, state, free_port()))

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from controller.broker import LocalBroker
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
-from controller.daemon import Controller
+from controller.daemon.loop import Controller
+from controller.protocol.broker import LocalBroker
 from drivers.prices import load_prices
 from simulators.prices import synthetic_prices
 from simulators.site import SimulatedSite

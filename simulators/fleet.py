@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.catalogue import MinerModel
-from controller.payloads import GroupMinerReading, Setpoint
+from controller.protocol.payloads import GroupMinerReading, Setpoint
 
 BOARDS = 3
 

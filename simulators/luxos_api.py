@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 
 from controller.catalogue import MinerModel
-from controller.payloads import Setpoint
+from controller.protocol.payloads import Setpoint
 from simulators.fleet import BOARDS, Mode, SimulatedFleet
 
 log = structlog.get_logger("mineops.luxos_sim")

@@ -17,7 +17,7 @@ import structlog
 
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
-from controller.payloads import (
+from controller.protocol.payloads import (
     FleetCommand,
     GroupCommand,
     GroupTelemetry,
@@ -28,8 +28,8 @@ from controller.payloads import (
     Setpoint,
     decode,
 )
-from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
-from controller.transport import Transport
+from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
+from controller.protocol.transport import Transport
 from drivers.prices import PriceSeries
 from simulators.fleet import SimulatedFleet
 

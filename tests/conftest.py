@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from controller.broker import LocalBroker, find_mosquitto
 from controller.config import SiteConfig
-from controller.transport import Transport
+from controller.protocol.broker import LocalBroker, find_mosquitto
+from controller.protocol.transport import Transport
 
 REQUIRE_MOSQUITTO = os.environ.get("MINEOPS_REQUIRE_MOSQUITTO") == "1"
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.actuation import FLEET_BATCH_MIN_GROUPS, Actuator
-from controller.payloads import FleetCommand, GroupCommand, Setpoint, decode, encode_targets
+from controller.core.actuation import FLEET_BATCH_MIN_GROUPS, Actuator
+from controller.protocol.payloads import (
+    FleetCommand,
+    GroupCommand,
+    Setpoint,
+    decode,
+    encode_targets,
+)
 
 
 def test_direct_encoding_matches_the_model() -> None:

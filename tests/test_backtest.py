@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.backtest import (
+from controller.backtest.engine import (
     STRATEGIES,
     BacktestResult,
     Settings,
@@ -23,7 +23,7 @@ from controller.backtest import (
     run_backtest,
 )
 from controller.catalogue import load_catalogue
-from controller.cli import main
+from controller.cli.main import main
 from controller.config import SiteConfig
 from drivers.prices import load_prices
 from tests.conftest import ERCOT

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.broker import LocalBroker
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
-from controller.daemon import Controller
-from controller.payloads import GroupCapabilities, GroupTelemetry, PriceSignal, decode
-from controller.topics import SiteTopics
+from controller.daemon.loop import Controller
+from controller.protocol.broker import LocalBroker
+from controller.protocol.payloads import GroupCapabilities, GroupTelemetry, PriceSignal, decode
+from controller.protocol.topics import SiteTopics
 from drivers.firmware.bridge import MinerBridge
 from simulators.fleet import Mode
 from simulators.luxos_api import LuxosApiServer, luxos_profiles

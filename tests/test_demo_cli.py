@@ -90,7 +90,7 @@ def test_demo_on_the_embedded_amqtt_broker() -> None:
 
 @pytest.mark.integration
 def test_run_and_simulate_daemons_stop_cleanly_on_sigterm(tmp_path: Path) -> None:
-    from controller.broker import LocalBroker, free_port, wait_for_port  # noqa: PLC0415
+    from controller.protocol.broker import LocalBroker, free_port, wait_for_port  # noqa: PLC0415
     from tests.conftest import REQUIRE_MOSQUITTO  # noqa: PLC0415
 
     with LocalBroker(prefer="mosquitto" if REQUIRE_MOSQUITTO else "auto") as broker:

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from controller.broker import free_port, wait_for_port
 from controller.config import BrokerConfig
-from controller.transport import Transport
+from controller.protocol.broker import free_port, wait_for_port
+from controller.protocol.transport import Transport
 from tests.test_deploy_support import (  # noqa: F401 - default_logging is a fixture
     DEPLOY,
     default_logging,

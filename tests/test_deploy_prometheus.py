@@ -25,11 +25,11 @@ import pytest
 import structlog
 import yaml
 
-from controller.broker import LocalBroker, free_port
 from controller.config import BrokerConfig
-from controller.payloads import GridEvent
-from controller.topics import SiteTopics
-from controller.transport import Transport
+from controller.protocol.broker import LocalBroker, free_port
+from controller.protocol.payloads import GridEvent
+from controller.protocol.topics import SiteTopics
+from controller.protocol.transport import Transport
 from tests.test_deploy_support import DEPLOY, REPO, log_tail, need, process, run, wait_http
 
 PROMETHEUS = DEPLOY / "prometheus"

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from controller.broker import LocalBroker
-from controller.daemon import Controller
-from controller.systemd import Notifier, supervise, watchdog_interval_s
+from controller.daemon.loop import Controller
+from controller.daemon.systemd import Notifier, supervise, watchdog_interval_s
+from controller.protocol.broker import LocalBroker
 from tests.conftest import make_site, wait_for
 from tests.test_deploy_support import (  # noqa: F401 - default_logging is a fixture
     DEPLOY,
@@ -155,7 +155,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # The ExecStart command line parses (global options before the subcommand).
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     argv = exec_start.removeprefix("ExecStart=").split()[1:]
-    from controller.cli import _parser  # noqa: PLC0415
+    from controller.cli.main import _parser  # noqa: PLC0415
 
     args = _parser().parse_args(argv)
     assert args.command == "run" and args.log_format == "json"

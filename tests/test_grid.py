@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.broker import LocalBroker
-from controller.daemon import Controller
-from controller.grid import GridObligations, GridRules
-from controller.grid_journal import GridJournal
-from controller.payloads import GridEvent, PriceSignal
+from controller.daemon.loop import Controller
+from controller.grid.journal import GridJournal
+from controller.grid.obligations import GridObligations, GridRules
+from controller.protocol.broker import LocalBroker
+from controller.protocol.payloads import GridEvent, PriceSignal
 from simulators.site import SimulatedSite
 from tests.conftest import Peer, make_site, wait_for
 
@@ -252,7 +252,7 @@ def start_daemon(site: Path) -> subprocess.Popen[bytes]:
 
 
 def cfg_topics(cfg: Any) -> Any:
-    from controller.topics import SiteTopics  # noqa: PLC0415
+    from controller.protocol.topics import SiteTopics  # noqa: PLC0415
 
     return SiteTopics(cfg.site_id)
 
@@ -291,7 +291,7 @@ def test_peak_alert_holds_the_configured_level(tmp_path: Path) -> None:
 
 def test_controller_reads_grid_and_schedule_messages_without_a_broker(tmp_path: Path) -> None:
     """Ingest is a pure function of messages: no broker needed to check routing."""
-    from controller.payloads import PriceSchedule, ScheduledPrice  # noqa: PLC0415
+    from controller.protocol.payloads import PriceSchedule, ScheduledPrice  # noqa: PLC0415
 
     cfg = make_site(_FakeAddress(), [("a", "s21", 4)])  # type: ignore[arg-type]
     c = Controller(cfg)
@@ -346,7 +346,7 @@ async def test_operator_sends_and_cancels_an_event_from_the_cli(broker: LocalBro
 
 async def test_preset_only_firmware_plans_over_its_presets(tmp_path: Path) -> None:
     """A bridge's retained capabilities replace the catalogue's range with the presets."""
-    from controller.payloads import GroupCapabilities, PowerControlSet  # noqa: PLC0415
+    from controller.protocol.payloads import GroupCapabilities, PowerControlSet  # noqa: PLC0415
 
     cfg = make_site(_FakeAddress(), [("a", "s21", 4), ("b", "s19j_pro", 2)])  # type: ignore[arg-type]
     c = Controller(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.payloads import (
+from controller.protocol.payloads import (
     GroupCommand,
     MeterTelemetry,
     MinerCommand,
@@ -14,7 +14,7 @@ from controller.payloads import (
     Setpoint,
     decode,
 )
-from controller.topics import Kind, SiteTopics
+from controller.protocol.topics import Kind, SiteTopics
 
 T = SiteTopics("site-1")
 

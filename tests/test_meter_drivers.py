@@ -16,7 +16,7 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
-from controller.cli import main
+from controller.cli.main import main
 from controller.config import (
     MeterConfig,
     ShellyGen1Meter,
@@ -24,8 +24,8 @@ from controller.config import (
     SiteConfig,
     TasmotaMeter,
 )
-from controller.daemon import Controller
-from controller.payloads import MeterTelemetry, PayloadError
+from controller.daemon.loop import Controller
+from controller.protocol.payloads import MeterTelemetry, PayloadError
 from drivers.meters import DRIVERS, MeterReading, MeterRouter, UnknownDriverError, driver_type
 from drivers.meters.mineops import MineopsDriver
 from drivers.meters.shelly_gen1 import ShellyGen1Driver

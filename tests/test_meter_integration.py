@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from controller.broker import LocalBroker
-from controller.daemon import Controller
-from controller.payloads import PriceSignal
+from controller.daemon.loop import Controller
+from controller.protocol.broker import LocalBroker
+from controller.protocol.payloads import PriceSignal
 from tests.conftest import DEVICE_PAYLOADS, Peer, make_site, wait_for
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.config import SiteConfig
-from controller.daemon import Controller
-from controller.metrics import VIEW_STATES, EnergyCounter, GridEventStatus, view_states
+from controller.daemon.loop import Controller
+from controller.daemon.metrics import VIEW_STATES, EnergyCounter, GridEventStatus, view_states
 
 STATE_CODES = {"running": 1, "sleeping": 2, "waking": 3, "stopping": 4, "error": 5}
 

@@ -22,11 +22,11 @@ from aiohttp import web
 from openleadr import OpenADRServer, enums, objects
 from structlog.testing import capture_logs
 
-from controller.broker import LocalBroker
-from controller.cli import main as cli_main
+from controller.cli.main import main as cli_main
 from controller.config import OpenAdrConfig, SiteConfig
-from controller.payloads import GridEvent, MeterTelemetry, decode
-from controller.topics import SiteTopics
+from controller.protocol.broker import LocalBroker
+from controller.protocol.payloads import GridEvent, MeterTelemetry, decode
+from controller.protocol.topics import SiteTopics
 from drivers.openadr.ven import OPT_IN, OPT_OUT, OpenAdrVen, grid_event_id, translate_event
 from tests.conftest import Peer, make_site, wait_for
 

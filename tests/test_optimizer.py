@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller import optimizer as opt
 from controller.catalogue import load_catalogue, operating_points
-from controller.reasons import Reason
+from controller.core import optimizer as opt
+from controller.protocol.reasons import Reason
 
 FloatArray = npt.NDArray[np.float64]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from controller import optimizer as opt
-from controller.policy import (
+from controller.core import optimizer as opt
+from controller.core.policy import (
     Decision,
     MarketInputs,
     MinerInputs,
@@ -17,7 +17,7 @@ from controller.policy import (
     PolicyState,
     decide,
 )
-from controller.reasons import Reason
+from controller.protocol.reasons import Reason
 
 # One test miner, repeated: sleep 10 W, then 1000..3000 W in 500 W steps.
 # Wake chord 60 TH/s / 990 W and step slopes 0.05, 0.04, 0.03, 0.02 TH/s per W give,

@@ -67,7 +67,7 @@ def test_builtin_traces_ship_with_their_licence_and_are_listed_in_help(
         capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.resources import files  # noqa: PLC0415
 
-    from controller.cli import main  # noqa: PLC0415
+    from controller.cli.main import main  # noqa: PLC0415
     from drivers.prices import DATASETS  # noqa: PLC0415
 
     shipped = files("drivers.prices") / "data"

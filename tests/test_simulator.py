@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from controller.catalogue import load_catalogue
-from controller.payloads import Setpoint
+from controller.protocol.payloads import Setpoint
 from simulators.fleet import Mode, SimulatedFleet
 
 S21 = load_catalogue().get("s21")

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.broker import LocalBroker
 from controller.catalogue import load_catalogue
-from controller.daemon import Controller
-from controller.payloads import PriceSignal
-from controller.topics import SiteTopics
+from controller.daemon.loop import Controller
+from controller.protocol.broker import LocalBroker
+from controller.protocol.payloads import PriceSignal
+from controller.protocol.topics import SiteTopics
 from simulators.site import SimulatedSite
 from tests.conftest import Peer, make_site, wait_for
 

@@ -23,7 +23,7 @@ import structlog
 
 from controller.catalogue import MinerModel, load_catalogue
 from controller.config import BridgeConfig, BridgeEndpoint, SiteConfig
-from controller.payloads import (
+from controller.protocol.payloads import (
     FleetCommand,
     GroupCapabilities,
     GroupCommand,
@@ -36,8 +36,8 @@ from controller.payloads import (
     Setpoint,
     decode,
 )
-from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
-from controller.transport import Transport
+from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
+from controller.protocol.transport import Transport
 from drivers.firmware.pyasic_miner import (
     Capabilities,
     FirmwareError,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from controller.config import MeterConfig
-from controller.payloads import MeterTelemetry, PayloadError
+from controller.protocol.payloads import MeterTelemetry, PayloadError
 
 # The same physical bounds as the project's own MeterTelemetry.
 POWER_LIMIT_W = 2e9

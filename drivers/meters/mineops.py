@@ -1,6 +1,6 @@
 """The project's own meter format: MeterTelemetry JSON on mineops/<site>/meter/<id>/telemetry.
 
-The controller reads these on its own topic (controller/daemon.py), so this driver
+The controller reads these on its own topic (controller/daemon/loop.py), so this driver
 subscribes to nothing; it is here so that `mineops decode` and the registry treat
 every meter type alike.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controller.config import MineopsMeter
-from controller.payloads import MeterTelemetry, PayloadError, decode
-from controller.topics import ROOT
+from controller.protocol.payloads import MeterTelemetry, PayloadError, decode
+from controller.protocol.topics import ROOT
 from drivers.meters.base import MeterDriver, MeterReading
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controller.config import MeterConfig, MineopsMeter
-from controller.payloads import PayloadError
+from controller.protocol.payloads import PayloadError
 from drivers.meters.base import MeterDriver, MeterReading
 from drivers.meters.registry import build
 

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 
 from controller.config import ShellyGen1Meter
-from controller.payloads import PayloadError
+from controller.protocol.payloads import PayloadError
 from drivers.meters.base import MeterDriver, MeterReading, combined_power_factor, mean
 
 # Quantity -> allowed range of one channel's value.

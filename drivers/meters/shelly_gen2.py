@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller.config import ShellyGen2Meter
-from controller.payloads import PayloadError
+from controller.protocol.payloads import PayloadError
 from drivers.meters.base import (
     MeterDriver,
     MeterReading,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller.config import TasmotaMeter
-from controller.payloads import PayloadError
+from controller.protocol.payloads import PayloadError
 from drivers.meters.base import (
     MeterDriver,
     MeterReading,

@@ -38,9 +38,9 @@ from pydantic import ValidationError
 
 from controller.config import OpenAdrConfig, SiteConfig
 from controller.logs import LogLimiter
-from controller.payloads import GridEvent, MeterTelemetry, PayloadError, decode
-from controller.topics import Kind, SiteTopics
-from controller.transport import Transport
+from controller.protocol.payloads import GridEvent, MeterTelemetry, PayloadError, decode
+from controller.protocol.topics import Kind, SiteTopics
+from controller.protocol.transport import Transport
 
 log = structlog.get_logger("mineops.openadr")
 

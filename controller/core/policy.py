@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from controller import optimizer as opt
-from controller.optimizer import FloatArray, IntArray, Plan, PreparedFleet, solve
-from controller.reasons import Reason
+from controller.core import optimizer as opt
+from controller.core.optimizer import FloatArray, IntArray, Plan, PreparedFleet, solve
+from controller.protocol.reasons import Reason
 
 BoolArray = npt.NDArray[np.bool_]
 

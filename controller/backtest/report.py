@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.backtest import STRATEGIES, BacktestResult
+from controller.backtest.engine import STRATEGIES, BacktestResult
 
 LABELS = {
     "mineops": "mineops (no look-ahead)",

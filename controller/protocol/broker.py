@@ -77,7 +77,7 @@ class LocalBroker:
                 "log_type warning\n"
             )
             return [self._mosquitto, "-c", str(conf)]
-        return [sys.executable, "-m", "controller.broker", "--port", str(self.port)]
+        return [sys.executable, "-m", "controller.protocol.broker", "--port", str(self.port)]
 
     def start(self) -> LocalBroker:
         if self._proc is not None and self._proc.poll() is None:

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from controller.grid_journal import EventRow, GridJournal
-from controller.payloads import GridEvent
+from controller.grid.journal import EventRow, GridJournal
+from controller.protocol.payloads import GridEvent
 
 log = structlog.get_logger("mineops.grid")
 

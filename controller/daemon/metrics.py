@@ -30,16 +30,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controller.catalogue import load_catalogue
-from controller.reasons import REASON_NAMES
-from controller.topics import Kind
+from controller.protocol.reasons import REASON_NAMES
+from controller.protocol.topics import Kind
 
 if TYPE_CHECKING:
-    from controller.daemon import Controller
+    from controller.daemon.loop import Controller
 
 # Operator view of a miner, in the order of the `state` label values.
 VIEW_STATES = ("running", "underclocked", "sleeping", "waking", "error", "offline")
 _RUNNING, _UNDER, _SLEEPING, _WAKING, _ERROR, _OFFLINE, _UNSEEN = range(7)
-# Reported state codes (controller.fleet_state.STATES).
+# Reported state codes (controller.core.fleet_state.STATES).
 _REPORTED = {"running": 1, "sleeping": 2, "waking": 3, "stopping": 4, "error": 5}
 
 # Kinds the controller reads and reasons it drops messages for: their counters start at 0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import signal
 import sys
@@ -25,8 +24,8 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # Subcommands that live in their own modules: each has `add_parser(subparsers)`, which
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
 COMMAND_MODULES: tuple[str, ...] = (
-    "controller.backtest_cli", "controller.events_cli", "controller.decode_cli",
-    "controller.ven_cli", "controller.bridge_cli",
+    "controller.cli.backtest", "controller.cli.events", "controller.cli.decode",
+    "controller.cli.ven", "controller.cli.bridge",
 )
 
 
@@ -157,7 +156,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _run(cfg: SiteConfig) -> int:
-    from controller.daemon import Controller  # noqa: PLC0415 - keep `check-config` fast
+    from controller.daemon.loop import Controller  # noqa: PLC0415 - keep `check-config` fast
 
     controller = Controller(cfg)
     server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
@@ -272,7 +271,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     return EXIT_USAGE
 
-
-if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())

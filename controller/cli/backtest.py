@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from controller.backtest import (
+from controller.backtest.engine import (
     Settings,
     WindowFileError,
     load_windows,
     run_backtest,
 )
-from controller.backtest_report import text_report, write_csv, write_png
+from controller.backtest.report import text_report, write_csv, write_png
 from controller.config import load_config
-from controller.policy import PolicyKnobs
+from controller.core.policy import PolicyKnobs
 from drivers.prices import dataset_help, load_prices
 
 EXIT_OK, EXIT_USAGE = 0, 2

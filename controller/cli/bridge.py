@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.cli import _run_async  # noqa: PLC0415 - cli imports this module
+    from controller.cli.main import _run_async  # noqa: PLC0415 - cli imports this module
     from drivers.firmware.bridge import MinerBridge  # noqa: PLC0415 - pyasic is slow to import
 
     cfg = load_config(args.config)

@@ -18,15 +18,17 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from controller.actuation import Actuator
 from controller.config import SiteConfig
-from controller.fleet_state import FleetState
-from controller.grid import GridObligations, GridRules, Obligation
-from controller.grid_journal import GridJournal
+from controller.core.actuation import Actuator
+from controller.core.fleet_state import FleetState
+from controller.core.optimizer import prepare
+from controller.core.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
+from controller.daemon.metrics import GridEventStatus, Metrics
+from controller.daemon.systemd import supervise
+from controller.grid.journal import GridJournal
+from controller.grid.obligations import GridObligations, GridRules, Obligation
 from controller.logs import LogLimiter
-from controller.metrics import GridEventStatus, Metrics
-from controller.optimizer import prepare
-from controller.payloads import (
+from controller.protocol.payloads import (
     DecisionSummary,
     FleetCommand,
     GridEvent,
@@ -41,11 +43,9 @@ from controller.payloads import (
     Setpoint,
     decode,
 )
-from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
-from controller.reasons import REASON_NAMES, Reason
-from controller.systemd import supervise
-from controller.topics import OFFLINE, ONLINE, Kind, SiteTopics
-from controller.transport import LastWill, Transport
+from controller.protocol.reasons import REASON_NAMES, Reason
+from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
+from controller.protocol.transport import LastWill, Transport
 from drivers.meters import MeterRouter
 
 log = structlog.get_logger("mineops.controller")

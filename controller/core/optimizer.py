@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from controller.reasons import Reason
+from controller.protocol.reasons import Reason
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller.payloads import PayloadError
+from controller.protocol.payloads import PayloadError
 from drivers.meters import DRIVERS, UnknownDriverError, driver_type
 
 EXIT_OK, EXIT_USAGE = 0, 2

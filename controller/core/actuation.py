@@ -13,7 +13,7 @@ import time
 import numpy as np
 import numpy.typing as npt
 
-from controller.payloads import encode_targets
+from controller.protocol.payloads import encode_targets
 
 _UNKNOWN = -1
 # Above this many racks touched, setpoints go site-wide on the fleet topic in a few large

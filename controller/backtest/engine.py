@@ -2,12 +2,12 @@
 
 What runs (no MQTT, no sleeping; time is passed in):
 
-* **mineops**: :func:`controller.policy.decide` (which calls :func:`controller.optimizer.solve`)
-  at every interval start on the *previous* interval's price (the last one published
+* **mineops**: :func:`controller.core.policy.decide` (which calls
+  :func:`controller.core.optimizer.solve`) at every interval start on the *previous* interval's price (the last one published
   before the interval starts), and again inside an interval when a policy hold (dwell,
   wake latency) expires, as the daemon's tick would. Revenue and cost are settled at the
   interval's *actual* price, time-weighted over those segments.
-* **optimum**: :func:`controller.optimizer.solve` per interval with that interval's own
+* **optimum**: :func:`controller.core.optimizer.solve` per interval with that interval's own
   price, no policy: the hindsight ceiling.
 * **always_on**: every miner at its stock power target (the firmware target nearest the
   vendor's nominal power), shed least-efficient-first only where the cap forces it.
@@ -56,16 +56,16 @@ import numpy.typing as npt
 
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
-from controller.fleet_state import FleetState
-from controller.optimizer import (
+from controller.core.fleet_state import FleetState
+from controller.core.optimizer import (
     PreparedFleet,
     position_at_price,
     prepare,
     solve,
     usd_per_ths_hour,
 )
-from controller.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
-from controller.reasons import Reason
+from controller.core.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
+from controller.protocol.reasons import Reason
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

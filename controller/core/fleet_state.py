@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from controller.catalogue import load_catalogue, operating_points
 from controller.config import MinerEntry
-from controller.payloads import MinerReading
+from controller.protocol.payloads import MinerReading
 
 # Reported states, as small ints; UNKNOWN until the first telemetry.
 STATES = ("unknown", "running", "sleeping", "waking", "stopping", "error")

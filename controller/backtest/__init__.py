@@ -1,0 +1,3 @@
+"""The backtest: the daemon's own optimizer and policy over historical prices, the baselines, and
+its reports.
+"""

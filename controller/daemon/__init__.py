@@ -1,0 +1,3 @@
+"""The daemon: the decision loop, message ingest, the decision snapshot, Prometheus metrics and
+systemd supervision.
+"""
