@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import sys
 import tempfile
 import time
@@ -80,20 +79,22 @@ class DemoResult:
 
 
 def _summary_line(c: Controller) -> str:
-    now = time.monotonic()
-    site = c.fleet.site
-    states = c.fleet.counts_by_state(now, c.cfg.policy.telemetry_stale_s)
-    fresh = ~c.fleet.stale(now, c.cfg.policy.telemetry_stale_s)
-    ph = c.fleet.hashrate_ths[fresh].sum() / 1000.0
-    hp = c.hashprice_usd_per_ph_day()
+    snap = c.snapshot
+    if snap is None:
+        return "waiting for the first decision ..."
+    states = snap.miners_by_state
+    hp = snap.hashprice_usd_per_ph_day
     catalogue = load_catalogue()
     be = " ".join(
         f"{k}:${catalogue.get(k).breakeven_usd_per_mwh(hp):.0f}" for k in c.fleet.model_keys
     )
-    mw = "  ?  " if math.isnan(site.meter_power_w) else f"{site.meter_power_w / 1e6:5.2f}"
+    measured = snap.measured_site_power_w
+    mw = "  ?  " if measured is None else f"{measured / 1e6:5.2f}"
+    cap = snap.cap
     return (
-        f"site {mw} MW / cap {c.cap_w() / 1e6:.2f} MW | {ph:7.1f} PH/s | "
-        f"price ${c.price_usd_per_mwh():7.2f}/MWh | "
+        f"site {mw} MW / cap {cap.in_force_w / 1e6:.2f} MW ({cap.source}) | "
+        f"{snap.fleet_hashrate_ths / 1000:7.1f} PH/s | "
+        f"price ${snap.price.total_usd_per_mwh:7.2f}/MWh | "
         f"run {states['running']} under {states['underclocked']} "
         f"wake {states['waking']} asleep {states['sleeping']} offline {states['offline']}"
         f"\n    break-even $/MWh: {be}"
@@ -118,16 +119,16 @@ def _final(c: Controller, sim: SimulatedSite, seconds: float, out: TextIO,
     seen = int((now - c.fleet.last_seen < c.cfg.policy.telemetry_stale_s).sum())
     out.write("\n\n== mineops demo: final summary ==\n")
     out.write(_summary_line(c) + "\n")
-    invalid = sum(c.invalid.values())
+    invalid = sum(c.ingest.invalid.values())
     out.write(
-        f"ran {seconds:.0f} s at speed {sim.speed:g}: {c.decision_count} decisions, "
+        f"ran {seconds:.0f} s at speed {sim.speed:g}: {c.decisions} decisions, "
         f"{sim.commands_applied} setpoints applied by miners, {invalid} invalid messages, "
         f"miners reporting {seen}/{c.fleet.n}, meter over cap in {over_cap_samples} of "
         f"{samples} samples after settling\n"
     )
     if seen < 0.95 * c.fleet.n:
         return DemoResult(False, f"only {seen} of {c.fleet.n} miners reported telemetry")
-    if c.decision_count == 0:
+    if c.decisions == 0:
         return DemoResult(False, "the controller made no decision")
     return DemoResult(True, "ok")
 
@@ -181,7 +182,9 @@ async def run_demo(
                 if time.monotonic() - started > settle_s:
                     samples += 1
                     # 0.5 % headroom: the meter's own noise is 0.2 %.
-                    over_cap += sim.site_power_w() > controller.cap_w() * 1.005
+                    snap = controller.snapshot
+                    cap_w = controller.site_cap_w() if snap is None else snap.cap.in_force_w
+                    over_cap += sim.site_power_w() > cap_w * 1.005
 
         try:
             async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:

@@ -174,9 +174,14 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
 
 def send_grid_event(broker: LocalBroker, metrics_port: int) -> None:
     """Publish a retained target_kw event (80 % of the demo's cap, from now) to the demo."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    m = re.search(r"^mineops_site_power_cap_watts (\S+)$", text, re.MULTILINE)
+    deadline = time.monotonic() + 20.0  # the cap is exported from the first decision on
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        m = re.search(r"^mineops_site_power_cap_watts (\S+)$", text, re.MULTILINE)
+        if m or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert m, "the demo exports its cap"
     cap_w = float(m[1])
     now = time.time()

@@ -156,7 +156,9 @@ async def test_event_met_by_deadline_held_and_recovered_at_ramp(broker: LocalBro
     assert not over, f"meter over the {target_kw} kW target after the deadline: {over[:5]}"
     # Recovery: 600 kW/min = 10 kW/s, so the cap climbs over several seconds, not at once.
     await asyncio.sleep(1.0)
-    assert controller.last_planned_w < target_kw * 1000 + 15_000 + 5_000
+    snap = controller.snapshot
+    assert snap is not None
+    assert snap.planned_site_power_w < target_kw * 1000 + 15_000 + 5_000
     await wait_for(lambda: controller.fleet.site.meter_power_w > 0.9 * full_w, timeout_s=30,
                    what="full recovery")
     (row,) = [r for r in controller.grid.journal.rows() if r.id == "dr-it"]
@@ -299,14 +301,14 @@ def test_controller_reads_grid_and_schedule_messages_without_a_broker(tmp_path: 
     sched = PriceSchedule(ts=now, interval_s=3600, prices=[
         ScheduledPrice(start_ts=now - 60, price_usd_per_mwh=42.0)])
     c.on_message(c.topics.price_schedule, sched.encode())
-    assert c.price_usd_per_mwh() == 42.0, "day-ahead price when no real-time price came"
+    assert c.price().total_usd_per_mwh == 42.0, "day-ahead price when no real-time price came"
     c.on_message(c.topics.price, price(10.0))
-    assert c.price_usd_per_mwh() == 10.0, "real-time wins"
+    assert c.price().total_usd_per_mwh == 10.0, "real-time wins"
     c.on_message(c.topics.grid, event(id="x", start_ts=now + 5, end_ts=now + 60).encode())
     assert "x" in c.grid.rows
     c.on_message(c.topics.grid, b'{"v":1,"id":"bad","kind":"target_kw","start_ts":5,'
                                 b'"end_ts":9}')
-    assert c.invalid[("grid", "bad_value")] == 1
+    assert c.ingest.invalid[("grid", "bad_value")] == 1
     assert "bad" not in c.grid.rows
 
 
@@ -363,8 +365,6 @@ async def test_preset_only_firmware_plans_over_its_presets(tmp_path: Path) -> No
     c.on_message(c.topics.price, price(60.0))
     for i in range(6):  # every miner reports, so none is stale
         c.fleet.last_seen[i] = time.monotonic()
-    await c.decide_and_act("test")
-    planned = c.planned_power_w
-    assert planned is not None
+    planned = (await c.decide_and_act("test")).planned_power_w
     assert set(planned[:3]) <= {15.0, *presets}
     assert planned[3] in (15.0, 3500.0)

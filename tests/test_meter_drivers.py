@@ -465,16 +465,16 @@ def test_controller_applies_site_meters_and_counts_bad_vendor_payloads() -> None
         {"type": "tasmota", "id": "pow", "topic": "pow"},
         {"type": "shelly_gen2", "id": "p3", "prefix": P, "role": "aux"}])
     c = Controller(cfg)
-    assert "tele/pow/SENSOR" in c._subscriptions()
-    assert f"{P}/events/rpc" in c._subscriptions()
+    assert "tele/pow/SENSOR" in c.ingest.subscriptions()
+    assert f"{P}/events/rpc" in c.ingest.subscriptions()
     c.on_message("tele/pow/SENSOR", TASMOTA_SENSOR.read_bytes())
     assert c.fleet.site.meter_power_w == 2635.0
     c.on_message(f"{P}/status/em:0", SHELLY_EM0.read_bytes())
     assert c.fleet.site.meter_power_w == 2635.0, "an aux meter is decoded, not the site power"
     c.on_message("tele/pow/SENSOR", b'{"ENERGY": {"Power": "lots"}}')
     c.on_message(f"{P}/events/rpc", b"{")
-    assert c.invalid[("meter_telemetry", "wrong_type")] == 1
-    assert c.invalid[("meter_telemetry", "bad_json")] == 1
+    assert c.ingest.invalid[("meter_telemetry", "wrong_type")] == 1
+    assert c.ingest.invalid[("meter_telemetry", "bad_json")] == 1
     c.on_message("tele/pow/SENSOR", js({"ENERGY": {"Power": 900, "Frequency": 59.98}}))
     assert (c.fleet.site.meter_power_w, c.fleet.site.frequency_hz) == (900.0, 59.98)
 

@@ -44,7 +44,7 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
                    and peer.transport.connected.is_set(), what="both connected")
     await peer.publish(controller.topics.price,
                        PriceSignal(ts=time.time(), price_usd_per_mwh=20.0).encode(), qos=1)
-    invalid = controller.invalid
+    invalid = controller.ingest.invalid
 
     def dropped(reason: str) -> int:
         return invalid[("meter_telemetry", reason)]
@@ -87,6 +87,6 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
     assert controller.fleet.site.meter_power_w == 3027.1
 
     # Still deciding after all of that.
-    decided = controller.decision_count
-    await wait_for(lambda: controller.decision_count >= decided + 2, what="more decisions")
+    decided = controller.decisions
+    await wait_for(lambda: controller.decisions >= decided + 2, what="more decisions")
     assert sum(n for (kind, _), n in invalid.items() if kind == "meter_telemetry") == 6

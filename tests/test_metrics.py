@@ -1,9 +1,16 @@
-"""The metrics collector: names, what is left out when unknown, group sums, cost at 100k miners."""
+"""The metrics collector: names, what is left out when unknown, group sums, cost at 100k miners.
+
+Gauges come from the latest decision snapshot, so each test makes a decision
+(`decide(c)`) after setting up the fleet state it wants to see.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +19,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.config import SiteConfig
+from controller.core.fleet_state import VIEW_STATES
 from controller.daemon.loop import Controller
-from controller.daemon.metrics import VIEW_STATES, EnergyCounter, GridEventStatus, view_states
+from controller.daemon.metrics import EnergyCounter
+from controller.daemon.snapshot import DecisionSnapshot
+from controller.protocol.payloads import GridEvent
 
 STATE_CODES = {"running": 1, "sleeping": 2, "waking": 3, "stopping": 4, "error": 5}
 
@@ -26,7 +36,14 @@ def site(groups: list[tuple[str, str, int]], **metrics: Any) -> SiteConfig:
         "hashprice_usd_per_ph_day": 40.0,
         "policy": {"telemetry_stale_s": 30.0},
         "metrics": {"port": 0, **metrics},
+        "grid": {"journal_path": str(Path(tempfile.mkdtemp(prefix="mineops-test-")) / "g.db"),
+                 "prepare_s": 0.0},
     })
+
+
+def decide(c: Controller) -> DecisionSnapshot:
+    """One decision cycle (no broker: nothing is sent), so the collector has a snapshot."""
+    return asyncio.run(c.decide_and_act("test"))
 
 
 def samples(c: Controller) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -58,15 +75,20 @@ def report(c: Controller, i: int, state: str, power_w: float, ths: float, *,
 
 def test_unknown_values_are_left_out_not_invented() -> None:
     c = Controller(site([("a", "s21", 4)]))
+    # Before the first decision: only what the controller knows without one.
+    assert names(c) >= {"mineops_controller_info", "mineops_miners_configured",
+                        "mineops_site_energy_joules_total", "mineops_mqtt_connected"}
+    assert "mineops_site_power_cap_watts" not in names(c)
+    decide(c)
     got = names(c)
-    for absent in ("mineops_site_power_watts", "mineops_site_power_planned_watts",
-                   "mineops_grid_frequency_hertz", "mineops_fleet_efficiency_joules_per_terahash",
+    for absent in ("mineops_site_power_watts", "mineops_grid_frequency_hertz",
+                   "mineops_fleet_efficiency_joules_per_terahash",
                    "mineops_profit_rate_usd_per_hour", "mineops_grid_event_target_watts",
-                   "mineops_grid_event_on_track", "mineops_last_decision_timestamp_seconds",
-                   "mineops_group_power_planned_watts", "mineops_miner_power_watts"):
+                   "mineops_grid_event_on_track", "mineops_miner_power_watts"):
         assert absent not in got, absent
-    # Always there: the cap, prices, counts (all offline before any telemetry).
+    # After it: the cap, prices, counts (all offline before any telemetry).
     assert value(c, "mineops_site_power_cap_watts") == 5e6
+    assert value(c, "mineops_energy_price_usd_per_mwh") == 1000.0, "the cautious default"
     assert value(c, "mineops_miners", state="offline") == 4
     assert value(c, "mineops_site_meter_last_reading_timestamp_seconds") == 0
     assert value(c, "mineops_mqtt_connected") == 0
@@ -84,6 +106,7 @@ def test_site_and_group_series_follow_fleet_state() -> None:
     c.fleet.site.meter_power_w = 7000.0
     c.fleet.site.meter_at = time.monotonic()
     c.fleet.site.frequency_hz = 60.01
+    decide(c)
 
     assert value(c, "mineops_site_power_watts") == 7000.0
     assert value(c, "mineops_fleet_hashrate_hashes_per_second") == pytest.approx(380e12)
@@ -101,41 +124,57 @@ def test_site_and_group_series_follow_fleet_state() -> None:
     assert value(c, "mineops_miners_configured") == 5
     # Profit: revenue at the hashprice minus the metered power at the price in force.
     revenue = 380 / 1000 * 40.0 / 24
-    cost = 7000 / 1e6 * c.price_usd_per_mwh()
+    cost = 7000 / 1e6 * c.price().total_usd_per_mwh
     assert value(c, "mineops_revenue_rate_usd_per_hour") == pytest.approx(revenue)
     assert value(c, "mineops_profit_rate_usd_per_hour") == pytest.approx(revenue - cost)
     assert value(c, "mineops_breakeven_price_usd_per_mwh", model="s21") > value(
         c, "mineops_breakeven_price_usd_per_mwh", model="s19j_pro")
 
 
-def test_view_states_match_fleet_counts() -> None:
+def test_view_states_follow_the_reported_state_unless_stale() -> None:
     c = Controller(site([("a", "s21", 300)]))
     rng = np.random.default_rng(7)
     now = time.monotonic()
     f = c.fleet
-    f.state[:] = rng.integers(0, 6, f.n)
+    f.state[:] = rng.integers(1, 6, f.n)
     f.target_w[:] = np.where(rng.random(f.n) < 0.3, np.nan, rng.uniform(2000, 4000, f.n))
     f.last_seen[:] = now - rng.uniform(0, 60, f.n)
     f.announced_offline[:] = rng.random(f.n) < 0.1
-    code = view_states(c, now)
-    counts = f.counts_by_state(now, c.cfg.policy.telemetry_stale_s)
-    assert {s: int((code == i).sum()) for i, s in enumerate(VIEW_STATES)} == counts
+    code = f.view_states(now, 30.0)
+    by_code = {1: "running", 2: "sleeping", 3: "waking", 4: "sleeping", 5: "error"}
+    for i in range(f.n):  # one miner at a time, by the documented rules
+        stale = f.announced_offline[i] or now - f.last_seen[i] > 30.0
+        want = "offline" if stale else by_code[int(f.state[i])]
+        if want == "running" and f.target_w[i] < f.nominal_w[i] - 1.0:
+            want = "underclocked"
+        assert VIEW_STATES[code[i]] == want, i
 
 
-def test_grid_event_series_only_with_an_event() -> None:
+def test_grid_event_series_only_with_an_event_and_the_cap_is_the_events() -> None:
     c = Controller(site([("a", "s21", 2)]))
+    decide(c)
     assert "mineops_grid_event_on_track" not in names(c)
-    c.grid_event = GridEventStatus(target_w=1e6, deadline_unix_s=1.8e9, on_track=False)
-    assert value(c, "mineops_grid_event_target_watts") == 1e6
-    assert value(c, "mineops_grid_event_on_track") == 0
-    assert value(c, "mineops_grid_event_deadline_timestamp_seconds") == 1.8e9
+    now = time.time()
+    event = GridEvent(id="dr-1", kind="target_kw", value_kw=4.0, start_ts=now - 1,
+                      end_ts=now + 600)
+    c.on_message(c.topics.grid, event.encode())
+    snap = decide(c)
+    assert value(c, "mineops_grid_event_target_watts") == 4000.0
+    assert value(c, "mineops_grid_event_deadline_timestamp_seconds") == pytest.approx(now - 1)
+    # The cap in force is the event's, not the configured one (which has its own series).
+    assert value(c, "mineops_site_power_cap_watts") == 4000.0
+    assert value(c, "mineops_site_power_cap_configured_watts") == 5e6
+    assert snap.cap.source == "target_kw" and snap.summary().cap_in_force_w == 4000.0
 
 
 def test_per_miner_series_only_when_enabled() -> None:
     off = Controller(site([("a", "s21", 3)]))
     assert not any(n.startswith("mineops_miner_") for n in names(off))
+    decide(off)
+    assert not any(n.startswith("mineops_miner_") for n in names(off))
     on = Controller(site([("a", "s21", 3)], per_miner=True))
     report(on, 1, "running", 3000.0, 190.0)
+    decide(on)
     assert value(on, "mineops_miner_power_watts", miner="a-0002", group="a") == 3000
     assert value(on, "mineops_miner_up", miner="a-0001", group="a") == 0
     assert ("mineops_miner_power_watts", (("group", "a"), ("miner", "a-0001"))) not in samples(on)
@@ -143,7 +182,11 @@ def test_per_miner_series_only_when_enabled() -> None:
 
 def test_names_follow_prometheus_conventions() -> None:
     c = Controller(site([("a", "s21", 2)], per_miner=True))
-    c.grid_event = GridEventStatus(target_w=1.0, deadline_unix_s=1.0, on_track=True)
+    now = time.time()
+    c.on_message(c.topics.grid, GridEvent(id="dr-1", kind="target_kw", value_kw=1.0,
+                                          start_ts=now - 1, end_ts=now + 600).encode())
+    decide(c)
+    assert "mineops_grid_event_on_track" in names(c)
     text = generate_latest(c.metrics.registry).decode()
     units = ("_watts", "_hertz", "_seconds", "_joules_total", "_usd_per_mwh", "_usd_per_ph_day",
              "_usd_per_hour", "_hashes_per_second", "_joules_per_terahash", "_celsius")
@@ -187,7 +230,7 @@ def test_scrape_stays_cheap_at_100k_miners() -> None:
     f.power_w[:] = rng.uniform(0, 3500, f.n)
     f.hashrate_ths[:] = rng.uniform(0, 200, f.n)
     f.last_seen[:] = time.monotonic()
-    c.planned_power_w = f.power_w.copy()
+    decide(c)
     generate_latest(c.metrics.registry)  # warm up
     started = time.perf_counter()
     text = generate_latest(c.metrics.registry).decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import urllib.request
 from typing import Any
@@ -49,10 +50,16 @@ async def settled(controller: Controller, sim: SimulatedSite) -> None:
                    what="commands acknowledged")
     await wait_for(lambda: bool(np.isin(sim.fleet.mode, (0, 1)).all()),
                    what="no miner still waking or stopping")
-    await wait_for(lambda: abs(sim.fleet.total_power_w() * 1.05 - controller.last_planned_w)
-                   < 0.01 * controller.last_planned_w, what="site power at the plan")
-    await wait_for(lambda: abs(controller.fleet.site.meter_power_w - controller.last_planned_w)
-                   < 0.02 * controller.last_planned_w, what="the meter to see it")
+    await wait_for(lambda: abs(sim.fleet.total_power_w() * 1.05 - planned_w(controller))
+                   < 0.01 * planned_w(controller), what="site power at the plan")
+    await wait_for(lambda: abs(controller.fleet.site.meter_power_w - planned_w(controller))
+                   < 0.02 * planned_w(controller), what="the meter to see it")
+
+
+def planned_w(controller: Controller) -> float:
+    """Site power the latest decision planned (NaN before the first one)."""
+    snap = controller.snapshot
+    return math.nan if snap is None else snap.planned_site_power_w
 
 
 def scrape(controller: Controller) -> str:
@@ -179,15 +186,15 @@ async def test_malformed_payloads_are_counted_and_dropped(broker: LocalBroker,
         await peer.publish(f"{base}/{leaf}", payload, qos=1)
     expected = {(SiteTopics("test").parse(f"{base}/{leaf}").kind.value, reason)
                 for leaf, _, reason in BAD_PAYLOADS}
-    await wait_for(lambda: expected <= set(controller.invalid), timeout_s=10,
-                   what=f"invalid counters {sorted(expected - set(controller.invalid))}")
+    await wait_for(lambda: expected <= set(controller.ingest.invalid), timeout_s=10,
+                   what=f"invalid counters {sorted(expected - set(controller.ingest.invalid))}")
     # Nothing bad reached fleet state: no absurd power, no price of "cheap".
     assert controller.fleet.power_w.max() < 10_000
     assert controller.fleet.power_w == pytest.approx(good_power, rel=0.1, abs=50)
-    assert controller.fleet.site.price_usd_per_mwh == 20.0
-    decisions = controller.decision_count
+    assert controller.fleet.site.market_price_usd_per_mwh == 20.0
+    decisions = controller.decisions
     await peer.publish(controller.topics.price, price(500.0), qos=1, retain=True)
-    await wait_for(lambda: controller.decision_count > decisions + 2, what="more decisions")
+    await wait_for(lambda: controller.decisions > decisions + 2, what="more decisions")
     await wait_for(lambda: bool((sim.fleet.mode == 1).all()),
                    what="the controller still acts: all asleep at $500/MWh")
     text = scrape(controller)
@@ -235,8 +242,10 @@ async def test_silent_miners_count_at_max_power_against_the_cap(broker: LocalBro
     await wait_for(lambda: bool(controller.fleet.stale(time.monotonic(), 5.0)[silent].all()),
                    what="silent miners seen as stale")
     await asyncio.sleep(3.0)
-    assert controller.reason_counts[8] == 10  # Reason.STALE
-    planned_others = controller.last_planned_w
+    snap = controller.snapshot
+    assert snap is not None
+    assert snap.reason_counts[8] == 10  # Reason.STALE
+    planned_others = snap.planned_site_power_w
     assert planned_others <= cap_kw * 1000
     readings = []
     for _ in range(20):

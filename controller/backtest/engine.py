@@ -3,10 +3,11 @@
 What runs (no MQTT, no sleeping; time is passed in):
 
 * **mineops**: :func:`controller.core.policy.decide` (which calls
-  :func:`controller.core.optimizer.solve`) at every interval start on the *previous* interval's price (the last one published
-  before the interval starts), and again inside an interval when a policy hold (dwell,
-  wake latency) expires, as the daemon's tick would. Revenue and cost are settled at the
-  interval's *actual* price, time-weighted over those segments.
+  :func:`controller.core.optimizer.solve`) at every interval start on the *previous*
+  interval's price (the last one published before the interval starts), and again inside
+  an interval when a policy hold (dwell, wake latency) expires, as the daemon's tick
+  would. Revenue and cost are settled at the interval's *actual* price, time-weighted
+  over those segments.
 * **optimum**: :func:`controller.core.optimizer.solve` per interval with that interval's own
   price, no policy: the hindsight ceiling.
 * **always_on**: every miner at its stock power target (the firmware target nearest the

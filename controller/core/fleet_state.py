@@ -5,17 +5,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import numpy.typing as npt
 
 from controller.catalogue import load_catalogue, operating_points
 from controller.config import MinerEntry
-from controller.protocol.payloads import MinerReading
+from controller.protocol.payloads import MinerReading, MinerState, PriceSchedule
 
-# Reported states, as small ints; UNKNOWN until the first telemetry.
-STATES = ("unknown", "running", "sleeping", "waking", "stopping", "error")
+# Reported states (the payload's), as small ints; "unknown" until the first telemetry.
+STATES: tuple[str, ...] = ("unknown", *get_args(MinerState))
 _STATE_CODE = {s: i for i, s in enumerate(STATES)}
+# The operator's view of a miner (metrics' `state` label, the decision topic, the demo):
+# reported states folded, with "offline" for miners whose telemetry is stale or missing.
+VIEW_STATES = ("running", "underclocked", "sleeping", "waking", "error", "offline")
+_VIEW = {s: i for i, s in enumerate(VIEW_STATES)}
 
 
 @dataclass(slots=True)
@@ -25,8 +30,9 @@ class SiteReadings:
     meter_power_w: float = math.nan
     meter_at: float = -math.inf
     frequency_hz: float = math.nan
-    price_usd_per_mwh: float | None = None
+    market_price_usd_per_mwh: float | None = None  # real-time, without adders
     price_at: float = -math.inf
+    price_schedule: PriceSchedule | None = None  # day-ahead, for when real-time is missing
     hashprice_usd_per_ph_day: float | None = None
 
 
@@ -130,16 +136,26 @@ class FleetState:
         """Miners whose actual draw is unknown: silent too long, or announced offline."""
         return self.announced_offline | (now - self.last_seen > stale_after_s)
 
+    def view_states(self, now: float, stale_after_s: float) -> npt.NDArray[np.int8]:
+        """Each miner's operator state as an index into VIEW_STATES (stale wins over reports)."""
+        code = np.full(self.n, _VIEW["offline"], dtype=np.int8)
+        state = self.state
+        running = state == _STATE_CODE["running"]
+        code[running] = _VIEW["running"]
+        code[running & (self.target_w < self.nominal_w - 1.0)] = _VIEW["underclocked"]
+        code[(state == _STATE_CODE["sleeping"]) | (state == _STATE_CODE["stopping"])] = (
+            _VIEW["sleeping"])
+        code[state == _STATE_CODE["waking"]] = _VIEW["waking"]
+        code[state == _STATE_CODE["error"]] = _VIEW["error"]
+        code[self.stale(now, stale_after_s)] = _VIEW["offline"]
+        return code
+
     def counts_by_state(self, now: float, stale_after_s: float) -> dict[str, int]:
-        """Operator view: running, underclocked, sleeping (incl. stopping), waking, offline."""
-        stale = self.stale(now, stale_after_s)
-        running = ~stale & (self.state == _STATE_CODE["running"])
-        under = running & (self.target_w < self.nominal_w - 1.0)
-        return {
-            "running": int((running & ~under).sum()),
-            "underclocked": int(under.sum()),
-            "sleeping": int((~stale & np.isin(self.state, (2, 4))).sum()),
-            "waking": int((~stale & (self.state == _STATE_CODE["waking"])).sum()),
-            "error": int((~stale & (self.state == _STATE_CODE["error"])).sum()),
-            "offline": int(stale.sum()),
-        }
+        """Miners per VIEW_STATES name."""
+        return view_counts(self.view_states(now, stale_after_s))
+
+
+def view_counts(view_state: npt.NDArray[np.int8]) -> dict[str, int]:
+    """Miners per VIEW_STATES name, from per-miner view codes."""
+    counts = np.bincount(view_state, minlength=len(VIEW_STATES))
+    return {name: int(counts[i]) for i, name in enumerate(VIEW_STATES)}

@@ -273,9 +273,15 @@ class DecisionSummary(Payload):
     MAX_BYTES: ClassVar[int] = 64 * 1024
 
     ts: float
-    price_usd_per_mwh: float
+    price_usd_per_mwh: float = Field(description="Price planned with: market plus adders")
+    market_price_usd_per_mwh: float | None = None
+    price_source: Literal["real_time", "day_ahead", "default"] | None = None
     hashprice_usd_per_ph_day: float
-    cap_w: float
+    cap_w: float = Field(description="What the plan aims under: the cap in force less headroom")
+    cap_in_force_w: float | None = None
+    cap_source: str | None = Field(default=None, max_length=32,
+                                   description="site, or the grid obligation that set the cap")
+    grid_event_id: str | None = Field(default=None, max_length=128)
     planned_site_power_w: float
     measured_site_power_w: float | None = None
     miners_by_state: dict[str, int]

@@ -22,6 +22,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from controller.protocol.payloads import (
+    DecisionSummary,
+    FleetCommand,
+    GridEvent,
+    GroupCapabilities,
+    GroupCommand,
+    GroupTelemetry,
+    HashpriceSignal,
+    MeterTelemetry,
+    MinerCommand,
+    MinerTelemetry,
+    Payload,
+    PayloadError,
+    PriceSchedule,
+    PriceSignal,
+)
+
 ROOT = "mineops"
 ONLINE = "online"
 OFFLINE = "offline"
@@ -66,6 +83,39 @@ _SITE_KINDS = {
     ("fleet", "cmd"): Kind.FLEET_CMD,
     ("controller", "availability"): Kind.CONTROLLER_AVAILABILITY,
     ("controller", "decision"): Kind.DECISION,
+}
+
+
+def parse_availability(raw: bytes) -> bool:
+    """An availability payload: True for "online", False for "offline".
+
+    Raises:
+        PayloadError: anything else (reason `bad_value`).
+    """
+    text = raw.decode(errors="replace").strip()
+    if text not in (ONLINE, OFFLINE):
+        raise PayloadError("bad_value", f"availability must be online/offline: {text[:40]!r}")
+    return text == ONLINE
+
+
+# What each kind of topic carries: a payload model, or None for the plain-text
+# availability ("online"/"offline"). Dispatch on received messages is a lookup here.
+PAYLOAD_TYPES: dict[Kind, type[Payload] | None] = {
+    Kind.MINER_TELEMETRY: MinerTelemetry,
+    Kind.MINER_AVAILABILITY: None,
+    Kind.MINER_CMD: MinerCommand,
+    Kind.GROUP_TELEMETRY: GroupTelemetry,
+    Kind.GROUP_AVAILABILITY: None,
+    Kind.GROUP_CMD: GroupCommand,
+    Kind.GROUP_CAPABILITIES: GroupCapabilities,
+    Kind.FLEET_CMD: FleetCommand,
+    Kind.METER_TELEMETRY: MeterTelemetry,
+    Kind.PRICE: PriceSignal,
+    Kind.PRICE_SCHEDULE: PriceSchedule,
+    Kind.HASHPRICE: HashpriceSignal,
+    Kind.GRID: GridEvent,
+    Kind.CONTROLLER_AVAILABILITY: None,
+    Kind.DECISION: DecisionSummary,
 }
 
 
@@ -123,17 +173,6 @@ class SiteTopics:
     @property
     def decision(self) -> str:
         return f"{self.base}/controller/decision"
-
-    def controller_subscriptions(self) -> list[str]:
-        """What the controller listens to."""
-        return [
-            f"{self.base}/miner/+/telemetry",
-            f"{self.base}/miner/+/availability",
-            f"{self.base}/group/+/telemetry",
-            f"{self.base}/group/+/availability",
-            f"{self.base}/meter/+/telemetry",
-            f"{self.base}/signal/+",
-        ]
 
     def simulator_subscriptions(self) -> list[str]:
         """What a simulated (or bridged) fleet listens to."""

@@ -32,6 +32,15 @@ class LastWill:
     qos: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class LinkStatus:
+    """The broker connection: up or not, connections made, messages waiting to be handled."""
+
+    connected: bool
+    connects: int
+    incoming_queue_messages: int
+
+
 class Transport:
     """A reconnecting MQTT client; `run()` delivers every message to `handler` until cancelled."""
 
@@ -171,3 +180,9 @@ class Transport:
             log.warning("mqtt_publish_failed", topic=topic, error=str(e))
             return False
         return True
+
+    def status(self) -> LinkStatus:
+        """The connection as metrics show it."""
+        client = self._client
+        return LinkStatus(connected=self.connected.is_set(), connects=self.connects,
+                          incoming_queue_messages=len(client.messages) if client else 0)
