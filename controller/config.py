@@ -702,13 +702,12 @@ class ConfigError(Exception):
     """A site file that cannot be used: one line per problem, each naming the field and why."""
 
 
-def load_config(path: Path | str, *, check_journal: bool = False,
-                environ: Mapping[str, str] | None = None, **overrides: Any) -> SiteConfig:
+def load_config(path: Path | str, *, check_journal: bool = False, **overrides: Any
+                ) -> SiteConfig:
     """Read and validate a site file (and MINEOPS_* variables); ConfigError lists every problem.
 
     check_journal: also check that grid.journal_path can be opened for writing (for the
-    commands that write it: `run`, `check-config`). environ: the environment to check for
-    unknown MINEOPS_* variables (default os.environ; pydantic-settings reads os.environ).
+    commands that write it: `run`, and `check-config`, which vouches for `run`).
     """
     path = Path(path)
     if not path.is_file():
@@ -718,7 +717,7 @@ def load_config(path: Path | str, *, check_journal: bool = False,
     except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     data.update(overrides)
-    env_problems = unknown_environment_variables(os.environ if environ is None else environ)
+    env_problems = unknown_environment_variables(os.environ)
     try:
         cfg = SiteConfig(**data)
     except ValidationError as e:
@@ -858,7 +857,6 @@ def unknown_environment_variables(environ: Mapping[str, str]) -> list[tuple[str,
                 " (MINEOPS_<KEY>, with __ between levels, sets a key of the site file)")
         out.append((name, f"environment variable {name}: unknown{hint}"))
     return out
-
 
 
 def journal_path_problem(path: Path) -> str | None:
