@@ -315,3 +315,17 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"mineops {importlib.metadata.version('mineops')}"
+
+
+def test_run_logs_cap_warnings_at_start(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    f = site(tmp_path, ("power_cap_kw = 3600", "power_cap_kw = 12000"),
+             ('host = "0.0.0.0"', 'host = "127.0.0.1"'))
+    with socket.socket() as taken:  # stops `run` right after start-up's checks
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code = main(["--log-format", "json", "run", "--config", str(f), "--metrics-port",
+                     str(taken.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert '"event": "config_warning"' in err and "12000 kW is 3.1 times" in err
