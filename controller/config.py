@@ -1,17 +1,27 @@
 """Site configuration: one TOML file, validated by pydantic, overridable by MINEOPS_* variables.
 
 Environment overrides use `__` between levels, e.g. MINEOPS_BROKER__PORT=1884 or
-MINEOPS_POWER_CAP_KW=2500. Unknown keys are errors, so a typo never goes unnoticed.
+MINEOPS_POWER_CAP_KW=2500. Unknown keys and unknown MINEOPS_* variables are errors, so a
+typo never goes unnoticed; so are non-finite numbers (nan, inf) and inverted pairs.
+
+`load_config` is the door for files people write: on top of the model's own checks it
+compares the power cap with the fleet (a cap off by orders of magnitude is a unit typo),
+checks the environment for unknown variables and, when asked, the grid journal's path. It
+reports every problem at once, one line each.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
-from dataclasses import dataclass
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +31,7 @@ from pydantic import (
     IPvAnyAddress,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,7 +42,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from controller.catalogue import MinerModel, load_catalogue
+from controller.catalogue import load_catalogue
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -47,7 +58,9 @@ ModelKey = Annotated[str, AfterValidator(_known_model)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # nan and inf are never meant in a site file; the one field where inf means "no limit"
+    # says so itself (policy.ramp_kw_per_min).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BrokerConfig(_Strict):
@@ -219,7 +232,7 @@ class EnergyConfig(_Strict):
         default=0.05, ge=0, le=1, description="Cooling/auxiliary load as a fraction of IT load"
     )
     default_price_usd_per_mwh: float = Field(
-        default=1000.0,
+        default=1000.0, ge=-1000, le=100_000,
         description="Price assumed before any price arrives (high: run nothing risky)",
     )
 
@@ -242,15 +255,28 @@ class PolicyConfig(_Strict):
         "its wake time (0: at once)",
     )
     ramp_kw_per_min: float = Field(
-        default=float("inf"), gt=0,
-        description="Site ramp limit for economic moves, kW/min (cap and grid cuts ignore it)",
+        # The one float where infinity means something: no limit (TOML `inf`, or leave it out).
+        default=float("inf"), gt=0, allow_inf_nan=True,
+        description="Site ramp limit for economic moves, kW/min (cap and grid cuts ignore it); "
+        "inf (the default): no limit",
     )
-    derate_start_c: float = Field(default=80.0, description="Above this, lower the max target")
-    critical_c: float = Field(default=95.0, description="At or above this, the miner sleeps")
+    derate_start_c: float = Field(default=80.0, ge=0, le=150,
+                                  description="Above this, lower the max target, deg C")
+    critical_c: float = Field(default=95.0, ge=0, le=150,
+                              description="At or above this, the miner sleeps, deg C")
     cap_headroom_fraction: float = Field(
         default=0.01, ge=0, le=0.5,
         description="Plan this far below the cap, so meter noise and settling stay under it",
     )
+
+    @field_validator("critical_c")
+    @classmethod
+    def _critical_above_derate(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("derate_start_c")  # absent when it failed its own check
+        if start is not None and value <= start:
+            raise ValueError(f"must be above derate_start_c ({start:g} C): the derating "
+                             "ramp runs from derate_start_c up to critical_c")
+        return value
 
 
 class FrequencyConfig(_Strict):
@@ -264,6 +290,15 @@ class FrequencyConfig(_Strict):
     shed_groups: list[str] = Field(
         default_factory=list, description="Groups slept at once (empty: every group)"
     )
+
+    @field_validator("restore_above_hz")
+    @classmethod
+    def _restore_above_shed(cls, value: float, info: ValidationInfo) -> float:
+        shed = info.data.get("shed_below_hz")  # absent when it failed its own check
+        if shed is not None and value <= shed:
+            raise ValueError(f"must be above shed_below_hz ({shed:g} Hz): at or below it the "
+                             "site would restore while the grid is still low enough to shed")
+        return value
 
 
 class GridConfig(_Strict):
@@ -485,7 +520,8 @@ class SiteConfig(BaseSettings):
     """A mine site: identity, broker, fleet, limits and economics."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MINEOPS_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="MINEOPS_", env_nested_delimiter="__", extra="forbid", frozen=True,
+        allow_inf_nan=False,
     )
 
     site_id: str = Field(pattern=_ID, description="Site id, the second level of every topic")
@@ -523,6 +559,16 @@ class SiteConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_never_curtail(self) -> SiteConfig:
+        # Unlike the unit checks of cap_review (see load_config), this holds for any config,
+        # however built: no plan can keep these miners at full power under such a cap. The
+        # review's other errors go with it: a unit typo is the likely cause.
+        review = self.cap_review()
+        if review.cannot_hold:
+            raise ValueError("\n".join(review.errors))
+        return self
+
+    @model_validator(mode="after")
     def _check_bridge(self) -> SiteConfig:
         if self.bridge is not None:
             self.bridge.endpoints(self.inventory)
@@ -544,8 +590,57 @@ class SiteConfig(BaseSettings):
         ]
         return out + list(self.fleet.miners)
 
-    def model_of(self, entry: MinerEntry) -> MinerModel:
-        return load_catalogue().get(entry.model)
+    def cap_review(self) -> CapReview:
+        """The cap against the fleet's draw: unit typos (errors) and doubtful caps (warnings)."""
+        catalogue = load_catalogue()
+        aux1 = 1.0 + self.energy.aux_fraction
+        counts: dict[tuple[str, bool], int] = {}
+        for g in self.fleet.groups:
+            key = (g.model, g.never_curtail)
+            counts[key] = counts.get(key, 0) + g.count
+        for m in self.fleet.miners:
+            key = (m.model, m.never_curtail)
+            counts[key] = counts.get(key, 0) + 1
+        stock_w = sum(catalogue.get(model).nominal_w * n for (model, _), n in counts.items())
+        never_w = sum(catalogue.get(model).max_w * n for (model, nc), n in counts.items() if nc)
+        smallest = min((catalogue.get(model) for model, _ in counts),
+                       key=lambda m: m.nominal_w, default=None)
+        cap = self.power_cap_kw
+        fleet_kw = stock_w * aux1 / 1000.0
+        review = CapReview(
+            cap_kw=cap, fleet_stock_kw=fleet_kw, never_curtail_max_kw=never_w * aux1 / 1000.0,
+            planning_cap_kw=cap * (1.0 - self.policy.cap_headroom_fraction),
+        )
+        if fleet_kw <= 0 or smallest is None:
+            return review  # no fleet: _check_fleet says so
+        aux = _pct(aux1 - 1)
+        fleet = f"the fleet's stock draw ({format_kw(fleet_kw)} kW incl. {aux} aux)"
+        got = f"power_cap_kw: {format_kw(cap)} kW"
+        ratio = cap / fleet_kw
+        if ratio > CAP_UNIT_RATIO:
+            review.errors.append(f"{got} is {ratio:.0f} times {fleet}: looks like W typed as kW "
+                                 f"({format_kw(cap)} W = {format_kw(cap / 1000)} kW)")
+        elif ratio < 1 / CAP_UNIT_RATIO:
+            review.errors.append(f"{got} is 1/{1 / ratio:.0f} of {fleet}: looks like MW typed as "
+                                 f"kW ({format_kw(cap)} MW = {format_kw(cap * 1000)} kW)")
+        elif ratio > CAP_FAR_ABOVE_RATIO:
+            review.warnings.append(f"{got} is {ratio:.1f} times {fleet}: the cap never binds; "
+                                   "is it the site's import limit in kW?")
+        smallest_kw = smallest.nominal_w * aux1 / 1000.0
+        if not review.errors and cap < smallest_kw:
+            review.warnings.append(
+                f"{got} is below the smallest miner's stock draw ({format_kw(smallest_kw)} kW "
+                f"incl. aux, {smallest.name}): no miner can run at stock")
+        if review.never_curtail_max_kw > review.planning_cap_kw:
+            review.cannot_hold = True
+            groups = ", ".join(sorted({m.group for m in self.inventory if m.never_curtail}))
+            headroom = _pct(self.policy.cap_headroom_fraction)
+            review.errors.append(
+                f"{got} ({format_kw(review.planning_cap_kw)} kW after the {headroom} headroom) "
+                f"is below the never-curtail miners' maximum draw of "
+                f"{format_kw(review.never_curtail_max_kw)} kW incl. {aux} aux (groups {groups}): "
+                "the cap could not be held with them at full power")
+        return review
 
     @classmethod
     def settings_customise_sources(
@@ -560,12 +655,57 @@ class SiteConfig(BaseSettings):
         return (env_settings, init_settings)
 
 
+# A cap typed in the wrong unit is off by a factor of 1000 from the one meant, and the cap
+# meant lies within a few times the fleet's stock draw (a site is built for its
+# connection). So a cap more than 100 times the fleet, or below 1/100 of it, is a unit
+# typo; and one more than 3 times the fleet never binds, which deserves a second look.
+CAP_UNIT_RATIO = 100.0
+CAP_FAR_ABOVE_RATIO = 3.0
+
+
+@dataclass(slots=True)
+class CapReview:
+    """The power cap against the fleet it feeds (see SiteConfig.cap_review)."""
+
+    cap_kw: float
+    fleet_stock_kw: float  # every miner at its stock power, plus aux
+    never_curtail_max_kw: float  # never-curtail miners at their highest target, plus aux
+    planning_cap_kw: float  # the cap less policy.cap_headroom_fraction
+    errors: list[str] = field(default_factory=list)  # "power_cap_kw: why"
+    warnings: list[str] = field(default_factory=list)
+    cannot_hold: bool = False  # never-curtail load above the cap: the model refuses it
+
+
+def format_kw(value: float) -> str:
+    """A power in kW for messages: whole kW from 100 up, three figures below."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:.3g} %"
+
+
+# MINEOPS_* variables the project reads that are not site-file keys (the tests and CI set
+# them); every other MINEOPS_* variable must name a key of SiteConfig.
+NOT_CONFIG_VARIABLES: frozenset[str] = frozenset({
+    "MINEOPS_REQUIRE_MOSQUITTO",  # tests/CI: a missing mosquitto fails instead of falling back
+    "MINEOPS_REQUIRE_SERVERS",  # tests/CI: missing prometheus/promtool/openssl fail, not skip
+    "MINEOPS_TEST_BROKER",  # tests: which broker the integration tests start
+})
+ENV_PREFIX = "MINEOPS_"
+
+
 class ConfigError(Exception):
-    """A site file that cannot be used, with one message naming the field and why."""
+    """A site file that cannot be used: one line per problem, each naming the field and why."""
 
 
-def load_config(path: Path | str, **overrides: Any) -> SiteConfig:
-    """Read and validate a site file; raise ConfigError with a clear one-line message."""
+def load_config(path: Path | str, *, check_journal: bool = False, **overrides: Any
+                ) -> SiteConfig:
+    """Read and validate a site file (and MINEOPS_* variables); ConfigError lists every problem.
+
+    check_journal: also check that grid.journal_path can be opened for writing (for the
+    commands that write it: `run`, and `check-config`, which vouches for `run`).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -574,22 +714,174 @@ def load_config(path: Path | str, **overrides: Any) -> SiteConfig:
     except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     data.update(overrides)
+    env_problems = unknown_environment_variables(os.environ)
     try:
-        return SiteConfig(**data)
+        cfg = SiteConfig(**data)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {describe_validation_error(e)}") from None
+        # An unknown nested variable (a misspelt MINEOPS_BROKER__PORT, say) also reaches
+        # pydantic as an unknown key; the line naming the variable says more, so keep that.
+        from_env = {tuple(name[len(ENV_PREFIX):].lower().split("__"))
+                    for name, _ in env_problems}
+        problems = [why for _, why in env_problems]
+        problems += [validation_problem(err) for err in e.errors()
+                     if not (err["type"] == "extra_forbidden" and not _in_file(data, err["loc"])
+                             and _env_key(err["loc"]) in from_env)]
+        raise ConfigError(_lines(path, problems)) from None
+    problems = [why for _, why in env_problems] + cfg.cap_review().errors
+    if check_journal:
+        why = journal_path_problem(cfg.grid.journal_path)
+        if why is not None:
+            problems.append(f"grid.journal_path: {why}")
+    if problems:
+        raise ConfigError(_lines(path, problems))
+    return cfg
+
+
+def _lines(path: Path, problems: list[str]) -> str:
+    """One line per problem, each starting with the file (a problem may hold several)."""
+    return "\n".join(f"{path}: {line}" for p in problems for line in p.splitlines())
 
 
 def describe_validation_error(e: ValidationError) -> str:
-    """First error as 'field.path: why (got value)', plus how many more there are."""
-    errors = e.errors()
-    first = errors[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling against deploy/site.example.toml)"
-    got = first.get("input")
-    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    msg = re.sub(r"^Value error, ", "", msg)
-    more = f"; and {len(errors) - 1} more error(s)" if len(errors) > 1 else ""
-    return f"{where}: {msg}{shown}{more}"
+    """Every error of `e`, one 'field.path: why (got value)' per line."""
+    return "\n".join(validation_problem(err) for err in e.errors())
+
+
+def validation_problem(err: Any) -> str:
+    """One pydantic error as 'field.path: why (got value)'; unknown keys get a suggestion."""
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc)
+    msg = re.sub(r"^Value error, ", "", err["msg"])
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key" + _did_you_mean(str(loc[-1]), _known_keys(loc[:-1]))
+    got = err.get("input")
+    secret = any(w in str(loc[-1]) for w in ("password", "passphrase")) if loc else False
+    if isinstance(got, dict | list) or got is None or secret:
+        shown = ""
+    else:
+        text = repr(got)
+        shown = f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+    # Checks across fields (e.g. the cap against the fleet) name their field themselves.
+    return f"{where}: {msg}{shown}" if where else f"{msg}{shown}"
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]}?"
+    return " (see deploy/site.example.toml for the keys)"
+
+
+def _members(tp: Any) -> list[Any]:
+    """The types a field annotation can hold: Annotated, Optional and unions unwrapped."""
+    if get_origin(tp) is Annotated:
+        return _members(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        return [m for arg in get_args(tp) for m in _members(arg)]
+    return [] if tp is type(None) else [tp]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys valid at a pydantic error location (for 'did you mean')."""
+    current: list[Any] = [SiteConfig]
+    for part in loc:
+        following: list[Any] = []
+        for tp in (m for t in current for m in _members(t)):
+            if isinstance(part, int):
+                if get_origin(tp) is list:
+                    following.append(get_args(tp)[0])
+            elif _is_model(tp):
+                if part in tp.model_fields:
+                    following.append(tp.model_fields[part].annotation)
+                # A union's member appears in the location by its tag or class name.
+                elif part == tp.__name__ or part in get_args(_type_tag(tp)):
+                    following.append(tp)
+        current = following
+    return sorted({k for t in current for m in _members(t) if _is_model(m)
+                   for k in m.model_fields})
+
+
+def _type_tag(model: type[BaseModel]) -> Any:
+    field_info = model.model_fields.get("type")
+    return field_info.annotation if field_info is not None else None
+
+
+def _env_key(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(p).lower() for p in loc)
+
+
+def _in_file(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Whether the site file's own data holds the key at `loc` (tables only)."""
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def environment_names(model: type[BaseModel] | None = None, prefix: str = ENV_PREFIX
+                      ) -> set[str]:
+    """Every MINEOPS_* variable that sets a key: a field, or a field of a table, with `__`."""
+    names: set[str] = set()
+    for name, info in (model or SiteConfig).model_fields.items():
+        env = f"{prefix}{name}".upper()
+        names.add(env)
+        for member in _members(info.annotation):
+            if _is_model(member):  # a table; lists of tables are set whole, as JSON
+                names |= environment_names(member, env + "__")
+    return names
+
+
+def unknown_environment_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, problem) for each MINEOPS_* variable that names no key and is not ours.
+
+    pydantic-settings would ignore a misspelt top-level one silently, so a typo in an
+    override of a password or of the cap would go unnoticed. The value is never shown:
+    it may be a secret.
+    """
+    known = environment_names()
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches names case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_CONFIG_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = (f"; did you mean {close[0]}?" if close else
+                " (MINEOPS_<KEY>, with __ between levels, sets a key of the site file)")
+        out.append((name, f"environment variable {name}: unknown{hint}"))
+    return out
+
+
+def journal_path_problem(path: Path) -> str | None:
+    """Why the grid journal at `path` cannot be opened for writing, or None if it can.
+
+    The daemon creates missing directories, and SQLite in WAL mode writes `-wal` and `-shm`
+    files beside the journal, so the directory must be writable as well as the file.
+    Nothing is created here: check-config must not change the machine it checks.
+    """
+    try:
+        if path.is_dir():
+            return f"{path} is a directory, not a file"
+        if path.exists():
+            if not path.is_file():
+                return f"{path} is not a regular file"
+            if not os.access(path, os.R_OK | os.W_OK):
+                return f"{path} exists but is not readable and writable by uid {os.getuid()}"
+        # The first directory up the path that exists: the daemon creates the rest.
+        existing = path.absolute().parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{path} cannot be created: {existing} is not a directory"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+            why = "is on a read-only file system" if read_only else \
+                f"is not writable by uid {os.getuid()}"
+            return f"{path} cannot be written: {existing} {why}"
+    except OSError as e:  # e.g. a parent directory that cannot be searched
+        return f"{path} cannot be checked: {e.strerror or e}"
+    return None

@@ -322,7 +322,8 @@ class _FakeAddress:
 @pytest.mark.integration
 async def test_operator_sends_and_cancels_an_event_from_the_cli(broker: LocalBroker, tasks: Any,
                                                                 tmp_path: Path) -> None:
-    cfg = make_site(broker, [("a", "s21", 4)])
+    # A cap the CLI accepts for 4 miners (make_site's 10 MW looks like W typed as kW).
+    cfg = make_site(broker, [("a", "s21", 4)], power_cap_kw=50)
     site = tmp_path / "site.toml"
     site.write_text(toml_of(cfg.model_dump(mode="json", exclude_none=True)))
     controller = Controller(cfg)

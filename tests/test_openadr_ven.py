@@ -179,7 +179,7 @@ def test_cli_ven_without_openadr_table_is_a_clear_error(tmp_path: Any,
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
     site = tmp_path / "site.toml"
-    site.write_text('site_id = "s"\npower_cap_kw = 1000\nhashprice_usd_per_ph_day = 40\n'
+    site.write_text('site_id = "s"\npower_cap_kw = 20\nhashprice_usd_per_ph_day = 40\n'
                     '[[fleet.groups]]\nname = "a"\nmodel = "s21"\ncount = 2\n')
     assert cli_main(["ven", "--config", str(site)]) == 2
     assert "no [openadr] table" in capsys.readouterr().err

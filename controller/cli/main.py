@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
+import importlib.metadata
 import signal
 import sys
 import textwrap
@@ -12,14 +14,27 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydantic import ValidationError
 
 from controller import logs
 from controller.catalogue import load_catalogue
-from controller.config import ConfigError, SiteConfig, describe_validation_error, load_config
+from controller.config import (
+    ConfigError,
+    SiteConfig,
+    describe_validation_error,
+    format_kw,
+    load_config,
+)
 from drivers.prices import PriceFileError, dataset_help, load_prices
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+log = structlog.get_logger("mineops.cli")
+
+
+class StartupError(Exception):
+    """The daemon cannot start with this configuration on this machine (exit 2)."""
 
 # Subcommands that live in their own modules: each has `add_parser(subparsers)`, which
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
@@ -27,6 +42,20 @@ COMMAND_MODULES: tuple[str, ...] = (
     "controller.cli.backtest", "controller.cli.events", "controller.cli.decode",
     "controller.cli.ven", "controller.cli.bridge",
 )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mineops")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {text}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -64,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "power target that earns the most under the site's power cap and the grid's signals.",
         epilog="Start with `mineops demo`. Docs: README.md and docs/ in the source tree.",
     )
+    p.add_argument("--version", action="version", version=f"mineops {_version()}")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: info")
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
@@ -75,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run the controller for the site in FILE until stopped "
                          "(SIGINT/SIGTERM). Metrics on the configured port (default 9108).")
     run.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
-    run.add_argument("--metrics-port", type=int, metavar="PORT",
+    run.add_argument("--metrics-port", type=_port, metavar="PORT",
                      help="override [metrics] port")
 
     sim = sub.add_parser("simulate", help="run a simulated site (miners, meter, prices)",
@@ -119,8 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     _price_args(demo)
 
     check = sub.add_parser("check-config", help="validate a site file",
-                           description="Exit 0 if FILE is a valid site file, else print what "
-                           "is wrong and exit 2.")
+                           description="Exit 0 if FILE (with the MINEOPS_* environment) is a "
+                           "valid site file for this machine, else print every problem, one "
+                           "per line, and exit 2. Also checks the power cap against the "
+                           "fleet's draw and that the grid journal can be written; doubtful "
+                           "values are printed as warnings.")
     check.add_argument("file", type=Path, metavar="FILE")
 
     sub.add_parser("models", help="list the miner models the catalogue knows")
@@ -159,7 +192,15 @@ async def _run(cfg: SiteConfig) -> int:
     from controller.daemon.loop import Controller  # noqa: PLC0415 - keep `check-config` fast
 
     controller = Controller(cfg)
-    server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+    host, port = cfg.metrics.host, cfg.metrics.port
+    try:
+        server = controller.metrics.serve(host, port)
+    except OSError as e:  # in use, not an address of this host, a privileged port, ...
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        why = (e.strerror or str(e)).lower()
+        hint = ("set [metrics] port or --metrics-port" if e.errno == errno.EADDRINUSE else
+                "check [metrics] host and port")
+        raise StartupError(f"metrics endpoint {where}: {why} ({hint})") from None
     try:
         await controller.run()
     finally:
@@ -227,9 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "handler", None) is not None:
             return int(args.handler(args))
         if args.command == "check-config":
-            cfg = load_config(args.file)
+            cfg = load_config(args.file, check_journal=True)
+            review = cfg.cap_review()
             print(f"{args.file}: ok: site {cfg.site_id!r}, {len(cfg.inventory)} miners in "
-                  f"{len({m.group for m in cfg.inventory})} groups, cap {cfg.power_cap_kw:g} kW")
+                  f"{len({m.group for m in cfg.inventory})} groups, cap "
+                  f"{format_kw(cfg.power_cap_kw)} kW (fleet stock draw "
+                  f"{format_kw(review.fleet_stock_kw)} kW incl. "
+                  f"{cfg.energy.aux_fraction * 100:.3g} % aux)")
+            for warning in review.warnings:
+                print(f"{args.file}: warning: {warning}")
             return EXIT_OK
         if args.command == "models":
             catalogue = load_catalogue()
@@ -241,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{m.breakeven_usd_per_mwh(40.0):30.1f}")
             return EXIT_OK
         if args.command == "run":
-            cfg = load_config(args.config)
+            cfg = load_config(args.config, check_journal=True)
+            for warning in cfg.cap_review().warnings:
+                log.warning("config_warning", file=str(args.config), problem=warning)
             if args.metrics_port is not None:
                 metrics = cfg.metrics.model_copy(update={"port": args.metrics_port})
                 cfg = cfg.model_copy(update={"metrics": metrics})
@@ -263,8 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_OK if result.ok else EXIT_FAIL
 
             return _run_async(demo())
-    except (ConfigError, PriceFileError) as e:
-        print(f"mineops: {e}", file=sys.stderr)
+    except (ConfigError, PriceFileError, StartupError) as e:
+        for line in str(e).splitlines():  # a ConfigError lists every problem, one per line
+            print(f"mineops: {line}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         print(f"mineops: {e}", file=sys.stderr)
