@@ -165,7 +165,7 @@ class ShellyGen2Driver(MeterDriver):
             raise PayloadError("bad_schema", "params: missing or not an object")
         present = [c for c in self.components if params.get(c) is not None]
         if not present:
-            self._check_other([key for key in params if isinstance(key, str)])
+            self._check_other(list(params))
             return {}
         updates: dict[str, dict[str, float]] = {}
         for component in present:
