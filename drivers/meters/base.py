@@ -192,7 +192,7 @@ def grid_voltage_frequency(
     is common to every channel (a device that measures one voltage or frequency for
     all), and a channel missing from a shorter sequence has no value. Voltage is the
     mean of the live channels' voltages; frequency the median of their frequencies,
-    so one odd live channel cannot pull it. Either is None when no live channel gives
+    so one odd phase of three cannot pull it. Either is None when no live channel gives
     one: a dead channel's noise never reaches the reading.
     """
     n = max(len(voltages_v), len(frequencies_hz))
