@@ -156,7 +156,8 @@ class TasmotaMeter(_Strict):
 
 
 class ShellyGen2Meter(_Strict):
-    """A Shelly Gen2/Gen3 three-phase meter (Pro 3EM, 3EM Gen3) in the triphase profile."""
+    """A Shelly Gen2/Gen3 meter: em:0 (Pro 3EM, 3EM Gen3 triphase) or em1:N (Pro EM, EM Gen3,
+    3EM monophase)."""
 
     type: Literal["shelly_gen2"]
     id: str = Field(pattern=_ID, description="Meter id, used in logs and metrics")
@@ -166,6 +167,18 @@ class ShellyGen2Meter(_Strict):
         description="The device's MQTT topic prefix (default on the device: its id, e.g. "
         "shellypro3em-0cb815fcaff4)",
     )
+    em1_channels: list[Annotated[int, Field(ge=0, le=2)]] | None = Field(
+        default=None, min_length=1, max_length=3,
+        description="EM1 channels (em1:N) summed into the reading, for devices without em:0 "
+        "(Pro EM, EM Gen3, 3EM in its monophase profile); unset: the device's em:0",
+    )
+
+    @field_validator("em1_channels")
+    @classmethod
+    def _distinct_em1_channels(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return None if value is None else sorted(value)
 
     @property
     def source(self) -> str:

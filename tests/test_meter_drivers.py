@@ -1,9 +1,11 @@
 """Meter drivers: real device examples, payloads built per the vendors' docs, bad input.
 
-The examples are fixtures in tests/fixtures/device-payloads/ (sources in its README.md).
-Payloads built here follow the vendors' documentation: Tasmota's ENERGY block (kWh
-registers, arrays on multi-channel devices, Frequency, ExportActive), Shelly Gen2 EM /
-EMData status and NotifyStatus, Shelly Gen1 per-value emeter topics.
+The examples are fixtures in tests/fixtures/device-payloads/ (sources in its README.md);
+inputs mineops once got wrong are in tests/fixtures/field-cases/meter-*/ (each with a
+README naming its source and the right answer). Payloads built here follow the vendors'
+documentation: Tasmota's ENERGY block (kWh registers, arrays on multi-channel devices,
+Frequency, ImportActive, ExportActive), Shelly Gen2 EM / EMData and EM1 / EM1Data
+status and NotifyStatus, Shelly Gen1 per-value emeter topics.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from tests.conftest import DEVICE_PAYLOADS, make_site
 
 TASMOTA_SENSOR = DEVICE_PAYLOADS / "tasmota_pow_r2_SENSOR.json"
 SHELLY_EM0 = DEVICE_PAYLOADS / "shelly_pro3em_status_em0.json"
+FIELD_CASES = Path(__file__).parent / "fixtures" / "field-cases"
+DEAD_PHASES = FIELD_CASES / "meter-tasmota-dead-phases"
+IMPORT_REGISTER = FIELD_CASES / "meter-tasmota-import-register" / "sensor.json"
+EM1_CASE = FIELD_CASES / "meter-shelly-gen2-em1"
 
 KEYS = ["power_w", "energy_import_wh", "energy_export_wh", "voltage_v", "current_a",
         "power_factor", "frequency_hz"]
@@ -48,8 +54,10 @@ def tasmota(topic: str = "pow", **kw: Any) -> TasmotaDriver:
     return TasmotaDriver(TasmotaMeter(type="tasmota", id="pow", topic=topic, **kw))
 
 
-def gen2(prefix: str = "shellypro3em-site") -> ShellyGen2Driver:
-    return ShellyGen2Driver(ShellyGen2Meter(type="shelly_gen2", id="pro3em", prefix=prefix))
+def gen2(prefix: str = "shellypro3em-site",
+         em1_channels: list[int] | None = None) -> ShellyGen2Driver:
+    return ShellyGen2Driver(ShellyGen2Meter(type="shelly_gen2", id="pro3em", prefix=prefix,
+                                            em1_channels=em1_channels))
 
 
 def gen1(channels: list[int] | None = None) -> ShellyGen1Driver:
@@ -83,7 +91,8 @@ def test_tasmota_status_wraps_the_same_energy_block(leaf: str) -> None:
 
 
 def test_tasmota_three_phase_arrays_are_summed_and_averaged() -> None:
-    # A three-phase meter under Tasmota: one value per phase; registers in kWh.
+    # A three-phase meter under Tasmota: one value per phase; registers in kWh; every
+    # phase live, so voltage and frequency are theirs.
     energy = {"TotalStartTime": "2024-01-01T00:00:00", "Total": 1234.5, "Yesterday": 40.1,
               "Today": 12.3, "Power": [1000, 2000, -500], "ApparentPower": [1100, 2100, 600],
               "ReactivePower": [458, 640, 331], "Factor": [0.91, 0.95, 0.83],
@@ -92,7 +101,7 @@ def test_tasmota_three_phase_arrays_are_summed_and_averaged() -> None:
     r = tasmota().decode("tele/pow/SENSOR", js({"Time": "2024-06-01T12:00:00", "ENERGY": energy}))
     assert r is not None
     assert r.power_w == 2500.0
-    assert r.energy_import_wh == pytest.approx(1_234_500.0)
+    assert r.energy_import_wh is None, "Total beside ExportActive is net of export"
     assert r.energy_export_wh == pytest.approx(600.0)
     assert r.voltage_v == pytest.approx(230.0)
     assert r.current_a == pytest.approx(16.5)
@@ -101,12 +110,13 @@ def test_tasmota_three_phase_arrays_are_summed_and_averaged() -> None:
 
 
 def test_tasmota_per_phase_totals_and_frequencies() -> None:
-    energy = {"Total": [1.0, 2.0, 3.5], "Power": [10, 20, 30], "Frequency": [59.9, 60.0, 60.1],
+    energy = {"Total": [1.0, 2.0, 3.5], "Power": [10, 20, 30], "Frequency": [59.9, 60.0, 60.3],
               "Voltage": [120, 121, 119]}
     r = tasmota().decode("tele/pow/SENSOR", js({"ENERGY": energy}))
     assert r is not None
-    assert r.energy_import_wh == pytest.approx(6500.0)
-    assert r.frequency_hz == pytest.approx(60.0)
+    assert r.energy_import_wh == pytest.approx(6500.0), "no export measured: Total is import"
+    assert r.frequency_hz == 60.0, "the median of the live phases"
+    assert r.voltage_v == pytest.approx(120.0)
     assert r.power_factor is None and r.current_a is None and r.energy_export_wh is None
 
 
@@ -124,6 +134,7 @@ def test_tasmota_export_is_negative_power() -> None:
     r = tasmota().decode("tele/pow/SENSOR", js({"ENERGY": {"Power": -1500, "Total": 3.0,
                                                            "ExportActive": 7.25}}))
     assert r is not None and r.power_w == -1500.0 and r.energy_export_wh == 7250.0
+    assert r.energy_import_wh is None
 
 
 def test_tasmota_custom_full_topic() -> None:
@@ -145,8 +156,10 @@ def test_tasmota_custom_full_topic() -> None:
     (b'{"ENERGY": {"Power": true}}', "wrong_type"),
     (b'{"ENERGY": {"Power": [1, null, 3]}}', "wrong_type"),
     (b'{"ENERGY": {"Power": []}}', "bad_value"),
-    (b'{"ENERGY": {"Power": 100, "Frequency": 0}}', "out_of_range"),
     (b'{"ENERGY": {"Power": 100, "Total": -1}}', "out_of_range"),
+    (b'{"ENERGY": {"Power": 100, "ImportActive": [1, -5]}}', "out_of_range"),
+    (b'{"ENERGY": {"Power": 100, "ImportActive": "5"}}', "wrong_type"),
+    (b'{"ENERGY": {"Power": 100, "Voltage": 2e6, "Frequency": 50}}', "out_of_range"),
     (b'{"ENERGY": {"Power": 1e300}}', "out_of_range"),
     (b'{"ENERGY": {"Power": 100, "Factor": 1.7}}', "out_of_range"),
     (b'{"ENERGY": {"Power": 1' + b"0" * 400 + b"}}", "out_of_range"),
@@ -160,6 +173,97 @@ def test_tasmota_status_without_statussns_and_foreign_topic() -> None:
     assert reason_of(tasmota(), "stat/pow/STATUS8", TASMOTA_SENSOR.read_bytes()) == "bad_schema"
     assert reason_of(tasmota(), "tele/other/SENSOR", TASMOTA_SENSOR.read_bytes()) == (
         "unknown_topic")
+
+
+# Dead channels and registers: the field cases meter-tasmota-*, then more of their kinds.
+
+
+def test_field_case_tasmota_50hz_one_phase_wired() -> None:
+    # A Shelly 3EM under Tasmota with one phase wired (Tasmota issue 17178): the unwired
+    # channels read 0.1 V at "48.85 Hz" and "136.83 Hz". The mean of all three, 78.5 Hz,
+    # used to drop the whole reading.
+    raw = (DEAD_PHASES / "sensor_50hz_one_phase_wired.json").read_bytes()
+    r = tasmota().decode("tele/pow/SENSOR", raw)
+    assert r is not None
+    assert r.power_w == pytest.approx(-0.2)
+    assert (r.frequency_hz, r.voltage_v) == (49.96, 236.9), "the live channel's alone"
+    assert r.current_a == pytest.approx(0.040), "every channel's current, noise included"
+    assert r.energy_export_wh == pytest.approx(24.67)
+    assert r.energy_import_wh is None, "Total beside ExportActive is net of export"
+
+
+def test_field_case_tasmota_60hz_split_phase_one_floating() -> None:
+    # Split phase, the third input floating: it read "48.85 Hz" and the mean, 56.27 Hz,
+    # shed the site for under-frequency.
+    raw = (DEAD_PHASES / "sensor_60hz_split_phase_one_floating.json").read_bytes()
+    r = tasmota().decode("tele/pow/SENSOR", raw)
+    assert r is not None
+    assert r.power_w == pytest.approx(15_841.7)
+    assert r.frequency_hz is not None and 59.98 <= r.frequency_hz <= 59.99
+    assert r.voltage_v == pytest.approx((121.4 + 121.1) / 2)
+
+
+@pytest.mark.parametrize(("energy", "power_w", "voltage_v", "frequency_hz"), [
+    # Three phases, one wired; a dead channel's noise may even fall inside the grid band.
+    ({"Power": [812.5, 0.0, 0.3], "Voltage": [230.0, 0.1, 0.1],
+      "Frequency": [50.02, 0.0, 61.5]}, 812.8, 230.0, 50.02),
+    # One frequency for the device (Tasmota's frequency_common), one phase dead.
+    ({"Power": [1000.0, 0.0, 950.0], "Voltage": [230.0, 0.1, 231.0], "Frequency": 49.98},
+     1950.0, 230.5, 49.98),
+    # One voltage for a two-channel device (Shelly 2.5), one channel's frequency noise.
+    ({"Power": [400.0, 0.2], "Voltage": 120.2, "Frequency": [59.97, 136.8]},
+     400.2, 120.2, 59.97),
+    # Every channel dead (voltage lost): power as reported, no voltage, no frequency.
+    ({"Power": [0.0, 0.1, 0.0], "Voltage": [0.1, 0.1, 0.2],
+      "Frequency": [48.85, 0.0, 136.83]}, 0.1, None, None),
+    # A device that reports 0 Hz when it cannot measure: no frequency, the power kept.
+    ({"Power": 100.0, "Voltage": 231.0, "Frequency": 0}, 100.0, None, None),
+    # A frequency with no voltage at all: nothing shows the channel is live.
+    ({"Power": 100.0, "Frequency": 59.5}, 100.0, None, None),
+    # Three live phases, one reading off: the median, not the mean.
+    ({"Power": [10.0, 20.0, 30.0], "Voltage": [230.0, 231.0, 229.0],
+      "Frequency": [50.01, 50.02, 49.2]}, 60.0, 230.0, 50.01),
+])
+def test_tasmota_dead_channels_never_reach_voltage_or_frequency(
+        energy: dict[str, Any], power_w: float, voltage_v: float | None,
+        frequency_hz: float | None) -> None:
+    r = tasmota().decode("tele/pow/SENSOR", js({"ENERGY": energy}))
+    assert r is not None
+    assert r.power_w == pytest.approx(power_w)
+    assert r.voltage_v == (None if voltage_v is None else pytest.approx(voltage_v))
+    assert r.frequency_hz == frequency_hz
+
+
+def test_field_case_tasmota_import_register() -> None:
+    # A three-phase Modbus meter exporting (Tasmota issue 17671): its own ImportActive
+    # and ExportActive registers, kWh, beside Tasmota's Total (16,647.947 kWh).
+    r = tasmota().decode("tele/pow/SENSOR", IMPORT_REGISTER.read_bytes())
+    assert r is not None
+    assert r.power_w == pytest.approx(-251.66)
+    assert r.energy_import_wh == pytest.approx(11_489_575.0)
+    assert r.energy_export_wh == pytest.approx(5_134_482.0)
+    assert r.frequency_hz == 49.951
+    assert r.voltage_v == pytest.approx((230.473 + 230.394 + 231.197) / 3)
+
+
+@pytest.mark.parametrize(("energy", "import_wh", "export_wh"), [
+    # A single-phase Modbus meter (SDM120): scalar registers beside Total.
+    ({"Power": 640.0, "Total": 12.5, "ImportActive": 10.25, "ExportActive": 2.25},
+     10_250.0, 2_250.0),
+    # ImportActive wins over Total with or without an export register.
+    ({"Power": 640.0, "Total": 99.0, "ImportActive": [3.0, 4.0, 5.5]}, 12_500.0, None),
+    # Export measured, no import register: Total is net of export, so import is unknown;
+    # a negative Total (a net exporter) is no error and does not drop the reading.
+    ({"Power": -300.0, "Total": -4.5, "ExportActive": [9.0, 0.0, 0.0]}, None, 9_000.0),
+    # Neither: a device that measures no export, whose Total is its import register.
+    ({"Power": 640.0, "Total": [12.5, 1.0]}, 13_500.0, None),
+])
+def test_tasmota_explicit_registers_win_over_total(
+        energy: dict[str, Any], import_wh: float | None, export_wh: float | None) -> None:
+    r = tasmota().decode("tele/pow/SENSOR", js({"ENERGY": energy}))
+    assert r is not None and r.power_w == energy["Power"]
+    assert r.energy_import_wh == (None if import_wh is None else pytest.approx(import_wh))
+    assert r.energy_export_wh == (None if export_wh is None else pytest.approx(export_wh))
 
 
 # -- Shelly Gen2 / Gen3 --------------------------------------------------------------
@@ -255,13 +359,18 @@ def test_shelly_gen2_export_phase_and_missing_totals() -> None:
     (f"{P}/status/em:0", b"{", "bad_json"),
     (f"{P}/status/em:0", b'{"id": 0, "a_act_power": 5}', "bad_schema"),
     (f"{P}/status/em:0", b'{"id": 0, "total_act_power": "5"}', "wrong_type"),
-    (f"{P}/status/em:0", b'{"id": 0, "total_act_power": 5, "a_freq": 0}', "out_of_range"),
+    (f"{P}/status/em:0", b'{"id": 0, "total_act_power": 3e9}', "out_of_range"),
+    (f"{P}/status/em:0", b'{"id": 0, "total_act_power": 5, "a_voltage": 2e6}', "out_of_range"),
     (f"{P}/status/em:0", b'{"id": 0, "total_act_power": 5, "a_voltage": Infinity}', "bad_json"),
     (f"{P}/status/emdata:0", b'{"id": 0, "total_act_ret": 5}', "bad_schema"),
     (f"{P}/events/rpc", b'{"params": {}}', "bad_schema"),
     (f"{P}/events/rpc", b'{"method": "NotifyStatus", "params": [1]}', "bad_schema"),
     (f"{P}/events/rpc", b'{"method": "NotifyStatus", "params": {"em:0": 7}}', "wrong_type"),
-    (f"{P}/status/em:1", b'{"id": 1, "total_act_power": 5}', "unknown_topic"),
+    (f"{P}/status/em:1", b'{"id": 1, "total_act_power": 5}', "unsupported_component"),
+    (f"{P}/status/em1:0", b'{"id": 0, "act_power": 5}', "unsupported_component"),
+    (f"{P}/status/em:0/x", b'{"id": 0, "total_act_power": 5}', "unknown_topic"),
+    (f"{P}/events/other", b'{}', "unknown_topic"),
+    ("shellypro3em-other/status/em:0", b'{"id": 0, "total_act_power": 5}', "unknown_topic"),
 ])
 def test_shelly_gen2_malformed(topic: str, raw: bytes, reason: str) -> None:
     assert reason_of(gen2(), topic, raw) == reason
@@ -272,8 +381,7 @@ def test_shelly_gen2_bad_delta_leaves_the_state_as_it_was() -> None:
     before = d.decode(f"{P}/status/em:0", SHELLY_EM0.read_bytes())
     bad = notify("NotifyStatus", **{"em:0": {"id": 0, "total_act_power": 1.0, "a_pf": "x"}})
     assert reason_of(d, f"{P}/events/rpc", bad) == "wrong_type"
-    out_of_range = notify("NotifyStatus", **{"em:0": {"id": 0, "a_freq": 7.0, "b_freq": 7.0,
-                                                      "c_freq": 7.0}})
+    out_of_range = notify("NotifyStatus", **{"em:0": {"id": 0, "a_voltage": 5e6}})
     assert reason_of(d, f"{P}/events/rpc", out_of_range) == "out_of_range"
     ok = notify("NotifyStatus", **{"em:0": {"id": 0, "a_voltage": 230.5}})
     assert d.decode(f"{P}/events/rpc", ok) == before
@@ -287,6 +395,149 @@ def test_shelly_gen2_state_is_bounded_to_known_fields() -> None:
                                                                     for i in range(300)}}))
     assert set(d.status) == {"em:0"}
     assert set(d.status["em:0"]) <= EM_FIELDS
+
+
+def test_shelly_gen2_em0_dead_phase_does_not_poison_voltage_or_frequency() -> None:
+    # A Pro 3EM with phase C unwired: its input reads noise.
+    em = {**json.loads(SHELLY_EM0.read_bytes()), "a_freq": 49.97, "b_freq": 49.98,
+          "c_voltage": 0.1, "c_freq": 136.83, "c_current": 0.014, "c_act_power": 0.0,
+          "c_aprt_power": 0.0, "c_pf": 0.0}
+    d = gen2()
+    r = d.decode(f"{P}/status/em:0", js(em))
+    assert r is not None
+    assert r.power_w == 2581.781
+    assert r.voltage_v == pytest.approx((230.5 + 228.5) / 2)
+    assert r.frequency_hz == pytest.approx(49.975)
+    # Phase B is lost later (a blown fuse): a delta; the live phase still gives both.
+    r = d.decode(f"{P}/events/rpc", notify("NotifyStatus", **{"em:0": {
+        "id": 0, "b_voltage": 0.2, "b_freq": 0.0, "b_act_power": 0.0,
+        "total_act_power": -75.4}}))
+    assert r is not None
+    assert (r.power_w, r.voltage_v, r.frequency_hz) == (-75.4, 230.5, 49.97)
+
+
+# EM1 components (Pro EM, EM Gen3, 3EM in its monophase profile): the field case
+# meter-shelly-gen2-em1, then more of its kind.
+
+EP = "shellyproem50-aabbccddeeff"
+
+
+def test_field_case_shelly_gen2_em1_is_read() -> None:
+    d = gen2(EP, em1_channels=[1])
+    rpc = (EM1_CASE / "rpc_notifystatus_em1.json").read_bytes()
+    # Before any full status of em1:1 the delta has nothing to merge onto: counted.
+    assert reason_of(d, f"{EP}/events/rpc", rpc) == "no_base_status"
+    r = d.decode(f"{EP}/status/em1:1", (EM1_CASE / "em1_1.json").read_bytes())
+    assert r == MeterReading(power_w=6769.3, energy_import_wh=None, energy_export_wh=None,
+                             voltage_v=221.4, current_a=30.665, power_factor=0.99,
+                             frequency_hz=50.0)
+    r = d.decode(f"{EP}/status/em1data:1", (EM1_CASE / "em1data_1.json").read_bytes())
+    assert r is not None and r.power_w == 6769.3
+    assert (r.energy_import_wh, r.energy_export_wh) == (9671.54, 2595.26)
+    # The power moves; the field case's NotifyStatus brings it back to 6,769.3 W.
+    r = d.decode(f"{EP}/events/rpc", notify("NotifyStatus", **{"em1:1": {
+        "id": 1, "act_power": 7012.0, "current": 31.7}}))
+    assert r is not None and (r.power_w, r.current_a, r.voltage_v) == (7012.0, 31.7, 221.4)
+    r = d.decode(f"{EP}/events/rpc", rpc)
+    assert r is not None and (r.power_w, r.current_a) == (6769.3, 30.665)
+    assert r.energy_import_wh == 9671.54
+
+
+def test_field_case_shelly_gen2_em1_on_a_meter_set_up_for_em0_is_an_error() -> None:
+    d = gen2(EP)
+    for topic, name in ((f"{EP}/events/rpc", "rpc_notifystatus_em1.json"),
+                        (f"{EP}/status/em1:1", "em1_1.json"),
+                        (f"{EP}/status/em1data:1", "em1data_1.json")):
+        with pytest.raises(PayloadError) as e:
+            d.decode(topic, (EM1_CASE / name).read_bytes())
+        assert e.value.reason == "unsupported_component"
+        assert "set em1_channels (e.g. [1])" in e.value.detail
+    assert d.status == {}
+
+
+def test_shelly_gen2_em1_channels_are_summed_once_each_is_known() -> None:
+    d = gen2(EP, em1_channels=[0, 1])
+    ch0 = {"id": 0, "current": 4.1, "voltage": 230.2, "act_power": 900.0, "aprt_power": 940.0,
+           "pf": 0.96, "freq": 50.01}
+    ch1 = {"id": 1, "current": 2.0, "voltage": 230.2, "act_power": -400.0,
+           "aprt_power": 460.0, "pf": -0.87, "freq": 50.01}
+    assert d.decode(f"{EP}/status/em1:0", js(ch0)) is None, "channel 1's power unknown"
+    assert d.decode(f"{EP}/status/em1data:0", js({
+        "id": 0, "total_act_energy": 1000.5, "total_act_ret_energy": 10.0})) is None
+    r = d.decode(f"{EP}/status/em1:1", js(ch1))
+    assert r is not None
+    assert r.power_w == 500.0 and r.current_a == pytest.approx(6.1)
+    assert r.power_factor == pytest.approx(500.0 / 1400.0)
+    assert (r.voltage_v, r.frequency_hz) == (230.2, 50.01)
+    assert r.energy_import_wh is None, "a partial sum of registers would understate"
+    r = d.decode(f"{EP}/status/em1data:1", js({
+        "id": 1, "total_act_energy": 20.0, "total_act_ret_energy": 3000.25}))
+    assert r is not None
+    assert (r.energy_import_wh, r.energy_export_wh) == (1020.5, 3010.25)
+
+
+def test_shelly_gen2_em1_dead_channel_keeps_power_and_drops_its_noise() -> None:
+    # A 3EM in its monophase profile with input C unwired.
+    d = gen2(EP, em1_channels=[0, 1, 2])
+    live = {"current": 10.0, "voltage": 229.8, "act_power": 2290.0, "aprt_power": 2298.0,
+            "pf": 1.0, "freq": 49.99}
+    full = {"em1:0": {"id": 0, **live}, "em1:1": {"id": 1, **live, "voltage": 230.6},
+            "em1:2": {"id": 2, "current": 0.01, "voltage": 0.1, "act_power": 0.4,
+                      "aprt_power": 0.0, "pf": 0.0, "freq": 136.83},
+            "sys": {"uptime": 100}}
+    r = d.decode(f"{EP}/events/rpc", notify("NotifyFullStatus", **full))
+    assert r is not None
+    assert r.power_w == pytest.approx(4580.4)
+    assert r.voltage_v == pytest.approx(230.2) and r.frequency_hz == 49.99
+
+
+def test_shelly_gen2_em1_channel_left_out_is_ignored() -> None:
+    # A Pro EM whose channel 0 measures something else: the config reads channel 1 only.
+    d = gen2(EP, em1_channels=[1])
+    assert d.decode(f"{EP}/status/em1:0", js({"id": 0, "act_power": 5.0})) is None
+    assert d.decode(f"{EP}/status/em1data:0", js({"id": 0, "total_act_energy": 5.0})) is None
+    assert d.decode(f"{EP}/events/rpc", notify("NotifyStatus", **{"em1:0": {
+        "id": 0, "act_power": 6.0}})) is None
+    d.decode(f"{EP}/status/em1:1", (EM1_CASE / "em1_1.json").read_bytes())
+    r = d.decode(f"{EP}/events/rpc", notify("NotifyStatus", **{
+        "em1:0": {"id": 0, "act_power": 7.0}, "em1:1": {"id": 1, "act_power": 6000.0}}))
+    assert r is not None and r.power_w == 6000.0
+    assert set(d.status) == {"em1:1"}
+
+
+def test_shelly_gen2_other_meter_components_are_errors_not_silence() -> None:
+    # A 3EM back in its triphase profile while the config reads em1 channels.
+    d = gen2(EP, em1_channels=[0])
+    with pytest.raises(PayloadError, match=r"em:0: not read.*remove em1_channels") as e:
+        d.decode(f"{EP}/status/em:0", SHELLY_EM0.read_bytes())
+    assert e.value.reason == "unsupported_component"
+    # A power meter component no meter type reads (Plus PM Mini), on either topic.
+    pm1 = {"id": 0, "voltage": 230.1, "current": 1.2, "apower": 270.0, "freq": 50.0}
+    assert reason_of(gen2(), f"{P}/events/rpc", notify("NotifyStatus", **{"pm1:0": pm1})) == (
+        "unsupported_component")
+    assert reason_of(gen2(), f"{P}/status/pm1:0", js(pm1)) == "unsupported_component"
+    # A message holding the component the meter reads is read; the rest do not drop it.
+    em = json.loads(SHELLY_EM0.read_bytes())
+    r = gen2().decode(f"{P}/events/rpc", notify("NotifyFullStatus", **{"em:0": em,
+                                                                       "pm1:0": pm1}))
+    assert r is not None and r.power_w == 2581.781
+    # Components that are not meters stay silent.
+    assert gen2().decode(f"{P}/status/switch:0", b'{"id": 0, "output": true}') is None
+    assert gen2().decode(f"{P}/status/sys", b"not even json") is None
+
+
+@pytest.mark.parametrize(("topic", "raw", "reason"), [
+    (f"{EP}/status/em1:1", b'{"id": 1, "voltage": 230}', "bad_schema"),
+    (f"{EP}/status/em1:1", b'{"id": 1, "act_power": "6769"}', "wrong_type"),
+    (f"{EP}/status/em1:1", b'{"id": 1, "act_power": 3e9}', "out_of_range"),
+    (f"{EP}/status/em1data:1", b'{"id": 1, "total_act_ret_energy": 5}', "bad_schema"),
+    (f"{EP}/events/rpc", b'{"method": "NotifyStatus", "params": {"em1:1": []}}', "wrong_type"),
+])
+def test_shelly_gen2_em1_malformed(topic: str, raw: bytes, reason: str) -> None:
+    d = gen2(EP, em1_channels=[1])
+    d.decode(f"{EP}/status/em1data:1", (EM1_CASE / "em1data_1.json").read_bytes())
+    assert reason_of(d, topic, raw) == reason
+    assert d.status["em1data:1"] == {"total_act_energy": 9671.54, "total_act_ret_energy": 2595.26}
 
 
 # -- Shelly Gen1 EM / 3EM ------------------------------------------------------------
@@ -363,6 +614,22 @@ def test_shelly_gen1_bad_value_leaves_the_state_as_it_was() -> None:
     assert d.values[0] == {"power": 100.0} and good is not None
 
 
+def test_shelly_gen1_3em_dead_channel_keeps_power_and_voltage() -> None:
+    # A 3EM with input 2 unwired: it still publishes its values, as noise.
+    d = gen1()
+    publish_3em(d, 0, power="1000.50", pf="0.95", current="4.60", voltage="229.10")
+    publish_3em(d, 1, power="2000.00", pf="0.97", current="9.00", voltage="230.40")
+    r = publish_3em(d, 2, power="0.30", pf="0.00", current="0.01", voltage="0.10")
+    assert r is not None
+    assert r.power_w == pytest.approx(3000.8)
+    assert r.current_a == pytest.approx(13.61)
+    assert r.voltage_v == pytest.approx((229.1 + 230.4) / 2), "the live channels only"
+    # Every channel dead (the 3EM's voltage inputs lost): no voltage, power as reported.
+    for channel in (0, 1):
+        r = d.decode(f"{G1}/{channel}/voltage", b"0.2")
+    assert r is not None and r.voltage_v is None and r.power_w == pytest.approx(3000.8)
+
+
 # -- the project's own format, registry, config, router -----------------------------
 
 
@@ -394,10 +661,13 @@ def test_config_picks_the_model_by_type() -> None:
                 {"type": "tasmota", "id": "pow", "topic": "pow-r2", "role": "aux"},
                 {"type": "shelly_gen2", "id": "p3", "prefix": "site/shellypro3em-0cb8"},
                 {"type": "shelly_gen1", "id": "em", "device_id": "shellyem-B9E8B7",
-                 "channels": [1, 0]}])
+                 "channels": [1, 0]},
+                {"type": "shelly_gen2", "id": "pem", "prefix": EP, "em1_channels": [1, 0]}])
     kinds = [type(m) for m in cfg.meters]
-    assert kinds[1:] == [TasmotaMeter, ShellyGen2Meter, ShellyGen1Meter]
+    assert kinds[1:] == [TasmotaMeter, ShellyGen2Meter, ShellyGen1Meter, ShellyGen2Meter]
     assert cfg.meters[3].channels == [0, 1]  # type: ignore[union-attr]
+    assert cfg.meters[2].em1_channels is None  # type: ignore[union-attr]
+    assert cfg.meters[4].em1_channels == [0, 1]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("meters", "match"), [
@@ -408,6 +678,9 @@ def test_config_picks_the_model_by_type() -> None:
     ([{"type": "shelly_gen2", "id": "x", "prefix": "a/+/b"}], "pattern"),
     ([{"type": "shelly_gen1", "id": "x", "device_id": "d", "channels": [0, 0]}], "twice"),
     ([{"type": "shelly_gen1", "id": "x", "device_id": "d", "channels": [3]}], "less than"),
+    ([{"type": "shelly_gen2", "id": "x", "prefix": "p", "em1_channels": [1, 1]}], "twice"),
+    ([{"type": "shelly_gen2", "id": "x", "prefix": "p", "em1_channels": [3]}], "less than"),
+    ([{"type": "shelly_gen2", "id": "x", "prefix": "p", "em1_channels": []}], "at least 1"),
     ([{"type": "mineops", "id": "x"}, {"type": "tasmota", "id": "x", "topic": "t"}], "twice"),
     ([{"type": "tasmota", "id": "x", "topic": "t"}, {"type": "tasmota", "id": "y",
                                                      "topic": "t"}], "same device"),
@@ -424,15 +697,20 @@ def test_router_claims_only_vendor_topics_of_configured_meters() -> None:
                 {"type": "shelly_gen1", "id": "em", "device_id": "shellyem3-ECFABCC7F0F0"}])
     router = MeterRouter(cfg.meters)
     assert router.subscriptions() == [
-        "tele/pow/SENSOR", "stat/pow/STATUS8", "stat/pow/STATUS10", f"{P}/status/em:0",
-        f"{P}/status/emdata:0", f"{P}/events/rpc", f"{G1}/+/+"]
-    for topic in ("tele/pow/SENSOR", f"{P}/events/rpc", f"{G1}/2/total"):
+        "tele/pow/SENSOR", "stat/pow/STATUS8", "stat/pow/STATUS10", f"{P}/status/+",
+        f"{P}/events/rpc", f"{G1}/+/+"]
+    # Every status topic of the Shelly, so that a component it does not read is reported.
+    for topic in ("tele/pow/SENSOR", f"{P}/events/rpc", f"{G1}/2/total", f"{P}/status/em:0",
+                  f"{P}/status/em1:0", f"{P}/status/switch:0"):
         assert router.claims(topic)
     for topic in ("mineops/t/meter/poi/telemetry", "mineops/t/miner/a-0001/telemetry",
-                  "tele/other/SENSOR", f"{P}/status/switch:0"):
+                  "tele/other/SENSOR", f"{P}/events/rpc2", "shellyother/status/em:0"):
         assert not router.claims(topic)
     routed = router.decode("tele/pow/SENSOR", TASMOTA_SENSOR.read_bytes())
     assert routed is not None and (routed.meter_id, routed.role) == ("pow", "aux")
+    assert router.decode(f"{P}/status/switch:0", b'{"id": 0, "output": true}') is None
+    with pytest.raises(PayloadError, match="em1:0: not read by this meter"):
+        router.decode(f"{P}/status/em1:0", b'{"id": 0, "act_power": 5}')
 
 
 def test_router_refuses_two_meters_on_one_topic() -> None:
@@ -475,8 +753,49 @@ def test_controller_applies_site_meters_and_counts_bad_vendor_payloads() -> None
     c.on_message(f"{P}/events/rpc", b"{")
     assert c.ingest.invalid[("meter_telemetry", "wrong_type")] == 1
     assert c.ingest.invalid[("meter_telemetry", "bad_json")] == 1
-    c.on_message("tele/pow/SENSOR", js({"ENERGY": {"Power": 900, "Frequency": 59.98}}))
+    c.on_message("tele/pow/SENSOR", js({"ENERGY": {"Power": 900, "Frequency": 59.98,
+                                                   "Voltage": 121.0}}))
     assert (c.fleet.site.meter_power_w, c.fleet.site.frequency_hz) == (900.0, 59.98)
+
+
+def test_controller_field_case_60hz_dead_phase_sheds_nothing() -> None:
+    cfg = make_site(_FakeAddress(), [("a", "s21", 2)], meters=[  # type: ignore[arg-type]
+        {"type": "tasmota", "id": "pow", "topic": "pow"}])
+    c = Controller(cfg)
+    c.on_message("tele/pow/SENSOR",
+                 (DEAD_PHASES / "sensor_60hz_split_phase_one_floating.json").read_bytes())
+    assert c.fleet.site.meter_power_w == pytest.approx(15_841.7)
+    assert 59.98 <= c.fleet.site.frequency_hz <= 59.99
+    assert c.grid.frequency_event is None, "no under-frequency shed"
+    assert not any(kind == "meter_telemetry" for kind, _ in c.ingest.invalid)
+
+
+def test_controller_field_case_50hz_one_phase_keeps_the_power() -> None:
+    cfg = make_site(_FakeAddress(), [("a", "s21", 2)], meters=[  # type: ignore[arg-type]
+        {"type": "tasmota", "id": "pow", "topic": "pow"}],
+        grid={"frequency": {"shed_below_hz": 49.7, "restore_above_hz": 49.9}})
+    c = Controller(cfg)
+    c.on_message("tele/pow/SENSOR",
+                 (DEAD_PHASES / "sensor_50hz_one_phase_wired.json").read_bytes())
+    assert c.fleet.site.meter_power_w == pytest.approx(-0.2)
+    assert c.fleet.site.frequency_hz == 49.96
+    assert c.grid.frequency_event is None
+    assert not any(kind == "meter_telemetry" for kind, _ in c.ingest.invalid)
+
+
+def test_controller_field_case_em1_read_or_counted() -> None:
+    cfg = make_site(_FakeAddress(), [("a", "s21", 2)], meters=[  # type: ignore[arg-type]
+        {"type": "shelly_gen2", "id": "pem", "prefix": EP, "em1_channels": [1]},
+        {"type": "shelly_gen2", "id": "p3", "prefix": P}])
+    c = Controller(cfg)
+    rpc = (EM1_CASE / "rpc_notifystatus_em1.json").read_bytes()
+    c.on_message(f"{EP}/status/em1:1", (EM1_CASE / "em1_1.json").read_bytes())
+    c.on_message(f"{EP}/events/rpc", rpc)
+    assert c.fleet.site.meter_power_w == 6769.3
+    # The same notification reaching a meter set up for em:0 is counted, not silent.
+    c.on_message(f"{P}/events/rpc", rpc)
+    assert c.ingest.invalid[("meter_telemetry", "unsupported_component")] == 1
+    assert c.fleet.site.meter_power_w == 6769.3
 
 
 # -- mineops decode ------------------------------------------------------------------
@@ -527,6 +846,22 @@ def test_decode_cli_gen1_channels_from_the_topics(
     code, lines, _ = decode_cli(capsys, "shelly_gen1", *pairs)
     assert code == 0
     assert lines[0] is None and lines[1]["power_w"] == 150.5 and lines[2]["power_w"] == 150.5
+
+
+def test_decode_cli_em1_field_case(capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines, _ = decode_cli(
+        capsys, "shelly_gen2", (f"{EP}/status/em1:1", EM1_CASE / "em1_1.json"),
+        (f"{EP}/status/em1data:1", EM1_CASE / "em1data_1.json"),
+        (f"{EP}/events/rpc", EM1_CASE / "rpc_notifystatus_em1.json"))
+    assert code == 0
+    assert [line["power_w"] for line in lines] == [6769.3, 6769.3, 6769.3]
+    assert lines[0]["energy_import_wh"] is None
+    assert (lines[2]["energy_import_wh"], lines[2]["energy_export_wh"]) == (9671.54, 2595.26)
+    # The notification alone names no em1 topic: the meter reads em:0, and says so.
+    code, lines, err = decode_cli(
+        capsys, "shelly_gen2", (f"{EP}/events/rpc", EM1_CASE / "rpc_notifystatus_em1.json"))
+    assert code == 2 and lines == []
+    assert "unsupported_component: em1:1" in err and "em1_channels" in err
 
 
 @pytest.mark.parametrize("case", [

@@ -2,7 +2,9 @@
 
 A Tasmota and a Shelly Pro 3EM (both site meters here) publish on their own topics;
 good payloads set the site power, malformed ones are counted under meter_telemetry
-and dropped, and the controller keeps deciding throughout.
+and dropped, and the controller keeps deciding throughout. The meter field cases
+(tests/fixtures/field-cases/meter-*, sources in their READMEs) go the same way: a
+dead phase sheds nothing, and a Shelly EM1 device is read or counted, never silent.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +25,9 @@ from tests.conftest import DEVICE_PAYLOADS, Peer, make_site, wait_for
 pytestmark = pytest.mark.integration
 
 PAYLOADS = DEVICE_PAYLOADS
+FIELD_CASES = Path(__file__).parent / "fixtures" / "field-cases"
+DEAD_PHASES = FIELD_CASES / "meter-tasmota-dead-phases"
+EM1_CASE = FIELD_CASES / "meter-shelly-gen2-em1"
 PREFIX = "site/shellypro3em-0cb815fcaff4"
 
 
@@ -67,6 +73,7 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
                    == (1, 1, 1), what="three bad tasmota payloads counted")
     assert controller.fleet.site.meter_power_w == 2635.0, "bad payloads change nothing"
     status = json.dumps({"StatusSNS": {"ENERGY": {"Power": [1000, 1200, 800],
+                                                  "Voltage": [120.1, 119.8, 120.3],
                                                   "Frequency": 60.01, "Total": 12.5}}})
     await peer.publish("stat/pow-r2/STATUS8", status, qos=1)
     await wait_for(lambda: controller.fleet.site.meter_power_w == 3000.0, what="tasmota arrays")
@@ -90,3 +97,78 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
     decided = controller.decisions
     await wait_for(lambda: controller.decisions >= decided + 2, what="more decisions")
     assert sum(n for (kind, _), n in invalid.items() if kind == "meter_telemetry") == 6
+
+
+
+async def test_tasmota_dead_phase_sheds_nothing_through_the_controller(
+        broker: LocalBroker, tasks: Any) -> None:
+    cfg = make_site(broker, [("a", "s21", 4)], meters=[
+        {"type": "tasmota", "id": "pow", "topic": "shelly3em-tasmota"}])
+    controller = Controller(cfg)
+    peer = Peer(cfg)
+    tasks(controller.run(), "controller")
+    tasks(peer.run(), "peer")
+    await wait_for(lambda: controller.transport.connected.is_set()
+                   and peer.transport.connected.is_set(), what="both connected")
+    site = controller.fleet.site
+
+    # 60 Hz split phase, one input floating at "48.85 Hz": 15,841.7 W, no shed.
+    await peer.publish("tele/shelly3em-tasmota/SENSOR", (
+        DEAD_PHASES / "sensor_60hz_split_phase_one_floating.json").read_bytes(), qos=1)
+    await wait_for(lambda: site.meter_power_w == pytest.approx(15_841.7), what="60 Hz case")
+    assert 59.98 <= site.frequency_hz <= 59.99
+    await peer.publish("tele/shelly3em-tasmota/SENSOR", json.dumps({"ENERGY": {
+        "Power": [100.0, 100.0, 0.0], "Voltage": [121.0, 121.0, 0.1],
+        "Frequency": [60.0, 60.0, 48.85]}}), qos=1)
+    await wait_for(lambda: site.meter_power_w == 200.0, what="a second reading")
+    assert controller.grid.frequency_event is None
+    assert not [r for r in controller.grid.journal.rows() if r.kind == "frequency"]
+
+    # The control: live phases that really are under frequency do shed.
+    await peer.publish("tele/shelly3em-tasmota/SENSOR", json.dumps({"ENERGY": {
+        "Power": [7000.0, 7000.0, 0.0], "Voltage": [121.0, 121.0, 0.1],
+        "Frequency": [59.5, 59.5, 61.0]}}), qos=1)
+    await wait_for(lambda: controller.grid.frequency_event is not None, what="a real shed")
+    assert site.frequency_hz == 59.5
+    assert not any(kind == "meter_telemetry" for kind, _ in controller.ingest.invalid)
+
+
+async def test_shelly_em1_is_read_or_counted_through_the_controller(
+        broker: LocalBroker, tasks: Any) -> None:
+    em1_prefix = "shellyproem50-aabbccddeeff"
+    cfg = make_site(broker, [("a", "s21", 4)], meters=[
+        {"type": "shelly_gen2", "id": "proem", "prefix": em1_prefix, "em1_channels": [1]},
+        {"type": "shelly_gen2", "id": "pro3em", "prefix": PREFIX, "role": "aux"},
+    ], grid={"frequency": {"shed_below_hz": 49.7, "restore_above_hz": 49.9}})
+    controller = Controller(cfg)
+    peer = Peer(cfg)
+    tasks(controller.run(), "controller")
+    tasks(peer.run(), "peer")
+    await wait_for(lambda: controller.transport.connected.is_set()
+                   and peer.transport.connected.is_set(), what="both connected")
+    site = controller.fleet.site
+    rpc = (EM1_CASE / "rpc_notifystatus_em1.json").read_bytes()
+
+    def dropped(reason: str) -> int:
+        return controller.ingest.invalid[("meter_telemetry", reason)]
+
+    # The field case's NotifyStatus before any full status: counted, not silent.
+    await peer.publish(f"{em1_prefix}/events/rpc", rpc, qos=1)
+    await wait_for(lambda: dropped("no_base_status") == 1, what="delta before status")
+    assert math.isnan(site.meter_power_w)
+    # Full status, a delta moving the power, then the field case's NotifyStatus.
+    await peer.publish(f"{em1_prefix}/status/em1:1", (EM1_CASE / "em1_1.json").read_bytes(),
+                       qos=1)
+    await wait_for(lambda: site.meter_power_w == 6769.3, what="em1:1 status")
+    assert site.frequency_hz == 50.0
+    await peer.publish(f"{em1_prefix}/events/rpc", json.dumps({
+        "src": em1_prefix, "method": "NotifyStatus",
+        "params": {"ts": time.time(), "em1:1": {"id": 1, "act_power": 7012.0}}}), qos=1)
+    await wait_for(lambda: site.meter_power_w == 7012.0, what="a delta")
+    await peer.publish(f"{em1_prefix}/events/rpc", rpc, qos=1)
+    await wait_for(lambda: site.meter_power_w == 6769.3, what="em1:1 NotifyStatus")
+    # The same notification at a meter set up for em:0: counted, on its topic.
+    await peer.publish(f"{PREFIX}/events/rpc", rpc, qos=1)
+    await wait_for(lambda: dropped("unsupported_component") == 1, what="em1 on an em:0 meter")
+    assert site.meter_power_w == 6769.3
+    assert controller.grid.frequency_event is None

@@ -221,7 +221,7 @@ def test_energy_counter_uses_register_else_integrates_power() -> None:
     assert e.joules == pytest.approx(4000.0 + 3.5 * 3600)
 
 
-def test_scrape_stays_cheap_at_100k_miners() -> None:
+def test_scrape_series_grow_with_groups_not_miners() -> None:
     c = Controller(site([(f"r{i:04d}", "s21" if i % 2 else "s19j_pro", 40) for i in range(2500)]))
     f = c.fleet
     assert f.n == 100_000
@@ -231,11 +231,8 @@ def test_scrape_stays_cheap_at_100k_miners() -> None:
     f.hashrate_ths[:] = rng.uniform(0, 200, f.n)
     f.last_seen[:] = time.monotonic()
     decide(c)
-    generate_latest(c.metrics.registry)  # warm up
-    started = time.perf_counter()
     text = generate_latest(c.metrics.registry).decode()
-    took = time.perf_counter() - started
     lines = sum(1 for line in text.splitlines() if not line.startswith("#"))
     # Series grow with groups (2,500 here), never with miners: ~10 per group plus a few hundred.
     assert lines < 11 * 2500 + 500, lines
-    assert took < 1.0, f"a scrape of 100k miners took {took:.2f} s"
+    # How long a scrape takes is measured by benchmarks/, not asserted here.

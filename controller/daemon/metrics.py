@@ -45,7 +45,7 @@ INVALID_KINDS = (
 INVALID_REASONS = (
     "bad_json", "bad_schema", "bad_value", "bad_version", "out_of_range", "oversized",
     "wrong_type", "unknown_miner", "unknown_group", "unknown_meter", "unknown_topic",
-    "internal_error",
+    "unsupported_component", "no_base_status", "internal_error",
 )
 
 DECISION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -6,13 +6,19 @@ vendor's payloads into a `MeterReading` or raises `PayloadError` with a fixed re
 (a metric label), never anything else for bad input.
 
 Reasons: oversized, bad_json, bad_schema, wrong_type, bad_value, out_of_range,
-no_base_status (a delta before any full status), unknown_topic.
+no_base_status (a delta before any full status), unknown_topic, unsupported_component
+(a meter component of the device that this meter's config does not read).
+
+Multi-channel meters (three-phase, split-phase, two-channel): power, current and
+energy are summed over every channel, dead or not; voltage and frequency come from
+the live channels only (`is_live`, `grid_voltage_frequency`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,19 +32,29 @@ POWER_LIMIT_W = 2e9
 VOLTAGE_LIMIT_V = 1e6
 FREQUENCY_RANGE_HZ = (40.0, 70.0)
 
+# A live channel is wired to an energised conductor. An unwired input of a metering
+# chip reads noise: about 0.1 V, and a "frequency" anywhere (48.85 Hz, 136.83 Hz seen
+# on a Shelly 3EM, Tasmota issue 17178). 50 V is under half of the lowest nominal
+# phase voltage in use (100 V in Japan, 120 V in North America) and far above noise;
+# 45-65 Hz holds every 50 and 60 Hz grid with room for any real excursion (load is
+# shed automatically below about 47.5 Hz or 57 Hz).
+LIVE_VOLTAGE_MIN_V = 50.0
+GRID_BAND_HZ = (45.0, 65.0)
+
 
 @dataclass(frozen=True, slots=True)
 class MeterReading:
     """One normalised reading; None where the device does not report the quantity.
 
     Attributes:
-        power_w: Total active power, W; import positive, export negative.
+        power_w: Total active power, W; import positive, export negative; every channel.
         energy_import_wh: Imported active energy register, Wh.
         energy_export_wh: Exported active energy register, Wh.
-        voltage_v: Mean of the phase (channel) voltages, V.
+        voltage_v: Mean of the live channels' voltages, V; None without a live channel.
         current_a: Sum of the phase (channel) currents, A.
         power_factor: Total active over total apparent power (a single channel: as reported).
-        frequency_hz: Grid frequency, Hz (mean over phases that report it).
+        frequency_hz: Grid frequency, Hz: median over the live channels that report one;
+            None without one.
     """
 
     power_w: float
@@ -153,6 +169,48 @@ def as_number(value: Any, where: str) -> float | None:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def is_live(voltage_v: float | None, frequency_hz: float | None) -> bool:
+    """Whether a channel measures an energised grid conductor.
+
+    Live: its voltage is above LIVE_VOLTAGE_MIN_V (50 V) and its frequency, when it
+    reports one, is within GRID_BAND_HZ (45-65 Hz). A channel without a voltage is
+    not known to be live: frequency is measured on the voltage, so none is trusted.
+    """
+    if voltage_v is None or not voltage_v > LIVE_VOLTAGE_MIN_V:
+        return False
+    return frequency_hz is None or GRID_BAND_HZ[0] <= frequency_hz <= GRID_BAND_HZ[1]
+
+
+def grid_voltage_frequency(
+    voltages_v: Sequence[float | None], frequencies_hz: Sequence[float | None],
+) -> tuple[float | None, float | None]:
+    """(voltage V, frequency Hz) of the grid from the live channels of one meter.
+
+    `voltages_v[i]` and `frequencies_hz[i]` belong to channel i; a sequence of one value
+    is common to every channel (a device that measures one voltage or frequency for
+    all), and a channel missing from a shorter sequence has no value. Voltage is the
+    mean of the live channels' voltages; frequency the median of their frequencies,
+    so one odd phase of three cannot pull it. Either is None when no live channel gives
+    one: a dead channel's noise never reaches the reading.
+    """
+    n = max(len(voltages_v), len(frequencies_hz))
+    live_v: list[float] = []
+    live_hz: list[float] = []
+    for i in range(n):
+        v, hz = _channel(voltages_v, i), _channel(frequencies_hz, i)
+        if v is not None and is_live(v, hz):
+            live_v.append(v)
+            if hz is not None:
+                live_hz.append(hz)
+    return mean(live_v), statistics.median(live_hz) if live_hz else None
+
+
+def _channel(values: Sequence[float | None], i: int) -> float | None:
+    if len(values) == 1:
+        return values[0]
+    return values[i] if i < len(values) else None
 
 
 def combined_power_factor(

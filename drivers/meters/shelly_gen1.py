@@ -10,8 +10,10 @@ totals carry the same information without loss.
 The driver keeps the last value of each quantity per configured channel (a fixed
 table, so it cannot grow) and reports a reading once every configured channel has
 sent its power; each later value gives the reading with that value merged in.
-Other channels are ignored, so one channel of an EM can be the site meter.
-Gen1 does not publish the grid frequency over MQTT.
+Other channels are ignored, so one channel of an EM can be the site meter. Power,
+current and energies are summed over the configured channels; the voltage is the mean
+of the live ones (above 50 V, drivers.meters.base.is_live), so an unwired 3EM input
+(~0.1 V) does not pull it down. Gen1 does not publish the grid frequency over MQTT.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from collections.abc import Sequence
 
 from controller.config import ShellyGen1Meter
 from controller.protocol.payloads import PayloadError
-from drivers.meters.base import MeterDriver, MeterReading, combined_power_factor, mean
+from drivers.meters.base import (
+    MeterDriver,
+    MeterReading,
+    combined_power_factor,
+    grid_voltage_frequency,
+)
 
 # Quantity -> allowed range of one channel's value.
 QUANTITIES: dict[str, tuple[float, float]] = {
@@ -85,12 +92,13 @@ class ShellyGen1Driver(MeterDriver):
 
         power = [v["power"] for v in chans]
         total, returned, current = every("total"), every("total_returned"), every("current")
-        voltages = [v["voltage"] for v in chans if "voltage" in v]
+        # Gen1 sends no frequency: a channel is live by its voltage alone.
+        voltage_v, _ = grid_voltage_frequency([v.get("voltage") for v in chans], [])
         return MeterReading(
             power_w=sum(power),
             energy_import_wh=None if total is None else sum(total),
             energy_export_wh=None if returned is None else sum(returned),
-            voltage_v=mean(voltages),
+            voltage_v=voltage_v,
             current_a=None if current is None else sum(current),
             power_factor=combined_power_factor(power, _apparent(chans), every("pf")),
         )

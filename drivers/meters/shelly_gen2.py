@@ -1,25 +1,39 @@
-"""Shelly Gen2/Gen3 three-phase meters (Pro 3EM, 3EM Gen3, triphase profile) over MQTT.
+"""Shelly Gen2/Gen3 energy meters over MQTT: em:0 (Pro 3EM, 3EM Gen3) or em1:N (Pro EM, EM Gen3).
 
-Three topics under the device's prefix:
-- `<prefix>/status/em:0`: the full EM status (per phase a_/b_/c_ current A, voltage V,
-  act_power W, aprt_power VA, pf, freq Hz; total_current, total_act_power and
-  total_aprt_power), published with "generic status update over MQTT";
-- `<prefix>/status/emdata:0`: the energy registers in Wh (total_act import,
-  total_act_ret export, and per phase a_total_act_energy, a_total_act_ret_energy...);
+Shelly's Gen2 API names a device's parts components, `<type>:<id>`. A meter is read in
+one of two layouts, as the device's profile has it:
+- `em:0` and `emdata:0` (Pro 3EM, 3EM Gen3 in the triphase profile): per phase a_/b_/c_
+  current A, voltage V, act_power W, aprt_power VA, pf, freq Hz, with total_current,
+  total_act_power and total_aprt_power; the energy registers in Wh (total_act import,
+  total_act_ret export, per phase a_total_act_energy, a_total_act_ret_energy...);
+- `em1:N` and `em1data:N` for the configured channels (`em1_channels`: Pro EM, EM Gen3,
+  3EM in the monophase profile): per channel current A, voltage V, act_power W,
+  aprt_power VA, pf, freq Hz; registers total_act_energy and total_act_ret_energy in Wh.
+  The reading sums the configured channels and waits until each one's power is known.
+
+Topics under the device's prefix:
+- `<prefix>/status/<component>`: a component's full status ("generic status update
+  over MQTT"). Every status topic is subscribed to, so that a meter component this
+  config does not read is reported, not ignored;
 - `<prefix>/events/rpc`: JSON-RPC notifications ("RPC status notifications over MQTT").
-  NotifyStatus carries only the fields that changed, under params["em:0"] and
-  params["emdata:0"]; they are merged onto the last full status. NotifyFullStatus
-  replaces it. Other notifications (NotifyEvent) carry no reading.
+  NotifyStatus carries only the fields that changed, per component; they are merged onto
+  the last full status (Shelly's documented use). NotifyFullStatus replaces it. Other
+  notifications (NotifyEvent) carry no reading.
 
-A negative act_power is export. A delta before any full status of its component is
-an error (reason no_base_status): there is nothing to merge it onto, and a reading
-made from half a status would understate the site's power. The state is the last
-value of a fixed set of fields per component, so it cannot grow.
+A negative act_power is export. A delta before any full status of its component is an
+error (reason no_base_status): there is nothing to merge it onto. A meter component
+(em, emdata, em1, em1data, pm1) that the config does not read, in a message that holds
+none that it does, is an error (reason unsupported_component) naming the setting that
+reads it; em1 channels left out of `em1_channels` on purpose are ignored. Voltage and
+frequency come from the live phases or channels only (drivers.meters.base.is_live).
+The state is the last value of a fixed set of fields per configured component, so it
+cannot grow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from controller.config import ShellyGen2Meter
@@ -29,8 +43,8 @@ from drivers.meters.base import (
     MeterReading,
     as_number,
     combined_power_factor,
+    grid_voltage_frequency,
     load_json,
-    mean,
 )
 
 EM = "em:0"
@@ -45,46 +59,100 @@ EMDATA_FIELDS = frozenset(
     [f"{p}_total_act_energy" for p in PHASES] + [f"{p}_total_act_ret_energy" for p in PHASES]
     + ["total_act", "total_act_ret"]
 )
-REQUIRED = {EM: "total_act_power", EMDATA: "total_act"}
-FIELDS = {EM: EM_FIELDS, EMDATA: EMDATA_FIELDS}
+EM1_FIELDS = frozenset(["current", "voltage", "act_power", "aprt_power", "pf", "freq"])
+EM1DATA_FIELDS = frozenset(["total_act_energy", "total_act_ret_energy"])
+# Component types whose status is a meter reading (pm1: the Plus PM Mini's power meter).
+METER_TYPES = frozenset(["em", "emdata", "em1", "em1data", "pm1"])
 MAX_STATUS_BYTES = 8 * 1024
 MAX_RPC_BYTES = 64 * 1024  # NotifyFullStatus holds every component of the device
 
 
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What is kept of one component type, and the field its full status must hold."""
+
+    fields: frozenset[str]
+    required: str
+
+
+KINDS = {
+    "em": _Kind(EM_FIELDS, "total_act_power"),
+    "emdata": _Kind(EMDATA_FIELDS, "total_act"),
+    "em1": _Kind(EM1_FIELDS, "act_power"),
+    "em1data": _Kind(EM1DATA_FIELDS, "total_act_energy"),
+}
+
+
 class ShellyGen2Driver(MeterDriver):
-    """One Shelly Gen2/Gen3 EM device; keeps the last full EM and EMData status."""
+    """One Shelly Gen2/Gen3 EM device; keeps the last full status of each component it reads."""
 
     name = "shelly_gen2"
 
     def __init__(self, config: ShellyGen2Meter) -> None:
         super().__init__(config)
-        prefix = config.prefix
-        self.status_topics = {f"{prefix}/status/{EM}": EM, f"{prefix}/status/{EMDATA}": EMDATA}
-        self.rpc_topic = f"{prefix}/events/rpc"
+        self.em1_channels: tuple[int, ...] | None = (
+            None if config.em1_channels is None else tuple(config.em1_channels))
+        if self.em1_channels is None:
+            self.components: tuple[str, ...] = (EM, EMDATA)
+        else:
+            self.components = (*(f"em1:{n}" for n in self.em1_channels),
+                               *(f"em1data:{n}" for n in self.em1_channels))
+        self.status_prefix = f"{config.prefix}/status/"
+        self.rpc_topic = f"{config.prefix}/events/rpc"
         self.status: dict[str, dict[str, float]] = {}
 
     def subscriptions(self) -> list[str]:
-        return [*self.status_topics, self.rpc_topic]
+        return [f"{self.status_prefix}+", self.rpc_topic]
 
     def exact_topics(self) -> list[str]:
-        return self.subscriptions()
+        return [self.rpc_topic]
+
+    def topic_prefixes(self) -> list[str]:
+        return [self.status_prefix]
 
     def decode(self, topic: str, raw: bytes) -> MeterReading | None:
-        component = self.status_topics.get(topic)
-        if component is not None:
-            updates = {component: _full(component, load_json(raw, MAX_STATUS_BYTES), component)}
-        elif topic == self.rpc_topic:
+        if topic == self.rpc_topic:
             updates = self._notification(load_json(raw, MAX_RPC_BYTES))
+        elif topic.startswith(self.status_prefix) and "/" not in topic[len(self.status_prefix):]:
+            component = topic[len(self.status_prefix):]
+            if component not in self.components:
+                self._check_other([component])
+                return None  # sys, wifi, switch...: no reading in them
+            updates = {component: _full(component, load_json(raw, MAX_STATUS_BYTES), component)}
         else:
             raise PayloadError("unknown_topic", f"not a topic of Shelly {self.config.id}")
         if not updates:
             return None
-        reading = _reading(updates.get(EM, self.status.get(EM)),
-                           updates.get(EMDATA, self.status.get(EMDATA)))
+        reading = self._reading({**self.status, **updates})
         if reading is not None:
             reading.checked()
         self.status.update(updates)  # only once the whole message is good
         return reading
+
+    def _check_other(self, components: Sequence[str]) -> None:
+        """Raise unsupported_component for meter components this config does not read."""
+        foreign = [c for c in components if c.partition(":")[0] in METER_TYPES
+                   and not self._left_out(c)]
+        if not foreign:
+            return
+        reads = ", ".join(self.components)
+        em1 = sorted({int(i) for k, _, i in (c.partition(":") for c in foreign)
+                      if k in ("em1", "em1data") and i.isdigit()})
+        if em1:
+            hint = (f"a Pro EM, EM Gen3 or 3EM in its monophase profile reports em1:N: set "
+                    f"em1_channels (e.g. {em1})")
+        elif self.em1_channels is not None and any(c.startswith("em") for c in foreign):
+            hint = "a Pro 3EM or 3EM Gen3 in its triphase profile reports em:0: remove em1_channels"
+        else:
+            hint = "no meter type reads this component"
+        raise PayloadError("unsupported_component",
+                           f"{', '.join(foreign)}: not read by this meter (it reads {reads}); "
+                           f"{hint}")
+
+    def _left_out(self, component: str) -> bool:
+        """An em1 channel the config leaves out on purpose (it measures something else)."""
+        kind, _, _ = component.partition(":")
+        return self.em1_channels is not None and kind in ("em1", "em1data")
 
     def _notification(self, msg: dict[str, Any]) -> dict[str, dict[str, float]]:
         method = msg.get("method")
@@ -95,11 +163,13 @@ class ShellyGen2Driver(MeterDriver):
         params = msg.get("params")
         if not isinstance(params, dict):
             raise PayloadError("bad_schema", "params: missing or not an object")
+        present = [c for c in self.components if params.get(c) is not None]
+        if not present:
+            self._check_other(list(params))
+            return {}
         updates: dict[str, dict[str, float]] = {}
-        for component in (EM, EMDATA):
-            body = params.get(component)
-            if body is None:
-                continue
+        for component in present:
+            body = params[component]
             where = f"params.{component}"
             if method == "NotifyFullStatus":
                 updates[component] = _full(component, body, where)
@@ -112,21 +182,33 @@ class ShellyGen2Driver(MeterDriver):
             updates[component] = {**base, **delta}
         return updates
 
+    def _reading(self, status: dict[str, dict[str, float]]) -> MeterReading | None:
+        if self.em1_channels is None:
+            return _em_reading(status.get(EM), status.get(EMDATA))
+        return _em1_reading([status.get(f"em1:{n}") for n in self.em1_channels],
+                            [status.get(f"em1data:{n}") for n in self.em1_channels])
+
     @classmethod
     def config_from_topics(cls, topics: Sequence[str]) -> ShellyGen2Meter:
-        prefixes = set()
+        prefixes, channels = set(), set()
         for topic in topics:
-            for suffix in (f"/status/{EM}", f"/status/{EMDATA}", "/events/rpc"):
-                if topic.endswith(suffix) and len(topic) > len(suffix):
-                    prefixes.add(topic[: -len(suffix)])
-                    break
-            else:
+            if topic.endswith("/events/rpc") and len(topic) > len("/events/rpc"):
+                prefixes.add(topic[: -len("/events/rpc")])
+                continue
+            prefix, _, component = topic.rpartition("/status/")
+            if not prefix or not component or "/" in component:
                 raise PayloadError("unknown_topic", f"{topic}: Shelly Gen2 topics are "
-                                   f"<prefix>/status/{EM}, <prefix>/status/{EMDATA} and "
-                                   "<prefix>/events/rpc")
+                                   "<prefix>/status/<component> (em:0, emdata:0, em1:N, "
+                                   "em1data:N) and <prefix>/events/rpc")
+            prefixes.add(prefix)
+            kind, _, index = component.partition(":")
+            if kind in ("em1", "em1data") and index.isdigit():
+                channels.add(int(index))
         if len(prefixes) != 1:
             raise PayloadError("unknown_topic", "topics of more than one Shelly device")
-        return ShellyGen2Meter(type="shelly_gen2", id="shelly", prefix=prefixes.pop())
+        # EM1 topics name the channels; the reading waits for each one's power.
+        return ShellyGen2Meter(type="shelly_gen2", id="shelly", prefix=prefixes.pop(),
+                               em1_channels=sorted(channels) or None)
 
 
 def _fields(component: str, body: Any, where: str) -> dict[str, float]:
@@ -134,7 +216,7 @@ def _fields(component: str, body: Any, where: str) -> dict[str, float]:
     if not isinstance(body, dict):
         raise PayloadError("wrong_type", f"{where}: expected an object")
     out: dict[str, float] = {}
-    for key in FIELDS[component].intersection(body):
+    for key in KINDS[component.partition(":")[0]].fields.intersection(body):
         value = as_number(body[key], f"{where}.{key}")
         if value is not None:
             out[key] = value
@@ -143,12 +225,14 @@ def _fields(component: str, body: Any, where: str) -> dict[str, float]:
 
 def _full(component: str, body: Any, where: str) -> dict[str, float]:
     fields = _fields(component, body, where)
-    if REQUIRED[component] not in fields:
-        raise PayloadError("bad_schema", f"{where}.{REQUIRED[component]}: missing")
+    required = KINDS[component.partition(":")[0]].required
+    if required not in fields:
+        raise PayloadError("bad_schema", f"{where}.{required}: missing")
     return fields
 
 
-def _reading(em: dict[str, float] | None, emdata: dict[str, float] | None) -> MeterReading | None:
+def _em_reading(em: dict[str, float] | None,
+                emdata: dict[str, float] | None) -> MeterReading | None:
     if em is None:
         return None  # energy registers alone: no power to report yet
     phases = [p for p in PHASES if f"{p}_act_power" in em]
@@ -159,12 +243,41 @@ def _reading(em: dict[str, float] | None, emdata: dict[str, float] | None) -> Me
     total_va = em.get("total_aprt_power")
     if total_va is not None:  # the device's totals, rather than sums of rounded phases
         power, apparent = [em["total_act_power"]], [total_va]
+    voltage_v, frequency_hz = grid_voltage_frequency(
+        [em.get(f"{p}_voltage") for p in PHASES], [em.get(f"{p}_freq") for p in PHASES])
     return MeterReading(
         power_w=em["total_act_power"],
         energy_import_wh=None if emdata is None else emdata.get("total_act"),
         energy_export_wh=None if emdata is None else emdata.get("total_act_ret"),
-        voltage_v=mean([em[f"{p}_voltage"] for p in PHASES if f"{p}_voltage" in em]),
+        voltage_v=voltage_v,
         current_a=em.get("total_current", sum(currents) if currents else None),
         power_factor=combined_power_factor(power, apparent or None, pfs or None),
-        frequency_hz=mean([em[f"{p}_freq"] for p in PHASES if f"{p}_freq" in em]),
+        frequency_hz=frequency_hz,
+    )
+
+
+def _em1_reading(em1: list[dict[str, float] | None],
+                 em1data: list[dict[str, float] | None]) -> MeterReading | None:
+    chans = [c for c in em1 if c is not None]
+    if len(chans) < len(em1):
+        return None  # a channel's power is still unknown: a partial sum would understate
+
+    def every(quantity: str, statuses: list[dict[str, float] | None]) -> list[float] | None:
+        got = [s[quantity] for s in statuses if s is not None and quantity in s]
+        return got if len(got) == len(statuses) else None
+
+    power = [c["act_power"] for c in chans]
+    current = every("current", em1)
+    imported = every("total_act_energy", em1data)
+    exported = every("total_act_ret_energy", em1data)
+    voltage_v, frequency_hz = grid_voltage_frequency(
+        [c.get("voltage") for c in chans], [c.get("freq") for c in chans])
+    return MeterReading(
+        power_w=sum(power),
+        energy_import_wh=None if imported is None else sum(imported),
+        energy_export_wh=None if exported is None else sum(exported),
+        voltage_v=voltage_v,
+        current_a=None if current is None else sum(current),
+        power_factor=combined_power_factor(power, every("aprt_power", em1), every("pf", em1)),
+        frequency_hz=frequency_hz,
     )

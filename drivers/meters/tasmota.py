@@ -1,12 +1,21 @@
 """Tasmota energy monitors: the ENERGY block of tele/<topic>/SENSOR and stat/<topic>/STATUS8.
 
-Tasmota's units: Total, Today, Yesterday and ExportActive in kWh; Power in W;
-ApparentPower in VA; ReactivePower in var; Voltage in V; Current in A; Factor
+Tasmota's units: Total, Today, Yesterday, ImportActive and ExportActive in kWh; Power
+in W; ApparentPower in VA; ReactivePower in var; Voltage in V; Current in A; Factor
 unitless; Frequency in Hz. Multi-channel devices (three-phase meters, two-channel
-relays) send arrays, one value per channel: power, currents and energies are summed,
-voltages and frequencies averaged. `Total` is the import register and the optional
-`ExportActive` the export register. STATUS8 (and its newer name STATUS10) wrap the
-same block in `StatusSNS`. Every message is complete, so the driver keeps no state.
+relays) send arrays, one value per channel; a single value beside arrays is common to
+every channel. Power, currents and energies are summed over every channel; voltage
+and frequency come from the live channels only (drivers.meters.base.is_live), so an
+unwired phase (~0.1 V, a noise frequency) neither poisons them nor drops the reading.
+
+Registers: `ImportActive` (a meter's own import register, e.g. an SDM630 over Modbus)
+is the import register when present. `Total` is Tasmota's own count: it adds the
+energy of every interval with its sign (xdrv_03_energy.ino), so on a device that
+measures export (one that sends `ExportActive`) it is net of export, and on some Modbus
+meters it is import plus export; it is read as the import register only when the
+device reports neither `ImportActive` nor `ExportActive`. `ExportActive` is the export
+register. STATUS8 (and its newer name STATUS10) wrap the same block in `StatusSNS`.
+Every message is complete, so the driver keeps no state.
 """
 
 from __future__ import annotations
@@ -21,8 +30,8 @@ from drivers.meters.base import (
     MeterReading,
     as_number,
     combined_power_factor,
+    grid_voltage_frequency,
     load_json,
-    mean,
 )
 
 MAX_BYTES = 16 * 1024  # SENSOR also carries any other sensors on the device
@@ -62,21 +71,24 @@ class TasmotaDriver(MeterDriver):
         power = _channels(energy, "Power")
         if power is None:
             raise PayloadError("bad_schema", "ENERGY.Power: missing")
-        total = _channels(energy, "Total")
         export = _channels(energy, "ExportActive")
+        imported = _channels(energy, "ImportActive")
+        if imported is None and export is None:
+            imported = _channels(energy, "Total")  # a device that measures no export
         voltage = _channels(energy, "Voltage")
         current = _channels(energy, "Current")
         frequency = _channels(energy, "Frequency")
+        voltage_v, frequency_hz = grid_voltage_frequency(voltage or [], frequency or [])
         return MeterReading(
             power_w=sum(power),
-            energy_import_wh=None if total is None else sum(total) * 1000.0,
+            energy_import_wh=None if imported is None else sum(imported) * 1000.0,
             energy_export_wh=None if export is None else sum(export) * 1000.0,
-            voltage_v=None if voltage is None else mean(voltage),
+            voltage_v=voltage_v,
             current_a=None if current is None else sum(current),
             power_factor=combined_power_factor(
                 power, _channels(energy, "ApparentPower"), _channels(energy, "Factor")
             ),
-            frequency_hz=None if frequency is None else mean(frequency),
+            frequency_hz=frequency_hz,
         ).checked()
 
     @classmethod
