@@ -328,23 +328,23 @@ def states(bridge: MinerBridge, group: str = "a") -> dict[str, GroupMinerReading
     return {m.id: m for m in bridge.telemetry(group)}
 
 
-@pytest.mark.parametrize(("kw", "last_action", "state"), [
-    ({"hashrate_ths": None}, "wake", "error"),  # not "waking at 0 TH/s"
-    ({"hashrate_ths": None, "power_w": 12.0}, "wake", "sleeping"),
-    ({"hashrate_ths": None, "power_w": None}, "wake", "error"),
-    ({"power_w": None}, "wake", "running"),
-    ({"power_w": None, "hashrate_ths": 0.0}, "wake", "waking"),
-    ({"power_w": None, "hashrate_ths": 0.0}, "sleep", "sleeping"),
-    ({"power_w": 3500.0, "hashrate_ths": 0.0}, "sleep", "stopping"),
+@pytest.mark.parametrize(("kw", "last_action", "state", "reason"), [
+    ({"hashrate_ths": None}, "wake", "error", "hashrate unknown"),  # not "waking at 0 TH/s"
+    ({"hashrate_ths": None, "power_w": 12.0}, "wake", "sleeping", None),
+    ({"hashrate_ths": None, "power_w": None}, "wake", "error", "power and hashrate unknown"),
+    ({"power_w": None}, "wake", "running", None),
+    ({"power_w": None, "hashrate_ths": 0.0}, "wake", "waking", None),
+    ({"power_w": None, "hashrate_ths": 0.0}, "sleep", "sleeping", None),
+    ({"power_w": 3500.0, "hashrate_ths": 0.0}, "sleep", "stopping", None),
 ])
 def test_state_with_unknown_values(rack: MinerBridge, kw: dict[str, Any], last_action: str,
-                                   state: str) -> None:
+                                   state: str, reason: str | None) -> None:
     d = rack.devices["a-0002"]
     d.reading = reading(**kw)
     d.last_action = last_action
     got = states(rack)["a-0002"]
     assert got.state == state
-    assert (got.reason == "hashrate unknown") == (state == "error")
+    assert got.reason == reason
 
 
 def test_unknown_values_in_one_miner_leave_the_rest_alone(rack: MinerBridge) -> None:
@@ -496,6 +496,7 @@ async def test_bridge_poll_counts_and_logs_unknown_values_once(
         (("xp-0001",), ("hashrate_ths:missing", "temp_c:missing"))], "once per change"
     [per_miner] = [e for e in logs if e["event"] == "bridge_miner_unsupported"]
     assert per_miner["miner"] == "xp-0001"
+    assert per_miner["log_level"] == "info", "its pair was a warning at start-up already"
 
     xp = states(bridge, "xp")["xp-0001"]
     assert xp.state == "error" and xp.reason == "no pyasic class: LuxOS on Antminer S21 XP"

@@ -115,9 +115,12 @@ class _Device:
 
     def error_reason(self) -> str:
         """Why `state()` is `error` (at most 64 characters: it travels in every message)."""
-        if self.reading is None:
+        r = self.reading
+        if r is None:
             return "no reading"
-        return (self.unsupported or "hashrate unknown")[:64]
+        if self.unsupported:
+            return self.unsupported[:64]
+        return "power and hashrate unknown" if r.power_w is None else "hashrate unknown"
 
 
 class MinerBridge:
@@ -152,6 +155,7 @@ class MinerBridge:
         # Miners left out of telemetry because their reading failed the payload's checks.
         self.invalid_readings = 0
         self.unsupported = self.unsupported_pairs()
+        self._announced = {i for ids in self.unsupported.values() for i in ids}
         self.commands_applied = 0
         self.commands_failed = 0
         self.polls = 0
@@ -260,10 +264,14 @@ class MinerBridge:
             if client.unsupported != d.unsupported:
                 d.unsupported = client.unsupported
                 if client.unsupported is not None:
-                    log.warning("bridge_miner_unsupported", miner=d.id, host=d.endpoint.host,
-                                model=d.model.name, firmware=client.firmware,
-                                pyasic=PYASIC_VERSION, reason=client.unsupported,
-                                effect="values pyasic cannot read are published as unknown")
+                    # A warning unless the start-up warning already named it (firmware "auto"
+                    # is only known now): a thousand identical warnings help nobody.
+                    announced = d.id in self._announced
+                    (log.info if announced else log.warning)(
+                        "bridge_miner_unsupported", miner=d.id, host=d.endpoint.host,
+                        model=d.model.name, firmware=client.firmware, pyasic=PYASIC_VERSION,
+                        reason=client.unsupported,
+                        effect="values pyasic cannot read are published as unknown")
         return d.client
 
     async def _apply(self, d: _Device, setpoint: Setpoint) -> None:
