@@ -237,6 +237,11 @@ NONE_CASES: list[tuple[str, dict[str, Any], dict[str, Any], set[tuple[str, str]]
     ("fans[].speed on one fan", {"fans": [Fan(speed=None), Fan(speed=5000)]},
      {"fan_rpm": 5000}, set()),
     ("uptime", {"uptime": None}, {"uptime_s": None}, set()),
+    # pyasic sets fields without validation; a list that is not one is nothing read.
+    ("hashboards None", {"hashboards": None},
+     {"hashrate_ths": None, "hashboards": None, "temp_c": None},
+     {("hashrate_ths", "unreadable"), ("temp_c", "missing")}),
+    ("fans None", {"fans": None}, {"fan_rpm": None}, set()),
     ("device_info (model None)", {"device_info": DeviceInfo(make=MinerMake.ANTMINER)}, {}, set()),
 ]
 
@@ -509,3 +514,30 @@ async def test_bridge_poll_counts_and_logs_unknown_values_once(
         await bridge.poll_once()
     assert [e["ids"] for e in logs if e["event"] == "bridge_values_known_again"] == [["b-0001"]]
 
+
+
+class _BuggyRead(FirmwareMiner):
+    """The real client, whose read then fails as a bug would (not a firmware error)."""
+
+    async def read(self) -> FirmwareReading:
+        await super().read()
+        raise RuntimeError("a bug in reading")
+
+
+async def test_a_bug_reading_one_miner_does_not_stop_the_poll(
+        luxos: tuple[SimulatedFleet, LuxosApiServer]) -> None:
+    _, api = luxos
+    cfg = site([("a", "s21", 1), ("xp", "s21_xp", 1), ("b", "s21", 1)],
+               first_host=api.addresses["m0"])
+
+    def factory(ep: BridgeEndpoint, model: MinerModel, timeout_s: float) -> FirmwareMiner:
+        cls = _BuggyRead if ep.id == "b-0001" else FirmwareMiner
+        return cls(ep, model, timeout_s)
+
+    bridge = MinerBridge(cfg, client_factory=factory)
+    with capture_logs() as logs:
+        await bridge.poll_once()
+    assert bridge.devices["b-0001"].failures == 1 and bridge.devices["b-0001"].client is None
+    assert [e["miner"] for e in logs if e["event"] == "bridge_poll_failed"] == ["b-0001"]
+    assert states(bridge, "a")["a-0001"].state == "running"
+    assert states(bridge, "b") == {}

@@ -296,7 +296,11 @@ class MinerBridge:
             async with d.lock, self._io:
                 client = await self._client(d)
                 reading = await client.read()
-        except FirmwareError as e:
+        except Exception as e:
+            if not isinstance(e, FirmwareError):
+                # A reply shaped as nobody expected: this miner's poll failed, not the bridge.
+                log.exception("bridge_poll_failed", miner=d.id)
+                d.client = None
             d.failures += 1
             if d.failures >= self.bcfg.offline_after_polls and d.online is not False:
                 d.online = False

@@ -64,7 +64,8 @@ class FirmwareReading:
     `(field, reason)`: field one of `power_w`, `hashrate_ths`, `temp_c`, `target_w`,
     `fan_rpm`, `hashboards`, `uptime_s`; reason `missing` (pyasic gave None), `out_of_range`
     (no miner of the model could report it), `no_unit` (a hashrate without pyasic's unit
-    type) or `zero_while_hashing` (a power at sleep level while the boards hash).
+    type), `unreadable` (pyasic's own hashrate sum failed) or `zero_while_hashing` (a
+    power at sleep level while the boards hash).
     """
 
     power_w: float | None
@@ -158,19 +159,24 @@ def reading_from_data(data: MinerData, model: MinerModel) -> FirmwareReading:
 
     try:
         total: object = data.hashrate
-    except (TypeError, ValueError, AttributeError):  # pyasic's sum over mismatched units
-        total = math.nan
-    hashrate = ths("hashrate_ths", total, report_missing=True)
+    except (TypeError, ValueError, AttributeError):  # pyasic's own sum failed on its boards
+        problems.append(("hashrate_ths", "unreadable"))
+        hashrate = None
+    else:
+        hashrate = ths("hashrate_ths", total, report_missing=True)
 
-    boards = list(data.hashboards)
-    board_ths = [ths("hashrate_ths", b.hashrate, report_missing=False) for b in boards]
+    # pyasic sets MinerData's fields without validation: expect anything in the lists.
+    boards = list(data.hashboards or [])
+    board_ths = [ths("hashrate_ths", getattr(b, "hashrate", None), report_missing=False)
+                 for b in boards]
     known_boards = [h for h in board_ths if h is not None]
     hashboards = sum(1 for h in known_boards if h > 0) if known_boards else None
     if hashboards is not None and hashboards > MAX_HASHBOARDS:
         problems.append(("hashboards", "out_of_range"))
         hashboards = None
 
-    temps = [number("temp_c", b.temp, *TEMP_RANGE_C, report_missing=False) for b in boards]
+    temps = [number("temp_c", getattr(b, "temp", None), *TEMP_RANGE_C, report_missing=False)
+             for b in boards]
     known_temps = [t for t in temps if t is not None]
     temp_c = max(known_temps) if known_temps else None
     if temp_c is None and not any(p[0] == "temp_c" for p in problems):
@@ -182,8 +188,9 @@ def reading_from_data(data: MinerData, model: MinerModel) -> FirmwareReading:
         power_w = None
 
     limit = number("target_w", data.wattage_limit, 0.0, max_w, report_missing=False)
-    speeds = [number("fan_rpm", f.speed, 0, FAN_MAX_RPM, report_missing=False)
-              for f in data.fans]
+    speeds = [number("fan_rpm", getattr(f, "speed", None), 0, FAN_MAX_RPM,
+                     report_missing=False)
+              for f in data.fans or []]
     known_speeds = [v for v in speeds if v is not None]
     uptime = number("uptime_s", data.uptime, 0, math.inf, report_missing=False)
     return FirmwareReading(
@@ -304,9 +311,13 @@ class FirmwareMiner:
                 pyasic backends swallow connection errors and return an empty MinerData).
         """
         data: MinerData = await self._call(self._miner.get_data(include=_READ))
-        if data.wattage is None and data.hashrate is None:
+        try:
+            reading = reading_from_data(data, self.model)
+        except Exception as e:  # a shape pyasic's types do not allow: unreadable, not fatal
+            raise FirmwareError(f"unreadable reply: {type(e).__name__}: {e}") from e
+        if {("power_w", "missing"), ("hashrate_ths", "missing")} <= set(reading.problems):
             raise FirmwareError("no power or hashrate in the reply")
-        return reading_from_data(data, self.model)
+        return reading
 
     # -- control ----------------------------------------------------------------------
 
