@@ -101,6 +101,10 @@ class _MinerApi:
     session_id: str = ""
     boot_monotonic: float = field(default_factory=time.monotonic)
     requests: int = 0
+    # Field faults (LuxosApiServer.set_faults): commands answered with an error, and a
+    # `power` reading that is not the draw (a PSU read fault such as 65535 W).
+    failing: frozenset[str] = frozenset()
+    watts: float | None = None
 
     def profile_by_name(self, name: str) -> Profile | None:
         return next((p for p in self.profiles if p.name == name), None)
@@ -191,6 +195,22 @@ class LuxosApiServer:
         finally:
             await self.close()
 
+    def set_faults(self, miner_ids: Sequence[str], *, failing: Sequence[str] = (),
+                   watts: float | None = None) -> None:
+        """Give miners the faults real firmware shows (and clear them with no arguments).
+
+        `failing`: reader commands answered with an error status, as a firmware without
+        that command (or one that cannot reach its PSU, for `power`) answers them.
+        `watts`: what `power` reports instead of the simulated draw.
+        """
+        unknown = set(failing) - set(_READERS)
+        if unknown:
+            raise ValueError(f"not reader commands: {sorted(unknown)}")
+        for miner_id in miner_ids:
+            api = self.miners[miner_id]
+            api.failing = frozenset(failing)
+            api.watts = watts
+
     def restart(self, miner_ids: Sequence[str]) -> None:
         """A reboot: sessions and uptime reset; curtailment and the profile persist."""
         now = self._clock()
@@ -239,6 +259,8 @@ class LuxosApiServer:
     def _command(self, api: _MinerApi, name: str, parameter: str) -> Reply:
         handler = _READERS.get(name)
         if handler is not None:
+            if name in api.failing:
+                return _error(f"{name} unavailable", code=45)
             return handler(self, api)
         if name in _PRIVILEGED:
             args = parameter.split(",") if parameter else []
@@ -310,8 +332,8 @@ class LuxosApiServer:
              "Accepted": 0, "Rejected": 0}], "id": 1}
 
     def _power(self, api: _MinerApi) -> Reply:
-        return {"STATUS": _status(335, "Power"),
-                "POWER": [{"Watts": round(float(self.fleet.power_w[api.index]))}], "id": 1}
+        watts = float(self.fleet.power_w[api.index]) if api.watts is None else api.watts
+        return {"STATUS": _status(335, "Power"), "POWER": [{"Watts": round(watts)}], "id": 1}
 
     def _fans(self, api: _MinerApi) -> Reply:
         f, i = self.fleet, api.index

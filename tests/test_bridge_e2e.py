@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -228,6 +229,80 @@ async def test_set_power_snaps_to_a_preset(start_rig: Callable[..., Any]) -> Non
                    what="highest preset at or below; the lowest when none is")
     await wait_for(lambda: all(d.ack_seq == 7 for d in rig.bridge.devices.values()),
                    what="acknowledged")
+
+
+def last_telemetry(rig: Rig, group: str) -> dict[str, dict[str, Any]]:
+    """The group's last published telemetry, per miner, as the JSON carried it."""
+    topic = SiteTopics(rig.cfg.site_id).group(group, "telemetry")
+    seen = [raw for t, raw in rig.peer.received if t == topic]
+    if not seen:
+        return {}
+    return {m["id"]: m for m in json.loads(seen[-1])["miners"]}
+
+
+async def test_bad_values_stay_with_their_miner(start_rig: Callable[..., Any],
+                                                tasks: Any) -> None:
+    """Field case bridge-pyasic-partial-data, end to end: one miner's power unknown (its
+    LuxOS `power` fails, pyasic says None), another's absurd (65535 W): both are published
+    without power, and the controller takes the whole rack."""
+    rig: Rig = await start_rig([("a", "s21", 4)])
+    rig.api.set_faults(["a-0002"], failing=["power"])
+    rig.api.set_faults(["a-0003"], watts=65535)
+    sim = rig.site.fleet
+    controller = Controller(rig.cfg)
+    tasks(controller.run(), "controller")
+    await rig.peer.publish(controller.topics.price, price(10.0), qos=1, retain=True)
+    await wait_for(lambda: bool((sim.mode == Mode.RUNNING).all()), what="all running")
+    fleet = controller.fleet
+    await wait_for(lambda: bool(np.isnan(fleet.power_w[[1, 2]]).all()
+                                and np.allclose(fleet.power_w[[0, 3]], sim.power_w[[0, 3]],
+                                                rtol=0.03, atol=30)),
+                   what="power unknown for the two, measured for the rest")
+    assert np.isfinite(fleet.last_seen).all(), "every miner of the rack is fresh"
+    await wait_for(lambda: bool(np.allclose(fleet.hashrate_ths, sim.hashrate_ths(), rtol=0.03)),
+                   what="hashrate of all four, the two without power too")
+    assert not any(kind == "group_telemetry" for kind, _ in controller.invalid), \
+        controller.invalid
+    published = last_telemetry(rig, "a")
+    assert set(published) == {"a-0001", "a-0002", "a-0003", "a-0004"}
+    assert "power_w" not in published["a-0002"] and "power_w" not in published["a-0003"]
+    assert published["a-0002"]["state"] == published["a-0003"]["state"] == "running"
+    assert rig.bridge.unknown_values["power_w:missing"] >= 1
+    assert rig.bridge.unknown_values["power_w:out_of_range"] >= 1
+
+
+async def test_model_pyasic_lacks_is_error_not_waking_and_still_sleeps(
+        start_rig: Callable[..., Any], tasks: Any) -> None:
+    """LuxOS on S21 XP: pyasic 0.79 has only its generic LuxOS class (no hashboards)."""
+    rig: Rig = await start_rig([("xp", "s21_xp", 3), ("a", "s21", 2)])
+    assert rig.bridge.unsupported == {
+        ("luxos", "Antminer S21 XP"): ["xp-0001", "xp-0002", "xp-0003"]}
+    sim = rig.site.fleet
+    controller = Controller(rig.cfg)
+    tasks(controller.run(), "controller")
+    await rig.peer.publish(controller.topics.price, price(10.0), qos=1, retain=True)
+    await wait_for(lambda: bool((sim.mode == Mode.RUNNING).all()), what="all running")
+
+    def counts() -> dict[str, int]:
+        return controller.fleet.counts_by_state(time.monotonic(), 5.0)
+
+    await wait_for(lambda: counts()["error"] == 3 and counts()["running"] == 2,
+                   what="the S21 XPs in error, the S21s running")
+    xp = last_telemetry(rig, "xp")
+    for k, miner_id in enumerate(["xp-0001", "xp-0002", "xp-0003"]):
+        m = xp[miner_id]
+        assert m["state"] == "error", "never 'waking' at 0 TH/s"
+        assert m["reason"] == "no pyasic class: LuxOS on Antminer S21 XP"
+        assert "hashrate_ths" not in m
+        assert m["power_w"] == pytest.approx(sim.power_w[k], rel=0.03, abs=30)
+    assert all(m["state"] == "running" for m in last_telemetry(rig, "a").values())
+
+    # Still commandable through pyasic's generic class: a price spike sleeps them all.
+    await rig.peer.publish(controller.topics.price, price(5000.0), qos=1, retain=True)
+    await wait_for(lambda: bool((sim.mode == Mode.SLEEPING).all()), timeout_s=15,
+                   what="all asleep at $5000/MWh, the S21 XPs too")
+    await wait_for(lambda: counts()["sleeping"] == 5, what="reported asleep, from their power")
+    assert rig.bridge.commands_failed == 0
 
 
 @pytest.mark.slow

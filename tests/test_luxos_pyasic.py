@@ -199,3 +199,18 @@ async def test_offline_miner_does_not_answer(sim: Sim) -> None:
     sim.fleet.set_offline(np.array([0]), False)
     data = await miner.get_data()
     assert data.wattage == pytest.approx(sim.fleet.power_w[0], abs=1)
+
+
+async def test_faults_as_pyasic_sees_them(sim: Sim) -> None:
+    """The simulator's field faults reach pyasic the way real firmware's do."""
+    miner = await pyasic.get_miner(sim.host("s21"))
+    sim.api.set_faults(["s21"], failing=["power"])
+    data = await miner.get_data()
+    assert data.wattage is None, "a failing `power` is None in pyasic, the rest still read"
+    assert float(data.hashrate) == pytest.approx(float(sim.fleet.hashrate_ths()[0]), rel=1e-3)
+    sim.api.set_faults(["s21"], watts=65535)
+    assert (await miner.get_data()).wattage == 65535, "pyasic passes a sentinel through"
+    sim.api.set_faults(["s21"])
+    assert (await miner.get_data()).wattage == pytest.approx(sim.fleet.power_w[0], abs=1)
+    with pytest.raises(ValueError, match="not reader commands"):
+        sim.api.set_faults(["s21"], failing=["curtail"])

@@ -42,18 +42,26 @@ MinerState = Literal["running", "sleeping", "waking", "stopping", "error"]
 
 
 class MinerReading(BaseModel):
-    """What a miner reports about itself."""
+    """What a miner reports about itself; an absent value is unknown, never zero.
+
+    `power_w` and `hashrate_ths` may be absent since bridges report what firmware could
+    not tell (pyasic returns None); a miner of unknown power counts at its model's maximum.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     state: MinerState
-    power_w: Watts
-    hashrate_ths: float = Field(ge=0, le=5_000)
+    power_w: Watts | None = Field(default=None, description="Draw, W; absent when unknown")
+    hashrate_ths: float | None = Field(default=None, ge=0, le=5_000,
+                                       description="TH/s; absent when unknown")
     target_w: Watts | None = Field(default=None, description="Power target in force")
     temp_c: float | None = Field(default=None, ge=-50, le=150)
     fan_rpm: int | None = Field(default=None, ge=0, le=30_000)
     hashboards: int | None = Field(default=None, ge=0, le=8, description="Boards hashing")
     ack_seq: int | None = Field(default=None, ge=0, description="Last command applied")
+    reason: str | None = Field(default=None, max_length=64,
+                               description="Why the state is 'error', e.g. 'no pyasic class: "
+                               "LuxOS on Antminer S21 XP'")
 
 
 class MinerTelemetry(Payload, MinerReading):

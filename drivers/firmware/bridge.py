@@ -8,18 +8,28 @@ with at most `concurrency` requests in flight. A miner that fails `offline_after
 polls in a row is announced offline (the controller counts it at its maximum power) and
 its firmware session is dropped; when it answers again it is identified afresh (a
 restarted LuxOS has a new session) and announced online.
+
+Readings are checked per miner before they are published (pyasic_miner.reading_from_data,
+then the payload's own bounds): an unknown or absurd value is published as absent with a
+counted, logged reason, and a miner whose reading still fails is left out alone, so one
+miner's nonsense never costs its rack-mates their telemetry. A miner pyasic has no class
+for (model and firmware as the site names them) is announced at start-up, and when that
+leaves its hashrate unknown it is reported in state `error` with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from controller.catalogue import MinerModel, load_catalogue
 from controller.config import BridgeConfig, BridgeEndpoint, SiteConfig
@@ -39,15 +49,22 @@ from controller.protocol.payloads import (
 from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.protocol.transport import Transport
 from drivers.firmware.pyasic_miner import (
+    PYASIC_VERSION,
     Capabilities,
     FirmwareError,
     FirmwareMiner,
     FirmwareReading,
+    pyasic_class,
+    sleep_threshold_w,
 )
 
 log = structlog.get_logger("mineops.bridge")
 
 _TELEMETRY_CHUNK = 2000  # GroupTelemetry's per-message limit
+# Values of a firmware reading that the payload carries, and may leave absent (unknown).
+_READING_FIELDS = frozenset(f.name for f in dataclasses.fields(FirmwareReading)) & frozenset(
+    GroupMinerReading.model_fields)
+_LOG_IDS = 10  # miner ids named in one log line; the count says how many there were
 ClientFactory = Callable[[BridgeEndpoint, MinerModel, float], FirmwareMiner]
 
 
@@ -66,21 +83,44 @@ class _Device:
     pending: tuple[Setpoint, int] | None = None
     commanding: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    unsupported: str | None = None  # pyasic has no class for its model on its firmware
+    reported: tuple[tuple[str, str], ...] = ()  # the problems last logged for it
 
     @property
     def id(self) -> str:
         return self.endpoint.id
 
     def state(self) -> MinerState:
-        """LuxOS says `is_mining` even asleep: tell sleep from hashrate 0 and low power."""
+        """LuxOS says `is_mining` even asleep: tell sleep from hashrate 0 and low power.
+
+        Unknown hashrate with power above sleep level is `error`, never `waking`: the
+        miner may well be hashing, the bridge just cannot read it. Unknown power with no
+        hashrate follows the last command (asleep if it was told to sleep).
+        """
         r = self.reading
         if r is None:
             return "error"
+        asleep_w = sleep_threshold_w(self.model)
+        if r.hashrate_ths is None:
+            if r.power_w is not None and r.power_w <= asleep_w:
+                return "sleeping"
+            return "error"
         if r.hashrate_ths > 0:
             return "running"
-        if r.power_w <= max(3 * self.model.sleep_w, 0.05 * self.model.min_w):
+        if r.power_w is None:
+            return "sleeping" if self.last_action == "sleep" else "waking"
+        if r.power_w <= asleep_w:
             return "sleeping"
         return "stopping" if self.last_action == "sleep" else "waking"
+
+    def error_reason(self) -> str:
+        """Why `state()` is `error` (at most 64 characters: it travels in every message)."""
+        r = self.reading
+        if r is None:
+            return "no reading"
+        if self.unsupported:
+            return self.unsupported[:64]
+        return "power and hashrate unknown" if r.power_w is None else "hashrate unknown"
 
 
 class MinerBridge:
@@ -110,6 +150,12 @@ class MinerBridge:
         self._tasks: set[asyncio.Task[None]] = set()
         self._published_caps: dict[str, GroupCapabilities] = {}
         self.rejected: Counter[str] = Counter()
+        # Values published as unknown, by "field:reason", one count per miner per poll.
+        self.unknown_values: Counter[str] = Counter()
+        # Miners left out of telemetry because their reading failed the payload's checks.
+        self.invalid_readings = 0
+        self.unsupported = self.unsupported_pairs()
+        self._announced = {i for ids in self.unsupported.values() for i in ids}
         self.commands_applied = 0
         self.commands_failed = 0
         self.polls = 0
@@ -215,6 +261,17 @@ class MinerBridge:
             client = self._client_factory(d.endpoint, d.model, self.bcfg.timeout_s)
             await client.connect()
             d.client = client
+            if client.unsupported != d.unsupported:
+                d.unsupported = client.unsupported
+                if client.unsupported is not None:
+                    # A warning unless the start-up warning already named it (firmware "auto"
+                    # is only known now): a thousand identical warnings help nobody.
+                    announced = d.id in self._announced
+                    (log.info if announced else log.warning)(
+                        "bridge_miner_unsupported", miner=d.id, host=d.endpoint.host,
+                        model=d.model.name, firmware=client.firmware, pyasic=PYASIC_VERSION,
+                        reason=client.unsupported,
+                        effect="values pyasic cannot read are published as unknown")
         return d.client
 
     async def _apply(self, d: _Device, setpoint: Setpoint) -> None:
@@ -239,7 +296,11 @@ class MinerBridge:
             async with d.lock, self._io:
                 client = await self._client(d)
                 reading = await client.read()
-        except FirmwareError as e:
+        except Exception as e:
+            if not isinstance(e, FirmwareError):
+                # A reply shaped as nobody expected: this miner's poll failed, not the bridge.
+                log.exception("bridge_poll_failed", miner=d.id)
+                d.client = None
             d.failures += 1
             if d.failures >= self.bcfg.offline_after_polls and d.online is not False:
                 d.online = False
@@ -269,13 +330,90 @@ class MinerBridge:
         await asyncio.gather(*(self._poll(d) for d in self.devices.values()))
         self.polls += 1
         self.last_cycle_s = time.monotonic() - start
+        self._count_problems()
         await self._publish_telemetry()
         await self._publish_capabilities()
 
+    def unsupported_pairs(self) -> dict[tuple[str, str], list[str]]:
+        """Miners pyasic has no class for (named firmware, model): (firmware, model name) -> ids.
+
+        Miners with `firmware = "auto"` are checked when pyasic has identified them.
+        """
+        pairs: dict[tuple[str, str], list[str]] = {}
+        for d in self.devices.values():
+            fw = d.endpoint.firmware
+            if fw != "auto" and pyasic_class(fw, d.model) is None:
+                pairs.setdefault((fw, d.model.name), []).append(d.id)
+        return pairs
+
+    def announce_unsupported(self) -> None:
+        """Warn, once per (firmware, model) pair, about the miners pyasic has no class for."""
+        for (fw, model), ids in self.unsupported.items():
+            log.warning("bridge_pyasic_unsupported", firmware=fw, model=model,
+                        pyasic=PYASIC_VERSION, miners=len(ids), ids=_ids(ids),
+                        effect="pyasic's generic class reads them: values it cannot read "
+                        "are unknown; no hashrate is reported as state 'error', not as "
+                        "waking at 0 TH/s")
+
+    def _count_problems(self) -> None:
+        """Count this poll's unknown values; log a miner's when they change, grouped."""
+        changed: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for d in self.devices.values():
+            if not d.online or d.reading is None:
+                continue
+            problems = d.reading.problems
+            for fld, reason in problems:
+                self.unknown_values[f"{fld}:{reason}"] += 1
+            if problems != d.reported:
+                d.reported = problems
+                changed.setdefault(problems, []).append(d.id)
+        for problems, ids in changed.items():
+            if problems:
+                log.warning("bridge_values_unknown", miners=len(ids), ids=_ids(ids),
+                            values=[f"{f}:{r}" for f, r in problems])
+            else:
+                log.info("bridge_values_known_again", miners=len(ids), ids=_ids(ids))
+
+    def telemetry(self, group: str) -> list[GroupMinerReading]:
+        """The group's readings as published: each checked alone, so one bad miner stays alone."""
+        out = []
+        for d in self.groups[group]:
+            if not d.online or d.reading is None:
+                continue
+            reading = self._validated(d)
+            if reading is not None:
+                out.append(reading)
+        return out
+
+    def _validated(self, d: _Device) -> GroupMinerReading | None:
+        """The payload's own checks on one miner; a value failing them becomes unknown.
+
+        A backstop behind reading_from_data's tighter bounds: what fails here is a bug or
+        a case those bounds missed, so it is logged every time.
+        """
+        for _ in range(2):
+            fields = _fields(d)
+            try:
+                return GroupMinerReading.model_validate(fields)
+            except ValidationError as e:
+                bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+                if not bad or not bad <= _READING_FIELDS or d.reading is None:
+                    break
+                for name in sorted(bad):
+                    self.unknown_values[f"{name}:out_of_range"] += 1
+                    log.warning("bridge_value_rejected", miner=d.id, field=name,
+                                value=fields.get(name))
+                # The reading itself loses the value, so state() and commands see it too.
+                unknown: dict[str, Any] = dict.fromkeys(bad)
+                d.reading = dataclasses.replace(d.reading, **unknown)
+        self.invalid_readings += 1
+        log.warning("bridge_reading_invalid", miner=d.id, reading=_fields(d))
+        return None
+
     async def _publish_telemetry(self) -> None:
         ts = time.time()
-        for g, members in self.groups.items():
-            readings = [_reading(d) for d in members if d.online and d.reading is not None]
+        for g in self.groups:
+            readings = self.telemetry(g)
             for k in range(0, len(readings), _TELEMETRY_CHUNK):
                 payload = GroupTelemetry.model_construct(
                     v=1, ts=ts, miners=readings[k:k + _TELEMETRY_CHUNK])
@@ -313,6 +451,7 @@ class MinerBridge:
         """Poll and serve until cancelled; on a clean stop the racks are announced offline."""
         log.info("bridge_started", miners=len(self.devices), groups=len(self.groups),
                  poll_interval_s=self.bcfg.poll_interval_s, concurrency=self.bcfg.concurrency)
+        self.announce_unsupported()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.transport.run(self.on_message), name="bridge-mqtt")
@@ -337,15 +476,23 @@ class MinerBridge:
 
 
 def _with_target(r: FirmwareReading, target_w: float) -> FirmwareReading:
-    return FirmwareReading(r.power_w, r.hashrate_ths, target_w, r.temp_c, r.fan_rpm,
-                           r.hashboards, r.uptime_s)
+    return dataclasses.replace(r, target_w=target_w)
 
 
-def _reading(d: _Device) -> GroupMinerReading:
+def _ids(ids: list[str]) -> list[str]:
+    return ids if len(ids) <= _LOG_IDS else [*ids[:_LOG_IDS], "..."]
+
+
+def _round(x: float | None, ndigits: int) -> float | None:
+    return None if x is None else round(x, ndigits)
+
+
+def _fields(d: _Device) -> dict[str, Any]:
     r = d.reading
     assert r is not None
-    return GroupMinerReading.model_construct(
-        id=d.id, state=d.state(), power_w=round(r.power_w, 1),
-        hashrate_ths=round(r.hashrate_ths, 2), target_w=r.target_w,
-        temp_c=None if r.temp_c is None else round(r.temp_c, 1), fan_rpm=r.fan_rpm,
-        hashboards=r.hashboards, ack_seq=d.ack_seq)
+    state = d.state()
+    return {"id": d.id, "state": state, "power_w": _round(r.power_w, 1),
+            "hashrate_ths": _round(r.hashrate_ths, 2), "target_w": r.target_w,
+            "temp_c": _round(r.temp_c, 1), "fan_rpm": r.fan_rpm, "hashboards": r.hashboards,
+            "ack_seq": d.ack_seq,
+            "reason": d.error_reason() if state == "error" else None}

@@ -4,17 +4,25 @@ pyasic (Apache-2.0) speaks LuxOS, Braiins OS, stock Antminer, Whatsminer and VNi
 module is the only one that imports it. Every call is bounded by a timeout (pyasic's own
 connect has none), and every library error becomes FirmwareError, so the bridge's loop
 only ever sees "answered" or "did not".
+
+What pyasic returns is checked before the bridge trusts it (`reading_from_data`): a value
+pyasic leaves as None stays unknown (never 0), hashrates are converted with pyasic's own
+unit types (a GenericAlgo hashrate is in H/s, a SHA-256 one in TH/s), and a value no miner
+of the catalogue model could report is dropped as unknown with a named reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any, Literal
 
 import pyasic
 from pyasic.config.mining import MiningModePowerTune, MiningModePreset
 from pyasic.data import MinerData
+from pyasic.device.algorithm.hashrate import AlgoHashRateType
 from pyasic.miners.data import DataOptions
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
@@ -22,6 +30,7 @@ from controller.catalogue import MinerModel
 from controller.config import BridgeEndpoint
 
 PowerControl = Literal["presets", "range", "none"]
+PYASIC_VERSION = version("pyasic")
 
 _FIRMWARE_TYPES = {
     "luxos": MinerTypes.LUX_OS,
@@ -33,6 +42,14 @@ _FIRMWARE_TYPES = {
 # What one poll reads: with LuxOS this is a single `stats+power+config+profiles+fans+summary`.
 _READ = [DataOptions.HASHBOARDS, DataOptions.WATTAGE, DataOptions.WATTAGE_LIMIT,
          DataOptions.FANS, DataOptions.UPTIME, DataOptions.HASHRATE]
+# A reading above this multiple of the catalogue model's maximum (power, or hashrate at
+# that power) is not a reading of that model: a unit slip (x1000), a sentinel such as
+# 65535 W, or a wrong model in the site file. Overclocking stays well inside it.
+_ABSURD_FACTOR = 2.0
+# Board (PCB) temperatures outside this are sensor faults (-64, 255 and the like).
+TEMP_RANGE_C = (-40.0, 150.0)
+FAN_MAX_RPM = 30_000  # GroupMinerReading's bound
+MAX_HASHBOARDS = 8  # GroupMinerReading's bound
 
 
 class FirmwareError(Exception):
@@ -41,15 +58,24 @@ class FirmwareError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class FirmwareReading:
-    """What one poll learned; None where the firmware did not say."""
+    """What one poll learned, checked; None where the firmware did not say, or said nonsense.
 
-    power_w: float
-    hashrate_ths: float
+    `problems` names each value left unknown that matters to the controller, as
+    `(field, reason)`: field one of `power_w`, `hashrate_ths`, `temp_c`, `target_w`,
+    `fan_rpm`, `hashboards`, `uptime_s`; reason `missing` (pyasic gave None), `out_of_range`
+    (no miner of the model could report it), `no_unit` (a hashrate without pyasic's unit
+    type), `unreadable` (pyasic's own hashrate sum failed) or `zero_while_hashing` (a
+    power at sleep level while the boards hash).
+    """
+
+    power_w: float | None
+    hashrate_ths: float | None
     target_w: float | None
     temp_c: float | None
     fan_rpm: int | None
     hashboards: int | None
     uptime_s: int | None
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +87,150 @@ class Capabilities:
     presets_w: tuple[float, ...] = ()
     presets_ths: tuple[float, ...] | None = None
     presets_name: tuple[str, ...] = ()
+
+
+def sleep_threshold_w(model: MinerModel) -> float:
+    """The most a miner of `model` draws while not hashing (asleep, or control board only), W."""
+    return max(3 * model.sleep_w, 0.05 * model.min_w)
+
+
+def hashrate_to_ths(value: object) -> float | None:
+    """A pyasic hashrate in TH/s, through its own unit type (None stays None).
+
+    pyasic's `AlgoHashRateType` has a rate and a unit (`SHA256Unit.TH`, `GenericUnit.H`, ...):
+    `float()` of it is the rate in *its* unit, which for a GenericAlgo miner (a model pyasic
+    does not know) is H/s. A bare number has no unit, and none is assumed.
+
+    Raises:
+        TypeError: a bare number, or anything else without pyasic's unit type.
+        ValueError: a unit type without a TH/s member.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, AlgoHashRateType):
+        raise TypeError(f"hashrate {value!r} has no pyasic unit")
+    th = getattr(type(value.unit), "TH", None)
+    if th is None:
+        raise ValueError(f"hashrate unit {type(value.unit).__name__} has no TH/s")
+    return float(value.into(th).rate)
+
+
+def reading_from_data(data: MinerData, model: MinerModel) -> FirmwareReading:
+    """Check what pyasic returned for a miner of catalogue `model`; unknown stays None.
+
+    Reads `wattage`, `wattage_limit`, `hashrate` (pyasic's sum of `hashboards[].hashrate`,
+    else the firmware's total), `hashboards[].hashrate` and `.temp`, `fans[].speed` and
+    `uptime` (pyasic 0.79 `MinerData`). Bounds: power 0..2 x `model.max_w` W, hashrate
+    0..2 x the model's hashrate at `max_w` TH/s, board temperature -40..150 degC, fans
+    0..30,000 rpm; a power at sleep level while the boards hash is unknown too (firmwares
+    that cannot read their PSU report 0 W).
+
+    Returns:
+        The reading; it never raises for bad values (each becomes None and a `problems`
+        entry), so one miner's nonsense never costs its rack-mates their telemetry.
+    """
+    problems: list[tuple[str, str]] = []
+    max_w = _ABSURD_FACTOR * model.max_w
+    max_ths = _ABSURD_FACTOR * float(model.hashrate_ths(model.max_w))
+
+    def number(name: str, value: object, lo: float, hi: float, *,
+               report_missing: bool) -> float | None:
+        if value is None:
+            if report_missing:
+                problems.append((name, "missing"))
+            return None
+        try:
+            x = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            problems.append((name, "out_of_range"))
+            return None
+        if not (math.isfinite(x) and lo <= x <= hi):
+            problems.append((name, "out_of_range"))
+            return None
+        return x
+
+    def ths(name: str, value: object, *, report_missing: bool) -> float | None:
+        try:
+            converted = hashrate_to_ths(value)
+        except (TypeError, ValueError, AttributeError):
+            problems.append((name, "no_unit"))
+            return None
+        return number(name, converted, 0.0, max_ths, report_missing=report_missing)
+
+    try:
+        total: object = data.hashrate
+    except (TypeError, ValueError, AttributeError):  # pyasic's own sum failed on its boards
+        problems.append(("hashrate_ths", "unreadable"))
+        hashrate = None
+    else:
+        hashrate = ths("hashrate_ths", total, report_missing=True)
+
+    # pyasic sets MinerData's fields without validation: expect anything in the lists.
+    boards = list(data.hashboards or [])
+    board_ths = [ths("hashrate_ths", getattr(b, "hashrate", None), report_missing=False)
+                 for b in boards]
+    known_boards = [h for h in board_ths if h is not None]
+    hashboards = sum(1 for h in known_boards if h > 0) if known_boards else None
+    if hashboards is not None and hashboards > MAX_HASHBOARDS:
+        problems.append(("hashboards", "out_of_range"))
+        hashboards = None
+
+    temps = [number("temp_c", getattr(b, "temp", None), *TEMP_RANGE_C, report_missing=False)
+             for b in boards]
+    known_temps = [t for t in temps if t is not None]
+    temp_c = max(known_temps) if known_temps else None
+    if temp_c is None and not any(p[0] == "temp_c" for p in problems):
+        problems.append(("temp_c", "missing"))
+
+    power_w = number("power_w", data.wattage, 0.0, max_w, report_missing=True)
+    if power_w is not None and hashrate and power_w <= sleep_threshold_w(model):
+        problems.append(("power_w", "zero_while_hashing"))
+        power_w = None
+
+    limit = number("target_w", data.wattage_limit, 0.0, max_w, report_missing=False)
+    speeds = [number("fan_rpm", getattr(f, "speed", None), 0, FAN_MAX_RPM,
+                     report_missing=False)
+              for f in data.fans or []]
+    known_speeds = [v for v in speeds if v is not None]
+    uptime = number("uptime_s", data.uptime, 0, math.inf, report_missing=False)
+    return FirmwareReading(
+        power_w=power_w,
+        hashrate_ths=hashrate,
+        target_w=limit if limit else None,  # 0 W is "no limit set", not a target
+        temp_c=temp_c,
+        fan_rpm=round(sum(known_speeds) / len(known_speeds)) if known_speeds else None,
+        hashboards=hashboards,
+        uptime_s=None if uptime is None else int(uptime),
+        problems=tuple(dict.fromkeys(problems)),
+    )
+
+
+def pyasic_model_keys(model: MinerModel) -> list[str]:
+    """The names pyasic's class tables may use for a catalogue model (`HYDRO` is `HYD.` there)."""
+    name = model.name.upper()
+    keys = [name]
+    if name.endswith(" HYDRO"):
+        keys += [name[:-len("HYDRO")] + "HYD.", name[:-len("HYDRO")] + "HYD"]
+    return keys
+
+
+def pyasic_class(firmware: str, model: MinerModel) -> type | None:
+    """pyasic's own class for `model` under a named firmware; None when it has only a generic one.
+
+    With the generic class pyasic reads what the firmware's API gives without a model
+    (LuxOS: power, but no hashboards, so no hashrate; stock: boards in H/s).
+    """
+    classes = MINER_CLASSES[_FIRMWARE_TYPES[firmware]]
+    for key in pyasic_model_keys(model):
+        if key in classes:
+            cls: type = classes[key]
+            return cls
+    return None
+
+
+def unsupported_reason(firmware: str, model: MinerModel) -> str:
+    """The short text telemetry and logs carry for a pair pyasic has no class for."""
+    return f"no pyasic class: {firmware} on {model.name}"[:64]
 
 
 class FirmwareMiner:
@@ -76,6 +246,9 @@ class FirmwareMiner:
         self.timeout_s = timeout_s
         self._miner: Any = None
         self.capabilities: Capabilities | None = None
+        # Set when pyasic identified no model (its generic class for the firmware): the
+        # reason telemetry gives when that costs the reading its hashrate.
+        self.unsupported: str | None = None
 
     @property
     def firmware(self) -> str:
@@ -100,13 +273,16 @@ class FirmwareMiner:
             if miner is None:
                 raise FirmwareError("no known firmware answered")
         else:
-            classes = MINER_CLASSES[_FIRMWARE_TYPES[ep.firmware]]
-            cls = classes.get(self.model.name.upper(), classes[None])
+            cls = (pyasic_class(ep.firmware, self.model)
+                   or MINER_CLASSES[_FIRMWARE_TYPES[ep.firmware]][None])
             miner = cls(ep.host)
         rpc = getattr(miner, "rpc", None)
         if rpc is not None and ep.port != rpc.port:
             rpc.port = ep.port
         self._miner = miner
+        # pyasic's generic class for a firmware has no model (raw_model None).
+        self.unsupported = (unsupported_reason(self.firmware, self.model)
+                            if getattr(miner, "raw_model", None) is None else None)
         self.capabilities = await self._learn_capabilities()
 
     async def _learn_capabilities(self) -> Capabilities:
@@ -128,22 +304,20 @@ class FirmwareMiner:
         return Capabilities(firmware=self.firmware, control="none")
 
     async def read(self) -> FirmwareReading:
+        """One poll, checked (`reading_from_data`).
+
+        Raises:
+            FirmwareError: no answer, or an answer with neither power nor hashrate (some
+                pyasic backends swallow connection errors and return an empty MinerData).
+        """
         data: MinerData = await self._call(self._miner.get_data(include=_READ))
-        if data.wattage is None and data.hashrate is None:
+        try:
+            reading = reading_from_data(data, self.model)
+        except Exception as e:  # a shape pyasic's types do not allow: unreadable, not fatal
+            raise FirmwareError(f"unreadable reply: {type(e).__name__}: {e}") from e
+        if {("power_w", "missing"), ("hashrate_ths", "missing")} <= set(reading.problems):
             raise FirmwareError("no power or hashrate in the reply")
-        hashrate = data.hashrate
-        temps = [b.temp for b in data.hashboards if b.temp is not None]
-        fans = [f.speed for f in data.fans if f.speed is not None]
-        live = [b for b in data.hashboards if b.hashrate is not None and float(b.hashrate) > 0]
-        return FirmwareReading(
-            power_w=float(data.wattage or 0.0),
-            hashrate_ths=float(hashrate) if hashrate is not None else 0.0,
-            target_w=float(data.wattage_limit) if data.wattage_limit is not None else None,
-            temp_c=max(temps) if temps else None,
-            fan_rpm=round(sum(fans) / len(fans)) if fans else None,
-            hashboards=len(live) if data.hashboards else None,
-            uptime_s=data.uptime,
-        )
+        return reading
 
     # -- control ----------------------------------------------------------------------
 
