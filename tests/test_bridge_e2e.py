@@ -261,8 +261,8 @@ async def test_bad_values_stay_with_their_miner(start_rig: Callable[..., Any],
     assert np.isfinite(fleet.last_seen).all(), "every miner of the rack is fresh"
     await wait_for(lambda: bool(np.allclose(fleet.hashrate_ths, sim.hashrate_ths(), rtol=0.03)),
                    what="hashrate of all four, the two without power too")
-    assert not any(kind == "group_telemetry" for kind, _ in controller.invalid), \
-        controller.invalid
+    assert not any(kind == "group_telemetry" for kind, _ in controller.ingest.invalid), \
+        controller.ingest.invalid
     published = last_telemetry(rig, "a")
     assert set(published) == {"a-0001", "a-0002", "a-0003", "a-0004"}
     assert "power_w" not in published["a-0002"] and "power_w" not in published["a-0003"]

@@ -35,8 +35,8 @@ from structlog.testing import capture_logs
 
 from controller.catalogue import MinerModel, load_catalogue
 from controller.config import BridgeEndpoint, SiteConfig
-from controller.daemon import Controller
-from controller.payloads import GroupMinerReading, GroupTelemetry, decode
+from controller.daemon.loop import Controller
+from controller.protocol.payloads import GroupMinerReading, GroupTelemetry, decode
 from drivers.firmware.bridge import MinerBridge
 from drivers.firmware.pyasic_miner import (
     FirmwareError,
@@ -158,7 +158,7 @@ def test_field_case_rack_mates_are_published_and_accepted() -> None:
     assert partial["temp_c"] == 30.0 and partial["hashboards"] == 3
     assert by_id["r-0002"].power_w == 3068.0 and by_id["r-0002"].hashrate_ths == 104.01
     # The controller took all three: nothing rejected, every miner fresh.
-    assert not controller.invalid
+    assert not controller.ingest.invalid
     fleet = controller.fleet
     assert np.isfinite(fleet.last_seen).all()
     assert math.isnan(fleet.power_w[0]), "unknown power stays unknown in the controller"
