@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from openleadr import OpenADRServer, enums, objects
+from openleadr.messaging import parse_message, validate_xml_schema
 from structlog.testing import capture_logs
 
 from controller.broker import LocalBroker
@@ -27,7 +30,16 @@ from controller.cli import main as cli_main
 from controller.config import OpenAdrConfig, SiteConfig
 from controller.payloads import GridEvent, MeterTelemetry, decode
 from controller.topics import SiteTopics
-from drivers.openadr.ven import OPT_IN, OPT_OUT, OpenAdrVen, grid_event_id, translate_event
+from drivers.openadr.translate import (
+    OPEN_ENDED_LEAD_S,
+    OPEN_ENDED_STEP_S,
+    OPT_IN,
+    OPT_OUT,
+    grid_event_id,
+    open_ended_end_ts,
+    translate_event,
+)
+from drivers.openadr.ven import OpenAdrVen
 from tests.conftest import Peer, make_site, wait_for
 
 # openleadr's VTN keys its aiohttp app by string: a library matter, not ours.
@@ -35,6 +47,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.App
 
 NOW = 1_760_000_000.0
 VEN_ID = "ven-test"
+FIELD_CASES = Path(__file__).parent / "fixtures" / "field-cases"
 
 
 def dt(ts: float) -> datetime:
@@ -113,7 +126,6 @@ def test_ended_intervals_are_dropped_and_the_running_one_is_kept() -> None:
     (simple_event([100], name="LOAD_DISPATCH", stype="delta"), "load_increase_unsupported"),
     (simple_event([5], name="LOAD_DISPATCH", stype="setpoint",
                   measurement={"name": "energyReal", "unit": "Wh", "scale": "k"}), "bad_unit"),
-    (simple_event([5], step=0), "open_ended_interval"),
 ])
 def test_bad_input_is_skipped_with_a_reason_and_opted_out(event: dict[str, Any],
                                                           reason: str) -> None:
@@ -183,6 +195,216 @@ def test_cli_ven_without_openadr_table_is_a_clear_error(tmp_path: Any,
                     '[[fleet.groups]]\nname = "a"\nmodel = "s21"\ncount = 2\n')
     assert cli_main(["ven", "--config", str(site)]) == 2
     assert "no [openadr] table" in capsys.readouterr().err
+
+
+# --- interval times, open-ended intervals, versions (no I/O) --------------------------
+
+
+def field_case_xml() -> bytes:
+    return (FIELD_CASES / "openadr-intervals-without-dtstart" / "oadrDistributeEvent.xml"
+            ).read_bytes()
+
+
+def parse_distribute(xml: bytes) -> list[dict[str, Any]]:
+    """The events of an oadrDistributeEvent, as openleadr's client parses them."""
+    validate_xml_schema(xml)
+    message_type, payload = parse_message(xml)
+    assert message_type == "oadrDistributeEvent"
+    events: list[dict[str, Any]] = payload["events"]
+    return events
+
+
+def ts(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def test_field_case_intervals_without_dtstart_run_one_after_another() -> None:
+    (event,) = parse_distribute(field_case_xml())
+    assert all("dtstart" not in i for i in event["event_signals"][0]["intervals"])
+    t = translate_event(event, oa(), vtn_id="VTN123", now_ts=ts("2020-12-03T14:22:07+00:00"))
+    assert t.opt == OPT_IN and t.skipped == []
+    assert [(e.id, e.start_ts, e.end_ts, e.deadline_ts, e.value_kw) for e in t.events] == [
+        ("oadr-event-0001-m0-s0-i0", ts("2020-12-03T14:30:00+00:00"),
+         ts("2020-12-03T14:40:00+00:00"), ts("2020-12-03T14:30:00+00:00"), 3000.0),
+        ("oadr-event-0001-m0-s0-i1", ts("2020-12-03T14:40:00+00:00"),
+         ts("2020-12-03T14:50:00+00:00"), ts("2020-12-03T14:40:00+00:00"), 1500.0),
+        ("oadr-event-0001-m0-s0-i2", ts("2020-12-03T14:50:00+00:00"),
+         ts("2020-12-03T15:00:00+00:00"), ts("2020-12-03T14:50:00+00:00"), 3000.0)]
+    assert {(e.kind, e.source, e.version, e.cancelled) for e in t.events} == {
+        ("target_kw", "openadr:VTN123", 0, False)}
+
+
+def test_field_case_mid_event_keeps_the_running_interval_at_its_place() -> None:
+    (event,) = parse_distribute(field_case_xml())
+    t = translate_event(event, oa(), vtn_id="VTN123", now_ts=ts("2020-12-03T14:45:00+00:00"))
+    assert t.opt == OPT_IN
+    assert [(e.id, e.start_ts, e.value_kw) for e in t.events] == [
+        ("oadr-event-0001-m0-s0-i1", ts("2020-12-03T14:40:00+00:00"), 1500.0),
+        ("oadr-event-0001-m0-s0-i2", ts("2020-12-03T14:50:00+00:00"), 3000.0)]
+
+
+@pytest.mark.parametrize(("durations", "levels", "durations_s"), [
+    (["PT5M", "PT15M", "PT10M"], ["3.0", "2.0", "0.0"], [300, 900, 600]),
+    (["PT1H", "PT30M", "PT30M"], ["1.0", "1.0", "2.0"], [3600, 1800, 1800]),
+    (["PT90S", "P0DT1H", "PT1M30S"], ["2.0", "3.0", "1.0"], [90, 3600, 90]),
+])
+def test_field_case_variants_start_where_the_previous_interval_ended(
+        durations: list[str], levels: list[str], durations_s: list[float]) -> None:
+    xml = field_case_xml().decode()
+    for uid, (duration, level) in enumerate(zip(durations, levels, strict=True)):
+        old = ('<xcal:duration><xcal:duration>PT10M</xcal:duration></xcal:duration>\n'
+               '                  <uid xmlns="urn:ietf:params:xml:ns:icalendar-2.0">'
+               f'<text>{uid}</text></uid>\n'
+               '                  <ei:signalPayload><ei:payloadFloat><ei:value>')
+        assert xml.count(old) == 1
+        new = old.replace("PT10M", duration)
+        xml = xml.replace(old, new)
+        value_at = xml.index(new) + len(new)
+        xml = xml[:value_at] + level + xml[xml.index("</ei:value>", value_at):]
+    (event,) = parse_distribute(xml.encode())
+    t = translate_event(event, oa(), vtn_id="V", now_ts=ts("2020-12-03T14:00:00+00:00"))
+    kw = {"1.0": 3000.0, "2.0": 1500.0, "3.0": 200.0}
+    expected, start = [], ts("2020-12-03T14:30:00+00:00")
+    for level, seconds in zip(levels, durations_s, strict=True):
+        if level in kw:  # level 0: no obligation, no GridEvent
+            expected.append((start, start + seconds, kw[level]))
+        start += seconds
+    assert t.opt == OPT_IN and t.skipped == []
+    assert [(e.start_ts, e.end_ts, e.value_kw) for e in t.events] == expected
+
+
+def chained_event(intervals: list[dict[str, Any]], *, start: float | None = NOW + 600,
+                  signals: int = 1, mod: int = 0, event_id: str = "ev-1") -> dict[str, Any]:
+    """An event whose intervals carry what the caller gives (durations in s), like the field."""
+    def interval(k: int, i: dict[str, Any]) -> dict[str, Any]:
+        out = {"uid": k, "signal_payload": i.get("level", 2)}
+        if "duration" in i:
+            out["duration"] = timedelta(seconds=i["duration"])
+        if "dtstart" in i:
+            out["dtstart"] = dt(i["dtstart"])
+        return out
+
+    active: dict[str, Any] = {"duration": timedelta(seconds=sum(
+        i.get("duration", 0) for i in intervals))}
+    if start is not None:
+        active["dtstart"] = dt(start)
+    sigs = [{"signal_name": "SIMPLE", "signal_type": "level", "signal_id": f"s{j}",
+             "intervals": [interval(k, i) for k, i in enumerate(intervals)]}
+            for j in range(signals)]
+    return {"event_descriptor": {"event_id": event_id, "modification_number": mod,
+                                 "event_status": "far"},
+            "active_period": active, "event_signals": sigs, "response_required": "always"}
+
+
+def test_an_interval_with_its_own_dtstart_restarts_the_sequence() -> None:
+    event = chained_event([{"duration": 600}, {"duration": 300, "dtstart": NOW + 3600},
+                           {"duration": 900}])
+    t = translate_event(event, oa(), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_IN
+    assert [(e.start_ts, e.end_ts) for e in t.events] == [
+        (NOW + 600, NOW + 1200), (NOW + 3600, NOW + 3900), (NOW + 3900, NOW + 4800)]
+
+
+def test_every_signal_runs_from_the_active_period_start() -> None:
+    event = chained_event([{"duration": 600}, {"duration": 600}], signals=2)
+    t = translate_event(event, oa(), vtn_id="V", now_ts=NOW)
+    assert [(e.id, e.start_ts) for e in t.events] == [
+        ("oadr-ev-1-m0-s0-i0", NOW + 600), ("oadr-ev-1-m0-s0-i1", NOW + 1200),
+        ("oadr-ev-1-m0-s1-i0", NOW + 600), ("oadr-ev-1-m0-s1-i1", NOW + 1200)]
+
+
+def test_intervals_with_no_start_anywhere_are_skipped_with_a_reason() -> None:
+    t = translate_event(chained_event([{"duration": 600}, {"duration": 600}], start=None),
+                        oa(), vtn_id="V", now_ts=NOW)
+    assert [(s.reason, s.interval) for s in t.skipped] == [("bad_interval", 0),
+                                                           ("bad_interval", 1)]
+    assert "active period has none" in t.skipped[0].detail
+    assert t.opt == OPT_OUT and t.events == []
+
+
+def test_after_an_interval_without_duration_the_next_cannot_be_placed() -> None:
+    event = chained_event([{"duration": 600}, {}, {"duration": 600},
+                           {"duration": 600, "dtstart": NOW + 7200}])
+    t = translate_event(event, oa(), vtn_id="V", now_ts=NOW)
+    assert [(s.reason, s.interval) for s in t.skipped] == [("bad_interval", 1),
+                                                           ("bad_interval", 2)]
+    assert "no usable duration" in t.skipped[0].detail and "interval 1" in t.skipped[1].detail
+    assert t.opt == OPT_OUT and t.events == []
+    t = translate_event(event, oa(opt_in="always"), vtn_id="V", now_ts=NOW)
+    assert [(e.start_ts, e.end_ts) for e in t.events] == [(NOW + 600, NOW + 1200),
+                                                          (NOW + 7200, NOW + 7800)]
+
+
+def test_open_ended_interval_is_held_until_cancelled() -> None:
+    t = translate_event(simple_event([2], step=0), oa(), vtn_id="V", now_ts=NOW)
+    assert t.opt == OPT_IN and t.skipped == []
+    (e,) = t.events
+    assert (e.kind, e.value_kw, e.start_ts) == ("target_kw", 1500.0, NOW + 600)
+    assert e.end_ts == open_ended_end_ts(NOW + 600, NOW) >= NOW + OPEN_ENDED_LEAD_S
+    assert t.open_ended == {e.id}
+    # Long after its start, still held (nothing ever makes it "over").
+    later = NOW + 30 * 86_400
+    (e,) = translate_event(simple_event([2], step=0), oa(), vtn_id="V", now_ts=later).events
+    assert e.start_ts == NOW + 600 and e.end_ts >= later + OPEN_ENDED_LEAD_S
+
+
+def test_open_ended_end_steps_forward_and_is_stable_within_a_step() -> None:
+    start = NOW + 600
+    for now in [NOW, start - 1, start, start + 1, start + 3599, start + 3600, start + 86_399]:
+        end = open_ended_end_ts(start, now)
+        steps = (end - start) / OPEN_ENDED_STEP_S
+        assert steps == int(steps) and steps >= 1, now
+        assert now + OPEN_ENDED_LEAD_S <= end < now + OPEN_ENDED_LEAD_S + OPEN_ENDED_STEP_S, now
+    assert open_ended_end_ts(start, start + 10) == open_ended_end_ts(start, start + 3000)
+    assert open_ended_end_ts(start, start + 3601) == open_ended_end_ts(start, start + 10) + 3600
+
+
+def test_field_case_with_an_open_ended_last_interval() -> None:
+    xml = field_case_xml().decode()
+    last = '<xcal:duration>PT10M</xcal:duration></xcal:duration>\n                  <uid ' \
+           'xmlns="urn:ietf:params:xml:ns:icalendar-2.0"><text>2</text>'
+    assert xml.count(last) == 1
+    xml = xml.replace(last, last.replace("PT10M", "PT0S")).replace(
+        "<duration>PT30M</duration>", "<duration>PT0S</duration>")
+    (event,) = parse_distribute(xml.encode())
+    now = ts("2020-12-03T14:22:07+00:00")
+    t = translate_event(event, oa(), vtn_id="V", now_ts=now)
+    assert t.opt == OPT_IN
+    assert [(e.start_ts, e.value_kw) for e in t.events] == [
+        (ts("2020-12-03T14:30:00+00:00"), 3000.0), (ts("2020-12-03T14:40:00+00:00"), 1500.0),
+        (ts("2020-12-03T14:50:00+00:00"), 3000.0)]
+    held = t.events[2]
+    assert t.open_ended == {held.id} and held.end_ts >= now + OPEN_ENDED_LEAD_S
+
+
+def test_open_ended_interval_ends_where_a_later_one_has_its_own_start() -> None:
+    event = chained_event([{"duration": 0, "level": 1},
+                           {"duration": 600, "dtstart": NOW + 5000, "level": 3}])
+    t = translate_event(event, oa(), vtn_id="V", now_ts=NOW)
+    assert [(e.start_ts, e.end_ts, e.value_kw) for e in t.events] == [
+        (NOW + 600, NOW + 5000, 3000.0), (NOW + 5000, NOW + 5600, 200.0)]
+    assert t.open_ended == frozenset()
+    # A chained interval after an open-ended one has no start: skipped, with the reason.
+    t = translate_event(chained_event([{"duration": 0}, {"duration": 600}]), oa(),
+                        vtn_id="V", now_ts=NOW)
+    assert [(s.reason, s.interval) for s in t.skipped] == [("bad_interval", 1)]
+    assert "open-ended" in t.skipped[0].detail and t.opt == OPT_OUT
+
+
+def test_version_is_the_modification_number() -> None:
+    t = translate_event(simple_event([1, 2], mod=4), oa(), vtn_id="V", now_ts=NOW)
+    assert [(e.id, e.version) for e in t.events] == [("oadr-ev-1-m4-s0-i0", 4),
+                                                     ("oadr-ev-1-m4-s0-i1", 4)]
+    assert decode(GridEvent, t.events[0].encode()).version == 4
+
+
+def test_missing_or_repeated_uids_name_intervals_by_position() -> None:
+    for uids in ([0, 0, 0], [None, 1, 2], ["a", "a", "b"]):
+        event = simple_event([1, 2, 1])
+        for interval, uid in zip(event["event_signals"][0]["intervals"], uids, strict=True):
+            interval["uid"] = uid
+        t = translate_event(event, oa(), vtn_id="V", now_ts=NOW)
+        assert [e.id for e in t.events] == [f"oadr-ev-1-m0-s0-i{k}" for k in range(3)], uids
 
 
 # --- a real VTN -----------------------------------------------------------------------
