@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -458,7 +457,7 @@ async def vtn(vtn_stopped: Vtn) -> Vtn:
     return vtn_stopped
 
 
-def ven_site(broker: LocalBroker, vtn: Vtn, **openadr: Any) -> SiteConfig:
+def ven_site(broker: LocalBroker, vtn: Vtn | ListingVtn, **openadr: Any) -> SiteConfig:
     return make_site(broker, [("a", "s21", 2)], openadr={
         "vtn_url": vtn.url, "ven_name": "mine-test", "level_1_kw": 3000, "level_2_kw": 1500,
         "level_3_kw": 200, "report_interval_s": 1, **openadr})
@@ -605,3 +604,275 @@ async def test_events_wait_for_the_broker(broker: LocalBroker, tasks: Any) -> No
     mqtt.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await mqtt
+
+
+# --- implied cancellation: a VTN that keeps its own event list ------------------------
+
+
+@dataclass
+class ListingVtn:
+    """An openleadr VTN with its own event list (openleadr's on_poll/on_request_event API).
+
+    Every oadrDistributeEvent it sends lists all of the VEN's events, as OpenADR 2.0b
+    requires, so removing one from `listed` and calling `distribute` is how a utility's
+    VTN deletes an event; an empty list is sent as an empty oadrDistributeEvent.
+    """
+
+    server: Any
+    url: str
+    listed: list[objects.Event] = field(default_factory=list)
+    pending: bool = False
+    distributes: int = 0  # oadrDistributeEvents sent on polls
+    opts: list[tuple[str, str]] = field(default_factory=list)
+
+    def distribute(self, events: list[objects.Event]) -> None:
+        self.listed, self.pending = list(events), True
+
+    async def on_poll(self, ven_id: str) -> tuple[str, dict[str, Any]] | None:
+        if not self.pending:
+            return None
+        self.pending = False
+        self.distributes += 1
+        return "oadrDistributeEvent", {"events": list(self.listed)}
+
+    async def on_request_event(self, ven_id: str) -> list[objects.Event]:
+        return list(self.listed)
+
+    async def on_created_event(self, ven_id: str, event_id: str, opt_type: str) -> None:
+        self.opts.append((event_id, opt_type))
+
+
+@pytest.fixture
+async def listing_vtn() -> AsyncIterator[ListingVtn]:
+    port = free_port()
+    server = OpenADRServer(vtn_id="ListingVTN", http_host="127.0.0.1", http_port=port,
+                           requested_poll_freq=timedelta(seconds=1))
+    v = ListingVtn(server, f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b")
+    server.add_handler("on_create_party_registration", lambda payload: (VEN_ID, "reg-1"))
+    server.add_handler("on_register_report", lambda report: None)  # wants no reports
+    server.add_handler("on_poll", v.on_poll)
+    server.add_handler("on_request_event", v.on_request_event)
+    server.add_handler("on_created_event", v.on_created_event)
+    await server.run()
+    try:
+        yield v
+    finally:
+        await server.stop()
+
+
+def vtn_event(event_id: str, start: datetime, intervals: list[tuple[timedelta, float]], *,
+              mod: int = 0, cancelled: bool = False, with_dtstart: bool = True
+              ) -> objects.Event:
+    """A SIMPLE event; `with_dtstart=False` sends its intervals with durations only."""
+    at, out = start, []
+    for duration, level in intervals:
+        out.append(objects.Interval(dtstart=at if with_dtstart else None, duration=duration,
+                                    signal_payload=level))
+        at += duration
+    event = objects.Event(
+        event_descriptor=objects.EventDescriptor(
+            event_id=event_id, modification_number=mod, market_context="oadr://test",
+            event_status="far"),
+        active_period=objects.ActivePeriod(dtstart=start, duration=at - start),
+        event_signals=[objects.EventSignal(intervals=out, signal_name="SIMPLE",
+                                           signal_type="level", signal_id=f"{event_id}-s")],
+        targets=[{"ven_id": VEN_ID}])
+    if cancelled:  # objects.Event sets the status from the clock; a VTN cancels after that
+        event.event_descriptor.event_status = "cancelled"
+    return event
+
+
+def minute(now: datetime, minutes: int) -> datetime:
+    return now.replace(second=0, microsecond=0) + timedelta(minutes=minutes)
+
+
+@pytest.mark.integration
+async def test_field_case_implied_cancel_against_a_real_vtn(
+        broker: LocalBroker, listing_vtn: ListingVtn, tasks: Any) -> None:
+    vtn = listing_vtn
+    cfg = ven_site(broker, vtn, republish_s=1)
+    with capture_logs() as logs:
+        ven, grid = await start(cfg, tasks)
+        now = datetime.now(UTC)
+        peak_a = vtn_event("peak-A", minute(now, 30), [(timedelta(hours=2), 2)])
+        # peak-B as utilities send it: intervals with a duration only.
+        peak_b = vtn_event("peak-B", minute(now, 180), [(timedelta(minutes=30), 1),
+                                                        (timedelta(minutes=30), 3)],
+                           with_dtstart=False)
+
+        # Distribute 1: peak-A.
+        vtn.distribute([peak_a])
+        await wait_for(lambda: ("peak-A", "optIn") in vtn.opts, timeout_s=15,
+                       what="optIn to peak-A")
+        await wait_for(lambda: len(grid.received) >= 1, what="peak-A's GridEvent")
+        a = grid_events(grid)[0]
+        assert (a.id, a.value_kw, a.cancelled) == ("oadr-peak-A-m0-s0-i0", 1500.0, False)
+        assert (a.start_ts, a.end_ts) == (minute(now, 30).timestamp(),
+                                          minute(now, 150).timestamp())
+
+        # Distribute 2 lists only peak-B: peak-A is cancelled, peak-B published.
+        vtn.distribute([peak_b])
+        await wait_for(lambda: ("peak-B", "optIn") in vtn.opts, timeout_s=15,
+                       what="optIn to peak-B")
+        await wait_for(lambda: any(e.id == a.id and e.cancelled for e in grid_events(grid)),
+                       what="peak-A cancelled")
+        b_ids = ["oadr-peak-B-m0-s0-i0", "oadr-peak-B-m0-s0-i1"]
+        await wait_for(lambda: {e.id for e in grid_events(grid)} >= {a.id, *b_ids},
+                       what="peak-B's GridEvents")
+        seen = grid_events(grid)
+        assert seen.index(a.model_copy(update={"cancelled": True})) > 0
+        b = {e.id: e for e in seen if e.id in b_ids}
+        assert [(b[i].start_ts, b[i].end_ts, b[i].value_kw) for i in b_ids] == [
+            (minute(now, 180).timestamp(), minute(now, 210).timestamp(), 3000.0),
+            (minute(now, 210).timestamp(), minute(now, 240).timestamp(), 200.0)]
+
+        # Distribute 3 lists nothing: every open event is cancelled.
+        vtn.distribute([])
+        await wait_for(lambda: vtn.distributes == 3, timeout_s=15, what="the empty distribute")
+        await wait_for(lambda: {e.id for e in grid_events(grid) if e.cancelled} >= {
+            a.id, *b_ids}, what="peak-B cancelled")
+        # Nothing is re-published afterwards (republish_s is 1 s): the caps stay closed.
+        count = len(grid.received)
+        await asyncio.sleep(2.5)
+        assert len(grid.received) == count
+        last = {e.id: e for e in grid_events(grid)}
+        assert all(last[i].cancelled for i in (a.id, *b_ids))
+        assert ven.registered.is_set()
+    unlisted = [(e["event_id"], e["cancelled_grid_events"]) for e in logs
+                if e["event"] == "openadr_event_unlisted"]
+    assert unlisted == [("peak-A", 1), ("peak-B", 2)]
+
+
+@pytest.mark.integration
+async def test_events_listed_again_after_a_cancellation_are_heard(
+        broker: LocalBroker, listing_vtn: ListingVtn, tasks: Any) -> None:
+    """Whole lists that repeat events: a cancelled event still listed, an unlisted one back.
+
+    openleadr 0.5 alone opts out of every event in a message that lists an event it has
+    already seen cancelled (a KeyError inside its handler), and does not call the VEN
+    again for an event it remembers at the same modification number.
+    """
+    vtn = listing_vtn
+    ven, grid = await start(ven_site(broker, vtn), tasks)
+    now = datetime.now(UTC)
+    x = vtn_event("ev-x", minute(now, 60), [(timedelta(hours=1), 1)])
+    y = vtn_event("ev-y", minute(now, 120), [(timedelta(hours=1), 2)])
+    z = vtn_event("ev-z", minute(now, 240), [(timedelta(hours=1), 3)])
+    x_cancelled = vtn_event("ev-x", minute(now, 60), [(timedelta(hours=1), 1)], mod=1,
+                            cancelled=True)
+    vtn.distribute([x])
+    await wait_for(lambda: ("ev-x", "optIn") in vtn.opts, timeout_s=15, what="optIn to ev-x")
+    vtn.distribute([x_cancelled])
+    await wait_for(lambda: any(e.cancelled for e in grid_events(grid)), timeout_s=15,
+                   what="ev-x cancelled")
+    # The cancelled event is still listed beside a new one: the new one is opted into.
+    vtn.distribute([x_cancelled, y])
+    await wait_for(lambda: ("ev-y", "optIn") in vtn.opts or ("ev-y", "optOut") in vtn.opts,
+                   timeout_s=15, what="an answer to ev-y")
+    assert ("ev-y", "optOut") not in vtn.opts
+    await wait_for(lambda: "oadr-ev-y-m0-s0-i0" in {e.id for e in grid_events(grid)},
+                   what="ev-y's GridEvent")
+    # y drops out of the list (cancelled), then comes back unchanged: it holds again.
+    vtn.distribute([z])
+    await wait_for(lambda: any(e.id == "oadr-ev-y-m0-s0-i0" and e.cancelled
+                               for e in grid_events(grid)), timeout_s=15, what="ev-y unlisted")
+    vtn.distribute([y, z])
+    await wait_for(lambda: vtn.distributes == 5, timeout_s=15, what="the fifth distribute")
+    await wait_for(lambda: (last := {e.id: e for e in grid_events(grid)}).get(
+        "oadr-ev-y-m0-s0-i0") is not None and not last["oadr-ev-y-m0-s0-i0"].cancelled,
+        timeout_s=15, what="ev-y published again")
+    assert ven._known == {"ev-y": 0, "ev-z": 0}
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def ven_on_broker(broker: LocalBroker, tasks: Any, clock: Clock
+                        ) -> tuple[OpenAdrVen, Peer]:
+    """A VEN whose MQTT side runs (no VTN: the test hands it events), and a grid listener."""
+    cfg = make_site(broker, [("a", "s21", 2)], openadr={
+        "vtn_url": "http://127.0.0.1:1/x", "ven_name": "v", "level_1_kw": 3000,
+        "level_2_kw": 1500})
+    ven = OpenAdrVen(cfg, clock=clock)
+    grid = Peer(cfg, [SiteTopics("test").grid])
+    tasks(grid.run(), "grid-peer")
+    tasks(ven.transport.run(ven._on_mqtt), "ven-mqtt")
+    await wait_for(lambda: ven.transport.connected.is_set() and grid.transport.connected.is_set(),
+                   what="VEN and peer connected")
+    return ven, grid
+
+
+@pytest.mark.integration
+async def test_open_ended_event_is_held_while_listed_and_cancelled_when_unlisted(
+        broker: LocalBroker, tasks: Any) -> None:
+    clock = Clock(NOW)
+    ven, grid = await ven_on_broker(broker, tasks, clock)
+    event = simple_event([2], step=0)  # "until cancelled", from NOW + 600
+    event["active_period"]["duration"] = timedelta(0)
+    assert await ven.on_event(event) == OPT_IN
+    await wait_for(lambda: len(grid.received) == 1, what="the open-ended GridEvent")
+    (first,) = grid_events(grid)
+    assert first.end_ts == open_ended_end_ts(NOW + 600, NOW)
+
+    # Days later, still listed: each re-publication carries an end ahead of the clock.
+    for hours in (1.5, 30, 24 * 9):
+        clock.now = NOW + hours * 3600
+        ven._republish_once(clock.now)
+        await ven._flush()
+        await wait_for(lambda: grid_events(grid)[-1].end_ts >= clock.now + OPEN_ENDED_LEAD_S,
+                       what=f"the hold extended at +{hours} h")
+        last = grid_events(grid)[-1]
+        assert last == first.model_copy(update={"end_ts": open_ended_end_ts(first.start_ts,
+                                                                            clock.now)})
+
+    # The VTN stops listing it: cancelled, at once, and not re-published after.
+    assert await ven.on_distribute({"events": []}) == ["ev-1"]
+    await wait_for(lambda: grid_events(grid)[-1].cancelled, what="the cancellation")
+    assert grid_events(grid)[-1].id == first.id
+    count = len(grid.received)
+    ven._republish_once(clock.now + 60)
+    await ven._flush()
+    await asyncio.sleep(0.3)
+    assert len(grid.received) == count and not ven._open and not ven._open_ended
+
+
+@pytest.mark.integration
+async def test_an_older_modification_does_not_replace_a_newer_one(
+        broker: LocalBroker, tasks: Any) -> None:
+    clock = Clock(NOW)
+    ven, grid = await ven_on_broker(broker, tasks, clock)
+    assert await ven.on_event(simple_event([1], mod=1)) == OPT_IN
+    assert await ven.on_event(simple_event([2], mod=2)) == OPT_IN
+    await wait_for(lambda: len(grid.received) == 3, what="mod 1, its cancellation, mod 2")
+    with capture_logs() as logs:
+        assert await ven.on_event(simple_event([1], mod=1)) == OPT_IN  # late or replayed
+    await asyncio.sleep(0.3)
+    assert [(e.id, e.version, e.value_kw, e.cancelled) for e in grid_events(grid)] == [
+        ("oadr-ev-1-m1-s0-i0", 1, 3000.0, False), ("oadr-ev-1-m1-s0-i0", 1, 3000.0, True),
+        ("oadr-ev-1-m2-s0-i0", 2, 1500.0, False)]
+    assert [(e["event"], e["modification"], e["in_force"]) for e in logs
+            if e["event"] == "openadr_event_stale"] == [("openadr_event_stale", 1, 2)]
+    assert ven._known == {"ev-1": 2}
+
+
+@pytest.mark.integration
+async def test_an_unlisted_event_that_is_over_is_not_reported_cancelled(
+        broker: LocalBroker, tasks: Any) -> None:
+    """An event drops out of the VTN's list when it completes: its record stays completed."""
+    clock = Clock(NOW)
+    ven, grid = await ven_on_broker(broker, tasks, clock)
+    assert await ven.on_event(simple_event([1, 2], start=NOW + 60, step=600)) == OPT_IN
+    await wait_for(lambda: len(grid.received) == 2, what="two GridEvents")
+    clock.now = NOW + 60 + 900  # the first interval is over, the second is running
+    listing_another = {"events": [{"event_descriptor": {"event_id": "other"}}]}
+    assert await ven.on_distribute(listing_another) == ["ev-1"]
+    await wait_for(lambda: len(grid.received) == 3, what="one cancellation")
+    await asyncio.sleep(0.3)
+    assert [(e.id, e.cancelled) for e in grid_events(grid)] == [
+        ("oadr-ev-1-m0-s0-i0", False), ("oadr-ev-1-m0-s0-i1", False),
+        ("oadr-ev-1-m0-s0-i1", True)]
