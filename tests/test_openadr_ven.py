@@ -858,6 +858,13 @@ async def test_an_older_modification_does_not_replace_a_newer_one(
     assert [(e["event"], e["modification"], e["in_force"]) for e in logs
             if e["event"] == "openadr_event_stale"] == [("openadr_event_stale", 1, 2)]
     assert ven._known == {"ev-1": 2}
+    # Cancelled (the VTN raises the number); a replay of mod 2 does not reopen it.
+    assert await ven.on_event(simple_event([2], mod=3, status="cancelled")) == OPT_IN
+    await wait_for(lambda: len(grid.received) == 4, what="the cancellation")
+    await ven.on_event(simple_event([2], mod=2))
+    await asyncio.sleep(0.3)
+    assert [(e.id, e.cancelled) for e in grid_events(grid)][3:] == [("oadr-ev-1-m2-s0-i0", True)]
+    assert ven._known == {} and not ven._open
 
 
 @pytest.mark.integration

@@ -108,6 +108,8 @@ class OpenAdrVen:
         # OpenADR event id -> modification in force, for every event the VTN still lists
         # that is not cancelled (opted out of or not): what an implied cancel applies to.
         self._known: dict[str, int] = {}
+        # OpenADR event id -> newest modification seen, cancellations included, while listed.
+        self._newest: dict[str, int] = {}
         self._open: dict[str, list[GridEvent]] = {}  # OpenADR event id -> GridEvents in force
         self._open_ended: set[str] = set()  # GridEvent ids whose end is a rolling hold
         self._outbox: dict[str, GridEvent] = {}  # not yet taken by the broker, in order
@@ -224,7 +226,7 @@ class OpenAdrVen:
                 log.warning("openadr_signal_skipped", event_id=t.event_id, reason=s.reason,
                             detail=s.detail, signal=s.signal, interval=s.interval)
             return OPT_OUT
-        in_force = self._known.get(t.event_id)
+        in_force = self._newest.get(t.event_id)
         if in_force is not None and t.modification < in_force:
             # A VTN that sends an older modification again must not undo a newer one.
             log.warning("openadr_event_stale", event_id=t.event_id, reason="older_modification",
@@ -235,6 +237,7 @@ class OpenAdrVen:
                         modification=t.modification, reason=s.reason, detail=s.detail,
                         signal=s.signal, interval=s.interval)
         self._supersede(event, t, now_ts)
+        self._newest[t.event_id] = t.modification
         if t.cancelled:
             self._known.pop(t.event_id, None)
             log.info("openadr_event_cancelled", event_id=t.event_id, modification=t.modification)
@@ -264,6 +267,8 @@ class OpenAdrVen:
         listed = {str(e["event_descriptor"]["event_id"]) for e in events
                   if isinstance(e, Mapping) and isinstance(e.get("event_descriptor"), Mapping)
                   and e["event_descriptor"].get("event_id")}
+        for event_id in [i for i in self._newest if i not in listed]:
+            del self._newest[event_id]
         gone = [i for i in {**self._known, **self._open} if i not in listed]
         if not gone:
             return []
