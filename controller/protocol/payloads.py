@@ -149,7 +149,8 @@ class GridEvent(Payload):
     4CP season, June-September): hold the configured low level (`grid.peak_hold_kw`),
     or `value_kw` when given. The target must be met by
     `deadline_ts` (default: the start), so the controller ramps down before it.
-    Re-sending an id updates that event; `cancelled: true` cancels it.
+    Re-sending an id updates that event; `cancelled: true` cancels it. `version`, when
+    given, orders revisions of one event (a lower one must not replace a higher one).
     """
 
     MAX_BYTES: ClassVar[int] = 16 * 1024
@@ -163,6 +164,9 @@ class GridEvent(Payload):
     source: str = Field(default="mqtt", max_length=128)
     priority: int = Field(default=0, ge=0, le=9)
     cancelled: bool = False
+    version: int | None = Field(
+        default=None, ge=0,
+        description="Revision of this event (OpenADR modificationNumber): a higher one supersedes")
 
     @model_validator(mode="after")
     def _check(self) -> GridEvent:

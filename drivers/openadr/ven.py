@@ -2,239 +2,61 @@
 
 The VEN polls the VTN (openleadr's client) and bridges it to the site's MQTT:
 
-- Each OpenADR event becomes one `GridEvent` per interval that carries an obligation,
-  published on mineops/<site>/signal/grid (QoS 1, retained). SIMPLE levels 1-3 map to the
-  configured site targets (`level_N_kw`); level 0 is no obligation and publishes nothing.
-  LOAD_DISPATCH `setpoint` is a site target, `delta` (negative) a shed below baseline.
+- Each OpenADR event becomes one `GridEvent` per interval that carries an obligation
+  (`drivers.openadr.translate`), published on mineops/<site>/signal/grid (QoS 1, retained).
 - Ids are `oadr-<event id>-m<modification>-s<signal>-i<interval uid>`. A modification
-  cancels the previous modification's GridEvents and publishes the new ones; a cancelled
-  OpenADR event cancels them (same ids, `cancelled: true`).
+  cancels the previous modification's GridEvents and publishes the new ones; an older
+  modification than the one in force is ignored; a cancelled OpenADR event cancels them
+  (same ids, `cancelled: true`).
+- Implied cancellation (OpenADR 2.0b): every oadrDistributeEvent lists all of the VEN's
+  events, so an event the VEN knows that a later one does not list is cancelled, and an
+  empty one cancels all. openleadr 0.5 calls the event handlers only for listed events and
+  not at all for an empty list; the VEN sees the whole list through openleadr's
+  `after_parse_xml` hook.
+- Open-ended intervals ("until cancelled") are held: their GridEvents' end is moved
+  forward on each re-publication while the VTN still lists the event.
 - The VEN opts in when the event can be honoured (`opt_in` policy) and publishes only
   what it opted into; bad input (unknown signal, absurd level) is logged with a reason and
   skipped, and the VEN keeps running.
 - Site power (the latest `power_w` of the site meters on mineops/<site>/meter/+/telemetry)
   is offered as a TELEMETRY_USAGE report of real power in W and delivered as the VTN asks.
-
-`translate_event` is a pure function (time passed in); `OpenAdrVen` owns the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from openleadr import OpenADRClient, enums, objects
-from pydantic import ValidationError
 
-from controller.config import OpenAdrConfig, SiteConfig
+from controller.config import SiteConfig
 from controller.logs import LogLimiter
 from controller.protocol.payloads import GridEvent, MeterTelemetry, PayloadError, decode
 from controller.protocol.topics import Kind, SiteTopics
 from controller.protocol.transport import Transport
+from drivers.openadr.translate import (
+    OPT_IN,
+    OPT_OUT,
+    Opt,
+    Translation,
+    open_ended_end_ts,
+    safe_id,
+    translate_event,
+)
+
+__all__ = ["OPT_IN", "OPT_OUT", "OpenAdrConfigMissing", "OpenAdrVen", "SitePower"]
 
 log = structlog.get_logger("mineops.openadr")
-
-Opt = Literal["optIn", "optOut"]
-OPT_IN: Opt = "optIn"
-OPT_OUT: Opt = "optOut"
-
-# Watts per unit of an OpenADR SI scale code, for LOAD_DISPATCH in W/kW/MW.
-_SCALE_TO_KW = {"none": 1e-3, "k": 1.0, "M": 1e3}
-_MAX_KW = 10_000_000.0  # GridEvent's bound: beyond it a value is absurd, not a target
-_ID_SAFE = re.compile(r"[^A-Za-z0-9_.:@-]")
 
 
 class OpenAdrConfigMissing(ValueError):
     """The site file has no [openadr] table."""
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    """A signal or interval that was not translated, and why (a fixed reason code)."""
-
-    reason: str
-    detail: str
-    signal: int | None = None
-    interval: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Translation:
-    """What one OpenADR event means for the site."""
-
-    event_id: str
-    modification: int
-    cancelled: bool
-    events: list[GridEvent] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    opt: Opt = OPT_OUT
-
-
-def safe_id(text: str, max_len: int = 64) -> str:
-    """An OpenADR id made safe for a GridEvent id; a hash keeps altered ids distinct."""
-    clean = _ID_SAFE.sub("_", text)
-    if clean == text and len(clean) <= max_len:
-        return clean
-    digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:8]
-    return f"{clean[: max_len - 9]}-{digest}"
-
-
-def grid_event_id(event_id: str, modification: int, signal: int, uid: int | str) -> str:
-    """The GridEvent id of one interval of one signal of one modification of an event."""
-    return f"oadr-{safe_id(event_id)}-m{modification}-s{signal}-i{safe_id(str(uid), 16)}"
-
-
-def _seconds(value: Any) -> float | None:
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _ts(value: Any) -> float | None:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:  # OpenADR times are UTC; openleadr makes them aware
-            value = value.replace(tzinfo=UTC)
-        return float(value.timestamp())
-    return None
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _interval_target(
-    cfg: OpenAdrConfig, signal: Mapping[str, Any], value: float
-) -> tuple[Literal["target_kw", "shed_kw"], float] | Skipped | None:
-    """(kind, kW) for one interval's payload, None for no obligation, or why it is skipped."""
-    name = signal.get("signal_name")
-    stype = signal.get("signal_type")
-    if name in ("SIMPLE", "simple"):
-        if stype != "level":
-            return Skipped("unsupported_signal_type", f"SIMPLE with type {stype!r}")
-        if value != int(value) or not 0 <= value <= 3:
-            return Skipped("level_out_of_range", f"SIMPLE level {value:g} (0-3)")
-        level = int(value)
-        if level == 0:
-            return None
-        kw = (cfg.level_1_kw, cfg.level_2_kw, cfg.level_3_kw)[level - 1]
-        if kw is None:
-            return Skipped("level_not_configured", f"SIMPLE level {level}: no level_{level}_kw")
-        return "target_kw", kw
-    if name == "LOAD_DISPATCH":
-        measurement = signal.get("measurement") or {}
-        unit = measurement.get("unit") or "W"
-        scale = measurement.get("scale") or ("k" if not measurement else "none")
-        if unit != "W" or scale not in _SCALE_TO_KW:
-            return Skipped("bad_unit", f"LOAD_DISPATCH in {scale}{unit} (W, kW or MW)")
-        kw = value * _SCALE_TO_KW[scale]
-        if stype == "setpoint":
-            if not 0 <= kw <= _MAX_KW:
-                return Skipped("value_out_of_range", f"setpoint {kw:g} kW")
-            return "target_kw", kw
-        if stype == "delta":
-            if kw > 0:
-                return Skipped("load_increase_unsupported", f"delta +{kw:g} kW")
-            if -kw > _MAX_KW:
-                return Skipped("value_out_of_range", f"delta {kw:g} kW")
-            return ("shed_kw", -kw) if kw < 0 else None
-        return Skipped("unsupported_signal_type", f"LOAD_DISPATCH with type {stype!r}")
-    return Skipped("unsupported_signal", f"signal {name!r} of type {stype!r}")
-
-
-def translate_event(event: Mapping[str, Any], cfg: OpenAdrConfig, *, vtn_id: str,
-                    now_ts: float) -> Translation:
-    """Turn one parsed OpenADR event (openleadr's dict) into GridEvents and an opt decision.
-
-    Pure: no I/O, no clock. Intervals that have ended are dropped without complaint;
-    anything that cannot be translated is listed in `skipped` with a reason.
-    """
-    descriptor = event.get("event_descriptor") or {}
-    event_id = str(descriptor.get("event_id") or "")
-    modification = descriptor.get("modification_number")
-    if not event_id or not isinstance(modification, int) or modification < 0:
-        return Translation(event_id or "?", -1, False,
-                           skipped=[Skipped("bad_event", "no event_id or modification_number")])
-    if descriptor.get("event_status") == "cancelled":
-        return Translation(event_id, modification, True, opt=OPT_IN)
-
-    active = event.get("active_period") or {}
-    ramp_s = _seconds(active.get("ramp_up", active.get("ramp_up_period")))
-    ramp_s = ramp_s if ramp_s is not None and 0 < ramp_s <= 86_400 else None
-    event_start = _ts(active.get("dtstart"))
-    source = f"openadr:{vtn_id}"[:128]
-    out: list[GridEvent] = []
-    skipped: list[Skipped] = []
-    signals = event.get("event_signals") or []
-    if not isinstance(signals, list) or not signals:
-        skipped.append(Skipped("bad_event", "no event signals"))
-        signals = []
-    for j, signal in enumerate(signals):
-        intervals = signal.get("intervals") if isinstance(signal, Mapping) else None
-        if not isinstance(intervals, list) or not intervals:
-            skipped.append(Skipped("bad_signal", "no intervals", j))
-            continue
-        for k, interval in enumerate(intervals):
-            start = _ts(interval.get("dtstart"))
-            duration = _seconds(interval.get("duration"))
-            value = _number(interval.get("signal_payload"))
-            uid = interval.get("uid", k)
-            if start is None or duration is None or duration < 0:
-                skipped.append(Skipped("bad_interval", "no start or duration", j, k))
-                continue
-            if duration == 0:
-                skipped.append(Skipped("open_ended_interval", "duration 0 (until cancelled)",
-                                       j, k))
-                continue
-            if start + duration <= now_ts:
-                continue  # over already: nothing to do, nothing wrong
-            if value is None:
-                skipped.append(Skipped("bad_value", f"payload {interval.get('signal_payload')!r}",
-                                       j, k))
-                continue
-            target = _interval_target(cfg, signal, value)
-            if isinstance(target, Skipped):
-                skipped.append(Skipped(target.reason, target.detail, j, k))
-                continue
-            if target is None:
-                continue  # no obligation (SIMPLE 0, delta 0)
-            kind, kw = target
-            if kind == "target_kw" and kw < cfg.min_target_kw:
-                skipped.append(Skipped("below_min_target",
-                                       f"{kw:g} kW < min_target_kw {cfg.min_target_kw:g}", j, k))
-                if cfg.opt_in != "always":
-                    continue
-            deadline = start
-            if cfg.deadline_from_ramp_up and ramp_s is not None and start == event_start:
-                deadline = start + min(ramp_s, duration)
-            try:
-                out.append(GridEvent(
-                    id=grid_event_id(event_id, modification, j, uid), kind=kind, value_kw=kw,
-                    start_ts=start, end_ts=start + duration, deadline_ts=deadline,
-                    source=source))
-            except ValidationError as e:
-                skipped.append(Skipped("bad_value", str(e.errors()[0]["msg"]), j, k))
-    if cfg.opt_in == "never":
-        opt = OPT_OUT
-    elif cfg.opt_in == "always":
-        opt = OPT_IN
-    else:
-        opt = OPT_OUT if skipped else OPT_IN
-    return Translation(event_id, modification, False,
-                       events=out if opt == OPT_IN else [], skipped=skipped, opt=opt)
 
 
 class SitePower:
@@ -270,7 +92,7 @@ class OpenAdrVen:
         if cfg.openadr is None:
             raise OpenAdrConfigMissing("the site file has no [openadr] table (see docs/openadr.md)")
         self.cfg = cfg
-        self.oa: OpenAdrConfig = cfg.openadr
+        self.oa = cfg.openadr
         self.topics = SiteTopics(cfg.site_id)
         self.clock = clock
         self.openleadr_log_level = openleadr_log_level
@@ -283,7 +105,13 @@ class OpenAdrVen:
         self.client: Any = None  # the openleadr client of the current registration
         self.registered = asyncio.Event()
         self.opts: dict[str, Opt] = {}  # OpenADR event id -> our last answer
+        # OpenADR event id -> modification in force, for every event the VTN still lists
+        # that is not cancelled (opted out of or not): what an implied cancel applies to.
+        self._known: dict[str, int] = {}
+        # OpenADR event id -> newest modification seen, cancellations included, while listed.
+        self._newest: dict[str, int] = {}
         self._open: dict[str, list[GridEvent]] = {}  # OpenADR event id -> GridEvents in force
+        self._open_ended: set[str] = set()  # GridEvent ids whose end is a rolling hold
         self._outbox: dict[str, GridEvent] = {}  # not yet taken by the broker, in order
         self._flush_lock = asyncio.Lock()
         self._bad_meter = LogLimiter(60.0)
@@ -323,66 +151,135 @@ class OpenAdrVen:
                          value_kw=event.value_kw, start_ts=event.start_ts, end_ts=event.end_ts,
                          deadline_ts=event.deadline_ts, cancelled=event.cancelled)
 
+    def _republish_once(self, now_ts: float) -> None:
+        """Queue every open GridEvent again; extend the rolling ends, drop the ended."""
+        for oadr_id in list(self._open):
+            live: list[GridEvent] = []
+            for published in self._open[oadr_id]:
+                e = published
+                if e.id in self._open_ended:
+                    end_ts = open_ended_end_ts(e.start_ts, now_ts)
+                    if end_ts != e.end_ts:
+                        e = e.model_copy(update={"end_ts": end_ts})
+                if e.end_ts > now_ts:
+                    live.append(e)
+                    self._enqueue(e)
+                else:
+                    self._open_ended.discard(e.id)
+            if live:
+                self._open[oadr_id] = live
+            else:
+                del self._open[oadr_id]
+
     async def _republish(self) -> None:
         """Re-send open events now and then: a controller that starts later still gets them."""
         while True:
             await asyncio.sleep(self.oa.republish_s)
-            now = self.clock()
-            for oadr_id in list(self._open):
-                live = [e for e in self._open[oadr_id] if e.end_ts > now]
-                if live:
-                    self._open[oadr_id] = live
-                    for e in live:
-                        self._enqueue(e)
-                else:
-                    del self._open[oadr_id]
+            self._republish_once(self.clock())
             await self._flush()
 
     # --- OpenADR side ----------------------------------------------------------------
 
-    def _cancel_open(self, event: dict[str, Any], t: Translation) -> None:
-        """Cancel what an earlier modification published.
+    def _cancel(self, events: list[GridEvent], now_ts: float) -> int:
+        """Queue cancelled copies of the GridEvents not yet over; how many."""
+        n = 0
+        for e in events:
+            held = e.id in self._open_ended
+            self._open_ended.discard(e.id)
+            if e.end_ts > now_ts or held:  # an ended one stays completed in the journal
+                self._enqueue(e.model_copy(update={"cancelled": True}))
+                n += 1
+        return n
 
-        A VEN restarted since then does not know it: for a cancelled event it cancels the
-        ids the previous modification number would have had (a VTN cancels by raising the
-        modification number by one).
+    def _supersede(self, event: Mapping[str, Any], t: Translation, now_ts: float) -> None:
+        """Cancel what an earlier modification published that this one does not.
+
+        A VEN restarted since then does not know it: for a cancelled event it has not
+        seen, it cancels the ids the previous modification number would have had (a VTN
+        cancels by raising the modification number by one).
         """
         previous = self._open.pop(t.event_id, None)
-        if previous is None and t.cancelled and t.modification > 0:
+        if previous is None and t.cancelled and t.modification > 0 \
+                and t.event_id not in self._known:
             descriptor = {**event["event_descriptor"], "event_status": "active",
                           "modification_number": t.modification - 1}
             guess = translate_event({**event, "event_descriptor": descriptor}, self.oa,
-                                    vtn_id=self.vtn_id, now_ts=self.clock())
+                                    vtn_id=self.vtn_id, now_ts=now_ts)
             previous = guess.events
-        for e in previous or []:
-            self._enqueue(e.model_copy(update={"cancelled": True}))
+            self._open_ended |= guess.open_ended
+        kept = {e.id for e in t.events}
+        self._cancel([e for e in previous or [] if e.id not in kept], now_ts)
 
     async def on_event(self, event: dict[str, Any]) -> Opt:
-        """openleadr's on_event and on_update_event: translate, publish, answer optIn/optOut."""
+        """openleadr's on_event and on_update_event: translate, publish, answer optIn/optOut.
+
+        `event` is one parsed event of an oadrDistributeEvent (openleadr's dict).
+        """
+        now_ts = self.clock()
         try:
-            t = translate_event(event, self.oa, vtn_id=self.vtn_id, now_ts=self.clock())
+            t = translate_event(event, self.oa, vtn_id=self.vtn_id, now_ts=now_ts)
         except Exception as e:  # the VEN keeps running whatever the VTN sends
             log.exception("openadr_event_rejected", reason="exception", error=str(e))
             return OPT_OUT
+        if t.modification < 0:
+            for s in t.skipped:
+                log.warning("openadr_signal_skipped", event_id=t.event_id, reason=s.reason,
+                            detail=s.detail, signal=s.signal, interval=s.interval)
+            return OPT_OUT
+        in_force = self._newest.get(t.event_id)
+        if in_force is not None and t.modification < in_force:
+            # A VTN that sends an older modification again must not undo a newer one.
+            log.warning("openadr_event_stale", event_id=t.event_id, reason="older_modification",
+                        modification=t.modification, in_force=in_force)
+            return self.opts.get(t.event_id, OPT_OUT)
         for s in t.skipped:
             log.warning("openadr_signal_skipped", event_id=t.event_id,
                         modification=t.modification, reason=s.reason, detail=s.detail,
                         signal=s.signal, interval=s.interval)
-        if t.modification < 0:
-            return OPT_OUT
-        self._cancel_open(event, t)
+        self._supersede(event, t, now_ts)
+        self._newest[t.event_id] = t.modification
         if t.cancelled:
+            self._known.pop(t.event_id, None)
             log.info("openadr_event_cancelled", event_id=t.event_id, modification=t.modification)
         else:
+            self._known[t.event_id] = t.modification
             if t.events:
-                self._open[t.event_id] = t.events
+                self._open[t.event_id] = list(t.events)
+            self._open_ended |= t.open_ended
             for ge in t.events:
                 self._enqueue(ge)
             log.info("openadr_event", event_id=t.event_id, modification=t.modification,
-                     opt=t.opt, grid_events=len(t.events), skipped=len(t.skipped))
+                     opt=t.opt, grid_events=len(t.events), skipped=len(t.skipped),
+                     until_cancelled=len(t.open_ended))
         self.opts[t.event_id] = t.opt
         await self._flush()
         return t.opt
+
+    async def on_distribute(self, payload: Mapping[str, Any]) -> list[str]:
+        """Implied cancellation: cancel every known event that `payload` does not list.
+
+        `payload` is a parsed oadrDistributeEvent (openleadr's dict; no `events` key when
+        it lists none). OpenADR 2.0b has every oadrDistributeEvent list all of the VEN's
+        events, so one that is missing is cancelled and an empty one cancels all. Runs
+        before openleadr hands the listed events to `on_event`. Returns the ids dropped.
+        """
+        events = payload.get("events") or []
+        listed = {str(e["event_descriptor"]["event_id"]) for e in events
+                  if isinstance(e, Mapping) and isinstance(e.get("event_descriptor"), Mapping)
+                  and e["event_descriptor"].get("event_id")}
+        for event_id in [i for i in self._newest if i not in listed]:
+            del self._newest[event_id]
+        gone = [i for i in {**self._known, **self._open} if i not in listed]
+        if not gone:
+            return []
+        now_ts = self.clock()
+        for event_id in gone:
+            self._known.pop(event_id, None)
+            n = self._cancel(self._open.pop(event_id, []), now_ts)
+            log.info("openadr_event_unlisted", event_id=event_id, cancelled_grid_events=n,
+                     listed=len(listed))
+        await self._flush()
+        return gone
 
     def report_site_power(self) -> list[tuple[datetime, float]]:
         """The report callback: the latest site power in W, or nothing when it is stale."""
@@ -392,13 +289,24 @@ class OpenAdrVen:
         ts, power_w = latest
         return [(datetime.fromtimestamp(ts, UTC), power_w)]
 
-    def _after_parse(self, message_type: str, payload: dict[str, Any]) -> None:
-        vtn_id = payload.get("vtn_id")
-        if isinstance(vtn_id, str) and vtn_id:
-            self.vtn_id = safe_id(vtn_id, 100)
-        if message_type == "oadrCreatedPartyRegistration" and self.oa.poll_interval_s:
-            # openleadr polls as often as the registration answer asks; our setting wins.
-            payload["requested_oadr_poll_freq"] = timedelta(seconds=self.oa.poll_interval_s)
+    async def _after_parse(self, client: _Client, message_type: str,
+                           payload: dict[str, Any]) -> None:
+        """openleadr's after_parse_xml hook: every message the VTN sent, before it is acted on.
+
+        openleadr logs and swallows what a hook raises; this one logs it under our name.
+        """
+        try:
+            vtn_id = payload.get("vtn_id")
+            if isinstance(vtn_id, str) and vtn_id:
+                self.vtn_id = safe_id(vtn_id, 100)
+            if message_type == "oadrCreatedPartyRegistration" and self.oa.poll_interval_s:
+                # openleadr polls as often as the registration answer asks; our setting wins.
+                payload["requested_oadr_poll_freq"] = timedelta(seconds=self.oa.poll_interval_s)
+            if message_type == "oadrDistributeEvent":
+                gone = await self.on_distribute(payload)
+                client.sync_known_events(payload.get("events") or [], gone)
+        except Exception as e:  # the VEN keeps running whatever the VTN sends
+            log.exception("openadr_distribute_failed", message_type=message_type, error=str(e))
 
     def _make_client(self) -> Any:
         oa = self.oa
@@ -413,7 +321,11 @@ class OpenAdrVen:
             disable_signature=oa.cert_file is None)
         client.add_handler("on_event", self.on_event)
         client.add_handler("on_update_event", self.on_event)
-        client.add_hook("after_parse_xml", self._after_parse)
+
+        async def after_parse(message_type: str, payload: dict[str, Any]) -> None:
+            await self._after_parse(client, message_type, payload)
+
+        client.add_hook("after_parse_xml", after_parse)
         interval = timedelta(seconds=oa.report_interval_s)
         client.add_report(
             callback=self.report_site_power, resource_id=self.cfg.site_id,
@@ -483,6 +395,31 @@ class _Client(OpenADRClient):  # type: ignore[misc]  # openleadr ships no type h
                             report_request_id=report_request_id, suppressed=n)
             return
         await super().update_report(report_request_id)
+
+    def sync_known_events(self, listed: list[Any], gone: list[str]) -> None:
+        """Bring openleadr's memory of events in line with an oadrDistributeEvent's list.
+
+        openleadr 0.5 remembers each event it handed to the VEN (`received_events`) and
+        the answer it gave (`responded_events`), and calls no handler again for an event it
+        remembers at the same modification number. An event dropped by implied
+        cancellation is forgotten here, so that a VTN that lists it again is heard. A
+        cancelled event it has already answered is forgotten by openleadr in the answers
+        but not in the events, and a second listing of it would fail with a KeyError that
+        opts out of every event in the message; the answer to a cancellation (optIn) is
+        put back for it.
+        """
+        dropped = set(gone)
+        self.received_events[:] = [
+            e for e in self.received_events if e["event_descriptor"]["event_id"] not in dropped]
+        for gone_id in dropped:
+            self.responded_events.pop(gone_id, None)
+        remembered = {e["event_descriptor"]["event_id"] for e in self.received_events}
+        for event in listed:
+            descriptor = event.get("event_descriptor") or {}
+            listed_id = descriptor.get("event_id")
+            if descriptor.get("event_status") == "cancelled" and listed_id in remembered \
+                    and listed_id not in self.responded_events:
+                self.responded_events[listed_id] = OPT_IN
 
 
 def _sampling_rate(interval: timedelta) -> Any:
