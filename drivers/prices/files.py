@@ -28,9 +28,9 @@ _MAX_LISTED = 12
 
 
 def _listing(names: Counter[str]) -> str:
-    shown = ", ".join(names.keys() if len(names) <= _MAX_LISTED else
-                      list(names.keys())[:_MAX_LISTED] + [f"... ({len(names)} in all)"])
-    return shown
+    if len(names) <= _MAX_LISTED:
+        return ", ".join(names)
+    return ", ".join([*list(names)[:_MAX_LISTED], f"... ({len(names)} in all)"])
 
 
 def _price_column(table: Table, layout: Layout, column: str | None) -> int:

@@ -46,13 +46,14 @@ def _datetime_reader(table: Table, ti: int, unix_seconds: bool = False) -> TimeR
 
     def read(row: Row) -> Stamp:
         text = row.get(ti)
+        dst = flag(row)
         if unix_seconds:
             try:
-                return Stamp(row.line, datetime.fromtimestamp(float(text), UTC), flag(row))
+                return Stamp(row.line, datetime.fromtimestamp(float(text), UTC), dst)
             except (ValueError, OverflowError, OSError):
                 pass
         try:
-            return Stamp(row.line, parse_datetime(text), flag(row))
+            return Stamp(row.line, parse_datetime(text), dst)
         except ValueError as e:
             raise _cell_error(table, row, ti, str(e)) from None
 

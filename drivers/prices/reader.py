@@ -22,13 +22,14 @@ import csv
 import gzip
 import io
 import itertools
+import math
 import re
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from drivers.prices.series import PriceFileError
 
@@ -40,7 +41,7 @@ _SPACES = str.maketrans("", "", " \u00a0\u202f")
 
 
 def normalise(name: str) -> str:
-    """A header name reduced to lower-case letters and digits ("Interval Start" -> "intervalstart")."""
+    """A header name as lower-case letters and digits ("Interval Start" -> "intervalstart")."""
     return re.sub(r"[^0-9a-z]", "", name.strip().lower())
 
 
@@ -97,7 +98,7 @@ def _opener(path: Path) -> Callable[[], IO[bytes]]:
     except OSError as e:
         raise PriceFileError(f"{path}: cannot open: {e.strerror}") from None
     if magic[:2] == b"\x1f\x8b":
-        return lambda: gzip.open(path, "rb")
+        return lambda: cast(IO[bytes], gzip.open(path, "rb"))
     if magic == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
@@ -246,6 +247,6 @@ class NumberReader:
         except ValueError:
             raise PriceFileError(f"{where}:{line}: unparseable row: {text.strip()!r} in column "
                                  f"{column!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise PriceFileError(f"{where}:{line}: price is not a number: {text.strip()!r}")
         return value

@@ -9,10 +9,11 @@ order is daylight time. A time inside the skipped hour is an error, never shifte
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from itertools import pairwise
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import pairwise
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from drivers.prices.series import PriceFileError
@@ -106,27 +107,49 @@ def to_utc_s(stamps: Sequence[Stamp], zone: ZoneInfo | None, where: str,
     """Unix seconds UTC for each stamp, in the order given.
 
     Aware stamps use their own offset. Naive stamps are read in `zone`; the fall-back
-    hour's two passes are told apart by the DST flag, else by the file's time order
-    (ascending or descending, whichever the file mostly is).
+    hour's two passes are told apart by the DST flag, else by the file's time order: the
+    rows must ascend (or descend) in UTC too, and where that leaves a choice (a file that
+    starts or ends inside the repeated hour) the reading whose steps are most regular wins.
 
     Raises:
         PriceFileError: a naive stamp and no zone (the message adds `unknown_zone_hint`), a
-            time in the spring-forward gap, or a local time given more than twice.
+            time in the spring-forward gap, a local time given more than twice, or a
+            repeated hour without flags in a file that is not in time order.
     """
-    naive = [s.when for s in stamps if s.when.tzinfo is None]
-    if naive and zone is None:
-        first = next(s for s in stamps if s.when.tzinfo is None)
-        raise PriceFileError(f"{where}:{first.line}: {first.when:%Y-%m-%d %H:%M} has no UTC "
-                             f"offset and the file does not say its time zone; "
+    first_naive = next((s for s in stamps if s.when.tzinfo is None), None)
+    if first_naive is None:
+        return [s.when.timestamp() for s in stamps]
+    if zone is None:
+        raise PriceFileError(f"{where}:{first_naive.line}: {first_naive.when:%Y-%m-%d %H:%M} "
+                             "has no UTC offset and the file does not say its time zone; "
                              f"{unknown_zone_hint}")
-    descending = sum(b < a for a, b in pairwise(naive)) > len(naive) // 2
+    known = _known_utc(stamps, zone, where)
+    open_rows = [i for i, u in enumerate(known) if u is None]
+    if not open_rows:
+        return [u for u in known if u is not None]
+    naive = [s.when for s in stamps]
+    ascending = _by_order(known, naive, zone)
+    if ascending is not None:
+        return ascending
+    descending = _by_order(known[::-1], naive[::-1], zone)
+    if descending is not None:
+        return descending[::-1]
+    s = stamps[open_rows[0]]
+    raise PriceFileError(
+        f"{where}:{s.line}: {s.when:%Y-%m-%d %H:%M} is in the hour that {zone.key} repeats "
+        "when daylight saving ends, the file has no DST flag column and its rows are not in "
+        "time order, so the two passes cannot be told apart; sort the file by time or add a "
+        "DSTFlag column (Y on the second pass)")
+
+
+def _known_utc(stamps: Sequence[Stamp], zone: ZoneInfo, where: str) -> list[float | None]:
+    """UTC of every stamp that needs no row order (None for the repeated hour unflagged)."""
     seen: dict[datetime, int] = {}
-    out: list[float] = []
+    out: list[float | None] = []
     for s in stamps:
         if s.when.tzinfo is not None:
             out.append(s.when.timestamp())
             continue
-        assert zone is not None
         early, late = s.when.replace(tzinfo=zone, fold=0), s.when.replace(tzinfo=zone, fold=1)
         if early.utcoffset() == late.utcoffset():
             out.append(early.timestamp())
@@ -137,17 +160,57 @@ def to_utc_s(stamps: Sequence[Stamp], zone: ZoneInfo | None, where: str,
                 "the clocks skip that hour when daylight saving starts; the file is not in "
                 f"{zone.key} local time, or this row is wrong")
         if s.dst_flag is not None:
-            fold = int(s.dst_flag)
-        else:
-            n = seen.get(s.when, 0)
-            if n >= 2:
-                raise PriceFileError(
-                    f"{where}:{s.line}: duplicate: {s.when:%Y-%m-%d %H:%M} ({zone.key}) a third "
-                    "time; the fall-back hour repeats only once")
-            seen[s.when] = n + 1
-            fold = 1 - n if descending else n
-        out.append(s.when.replace(tzinfo=zone, fold=fold).timestamp())
+            out.append(s.when.replace(tzinfo=zone, fold=int(s.dst_flag)).timestamp())
+            continue
+        seen[s.when] = seen.get(s.when, 0) + 1
+        if seen[s.when] > 2:
+            raise PriceFileError(
+                f"{where}:{s.line}: duplicate: {s.when:%Y-%m-%d %H:%M} ({zone.key}) a third "
+                "time; the fall-back hour repeats only once")
+        out.append(None)
     return out
+
+
+def _by_order(known: list[float | None], naive: list[datetime],
+              zone: ZoneInfo) -> list[float] | None:
+    """Fill the open stamps so that UTC strictly ascends; None when no filling does.
+
+    In ascending order a run of open stamps is some first-pass (daylight) times followed
+    by second-pass (standard) times: one split point per run, chosen for the most regular
+    steps against the file's other steps.
+    """
+    # Wall-clock steps equal real ones everywhere but at the two changes: a fair reference.
+    steps = [(b - a).total_seconds() for a, b in pairwise(naive) if b > a]
+    ref = statistics.median(steps) if steps else None
+    out = list(known)
+    i = 0
+    while i < len(out):
+        if out[i] is not None:
+            i += 1
+            continue
+        j = i
+        while j < len(out) and out[j] is None:
+            j += 1
+        early = [naive[k].replace(tzinfo=zone, fold=0).timestamp() for k in range(i, j)]
+        late = [naive[k].replace(tzinfo=zone, fold=1).timestamp() for k in range(i, j)]
+        before = [out[i - 1]] if i > 0 else []
+        after = [out[j]] if j < len(out) else []
+        best: tuple[float, int] | None = None
+        for m in range(j - i, -1, -1):  # more first-pass times first: the tie-break
+            chain = [*before, *early[:m], *late[m:], *after]
+            diffs = [b - a for a, b in pairwise(chain)]  # type: ignore[operator]
+            if any(d <= 0 for d in diffs):
+                continue
+            score = sum(abs(d - ref) for d in diffs) if ref is not None else 0.0
+            if best is None or score < best[0]:
+                best = (score, m)
+        if best is None:
+            return None
+        m = best[1]
+        out[i:j] = [*early[:m], *late[m:]]
+        i = j
+    filled = [u for u in out if u is not None]
+    return filled if all(b > a for a, b in pairwise(filled)) else None
 
 
 def zone_of_offsets(times: Sequence[datetime]) -> str | None:
