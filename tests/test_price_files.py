@@ -484,6 +484,48 @@ def test_bad_files_get_clear_errors(tmp_path: Path, text: str, column: str | Non
     assert str(e.value).startswith(str(path))
 
 
+HEADERS = ["timestamp,price_usd_per_mwh",
+           "interval_start_local,hb_south_rtm_spp_usd_mwh,DSTFlag",
+           "DeliveryDate,DeliveryHour,DeliveryInterval,SettlementPointName,"
+           "SettlementPointPrice,DSTFlag", "DeliveryDate;HourEnding;SettlementPoint;"
+           "SettlementPointPrice", "Interval Start,Location,Market,SPP",
+           "INTERVALSTARTTIME_GMT,NODE,LMP_TYPE,MW",
+           "datetime_beginning_ept,pnode_name,total_lmp_rt"]
+CELLS = ["", " ", "0", "1", "-3.5", "1,5", "1.234,5", "nan", "inf", "1e400", "25", "24:00",
+         "02:00", "Y", "N", "maybe", "LMP", "MCE", "HB_SOUTH", "HB_NORTH", "11/03/2024",
+         "03.11.2024", "2024-11-03 01:00:00", "2024-11-03T01:00:00-05:00", "2024-03-10 02:30",
+         "11/3/2024 1:00:00 AM", "9999-12-31", "0001-01-01", "1e12", "-1e12", '"', "\x00"]
+
+
+@given(header=st.sampled_from(HEADERS), rows=st.lists(st.lists(
+    st.sampled_from(CELLS), min_size=0, max_size=7), max_size=12),
+    sep=st.sampled_from([",", ";"]), zone=st.sampled_from([None, "America/Chicago"]))
+def test_any_table_of_plausible_cells_loads_or_says_why(
+        tmp_path_factory: pytest.TempPathFactory, header: str, rows: list[list[str]], sep: str,
+        zone: str | None) -> None:
+    text = header.replace(",", sep) + "\n" + "\n".join(sep.join(r) for r in rows) + "\n"
+    path = tmp_path_factory.mktemp("fuzz") / "p.csv"
+    path.write_text(text)
+    try:
+        s = load_prices(path, timezone=zone, settlement_point=None)
+    except PriceFileError as e:
+        assert str(e).startswith(str(path))
+        return
+    assert len(s) >= 2 and np.all(np.diff(s.start_s) == s.interval_s)
+    assert np.all(np.isfinite(s.price_usd_per_mwh))
+
+
+@given(data=st.binary(max_size=400))
+def test_arbitrary_bytes_never_crash_the_loader(tmp_path_factory: pytest.TempPathFactory,
+                                                data: bytes) -> None:
+    path = tmp_path_factory.mktemp("bytes") / "p.csv"
+    path.write_bytes(data)
+    try:
+        load_price_csv(path)
+    except PriceFileError as e:
+        assert str(e).startswith(str(path))
+
+
 def test_rows_in_any_order_are_sorted(tmp_path: Path) -> None:
     s = load_price_csv(write(tmp_path, "timestamp,price_usd_per_mwh\n600,3\n0,1\n300,2\n"))
     assert s.start_s.tolist() == [0, 300, 600] and s.price_usd_per_mwh.tolist() == [1, 2, 3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
 from drivers.prices.reader import Row, Table
@@ -20,11 +21,19 @@ RowFilter = Callable[[Row], bool]
 _FLAG_KEYS = ("dstflag", "repeatedhourflag", "intervalrepeatedhourflag")
 # ERCOT settlement point columns as named in the built-in trace (hb_south_rtm_spp_usd_mwh).
 _ERCOT_COLUMN = re.compile(r"^(hb|lz)_[a-z]+_|ercot", re.IGNORECASE)
+_FIRST_YEAR, _LAST_YEAR = 1970, 2200
 
 
 def _cell_error(table: Table, row: Row, index: int, why: str) -> PriceFileError:
     return PriceFileError(f"{table.where(row.line)}: unparseable row: "
                           f"{table.columns[index]!r} = {row.get(index)!r}: {why}")
+
+
+def _plausible(table: Table, row: Row, index: int, when: datetime) -> datetime:
+    # Years far out are typos or misread numbers, and would overflow the UTC conversion.
+    if not _FIRST_YEAR <= when.year <= _LAST_YEAR:
+        raise _cell_error(table, row, index, f"year {when.year} is not a plausible price date")
+    return when
 
 
 def _flag_reader(table: Table) -> Callable[[Row], bool | None]:
@@ -47,15 +56,16 @@ def _datetime_reader(table: Table, ti: int, unix_seconds: bool = False) -> TimeR
     def read(row: Row) -> Stamp:
         text = row.get(ti)
         dst = flag(row)
+        when: datetime | None = None
         if unix_seconds:
+            with suppress(ValueError, OverflowError, OSError):  # not seconds: try a date
+                when = datetime.fromtimestamp(float(text), UTC)
+        if when is None:
             try:
-                return Stamp(row.line, datetime.fromtimestamp(float(text), UTC), dst)
-            except (ValueError, OverflowError, OSError):
-                pass
-        try:
-            return Stamp(row.line, parse_datetime(text), dst)
-        except ValueError as e:
-            raise _cell_error(table, row, ti, str(e)) from None
+                when = parse_datetime(text)
+            except ValueError as e:
+                raise _cell_error(table, row, ti, str(e)) from None
+        return Stamp(row.line, _plausible(table, row, ti, when), dst)
 
     return read
 
@@ -131,6 +141,7 @@ class ErcotReport(Layout):
                 raise _cell_error(table, row, di, str(e)) from None
             if day.time() != datetime.min.time() or day.tzinfo is not None:
                 raise _cell_error(table, row, di, "expected a date only")
+            _plausible(table, row, di, day)
             hour_text = row.get(hi)
             hour, _, minutes = hour_text.partition(":")
             if not hour.isdigit() or minutes not in ("", "00") or not 1 <= int(hour) <= 24:

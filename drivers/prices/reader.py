@@ -157,8 +157,11 @@ def open_table(path: Path | str) -> Iterator[Table]:
     """
     path = Path(path)
     opener = _opener(path)
-    with opener() as raw:
-        head = raw.read(_SNIFF_BYTES)
+    try:
+        with opener() as raw:
+            head = raw.read(_SNIFF_BYTES)
+    except (OSError, EOFError) as e:  # a damaged .gz
+        raise PriceFileError(f"{path}: cannot read: {e}") from None
     encoding = _encoding(head)
     with opener() as raw, io.TextIOWrapper(raw, encoding=encoding, newline="") as text:
         lines = iter(text)
@@ -178,10 +181,15 @@ def open_table(path: Path | str) -> Iterator[Table]:
         except UnicodeDecodeError:
             raise PriceFileError(f"{path}: not text in a known encoding (UTF-8, UTF-16, "
                                  "Windows-1252)") from None
+        except (OSError, EOFError) as e:
+            raise PriceFileError(f"{path}: cannot read: {e}") from None
         delimiter = delimiter or _delimiter(header)
         reader = csv.reader(itertools.chain([header], lines), delimiter=delimiter)
         offset = skipped - 1
-        columns = [c.strip().strip("\ufeff").strip() for c in next(reader)]
+        try:
+            columns = [c.strip().strip("\ufeff").strip() for c in next(reader)]
+        except csv.Error as e:
+            raise PriceFileError(f"{path}:{skipped}: not CSV: {e}") from None
 
         def line_of() -> int:
             return reader.line_num + offset
@@ -201,6 +209,8 @@ def _guard(rows: Iterator[Row], path: Path, line_of: Callable[[], int]) -> Itera
                              "encoding; save it as UTF-8") from None
     except csv.Error as e:
         raise PriceFileError(f"{path}:{line_of()}: not CSV: {e}") from None
+    except (OSError, EOFError) as e:  # a damaged .gz or zip member
+        raise PriceFileError(f"{path}:{line_of() + 1}: cannot read: {e}") from None
 
 
 class NumberReader:
