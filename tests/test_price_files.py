@@ -391,6 +391,15 @@ def test_generic_naive_timestamps_stay_utc_and_say_so_in_the_log(tmp_path: Path)
         "prices_naive_times_read_as_utc"]
 
 
+def test_a_utc_column_is_utc_by_the_file_not_by_convention(tmp_path: Path) -> None:
+    path = write(tmp_path, "interval_start_utc,price_usd_per_mwh\n2024-06-01 00:00,1\n"
+                           "2024-06-01 00:15,2\n")
+    with capture_logs() as logs:
+        s = load_prices(path)
+    assert s.start_s.tolist() == grid("2024-06-01T00:00", 2, 900)
+    assert [e for e in logs if e["log_level"] == "warning"] == []
+
+
 def test_unknown_zone_name_is_a_clear_error() -> None:
     with pytest.raises(PriceFileError, match="unknown time zone 'America/Chicgo'"):
         load_prices(DST_CASE, timezone="America/Chicgo")

@@ -132,11 +132,12 @@ def load_price_csv(
             raise PriceFileError(f"{where}: rows of {len(markets)} markets ({_listing(markets)})"
                                  "; split the file, one market (one interval length) each")
         naive_zone_name = zone.key if zone else layout.naive_zone(table)
+        by_convention = layout.utc_by_convention(table)
         shown_zone = (zone.key if zone else layout.market_zone(table)
                       or zone_of_offsets([s.when for s in stamps]) or "UTC")
     if len(stamps) < 2:
         raise PriceFileError(f"{where}: needs at least two intervals, found {len(stamps)}")
-    assumed_utc = (zone is None and naive_zone_name == "UTC" and layout.name == "generic"
+    assumed_utc = (zone is None and by_convention
                    and any(s.when.tzinfo is None for s in stamps))
     hint = (" (naive times were read as UTC; if the file is in local time, name its zone "
             "with --timezone)") if assumed_utc else ""

@@ -94,6 +94,10 @@ class Layout:
         """The market's local zone for showing times, when the layout identifies it."""
         return None
 
+    def utc_by_convention(self, table: Table) -> bool:
+        """Whether naive times are UTC by mineops' convention rather than by the file."""
+        return False
+
     def row_filter(self, table: Table) -> RowFilter | None:
         """Which rows are prices (e.g. only the LMP rows of a file of LMP components)."""
         return None
@@ -300,6 +304,10 @@ class Generic(Layout):
         if "local" in key:
             return self.market_zone(table)
         return "UTC"
+
+    def utc_by_convention(self, table: Table) -> bool:
+        key = self._time_key(table)
+        return "local" not in key and "utc" not in key
 
     def market_zone(self, table: Table) -> str | None:
         if any(_ERCOT_COLUMN.search(c) for c in table.columns):
