@@ -483,6 +483,8 @@ def test_naive_local_files_across_any_change_give_the_utc_grid(
         ("timestamp,price_usd_per_mwh\n2024-06-01T00:00Z,1\n", None,
          "needs at least two intervals, found 1"),
         ("", None, "empty file"),
+        ('sep="\ntimestamp,price_usd_per_mwh\n0,1\n', None,
+         r':1: sep=": fields must be separated by , ; tab or \|'),
     ],
 )
 def test_bad_files_get_clear_errors(tmp_path: Path, text: str, column: str | None,

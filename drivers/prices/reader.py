@@ -174,6 +174,9 @@ def open_table(path: Path | str) -> Iterator[Table]:
                 sep = _SEP_LINE.match(header.strip("\ufeff"))
                 if sep:
                     delimiter = sep.group(1)
+                    if delimiter not in DELIMITERS:
+                        raise PriceFileError(f"{path}:{skipped}: sep={delimiter}: fields must be "
+                                             "separated by , ; tab or |")
                 elif header.strip().strip("\ufeff"):
                     break
             else:
