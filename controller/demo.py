@@ -143,6 +143,8 @@ async def run_demo(
     embedded: str = "auto",
     prices_file: str | None,
     price_column: str | None,
+    price_timezone: str | None = None,
+    settlement_point: str | None = None,
     out: TextIO = sys.stdout,
 ) -> DemoResult:
     """Run the demo until `duration_s` passes (or forever); return whether it went well."""
@@ -158,16 +160,19 @@ async def run_demo(
         state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
         cfg = demo_site(miners, speed=speed, broker_host=host, broker_port=port_n,
                         metrics_port=metrics_port, journal_path=f"{state_dir}/grid.sqlite3")
-        prices = (load_prices(prices_file, price_column) if prices_file
+        prices = (load_prices(prices_file, price_column, timezone=price_timezone,
+                              settlement_point=settlement_point) if prices_file
                   else synthetic_prices())
         sim = SimulatedSite(cfg, speed=speed, prices=prices)
         controller = Controller(cfg)
         server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         out.write(
             f"site: {controller.fleet.n} miners in {len(controller.fleet.groups)} racks, "
-            f"cap {cfg.power_cap_kw / 1000:.2f} MW; prices: {prices.column} "
+            f"cap {cfg.power_cap_kw / 1000:.2f} MW; prices: {prices.column}"
+            f"{' at ' + prices.location if prices.location else ''} "
             f"({len(prices)} intervals of {prices.interval_s / 60:g} min, one every "
-            f"{prices.interval_s / speed:.1f} s)\n"
+            f"{prices.interval_s / speed:.1f} s"
+            f"{'; ' + prices.span_text() if prices_file else ''})\n"
             f"metrics: http://{cfg.metrics.host}:{server.port}/metrics\n"
         )
         out.flush()

@@ -48,7 +48,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -427,7 +427,7 @@ class WindowFileError(ValueError):
     """A grid-window file that cannot be used; the message names the entry and why."""
 
 
-def _window_time(text: Any) -> float:
+def _window_time(text: Any, naive_tz: tzinfo = UTC) -> float:
     if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)
     value = str(text).strip()
@@ -436,16 +436,17 @@ def _window_time(text: Any) -> float:
     except ValueError:
         pass
     dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if dt.tzinfo is None:  # naive: same convention as the price files (market time as UTC)
-        dt = dt.replace(tzinfo=UTC)
+    if dt.tzinfo is None:  # naive: on the price file's clock (its zone, passed in)
+        dt = dt.replace(tzinfo=naive_tz)
     return dt.timestamp()
 
 
-def load_windows(path: Path | str) -> list[Window]:
+def load_windows(path: Path | str, naive_tz: tzinfo = UTC) -> list[Window]:
     """Grid events and peak windows from CSV (`start,end,cap_kw[,name]`) or JSON.
 
     JSON is a list of objects with the same keys, or {"windows": [...]}. Times are ISO
-    8601 or Unix seconds; naive times are read like the price file's (as UTC).
+    8601 or Unix seconds; naive times are in `naive_tz` (the price series' zone, UTC by
+    default; in the fall-back hour the first pass).
     """
     path = Path(path)
     try:
@@ -479,7 +480,8 @@ def load_windows(path: Path | str) -> list[Window]:
     for where, item in entries:
         try:
             w = Window(
-                start_s=_window_time(item["start"]), end_s=_window_time(item["end"]),
+                start_s=_window_time(item["start"], naive_tz),
+                end_s=_window_time(item["end"], naive_tz),
                 cap_kw=float(item["cap_kw"]), name=str(item.get("name") or ""),
             )
         except (KeyError, TypeError, ValueError) as e:

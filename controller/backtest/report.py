@@ -25,7 +25,7 @@ def text_report(result: BacktestResult) -> str:
     first = datetime.fromtimestamp(float(result.start_s[0]), UTC)
     lines = [
         f"backtest: {s['miners']:,} miners, {s['intervals']:,} intervals of "
-        f"{result.interval_s / 60:g} min from {first:%Y-%m-%d %H:%M} ({s['hours']:,.1f} h); "
+        f"{result.interval_s / 60:g} min from {first:%Y-%m-%d %H:%M} UTC ({s['hours']:,.1f} h); "
         f"hashprice ${s['hashprice_usd_per_ph_day']:g}/PH/day, adder "
         f"${s['adder_usd_per_mwh']:g}/MWh",
         "",

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 from controller.backtest.engine import (
     Settings,
@@ -34,10 +35,18 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
     p.add_argument("--prices", required=True, metavar="NAME|FILE",
-                   help="a built-in price trace or a price CSV (ERCOT export or "
-                   f"`timestamp,price_usd_per_mwh`). Built-in: {dataset_help()}")
+                   help="a built-in price trace or a price file (ERCOT reports, CAISO OASIS, "
+                   "PJM Data Miner, gridstatus, or `timestamp,price_usd_per_mwh`; see "
+                   f"docs/prices.md). Built-in: {dataset_help()}")
     p.add_argument("--price-column", metavar="COLUMN",
-                   help="price column (default: the trace's own, or price_usd_per_mwh)")
+                   help="price column (default: the layout's own, e.g. SettlementPointPrice, "
+                   "SPP, price_usd_per_mwh)")
+    p.add_argument("--timezone", metavar="ZONE",
+                   help="IANA time zone of naive times in the price file and the windows file, "
+                   "e.g. America/Chicago (default: the market's when the layout says)")
+    p.add_argument("--settlement-point", metavar="NAME",
+                   help="the settlement point or node to use from a file holding several, "
+                   "e.g. HB_SOUTH")
     p.add_argument("--hashprice", type=float, metavar="USD_PER_PH_DAY",
                    help="override the site file's hashprice")
     p.add_argument("--adder", type=float, metavar="USD_PER_MWH",
@@ -99,9 +108,12 @@ class ProgressBar:
 def run(args: argparse.Namespace) -> int:
     """Handler of `mineops backtest`; ConfigError and PriceFileError reach the CLI's main."""
     cfg = load_config(args.config)
-    prices = load_prices(args.prices, args.price_column)
+    prices = load_prices(args.prices, args.price_column, timezone=args.timezone,
+                         settlement_point=args.settlement_point)
     try:
-        windows = load_windows(args.windows) if args.windows else []
+        # Naive window times are read on the price file's clock, as docs/backtest.md says.
+        windows = (load_windows(args.windows, naive_tz=ZoneInfo(prices.timezone))
+                   if args.windows else [])
         knobs = _knobs(args.knob)
     except (WindowFileError, ValueError) as e:
         print(f"mineops: {e}", file=sys.stderr)
@@ -120,8 +132,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         summary = result.summary()
         summary["price_column"] = prices.column
+        summary["price_location"] = prices.location
+        summary["price_timezone"] = prices.timezone
         print(json.dumps(summary))
     else:
+        print(f"prices: {prices.column}{' at ' + prices.location if prices.location else ''}, "
+              f"{prices.span_text()}")
         print(text_report(result))
         if args.out is not None:
             print(f"wrote {args.out / 'backtest.png'} and {args.out / 'backtest.csv'}")

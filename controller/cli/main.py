@@ -167,8 +167,14 @@ def _price_args(p: argparse.ArgumentParser) -> None:
                    help="replay a built-in price trace or a price CSV (default: a synthetic "
                    f"week). Built-in: {dataset_help()}")
     p.add_argument("--price-column", metavar="COLUMN",
-                   help="price column in the file (default: the trace's own, or "
-                   "price_usd_per_mwh)")
+                   help="price column in the file (default: the layout's own, e.g. "
+                   "SettlementPointPrice, SPP, price_usd_per_mwh; see docs/prices.md)")
+    p.add_argument("--timezone", metavar="ZONE",
+                   help="IANA time zone of naive times in the price file, e.g. America/Chicago "
+                   "(default: the market's when the layout says, e.g. ERCOT's)")
+    p.add_argument("--settlement-point", metavar="NAME",
+                   help="the settlement point or node to replay from a file holding several, "
+                   "e.g. HB_SOUTH")
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -213,7 +219,8 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     from simulators.site import SimulatedSite  # noqa: PLC0415
 
     prices = (None if args.no_prices else
-              load_prices(args.prices, args.price_column) if args.prices else
+              load_prices(args.prices, args.price_column, timezone=args.timezone,
+                          settlement_point=args.settlement_point) if args.prices else
               synthetic_prices())
     if args.miners is not None:
         cfg = _first_miners(cfg, args.miners)
@@ -306,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     miners=args.miners, duration_s=args.duration, speed=args.speed,
                     metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
                     prices_file=args.prices, price_column=args.price_column,
+                    price_timezone=args.timezone, settlement_point=args.settlement_point,
                 )
                 if not result.ok:
                     print(f"demo failed: {result.why}", file=sys.stderr)

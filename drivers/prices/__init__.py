@@ -1,14 +1,20 @@
 """Price series from files: CSV layouts of market exports, and the traces shipped with mineops.
 
-`load_prices(name_or_path)` is the one entry point the CLI, the demo, the simulator and
-the backtest use; `docs/backtest.md` lists the formats read.
+`load_prices(name_or_path, column, timezone=..., settlement_point=...)` is the one entry
+point the CLI, the demo, the simulator and the backtest use; `docs/prices.md` lists the
+formats read. Modules: `reader` (bytes to header and rows), `layouts` (which columns mean
+what, per market), `timezones` (local clocks to UTC), `files` (the checks),
+`datasets` (the built-in traces), `series` (the result).
 """
 
 from drivers.prices.datasets import DATASETS, dataset_help, load_prices
-from drivers.prices.files import PriceFileError, PriceSeries, load_price_csv
+from drivers.prices.files import load_price_csv
+from drivers.prices.layouts import LAYOUTS
+from drivers.prices.series import PriceFileError, PriceSeries
 
 __all__ = [
     "DATASETS",
+    "LAYOUTS",
     "PriceFileError",
     "PriceSeries",
     "dataset_help",

@@ -7,23 +7,30 @@ are in data/README.md beside the data files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import as_file, files
 from pathlib import Path
 
-from drivers.prices.files import PriceSeries, load_price_csv
+from drivers.prices.files import load_price_csv
+from drivers.prices.series import PriceFileError, PriceSeries
 
 _DATA = files("drivers.prices") / "data"
 
 
 @dataclass(frozen=True, slots=True)
 class PriceDataset:
-    """A packaged price file and the price column used when none is named."""
+    """A packaged price file, the price column used when none is named, and its clock.
+
+    `timezone` is the IANA zone of the file's naive local times; `location` the settlement
+    point its prices are for.
+    """
 
     name: str
     file: str
     price_column: str
     description: str
+    timezone: str
+    location: str
 
 
 DATASETS: dict[str, PriceDataset] = {
@@ -35,6 +42,10 @@ DATASETS: dict[str, PriceDataset] = {
             price_column="hb_south_rtm_spp_usd_mwh",
             description="ERCOT real-time prices at HB_SOUTH, 15 min, Jun-Sep 2024 (MIT, "
             "ThibaudCambronne/MPC-BESS-ERCOT)",
+            # Jun-Sep is all daylight time (CDT), so the author's smoothing of the
+            # daylight-saving changes touches none of these rows.
+            timezone="America/Chicago",
+            location="HB_SOUTH",
         ),
     )
 }
@@ -45,15 +56,32 @@ def dataset_help() -> str:
     return "; ".join(f"{d.name}: {d.description}" for d in DATASETS.values())
 
 
-def load_prices(source: str | Path, column: str | None = None) -> PriceSeries:
-    """A built-in trace by name, or a CSV file by path.
+def load_prices(
+    source: str | Path,
+    column: str | None = None,
+    *,
+    timezone: str | None = None,
+    settlement_point: str | None = None,
+) -> PriceSeries:
+    """A built-in trace by name, or a price file by path (see load_price_csv for the rest).
+
+    A built-in trace's own zone and settlement point are facts: naming another with
+    `timezone` or `settlement_point` is an error rather than a silent reinterpretation.
 
     Raises:
         PriceFileError: the file cannot be read or checked (see load_price_csv).
     """
     dataset = DATASETS.get(str(source))
     if dataset is None:
-        return load_price_csv(source, column)
+        return load_price_csv(source, column, timezone=timezone,
+                              settlement_point=settlement_point)
+    if timezone is not None and timezone != dataset.timezone:
+        raise PriceFileError(f"{dataset.name}: its times are {dataset.timezone}; "
+                             f"--timezone {timezone} does not apply")
+    if settlement_point is not None and settlement_point.strip().upper() != dataset.location:
+        raise PriceFileError(f"{dataset.name}: prices for {dataset.location} only; "
+                             f"--settlement-point {settlement_point} is not in it")
     with as_file(_DATA / dataset.file) as path:
-        return load_price_csv(path, column or dataset.price_column)
+        series = load_price_csv(path, column or dataset.price_column, timezone=dataset.timezone)
+    return replace(series, location=dataset.location)
 

@@ -1,112 +1,173 @@
-"""Price series from CSV: the ERCOT export format and a generic `timestamp,price_usd_per_mwh`.
+"""A price CSV file to a regular UTC PriceSeries: layout, settlement point, time zone, checks.
 
-Generic format: a header line `timestamp,price_usd_per_mwh`, then one row per
-interval; timestamps ISO 8601 (`2024-06-01 00:15:00`, `2024-06-01T00:15:00Z`)
-or Unix seconds; intervals regular (gaps and duplicates are errors).
-ERCOT format: `interval_start_local` plus price columns such as
-`hb_south_rtm_spp_usd_mwh`, chosen with `column`.
+The file is read by drivers.prices.reader (encodings, delimiters, header names, numbers),
+its layout recognised by drivers.prices.layouts (ERCOT reports, CAISO OASIS, PJM Data
+Miner, gridstatus, generic), its clock turned into UTC by drivers.prices.timezones. Rows
+may come in any order; the result is sorted and must be one regular grid: a duplicate or a
+gap is an error naming its lines. docs/prices.md describes the formats for users.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
-import numpy.typing as npt
+import structlog
 
-TIME_COLUMNS = ("timestamp", "interval_start_local", "interval_start_utc", "time")
-DEFAULT_PRICE_COLUMNS = ("price_usd_per_mwh", "hb_south_rtm_spp_usd_mwh")
+from drivers.prices.layouts import Layout, detect
+from drivers.prices.reader import NumberReader, Table, normalise, open_table
+from drivers.prices.series import PriceFileError, PriceSeries
+from drivers.prices.timezones import Stamp, get_zone, to_utc_s, zone_of_offsets
 
+log = structlog.get_logger("mineops.prices")
 
-class PriceFileError(ValueError):
-    """A price file that cannot be used as it is; the message names the line and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class PriceSeries:
-    """Regular price intervals: start times (Unix s) and prices ($/MWh)."""
-
-    start_s: npt.NDArray[np.float64]
-    price_usd_per_mwh: npt.NDArray[np.float64]
-    interval_s: float
-    column: str
-
-    def __len__(self) -> int:
-        return len(self.start_s)
+_MAX_LISTED = 12
 
 
-def _parse_time(text: str) -> float:
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:  # naive local market time: keep it regular, treat as UTC
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+def _listing(names: Counter[str]) -> str:
+    if len(names) <= _MAX_LISTED:
+        return ", ".join(names)
+    return ", ".join([*list(names)[:_MAX_LISTED], f"... ({len(names)} in all)"])
 
 
-def load_price_csv(path: Path | str, column: str | None = None) -> PriceSeries:
-    """Read and check a price file; raise PriceFileError on anything doubtful."""
-    path = Path(path)
-    try:
-        f = path.open(newline="")
-    except OSError as e:
-        raise PriceFileError(f"{path}: cannot open: {e.strerror}") from None
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise PriceFileError(f"{path}: empty file")
-        header = [h.strip() for h in header]
-        tcol = next((c for c in TIME_COLUMNS if c in header), None)
-        if tcol is None:
+def _price_column(table: Table, layout: Layout, column: str | None) -> int:
+    if column is not None:
+        pi = table.col(normalise(column))
+        if pi is None:
+            raise PriceFileError(f"{table.where(table.header_line)}: unknown column {column!r} "
+                                 f"(columns: {table.found()})")
+        return pi
+    pi = table.col(*layout.price_keys)
+    if pi is None:
+        raise PriceFileError(
+            f"{table.where(table.header_line)}: no price column found for the {layout.name} "
+            f"layout; name one with --price-column (columns: {table.found()})")
+    return pi
+
+
+def _local(t_s: float, zone: ZoneInfo) -> str:
+    return f"{datetime.fromtimestamp(t_s, UTC).astimezone(zone):%Y-%m-%d %H:%M %Z}"
+
+
+def load_price_csv(
+    path: Path | str,
+    column: str | None = None,
+    *,
+    timezone: str | None = None,
+    settlement_point: str | None = None,
+) -> PriceSeries:
+    """Read and check a price file.
+
+    Args:
+        path: a CSV file (or .gz, or a .zip holding one CSV) in one of the layouts of
+            drivers.prices.layouts.
+        column: the price column; default the layout's (e.g. SettlementPointPrice, SPP).
+        timezone: IANA zone of naive times in the file, overriding the layout's market
+            zone; also the zone reports show times in.
+        settlement_point: the settlement point or node to keep, in a file with several
+            (matched ignoring case; for PJM the pnode name or id).
+
+    Returns:
+        A regular series, start times in Unix seconds UTC, sorted.
+
+    Raises:
+        PriceFileError: anything doubtful, naming the file, the line, what was found and
+            what was expected: unknown layout or column, several settlement points and
+            none chosen, unparseable values, naive times of unknown zone, a time in the
+            spring-forward gap, duplicates, gaps.
+    """
+    zone = get_zone(timezone) if timezone else None
+    wanted = settlement_point.strip().upper() if settlement_point else None
+    with open_table(path) as table:
+        layout = detect(table)
+        pi = _price_column(table, layout, column)
+        price_name = table.columns[pi]
+        point_cols = [i for k in layout.point_keys if (i := table.col(k)) is not None]
+        market_i = table.col(*layout.market_keys) if layout.market_keys else None
+        if wanted is not None and not point_cols:
             raise PriceFileError(
-                f"{path}: no time column (expected one of {', '.join(TIME_COLUMNS)})"
-            )
-        if column is None:
-            column = next((c for c in DEFAULT_PRICE_COLUMNS if c in header), None)
-            if column is None:
-                raise PriceFileError(
-                    f"{path}: no price column found; name one with --price-column "
-                    f"(columns: {', '.join(header)})"
-                )
-        elif column not in header:
-            raise PriceFileError(
-                f"{path}: unknown column {column!r} (columns: {', '.join(header)})"
-            )
-        ti, pi = header.index(tcol), header.index(column)
-        times: list[float] = []
+                f"{table.where(table.header_line)}: --settlement-point {settlement_point} "
+                f"given but the file has no settlement point or node column "
+                f"(columns: {table.found()})")
+        time_of = layout.time_reader(table)
+        keep = layout.row_filter(table)
+        numbers = NumberReader(table.delimiter)
+        points: Counter[str] = Counter()
+        markets: Counter[str] = Counter()
+        chosen: str | None = None
+        filtered = 0
+        stamps: list[Stamp] = []
         prices: list[float] = []
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
+        for row in table.rows():
+            if keep is not None and not keep(row):
+                filtered += 1
                 continue
-            try:
-                t = _parse_time(row[ti])
-                p = float(row[pi])
-            except (ValueError, IndexError):
-                raise PriceFileError(f"{path}:{line_no}: unparseable row {row!r}") from None
-            if not np.isfinite(p):
-                raise PriceFileError(f"{path}:{line_no}: price is not a number: {row[pi]!r}")
-            times.append(t)
-            prices.append(p)
-    if len(times) < 2:
-        raise PriceFileError(f"{path}: needs at least two intervals")
-    start = np.array(times)
+            if point_cols:
+                point = row.get(point_cols[0])
+                points[point] += 1
+                if wanted is not None:
+                    if all(row.get(i).upper() != wanted for i in point_cols):
+                        continue
+                    chosen = chosen or point
+                elif chosen is None:
+                    chosen = point
+                elif point != chosen:
+                    continue
+            if market_i is not None:
+                markets[row.get(market_i)] += 1
+            stamps.append(time_of(row))
+            prices.append(numbers.read(row.get(pi), row.line, price_name, str(table.path)))
+        where = str(table.path)
+        if wanted is not None and not stamps:
+            raise PriceFileError(f"{where}: no rows for settlement point {settlement_point!r}; "
+                                 f"the file has {_listing(points)}")
+        if wanted is None and len(points) > 1:
+            raise PriceFileError(
+                f"{where}: prices for {len(points)} settlement points or nodes "
+                f"({_listing(points)}); choose one with --settlement-point")
+        if len(markets) > 1:
+            raise PriceFileError(f"{where}: rows of {len(markets)} markets ({_listing(markets)})"
+                                 "; split the file, one market (one interval length) each")
+        naive_zone_name = zone.key if zone else layout.naive_zone(table)
+        by_convention = layout.utc_by_convention(table)
+        shown_zone = (zone.key if zone else layout.market_zone(table)
+                      or zone_of_offsets([s.when for s in stamps]) or "UTC")
+    if len(stamps) < 2:
+        raise PriceFileError(f"{where}: needs at least two intervals, found {len(stamps)}")
+    assumed_utc = (zone is None and by_convention
+                   and any(s.when.tzinfo is None for s in stamps))
+    hint = (" (naive times were read as UTC; if the file is in local time, name its zone "
+            "with --timezone)") if assumed_utc else ""
+    utc = to_utc_s(stamps, get_zone(naive_zone_name) if naive_zone_name else None, where,
+                   "name it with --timezone (an IANA name such as America/Chicago)")
+    start = np.array(utc, dtype=np.float64)
+    order = np.argsort(start, kind="stable")
+    start = start[order]
+    price = np.array(prices, dtype=np.float64)[order]
+    lines = np.array([s.line for s in stamps])[order]
+    shown = ZoneInfo(shown_zone)
     steps = np.diff(start)
+    dup = np.flatnonzero(steps == 0)
+    if dup.size:
+        i = int(dup[0])
+        raise PriceFileError(f"{where}:{lines[i + 1]}: duplicate: the interval starting "
+                             f"{_local(start[i], shown)} is also on line {lines[i]}{hint}")
     interval = float(np.median(steps))
-    if interval <= 0:
-        raise PriceFileError(f"{path}: timestamps do not increase")
     bad = np.flatnonzero(steps != interval)
     if bad.size:
         i = int(bad[0])
-        kind = "duplicate" if steps[i] == 0 else ("gap" if steps[i] > interval else "out of order")
+        kind = "gap" if steps[i] > interval else "interval shorter than the others"
         raise PriceFileError(
-            f"{path}:{i + 3}: {kind} after {datetime.fromtimestamp(start[i], UTC):%Y-%m-%d %H:%M}"
-            f" (step {steps[i]:g} s, expected {interval:g} s)"
-        )
-    return PriceSeries(start, np.array(prices), interval, column)
+            f"{where}:{lines[i + 1]}: {kind} after {_local(start[i], shown)} (line "
+            f"{lines[i]}): step {steps[i]:g} s, expected {interval:g} s{hint}")
+    if assumed_utc:
+        log.warning("prices_naive_times_read_as_utc", path=where,
+                    why="no --timezone; the generic layout's naive times are UTC")
+    log.info("prices_loaded", path=where, layout=layout.name, column=price_name,
+             location=chosen, intervals=len(start), interval_s=interval, timezone=shown_zone,
+             rows_not_prices=filtered)
+    return PriceSeries(start, price, interval, price_name, timezone=shown_zone,
+                       location=chosen)
