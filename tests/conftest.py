@@ -124,3 +124,22 @@ async def tasks() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
     _, stuck = await asyncio.wait(started, timeout=30)
     if stuck:
         pytest.fail(f"tasks did not stop within 30 s of cancel: {[t.get_name() for t in stuck]}")
+
+
+def bridge_of(cfg: SiteConfig, **kwargs: Any) -> Any:
+    """The site's `MinerBridge`, built from its sections as `mineops bridge` builds it."""
+    from drivers.firmware.bridge import MinerBridge  # noqa: PLC0415 - pyasic is slow to import
+
+    assert cfg.bridge is not None, "the test site has no [bridge] table"
+    return MinerBridge(cfg.bridge, site_id=cfg.site_id, broker=cfg.broker,
+                       inventory=cfg.inventory, **kwargs)
+
+
+def ven_of(cfg: SiteConfig, **kwargs: Any) -> Any:
+    """The site's `OpenAdrVen`, built from its sections as `mineops ven` builds it."""
+    from drivers.openadr.ven import OpenAdrVen  # noqa: PLC0415 - openleadr is slow to import
+
+    assert cfg.openadr is not None, "the test site has no [openadr] table"
+    return OpenAdrVen(cfg.openadr, site_id=cfg.site_id, broker=cfg.broker,
+                      site_meter_ids=[m.id for m in cfg.meters
+                                      if m.type == "mineops" and m.role == "site"], **kwargs)

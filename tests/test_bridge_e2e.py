@@ -27,7 +27,7 @@ from drivers.firmware.bridge import MinerBridge
 from simulators.fleet import Mode
 from simulators.luxos_api import LuxosApiServer, luxos_profiles
 from simulators.site import SimulatedSite
-from tests.conftest import Peer, make_site, wait_for
+from tests.conftest import Peer, bridge_of, make_site, wait_for
 from tests.test_luxos_pyasic import free_loopback_base
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ async def start_rig(broker: LocalBroker, tasks: Any) -> AsyncIterator[Callable[.
         await api.start()
         servers.append(api)
         assert api.addresses == {e.id: e.host for e in cfg.bridge.endpoints(cfg.inventory)}
-        bridge_ = MinerBridge(cfg)
+        bridge_ = bridge_of(cfg)
         peer = Peer(cfg, [f"{SiteTopics(cfg.site_id).base}/#"])
         tasks(site.run(), "sim")
         tasks(bridge_.run(), "bridge")
@@ -318,7 +318,7 @@ async def test_a_thousand_miners_polled_within_ten_seconds(broker: LocalBroker) 
     api = LuxosApiServer(site.fleet, [catalogue.get(m.model) for m in cfg.inventory],
                          first_address=endpoints[0].host)
     async with api:
-        bridge = MinerBridge(cfg)
+        bridge = bridge_of(cfg)
         await bridge.poll_once()  # identifies every miner and reads its presets
         assert all(d.online for d in bridge.devices.values())
         await bridge.poll_once()

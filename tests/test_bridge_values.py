@@ -34,10 +34,11 @@ from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 from structlog.testing import capture_logs
 
 from controller.catalogue import MinerModel, load_catalogue
-from controller.config import BridgeEndpoint, SiteConfig
+from controller.config import SiteConfig
 from controller.daemon.loop import Controller
 from controller.protocol.payloads import GroupMinerReading, GroupTelemetry, decode
 from drivers.firmware.bridge import MinerBridge
+from drivers.firmware.config import BridgeEndpoint
 from drivers.firmware.pyasic_miner import (
     FirmwareError,
     FirmwareMiner,
@@ -48,7 +49,7 @@ from drivers.firmware.pyasic_miner import (
 )
 from simulators.fleet import SimulatedFleet
 from simulators.luxos_api import LuxosApiServer
-from tests.conftest import make_site
+from tests.conftest import bridge_of, make_site
 from tests.test_luxos_pyasic import free_loopback_base
 
 FIELD_CASE = (Path(__file__).parent / "fixtures" / "field-cases" / "bridge-pyasic-partial-data"
@@ -142,7 +143,7 @@ def publish_into(controller: Controller, bridge: MinerBridge, group: str) -> byt
 
 def test_field_case_rack_mates_are_published_and_accepted() -> None:
     cfg = site([("r", "s19j_pro", 3)], firmware="antminer")
-    bridge = MinerBridge(cfg)
+    bridge = bridge_of(cfg)
     data, _ = field_case()
     for d, reading in zip(bridge.groups["r"], [data, healthy(), healthy()], strict=True):
         d.online = True
@@ -322,7 +323,7 @@ def reading(**kw: Any) -> FirmwareReading:
 
 @pytest.fixture
 def rack() -> MinerBridge:
-    bridge = MinerBridge(site([("a", "s21", 4)]))
+    bridge = bridge_of(site([("a", "s21", 4)]))
     for d in bridge.devices.values():
         d.online = True
         d.reading = reading()
@@ -401,7 +402,7 @@ def test_pyasic_classes_by_catalogue_name() -> None:
 
 
 def test_unsupported_pairs_are_announced_at_start_up() -> None:
-    bridge = MinerBridge(site([("xp", "s21_xp", 3), ("a", "s21", 2)]))
+    bridge = bridge_of(site([("xp", "s21_xp", 3), ("a", "s21", 2)]))
     assert bridge.unsupported == {("luxos", "Antminer S21 XP"): ["xp-0001", "xp-0002",
                                                                  "xp-0003"]}
     with capture_logs() as logs:
@@ -488,7 +489,7 @@ async def test_bridge_poll_counts_and_logs_unknown_values_once(
     fleet, api = luxos
     cfg = site([("a", "s21", 1), ("xp", "s21_xp", 1), ("b", "s21", 1)],
                first_host=api.addresses["m0"])
-    bridge = MinerBridge(cfg)
+    bridge = bridge_of(cfg)
     api.set_faults(["m2"], failing=["power"])
     with capture_logs() as logs:
         await bridge.poll_once()
@@ -534,7 +535,7 @@ async def test_a_bug_reading_one_miner_does_not_stop_the_poll(
         cls = _BuggyRead if ep.id == "b-0001" else FirmwareMiner
         return cls(ep, model, timeout_s)
 
-    bridge = MinerBridge(cfg, client_factory=factory)
+    bridge = bridge_of(cfg, client_factory=factory)
     with capture_logs() as logs:
         await bridge.poll_once()
     assert bridge.devices["b-0001"].failures == 1 and bridge.devices["b-0001"].client is None

@@ -18,12 +18,8 @@ import pytest
 from pydantic import ValidationError
 
 from controller.cli import main
-from controller.config import (
-    NOT_CONFIG_VARIABLES,
-    SiteConfig,
-    environment_names,
-    load_config,
-)
+from controller.config import SiteConfig
+from controller.site_file import NOT_CONFIG_VARIABLES, environment_names, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "deploy" / "site.example.toml"

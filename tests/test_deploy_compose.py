@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from controller.config import load_config
+from controller.site_file import load_config
 from tests.test_deploy_support import DEPLOY, REPO, run
 
 COMPOSE = DEPLOY / "docker-compose.yml"

@@ -19,20 +19,21 @@ import pytest
 from pydantic import ValidationError
 
 from controller.cli.main import main
-from controller.config import (
-    MeterConfig,
-    ShellyGen1Meter,
-    ShellyGen2Meter,
-    SiteConfig,
-    TasmotaMeter,
-)
+from controller.config import SiteConfig
 from controller.daemon.loop import Controller
 from controller.protocol.payloads import MeterTelemetry, PayloadError
-from drivers.meters import DRIVERS, MeterReading, MeterRouter, UnknownDriverError, driver_type
+from drivers.meters import (
+    DRIVERS,
+    MeterConfig,
+    MeterReading,
+    MeterRouter,
+    UnknownDriverError,
+    driver_type,
+)
 from drivers.meters.mineops import MineopsDriver
-from drivers.meters.shelly_gen1 import ShellyGen1Driver
-from drivers.meters.shelly_gen2 import EM_FIELDS, ShellyGen2Driver
-from drivers.meters.tasmota import TasmotaDriver
+from drivers.meters.shelly_gen1 import ShellyGen1Driver, ShellyGen1Meter
+from drivers.meters.shelly_gen2 import EM_FIELDS, ShellyGen2Driver, ShellyGen2Meter
+from drivers.meters.tasmota import TasmotaDriver, TasmotaMeter
 from tests.conftest import DEVICE_PAYLOADS, make_site
 
 TASMOTA_SENSOR = DEVICE_PAYLOADS / "tasmota_pow_r2_SENSOR.json"

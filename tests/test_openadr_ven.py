@@ -25,10 +25,11 @@ from openleadr.messaging import parse_message, validate_xml_schema
 from structlog.testing import capture_logs
 
 from controller.cli.main import main as cli_main
-from controller.config import OpenAdrConfig, SiteConfig
+from controller.config import SiteConfig
 from controller.protocol.broker import LocalBroker
 from controller.protocol.payloads import GridEvent, MeterTelemetry, decode
 from controller.protocol.topics import SiteTopics
+from drivers.openadr.config import OpenAdrConfig
 from drivers.openadr.translate import (
     OPEN_ENDED_LEAD_S,
     OPEN_ENDED_STEP_S,
@@ -39,7 +40,7 @@ from drivers.openadr.translate import (
     translate_event,
 )
 from drivers.openadr.ven import OpenAdrVen
-from tests.conftest import Peer, make_site, wait_for
+from tests.conftest import Peer, make_site, ven_of, wait_for
 
 # openleadr's VTN keys its aiohttp app by string: a library matter, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.AppKey")
@@ -464,7 +465,7 @@ def ven_site(broker: LocalBroker, vtn: Vtn | ListingVtn, **openadr: Any) -> Site
 
 
 async def start(cfg: SiteConfig, tasks: Any) -> tuple[OpenAdrVen, Peer]:
-    ven = OpenAdrVen(cfg)
+    ven = ven_of(cfg)
     grid = Peer(cfg, [SiteTopics(cfg.site_id).grid])
     tasks(ven.run(), "ven")
     tasks(grid.run(), "grid-peer")
@@ -592,7 +593,7 @@ async def test_events_wait_for_the_broker(broker: LocalBroker, tasks: Any) -> No
     """A GridEvent translated while MQTT is away is published once the broker is reachable."""
     cfg = make_site(broker, [("a", "s21", 2)], openadr={
         "vtn_url": "http://127.0.0.1:1/x", "ven_name": "v", "level_2_kw": 1500})
-    ven = OpenAdrVen(cfg)
+    ven = ven_of(cfg)
     opt = await ven.on_event(simple_event([2], start=time.time() + 600))
     assert opt == OPT_IN and len(ven._outbox) == 1  # nothing connected yet
     grid = Peer(cfg, [SiteTopics("test").grid])
@@ -798,7 +799,7 @@ async def ven_on_broker(broker: LocalBroker, tasks: Any, clock: Clock
     cfg = make_site(broker, [("a", "s21", 2)], openadr={
         "vtn_url": "http://127.0.0.1:1/x", "ven_name": "v", "level_1_kw": 3000,
         "level_2_kw": 1500})
-    ven = OpenAdrVen(cfg, clock=clock)
+    ven = ven_of(cfg, clock=clock)
     grid = Peer(cfg, [SiteTopics("test").grid])
     tasks(grid.run(), "grid-peer")
     tasks(ven.transport.run(ven._on_mqtt), "ven-mqtt")

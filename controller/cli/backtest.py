@@ -17,8 +17,8 @@ from controller.backtest.engine import (
     run_backtest,
 )
 from controller.backtest.report import text_report, write_csv, write_png
-from controller.config import load_config
 from controller.core.policy import PolicyKnobs
+from controller.site_file import load_config
 from drivers.prices import dataset_help, load_prices
 
 EXIT_OK, EXIT_USAGE = 0, 2

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller.config import load_config
+from controller.site_file import load_config
 
 
 def add_parser(sub: Any) -> None:
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if groups is not None and not groups <= known:
         print(f"mineops: unknown group(s) {', '.join(sorted(groups - known))}", file=sys.stderr)
         return 2
-    bridge = MinerBridge(cfg, groups=groups)
+    bridge = MinerBridge(cfg.bridge, site_id=cfg.site_id, broker=cfg.broker,
+                         inventory=cfg.inventory, groups=groups)
     if not bridge.devices:
         print("mineops: no bridged miners in those groups", file=sys.stderr)
         return 2

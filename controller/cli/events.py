@@ -14,11 +14,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from controller.config import SiteConfig, load_config
+from controller.config import SiteConfig
 from controller.grid.journal import EventRow, GridJournal
 from controller.protocol.payloads import GridEvent
 from controller.protocol.topics import SiteTopics
 from controller.protocol.transport import Transport
+from controller.site_file import load_config
 
 FIELDS = ("id", "kind", "status", "source", "start_ts", "end_ts", "deadline_ts", "value_kw",
           "baseline_kw", "target_kw", "reached_ts", "time_to_target_s", "curtailed_kwh",

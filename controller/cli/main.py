@@ -19,13 +19,8 @@ from pydantic import ValidationError
 
 from controller import logs
 from controller.catalogue import load_catalogue
-from controller.config import (
-    ConfigError,
-    SiteConfig,
-    describe_validation_error,
-    format_kw,
-    load_config,
-)
+from controller.config import SiteConfig, format_kw
+from controller.site_file import ConfigError, describe_validation_error, load_config
 from drivers.prices import PriceFileError, dataset_help, load_prices
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2

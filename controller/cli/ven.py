@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller.config import load_config
+from controller.site_file import load_config
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -39,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from drivers.openadr.ven import OpenAdrVen  # noqa: PLC0415 - keep `mineops --help` fast
 
     debug = getattr(args, "log_level", "info") == "debug"
-    ven = OpenAdrVen(cfg, openleadr_log_level=logging.DEBUG if debug else logging.WARNING)
+    ven = OpenAdrVen(
+        cfg.openadr, site_id=cfg.site_id, broker=cfg.broker,
+        site_meter_ids=[m.id for m in cfg.meters if m.type == "mineops" and m.role == "site"],
+        openleadr_log_level=logging.DEBUG if debug else logging.WARNING)
 
     async def main() -> int:
         task = asyncio.ensure_future(ven.run())

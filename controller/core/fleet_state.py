@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.catalogue import load_catalogue, operating_points
-from controller.config import MinerEntry
+from controller.config_types import MinerEntry
 from controller.protocol.payloads import MinerReading, MinerState, PriceSchedule
 
 # Reported states (the payload's), as small ints; "unknown" until the first telemetry.

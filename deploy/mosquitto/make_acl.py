@@ -14,7 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from controller.config import ConfigError, SiteConfig, load_config
+from controller.config import SiteConfig
+from controller.site_file import ConfigError, load_config
 
 
 def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False,

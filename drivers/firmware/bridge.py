@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,8 @@ import structlog
 from pydantic import ValidationError
 
 from controller.catalogue import MinerModel, load_catalogue
-from controller.config import BridgeConfig, BridgeEndpoint, SiteConfig
+from controller.config import BrokerConfig
+from controller.config_types import MinerEntry
 from controller.protocol.payloads import (
     FleetCommand,
     GroupCapabilities,
@@ -48,6 +49,7 @@ from controller.protocol.payloads import (
 )
 from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.protocol.transport import Transport
+from drivers.firmware.config import BridgeConfig, BridgeEndpoint
 from drivers.firmware.pyasic_miner import (
     PYASIC_VERSION,
     Capabilities,
@@ -128,18 +130,28 @@ class MinerBridge:
 
     def __init__(
         self,
-        cfg: SiteConfig,
+        bridge: BridgeConfig,
         *,
+        site_id: str,
+        broker: BrokerConfig,
+        inventory: Sequence[MinerEntry],
         groups: set[str] | None = None,
         client_factory: ClientFactory = FirmwareMiner,
     ) -> None:
-        if cfg.bridge is None:
-            raise ValueError("the site file has no [bridge] table")
-        self.cfg = cfg
-        self.bcfg: BridgeConfig = cfg.bridge
-        self.topics = SiteTopics(cfg.site_id)
+        """The bridge for the `[bridge]` table `bridge` of site `site_id`.
+
+        Args:
+            bridge: The miners to poll and how.
+            site_id: The site's id (its topics).
+            broker: The site's broker.
+            inventory: Every miner of the site (ids, groups, models) to check against.
+            groups: Bridge only these groups (None: all).
+            client_factory: Builds a firmware client per miner (tests pass their own).
+        """
+        self.bcfg = bridge
+        self.topics = SiteTopics(site_id)
         catalogue = load_catalogue()
-        endpoints = [e for e in self.bcfg.endpoints(cfg.inventory)
+        endpoints = [e for e in bridge.endpoints(list(inventory))
                      if groups is None or e.group in groups]
         self.devices = {e.id: _Device(e, catalogue.get(e.model)) for e in endpoints}
         self.groups: dict[str, list[_Device]] = {}
@@ -161,8 +173,8 @@ class MinerBridge:
         self.polls = 0
         self.last_cycle_s = 0.0
         self.transport = Transport(
-            cfg.broker,
-            client_id=f"mineops-bridge-{cfg.site_id}-{'-'.join(sorted(self.groups))[:40]}",
+            broker,
+            client_id=f"mineops-bridge-{site_id}-{'-'.join(sorted(self.groups))[:40]}",
             subscriptions=self.topics.simulator_subscriptions(),
             on_connect=self._announce,
             on_close=self._goodbye,

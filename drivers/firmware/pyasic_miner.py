@@ -27,7 +27,7 @@ from pyasic.miners.data import DataOptions
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
 from controller.catalogue import MinerModel
-from controller.config import BridgeEndpoint
+from drivers.firmware.config import BridgeEndpoint
 
 PowerControl = Literal["presets", "range", "none"]
 PYASIC_VERSION = version("pyasic")

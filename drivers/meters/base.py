@@ -22,9 +22,9 @@ import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from controller.config import MeterConfig
+from controller.config_types import MeterBase
 from controller.protocol.payloads import MeterTelemetry, PayloadError
 
 # The same physical bounds as the project's own MeterTelemetry.
@@ -97,12 +97,18 @@ def _within(name: str, value: float | None, low: float, high: float) -> None:
         raise PayloadError("out_of_range", f"{name}: {value:g} outside [{low:g}, {high:g}]")
 
 
-class MeterDriver(ABC):
-    """One meter's driver: which topics it reads, and how a payload becomes a reading."""
+C = TypeVar("C", bound=MeterBase)
+
+
+class MeterDriver(ABC, Generic[C]):
+    """One meter's driver: which topics it reads, and how a payload becomes a reading.
+
+    `C` is the driver's own config table (defined beside it, e.g. `TasmotaMeter`).
+    """
 
     name: ClassVar[str]
 
-    def __init__(self, config: MeterConfig) -> None:
+    def __init__(self, config: C) -> None:
         self.config = config
 
     @abstractmethod
@@ -127,7 +133,7 @@ class MeterDriver(ABC):
 
     @classmethod
     @abstractmethod
-    def config_from_topics(cls, topics: Sequence[str]) -> MeterConfig:
+    def config_from_topics(cls, topics: Sequence[str]) -> C:
         """A config for the device that publishes on `topics` (for `mineops decode`).
 
         Raises:

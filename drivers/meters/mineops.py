@@ -8,14 +8,21 @@ every meter type alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
-from controller.config import MineopsMeter
+from controller.config_types import MeterBase
 from controller.protocol.payloads import MeterTelemetry, PayloadError, decode
 from controller.protocol.topics import ROOT
 from drivers.meters.base import MeterDriver, MeterReading
 
 
-class MineopsDriver(MeterDriver):
+class MineopsMeter(MeterBase):
+    """A meter publishing the project's own JSON on mineops/<site>/meter/<id>/telemetry."""
+
+    type: Literal["mineops"] = "mineops"
+
+
+class MineopsDriver(MeterDriver[MineopsMeter]):
     """A meter that already speaks the project's format."""
 
     name = "mineops"

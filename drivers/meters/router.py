@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from controller.config import MeterConfig, MineopsMeter
 from controller.protocol.payloads import PayloadError
 from drivers.meters.base import MeterDriver, MeterReading
-from drivers.meters.registry import build
+from drivers.meters.mineops import MineopsMeter
+from drivers.meters.registry import MeterConfig, build
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +30,10 @@ class MeterRouter:
     """
 
     def __init__(self, meters: Sequence[MeterConfig]) -> None:
-        self.drivers: list[MeterDriver] = [build(m) for m in meters
+        self.drivers: list[MeterDriver[Any]] = [build(m) for m in meters
                                            if not isinstance(m, MineopsMeter)]
-        self._exact: dict[str, MeterDriver] = {}
-        self._prefixed: list[tuple[str, MeterDriver]] = []
+        self._exact: dict[str, MeterDriver[Any]] = {}
+        self._prefixed: list[tuple[str, MeterDriver[Any]]] = []
         for d in self.drivers:
             for topic in d.exact_topics():
                 self._check_free(topic, d, prefix=False)
@@ -42,7 +43,7 @@ class MeterRouter:
                 self._prefixed.append((prefix, d))
         self._prefixes = tuple(p for p, _ in self._prefixed)
 
-    def _check_free(self, topic: str, driver: MeterDriver, *, prefix: bool) -> None:
+    def _check_free(self, topic: str, driver: MeterDriver[Any], *, prefix: bool) -> None:
         """Two meters reading the same topics is a configuration mistake, not a tie to break."""
         owner = next((d for t, d in self._exact.items()
                       if t == topic or (prefix and t.startswith(topic))), None)

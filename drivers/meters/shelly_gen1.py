@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
-from controller.config import ShellyGen1Meter
+from pydantic import Field, field_validator
+
+from controller.config_types import TOPIC_LEVEL_PATTERN, MeterBase
 from controller.protocol.payloads import PayloadError
 from drivers.meters.base import (
     MeterDriver,
@@ -44,7 +47,31 @@ MAX_BYTES = 32
 MAX_CHANNEL = 2
 
 
-class ShellyGen1Driver(MeterDriver):
+class ShellyGen1Meter(MeterBase):
+    """A Shelly Gen1 EM or 3EM: one value per topic, shellies/<device_id>/emeter/<i>/<quantity>."""
+
+    type: Literal["shelly_gen1"]
+    device_id: str = Field(
+        pattern=TOPIC_LEVEL_PATTERN, description="The device's MQTT id, e.g. shellyem3-ECFABCC7F0F0"
+    )
+    channels: list[Annotated[int, Field(ge=0, le=2)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, max_length=3,
+        description="Channels summed into the reading: 0-2 on a 3EM, 0 and/or 1 on an EM",
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct_channels(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return sorted(value)
+
+    @property
+    def source(self) -> str:
+        return f"shellies/{self.device_id}"
+
+
+class ShellyGen1Driver(MeterDriver[ShellyGen1Meter]):
     """One Shelly Gen1 EM/3EM; merges the per-topic values of its configured channels."""
 
     name = "shelly_gen1"

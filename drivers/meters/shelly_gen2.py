@@ -34,9 +34,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from controller.config import ShellyGen2Meter
+from pydantic import Field, field_validator
+
+from controller.config_types import TOPIC_PREFIX_PATTERN, MeterBase
 from controller.protocol.payloads import PayloadError
 from drivers.meters.base import (
     MeterDriver,
@@ -83,7 +85,35 @@ KINDS = {
 }
 
 
-class ShellyGen2Driver(MeterDriver):
+class ShellyGen2Meter(MeterBase):
+    """A Shelly Gen2/Gen3 meter: em:0 (Pro 3EM, 3EM Gen3 triphase) or em1:N (Pro EM, EM Gen3,
+    3EM monophase)."""
+
+    type: Literal["shelly_gen2"]
+    prefix: str = Field(
+        pattern=TOPIC_PREFIX_PATTERN, max_length=128,
+        description="The device's MQTT topic prefix (default on the device: its id, e.g. "
+        "shellypro3em-0cb815fcaff4)",
+    )
+    em1_channels: list[Annotated[int, Field(ge=0, le=2)]] | None = Field(
+        default=None, min_length=1, max_length=3,
+        description="EM1 channels (em1:N) summed into the reading, for devices without em:0 "
+        "(Pro EM, EM Gen3, 3EM in its monophase profile); unset: the device's em:0",
+    )
+
+    @field_validator("em1_channels")
+    @classmethod
+    def _distinct_em1_channels(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return None if value is None else sorted(value)
+
+    @property
+    def source(self) -> str:
+        return f"shelly {self.prefix}"
+
+
+class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
     """One Shelly Gen2/Gen3 EM device; keeps the last full status of each component it reads."""
 
     name = "shelly_gen2"

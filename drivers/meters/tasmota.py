@@ -21,9 +21,11 @@ Every message is complete, so the driver keeps no state.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from controller.config import TasmotaMeter
+from pydantic import Field, field_validator
+
+from controller.config_types import TOPIC_LEVEL_PATTERN, MeterBase
 from controller.protocol.payloads import PayloadError
 from drivers.meters.base import (
     MeterDriver,
@@ -39,7 +41,38 @@ MAX_CHANNELS = 16
 STATUS_LEAVES = ("STATUS8", "STATUS10")
 
 
-class TasmotaDriver(MeterDriver):
+class TasmotaMeter(MeterBase):
+    """A Tasmota energy monitor: the ENERGY block on tele/<topic>/SENSOR, stat/<topic>/STATUS8."""
+
+    type: Literal["tasmota"]
+    topic: str = Field(pattern=TOPIC_LEVEL_PATTERN,
+                       description="The device's %topic% (Tasmota `Topic`)")
+    full_topic: str = Field(
+        default="%prefix%/%topic%/", max_length=128,
+        description="The device's FullTopic (Tasmota `FullTopic`); %prefix% and %topic% are "
+        "filled in",
+    )
+
+    @field_validator("full_topic")
+    @classmethod
+    def _check_full_topic(cls, value: str) -> str:
+        if "%prefix%" not in value:
+            raise ValueError("full_topic must contain %prefix% (tele/stat tell readings apart)")
+        if any(c in value for c in "#+ ") or value.startswith("/"):
+            raise ValueError("full_topic must not hold wildcards, spaces or a leading /")
+        return value
+
+    def device_topic(self, prefix: str, leaf: str) -> str:
+        """A topic of this device, e.g. device_topic("tele", "SENSOR")."""
+        full = self.full_topic.replace("%prefix%", prefix).replace("%topic%", self.topic)
+        return f"{full.rstrip('/')}/{leaf}"
+
+    @property
+    def source(self) -> str:
+        return self.device_topic("tele", "SENSOR")
+
+
+class TasmotaDriver(MeterDriver[TasmotaMeter]):
     """One Tasmota device."""
 
     name = "tasmota"

@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from controller.config import OpenAdrConfig
 from controller.protocol.payloads import GridEvent
+from drivers.openadr.config import OpenAdrConfig
 
 Opt = Literal["optIn", "optOut"]
 OPT_IN: Opt = "optIn"

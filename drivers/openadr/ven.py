@@ -28,18 +28,19 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from openleadr import OpenADRClient, enums, objects
 
-from controller.config import SiteConfig
+from controller.config import BrokerConfig
 from controller.logs import LogLimiter
 from controller.protocol.payloads import GridEvent, MeterTelemetry, PayloadError, decode
 from controller.protocol.topics import Kind, SiteTopics
 from controller.protocol.transport import Transport
+from drivers.openadr.config import OpenAdrConfig
 from drivers.openadr.translate import (
     OPT_IN,
     OPT_OUT,
@@ -50,13 +51,11 @@ from drivers.openadr.translate import (
     translate_event,
 )
 
-__all__ = ["OPT_IN", "OPT_OUT", "OpenAdrConfigMissing", "OpenAdrVen", "SitePower"]
+__all__ = ["OPT_IN", "OPT_OUT", "OpenAdrVen", "SitePower"]
 
 log = structlog.get_logger("mineops.openadr")
 
 
-class OpenAdrConfigMissing(ValueError):
-    """The site file has no [openadr] table."""
 
 
 class SitePower:
@@ -87,19 +86,27 @@ class SitePower:
 class OpenAdrVen:
     """The site's VEN: an openleadr client and an MQTT transport, run until cancelled."""
 
-    def __init__(self, cfg: SiteConfig, *, clock: Callable[[], float] = time.time,
+    def __init__(self, openadr: OpenAdrConfig, *, site_id: str, broker: BrokerConfig,
+                 site_meter_ids: Sequence[str], clock: Callable[[], float] = time.time,
                  openleadr_log_level: int = logging.WARNING) -> None:
-        if cfg.openadr is None:
-            raise OpenAdrConfigMissing("the site file has no [openadr] table (see docs/openadr.md)")
-        self.cfg = cfg
-        self.oa = cfg.openadr
-        self.topics = SiteTopics(cfg.site_id)
+        """The VEN of site `site_id` for the `[openadr]` table `openadr`.
+
+        Args:
+            openadr: The VTN, the VEN's identity and how events map to kW.
+            site_id: The site's id (its topics, the report's resource id).
+            broker: The site's broker.
+            site_meter_ids: The project's own site meters whose readings are reported.
+            clock: Unix time source (tests pass their own).
+            openleadr_log_level: Log level of the openleadr library.
+        """
+        self.site_id = site_id
+        self.oa = openadr
+        self.topics = SiteTopics(site_id)
         self.clock = clock
         self.openleadr_log_level = openleadr_log_level
-        site_meters = [m.id for m in cfg.meters if m.type == "mineops" and m.role == "site"]
-        self.power = SitePower(site_meters, self.oa.report_stale_s)
+        self.power = SitePower(list(site_meter_ids), self.oa.report_stale_s)
         self.transport = Transport(
-            cfg.broker, client_id=f"mineops-ven-{cfg.site_id}-{os.getpid()}",
+            broker, client_id=f"mineops-ven-{site_id}-{os.getpid()}",
             subscriptions=[self.topics.meter("+")], on_connect=self._flush)
         self.vtn_id = "unknown"
         self.client: Any = None  # the openleadr client of the current registration
@@ -328,15 +335,15 @@ class OpenAdrVen:
         client.add_hook("after_parse_xml", after_parse)
         interval = timedelta(seconds=oa.report_interval_s)
         client.add_report(
-            callback=self.report_site_power, resource_id=self.cfg.site_id,
+            callback=self.report_site_power, resource_id=self.site_id,
             measurement="REAL_POWER", unit="W", scale="none",
             report_name=enums.REPORT_NAME.TELEMETRY_USAGE,
             report_type=enums.REPORT_TYPE.READING,
             reading_type=enums.READING_TYPE.DIRECT_READ,
             sampling_rate=_sampling_rate(interval),
             report_duration=timedelta(hours=1),
-            report_specifier_id=f"mineops-{self.cfg.site_id}-power",
-            r_id=f"{self.cfg.site_id}-site-power-w")
+            report_specifier_id=f"mineops-{self.site_id}-power",
+            r_id=f"{self.site_id}-site-power-w")
         return client
 
     async def _run_openadr(self) -> None:

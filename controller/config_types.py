@@ -1,0 +1,64 @@
+"""Building blocks of the site file, shared by its tables and the device configs beside drivers.
+
+The site file's tables live in `controller/config.py`; each device type's table lives
+beside its driver (`drivers/meters/tasmota.py` holds `TasmotaMeter`, evcc-style), and
+both build on what is here: the strict model base, the id and topic patterns, and the
+check that a miner model is in the catalogue.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from controller.catalogue import load_catalogue
+
+# Ids of sites, groups, miners and meters: they become MQTT topic levels and label values.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# One MQTT topic level (no wildcards, no slash), and a topic prefix of such levels.
+TOPIC_LEVEL_PATTERN = r"^[^/#+\s]{1,64}$"
+TOPIC_PREFIX_PATTERN = r"^[^/#+\s]+(/[^/#+\s]+)*$"
+
+
+def _known_model(key: str) -> str:
+    models = load_catalogue().models
+    if key not in models:
+        raise ValueError(f"unknown miner model {key!r}; known models: {', '.join(sorted(models))}")
+    return key
+
+
+# A key of the miner-model catalogue (`mineops models` lists them).
+ModelKey = Annotated[str, AfterValidator(_known_model)]
+
+
+class StrictModel(BaseModel):
+    """A table of the site file: unknown keys are errors, values are frozen and finite."""
+
+    # nan and inf are never meant in a site file; the one field where inf means "no limit"
+    # says so itself (policy.ramp_kw_per_min).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class MinerEntry(StrictModel):
+    """One miner: listed by itself in [fleet] (odd machines outside any uniform rack), and
+    the inventory's record of every miner once groups are expanded."""
+
+    id: str = Field(pattern=ID_PATTERN, description="Miner id, used in topics and metrics")
+    model: ModelKey = Field(description="Catalogue key, e.g. 's21' (see `mineops models`)")
+    group: str = Field(pattern=ID_PATTERN, description="The group (rack) it belongs to")
+    never_curtail: bool = Field(default=False, description="Keep it at full power always")
+    priority: int = Field(default=0, ge=0, le=9,
+                          description="Higher sheds later when the cap binds")
+
+
+MeterRole = Literal["site", "aux"]
+
+
+class MeterBase(StrictModel):
+    """What every meter's table has: its id and what it measures."""
+
+    id: str = Field(pattern=ID_PATTERN, description="Meter id, used in logs and metrics")
+    role: MeterRole = Field(
+        default="site",
+        description="site: the power the controller plans against; aux: decoded only")
