@@ -155,7 +155,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # The ExecStart command line parses (global options before the subcommand).
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     argv = exec_start.removeprefix("ExecStart=").split()[1:]
-    from controller.cli.main import _parser  # noqa: PLC0415
+    from controller.cli.main import parser  # noqa: PLC0415
 
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     assert args.command == "run" and args.log_format == "json"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from controller.backtest.engine import load_windows
-from controller.cli.main import _parser, main
+from controller.cli.main import main, parser
 from drivers.prices import DATASETS, PriceFileError, load_price_csv, load_prices
 from simulators.prices import synthetic_prices
 from tests.conftest import ERCOT
@@ -606,7 +606,7 @@ def test_an_unknown_name_is_read_as_a_path_and_says_so() -> None:
 def test_simulate_and_demo_take_the_price_file_options() -> None:
     for command in ("simulate", "demo"):
         extra = ["--config", "site.toml"] if command == "simulate" else []
-        args = _parser().parse_args([command, *extra, "--prices", "rt.csv", "--timezone",
+        args = parser().parse_args([command, *extra, "--prices", "rt.csv", "--timezone",
                                      "America/Chicago", "--settlement-point", "HB_SOUTH"])
         assert (args.timezone, args.settlement_point) == ("America/Chicago", "HB_SOUTH")
 

@@ -17,14 +17,13 @@ from controller.backtest.engine import (
     run_backtest,
 )
 from controller.backtest.report import text_report, write_csv, write_png
+from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers, add_price_args
 from controller.core.policy import PolicyKnobs
 from controller.site_file import load_config
-from drivers.prices import dataset_help, load_prices
-
-EXIT_OK, EXIT_USAGE = 0, 2
+from drivers.prices import load_prices
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Register `backtest` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "backtest", help="what the fleet would have earned on historical prices",
@@ -34,19 +33,7 @@ def add_parser(subparsers: Any) -> None:
         "See docs/backtest.md.",
     )
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
-    p.add_argument("--prices", required=True, metavar="NAME|FILE",
-                   help="a built-in price trace or a price file (ERCOT reports, CAISO OASIS, "
-                   "PJM Data Miner, gridstatus, or `timestamp,price_usd_per_mwh`; see "
-                   f"docs/prices.md). Built-in: {dataset_help()}")
-    p.add_argument("--price-column", metavar="COLUMN",
-                   help="price column (default: the layout's own, e.g. SettlementPointPrice, "
-                   "SPP, price_usd_per_mwh)")
-    p.add_argument("--timezone", metavar="ZONE",
-                   help="IANA time zone of naive times in the price file and the windows file, "
-                   "e.g. America/Chicago (default: the market's when the layout says)")
-    p.add_argument("--settlement-point", metavar="NAME",
-                   help="the settlement point or node to use from a file holding several, "
-                   "e.g. HB_SOUTH")
+    add_price_args(p, required=True)
     p.add_argument("--hashprice", type=float, metavar="USD_PER_PH_DAY",
                    help="override the site file's hashprice")
     p.add_argument("--adder", type=float, metavar="USD_PER_MWH",

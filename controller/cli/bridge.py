@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any
 
+from controller.cli.common import EXIT_OK, Subparsers, UsageError, run_async
 from controller.site_file import load_config
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subparsers) -> None:
+    """Register `bridge`."""
     p = sub.add_parser(
         "bridge", help="bridge real miners (LuxOS, Braiins OS, Antminer, Whatsminer, VNish)",
         description="Poll the miners of the site file's [bridge] table over their firmware "
@@ -23,29 +23,25 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.cli.main import _run_async  # noqa: PLC0415 - cli imports this module
+    """Bridge the site's miners until SIGINT/SIGTERM."""
     from drivers.firmware.bridge import MinerBridge  # noqa: PLC0415 - pyasic is slow to import
 
     cfg = load_config(args.config)
     if cfg.bridge is None:
-        print(f"mineops: {args.config}: no [bridge] table (see docs/bridge.md)",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.config}: no [bridge] table (see docs/bridge.md)")
     groups = {g.strip() for g in args.groups.split(",") if g.strip()} if args.groups else None
     known = {m.group for m in cfg.inventory}
     if groups is not None and not groups <= known:
-        print(f"mineops: unknown group(s) {', '.join(sorted(groups - known))}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown group(s) {', '.join(sorted(groups - known))}")
     bridge = MinerBridge(cfg.bridge, site_id=cfg.site_id, broker=cfg.broker,
                          inventory=cfg.inventory, groups=groups)
     if not bridge.devices:
-        print("mineops: no bridged miners in those groups", file=sys.stderr)
-        return 2
+        raise UsageError("no bridged miners in those groups")
     print(f"bridging {len(bridge.devices)} miners in {len(bridge.groups)} groups for site "
-          f"{cfg.site_id!r}, polling every {cfg.bridge.poll_interval_s:g} s", file=sys.stderr)
+          f"{cfg.site_id!r}, polling every {cfg.bridge.poll_interval_s:g} s", flush=True)
 
     async def main() -> int:
         await bridge.run()
-        return 0
+        return EXIT_OK
 
-    return _run_async(main())
+    return run_async(main())

@@ -6,16 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
+from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers
 from controller.protocol.payloads import PayloadError
 from drivers.meters import DRIVERS, UnknownDriverError, driver_type
 
-EXIT_OK, EXIT_USAGE = 0, 2
 DIGITS = 6
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Register `decode` on the `mineops` command line."""
     p = subparsers.add_parser(
         "decode", help="decode meter payloads in a vendor's format (to check a device)",

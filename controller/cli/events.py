@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from controller.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, Subparsers
 from controller.config import SiteConfig
 from controller.grid.journal import EventRow, GridJournal
 from controller.protocol.payloads import GridEvent
@@ -26,7 +27,8 @@ FIELDS = ("id", "kind", "status", "source", "start_ts", "end_ts", "deadline_ts",
           "samples_after_deadline", "violations", "complied")
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subparsers) -> None:
+    """Register `events`."""
     p = sub.add_parser(
         "events", help="grid events: list, or export compliance records",
         description="Read the site's grid-event journal ([grid] journal_path).")
@@ -84,7 +86,7 @@ def _send(cfg: SiteConfig, args: argparse.Namespace) -> int:
             source="operator-cli", cancelled=args.action == "cancel")
     except (ValueError, ValidationError) as e:
         print(f"mineops: not a valid event: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     async def publish() -> bool:
         transport = Transport(cfg.broker, client_id=f"mineops-cli-{os.getpid()}",
@@ -104,9 +106,9 @@ def _send(cfg: SiteConfig, args: argparse.Namespace) -> int:
     if not asyncio.run(publish()):
         print(f"mineops: could not publish to {cfg.broker.host}:{cfg.broker.port}",
               file=sys.stderr)
-        return 1
+        return EXIT_FAIL
     print(event.model_dump_json())
-    return 0
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"mineops: no grid journal at {path} (no event has been received yet)",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     journal = GridJournal(path)
     rows = journal.rows()
     out = args.out.open("w", newline="") if args.out else sys.stdout
@@ -146,4 +148,4 @@ def run(args: argparse.Namespace) -> int:
         journal.close()
         if args.out:
             out.close()
-    return 0
+    return EXIT_OK

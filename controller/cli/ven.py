@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
-import sys
 from pathlib import Path
-from typing import Any
 
+from controller.cli.common import EXIT_OK, Subparsers, UsageError, run_async
 from controller.site_file import load_config
 
-EXIT_OK, EXIT_USAGE = 0, 2
 
-
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subparsers) -> None:
+    """Register `ven`."""
     p = sub.add_parser(
         "ven", help="run the OpenADR 2.0b VEN: utility events in, site power reports out",
         description="Register with the VTN of the site's [openadr] table, poll it, and publish "
@@ -31,11 +27,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the VEN until SIGINT/SIGTERM."""
     cfg = load_config(args.config)
     if cfg.openadr is None:
-        print(f"mineops: {args.config}: no [openadr] table; add one with vtn_url, ven_name and "
-              "level_1_kw..level_3_kw (see docs/openadr.md)", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"{args.config}: no [openadr] table; add one with vtn_url, ven_name "
+                         "and level_1_kw..level_3_kw (see docs/openadr.md)")
     from drivers.openadr.ven import OpenAdrVen  # noqa: PLC0415 - keep `mineops --help` fast
 
     debug = getattr(args, "log_level", "info") == "debug"
@@ -45,14 +41,7 @@ def run(args: argparse.Namespace) -> int:
         openleadr_log_level=logging.DEBUG if debug else logging.WARNING)
 
     async def main() -> int:
-        task = asyncio.ensure_future(ven.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            print("\nstopped", file=sys.stderr)
+        await ven.run()
         return EXIT_OK
 
-    return asyncio.run(main())
+    return run_async(main())
