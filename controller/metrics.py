@@ -25,7 +25,15 @@ from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -329,6 +337,12 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        # process_start_time_seconds tells a restart (alerted on); python_info the runtime.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        # No _created series: they double every counter for nothing the dashboards use.
+        # prometheus_client 0.26 has no per-registry switch, so this is process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.messages = Counter("mineops_mqtt_messages", "MQTT messages received",
                                 ["kind"], registry=r)
         self.invalid = Counter("mineops_mqtt_messages_invalid",
