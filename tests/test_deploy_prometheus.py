@@ -26,9 +26,12 @@ from typing import Any
 import pytest
 import structlog
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controller.broker import LocalBroker, free_port
 from controller.config import BrokerConfig
+from controller.metrics import Metrics
 from controller.payloads import GridEvent
 from controller.topics import SiteTopics
 from controller.transport import Transport
@@ -182,6 +185,23 @@ def test_the_checked_expressions_cover_dashboard_and_alerts() -> None:
                       "MineopsMeterTelemetryStale", "MineopsMinersOffline",
                       "MineopsMqttDisconnected", "MineopsControllerRestarted",
                       "MineopsControllerCrashLooping", "MineopsDecisionLoopStuck"}
+
+
+def test_the_controller_exports_process_metrics_and_no_created_series() -> None:
+    m = Metrics()
+    m.decisions.labels("tick").inc()
+    m.decision_seconds.observe(0.01)
+    m.messages.labels("price").inc()
+    text = generate_latest(m.registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    # What the restart alerts and the controller panels read.
+    assert {"process_start_time_seconds", "process_cpu_seconds",
+            "process_resident_memory_bytes", "python_info"} <= set(families)
+    (start,) = families["process_start_time_seconds"].samples
+    assert time.time() - 7 * 86400 < start.value <= time.time()
+    # Counters and the histogram without their _created companions.
+    assert "mineops_decisions_total" in text and "mineops_decision_duration_seconds_bucket" in text
+    assert "_created" not in text
 
 
 def query(base: str, expr: str) -> list[dict[str, Any]]:
