@@ -75,8 +75,8 @@ def test_names_agree_across_files() -> None:
 
 
 def test_compose_acl_is_what_make_acl_writes() -> None:
-    out = run([sys.executable, "../mosquitto/make_acl.py", "../site.example.toml", "--simulator",
-               "--no-miners"], cwd=DEPLOY / "compose").stdout
+    out = run([sys.executable, "make_acl.py", "../site.example.toml", "--simulator",
+               "--no-miners", "--no-racks"], cwd=DEPLOY / "mosquitto").stdout
     assert (DEPLOY / "compose/mosquitto.acl").read_text() == out
     assert load_config(DEPLOY / "site.example.toml").site_id in out
 

@@ -1,11 +1,13 @@
 """deploy/prometheus and deploy/grafana against the real Prometheus: promtool, and live PromQL.
 
-The live test runs `mineops demo` (200 miners, on the test's broker) and a real
-`prometheus` scraping it every second with the shipped scrape config and rules,
-then evaluates every PromQL expression of the dashboard and of the alert rules
-through the HTTP API: each must return data. The demo gets a grid event first, so
-the grid-event series exist too. Alert expressions are evaluated without their
-threshold: see `comparison_operands`.
+The live test runs two sites: two `mineops demo` processes (200 miners each, each on its
+own broker), scraped every second by one real `prometheus` with the shipped scrape config
+(one static_config per site, each with its `site` label) and rules. It then evaluates
+every PromQL expression of the dashboard, once per site ($site set to that site), and of
+the alert rules, through the HTTP API: each must return data, and never another site's.
+Each demo gets a grid event and one invalid message first, so the grid-event series and
+the "invalid messages" panel (which shows only counters that moved) have data too. Alert
+expressions are evaluated without their threshold: see `comparison_operands`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from typing import Any
 import pytest
 import structlog
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controller.config import BrokerConfig
+from controller.daemon.metrics import Metrics
 from controller.protocol.broker import LocalBroker, free_port
 from controller.protocol.payloads import GridEvent
 from controller.protocol.topics import SiteTopics
@@ -34,17 +39,22 @@ from tests.test_deploy_support import DEPLOY, REPO, log_tail, need, process, run
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULES = PROMETHEUS / "rules" / "mineops.rules.yml"
+CENTRAL_RULES = PROMETHEUS / "rules" / "central.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "mineops.json"
+SITES = ("site-a", "site-b")
+FLEET_ROW = "Fleet (the selected sites together)"
 
 # The grid-event series exist only while the controller knows of an event, so the test
 # sends the demo one (a target_kw event below the cap) before checking.
 GRID_EVENT_SERIES = ("mineops_grid_event_target_watts", "mineops_grid_event_on_track")
 
-# Grafana's variables, as the test substitutes them (all groups; a rate window that holds
-# enough 1 s scrapes).
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$group": ".*"}
+# Grafana's variables, as the test substitutes them (all sites and groups; a rate window
+# that holds enough 1 s scrapes). Per-site checks set $site to one site.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$group": ".*",
+                     "$site": ".*"}
 
-_COMPARISON = re.compile(r"==|!=|>=|<=|>|<")
+# Comparisons, and the set operators that join two signals (each side must exist).
+_COMPARISON = re.compile(r"==|!=|>=|<=|>|<|\bunless\b|\band\b|\bor\b")
 _MODIFIER = re.compile(r"^\s*(bool\b|(on|ignoring|group_left|group_right)\s*\([^)]*\))\s*")
 
 
@@ -52,7 +62,7 @@ def comparison_operands(expr: str) -> list[str]:
     """The sides of an alert's top-level comparison, modifiers and bare numbers dropped.
 
     `a > b` gives [a, b]; `a / b > 0.1` gives [a / b]; `time() - t > 60` gives
-    [time() - t]. Only comparisons outside (), [], {} and quotes split, so label
+    [time() - t]; `a unless on(x) b` gives [a, b]. Only comparisons outside (), [], {} and quotes split, so label
     matchers such as {state="offline"} stay whole. An alert whose signal side returns
     data can fire on some data; one whose signal never exists never fires.
     """
@@ -93,15 +103,28 @@ def test_comparison_operands() -> None:
     assert comparison_operands('sum(x{s="o"}) / sum(y) > 0.10') == ['sum(x{s="o"}) / sum(y)']
     assert comparison_operands("time() - t > 60") == ["time() - t"]
     assert comparison_operands('a{l=~"x>y"} >= bool on(i) b') == ['a{l=~"x>y"}', "b"]
+    assert comparison_operands("a unless on(j) b") == ["a", "b"]
 
 
-def alert_rules() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(RULES.read_text())
+def alert_rules(path: Path = RULES) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text())
     return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
 
 
-def dashboard_expressions() -> list[tuple[str, str]]:
-    """(where, PromQL) for every panel target and query variable of the dashboard."""
+def fleet_panels() -> set[str]:
+    """Titles of the panels in the fleet row: they sum the selected sites."""
+    titles, in_fleet = set(), False
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            in_fleet = panel["title"] == FLEET_ROW
+        elif in_fleet:
+            titles.add(panel["title"])
+    assert titles, f"no {FLEET_ROW!r} row"
+    return titles
+
+
+def dashboard_expressions(site: str = ".*") -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and query variable, with $site = `site`."""
     dash = json.loads(DASHBOARD.read_text())
     out = []
     for panel in dash["panels"]:
@@ -112,7 +135,7 @@ def dashboard_expressions() -> list[tuple[str, str]]:
         m = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
         assert m, f"variable {var['name']}: only label_values(metric, label) is checked"
         out.append((f"variable ${var['name']}", m.group(1)))
-    for name, value in GRAFANA_VARIABLES.items():
+    for name, value in {**GRAFANA_VARIABLES, "$site": site}.items():
         out = [(w, e.replace(name, value)) for w, e in out]
     assert not any("$" in e for _, e in out), "a Grafana variable the test does not substitute"
     return out
@@ -139,6 +162,7 @@ def test_promtool_check_rules() -> None:
 
 def test_promtool_unit_tests_every_alert() -> None:
     promtool = need("promtool")
+    run([promtool, "check", "rules", str(CENTRAL_RULES)])
     files = sorted((PROMETHEUS / "tests").glob("*.test.yml"))
     tested: dict[str, tuple[bool, bool]] = {}
     for f in files:
@@ -147,7 +171,7 @@ def test_promtool_unit_tests_every_alert() -> None:
                 fires, quiet = tested.get(t["alertname"], (False, False))
                 tested[t["alertname"]] = (fires or bool(t["exp_alerts"]),
                                           quiet or not t["exp_alerts"])
-    for rule in alert_rules():
+    for rule in alert_rules() + alert_rules(CENTRAL_RULES):
         assert tested.get(rule["alert"]) == (True, True), (
             f"{rule['alert']}: needs a promtool test where it fires and one where it does not")
     run([promtool, "test", "rules", *map(str, files)], cwd=PROMETHEUS)
@@ -155,12 +179,31 @@ def test_promtool_unit_tests_every_alert() -> None:
 
 def test_the_checked_expressions_cover_dashboard_and_alerts() -> None:
     exprs = all_expressions()
-    assert len(exprs) > 25
-    assert {e for _, e in exprs} >= set(GRID_EVENT_SERIES)
+    assert len(exprs) > 40
+    for series in GRID_EVENT_SERIES:
+        assert any(e.startswith(series + "{") for _, e in exprs), series
     alerts = {r["alert"] for r in alert_rules()}
     assert alerts == {"MineopsControllerDown", "MineopsSiteOverCap", "MineopsGridEventOffTrack",
                       "MineopsMeterTelemetryStale", "MineopsMinersOffline",
-                      "MineopsMqttDisconnected"}
+                      "MineopsMqttDisconnected", "MineopsControllerRestarted",
+                      "MineopsControllerCrashLooping", "MineopsDecisionLoopStuck"}
+
+
+def test_the_controller_exports_process_metrics_and_no_created_series() -> None:
+    m = Metrics()
+    m.decisions.labels("tick").inc()
+    m.decision_seconds.observe(0.01)
+    m.messages.labels("price").inc()
+    text = generate_latest(m.registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    # What the restart alerts and the controller panels read.
+    assert {"process_start_time_seconds", "process_cpu_seconds",
+            "process_resident_memory_bytes", "python_info"} <= set(families)
+    (start,) = families["process_start_time_seconds"].samples
+    assert time.time() - 7 * 86400 < start.value <= time.time()
+    # Counters and the histogram without their _created companions.
+    assert "mineops_decisions_total" in text and "mineops_decision_duration_seconds_bucket" in text
+    assert "_created" not in text
 
 
 def query(base: str, expr: str) -> list[dict[str, Any]]:
@@ -172,8 +215,9 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
     return result
 
 
-def send_grid_event(broker: LocalBroker, metrics_port: int) -> None:
-    """Publish a retained target_kw event (80 % of the demo's cap, from now) to the demo."""
+def send_grid_event_and_invalid_message(broker: LocalBroker, metrics_port: int) -> None:
+    """To the demo on `broker`: a retained target_kw event (80 % of its cap, from now), and
+    one price that is not JSON (counted as price/bad_json)."""
     deadline = time.monotonic() + 20.0  # the cap is exported from the first decision on
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
@@ -195,7 +239,9 @@ def send_grid_event(broker: LocalBroker, metrics_port: int) -> None:
         try:
             async with asyncio.timeout(10):
                 await t.connected.wait()
-            assert await t.publish(SiteTopics("demo").grid, event.encode(), qos=1, retain=True)
+            topics = SiteTopics("demo")
+            assert await t.publish(topics.grid, event.encode(), qos=1, retain=True)
+            assert await t.publish(topics.price, b"not json", qos=1)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -205,43 +251,102 @@ def send_grid_event(broker: LocalBroker, metrics_port: int) -> None:
     asyncio.run(publish())
 
 
+def site_labels(result: list[dict[str, Any]]) -> set[str | None]:
+    return {r["metric"].get("site") for r in result}
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_real_prometheus_scrapes_demo_and_every_expression_returns_data(tmp_path: Path) -> None:
+def test_real_prometheus_with_two_sites_every_expression_returns_each_sites_data(
+        tmp_path: Path) -> None:
     prometheus = need("prometheus")
-    metrics_port, web_port = free_port(), free_port()
+    metrics_ports = {site: free_port() for site in SITES}
+    web_port = free_port()
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    del config["global"]["external_labels"]  # one Prometheus, two sites (see prometheus.yml)
     config["rule_files"] = [str(RULES)]
     (job,) = config["scrape_configs"]
     job["scrape_timeout"] = "1s"
-    job["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+    (static,) = job["static_configs"]
+    assert set(static) == {"targets", "labels"}
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"], "labels": {"site": site}}
+                             for site, port in metrics_ports.items()]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-
-    broker = LocalBroker().start()  # ours, so the test can send the demo a grid event
-    demo_cmd = [sys.executable, "-m", "controller.cli", "demo", "--duration", "90",
-                "--miners", "200", "--metrics-port", str(metrics_port),
-                "--broker", f"{broker.host}:{broker.port}"]
     prom_cmd = [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                 f"--storage.tsdb.path={tmp_path / 'data'}",
                 f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"]
     base = f"http://127.0.0.1:{web_port}"
-    demo_log, prom_log = tmp_path / "demo.log", tmp_path / "prometheus.log"
-    with broker, process(demo_cmd, demo_log) as demo, process(prom_cmd, prom_log) as prom:
-        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", demo, demo_log)
+    with contextlib.ExitStack() as stack:
+        # Each site its own broker, so the test can send each demo a grid event.
+        brokers = {site: stack.enter_context(LocalBroker().start()) for site in SITES}
+        demos = {}
+        for site, port in metrics_ports.items():
+            cmd = [sys.executable, "-m", "controller.cli", "demo", "--duration", "120",
+                   "--miners", "200", "--metrics-port", str(port),
+                   "--broker", f"{brokers[site].host}:{brokers[site].port}"]
+            log = tmp_path / f"demo-{site}.log"
+            demos[site] = (stack.enter_context(process(cmd, log)), log)
+        prom_log = tmp_path / "prometheus.log"
+        prom = stack.enter_context(process(prom_cmd, prom_log))
+        running = [*demos.values(), (prom, prom_log)]
+        for site, (demo, log) in demos.items():
+            wait_http(f"http://127.0.0.1:{metrics_ports[site]}/metrics", demo, log)
         wait_http(f"{base}/-/ready", prom, prom_log)
-        send_grid_event(broker, metrics_port)
-        missing: list[tuple[str, str]] = all_expressions()
-        deadline = time.monotonic() + 40.0
+        # The invalid message goes out after Prometheus holds the counters' zeros: a rate
+        # needs the value before it.
+        deadline = time.monotonic() + 20
+        while len(query(base, "mineops_mqtt_messages_invalid_total")) < 2 * 96:
+            assert time.monotonic() < deadline, "Prometheus never scraped both demos"
+            time.sleep(0.5)
+        for site in SITES:
+            send_grid_event_and_invalid_message(brokers[site], metrics_ports[site])
+
+        checks = [(site, w, e) for site in SITES for w, e in dashboard_expressions(site)]
+        checks += [(None, w, e) for w, e in all_expressions()]
+        results: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
+        missing = checks
+        deadline = time.monotonic() + 60.0
         while missing and time.monotonic() < deadline:
             time.sleep(1.0)
-            for p, log in ((demo, demo_log), (prom, prom_log)):
+            for p, log in running:
                 if p.poll() is not None:
                     pytest.fail(f"{p.args[0]} exited {p.returncode}:\n{log_tail(log)}")
-            missing = [(w, e) for w, e in missing if not query(base, e)]
-        assert not missing, "no data for:\n" + "\n".join(f"  {w}: {e}" for w, e in missing)
-        assert query(base, 'up{job="mineops"} == 1'), "the demo is up as seen by Prometheus"
-    assert demo.returncode is not None and prom.returncode is not None
+            still = []
+            for site, w, e in missing:
+                got = query(base, e)
+                if got:
+                    results[(site, w)] = got
+                else:
+                    still.append((site, w, e))
+            missing = still
+        assert not missing, "no data for:\n" + "\n".join(
+            f"  {s or 'all sites'}: {w}: {e}" for s, w, e in missing)
+
+        fleet = fleet_panels()
+        for (site, where), got in results.items():
+            labels = site_labels(got)
+            if site is None:  # all sites at once: alerts must tell the sites apart
+                if where.startswith("alert "):
+                    assert labels == set(SITES), f"{where}: alerts by site, got {labels}"
+            elif where == "variable $site":  # the list of sites to choose from
+                assert labels == set(SITES), labels
+            elif any(where.startswith(f"panel {t!r}") for t in fleet):
+                assert labels == {None}, f"{where}: the fleet row sums sites, got {labels}"
+            else:
+                assert labels == {site}, f"{where} with $site={site}: got {labels}"
+        # The fleet row adds the sites up, and the per-site rows split them.
+        count = 'count(up{job="mineops", site=~"%s"})'
+        assert float(query(base, count % ".*")[0]["value"][1]) == len(SITES)
+        assert all(float(query(base, count % s)[0]["value"][1]) == 1 for s in SITES)
+        # Only the counters that moved: one per site (the invalid price), not 2 x 96.
+        (invalid,) = [e for w, e in dashboard_expressions() if "Invalid messages" in w]
+        moved = query(base, invalid)
+        assert sorted((r["metric"]["site"], r["metric"]["kind"], r["metric"]["reason"])
+                      for r in moved) == [(s, "price", "bad_json") for s in SITES]
+        assert query(base, 'up{job="mineops"} == 1'), "the demos are up as seen by Prometheus"
+    for p, _ in running:
+        assert p.returncode is not None
 
 
 def test_dashboard_refers_to_the_provisioned_datasource() -> None:

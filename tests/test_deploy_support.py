@@ -8,18 +8,22 @@ MINEOPS_REQUIRE_MOSQUITTO=1 does the same for the mosquitto tools only.
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import structlog
+
+from controller.protocol.broker import wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -111,3 +115,119 @@ def default_logging() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+def make_certs(d: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1 in `d`, made with the openssl CLI."""
+    openssl = need("openssl")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run([openssl, "req", "-x509", *key, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"),
+         "-days", "2", "-subj", "/CN=mineops test CA"])
+    run([openssl, "req", *key, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+         "-subj", "/CN=127.0.0.1"])
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run([openssl, "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.crt"),
+         "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "server.crt"),
+         "-days", "2", "-extfile", str(d / "ext.cnf")])
+
+
+def moved_config(text: str, replace: Mapping[str, str], name: str) -> str:
+    """A shipped mosquitto config with the lines matching each pattern replaced (exactly once).
+
+    Started as root, mosquitto drops to the 'mosquitto' user, which cannot read pytest's
+    private tmp directory: the result stays the user running the tests.
+    """
+    for pattern, new in replace.items():
+        text, n = re.subn(rf"^{pattern}$", new, text, flags=re.MULTILINE)
+        assert n == 1, f"{name}: expected one line matching {pattern!r}"
+    return text + f"user {getpass.getuser()}\n"
+
+
+def hash_passwords(plain: Path, out: Path) -> dict[str, str]:
+    """`user:password` lines from `plain`, hashed into `out` by mosquitto_passwd; the plain map."""
+    shutil.copy(plain, out)
+    run([need("mosquitto_passwd"), "-U", str(out)])
+    assert ":" in out.read_text() and "change-me" not in out.read_text()
+    return dict(line.split(":", 1) for line in plain.read_text().splitlines() if line)
+
+
+@contextmanager
+def mosquitto(conf: Path, ports: Sequence[int], log: Path
+              ) -> Iterator[subprocess.Popen[bytes]]:
+    """The real mosquitto with `conf`, once it listens on every port; checked alive at the end."""
+    with process([need("mosquitto"), "-c", str(conf)], log) as proc:
+        for p in ports:
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mosquitto -c {conf.name} did not start:\n{log_tail(log)}")
+                try:
+                    wait_for_port("127.0.0.1", p, timeout_s=0.2)
+                    break
+                except TimeoutError:
+                    continue
+        yield proc
+        assert proc.poll() is None, f"mosquitto died:\n{log_tail(log)}"
+
+
+def mqtt_pub(port: int, auth: Sequence[str], topic: str, payload: str = "x", *, qos: int = 1,
+             retain: bool = False, client_id: str | None = None,
+             extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Publish once with mosquitto_pub; returns the finished process (a refused login exits
+    non-zero; a publish the ACL denies is dropped silently and exits 0, as MQTT 3.1.1 says)."""
+    return subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port),
+         "-i", client_id or f"t-{time.time_ns()}", *auth, "-q", str(qos),
+         *(["-r"] if retain else []), *extra, "-t", topic, "-m", payload],
+        capture_output=True, text=True, timeout=10, check=False)
+
+
+class Subscriber:
+    """mosquitto_sub in the background; `lines()` are the 'topic payload' lines received."""
+
+    def __init__(self, port: int, auth: Sequence[str], topics: Sequence[str], log: Path,
+                 *, prefix: str = "mineops/", extra: Sequence[str] = ()) -> None:
+        self.log = log
+        self._prefix = prefix
+        # Line-buffered: mosquitto_sub writes through stdio, block-buffered into a file.
+        unbuffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+        self._cmd = [*unbuffered, need("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(port),
+                     "-d", "-v", "-i", f"sub-{time.time_ns()}", *auth, "-q", "1", *extra]
+        for t in topics:
+            self._cmd += ["-t", t]
+
+    def __enter__(self) -> Subscriber:
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(self._cmd, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while "Subscribed (mid" not in self.text():
+            assert self.proc.poll() is None, f"mosquitto_sub exited:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no SUBACK:\n{self.text()}"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines(self) -> list[str]:
+        return [line for line in self.text().splitlines() if line.startswith(self._prefix)]
+
+    def connects(self) -> int:
+        """CONNACKs received: more than one means the broker dropped this session."""
+        return self.text().count("received CONNACK")
+
+    def wait_for(self, line: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while line not in self.lines():
+            assert time.monotonic() < deadline, f"{line!r} never arrived; got {self.lines()}"
+            time.sleep(0.05)

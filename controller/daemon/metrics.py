@@ -24,7 +24,15 @@ from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -176,9 +184,10 @@ class SiteCollector(Collector):
         if snap.measured_site_power_w is not None:
             yield _gauge("mineops_site_power_watts", "Site power measured by the site meter",
                          snap.measured_site_power_w)
-        yield _gauge("mineops_site_meter_last_reading_timestamp_seconds",
-                     "Unix time of the last site-meter reading (0: none fresh)",
-                     snap.meter_reading_unix_s or 0.0)
+        if snap.meter_reading_unix_s is not None:
+            yield _gauge("mineops_site_meter_last_reading_timestamp_seconds",
+                         "Unix time of the last fresh site-meter reading",
+                         snap.meter_reading_unix_s)
         yield _gauge("mineops_site_power_planned_watts",
                      "Site power the last decision planned, incl. aux", snap.planned_site_power_w)
         yield _gauge("mineops_site_power_cap_watts",
@@ -297,6 +306,12 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        # process_start_time_seconds tells a restart (alerted on); python_info the runtime.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        # No _created series: they double every counter for nothing the dashboards use.
+        # prometheus_client 0.26 has no per-registry switch, so this is process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.messages = Counter("mineops_mqtt_messages", "MQTT messages received",
                                 ["kind"], registry=r)
         self.invalid = Counter("mineops_mqtt_messages_invalid",
