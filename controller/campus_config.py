@@ -34,6 +34,12 @@ from drivers.modbus.config import DEVICE_ID, ModbusDeviceConfig
 # A quantity typed in the wrong unit is off by 1000 from the one meant; the parts of a
 # campus are built for its interconnect, so a part 100 times the interconnect is a typo.
 UNIT_RATIO = 100.0
+# The interconnect's limits are bounded like the site's power cap (10 GW); a part may be
+# typed up to 1 TW so that the review, not a bare bound, says which unit was meant.
+PART_LIMIT_KW = 1e9
+# A generator rated this many times the interconnect is unusual (a stranded wind farm with
+# miners behind a small connection can be), worth a second look.
+GENERATION_FAR_ABOVE_RATIO = 10.0
 # A battery that empties in under 3 minutes or lasts over 100 hours at full power: kWh
 # and MWh (or kW and MW) mixed up, very likely.
 BATTERY_HOURS = (0.05, 100.0)
@@ -71,7 +77,7 @@ class ScheduledDraw(_Strict):
 
     start: AwareDatetime = Field(description="Window start, with its time zone")
     end: AwareDatetime = Field(description="Window end, with its time zone")
-    kw: float = Field(ge=0, le=10_000_000, description="Draw announced for the window, kW")
+    kw: float = Field(ge=0, le=PART_LIMIT_KW, description="Draw announced for the window, kW")
 
     @model_validator(mode="after")
     def _ordered(self) -> ScheduledDraw:
@@ -89,7 +95,7 @@ class FirmLoad(_Strict):
                        description="The meter measuring this load: a [[meters]] or "
                        "[[campus.modbus]] id")
     max_kw: float = Field(
-        gt=0, le=10_000_000,
+        gt=0, le=PART_LIMIT_KW,
         description="The most it can draw, kW: counted when its reading is stale or missing")
     schedule: list[ScheduledDraw] = Field(
         default_factory=list, max_length=10_000,
@@ -120,17 +126,17 @@ class Generator(_Strict):
     meter: str = Field(pattern=DEVICE_ID,
                        description="The meter or inverter measuring its output: a [[meters]] "
                        "or [[campus.modbus]] id")
-    rating_kw: float = Field(gt=0, le=10_000_000, description="Nameplate AC output, kW")
+    rating_kw: float = Field(gt=0, le=PART_LIMIT_KW, description="Nameplate AC output, kW")
     marginal_cost_usd_per_mwh: float = Field(
         default=0.0, ge=-1000, le=10_000,
         description="Cost of one more MWh from it, $/MWh: 0 for renewables that would "
         "otherwise be curtailed (negative with a production credit), the fuel cost for a "
         "genset")
     reserve_kw: float | None = Field(
-        default=None, ge=0, le=10_000_000,
+        default=None, ge=0, le=PART_LIMIT_KW,
         description="Genset only: headroom kept below rating_kw (spinning reserve), kW")
     max_load_step_kw: float | None = Field(
-        default=None, gt=0, le=10_000_000,
+        default=None, gt=0, le=PART_LIMIT_KW,
         description="Genset only: the largest load step it picks up without tripping or "
         "a deep frequency dip (the maker's load-acceptance figure), kW")
 
@@ -167,9 +173,9 @@ class Generator(_Strict):
 class BatteryConfig(_Strict):
     """An on-site battery; its state of charge is read from its meter."""
 
-    capacity_kwh: float = Field(gt=0, le=100_000_000, description="Usable energy, kWh")
-    max_charge_kw: float = Field(gt=0, le=10_000_000, description="Charge power limit, kW")
-    max_discharge_kw: float = Field(gt=0, le=10_000_000,
+    capacity_kwh: float = Field(gt=0, le=PART_LIMIT_KW * 100, description="Usable energy, kWh")
+    max_charge_kw: float = Field(gt=0, le=PART_LIMIT_KW, description="Charge power limit, kW")
+    max_discharge_kw: float = Field(gt=0, le=PART_LIMIT_KW,
                                     description="Discharge power limit, kW")
     meter: str = Field(pattern=DEVICE_ID,
                        description="The device giving its power and state of charge: a "
@@ -338,6 +344,10 @@ def campus_review(campus: CampusConfig, meters: Sequence[MqttMeter] = (),
             err(f"{where}.rating_kw: {_kw(g.rating_kw)} kW is {ratio:.0f} times the "
                 f"interconnect ({_kw(connection)} kW): looks like W typed as kW "
                 f"({_kw(g.rating_kw)} W = {_kw(g.rating_kw / 1000)} kW)")
+        elif ratio > GENERATION_FAR_ABOVE_RATIO:
+            warn(f"{where}.rating_kw: {_kw(g.rating_kw)} kW is {ratio:.0f} times the "
+                 f"interconnect ({_kw(connection)} kW): right for generation behind a small "
+                 "connection, a unit slip otherwise")
         elif ratio < 1 / (UNIT_RATIO * 10):
             warn(f"{where}.rating_kw: {_kw(g.rating_kw)} kW is 1/{1 / ratio:.0f} of the "
                  f"interconnect ({_kw(connection)} kW): is it in MW? "
