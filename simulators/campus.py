@@ -178,7 +178,7 @@ class SolarField:
         x = (self.hour_of_day(t_s) - s.sunrise_h) / (s.sunset_h - s.sunrise_h)
         if not 0.0 < x < 1.0:
             return 0.0
-        return s.capacity_kw * math.sin(math.pi * x) ** s.shape_exponent
+        return s.capacity_kw * float(math.sin(math.pi * x) ** s.shape_exponent)
 
     def _clouds_until(self, t_s: float) -> None:
         s = self.spec
@@ -197,7 +197,8 @@ class SolarField:
         out = 0.0
         for c in self.clouds:
             if c.start_s <= t_s < c.end_s + c.edge_s:
-                cover = _ramp((t_s - c.start_s) / c.edge_s) * (1.0 - _ramp((t_s - c.end_s) / c.edge_s))
+                cover = _ramp((t_s - c.start_s) / c.edge_s) * (
+                    1.0 - _ramp((t_s - c.end_s) / c.edge_s))
                 out = max(out, c.depth * cover)
         return out
 

@@ -119,7 +119,7 @@ class SunSpecModbusServer:
         """Stop serving; requests held by silent devices are released."""
         for d in self.devices.values():
             d._awake.set()
-        await self._server.shutdown()
+        await self._server.shutdown()  # type: ignore[no-untyped-call]
         self._started = False
 
     async def __aenter__(self) -> SunSpecModbusServer:
@@ -130,7 +130,7 @@ class SunSpecModbusServer:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
-    async def _serve(self, device: SimulatedSunSpecDevice, function_code: int,
+    async def _serve(self, device: SimulatedSunSpecDevice, function_code: int,  # noqa: PLR0917 (pymodbus' action signature)
                      start_address: int, address: int, count: int,
                      current_registers: list[int], set_values: list[int] | list[bool] | None
                      ) -> ExcCodes | None:
