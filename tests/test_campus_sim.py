@@ -244,7 +244,7 @@ async def test_campus_served_as_sunspec_and_read_by_role() -> None:
     async with campus.server as server:
         pollers = {unit: SunSpecPoller(ModbusDeviceConfig(
             id=f"unit-{unit}", host="127.0.0.1", port=server.port, unit_id=unit,
-            timeout_s=0.5), role) for unit, role in roles}
+            timeout_s=2.0), role) for unit, role in roles}
         # The first GPU job, from a hall of the same seed: the campus sees the same jobs.
         probe = GpuHall(sim.gpu.spec, seed=7)
         probe.power_kw(86_400.0)

@@ -54,8 +54,10 @@ def meter_203(w: float | None = -1234.5, *, w_sf: int = -1, hz: float | None = 5
 
 
 def config(port: int, **kw: Any) -> ModbusDeviceConfig:
+    # Generous for answers that come (a loaded CI machine), short only where tests wait for
+    # a silent device.
     data: dict[str, Any] = {"id": "dev", "host": "127.0.0.1", "port": port, "unit_id": 1,
-                            "timeout_s": 0.3, "poll_interval_s": 0.1}
+                            "timeout_s": 2.0, "poll_interval_s": 0.2}
     data.update(kw)
     return ModbusDeviceConfig(**data)
 
@@ -381,7 +383,7 @@ async def test_discover_stops_at_end_marker_only() -> None:
 async def test_device_that_stops_answering_is_unavailable_after_n_polls() -> None:
     device = SimulatedSunSpecDevice(1, register_map([COMMON, meter_203()]))
     async with SunSpecModbusServer([device]) as server:
-        poller = SunSpecPoller(config(server.port, timeout_s=0.2, unavailable_after_polls=3),
+        poller = SunSpecPoller(config(server.port, timeout_s=0.5, unavailable_after_polls=3),
                                "firm_load")
         first = await poller.poll()
         assert first is not None and first.available and poller.available is True
@@ -436,7 +438,8 @@ async def test_wrong_unit_id_is_a_counted_failure_not_a_crash() -> None:
 async def test_readings_poll_at_the_interval_and_close() -> None:
     device = SimulatedSunSpecDevice(1, register_map([COMMON, meter_203()]))
     async with SunSpecModbusServer([device]) as server:
-        poller = SunSpecPoller(config(server.port, poll_interval_s=0.1), "firm_load")
+        poller = SunSpecPoller(config(server.port, poll_interval_s=0.1, timeout_s=1.0),
+                               "firm_load")
         got = []
         loop = asyncio.get_running_loop()
         started = loop.time()
