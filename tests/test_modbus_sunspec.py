@@ -12,11 +12,14 @@ starts (`async with`).
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.modbus import ModbusDeviceConfig, SunSpecPoller
 from drivers.modbus.poller import CampusRole
@@ -26,6 +29,7 @@ from drivers.modbus.sunspec import (
     discover,
     encode_model,
     measurement,
+    model_length,
     register_map,
     unimplemented,
 )
@@ -454,3 +458,22 @@ async def test_readings_poll_at_the_interval_and_close() -> None:
     assert spent >= 0.3  # three intervals between four polls
     assert got[0].at_unix_s < got[-1].at_unix_s
     assert device.reads >= 4
+
+
+@pytest.mark.parametrize("model_id", [101, 102, 103, 124, 201, 202, 203, 204, 701, 802])
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_any_register_contents_decode_to_unknown_or_plausible(model_id: int,
+                                                              data: st.DataObject) -> None:
+    # Garbage from a device (a wrong map, a gateway's stale buffer, bytes that are not
+    # UTF-8 in a string point) is unknown or a plausible number, never an exception.
+    length = data.draw(st.integers(0, model_length(model_id) + 4), label="L")
+    body = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=length, max_size=length))
+    m = measurement(decode_block(model_id, [model_id, length, *body]))
+    for name in ("power_out_w", "frequency_hz", "voltage_v", "energy_in_wh", "energy_out_wh",
+                 "soc_fraction", "capacity_wh", "max_charge_w", "max_discharge_w"):
+        value = getattr(m, name)
+        assert value is None or math.isfinite(value), name
+    assert m.frequency_hz is None or 45.0 <= m.frequency_hz <= 65.0
+    assert m.soc_fraction is None or 0.0 <= m.soc_fraction <= 1.0
+    assert m.power_out_w is None or abs(m.power_out_w) <= 2e9
