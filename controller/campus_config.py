@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from drivers.modbus.config import DEVICE_ID, ModbusDeviceConfig
+from controller.config_types import ID_PATTERN, StrictModel
+from drivers.modbus.config import ModbusDeviceConfig
 
 # A quantity typed in the wrong unit is off by 1000 from the one meant; the parts of a
 # campus are built for its interconnect, so a part 100 times the interconnect is a typo.
@@ -45,10 +46,6 @@ GENERATION_FAR_ABOVE_RATIO = 10.0
 BATTERY_HOURS = (0.05, 100.0)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
 def _aware(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("give a time zone (e.g. 2025-06-01T08:00:00Z or -05:00): a local "
@@ -59,7 +56,7 @@ def _aware(value: datetime) -> datetime:
 AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
 
 
-class PoiConfig(_Strict):
+class PoiConfig(StrictModel):
     """The point of interconnection: the limits of the site's connection to the grid."""
 
     import_limit_kw: float = Field(
@@ -67,12 +64,12 @@ class PoiConfig(_Strict):
     export_limit_kw: float = Field(
         default=0.0, ge=0, le=10_000_000,
         description="Most the site may feed into the grid, kW (0: no export allowed)")
-    meter: str = Field(pattern=DEVICE_ID,
+    meter: str = Field(pattern=ID_PATTERN,
                        description="The revenue meter at the POI: a [[meters]] id (the one "
                        "with role 'site') or a [[campus.modbus]] id")
 
 
-class ScheduledDraw(_Strict):
+class ScheduledDraw(StrictModel):
     """A firm load's announced draw over a window (e.g. a training run booked ahead)."""
 
     start: AwareDatetime = Field(description="Window start, with its time zone")
@@ -87,11 +84,11 @@ class ScheduledDraw(_Strict):
         return self
 
 
-class FirmLoad(_Strict):
+class FirmLoad(StrictModel):
     """A load that shares the interconnect and that mineops never curtails (a GPU hall)."""
 
-    id: str = Field(pattern=DEVICE_ID, description="Firm-load id, used in logs and metrics")
-    meter: str = Field(pattern=DEVICE_ID,
+    id: str = Field(pattern=ID_PATTERN, description="Firm-load id, used in logs and metrics")
+    meter: str = Field(pattern=ID_PATTERN,
                        description="The meter measuring this load: a [[meters]] or "
                        "[[campus.modbus]] id")
     max_kw: float = Field(
@@ -118,12 +115,12 @@ class FirmLoad(_Strict):
 GeneratorKind = Literal["solar", "wind", "genset"]
 
 
-class Generator(_Strict):
+class Generator(StrictModel):
     """On-site generation: solar, wind, or a genset (on flare or stranded gas, diesel)."""
 
-    id: str = Field(pattern=DEVICE_ID, description="Generator id, used in logs and metrics")
+    id: str = Field(pattern=ID_PATTERN, description="Generator id, used in logs and metrics")
     kind: GeneratorKind = Field(description="solar, wind or genset")
-    meter: str = Field(pattern=DEVICE_ID,
+    meter: str = Field(pattern=ID_PATTERN,
                        description="The meter or inverter measuring its output: a [[meters]] "
                        "or [[campus.modbus]] id")
     rating_kw: float = Field(gt=0, le=PART_LIMIT_KW, description="Nameplate AC output, kW")
@@ -170,14 +167,14 @@ class Generator(_Strict):
         return 0.0
 
 
-class BatteryConfig(_Strict):
+class BatteryConfig(StrictModel):
     """An on-site battery; its state of charge is read from its meter."""
 
     capacity_kwh: float = Field(gt=0, le=PART_LIMIT_KW * 100, description="Usable energy, kWh")
     max_charge_kw: float = Field(gt=0, le=PART_LIMIT_KW, description="Charge power limit, kW")
     max_discharge_kw: float = Field(gt=0, le=PART_LIMIT_KW,
                                     description="Discharge power limit, kW")
-    meter: str = Field(pattern=DEVICE_ID,
+    meter: str = Field(pattern=ID_PATTERN,
                        description="The device giving its power and state of charge: a "
                        "[[campus.modbus]] id (SunSpec 802 or 124), or a [[meters]] id for "
                        "power only")
@@ -194,7 +191,7 @@ class BatteryConfig(_Strict):
         return self
 
 
-class CampusConfig(_Strict):
+class CampusConfig(StrictModel):
     """`[campus]`: the point of interconnection, what shares it, and the devices measuring it."""
 
     poi: PoiConfig = Field(description="The point of interconnection")

@@ -28,6 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from controller.campus_config import CampusConfig, campus_review
 from controller.catalogue import load_catalogue
 from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, StrictModel
 from drivers.firmware.config import BridgeConfig
@@ -214,6 +215,10 @@ class SiteConfig(BaseSettings):
     bridge: BridgeConfig | None = Field(
         default=None, description="Real miners for `mineops bridge` (none: no bridge)"
     )
+    campus: CampusConfig | None = Field(
+        default=None, description="The energy campus: interconnect, firm loads, generation, "
+        "battery (none: miners only; docs/campus.md)"
+    )
 
     @model_validator(mode="after")
     def _check_fleet(self) -> SiteConfig:
@@ -237,6 +242,14 @@ class SiteConfig(BaseSettings):
         review = self.cap_review()
         if review.cannot_hold:
             raise ValueError("\n".join(review.errors))
+        return self
+
+    @model_validator(mode="after")
+    def _check_campus(self) -> SiteConfig:
+        if self.campus is not None:
+            review = campus_review(self.campus, self.meters, self.power_cap_kw)
+            if review.errors:
+                raise ValueError("\n".join(review.errors))
         return self
 
     @model_validator(mode="after")

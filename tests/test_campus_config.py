@@ -15,7 +15,9 @@ import pytest
 from pydantic import Field, ValidationError, model_validator
 
 from controller.campus_config import CampusConfig, campus_review
-from controller.config import MineopsMeter, SiteConfig, describe_validation_error
+from controller.config import SiteConfig
+from controller.site_file import describe_validation_error
+from drivers.meters.mineops import MineopsMeter
 from drivers.modbus.config import ModbusDeviceConfig
 
 CAMPUS_TOML = """

@@ -62,8 +62,8 @@ def comparison_operands(expr: str) -> list[str]:
     """The sides of an alert's top-level comparison, modifiers and bare numbers dropped.
 
     `a > b` gives [a, b]; `a / b > 0.1` gives [a / b]; `time() - t > 60` gives
-    [time() - t]; `a unless on(x) b` gives [a, b]. Only comparisons outside (), [], {} and quotes split, so label
-    matchers such as {state="offline"} stay whole. An alert whose signal side returns
+    [time() - t]; `a unless on(x) b` gives [a, b]. Only comparisons outside (), [], {}
+    and quotes split, so label matchers such as {state="offline"} stay whole. An alert whose signal side returns
     data can fire on some data; one whose signal never exists never fires.
     """
     parts, depth, quote, start, i = [], 0, "", 0, 0

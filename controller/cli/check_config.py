@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from controller.campus_config import campus_review
 from controller.cli.common import EXIT_OK, Subparsers
 from controller.config import format_kw
 from controller.site_file import load_config
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
           f"{format_kw(cfg.power_cap_kw)} kW (fleet stock draw "
           f"{format_kw(review.fleet_stock_kw)} kW incl. "
           f"{cfg.energy.aux_fraction * 100:.3g} % aux)")
-    for warning in review.warnings:
+    warnings = list(review.warnings)
+    if cfg.campus is not None:
+        warnings += campus_review(cfg.campus, cfg.meters, cfg.power_cap_kw).warnings
+    for warning in warnings:
         print(f"{args.file}: warning: {warning}")
     return EXIT_OK

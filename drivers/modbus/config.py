@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-# Ids are the same shape as the site file's other ids (controller/config.py, _ID).
-DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+from controller.config_types import ID_PATTERN, StrictModel
 
 # The SunSpec models this driver decodes (drivers/modbus/sunspec.py): AC meters, inverters
 # (the 1xx integer models and the DER AC measurement model of IEEE 1547-2018), storage.
@@ -24,12 +23,10 @@ StorageModel = Literal[124, 802]
 SupportedModel = Literal[101, 102, 103, 124, 201, 202, 203, 204, 701, 802]
 
 
-class ModbusDeviceConfig(BaseModel):
+class ModbusDeviceConfig(StrictModel):
     """One SunSpec device on Modbus TCP."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    id: str = Field(pattern=DEVICE_ID,
+    id: str = Field(pattern=ID_PATTERN,
                     description="Device id: what campus entries name as their `meter`")
     host: str = Field(min_length=1, max_length=253,
                       description="The device's (or its Modbus TCP gateway's) host name or address")
