@@ -13,7 +13,6 @@ restarted LuxOS has a new session) and announced online.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -313,11 +312,12 @@ class MinerBridge:
                 tg.create_task(self.transport.run(self.on_message), name="bridge-mqtt")
                 tg.create_task(self._poll_loop(), name="bridge-poll")
         finally:
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
-            for task in list(self._tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # gather, not `suppress(CancelledError)` around each await: that would also
+            # swallow a second cancellation of this task while the workers finish.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _poll_loop(self) -> None:
         interval = self.bcfg.poll_interval_s

@@ -18,6 +18,7 @@ from pyasic.data import MinerData
 from pyasic.miners.data import DataOptions
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
+from controller.cancellation import propagate_lost_cancel
 from controller.catalogue import MinerModel
 from controller.config import BridgeEndpoint
 
@@ -84,7 +85,10 @@ class FirmwareMiner:
 
     async def _call(self, coro: Any) -> Any:
         try:
-            return await asyncio.wait_for(coro, timeout=self.timeout_s)
+            # pyasic waits with 3.11's wait_for, which can swallow the bridge's stop.
+            async with asyncio.timeout(self.timeout_s):
+                with propagate_lost_cancel():
+                    return await coro
         except TimeoutError:
             raise FirmwareError("timed out") from None
         except FirmwareError:
