@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import importlib
+import os
 import signal
 import sys
+import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,12 @@ from controller.config import ConfigError, SiteConfig, describe_validation_error
 from drivers.price_csv import PriceFileError, load_price_csv
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_STUCK = 3  # a stop signal did not stop the process in time (stacks on stderr)
+
+# A clean stop takes at most about 3 s (the transport's goodbye and disconnect bounds).
+# Still running this long after SIGTERM/SIGINT means something swallowed the stop or
+# blocks: say where, and exit anyway, inside the 5 s that operators are promised.
+STOP_BACKSTOP_S = 4.5
 
 # Subcommands that live in their own modules: each has `add_parser(subparsers)`, which
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
@@ -123,13 +132,27 @@ def _price_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run until done; SIGTERM and SIGINT stop it cleanly (last words published, exit 0)."""
+    """Run until done; SIGTERM and SIGINT stop it cleanly (last words published, exit 0).
+
+    A process that is still alive STOP_BACKSTOP_S after the signal prints the stacks of
+    its tasks and threads to stderr and exits EXIT_STUCK (see `_stuck`).
+    """
 
     async def main() -> int:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+        backstop = threading.Timer(STOP_BACKSTOP_S, _stuck, args=(loop,))
+        backstop.daemon = True  # must not itself keep the process alive
+
+        def stop() -> None:
+            task.cancel()
+            if not backstop.is_alive():
+                # Armed until the process exits: asyncio.run's own shutdown (remaining
+                # tasks, the executor's threads) is part of the stop it bounds.
+                backstop.start()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             return await task
         except asyncio.CancelledError:
@@ -137,6 +160,29 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
             return EXIT_OK
 
     return asyncio.run(main())
+
+
+def _stuck(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop did not finish: show what is still running, then exit without waiting.
+
+    Runs on the backstop's thread, because the event loop may be the thing that is stuck.
+    Reading another thread's tasks is not thread-safe, which matters little for a last
+    report; the thread dump shows a loop blocked in a call.
+    """
+    err = sys.stderr
+    print(f"\nmineops: still running {STOP_BACKSTOP_S:g} s after the stop signal; "
+          "tasks still alive:", file=err)
+    try:
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task.get_name()} (cancel requests: {task.cancelling()})", file=err)
+            task.print_stack(file=err)
+    except RuntimeError as e:  # the task set changed under us: the threads still tell
+        print(f"(tasks unavailable: {e})", file=err)
+    print("threads:", file=err)
+    err.flush()
+    faulthandler.dump_traceback(file=err, all_threads=True)
+    err.flush()
+    os._exit(EXIT_STUCK)  # sys.exit would wait for the very tasks and threads that hang
 
 
 async def _run(cfg: SiteConfig) -> int:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,20 +34,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"mineops: {args.config}: no [openadr] table; add one with vtn_url, ven_name and "
               "level_1_kw..level_3_kw (see docs/openadr.md)", file=sys.stderr)
         return EXIT_USAGE
+    from controller.cli import _run_async  # noqa: PLC0415 - cli imports this module
     from drivers.openadr_ven import OpenAdrVen  # noqa: PLC0415 - keep `mineops --help` fast
 
     debug = getattr(args, "log_level", "info") == "debug"
     ven = OpenAdrVen(cfg, openleadr_log_level=logging.DEBUG if debug else logging.WARNING)
 
     async def main() -> int:
-        task = asyncio.ensure_future(ven.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            print("\nstopped", file=sys.stderr)
+        await ven.run()
         return EXIT_OK
 
-    return asyncio.run(main())
+    # The CLI's runner: SIGTERM/SIGINT stop it, and a stop that hangs is reported.
+    return _run_async(main())
