@@ -8,6 +8,7 @@ MINEOPS_REQUIRE_MOSQUITTO=1 (set by CI) a missing mosquitto fails the run.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import tempfile
 import time
@@ -120,7 +121,19 @@ async def tasks() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
     yield start
     for task in reversed(started):
         task.cancel()
-    # A task that ignores cancellation is a bug: fail the test rather than hang the run.
+    # A task that ignores cancellation is a bug: fail the test rather than hang the run,
+    # with the stacks of every task still alive (the stuck one is often a child).
     _, stuck = await asyncio.wait(started, timeout=30)
     if stuck:
-        pytest.fail(f"tasks did not stop within 30 s of cancel: {[t.get_name() for t in stuck]}")
+        pytest.fail(f"tasks did not stop within 30 s of cancel: {[t.get_name() for t in stuck]}"
+                    f"\n{task_stacks()}")
+
+
+def task_stacks() -> str:
+    """Name, pending cancel requests and stack of every task but the caller."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            print(f"--- {task.get_name()} (cancel requests: {task.cancelling()})", file=out)
+            task.print_stack(file=out)
+    return out.getvalue()
