@@ -26,8 +26,9 @@ import pytest
 from controller.broker import LocalBroker
 from controller.cancellation import propagate_lost_cancel
 from controller.cli import EXIT_STUCK
-from controller.config import SiteConfig
+from controller.config import BrokerConfig, SiteConfig
 from controller.daemon import Controller
+from controller.transport import DISCONNECT_TIMEOUT_S, GOODBYE_TIMEOUT_S, Transport
 from tests.conftest import make_site, task_stacks, wait_for
 from tests.test_grid import toml_of
 from tests.test_luxos_pyasic import free_loopback_base
@@ -144,6 +145,27 @@ async def test_a_lost_cancellation_is_raised_again() -> None:
         return "slept"
 
     assert await asyncio.create_task(times_out()) == "timed out"
+
+
+async def test_goodbye_and_disconnect_are_bounded_and_never_raise() -> None:
+    """A session's end runs with the stop in flight: it must neither hang nor replace it."""
+
+    async def hangs(*_: object) -> None:
+        await asyncio.sleep(60)
+
+    async def fails(*_: object) -> None:
+        raise OSError("the socket broke while closing")
+
+    class Client:  # stands in for aiomqtt.Client, whose __aexit__ is the disconnect
+        def __init__(self, aexit: object) -> None:
+            self.__aexit__ = aexit
+
+    for end in (hangs, fails):
+        transport = Transport(BrokerConfig(), client_id="t", subscriptions=[], on_close=end)
+        started = time.monotonic()
+        await transport._say_goodbye()
+        await transport._disconnect(Client(end))  # type: ignore[arg-type]
+        assert time.monotonic() - started < GOODBYE_TIMEOUT_S + DISCONNECT_TIMEOUT_S + 0.5
 
 
 @pytest.mark.integration
