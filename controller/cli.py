@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import faulthandler
 import importlib
@@ -11,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,9 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     """
 
     async def main() -> int:
-        task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+        loop.set_default_executor(_DaemonThreadExecutor())
+        task = asyncio.ensure_future(coro)
         backstop = threading.Timer(STOP_BACKSTOP_S, _stuck, args=(loop,))
         backstop.daemon = True  # must not itself keep the process alive
 
@@ -160,6 +162,36 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
             return EXIT_OK
 
     return asyncio.run(main())
+
+
+class _DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The event loop's default executor, with each call in a daemon thread of its own.
+
+    aiomqtt connects to the broker in the default executor; to a host that drops SYNs
+    (switched off, firewalled) that connect blocks for paho's 5 s timeout, and both
+    asyncio.run and the interpreter's exit wait for a pool's threads. Daemon threads
+    are left behind at exit instead. Calls are rare (connects, name lookups), so a
+    thread each costs nothing; a ThreadPoolExecutor in name only because asyncio
+    accepts nothing else as the default.
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the awaiting coroutine, as a pool does
+                future.set_exception(e)
+
+        threading.Thread(target=call, name="mineops-executor", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing to wait for: the threads are daemons (see the class docstring)."""
 
 
 def _stuck(loop: asyncio.AbstractEventLoop) -> None:

@@ -14,11 +14,13 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -258,8 +260,8 @@ class Daemon:
             [sys.executable, "-m", "controller.cli", "--log-format", "json", *args],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
 
-    def connected(self) -> bool:
-        return b'"mqtt_connected"' in self.log.read_bytes()
+    def logged(self, event: str) -> bool:
+        return f'"{event}"'.encode() in self.log.read_bytes()
 
     def sigterm_and_time(self, start: float) -> float:
         """Seconds from `start` (when SIGTERM was sent) until the process exited."""
@@ -309,7 +311,7 @@ def assert_stopped(results: dict[str, tuple[float, int | None, str]]) -> None:
 
 
 async def wait_connected(procs: list[Daemon]) -> None:
-    await wait_for(lambda: all(d.connected() for d in procs), timeout_s=30,
+    await wait_for(lambda: all(d.logged("mqtt_connected") for d in procs), timeout_s=30,
                    what="every daemon connected to the broker")
 
 
@@ -353,6 +355,50 @@ async def test_bridge_and_ven_exit_on_sigterm_with_a_frozen_broker(
             await asyncio.sleep(0.5)
             results = await asyncio.to_thread(sigterm_all, procs)
     print("\nbroker frozen: " + ", ".join(
+        f"mineops {c} exited in {t:.2f} s" for c, (t, _, _) in results.items()))
+    assert_stopped(results)
+
+
+@contextlib.contextmanager
+def port_that_drops_syns() -> Iterator[int]:
+    """A port where a TCP connect hangs, as to a broker host that is switched off.
+
+    A listener that never accepts, its accept queue full: Linux then drops new SYNs.
+    """
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        for _ in range(3):  # a backlog of 0 still queues one; some kernels one more
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.1)
+        with socket.socket() as probe, pytest.raises(TimeoutError):
+            probe.settimeout(0.5)
+            probe.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+@pytest.mark.slow
+async def test_run_exits_on_sigterm_while_connecting_to_a_host_that_drops_syns(
+        tmp_path: Path) -> None:
+    """aiomqtt connects in the default executor; the exit must not wait for that thread."""
+    with port_that_drops_syns() as port:
+        cfg = make_site(SimpleNamespace(host="127.0.0.1", port=port),  # type: ignore[arg-type]
+                        [("a", "s21", 4)])
+        with daemons(tmp_path, cfg, ["run"]) as procs:
+            await wait_for(lambda: procs[0].logged("controller_starting"), timeout_s=30,
+                           what="the controller starting")
+            await asyncio.sleep(0.3)  # its connect is in flight: paho gives up after 5 s
+            results = await asyncio.to_thread(sigterm_all, procs)
+    print("\nconnect hanging: " + ", ".join(
         f"mineops {c} exited in {t:.2f} s" for c, (t, _, _) in results.items()))
     assert_stopped(results)
 
