@@ -420,7 +420,7 @@ class Controller:
         grace_s = max(2.0, 2 * interval)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace_s):
-                while self.fleet.site.price_usd_per_mwh is None:
+                while self.fleet.site.price_usd_per_mwh is None:  # noqa: ASYNC110 - once, at start
                     await asyncio.sleep(0.05)
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for returns normally when the
