@@ -149,8 +149,8 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
         def stop() -> None:
             task.cancel()
             if not backstop.is_alive():
-                # Armed until the process exits: asyncio.run's own shutdown (remaining
-                # tasks, the executor's threads) is part of the stop it bounds.
+                # Armed until the process exits: asyncio.run's own shutdown (cancelling
+                # the remaining tasks) is part of the stop it bounds.
                 backstop.start()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
