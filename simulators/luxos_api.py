@@ -179,7 +179,8 @@ class LuxosApiServer:
             s.close()
         for s in servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), timeout=2.0)
+                async with asyncio.timeout(2.0):  # not wait_for: see controller/cancellation.py
+                    await s.wait_closed()
 
     async def __aenter__(self) -> LuxosApiServer:
         await self.start()
@@ -229,7 +230,8 @@ class LuxosApiServer:
             if self.fleet.offline[api.index]:
                 writer.transport.abort()
                 return
-            request = await asyncio.wait_for(_read_request(reader), timeout=_READ_TIMEOUT_S)
+            async with asyncio.timeout(_READ_TIMEOUT_S):  # not wait_for: cancellation.py
+                request = await _read_request(reader)
             api.requests += 1
             reply = self.handle(api, request) if request is not None else _error("Invalid JSON")
             writer.write(json.dumps(reply).encode() + b"\x00")

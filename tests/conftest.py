@@ -8,6 +8,7 @@ MINEOPS_REQUIRE_MOSQUITTO=1 (set by CI) a missing mosquitto fails the run.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.protocol.broker import LocalBroker, find_mosquitto
 from controller.protocol.transport import Transport
@@ -58,14 +60,20 @@ def broker() -> Iterator[LocalBroker]:
 
 def make_site(broker: LocalBroker, groups: list[tuple[str, str, int]],
               **overrides: Any) -> SiteConfig:
-    """A site config with racks (name, model, count) on the test broker; fast policy times."""
+    """A site config with racks (name, model, count) on the test broker; fast policy times.
+
+    The cap defaults to twice the fleet's highest draw (plus aux): it does not bind, and
+    `load_config` (which `mineops run` uses) does not take it for a unit typo.
+    """
+    catalogue = load_catalogue()
+    max_kw = sum(catalogue.get(m).max_w * c for _, m, c in groups) * 1.05 / 1000.0
     data: dict[str, Any] = {
         "site_id": "test",
         "broker": {"host": broker.host, "port": broker.port, "reconnect_max_s": 0.5,
                    "keepalive_s": 5},
         "fleet": {"groups": [{"name": n, "model": m, "count": c} for n, m, c in groups]},
         "meters": [{"type": "mineops", "id": "poi"}],
-        "power_cap_kw": 10_000,
+        "power_cap_kw": round(2 * max_kw, 1),
         "hashprice_usd_per_ph_day": 42.0,
         "energy": {"adders_usd_per_mwh": 0.0, "aux_fraction": 0.05},
         "policy": {"decision_interval_s": 0.5, "telemetry_stale_s": 5.0,
@@ -120,10 +128,22 @@ async def tasks() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
     yield start
     for task in reversed(started):
         task.cancel()
-    # A task that ignores cancellation is a bug: fail the test rather than hang the run.
+    # A task that ignores cancellation is a bug: fail the test rather than hang the run,
+    # with the stacks of every task still alive (the stuck one is often a child).
     _, stuck = await asyncio.wait(started, timeout=30)
     if stuck:
-        pytest.fail(f"tasks did not stop within 30 s of cancel: {[t.get_name() for t in stuck]}")
+        pytest.fail(f"tasks did not stop within 30 s of cancel: {[t.get_name() for t in stuck]}"
+                    f"\n{task_stacks()}")
+
+
+def task_stacks() -> str:
+    """Name, pending cancel requests and stack of every task but the caller."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            print(f"--- {task.get_name()} (cancel requests: {task.cancelling()})", file=out)
+            task.print_stack(file=out)
+    return out.getvalue()
 
 
 def bridge_of(cfg: SiteConfig, **kwargs: Any) -> Any:

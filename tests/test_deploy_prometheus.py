@@ -63,8 +63,9 @@ def comparison_operands(expr: str) -> list[str]:
 
     `a > b` gives [a, b]; `a / b > 0.1` gives [a / b]; `time() - t > 60` gives
     [time() - t]; `a unless on(x) b` gives [a, b]. Only comparisons outside (), [], {}
-    and quotes split, so label matchers such as {state="offline"} stay whole. An alert whose signal side returns
-    data can fire on some data; one whose signal never exists never fires.
+    and quotes split, so label matchers such as {state="offline"} stay whole. An alert
+    whose signal side returns data can fire on some data; one whose signal never exists
+    never fires.
     """
     parts, depth, quote, start, i = [], 0, "", 0, 0
     while i < len(expr):

@@ -78,7 +78,8 @@ def test_watchdog_interval_from_env() -> None:
 
 
 async def test_without_notify_socket_nothing_happens() -> None:
-    await asyncio.wait_for(supervise(asyncio.Event(), env={}), timeout=1.0)
+    async with asyncio.timeout(1.0):
+        await supervise(asyncio.Event(), env={})
 
 
 async def test_ready_after_connect_then_watchdog_pings(

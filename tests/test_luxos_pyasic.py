@@ -172,7 +172,8 @@ async def test_wire_format_details(sim: Sim) -> None:
         reader, writer = await asyncio.open_connection(host, LUXOS_PORT)
         writer.write(payload)  # no newline, write side kept open: the server must not wait
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout=2)  # until the server closes
+        async with asyncio.timeout(2):
+            data = await reader.read()  # until the server closes
         writer.close()
         return data
 

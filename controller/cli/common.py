@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import faulthandler
+import os
 import signal
 import sys
 import textwrap
-from collections.abc import Coroutine
+import threading
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from drivers.prices import dataset_help
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_STUCK = 3  # a stop signal did not stop the process in time (stacks on stderr)
+
+# A clean stop takes at most about 3 s (the transport's goodbye and disconnect bounds).
+# Still running this long after SIGTERM/SIGINT means something swallowed the stop or
+# blocks: say where, and exit anyway, inside the 5 s that operators are promised.
+STOP_BACKSTOP_S = 4.5
 
 Subparsers = Any  # argparse's _SubParsersAction is private; its add_parser is what is used
 
@@ -77,13 +87,28 @@ def add_price_args(p: argparse.ArgumentParser, *, required: bool = False) -> Non
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run a daemon's coroutine until done; SIGTERM and SIGINT stop it cleanly (exit 0)."""
+    """Run a daemon's coroutine until done; SIGTERM and SIGINT stop it cleanly (exit 0).
+
+    A process that is still alive STOP_BACKSTOP_S after the signal prints the stacks of
+    its tasks and threads to stderr and exits EXIT_STUCK (see `_stuck`).
+    """
 
     async def main() -> int:
-        task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+        loop.set_default_executor(_DaemonThreadExecutor())
+        task = asyncio.ensure_future(coro)
+        backstop = threading.Timer(STOP_BACKSTOP_S, _stuck, args=(loop,))
+        backstop.daemon = True  # must not itself keep the process alive
+
+        def stop() -> None:
+            task.cancel()
+            if not backstop.is_alive():
+                # Armed until the process exits: asyncio.run's own shutdown (cancelling
+                # the remaining tasks) is part of the stop it bounds.
+                backstop.start()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             return await task
         except asyncio.CancelledError:
@@ -91,3 +116,57 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
             return EXIT_OK
 
     return asyncio.run(main())
+
+
+class _DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The event loop's default executor, with each call in a daemon thread of its own.
+
+    aiomqtt connects to the broker in the default executor; to a host that drops SYNs
+    (switched off, firewalled) that connect blocks for paho's 5 s timeout, and both
+    asyncio.run and the interpreter's exit wait for a pool's threads. Daemon threads
+    are left behind at exit instead. Calls are rare (connects, name lookups), so a
+    thread each costs nothing; a ThreadPoolExecutor in name only because asyncio
+    accepts nothing else as the default.
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Run `fn` in a new daemon thread; its result or exception on the future."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the awaiting coroutine, as a pool does
+                future.set_exception(e)
+
+        threading.Thread(target=call, name="mineops-executor", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing to wait for: the threads are daemons (see the class docstring)."""
+
+
+def _stuck(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop did not finish: show what is still running, then exit without waiting.
+
+    Runs on the backstop's thread, because the event loop may be the thing that is stuck.
+    Reading another thread's tasks is not thread-safe, which matters little for a last
+    report; the thread dump shows a loop blocked in a call.
+    """
+    err = sys.stderr
+    print(f"\nmineops: still running {STOP_BACKSTOP_S:g} s after the stop signal; "
+          "tasks still alive:", file=err)
+    try:
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task.get_name()} (cancel requests: {task.cancelling()})", file=err)
+            task.print_stack(file=err)
+    except RuntimeError as e:  # the task set changed under us: the threads still tell
+        print(f"(tasks unavailable: {e})", file=err)
+    print("threads:", file=err)
+    err.flush()
+    faulthandler.dump_traceback(file=err, all_threads=True)
+    err.flush()
+    os._exit(EXIT_STUCK)  # sys.exit would wait for the very tasks and threads that hang

@@ -312,11 +312,15 @@ class Controller:
         grace_s = max(2.0, 2 * interval)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace_s):
-                while self.fleet.site.market_price_usd_per_mwh is None:
+                while self.fleet.site.market_price_usd_per_mwh is None:  # noqa: ASYNC110 - once, at start
                     await asyncio.sleep(0.05)
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns normally when the
+            # trigger fires in the loop iteration that cancels this task, and this loop
+            # then never stops (controller/cancellation.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trigger.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await self._trigger.wait()
             why = self._trigger_why if self._trigger.is_set() else "tick"
             self._trigger.clear()
             try:

@@ -81,8 +81,10 @@ async def supervise(connected: asyncio.Event, env: Mapping[str, str] | None = No
                 notifier.send("WATCHDOG=1")
             if not ready:
                 # Ping on time, but say READY as soon as the first connect happens.
+                # asyncio.timeout: 3.11's wait_for can swallow the stop (cancellation.py).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(connected.wait(), timeout=interval)
+                    async with asyncio.timeout(interval):
+                        await connected.wait()
             elif interval is not None:
                 await asyncio.sleep(interval)
             else:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,10 +94,17 @@ class LocalBroker:
             raise RuntimeError(f"{self.kind} did not start: {self.log_tail()}") from None
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (tests freeze it with SIGSTOP)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a frozen broker would not act on SIGTERM
         proc.terminate()
         try:
             proc.wait(timeout=5)
@@ -122,7 +130,7 @@ class LocalBroker:
 
 
 def _serve_amqtt(port: int) -> None:
-    from amqtt.broker import Broker  # imported here: only the child process needs it
+    from amqtt.broker import Broker  # noqa: PLC0415 - only the child process needs it
 
     config = {
         "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},

@@ -3,6 +3,11 @@
 One long-lived connection per process, reconnected with jittered exponential
 backoff when the broker goes away; on every (re)connect it re-subscribes and
 calls `on_connect` so the owner can re-announce itself (availability, state).
+
+Cancelling `run()` stops it within GOODBYE_TIMEOUT_S + DISCONNECT_TIMEOUT_S whatever the
+broker does (answering, slow, frozen, gone). Every aiomqtt call goes through
+`propagate_lost_cancel()`: aiomqtt waits for acknowledgements with Python 3.11's
+`asyncio.wait_for`, which can swallow a cancellation (controller/cancellation.py).
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ from dataclasses import dataclass
 import aiomqtt
 import structlog
 
+from controller.cancellation import propagate_lost_cancel
 from controller.config import BrokerConfig
 
 log = structlog.get_logger("mineops.transport")
+
+# A clean stop must end within seconds whatever the broker does; together these stay
+# well inside the 5 s that the daemons promise for SIGTERM.
+GOODBYE_TIMEOUT_S = 1.5  # the owner's last words (availability offline, QoS 1)
+DISCONNECT_TIMEOUT_S = 1.5  # MQTT 3.1.1 DISCONNECT has no answer: it only has to be written
 
 MessageHandler = Callable[[str, bytes], None]
 
@@ -98,8 +109,9 @@ class Transport:
         while True:
             try:
                 async with self._session() as client:
-                    for topic in self._subscriptions:
-                        await client.subscribe(topic, qos=1)
+                    with propagate_lost_cancel():
+                        for topic in self._subscriptions:
+                            await client.subscribe(topic, qos=1)
                     self._client = client
                     self.connects += 1
                     self.connected.set()
@@ -136,29 +148,48 @@ class Transport:
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[aiomqtt.Client]:
-        """A connected client whose disconnect is bounded in time.
-
-        aiomqtt waits for the broker's disconnect acknowledgement without a limit; under
-        load that wait was seen to never end, hanging a clean stop. Five seconds is plenty.
-        """
+        """A connected client, disconnected on the way out (bounded, see `_disconnect`)."""
         client = self._make_client()
-        await client.__aenter__()
+        connected = False
         try:
+            with propagate_lost_cancel():
+                await client.__aenter__()
+                connected = True  # a cancel lost in the CONNACK wait still disconnects
             yield client
         finally:
-            try:
-                await asyncio.wait_for(client.__aexit__(None, None, None), timeout=5.0)
-            except TimeoutError:
-                log.warning("mqtt_disconnect_timeout", client_id=self._client_id)
+            if connected:
+                await self._disconnect(client)
+
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
+        """Disconnect within DISCONNECT_TIMEOUT_S; only a new cancellation escapes.
+
+        This runs with the session's exception in flight, the owner's cancellation above
+        all: a disconnect that fails must not replace it (an MqttError escaping here would
+        turn a stop into a reconnect in `run()`). aiomqtt itself would wait 10 s for a
+        DISCONNECT that a frozen broker never reads.
+        """
+        try:
+            async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                with propagate_lost_cancel():
+                    await client.__aexit__(None, None, None)
+        except TimeoutError:
+            log.warning("mqtt_disconnect_timeout", client_id=self._client_id,
+                        timeout_s=DISCONNECT_TIMEOUT_S)
+        except Exception as e:  # MqttError, or what paho raised while the socket broke
+            log.warning("mqtt_disconnect_failed", client_id=self._client_id, error=repr(e))
 
     async def _say_goodbye(self) -> None:
         """On a clean stop, let the owner publish its last words while still connected."""
         if self._on_close is None:
             return
         try:
-            await asyncio.wait_for(self._on_close(), timeout=2.0)
-        except (TimeoutError, aiomqtt.MqttError) as e:
-            log.warning("mqtt_goodbye_failed", error=str(e))
+            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
+                await self._on_close()
+        except TimeoutError:
+            log.warning("mqtt_goodbye_timeout", client_id=self._client_id,
+                        timeout_s=GOODBYE_TIMEOUT_S)
+        except Exception as e:  # best effort: the stop in flight must go on
+            log.warning("mqtt_goodbye_failed", client_id=self._client_id, error=repr(e))
 
     def _lost(self) -> None:
         if self._client is not None:
@@ -175,7 +206,8 @@ class Transport:
         if client is None:
             return False
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+            with propagate_lost_cancel():
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
         except aiomqtt.MqttError as e:
             log.warning("mqtt_publish_failed", topic=topic, error=str(e))
             return False

@@ -20,7 +20,6 @@ leaves its hashrate unknown it is reported in state `error` with the reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -469,11 +468,12 @@ class MinerBridge:
                 tg.create_task(self.transport.run(self.on_message), name="bridge-mqtt")
                 tg.create_task(self._poll_loop(), name="bridge-poll")
         finally:
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
-            for task in list(self._tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # gather, not `suppress(CancelledError)` around each await: that would also
+            # swallow a second cancellation of this task while the workers finish.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _poll_loop(self) -> None:
         interval = self.bcfg.poll_interval_s

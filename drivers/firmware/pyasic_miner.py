@@ -26,6 +26,7 @@ from pyasic.device.algorithm.hashrate import AlgoHashRateType
 from pyasic.miners.data import DataOptions
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
+from controller.cancellation import propagate_lost_cancel
 from controller.catalogue import MinerModel
 from drivers.firmware.config import BridgeEndpoint
 
@@ -257,7 +258,10 @@ class FirmwareMiner:
 
     async def _call(self, coro: Any) -> Any:
         try:
-            return await asyncio.wait_for(coro, timeout=self.timeout_s)
+            # pyasic waits with 3.11's wait_for, which can swallow the bridge's stop.
+            async with asyncio.timeout(self.timeout_s):
+                with propagate_lost_cancel():
+                    return await coro
         except TimeoutError:
             raise FirmwareError("timed out") from None
         except FirmwareError:

@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 from openleadr import OpenADRClient, enums, objects
 
+from controller.cancellation import propagate_lost_cancel
 from controller.config import BrokerConfig
 from controller.logs import LogLimiter
 from controller.protocol.payloads import GridEvent, MeterTelemetry, PayloadError, decode
@@ -352,7 +353,8 @@ class OpenAdrVen:
         while True:
             client = self._make_client()
             try:
-                await client.run()
+                with propagate_lost_cancel():  # openleadr must not swallow the VEN's stop
+                    await client.run()
             except Exception as e:  # a VTN answer openleadr could not digest
                 log.warning("openadr_register_failed", error=f"{type(e).__name__}: {e}")
             try:
