@@ -90,6 +90,9 @@ def write_csv(result: BacktestResult, path: Path) -> None:
 
 def write_png(result: BacktestResult, path: Path) -> None:
     """Price with break-even lines, site power vs cap, cumulative profit per strategy."""
+    from controller.extras import require  # noqa: PLC0415
+
+    require("charts", "the backtest chart")
     import matplotlib  # noqa: PLC0415 - only `--out` pays for the import
 
     matplotlib.use("Agg")

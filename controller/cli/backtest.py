@@ -19,6 +19,7 @@ from controller.backtest.engine import (
 from controller.backtest.report import text_report, write_csv, write_png
 from controller.config import load_config
 from controller.core.policy import PolicyKnobs
+from controller.extras import require
 from drivers.prices import dataset_help, load_prices
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -108,6 +109,8 @@ class ProgressBar:
 def run(args: argparse.Namespace) -> int:
     """Handler of `mineops backtest`; ConfigError and PriceFileError reach the CLI's main."""
     cfg = load_config(args.config)
+    if args.out is not None:  # before the run, not after it: the chart needs matplotlib
+        require("charts", "mineops backtest --out (its chart)")
     prices = load_prices(args.prices, args.price_column, timezone=args.timezone,
                          settlement_point=args.settlement_point)
     try:

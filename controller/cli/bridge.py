@@ -24,6 +24,9 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from controller.cli.main import _run_async  # noqa: PLC0415 - cli imports this module
+    from controller.extras import require  # noqa: PLC0415
+
+    require("bridge", "mineops bridge")
     from drivers.firmware.bridge import MinerBridge  # noqa: PLC0415 - pyasic is slow to import
 
     cfg = load_config(args.config)

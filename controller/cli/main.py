@@ -26,6 +26,8 @@ from controller.config import (
     format_kw,
     load_config,
 )
+from controller.demo import add_arguments as demo_arguments
+from controller.extras import MissingExtra
 from drivers.prices import PriceFileError, dataset_help, load_prices
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -40,7 +42,7 @@ class StartupError(Exception):
 # registers a parser with `set_defaults(handler=fn)`, fn(args) -> exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "controller.cli.backtest", "controller.cli.events", "controller.cli.decode",
-    "controller.cli.ven", "controller.cli.bridge",
+    "controller.cli.ven", "controller.cli.bridge", "controller.cli.top",
 )
 
 
@@ -132,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="a whole simulated site with its controller, on a local broker",
         description="Start a local MQTT broker (mosquitto if installed, else embedded amqtt) "
         "on 127.0.0.1, a simulated mixed fleet, a site meter, a price replay, the controller "
-        "and its metrics endpoint, and show a live summary. Ctrl-C stops everything.")
+        "and its metrics endpoint, and show the live site view (as `mineops top` shows a "
+        "running site). Ctrl-C stops everything and prints a final summary.")
     demo.add_argument("--miners", type=_count, default=1000, help="fleet size (default 1000)")
     demo.add_argument("--duration", type=_positive, metavar="SECONDS",
                       help="stop after this many seconds and print a summary (default: run "
@@ -146,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="use this broker instead of starting one")
     demo.add_argument("--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
                       help="which local broker to start (default auto: mosquitto if installed)")
-    _price_args(demo)
+    _price_args(demo, default="the built-in ercot-hb-south-2024-summer; 'synthetic': a "
+                "synthetic week")
+    demo_arguments(demo)
 
     check = sub.add_parser("check-config", help="validate a site file",
                            description="Exit 0 if FILE (with the MINEOPS_* environment) is a "
@@ -162,10 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _price_args(p: argparse.ArgumentParser) -> None:
+def _price_args(p: argparse.ArgumentParser, default: str = "a synthetic week") -> None:
     p.add_argument("--prices", metavar="NAME|FILE",
-                   help="replay a built-in price trace or a price CSV (default: a synthetic "
-                   f"week). Built-in: {dataset_help()}")
+                   help=f"replay a built-in price trace or a price CSV (default: {default}). "
+                   f"Built-in: {dataset_help()}")
     p.add_argument("--price-column", metavar="COLUMN",
                    help="price column in the file (default: the layout's own, e.g. "
                    "SettlementPointPrice, SPP, price_usd_per_mwh; see docs/prices.md)")
@@ -268,7 +273,8 @@ def _first_miners(cfg: SiteConfig, n: int) -> SiteConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    quiet_demo = args.command == "demo" and args.log_level == "info"
+    # The live views own the terminal: only warnings and errors print above them.
+    quiet_demo = args.command in ("demo", "top") and args.log_level == "info"
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     logs.configure("warning" if quiet_demo else args.log_level, json=fmt)
     try:
@@ -306,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(args.config)
             return _run_async(_simulate(cfg, args))
         if args.command == "demo":
-            from controller.demo import run_demo  # noqa: PLC0415
+            from controller.demo import DemoEvent, run_demo  # noqa: PLC0415
 
             async def demo() -> int:
                 result = await run_demo(
@@ -314,13 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
                     prices_file=args.prices, price_column=args.price_column,
                     price_timezone=args.timezone, settlement_point=args.settlement_point,
+                    start=args.start,
+                    event=None if args.no_event else DemoEvent(at_s=args.event_at),
                 )
                 if not result.ok:
                     print(f"demo failed: {result.why}", file=sys.stderr)
                 return EXIT_OK if result.ok else EXIT_FAIL
 
             return _run_async(demo())
-    except (ConfigError, PriceFileError, StartupError) as e:
+    except (ConfigError, PriceFileError, StartupError, MissingExtra) as e:
         for line in str(e).splitlines():  # a ConfigError lists every problem, one per line
             print(f"mineops: {line}", file=sys.stderr)
         return EXIT_USAGE
