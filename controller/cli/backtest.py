@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(result, args.out / "backtest.csv")
-        write_png(result, args.out / "backtest.png")
+        write_png(result, args.out / "backtest.png", timezone=prices.timezone)
     if args.json:
         summary = result.summary()
         summary["price_column"] = prices.column
