@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -178,7 +178,8 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
 
     tz = ZoneInfo(timezone)
     when = [datetime.fromtimestamp(float(x), UTC).astimezone(tz) for x in result.start_s]
-    t = np.array(when, dtype=object)
+    # Matplotlib's date numbers (days): plain floats for every x below.
+    t = np.asarray(mdates.date2num(when), dtype=np.float64)  # type: ignore[no-untyped-call]
     zone_name = f"{timezone} ({when[0]:%Z})" if when else timezone
     dollars = FuncFormatter(lambda x, _p: _tex(usd_text(x)))
     price = result.price_usd_per_mwh
@@ -194,8 +195,8 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     # -- the whole period: daily peak and mean price --------------------------------------
     days = day_keys(result, tz)
     order = list(dict.fromkeys(days))
-    day_start = [when[int(np.argmax(days == d))].replace(hour=0, minute=0, second=0)
-                 for d in order]
+    day_start = [float(mdates.date2num(  # type: ignore[no-untyped-call]
+        when[int(np.argmax(days == d))].replace(hour=0, minute=0, second=0))) for d in order]
     day_peak = [float(price[days == d].max()) for d in order]
     day_mean = [float(price[days == d].mean()) for d in order]
     ax_p.step(day_start, day_peak, where="post", lw=0.9, color="black", label="daily peak")
@@ -213,14 +214,14 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     ax_p.yaxis.set_major_formatter(dollars)
     zoomed = expensive_days(result, tz, n_zoom)
     shade = ax_p.get_xaxis_transform()
-    placed: list[datetime] = []
+    placed: list[float] = []
     for rank, d in enumerate(zoomed, 1):
         x = day_start[order.index(d)]
-        ax_p.axvspan(x, x + timedelta(days=1), color="gold", alpha=0.5, lw=0)
+        ax_p.axvspan(x, x + 1.0, color="gold", alpha=0.5, lw=0)
         # Neighbouring days (a heat wave's) get their labels stacked, not overprinted.
-        level = sum(abs((x - other).total_seconds()) < 4 * 86400 for other in placed)
+        level = sum(abs(x - other) < 4.0 for other in placed)
         placed.append(x)
-        ax_p.text(x + timedelta(hours=12), 1.01 + 0.07 * level, f"#{rank}", transform=shade,
+        ax_p.text(x + 0.5, 1.01 + 0.07 * level, f"#{rank}", transform=shade,
                   fontsize=7, ha="center", va="bottom")
     ax_p.set_title(_tex("market price per day, $/MWh (shaded: the most expensive days, "
                         "shown below)"), fontsize=10, pad=30)
@@ -241,7 +242,9 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
                         f"0.01 % = level with it); optimum {usd_text(opt_total)} over the "
                         "period"), fontsize=10)
     ax_g.legend(fontsize=8, loc="upper right")
-    ax_g.xaxis.set_major_formatter(mdates.DateFormatter("%b %d", tz=tz))
+    ax_g.xaxis_date(tz)
+    ax_g.xaxis.set_major_formatter(
+        mdates.DateFormatter("%b %d", tz=tz))  # type: ignore[no-untyped-call]
     ax_g.set_xlabel(f"date, {zone_name}")
     plt.setp(ax_p.get_xticklabels(), visible=False)
 
@@ -269,8 +272,11 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
         zw.step(tt, result.cap_w[sel] / 1e6, where="post", lw=0.9, ls="--", color="red",
                 label="planning cap")
         zw.set_ylim(bottom=0)
-        zw.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
-        zw.xaxis.set_major_locator(mdates.HourLocator(byhour=range(0, 24, 6), tz=tz))
+        zw.xaxis_date(tz)
+        zw.xaxis.set_major_formatter(
+            mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
+        zw.xaxis.set_major_locator(mdates.HourLocator(  # type: ignore[no-untyped-call]
+            byhour=range(0, 24, 6), tz=tz))
         zw.set_xlabel(f"time, {zone_name}")
         plt.setp(zp.get_xticklabels(), visible=False)
         if col == 0:
