@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"bridging {len(bridge.devices)} miners in {len(bridge.groups)} groups for site "
           f"{cfg.site_id!r}, polling every {cfg.bridge.poll_interval_s:g} s", file=sys.stderr)
+    from controller.view.progress import JobProgress  # noqa: PLC0415
+
+    # The first poll of a large site (identifying every miner) takes a while: show it.
+    bridge.first_poll_progress = JobProgress("first poll", len(bridge.devices))
 
     async def main() -> int:
         await bridge.run()

@@ -239,8 +239,11 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     from simulators.luxos_api import LuxosApiServer, address_map_lines  # noqa: PLC0415
 
     catalogue = load_catalogue()
+    from controller.view.progress import progress  # noqa: PLC0415
+
     api = LuxosApiServer(site.fleet, [catalogue.get(m.model) for m in cfg.inventory])
-    await api.start()
+    with progress("LuxOS APIs", len(api.miners)) as done:
+        await api.start(progress=done)
     groups: dict[str, list[str]] = {}
     for m in cfg.inventory:
         groups.setdefault(m.group, []).append(m.id)
