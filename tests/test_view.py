@@ -230,3 +230,38 @@ def test_a_controller_decision_summary_says_why_miners_sleep_during_recovery() -
     assert f"grid {held}" in text
     assert "$33.00/MWh = market $25.00/MWh (real-time) + adders $8.00/MWh" in text
     assert math.isclose(after.fleet_hashrate_ths or 0.0, 0.0)
+
+
+def test_job_progress_draws_only_when_asked_and_ends_itself() -> None:
+    from controller.view.progress import JobProgress  # noqa: PLC0415
+
+    shown = io.StringIO()
+    bar = JobProgress("first poll", 3, enabled=True, stream=shown)
+    for n in (1, 2, 3):
+        bar(n)
+    bar(3)  # after the end: nothing more, no error
+    text = shown.getvalue()
+    assert "first poll" in text and "3/3" in text
+    quiet = io.StringIO()
+    off = JobProgress("first poll", 3, stream=quiet)  # a StringIO is no terminal
+    off(1)
+    off(3)
+    assert quiet.getvalue() == ""
+
+
+async def test_luxos_api_start_reports_each_miner_bound() -> None:
+    import random  # noqa: PLC0415
+
+    from simulators.fleet import SimulatedFleet  # noqa: PLC0415
+    from simulators.luxos_api import LuxosApiServer  # noqa: PLC0415
+
+    model = load_catalogue().get("s21")
+    fleet = SimulatedFleet(["m1", "m2", "m3"], [model] * 3, start_now=time.monotonic())
+    base = f"127.{random.randint(100, 250)}.{random.randint(0, 250)}.2"
+    api = LuxosApiServer(fleet, [model] * 3, first_address=base)
+    seen: list[int] = []
+    await api.start(progress=seen.append)
+    try:
+        assert seen == [1, 2, 3]
+    finally:
+        await api.close()

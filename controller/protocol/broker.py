@@ -130,7 +130,7 @@ class LocalBroker:
 
 
 def _serve_amqtt(port: int) -> None:
-    from amqtt.broker import Broker  # imported here: only the child process needs it
+    from amqtt.broker import Broker  # noqa: PLC0415 - only the child process needs it
 
     config = {
         "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
