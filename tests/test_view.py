@@ -265,3 +265,20 @@ async def test_luxos_api_start_reports_each_miner_bound() -> None:
         assert seen == [1, 2, 3]
     finally:
         await api.close()
+
+
+def test_logs_show_times_as_iso_8601_with_the_zone(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog  # noqa: PLC0415
+
+    from controller import logs  # noqa: PLC0415
+
+    logs.configure("info", json=True)
+    structlog.get_logger("test").info("grid_event_accepted", start_ts=1_724_194_800.0,
+                                      end_ts=1_724_198_400, count=3, stale_ts=math.inf)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["start_ts"] == "2024-08-20T23:00:00+00:00"
+    assert line["end_ts"] == "2024-08-21T00:00:00+00:00"
+    assert line["count"] == 3, "only Unix-time fields"
+    assert line["stale_ts"] == "Infinity" or math.isinf(line["stale_ts"])
+    stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert stamp.tzinfo is not None
