@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
@@ -71,7 +72,7 @@ class TopState:
 
 
 def make_handler(topics: SiteTopics, state: TopState, limiter: LogLimiter | None = None
-                 ) -> Any:
+                 ) -> Callable[[str, bytes], None]:
     """The MQTT message handler: decision summaries and controller availability."""
     limits = limiter or LogLimiter()
 
@@ -125,9 +126,8 @@ async def watch(broker: BrokerConfig, site_id: str, *, tz: tzinfo, out: TextIO,
     stopping = stop or asyncio.Event()
 
     def view() -> SiteView:
-        v = SiteView(site_id, state.summary, SiteClock.wall(tz), time.time(), models=models,
-                     controller_online=state.controller_online, source=source)
-        return v
+        return SiteView(site_id, state.summary, SiteClock.wall(tz), time.time(), models=models,
+                        controller_online=state.controller_online, source=source)
 
     task = asyncio.create_task(transport.run(make_handler(topics, state)), name="top-mqtt")
     screen = Screen(out)
