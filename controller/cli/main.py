@@ -236,11 +236,10 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     if not luxos:
         await site.run()
         return EXIT_OK
+    from controller.view.progress import progress  # noqa: PLC0415
     from simulators.luxos_api import LuxosApiServer, address_map_lines  # noqa: PLC0415
 
     catalogue = load_catalogue()
-    from controller.view.progress import progress  # noqa: PLC0415
-
     api = LuxosApiServer(site.fleet, [catalogue.get(m.model) for m in cfg.inventory])
     with progress("LuxOS APIs", len(api.miners)) as done:
         await api.start(progress=done)
