@@ -106,9 +106,10 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "grid": {
             "journal_path": journal_path,
-            # Site minutes, like everything else: 2 minutes to prepare, back at 10 % of
-            # the cap per minute (unscaled, the recovery would take the demo an hour).
-            "prepare_s": 120.0 / speed,
+            # Site minutes, like everything else: 2 minutes to prepare (but at least three
+            # decisions, which tick in real seconds), back at 10 % of the cap per minute
+            # (unscaled, the recovery would take the demo an hour).
+            "prepare_s": max(120.0 / speed, 3.0),
             "recovery_kw_per_min": 0.1 * cap_kw * speed,
             "record_interval_s": max(0.2, 5.0 / speed),
         },
