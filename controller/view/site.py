@@ -258,7 +258,7 @@ class SiteView:
         miners = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
         miners.add_column("miners", no_wrap=True)
         miners.add_column("count", justify="right")
-        miners.add_column("why (reason the decision gave: miners)")
+        miners.add_column("why: the last decision's reasons (miners)")
         total = sum(s.miners_by_state.values())
         for state in VIEW_STATES:
             n = s.miners_by_state.get(state, 0)
