@@ -2,28 +2,45 @@
 
 Starts a local broker (mosquitto if installed, else the embedded amqtt) on
 127.0.0.1, a simulated mixed fleet with a site meter and a price replay, the
-controller and its /metrics endpoint, and shows a live summary. Time runs
-`speed` times faster in the simulation; the controller's policy times are
+controller and its /metrics endpoint, and shows the live site view
+(`controller.view`, the same view `mineops top` shows of a running daemon). Time runs
+`speed` times faster in the simulation; the controller's policy and grid times are
 scaled to match, so an hour of site behaviour passes in a minute at speed 60.
+
+By default the replay is the real ERCOT trace shipped with mineops from 2024-08-20
+17:45 CDT, an hour and a half before that evening's scarcity spike ($4,858/MWh at
+19:30), and a demo grid event (a power target at 60 % of the site cap, ten site minutes'
+notice, twenty minutes long) is sent five seconds in: the first minute shows the
+controller curtailing for price, holding a grid target and ramping back afterwards.
+
+On a terminal the view is redrawn in place; on a pipe a line is printed only when
+something changed (cap, price, grid event, miners by state or reason). Ctrl-C, like
+`--duration`, ends with a final summary.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, TextIO
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TextIO
+from zoneinfo import ZoneInfo
 
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
-from controller.daemon.loop import Controller
-from controller.protocol.broker import LocalBroker
-from drivers.prices import load_prices
+from drivers.prices import PriceFileError, PriceSeries, load_prices
 from simulators.prices import synthetic_prices
-from simulators.site import SimulatedSite
+
+if TYPE_CHECKING:  # the CLI imports this module for add_arguments: the rest when it runs
+    from controller.daemon.loop import Controller
+    from controller.view import SiteView
+    from controller.view.screen import Screen
+    from simulators.site import SimulatedSite
 
 # A plausible 2026 mix: older air-cooled fleet, current air, and some hydro.
 DEMO_MIX = (
@@ -31,6 +48,24 @@ DEMO_MIX = (
     ("s21_pro", 0.12), ("s21_xp", 0.08), ("s21_xp_hydro", 0.08), ("s23_hydro", 0.08),
 )
 RACK_SIZE = 40
+DEFAULT_PRICES = "ercot-hb-south-2024-summer"
+# Prices from $68 to $232/MWh in the first simulated hour (the fleet's break-evens span
+# $59-184 at the demo's hashprice), the $2,450-4,858 spike from 19:15.
+DEFAULT_START = "2024-08-20T17:45"
+SYNTHETIC = "synthetic"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's own options (beside --prices and its friends)."""
+    p.add_argument("--start", metavar="TIME",
+                   help="where the price replay starts, a time on the price file's clock "
+                   f"(e.g. 2024-08-20T17:45; default: {DEFAULT_START} for the built-in "
+                   "ERCOT trace, else the first interval)")
+    p.add_argument("--event-at", type=float, default=5.0, metavar="SECONDS",
+                   help="send a demo grid event (power target at 60 %% of the site cap, ten "
+                   "site minutes' notice, twenty minutes long) this many real seconds after "
+                   "the start (default 5)")
+    p.add_argument("--no-event", action="store_true", help="send no demo grid event")
 
 
 def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
@@ -51,12 +86,13 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
             rack += 1
     aux = 0.05
     stock_w = sum(catalogue.get(g["model"]).nominal_w * g["count"] for g in groups)
+    cap_kw = round(stock_w * (1 + aux) * cap_fraction / 1000.0, 1)
     return SiteConfig.model_validate({
         "site_id": "demo",
         "broker": {"host": broker_host, "port": broker_port, "reconnect_max_s": 2.0},
         "fleet": {"groups": groups},
         "meters": [{"type": "mineops", "id": "poi"}],
-        "power_cap_kw": round(stock_w * (1 + aux) * cap_fraction / 1000.0, 1),
+        "power_cap_kw": cap_kw,
         "hashprice_usd_per_ph_day": 42.0,
         "energy": {"adders_usd_per_mwh": 8.0, "aux_fraction": aux},
         "policy": {
@@ -68,8 +104,63 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
             "wake_latency_factor": 1.0 / speed,
         },
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
-        "grid": {"journal_path": journal_path},
+        "grid": {
+            "journal_path": journal_path,
+            # Site minutes, like everything else: 2 minutes to prepare (but at least three
+            # decisions, which tick in real seconds), back at 10 % of the cap per minute
+            # (unscaled, the recovery would take the demo an hour).
+            "prepare_s": max(120.0 / speed, 3.0),
+            "recovery_kw_per_min": 0.1 * cap_kw * speed,
+            "record_interval_s": max(0.2, 5.0 / speed),
+        },
     })
+
+
+def demo_prices(source: str | None, column: str | None = None, *, timezone: str | None = None,
+                settlement_point: str | None = None, start: str | None = None) -> PriceSeries:
+    """The price series the demo replays, from its `start` on.
+
+    `source` None is the built-in ERCOT trace from DEFAULT_START; "synthetic" a synthetic
+    week from today's midnight UTC; anything else a trace name or file (`load_prices`).
+    `start` is read on the series' clock when it has no zone.
+
+    Raises:
+        PriceFileError: the file cannot be read, or `start` is not a time in the series.
+    """
+    if source == SYNTHETIC:
+        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        prices = synthetic_prices(start_s=midnight.timestamp())
+    else:
+        prices = load_prices(source or DEFAULT_PRICES, column, timezone=timezone,
+                             settlement_point=settlement_point)
+        if source is None and start is None:
+            start = DEFAULT_START
+    if start is None:
+        return prices
+    try:
+        t = datetime.fromisoformat(start)
+    except ValueError:
+        raise PriceFileError(f"--start {start!r}: not a time such as 2024-08-20T17:45") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=ZoneInfo(prices.timezone))
+    ts = t.timestamp()
+    first, last = float(prices.start_s[0]), float(prices.start_s[-1]) + prices.interval_s
+    if not first <= ts < last:
+        raise PriceFileError(f"--start {start}: outside the prices ({prices.span_text()})")
+    i = int((ts - first) // prices.interval_s)
+    return replace(prices, start_s=prices.start_s[i:],
+                   price_usd_per_mwh=prices.price_usd_per_mwh[i:])
+
+
+@dataclass(frozen=True, slots=True)
+class DemoEvent:
+    """The demo's grid event: sent `at_s` real seconds in, times in site seconds."""
+
+    at_s: float
+    notice_site_s: float = 600.0
+    duration_site_s: float = 1200.0
+    target_fraction: float = 0.6  # of the site cap
+    id: str = "demo-drill"
 
 
 @dataclass
@@ -78,59 +169,75 @@ class DemoResult:
     why: str
 
 
-def _summary_line(c: Controller) -> str:
+def _view(c: Controller, sim: SimulatedSite, tz: ZoneInfo) -> SiteView:
+    from controller.view import SiteClock, SiteView  # noqa: PLC0415
+
     snap = c.snapshot
-    if snap is None:
-        return "waiting for the first decision ..."
-    states = snap.miners_by_state
-    hp = snap.hashprice_usd_per_ph_day
+    now = time.time()
+    site_s = sim.site_time_s()
+    clock = (SiteClock.wall(tz) if site_s is None else
+             SiteClock.simulated_at(site_s=site_s, wall_s=now, speed=sim.speed, tz=tz))
     catalogue = load_catalogue()
-    be = " ".join(
-        f"{k}:${catalogue.get(k).breakeven_usd_per_mwh(hp):.0f}" for k in c.fleet.model_keys
-    )
-    measured = snap.measured_site_power_w
-    mw = "  ?  " if measured is None else f"{measured / 1e6:5.2f}"
-    cap = snap.cap
-    return (
-        f"site {mw} MW / cap {cap.in_force_w / 1e6:.2f} MW ({cap.source}) | "
-        f"{snap.fleet_hashrate_ths / 1000:7.1f} PH/s | "
-        f"price ${snap.price.total_usd_per_mwh:7.2f}/MWh | "
-        f"run {states['running']} under {states['underclocked']} "
-        f"wake {states['waking']} asleep {states['sleeping']} offline {states['offline']}"
-        f"\n    break-even $/MWh: {be}"
-    )
+    return SiteView(
+        site_id=c.cfg.site_id, summary=None if snap is None else snap.summary(), clock=clock,
+        now_wall_s=now, models={k: catalogue.get(k) for k in c.fleet.model_keys},
+        controller_online=c.transport.connected.is_set() or None)
 
 
-async def _show(c: Controller, out: TextIO, every_s: float) -> None:
-    tty = out.isatty()
-    while True:
-        await asyncio.sleep(every_s)
-        line = _summary_line(c)
-        if tty:
-            out.write("\x1b[2K\r" + line.replace("\n", "\n\x1b[2K") + "\x1b[1A\r")
-        else:
-            out.write(line + "\n")
-        out.flush()
+def _events_text(c: Controller, view: SiteView) -> list[str]:
+    """One line per grid event of the run: its terms on the site clock, and its standing."""
+    from controller.cli.events import compliance  # noqa: PLC0415 - cli imports this module
+
+    now = time.time()
+    lines = []
+    for r in c.grid.journal.rows():
+        p = r.payload
+        value = p.get("value_kw")
+        terms = r.kind if value is None else f"{r.kind} {float(value) / 1000:.2f} MW"
+        if "end_ts" in p:
+            start, end = view.clock.at(p["start_ts"]), view.clock.at(p["end_ts"])
+            terms += f" from {start:%H:%M} to {end:%H:%M %Z}"
+        lines.append(f"grid event {r.id} ({terms}): {compliance(r, now)}")
+    return lines
 
 
-def _final(c: Controller, sim: SimulatedSite, seconds: float, out: TextIO,
-           over_cap_samples: int, samples: int) -> DemoResult:
+def _final(c: Controller, sim: SimulatedSite, screen: Screen, *, seconds: float, tz: ZoneInfo,
+           over_cap_samples: int, samples: int, interrupted: bool) -> DemoResult:
     now = time.monotonic()
     seen = int((now - c.fleet.last_seen < c.cfg.policy.telemetry_stale_s).sum())
-    out.write("\n\n== mineops demo: final summary ==\n")
-    out.write(_summary_line(c) + "\n")
+    view = _view(c, sim, tz)
+    how = "interrupted by Ctrl-C" if interrupted else f"after {seconds:.0f} s"
+    screen.final(f"mineops demo: final summary, {how}", view)
+    for line in _events_text(c, view):
+        screen.write(line)
     invalid = sum(c.ingest.invalid.values())
-    out.write(
+    screen.write(
         f"ran {seconds:.0f} s at speed {sim.speed:g}: {c.decisions} decisions, "
         f"{sim.commands_applied} setpoints applied by miners, {invalid} invalid messages, "
         f"miners reporting {seen}/{c.fleet.n}, meter over cap in {over_cap_samples} of "
-        f"{samples} samples after settling\n"
+        f"{samples} samples after settling"
     )
     if seen < 0.95 * c.fleet.n:
         return DemoResult(False, f"only {seen} of {c.fleet.n} miners reported telemetry")
     if c.decisions == 0:
         return DemoResult(False, "the controller made no decision")
     return DemoResult(True, "ok")
+
+
+async def _send_event(c: Controller, sim: SimulatedSite, ev: DemoEvent) -> None:
+    """Publish the demo grid event, as a utility's or an operator's would arrive."""
+    from controller.protocol.payloads import GridEvent  # noqa: PLC0415
+
+    await asyncio.sleep(ev.at_s)
+    await c.transport.connected.wait()
+    now = time.time()
+    start = now + ev.notice_site_s / sim.speed
+    event = GridEvent(
+        id=ev.id, kind="target_kw",
+        value_kw=round(c.cfg.power_cap_kw * ev.target_fraction, 1), start_ts=start,
+        end_ts=start + ev.duration_site_s / sim.speed, source="mineops-demo")
+    # Not retained: on a shared broker (--broker) it must not outlive the demo.
+    await sim.transport.publish(c.topics.grid, event.encode(), qos=1)
 
 
 async def run_demo(
@@ -145,9 +252,28 @@ async def run_demo(
     price_column: str | None,
     price_timezone: str | None = None,
     settlement_point: str | None = None,
+    start: str | None = None,
+    event: DemoEvent | None = DemoEvent(at_s=5.0),
     out: TextIO = sys.stdout,
 ) -> DemoResult:
-    """Run the demo until `duration_s` passes (or forever); return whether it went well."""
+    """Run the demo until `duration_s` passes, or Ctrl-C (forever); return whether it went well.
+
+    `prices_file` None replays the built-in ERCOT trace from `start` (default
+    DEFAULT_START); "synthetic" a synthetic week. `event` None sends no grid event.
+
+    Raises:
+        PriceFileError: the prices or `start` cannot be used.
+        MissingExtra: no mosquitto and no embedded broker installed.
+    """
+    from controller.daemon.loop import Controller  # noqa: PLC0415 - see TYPE_CHECKING
+    from controller.protocol.broker import LocalBroker  # noqa: PLC0415
+    from controller.view.screen import Screen  # noqa: PLC0415
+    from simulators.site import SimulatedSite  # noqa: PLC0415
+
+    prices = demo_prices(prices_file, price_column, timezone=price_timezone,
+                         settlement_point=settlement_point, start=start)
+    tz = ZoneInfo(prices.timezone)
+    screen = Screen(out)
     local: LocalBroker | None = None
     if broker:
         host, _, port = broker.rpartition(":")
@@ -155,27 +281,29 @@ async def run_demo(
     else:
         local = LocalBroker(prefer=embedded).start()
         host, port_n = local.host, local.port
-        out.write(f"broker: embedded {local.kind} on {host}:{port_n}\n")
+        screen.write(f"broker: embedded {local.kind} on {host}:{port_n}")
     try:
         state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
         cfg = demo_site(miners, speed=speed, broker_host=host, broker_port=port_n,
                         metrics_port=metrics_port, journal_path=f"{state_dir}/grid.sqlite3")
-        prices = (load_prices(prices_file, price_column, timezone=price_timezone,
-                              settlement_point=settlement_point) if prices_file
-                  else synthetic_prices())
         sim = SimulatedSite(cfg, speed=speed, prices=prices)
         controller = Controller(cfg)
         server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        out.write(
+        first = prices.local_time(float(prices.start_s[0]))
+        screen.write(
             f"site: {controller.fleet.n} miners in {len(controller.fleet.groups)} racks, "
             f"cap {cfg.power_cap_kw / 1000:.2f} MW; prices: {prices.column}"
-            f"{' at ' + prices.location if prices.location else ''} "
-            f"({len(prices)} intervals of {prices.interval_s / 60:g} min, one every "
-            f"{prices.interval_s / speed:.1f} s"
-            f"{'; ' + prices.span_text() if prices_file else ''})\n"
-            f"metrics: http://{cfg.metrics.host}:{server.port}/metrics\n"
-        )
-        out.flush()
+            f"{' at ' + prices.location if prices.location else ''} from "
+            f"{first:%Y-%m-%d %H:%M %Z}, {len(prices)} intervals of "
+            f"{prices.interval_s / 60:g} min, one every {prices.interval_s / speed:.1f} s "
+            f"(site clock {speed:g}x real time)")
+        if event is not None:
+            screen.write(
+                f"grid event: {event.id} at +{event.at_s:g} s, a target of "
+                f"{cfg.power_cap_kw * event.target_fraction / 1000:.2f} MW from "
+                f"{event.notice_site_s / 60:g} site minutes later for "
+                f"{event.duration_site_s / 60:g} minutes")
+        screen.write(f"metrics: http://{cfg.metrics.host}:{server.port}/metrics")
         started = time.monotonic()
         over_cap = samples = 0
 
@@ -184,24 +312,44 @@ async def run_demo(
             settle_s = 3.0 * cfg.policy.decision_interval_s + 30.0 / speed + 5.0
             while True:
                 await asyncio.sleep(0.5)
-                if time.monotonic() - started > settle_s:
-                    samples += 1
-                    # 0.5 % headroom: the meter's own noise is 0.2 %.
-                    snap = controller.snapshot
-                    cap_w = controller.site_cap_w() if snap is None else snap.cap.in_force_w
-                    over_cap += sim.site_power_w() > cap_w * 1.005
+                snap = controller.snapshot
+                if snap is None or time.monotonic() - started <= settle_s:
+                    continue
+                # The cap the site must be under now: a grid target binds from its deadline
+                # (before it, the site is still ramping down to it).
+                limit = snap.cap.in_force_w
+                ev = snap.grid_event
+                if ev is not None and time.time() < ev.deadline_unix_s:
+                    limit = snap.cap.site_w
+                samples += 1
+                # 0.5 % headroom: the meter's own noise is 0.2 %.
+                over_cap += sim.site_power_w() > limit * 1.005
 
+        async def show() -> None:
+            while True:
+                screen.show(_view(controller, sim, tz))
+                await asyncio.sleep(0.5 if screen.tty else 1.0)
+
+        interrupted = False
         try:
-            async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:
-                tg.create_task(sim.run(), name="simulator")
-                tg.create_task(controller.run(), name="controller")
-                tg.create_task(_show(controller, out, 2.0 if out.isatty() else 5.0))
-                tg.create_task(watch_cap())
-        except TimeoutError:
-            pass
+            with screen:
+                try:
+                    async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:
+                        tg.create_task(sim.run(), name="simulator")
+                        tg.create_task(controller.run(), name="controller")
+                        tg.create_task(show(), name="view")
+                        tg.create_task(watch_cap(), name="cap-watch")
+                        if event is not None:
+                            tg.create_task(_send_event(controller, sim, event), name="event")
+                except TimeoutError:
+                    pass
+                except asyncio.CancelledError:
+                    # Ctrl-C or SIGTERM: everything above has stopped; summarise, not crash.
+                    interrupted = True
         finally:
             server.close()
-        return _final(controller, sim, time.monotonic() - started, out, over_cap, samples)
+        return _final(controller, sim, screen, seconds=time.monotonic() - started, tz=tz,
+                      over_cap_samples=over_cap, samples=samples, interrupted=interrupted)
     finally:
         if local is not None:
             with contextlib.suppress(Exception):

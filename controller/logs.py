@@ -1,10 +1,18 @@
-"""Logging setup: structlog JSON lines for machines, readable lines on a terminal."""
+"""Logging setup: structlog JSON lines for machines, readable lines on a terminal.
+
+Times are ISO 8601 in UTC with the zone: the event's own `timestamp`, and every field that
+carries a Unix time (named `*_ts`, as in the payloads), so a person reading the journal
+sees 2024-08-20T23:00:00+00:00, not 1724194800.0.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -23,6 +31,7 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            iso_times,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -34,6 +43,16 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     )
     # Third-party libraries log through stdlib logging: keep them quiet unless asked.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def iso_times(_logger: Any, _method: str, event: MutableMapping[str, Any]
+              ) -> MutableMapping[str, Any]:
+    """A structlog processor: Unix-time fields (`*_ts`) as ISO 8601 UTC with the offset."""
+    for key, value in event.items():
+        if key.endswith("_ts") and isinstance(value, int | float) \
+                and not isinstance(value, bool) and math.isfinite(value):
+            event[key] = datetime.fromtimestamp(value, UTC).isoformat()
+    return event
 
 
 class _CurrentStderr:

@@ -159,14 +159,19 @@ class LuxosApiServer:
     def addresses(self) -> dict[str, str]:
         return {m.miner_id: m.host for m in self.miners.values()}
 
-    async def start(self) -> None:
-        """Bind every miner's address; on any failure release what was bound and raise."""
+    async def start(self, progress: Callable[[int], None] | None = None) -> None:
+        """Bind every miner's address; on any failure release what was bound and raise.
+
+        `progress` is called with the number bound so far (thousands take a while).
+        """
         try:
             for api in self.miners.values():
                 server = await asyncio.start_server(
                     functools.partial(self._serve, api), api.host, self.port,
                     reuse_address=True, backlog=64)
                 self._servers.append(server)
+                if progress is not None:
+                    progress(len(self._servers))
         except OSError:
             await self.close()
             raise

@@ -79,6 +79,8 @@ class SimulatedSite:
         self.frequency_hz = 60.0
         self.rejected: Counter[str] = Counter()
         self.commands_applied = 0
+        # (trace time of the price last replayed, monotonic time it went out): the site clock.
+        self._replayed: tuple[float, float] | None = None
         self._rng = np.random.default_rng(seed + 1)
         self.transport = Transport(
             cfg.broker,
@@ -213,6 +215,16 @@ class SimulatedSite:
             await self.transport.publish(self.topics.meter(self.meter_id), reading.encode())
             await asyncio.sleep(self.meter_interval_s)
 
+    def site_time_s(self, now: float | None = None) -> float | None:
+        """The simulated site clock, Unix s on the price trace's timeline; None before a price.
+
+        The start of the interval last replayed plus the (monotonic) time since, at `speed`.
+        """
+        if self._replayed is None:
+            return None
+        trace_s, at = self._replayed
+        return trace_s + ((time.monotonic() if now is None else now) - at) * self.speed
+
     async def _price_replay(self, prices: PriceSeries) -> None:
         """Publish one interval's price every interval_s / speed seconds, looping at the end."""
         i = 0
@@ -225,5 +237,6 @@ class SimulatedSite:
                 source=prices.column,
             )
             await self.transport.publish(self.topics.price, signal.encode(), qos=1, retain=True)
+            self._replayed = (float(prices.start_s[i % len(prices)]), time.monotonic())
             i += 1
             await asyncio.sleep(prices.interval_s / self.speed)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,92 @@ def test_run_and_simulate_daemons_stop_cleanly_on_sigterm(tmp_path: Path) -> Non
         # JSON log lines, one event each, from the daemon.
         first = outs[0][1].splitlines()[0]
         assert first.startswith("{") and '"event"' in first
+
+
+@pytest.mark.integration
+def test_demo_shows_the_controller_at_work_and_prints_only_changes() -> None:
+    """Piped: a real price evening and a grid event in the first seconds, a line per change."""
+    r = mineops("demo", "--duration", "24", "--miners", "300", "--metrics-port", "0",
+                "--speed", "120", "--event-at", "1", timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    out = r.stdout.splitlines()
+    assert "\x1b" not in r.stdout, "no cursor control on a pipe"
+    views = [line for line in out if line.startswith("2024-08-20 ")]
+    assert views, r.stdout
+    # The site clock is the simulated one, on the ERCOT trace from 17:45 CDT.
+    assert views[0].startswith("2024-08-20 17:4")
+    assert all(" CDT | site " in line for line in views)
+    # Each line says something new: never the same cap, price, states and reasons twice in
+    # a row (the clock, the meter's noise and hashrate alone are no news).
+    def news(line: str) -> tuple[str, ...]:
+        parts = line.split(" | ")
+        return (parts[1].split(" / ", 1)[1], parts[2], *parts[4:])
+
+    assert all(news(a) != news(b) for a, b in itertools.pairwise(views))
+    assert len(views) < 24 * 2, "a line per change, not per tick"
+    assert sum(line.startswith("break-even price at stock") for line in out) == 1
+    # The grid event: its target and why the cap is there, then the recovery ramp.
+    assert any("grid event demo-drill: power target, target" in line for line in views)
+    assert any("recovery ramp after a grid obligation ended" in line for line in views)
+    assert any("(grid " in line or ", grid " in line for line in views), "reasons by state"
+    assert any("= market $" in line and "(real-time) + adders $8.00/MWh" in line
+               for line in views)
+    title = next(i for i, line in enumerate(out)
+                 if line.startswith("== mineops demo: final summary, after 2"))
+    final = out[title + 1:]
+    assert any(line.startswith("grid event demo-drill (target_kw ") and
+               line.endswith(": complied") for line in final), final
+    assert "miners reporting 300/300" in r.stdout
+    assert "over cap in 0 of" in r.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_ctrl_c_in_a_terminal_ends_with_a_clean_final_summary(tmp_path: Path) -> None:
+    """In a real terminal (tmux): the live panel redraws in place; Ctrl-C leaves no debris."""
+    sock = f"mineops-test-{os.getpid()}"
+    done = tmp_path / "exit-code"
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True,
+                              check=True, timeout=20).stdout
+
+    # COLUMNS from the test's own environment would override the terminal's width.
+    cmd = (f"unset COLUMNS LINES; cd {ROOT} && {sys.executable} -m controller.cli demo "
+           f"--miners 300 --metrics-port 0 --event-at 1; echo $? > {done}; "
+           f"stty -a > {tmp_path / 'stty'}; sleep 60")
+    tmux("new-session", "-d", "-s", "demo", "-x", "132", "-y", "50", cmd)
+    try:
+        deadline = time.monotonic() + 60
+        screen = ""
+        while time.monotonic() < deadline and "grid event demo-drill" not in screen:
+            time.sleep(0.5)
+            screen = tmux("capture-pane", "-p", "-t", "demo")
+        assert "site time   2024-08-20 17:" in screen, screen
+        assert "(simulated, 60x real time)" in screen
+        assert "in force: grid event demo-drill: power target, target" in screen, screen
+        assert screen.count("mineops · site demo") == 1, "redrawn in place, not scrolled"
+        tmux("send-keys", "-t", "demo", "Enter", "x", "C-c")
+        while time.monotonic() < deadline and not done.exists():
+            time.sleep(0.3)
+        time.sleep(0.5)
+        screen = tmux("capture-pane", "-p", "-t", "demo", "-S", "-200")
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, check=False)
+    assert done.read_text().strip() == "0", screen
+    lines = [line.rstrip() for line in screen.splitlines() if line.strip()]
+    title = next(i for i, line in enumerate(lines)
+                 if "mineops demo: final summary, interrupted by Ctrl-C" in line)
+    # The live panel was erased: the only panel on screen is the final one, right under
+    # the title, whole, and nothing else was written into it.
+    assert sum("mineops · site demo" in line for line in lines) == 1, screen
+    assert lines[title + 1].startswith("╭") and "mineops · site demo" in lines[title + 1]
+    bottom = next(i for i in range(title + 1, len(lines)) if lines[i].startswith("╰"))
+    assert all(line.startswith("│") and line.endswith("│")
+               for line in lines[title + 2:bottom]), screen
+    assert not any("stopped" in line or "^C" in line for line in lines), screen
+    after = lines[bottom + 1:]
+    assert any("miners reporting 300/300" in line for line in after), screen
+    assert any(line.startswith("grid event demo-drill") for line in after), screen
+    assert not any("Traceback" in line or "ERROR" in line for line in lines), screen
+    assert " echo " in (tmp_path / "stty").read_text(), "terminal echo restored"

@@ -1,14 +1,23 @@
-"""Backtest output: the text summary, the interval CSV and the PNG chart (matplotlib, Agg)."""
+"""Backtest output: the text summary, the interval CSV and the PNG chart (matplotlib, Agg).
+
+matplotlib is the `charts` extra: only the chart needs it, and asks for it by name.
+"""
 
 from __future__ import annotations
 
 import csv
-from datetime import UTC, datetime
+import math
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.backtest.engine import STRATEGIES, BacktestResult
+
+FloatArray = npt.NDArray[np.float64]
 
 LABELS = {
     "mineops": "mineops (no look-ahead)",
@@ -88,47 +97,198 @@ def write_csv(result: BacktestResult, path: Path) -> None:
             w.writerow([v if isinstance(v, str) else f"{float(v):.6g}" for v in row])
 
 
-def write_png(result: BacktestResult, path: Path) -> None:
-    """Price with break-even lines, site power vs cap, cumulative profit per strategy."""
+def usd_text(x: float, _pos: object = None) -> str:
+    """Dollars for an axis or a label: "$800,000", "-$1,250", "$0.50" under $10."""
+    sign = "-" if x < 0 else ""
+    v = abs(x)
+    return f"{sign}${v:,.2f}" if 0 < v < 10 else f"{sign}${v:,.0f}"
+
+
+def _tex(text: str) -> str:
+    """Text for matplotlib: a bare $ starts its math mode, so two of them garble a label."""
+    return text.replace("$", "\\$")
+
+
+def day_keys(result: BacktestResult, tz: tzinfo) -> npt.NDArray[np.str_]:
+    """Each interval's local date (YYYY-MM-DD in `tz`), shape (intervals,)."""
+    return np.array([datetime.fromtimestamp(float(t), UTC).astimezone(tz).strftime("%Y-%m-%d")
+                     for t in result.start_s])
+
+
+def expensive_days(result: BacktestResult, tz: tzinfo, n: int = 3) -> list[str]:
+    """The `n` local days with the highest price interval, most expensive first.
+
+    Those are the days when curtailment is worth the most and can be seen at 15-minute
+    resolution; over months the same intervals are hairlines.
+    """
+    days = day_keys(result, tz)
+    peak: dict[str, float] = {}
+    for d, p in zip(days, result.price_usd_per_mwh, strict=True):
+        peak[d] = max(peak.get(d, -math.inf), float(p))
+    return sorted(peak, key=lambda d: -peak[d])[:n]
+
+
+def shortfall_pct(result: BacktestResult, name: str) -> FloatArray:
+    """How far `name`'s cumulative profit is below the hindsight optimum's, % of it.
+
+    Shape (intervals,); NaN while the optimum has earned nothing yet (no ratio to show).
+    The gap, not the two profit lines, is drawn: at 0.4 % the lines would lie on each other.
+    """
+    opt = np.cumsum(result.series["optimum"].profit_usd)
+    mine = np.cumsum(result.series[name].profit_usd)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.where(opt > 0, (opt - mine) / opt * 100.0, np.nan)
+    return gap.astype(np.float64)
+
+
+def write_png(result: BacktestResult, path: Path, *, timezone: str = "UTC",
+              zoom_days: int = 3) -> None:
+    """The backtest chart as PNG; see `chart`.
+
+    Raises:
+        MissingExtra: matplotlib (the `charts` extra) is not installed.
+    """
+    from controller.extras import require  # noqa: PLC0415
+
+    require("charts", "the backtest chart")
     import matplotlib  # noqa: PLC0415 - only `--out` pays for the import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    t = np.array([datetime.fromtimestamp(float(x), UTC) for x in result.start_s])
-    fig, (ax_p, ax_w, ax_c) = plt.subplots(3, 1, figsize=(13, 10), sharex=True,
-                                           constrained_layout=True)
-    price = result.price_usd_per_mwh
-    ax_p.plot(t, price, lw=0.6, color="black", label="price")
-    top = float(np.percentile(price, 99.5))
-    strikes = sorted(result.strike_usd_per_mwh.items(), key=lambda kv: kv[1])
-    for i, (key, strike) in enumerate(strikes):
-        ax_p.axhline(strike, lw=0.9, ls="--", color=f"C{i % 10}", label=f"{key} break-even")
-        top = max(top, strike)
-    ax_p.set_ylim(min(float(price.min()), 0.0) - 5, top * 1.15 + 5)
-    spikes = int((price > top * 1.15 + 5).sum())
-    title = "energy price, \\$/MWh"
-    if spikes:
-        title += f" ({spikes} intervals above the axis)"
-    ax_p.set_title(title)
-    ax_p.legend(fontsize=7, ncol=5, loc="upper left")
-
-    ser = result.series
-    ax_w.plot(t, ser["mineops"].site_w / 1000.0, lw=0.6, label="mineops site power")
-    ax_w.plot(t, ser["optimum"].site_w / 1000.0, lw=0.6, alpha=0.5, label="optimum site power")
-    ax_w.plot(t, result.cap_w / 1000.0, lw=0.9, color="red", label="planning cap")
-    ax_w.set_title("site power incl. auxiliary load, kW")
-    ax_w.legend(fontsize=7, loc="lower left")
-
-    for name in ("optimum", "mineops", "onoff", "always_on"):
-        ax_c.plot(t, np.cumsum(ser[name].profit_usd), lw=1.0, label=LABELS[name])
-    ax_c.set_title("cumulative profit, \\$")
-    ax_c.legend(fontsize=8, loc="upper left")
-    s = result.summary()
-    # "\\$": a bare $ starts matplotlib's math mode.
-    fig.suptitle(
-        f"{s['miners']:,} miners, hashprice \\${s['hashprice_usd_per_ph_day']:g}/PH/day, "
-        f"adder \\${s['adder_usd_per_mwh']:g}/MWh: ratio to optimum {s['ratio_to_optimum']}"
-    )
+    fig = chart(result, timezone=timezone, zoom_days=zoom_days)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) -> Any:
+    """A matplotlib Figure: the whole period, and the most expensive days up close.
+
+    Top: daily peak and mean market price with each model's break-even market price (the
+    zoomed days marked).
+    Middle: each strategy's cumulative profit as a gap below the hindsight optimum, in %
+    on a log scale, so that mineops' fraction of a percent and always-on's tens of percent
+    are both legible. Bottom: the `zoom_days` days with the highest price, each with its
+    price and the site power of mineops and of the optimum against the cap, interval by
+    interval. Money in dollars ($ on every axis), times in `timezone` (named on the axes).
+    """
+    import matplotlib.dates as mdates  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+
+    tz = ZoneInfo(timezone)
+    when = [datetime.fromtimestamp(float(x), UTC).astimezone(tz) for x in result.start_s]
+    # Matplotlib's date numbers (days): plain floats for every x below.
+    t = np.asarray(mdates.date2num(when), dtype=np.float64)  # type: ignore[no-untyped-call]
+    zone_name = f"{timezone} ({when[0]:%Z})" if when else timezone
+    dollars = FuncFormatter(lambda x, _p: _tex(usd_text(x)))
+    price = result.price_usd_per_mwh
+    ser = result.series
+    s = result.summary()
+
+    fig = plt.figure(figsize=(14, 12), constrained_layout=True)
+    n_zoom = max(1, min(zoom_days, len(set(day_keys(result, tz)))))
+    grid = fig.add_gridspec(4, n_zoom, height_ratios=[1.0, 1.0, 0.8, 0.8])
+    ax_p = fig.add_subplot(grid[0, :])
+    ax_g = fig.add_subplot(grid[1, :], sharex=ax_p)
+
+    # -- the whole period: daily peak and mean price --------------------------------------
+    days = day_keys(result, tz)
+    order = list(dict.fromkeys(days))
+    day_start = [float(mdates.date2num(  # type: ignore[no-untyped-call]
+        when[int(np.argmax(days == d))].replace(hour=0, minute=0, second=0))) for d in order]
+    day_peak = [float(price[days == d].max()) for d in order]
+    day_mean = [float(price[days == d].mean()) for d in order]
+    ax_p.step(day_start, day_peak, where="post", lw=0.9, color="black", label="daily peak")
+    ax_p.step(day_start, day_mean, where="post", lw=0.9, color="0.55", label="daily mean")
+    strikes = sorted(result.strike_usd_per_mwh.items(), key=lambda kv: kv[1])
+    # One band from the lowest to the highest break-even, not a line per model: eight
+    # dashed lines within a factor of three of each other hide the prices.
+    band = (strikes[0][1], strikes[-1][1]) if strikes else None
+    if band is not None:
+        ax_p.axhspan(*band, color="C2", alpha=0.15, lw=0,
+                     label=_tex(f"break-even market prices, {usd_text(band[0])} "
+                                f"({strikes[0][0]}) to {usd_text(band[1])} ({strikes[-1][0]})"))
+    ax_p.set_yscale("symlog", linthresh=100.0)
+    ax_p.set_ylim(bottom=min(0.0, min(day_mean, default=0.0)))
+    ax_p.yaxis.set_major_formatter(dollars)
+    zoomed = expensive_days(result, tz, n_zoom)
+    shade = ax_p.get_xaxis_transform()
+    placed: list[float] = []
+    for rank, d in enumerate(zoomed, 1):
+        x = day_start[order.index(d)]
+        ax_p.axvspan(x, x + 1.0, color="gold", alpha=0.5, lw=0)
+        # Neighbouring days (a heat wave's) get their labels stacked, not overprinted.
+        level = sum(abs(x - other) < 4.0 for other in placed)
+        placed.append(x)
+        ax_p.text(x + 0.5, 1.01 + 0.07 * level, f"#{rank}", transform=shade,
+                  fontsize=7, ha="center", va="bottom")
+    ax_p.set_title(_tex("market price per day, $/MWh (shaded: the most expensive days, "
+                        "shown below)"), fontsize=10, pad=30)
+    ax_p.legend(fontsize=8, ncol=3, loc="upper left")
+
+    # -- the whole period: the gap to the optimum ----------------------------------------
+    for name, color in (("mineops", "C0"), ("onoff", "C1"), ("always_on", "C3")):
+        gap = shortfall_pct(result, name)
+        # A log axis needs positive values: a strategy level with the optimum shows at
+        # the axis floor rather than vanishing.
+        ax_g.plot(t, np.clip(gap, 0.01, None), lw=1.2, color=color,
+                  label=f"{LABELS[name]}: {gap[-1]:.2f} % below at the end"
+                  if np.isfinite(gap[-1]) else LABELS[name])
+    ax_g.set_yscale("log")
+    ax_g.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:g} %"))
+    opt_total = s["optimum_profit_usd"]
+    ax_g.set_title(_tex("cumulative profit below the hindsight optimum, % (log scale, "
+                        f"0.01 % = level with it); optimum {usd_text(opt_total)} over the "
+                        "period"), fontsize=10)
+    ax_g.legend(fontsize=8, loc="upper right")
+    ax_g.xaxis_date(tz)
+    ax_g.xaxis.set_major_formatter(
+        mdates.DateFormatter("%b %d", tz=tz))  # type: ignore[no-untyped-call]
+    ax_g.set_xlabel(f"date, {zone_name}")
+    plt.setp(ax_p.get_xticklabels(), visible=False)
+
+    # -- the most expensive days up close -----------------------------------------------
+    for col, d in enumerate(zoomed):
+        sel = days == d
+        tt = t[sel]
+        zp = fig.add_subplot(grid[2, col])
+        zw = fig.add_subplot(grid[3, col], sharex=zp)
+        zp.step(tt, price[sel], where="post", lw=1.0, color="black")
+        if band is not None:
+            zp.axhspan(*band, color="C2", alpha=0.15, lw=0)
+        zp.set_yscale("symlog", linthresh=100.0)
+        zp.yaxis.set_major_formatter(dollars)
+        day_profit = {n: float(ser[n].profit_usd[sel].sum()) for n in ("mineops", "optimum")}
+        zp.set_title(_tex(f"#{col + 1} {d}: peak {usd_text(float(price[sel].max()))}/MWh\n"
+                          f"profit: mineops {usd_text(day_profit['mineops'])}, optimum "
+                          f"{usd_text(day_profit['optimum'])}"), fontsize=9)
+        # The optimum wide and pale under mineops thin and dark: both stay visible where
+        # they agree, which is most of the time.
+        zw.step(tt, ser["optimum"].site_w[sel] / 1e6, where="post", lw=4.0, color="C2",
+                alpha=0.35, label="hindsight optimum")
+        zw.step(tt, ser["mineops"].site_w[sel] / 1e6, where="post", lw=1.1, color="C0",
+                label="mineops")
+        zw.step(tt, result.cap_w[sel] / 1e6, where="post", lw=0.9, ls="--", color="red",
+                label="planning cap")
+        zw.set_ylim(bottom=0)
+        zw.xaxis_date(tz)
+        zw.xaxis.set_major_formatter(
+            mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
+        zw.xaxis.set_major_locator(mdates.HourLocator(  # type: ignore[no-untyped-call]
+            byhour=range(0, 24, 6), tz=tz))
+        zw.set_xlabel(f"time, {zone_name}")
+        plt.setp(zp.get_xticklabels(), visible=False)
+        if col == 0:
+            zp.set_ylabel("price, $/MWh")
+            zw.set_ylabel("site power, MW")
+            zw.legend(fontsize=7, loc="lower left")
+    ratio = s["ratio_to_optimum"]
+    fig.suptitle(_tex(
+        f"{s['miners']:,} miners, hashprice ${s['hashprice_usd_per_ph_day']:g}/PH/day, adder "
+        f"${s['adder_usd_per_mwh']:g}/MWh: mineops earned "
+        + (f"{ratio * 100:.2f} %" if ratio is not None else "n/a")
+        + " of the hindsight optimum's profit"))
+    for ax in fig.axes:
+        ax.grid(True, lw=0.3, alpha=0.5)
+    return fig

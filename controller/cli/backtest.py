@@ -19,6 +19,7 @@ from controller.backtest.engine import (
 from controller.backtest.report import text_report, write_csv, write_png
 from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers, add_price_args
 from controller.core.policy import PolicyKnobs
+from controller.extras import require
 from controller.site_file import load_config
 from drivers.prices import load_prices
 
@@ -33,7 +34,7 @@ def add_parser(subparsers: Subparsers) -> None:
         "See docs/backtest.md.",
     )
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="site TOML file")
-    add_price_args(p, required=True)
+    add_price_args(p, default=None)
     p.add_argument("--hashprice", type=float, metavar="USD_PER_PH_DAY",
                    help="override the site file's hashprice")
     p.add_argument("--adder", type=float, metavar="USD_PER_MWH",
@@ -95,6 +96,8 @@ class ProgressBar:
 def run(args: argparse.Namespace) -> int:
     """Handler of `mineops backtest`; ConfigError and PriceFileError reach the CLI's main."""
     cfg = load_config(args.config)
+    if args.out is not None:  # before the run, not after it: the chart needs matplotlib
+        require("charts", "mineops backtest --out (its chart)")
     prices = load_prices(args.prices, args.price_column, timezone=args.timezone,
                          settlement_point=args.settlement_point)
     try:
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(result, args.out / "backtest.csv")
-        write_png(result, args.out / "backtest.png")
+        write_png(result, args.out / "backtest.png", timezone=prices.timezone)
     if args.json:
         summary = result.summary()
         summary["price_column"] = prices.column

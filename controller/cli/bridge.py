@@ -24,6 +24,9 @@ def add_parser(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Bridge the site's miners until SIGINT/SIGTERM."""
+    from controller.extras import require  # noqa: PLC0415
+
+    require("bridge", "mineops bridge")
     from drivers.firmware.bridge import MinerBridge  # noqa: PLC0415 - pyasic is slow to import
 
     cfg = load_config(args.config)
@@ -39,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no bridged miners in those groups")
     print(f"bridging {len(bridge.devices)} miners in {len(bridge.groups)} groups for site "
           f"{cfg.site_id!r}, polling every {cfg.bridge.poll_interval_s:g} s", flush=True)
+    from controller.view.progress import JobProgress  # noqa: PLC0415
+
+    # The first poll of a large site (identifying every miner) takes a while: show it.
+    bridge.first_poll_progress = JobProgress("first poll", len(bridge.devices))
 
     async def main() -> int:
         await bridge.run()

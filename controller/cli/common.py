@@ -69,11 +69,15 @@ def count(text: str) -> int:
     return value
 
 
-def add_price_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
-    """The price-file options (`--prices`, `--price-column`, `--timezone`, `--settlement-point`)."""
-    p.add_argument("--prices", metavar="NAME|FILE", required=required,
+def add_price_args(p: argparse.ArgumentParser, *, default: str | None = "a synthetic week"
+                   ) -> None:
+    """The price-file options (`--prices`, `--price-column`, `--timezone`, `--settlement-point`).
+
+    `default` says what runs without `--prices`; None makes `--prices` required.
+    """
+    p.add_argument("--prices", metavar="NAME|FILE", required=default is None,
                    help="a built-in price trace or a price file" +
-                   ("" if required else " (default: a synthetic week)") +
+                   ("" if default is None else f" (default: {default})") +
                    f". Built-in: {dataset_help()}. Formats: docs/prices.md")
     p.add_argument("--price-column", metavar="COLUMN",
                    help="price column in the file (default: the layout's own, e.g. "

@@ -15,6 +15,7 @@ from controller.cli.common import (
     positive,
     run_async,
 )
+from controller.demo import add_arguments as add_demo_arguments
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -23,7 +24,8 @@ def add_parser(sub: Subparsers) -> None:
         "demo", help="a whole simulated site with its controller, on a local broker",
         description="Start a local MQTT broker (mosquitto if installed, else embedded amqtt) "
         "on 127.0.0.1, a simulated mixed fleet, a site meter, a price replay, the controller "
-        "and its metrics endpoint, and show a live summary. Ctrl-C stops everything.")
+        "and its metrics endpoint, and show the live site view (as `mineops top` shows a "
+        "running site). Ctrl-C stops everything and prints a final summary.")
     p.add_argument("--miners", type=count, default=1000, help="fleet size (default 1000)")
     p.add_argument("--duration", type=positive, metavar="SECONDS",
                    help="stop after this many seconds and print a summary (default: run "
@@ -37,13 +39,15 @@ def add_parser(sub: Subparsers) -> None:
                    help="use this broker instead of starting one")
     p.add_argument("--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
                    help="which local broker to start (default auto: mosquitto if installed)")
-    add_price_args(p)
+    add_price_args(p, default="the built-in ercot-hb-south-2024-summer; 'synthetic': a "
+                   "synthetic week")
+    add_demo_arguments(p)
     p.set_defaults(handler=run, quiet_logs=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 1 if the site did not work (miners silent, no decisions)."""
-    from controller.demo import run_demo  # noqa: PLC0415 - the simulators load slowly
+    from controller.demo import DemoEvent, run_demo  # noqa: PLC0415 - the simulators load slowly
 
     async def demo() -> int:
         result = await run_demo(
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
             prices_file=args.prices, price_column=args.price_column,
             price_timezone=args.timezone, settlement_point=args.settlement_point,
+            start=args.start, event=None if args.no_event else DemoEvent(at_s=args.event_at),
         )
         if not result.ok:
             print(f"demo failed: {result.why}", file=sys.stderr)

@@ -20,16 +20,18 @@ from controller.cli import (
     models,
     run,
     simulate,
+    top,
     ven,
 )
 from controller.cli.common import EXIT_FAIL, EXIT_USAGE, HelpFormatter, UsageError
+from controller.extras import MissingExtra
 from controller.site_file import ConfigError
 from drivers.prices import PriceFileError
 
 # Every subcommand, in the order `mineops --help` lists them. Each module registers its
 # parser with a handler; heavy libraries load inside the handlers, so `--help` is quick.
 COMMANDS: tuple[ModuleType, ...] = (
-    run, simulate, demo, check_config, models, backtest, events, decode, ven, bridge,
+    run, simulate, demo, top, check_config, models, backtest, events, decode, ven, bridge,
 )
 
 
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure("warning" if quiet else args.log_level, json=fmt)
     try:
         return int(args.handler(args))
-    except (ConfigError, PriceFileError, UsageError) as e:
+    except (ConfigError, PriceFileError, UsageError, MissingExtra) as e:
         for line in str(e).splitlines():  # a ConfigError lists every problem, one per line
             print(f"mineops: {line}", file=sys.stderr)
         return EXIT_USAGE

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.openadr is None:
         raise UsageError(f"{args.config}: no [openadr] table; add one with vtn_url, ven_name "
                          "and level_1_kw..level_3_kw (see docs/openadr.md)")
+    from controller.extras import require  # noqa: PLC0415
+
+    require("ven", "mineops ven")
     from drivers.openadr.ven import OpenAdrVen  # noqa: PLC0415 - keep `mineops --help` fast
 
     debug = getattr(args, "log_level", "info") == "debug"

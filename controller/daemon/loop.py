@@ -247,7 +247,8 @@ class Controller:
         on_plan = planned_w <= target * 1.0001
         met = now_ts < ob.deadline_ts or (meter_w is not None and meter_w <= target * 1.005)
         return GridEventStatus(id=event.id, kind=event.kind, target_w=target,
-                               deadline_unix_s=ob.deadline_ts, on_track=on_plan and met)
+                               deadline_unix_s=ob.deadline_ts, on_track=on_plan and met,
+                               end_unix_s=event.payload.get("end_ts"))
 
     def _snapshot(self, *, why: str, started: float, now: float, now_ts: float,
                   decision: Decision, price: PriceInForce, hashprice: float, cap: CapInForce,

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from controller.core.fleet_state import view_counts
+from controller.core.fleet_state import VIEW_STATES, view_counts
 from controller.core.prices import PriceInForce
 from controller.protocol.payloads import DecisionSummary
 from controller.protocol.reasons import REASON_NAMES, Reason
@@ -44,6 +44,7 @@ class GridEventStatus:
     target_w: float  # site power the event asks for, incl. aux
     deadline_unix_s: float  # by when the site must be at or below the target
     on_track: bool  # the plan reaches the target by the deadline
+    end_unix_s: float | None = None  # when the event ends (None: not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +89,25 @@ class DecisionSnapshot:
         """Miners per reason name, only reasons that some miner has."""
         return {REASON_NAMES[r]: int(c) for r, c in enumerate(self.reason_counts) if c}
 
+    @property
+    def miners_by_state_reason(self) -> dict[str, dict[str, int]]:
+        """Miners per operator state, then per reason name; only non-zero counts.
+
+        Says why miners are where they are: "sleeping 160: grid 160" during a recovery ramp.
+        """
+        n_reasons = len(Reason)
+        cells = np.bincount(self.view_state.astype(np.intp) * n_reasons + self.reason,
+                            minlength=len(VIEW_STATES) * n_reasons)
+        out: dict[str, dict[str, int]] = {}
+        for s, state in enumerate(VIEW_STATES):
+            row = cells[s * n_reasons:(s + 1) * n_reasons]
+            if row.any():
+                out[state] = {REASON_NAMES[r]: int(c) for r, c in enumerate(row) if c}
+        return out
+
     def summary(self) -> DecisionSummary:
         """The retained decision topic's payload."""
+        event = self.grid_event
         return DecisionSummary(
             ts=self.at_unix_s,
             price_usd_per_mwh=self.price.total_usd_per_mwh,
@@ -106,5 +124,19 @@ class DecisionSnapshot:
             miners_by_reason=self.miners_by_reason,
             commands_sent=self.commands_sent,
             duration_s=round(self.duration_s, 6),
+            seq=self.seq,
+            trigger=self.trigger[:32],
+            adders_usd_per_mwh=self.price.adders_usd_per_mwh,
+            cap_site_w=self.cap.site_w,
+            grid_event_kind=None if event is None else event.kind,
+            grid_event_target_w=None if event is None else event.target_w,
+            grid_event_deadline_ts=None if event is None else event.deadline_unix_s,
+            grid_event_end_ts=None if event is None else event.end_unix_s,
+            grid_event_on_track=None if event is None else event.on_track,
+            fleet_power_w=round(self.fleet_power_w, 1),
+            fleet_hashrate_ths=round(self.fleet_hashrate_ths, 3),
+            frequency_hz=self.frequency_hz,
+            infeasible=self.infeasible,
+            miners_by_state_reason=self.miners_by_state_reason,
         )
 

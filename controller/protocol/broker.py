@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from controller.extras import MissingExtra, installed
+
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -60,6 +62,9 @@ class LocalBroker:
         mosquitto = find_mosquitto() if prefer in ("auto", "mosquitto") else None
         if prefer == "mosquitto" and mosquitto is None:
             raise RuntimeError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        if mosquitto is None and not installed("embedded-broker"):
+            raise MissingExtra("embedded-broker", "a local MQTT broker",
+                               "or install mosquitto: apt-get install mosquitto")
         self.kind = "mosquitto" if mosquitto else "amqtt"
         self._mosquitto = mosquitto
         self._dir = tempfile.TemporaryDirectory(prefix="mineops-broker-")
@@ -84,8 +89,11 @@ class LocalBroker:
         if self._proc is not None and self._proc.poll() is None:
             return self
         log = (Path(self._dir.name) / "broker.log").open("ab")
+        # Its own session: Ctrl-C in the demo's terminal goes to the demo, which stops its
+        # clients (their last words need the broker) and then the broker.
         self._proc = subprocess.Popen(
-            self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_for_port(self.host, self.port)

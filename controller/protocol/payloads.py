@@ -300,6 +300,28 @@ class DecisionSummary(Payload):
     miners_by_reason: dict[str, int]
     commands_sent: int
     duration_s: float
+    # Added for the live views (`mineops top`, the demo); optional, so summaries published
+    # before them still decode.
+    seq: int | None = Field(default=None, ge=0, description="Decisions since the start")
+    trigger: str | None = Field(default=None, max_length=32,
+                                description="What asked for it: tick, price, grid, connect, ...")
+    adders_usd_per_mwh: float | None = Field(
+        default=None, description="The site's adders: price = market + adders")
+    cap_site_w: float | None = Field(default=None, description="The configured site cap, W")
+    grid_event_kind: str | None = Field(default=None, max_length=32)
+    grid_event_target_w: float | None = Field(default=None, description="Incl. aux, W")
+    grid_event_deadline_ts: float | None = Field(default=None, description="Target met by, Unix s")
+    grid_event_end_ts: float | None = Field(default=None, description="Event ends, Unix s")
+    grid_event_on_track: bool | None = None
+    fleet_power_w: float | None = Field(
+        default=None, description="Reported by miners with fresh telemetry, excl. aux, W")
+    fleet_hashrate_ths: float | None = Field(
+        default=None, description="Reported by miners with fresh telemetry, TH/s")
+    frequency_hz: float | None = None
+    infeasible: bool | None = Field(
+        default=None, description="Even the miners the controller cannot move exceed the cap")
+    miners_by_state_reason: dict[str, dict[str, int]] | None = Field(
+        default=None, description="Miners per state, then per reason (only non-zero counts)")
 
 
 P = TypeVar("P", bound=Payload)

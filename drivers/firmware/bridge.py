@@ -171,6 +171,9 @@ class MinerBridge:
         self.commands_failed = 0
         self.polls = 0
         self.last_cycle_s = 0.0
+        # Called with the miners polled so far during the first poll (a large site's
+        # start-up takes a while: `mineops bridge` shows it as a progress bar).
+        self.first_poll_progress: Callable[[int], None] | None = None
         self.transport = Transport(
             broker,
             client_id=f"mineops-bridge-{site_id}-{'-'.join(sorted(self.groups))[:40]}",
@@ -338,7 +341,17 @@ class MinerBridge:
     async def poll_once(self) -> None:
         """Read every miner once (bounded concurrency), then publish what was learned."""
         start = time.monotonic()
-        await asyncio.gather(*(self._poll(d) for d in self.devices.values()))
+        report = self.first_poll_progress if self.polls == 0 else None
+        done = 0
+
+        async def poll(d: _Device) -> None:
+            nonlocal done
+            await self._poll(d)
+            done += 1
+            if report is not None:
+                report(done)
+
+        await asyncio.gather(*(poll(d) for d in self.devices.values()))
         self.polls += 1
         self.last_cycle_s = time.monotonic() - start
         self._count_problems()

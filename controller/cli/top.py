@@ -1,0 +1,205 @@
+"""`mineops top`: the live view of a running site, from its retained decision topic.
+
+Subscribes to `mineops/<site>/controller/decision` (the `DecisionSummary` the daemon
+retains after every decision) and `mineops/<site>/controller/availability`, and renders
+the same view as `mineops demo` (`controller.view`): the site clock, power against the cap
+in force and why, the price in force and its parts, hashrate, miners by state and reason.
+Needs only read access to those two topics, so an operator on site can watch
+`mineops run` from a laptop. `--once` prints the current decision and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+
+from controller.catalogue import MinerModel, load_catalogue
+from controller.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, Subparsers
+from controller.config import BrokerConfig
+from controller.logs import LogLimiter
+from controller.protocol.payloads import DecisionSummary, PayloadError
+from controller.protocol.topics import OFFLINE, ONLINE, SiteTopics
+from controller.site_file import load_config
+from controller.view.clock import SiteClock, zone
+from controller.view.site import SiteView, read_summary
+
+log = structlog.get_logger("mineops.top")
+
+
+def add_parser(sub: Subparsers) -> None:
+    """Register `top` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "top", help="live view of a running site (its controller's decisions)",
+        description="Show the live view of a running site: read the retained decision "
+        "summary its controller publishes on mineops/<site>/controller/decision and redraw "
+        "it on every decision (on a pipe: a line whenever something changes). Ctrl-C stops.",
+        epilog="Either --config FILE (broker, login and TLS from the site file; break-even "
+        "prices of its models) or --broker HOST:PORT --site ID. See docs/operating.md.")
+    p.add_argument("--config", type=Path, metavar="FILE", help="site TOML file")
+    p.add_argument("--broker", metavar="HOST:PORT",
+                   help="the site's MQTT broker, without a site file (no login, no TLS)")
+    p.add_argument("--site", metavar="ID", help="site id, with --broker")
+    p.add_argument("--timezone", metavar="ZONE",
+                   help="show the site clock in this IANA zone, e.g. America/Chicago "
+                   "(default: this machine's)")
+    p.add_argument("--once", action="store_true",
+                   help="print the current decision and exit (1 if none arrives in --wait)")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="with --once: how long to wait for the retained decision (default 10)")
+    p.set_defaults(handler=run, quiet_logs=True)
+
+
+@dataclass
+class TopState:
+    """What `top` has read so far."""
+
+    summary: DecisionSummary | None = None
+    controller_online: bool | None = None
+    unreadable: int = 0
+    ignored_fields: set[str] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def make_handler(topics: SiteTopics, state: TopState, limiter: LogLimiter | None = None
+                 ) -> Callable[[str, bytes], None]:
+    """The MQTT message handler: decision summaries and controller availability."""
+    limits = limiter or LogLimiter()
+
+    def on_message(topic: str, raw: bytes) -> None:
+        if topic == topics.controller_availability:
+            text = raw.decode(errors="replace").strip()
+            state.controller_online = True if text == ONLINE else (
+                False if text == OFFLINE else state.controller_online)
+            state.changed.set()
+            return
+        if topic != topics.decision:
+            return
+        try:
+            summary, unknown = read_summary(raw)
+        except PayloadError as e:
+            # A bad summary is counted and shown; the view keeps the last good one.
+            state.unreadable += 1
+            suppressed = limits.allow("decision", e.reason)
+            if suppressed is not None:
+                log.warning("decision_summary_unreadable", reason=e.reason, detail=e.detail,
+                            topic=topic, suppressed_since_last=suppressed)
+            return
+        new = set(unknown) - state.ignored_fields
+        if new:
+            log.info("decision_summary_fields_ignored", fields=sorted(new),
+                     hint="a newer controller; upgrade mineops to see them")
+            state.ignored_fields |= new
+        state.summary = summary
+        state.changed.set()
+
+    return on_message
+
+
+def _models(cfg_models: list[str]) -> dict[str, MinerModel]:
+    catalogue = load_catalogue()
+    return {k: catalogue.get(k) for k in sorted(set(cfg_models))}
+
+
+async def watch(broker: BrokerConfig, site_id: str, *, tz: tzinfo, out: TextIO,
+                models: dict[str, MinerModel], once: bool = False, wait_s: float = 10.0,
+                stop: asyncio.Event | None = None) -> int:
+    """Show the site's live view on `out` until `stop` is set (or, `once`, one decision)."""
+    from controller.protocol.transport import Transport  # noqa: PLC0415 - aiomqtt when used
+    from controller.view.screen import Screen  # noqa: PLC0415
+
+    topics = SiteTopics(site_id)
+    state = TopState()
+    transport = Transport(broker, client_id=f"mineops-top-{os.getpid()}",
+                          subscriptions=[topics.decision, topics.controller_availability])
+    source = f"broker {broker.host}:{broker.port}"
+    stopping = stop or asyncio.Event()
+
+    def view() -> SiteView:
+        return SiteView(site_id, state.summary, SiteClock.wall(tz), time.time(), models=models,
+                        controller_online=state.controller_online, source=source)
+
+    task = asyncio.create_task(transport.run(make_handler(topics, state)), name="top-mqtt")
+    screen = Screen(out)
+    try:
+        if once:
+            try:
+                async with asyncio.timeout(wait_s):
+                    while state.summary is None:
+                        state.changed.clear()
+                        await state.changed.wait()
+            except TimeoutError:
+                print(f"mineops: no decision on {topics.decision} within {wait_s:g} s "
+                      f"({source}; is the controller running, is the site id right?)",
+                      file=sys.stderr)
+                return EXIT_FAIL
+            # The availability message is retained too: give it a moment to arrive.
+            await asyncio.sleep(0.2)
+            if screen.tty:
+                screen.print(view().render())
+            else:
+                screen.write(view().line())
+            return EXIT_OK
+        with screen:
+            while not stopping.is_set():
+                screen.show(view())
+                state.changed.clear()
+                # Redraw on every decision, and every second for the ages on a terminal.
+                waiter = asyncio.ensure_future(state.changed.wait())
+                stopper = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({waiter, stopper}, timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+        screen.final(f"mineops top: site {site_id}, stopped", view())
+        if state.unreadable:
+            screen.write(f"{state.unreadable} unreadable decision summaries were skipped")
+        return EXIT_OK
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _target(args: argparse.Namespace) -> tuple[BrokerConfig, str, dict[str, MinerModel]]:
+    if args.config is not None:
+        if args.broker or args.site:
+            raise ValueError("--config, or --broker and --site, not both")
+        cfg = load_config(args.config)
+        return cfg.broker, cfg.site_id, _models([m.model for m in cfg.inventory])
+    if not (args.broker and args.site):
+        raise ValueError("give --config FILE, or --broker HOST:PORT and --site ID")
+    host, sep, port = args.broker.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--broker {args.broker!r}: expected HOST:PORT")
+    return BrokerConfig(host=host or "127.0.0.1", port=int(port)), args.site, {}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of `mineops top`; ConfigError reaches the CLI's main."""
+    try:
+        broker, site_id, models = _target(args)
+        tz = zone(args.timezone)
+        SiteTopics(site_id)
+    except ValueError as e:
+        print(f"mineops: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await watch(broker, site_id, tz=tz, out=sys.stdout, models=models,
+                           once=args.once, wait_s=args.wait, stop=stop)
+
+    return asyncio.run(main())

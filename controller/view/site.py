@@ -1,0 +1,322 @@
+"""The site view: one decision summary as a panel (terminal) or a line (pipe).
+
+Shows what an operator asks first: the site clock; site power against the cap in force
+and why the cap is where it is (the site's own cap, a grid event with its target and
+deadline, an under-frequency shed, the recovery ramp after an event); the price in force
+and its parts (market price, where it came from, adders); hashrate; and the miners by
+state, each state with the reasons the decision gave (how many sleep for price, how many
+the grid holds). Units are written next to every figure: MW for site power, PH/s for
+hashrate, $/MWh for energy, $/PH/day for hashprice. A value the controller did not know
+is shown as "unknown", never as zero.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from controller.catalogue import MinerModel
+from controller.core.fleet_state import VIEW_STATES
+from controller.protocol.payloads import DecisionSummary, PayloadError, decode
+from controller.view.clock import SiteClock
+
+PRICE_SOURCES = {"real_time": "real-time", "day_ahead": "day-ahead schedule",
+                 "default": "cautious default, no price feed"}
+GRID_KINDS = {"target_kw": "power target", "shed_kw": "shed below baseline",
+              "emergency": "emergency, keep-alive load only", "peak": "peak alert"}
+# A decision this old means the controller is not deciding (it decides every few seconds
+# at most); the view says so rather than showing old figures as current.
+STALE_AFTER_S = 30.0
+
+
+def read_summary(raw: bytes) -> tuple[DecisionSummary, list[str]]:
+    """Decode a decision summary, ignoring fields this version does not know.
+
+    A newer controller may publish fields an older `mineops top` lacks: they are left out
+    (and listed) rather than making the whole summary unreadable.
+
+    Returns:
+        The summary and the names of the fields left out.
+
+    Raises:
+        PayloadError: not JSON, not an object, or a known field is invalid.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PayloadError("bad_json", str(e)) from None
+    if not isinstance(data, dict):
+        raise PayloadError("bad_schema", "not a JSON object")
+    known = DecisionSummary.model_fields
+    unknown = sorted(k for k in data if k not in known)
+    kept = {k: v for k, v in data.items() if k in known}
+    return decode(DecisionSummary, json.dumps(kept).encode()), unknown
+
+
+def format_mw(w: float | None) -> str:
+    return "unknown" if w is None else f"{w / 1e6:,.2f} MW"
+
+
+def format_price(usd_per_mwh: float | None) -> str:
+    if usd_per_mwh is None:
+        return "unknown"
+    sign = "-" if usd_per_mwh < 0 else ""
+    return f"{sign}${abs(usd_per_mwh):,.2f}/MWh"
+
+
+def format_ago(seconds: float) -> str:
+    s = max(0.0, seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _time(t: datetime, ref: datetime) -> str:
+    """A time of day, with the date when it is not `ref`'s day."""
+    fmt = "%H:%M %Z" if t.date() == ref.date() else "%Y-%m-%d %H:%M %Z"
+    return t.strftime(fmt)
+
+
+@dataclass(frozen=True)
+class SiteView:
+    """What the view shows: a site's latest decision summary and how to read its times.
+
+    Attributes:
+        site_id: the site, as in its topics.
+        summary: the latest decision summary; None before the first one.
+        clock: maps the summary's Unix times to the site's clock.
+        now_wall_s: wall-clock Unix time of the rendering (ages, "in 5 min").
+        models: catalogue models of the fleet, by key, for break-even prices; empty when
+            not known (`mineops top` without a site file).
+        controller_online: the controller's retained availability; None when not known.
+        source: where the summary comes from, e.g. "broker 10.0.0.5:1883".
+    """
+
+    site_id: str
+    summary: DecisionSummary | None
+    clock: SiteClock
+    now_wall_s: float
+    models: Mapping[str, MinerModel] = field(default_factory=dict)
+    controller_online: bool | None = None
+    source: str = ""
+
+    # -- pieces, shared by the panel and the line ---------------------------------------
+
+    def site_time(self) -> str:
+        """The decision's time on the site clock, e.g. "2024-08-20 18:05:00 CDT"."""
+        if self.summary is None:
+            return "no decision yet"
+        return self.clock.at(self.summary.ts).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    def age_s(self) -> float | None:
+        """Real seconds since the decision (None before the first)."""
+        return None if self.summary is None else self.now_wall_s - self.summary.ts
+
+    def cap_in_force_w(self) -> float:
+        s = self.summary
+        assert s is not None
+        return s.cap_in_force_w if s.cap_in_force_w is not None else s.cap_w
+
+    def cap_why(self) -> str:
+        """Why the cap in force is what it is, in the operator's words."""
+        s = self.summary
+        assert s is not None
+        source = s.cap_source or "site"
+        site_cap = f"site cap {format_mw(s.cap_site_w)}" if s.cap_site_w is not None else ""
+        if source == "site":
+            why = "the site cap"
+            if s.grid_event_id is not None:
+                why += (f"; grid event {s.grid_event_id} in force, its target "
+                        f"{format_mw(s.grid_event_target_w)} is not tighter")
+            return why
+        if source == "frequency":
+            return f"under-frequency shed ({site_cap})" if site_cap else "under-frequency shed"
+        if source == "recovery":
+            return ("recovery ramp after a grid obligation ended, rising to the "
+                    + (site_cap or "site cap"))
+        return self.grid_event_text() + (f" ({site_cap})" if site_cap else "")
+
+    def grid_event_text(self) -> str:
+        """The grid event in force: id, kind, target, deadline, end, on track."""
+        s = self.summary
+        assert s is not None
+        kind = s.grid_event_kind or s.cap_source or "event"
+        parts = [f"grid event {s.grid_event_id or '?'}: {GRID_KINDS.get(kind, kind)}"]
+        decided = self.clock.at(s.ts)
+        if s.grid_event_target_w is not None:
+            target = f"target {format_mw(s.grid_event_target_w)}"
+            if s.grid_event_deadline_ts is not None:
+                target += f" by {_time(self.clock.at(s.grid_event_deadline_ts), decided)}"
+            parts.append(target)
+        if s.grid_event_end_ts is not None:
+            parts.append(f"until {_time(self.clock.at(s.grid_event_end_ts), decided)}")
+        if s.grid_event_on_track is not None:
+            parts.append("on track" if s.grid_event_on_track else "NOT on track")
+        return ", ".join(parts)
+
+    def price_text(self) -> str:
+        """The price in force and its parts: "$101.00/MWh = market $93.00 (real-time) + ..."."""
+        s = self.summary
+        assert s is not None
+        total = format_price(s.price_usd_per_mwh)
+        if s.market_price_usd_per_mwh is None:
+            return total
+        src = PRICE_SOURCES.get(s.price_source or "", s.price_source or "source unknown")
+        adders = (s.adders_usd_per_mwh if s.adders_usd_per_mwh is not None
+                  else s.price_usd_per_mwh - s.market_price_usd_per_mwh)
+        return (f"{total} = market {format_price(s.market_price_usd_per_mwh)} ({src}) "
+                f"+ adders {format_price(adders)}")
+
+    def hashrate_text(self) -> str:
+        s = self.summary
+        assert s is not None
+        if s.fleet_hashrate_ths is None:
+            return "unknown"
+        reporting = sum(n for state, n in s.miners_by_state.items() if state != "offline")
+        return (f"{s.fleet_hashrate_ths / 1000:,.1f} PH/s from {reporting:,} reporting miners "
+                f"(their power {format_mw(s.fleet_power_w)}, excl. aux)")
+
+    def reasons(self, state: str) -> str:
+        """Why the miners in `state` are there: "price 300, grid 160" (most first)."""
+        s = self.summary
+        assert s is not None
+        by = (s.miners_by_state_reason or {}).get(state, {})
+        return ", ".join(f"{r} {n:,}" for r, n in sorted(by.items(), key=lambda kv: -kv[1]))
+
+    def breakevens(self) -> str:
+        """Each model's break-even market price at the decision's hashprice."""
+        s = self.summary
+        if s is None or not self.models:
+            return ""
+        hp = s.hashprice_usd_per_ph_day
+        items = sorted(((k, m.breakeven_usd_per_mwh(hp)) for k, m in self.models.items()),
+                       key=lambda kv: kv[1])
+        return (f"break-even price at stock (market + adders) at ${hp:,.2f}/PH/day: "
+                + "  ".join(f"{k} ${be:,.0f}/MWh" for k, be in items))
+
+    def warnings(self) -> list[str]:
+        """What needs the operator's attention now."""
+        out: list[str] = []
+        if self.controller_online is False:
+            out.append("controller OFFLINE (its last will, or a clean stop): figures are old")
+        age = self.age_s()
+        if age is not None and age > STALE_AFTER_S:
+            out.append(f"last decision {format_ago(age)} ago: the controller is not deciding")
+        s = self.summary
+        if s is not None and s.infeasible:
+            out.append("cap cannot be met: miners the controller cannot move exceed it")
+        if s is not None and s.grid_event_on_track is False:
+            out.append("grid event NOT on track")
+        if s is not None and s.measured_site_power_w is None:
+            out.append("no fresh site-meter reading: site power unknown")
+        return out
+
+    # -- the panel ------------------------------------------------------------------------
+
+    def render(self) -> RenderableType:
+        """The view as a rich renderable (a panel), for a terminal or a recorded console."""
+        title = f"mineops · site {self.site_id}"
+        if self.summary is None:
+            body = Text("waiting for the first decision" + (
+                f" on {self.source}" if self.source else "") + " ...")
+            return Panel(body, title=title, box=box.ROUNDED)
+        s = self.summary
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column()
+        clock = self.site_time()
+        if self.clock.describe():
+            clock += f" ({self.clock.describe()})"
+        grid.add_row("site time", clock)
+        over = (s.measured_site_power_w is not None
+                and s.measured_site_power_w > self.cap_in_force_w() * 1.005)
+        power = Text(f"{format_mw(s.measured_site_power_w)} measured",
+                     style="bold red" if over else "")
+        power.append(f", plan {format_mw(s.planned_site_power_w)}, "
+                     f"planning under {format_mw(s.cap_w)} (incl. aux)")
+        grid.add_row("site power", power)
+        cap_style = "" if (s.cap_source or "site") == "site" else "bold yellow"
+        cap = Text(format_mw(self.cap_in_force_w()), style=cap_style)
+        cap.append(f" in force: {self.cap_why()}")
+        grid.add_row("cap", cap)
+        grid.add_row("price", self.price_text())
+        grid.add_row("hashprice", f"${s.hashprice_usd_per_ph_day:,.2f}/PH/day")
+        grid.add_row("hashrate", self.hashrate_text())
+        if s.frequency_hz is not None:
+            grid.add_row("grid", f"{s.frequency_hz:.3f} Hz")
+
+        miners = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        miners.add_column("miners", no_wrap=True)
+        miners.add_column("count", justify="right")
+        miners.add_column("why: the last decision's reasons (miners)")
+        total = sum(s.miners_by_state.values())
+        for state in VIEW_STATES:
+            n = s.miners_by_state.get(state, 0)
+            style = "red" if state in ("error", "offline") and n else ""
+            miners.add_row(Text(state, style=style), f"{n:,}", self.reasons(state))
+        miners.add_row(Text("total", style="dim"), Text(f"{total:,}", style="dim"), "")
+
+        parts: list[RenderableType] = [grid, Text(""), miners]
+        if self.breakevens():
+            parts.append(Text(self.breakevens(), style="dim"))
+        for w in self.warnings():
+            parts.append(Text(f"! {w}", style="bold red"))
+        sub = [f"decision #{s.seq}" if s.seq is not None else "decision"]
+        if s.trigger:
+            sub[0] += f" ({s.trigger})"
+        age = self.age_s()
+        if age is not None:
+            sub.append(f"{format_ago(age)} ago")
+        sub.append(f"{s.commands_sent:,} setpoints sent")
+        if self.source:
+            sub.append(self.source)
+        return Panel(Group(*parts), title=title, subtitle=" · ".join(sub),
+                     box=box.ROUNDED, expand=False)
+
+    # -- the line (pipes, logs) ----------------------------------------------------------
+
+    def line(self) -> str:
+        """The view in one line, for output that is not a terminal."""
+        if self.summary is None:
+            return f"{self.site_id}: waiting for the first decision"
+        s = self.summary
+        states = ", ".join(
+            f"{state} {s.miners_by_state.get(state, 0):,}"
+            + (f" ({self.reasons(state)})" if self.reasons(state) else "")
+            for state in VIEW_STATES)
+        hashrate = ("unknown" if s.fleet_hashrate_ths is None
+                    else f"{s.fleet_hashrate_ths / 1000:,.1f} PH/s")
+        text = (f"{self.site_time()} | site {format_mw(s.measured_site_power_w)} / cap "
+                f"{format_mw(self.cap_in_force_w())} ({self.cap_why()}) | price "
+                f"{self.price_text()} | {hashrate} | {states}")
+        warnings = self.warnings()
+        if warnings:
+            text += " | " + "; ".join(warnings)
+        return text
+
+    def change_key(self) -> tuple[object, ...]:
+        """What a printed line is judged by: a new line only when this changes.
+
+        Leaves out what moves every decision without meaning a change (the clock, the
+        meter's noise, hashrate) and keeps the cap, the price, the grid event, the miners'
+        states and reasons, and the warnings.
+        """
+        s = self.summary
+        if s is None:
+            return (None,)
+        return (round(self.cap_in_force_w()), s.cap_source, s.grid_event_id,
+                s.grid_event_on_track, round(s.price_usd_per_mwh, 2), s.price_source,
+                tuple(sorted(s.miners_by_state.items())),
+                json.dumps(s.miners_by_state_reason, sort_keys=True),
+                tuple(w for w in self.warnings() if not w.startswith("last decision")),
+                (self.age_s() or 0.0) > STALE_AFTER_S)

@@ -1,0 +1,284 @@
+"""The live site view: what the summary carries, what the panel and the line say.
+
+Rendered on rich's recording console (`Console(record=True)`, `export_text()`), so the
+tests read the text an operator reads. Summaries come from real decisions of a
+Controller (no broker needed: a decision without one sends nothing) or are written out
+in full where a test needs exact figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from rich.console import Console
+
+from controller.catalogue import load_catalogue
+from controller.config import SiteConfig
+from controller.daemon.loop import Controller
+from controller.protocol.payloads import DecisionSummary, GridEvent, PayloadError, PriceSignal
+from controller.view import SiteClock, SiteView, read_summary
+from controller.view.screen import Screen
+
+CHICAGO = ZoneInfo("America/Chicago")
+# 2024-08-20 18:05:00 CDT
+T = datetime(2024, 8, 20, 18, 5, tzinfo=CHICAGO).timestamp()
+MODELS = {k: load_catalogue().get(k) for k in ("s19j_pro", "s21")}
+
+
+def render(view: SiteView, width: int = 200) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(view.render())
+    return console.export_text()
+
+
+def summary(**kw: Any) -> DecisionSummary:
+    """A summary during a grid event, every figure chosen (see the assertions)."""
+    base: dict[str, Any] = {
+        "ts": T, "price_usd_per_mwh": 75.73, "market_price_usd_per_mwh": 67.73,
+        "price_source": "real_time", "adders_usd_per_mwh": 8.0,
+        "hashprice_usd_per_ph_day": 42.0, "cap_w": 2_128_500.0, "cap_in_force_w": 2_150_000.0,
+        "cap_source": "target_kw", "cap_site_w": 3_590_000.0, "grid_event_id": "drill-1",
+        "grid_event_kind": "target_kw", "grid_event_target_w": 2_150_000.0,
+        "grid_event_deadline_ts": T - 300.0, "grid_event_end_ts": T + 900.0,
+        "grid_event_on_track": True, "planned_site_power_w": 2_127_000.0,
+        "measured_site_power_w": 2_131_000.0, "fleet_power_w": 2_030_000.0,
+        "fleet_hashrate_ths": 163_400.0, "frequency_hz": 60.001,
+        "miners_by_state": {"running": 160, "underclocked": 440, "sleeping": 280, "waking": 120,
+                            "error": 0, "offline": 0},
+        "miners_by_reason": {"profit": 240, "grid": 760},
+        "miners_by_state_reason": {"running": {"profit": 80, "grid": 80},
+                                   "underclocked": {"grid": 440},
+                                   "sleeping": {"profit": 160, "grid": 120},
+                                   "waking": {"grid": 120}},
+        "commands_sent": 12, "duration_s": 0.004, "seq": 21, "trigger": "tick",
+        "infeasible": False,
+    }
+    return DecisionSummary(**{**base, **kw})
+
+
+def view(s: DecisionSummary | None, **kw: Any) -> SiteView:
+    args: dict[str, Any] = {"site_id": "demo", "summary": s,
+                            "clock": SiteClock.wall(CHICAGO), "now_wall_s": T + 1.0,
+                            "models": MODELS}
+    return SiteView(**{**args, **kw})
+
+
+def test_panel_shows_clock_cap_and_why_price_parts_counts_and_reasons() -> None:
+    text = render(view(summary()))
+    assert "site time   2024-08-20 18:05:00 CDT" in text
+    assert "2.13 MW measured, plan 2.13 MW, planning under 2.13 MW (incl. aux)" in text
+    assert ("2.15 MW in force: grid event drill-1: power target, target 2.15 MW by 18:00 CDT, "
+            "until 18:20 CDT, on track (site cap 3.59 MW)") in text
+    assert "$75.73/MWh = market $67.73/MWh (real-time) + adders $8.00/MWh" in text
+    assert "$42.00/PH/day" in text
+    assert "163.4 PH/s from 1,000 reporting miners (their power 2.03 MW, excl. aux)" in text
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("│ ")
+            and len(line.split()) > 2 and line.split()[1] in
+            ("running", "underclocked", "sleeping", "waking", "error", "offline", "total")}
+    assert rows["running"].split()[2:7] == ["160", "profit", "80,", "grid", "80"]
+    assert rows["underclocked"].split()[2:5] == ["440", "grid", "440"]
+    assert rows["sleeping"].split()[2:7] == ["280", "profit", "160,", "grid", "120"]
+    assert rows["waking"].split()[2:5] == ["120", "grid", "120"]
+    assert rows["offline"].split()[2] == "0"
+    assert rows["total"].split()[2] == "1,000"
+    assert "s19j_pro $59/MWh  s21 $100/MWh" in text, "break-even prices at the hashprice"
+    assert "decision #21 (tick) · 1 s ago · 12 setpoints sent" in text
+    assert "!" not in text, "nothing to warn about"
+
+
+def test_simulated_clock_runs_at_speed_on_the_trace_timeline() -> None:
+    wall = 1_800_000_000.0
+    clock = SiteClock.simulated_at(site_s=T, wall_s=wall, speed=60.0, tz=CHICAGO)
+    assert clock.at(wall + 10.0) == datetime(2024, 8, 20, 18, 15, tzinfo=CHICAGO)
+    assert clock.describe() == "simulated, 60x real time"
+    s = summary(ts=wall + 10.0, grid_event_deadline_ts=wall + 12.0,
+                grid_event_end_ts=wall + 32.0)
+    text = render(view(s, clock=clock, now_wall_s=wall + 11.0))
+    assert "2024-08-20 18:15:00 CDT (simulated, 60x real time)" in text
+    # Deadline and end on the same simulated clock: 2 and 22 real seconds later.
+    assert "target 2.15 MW by 18:17 CDT, until 18:37 CDT" in text
+
+
+@pytest.mark.parametrize(("source", "why"), [
+    ("site", "3.59 MW in force: the site cap"),
+    ("recovery", "in force: recovery ramp after a grid obligation ended, rising to the site "
+     "cap 3.59 MW"),
+    ("frequency", "in force: under-frequency shed (site cap 3.59 MW)"),
+    ("emergency", "grid event drill-1: emergency, keep-alive load only"),
+    ("peak", "grid event drill-1: peak alert"),
+])
+def test_cap_source_is_said_in_words(source: str, why: str) -> None:
+    kind = source if source in ("emergency", "peak") else "target_kw"
+    kw: dict[str, Any] = {"cap_source": source, "grid_event_kind": kind}
+    if source == "site":
+        kw.update(cap_in_force_w=3_590_000.0, grid_event_id=None, grid_event_kind=None)
+    if source in ("recovery", "frequency"):
+        kw.update(grid_event_id=None, grid_event_kind=None, grid_event_target_w=None,
+                  grid_event_on_track=None)
+    assert why in render(view(summary(**kw)), width=200)
+
+
+def test_unknown_is_unknown_and_warnings_are_shown() -> None:
+    s = summary(measured_site_power_w=None, grid_event_on_track=False, infeasible=True)
+    text = render(view(s, controller_online=False, now_wall_s=T + 45.0), width=160)
+    assert "unknown measured" in text
+    assert "0.00 MW" not in text
+    assert "! controller OFFLINE" in text
+    assert "! last decision 45 s ago: the controller is not deciding" in text
+    assert "! cap cannot be met" in text
+    assert "! grid event NOT on track" in text
+    assert "! no fresh site-meter reading: site power unknown" in text
+
+
+def test_a_summary_from_before_the_new_fields_still_renders() -> None:
+    old = DecisionSummary(ts=T, price_usd_per_mwh=25.0, hashprice_usd_per_ph_day=42.0,
+                          cap_w=3_554_100.0, planned_site_power_w=3_000_000.0,
+                          miners_by_state={"running": 840, "sleeping": 160},
+                          miners_by_reason={"profit": 840, "grid": 160},
+                          commands_sent=0, duration_s=0.01)
+    text = render(view(old))
+    assert "$25.00/MWh" in text
+    assert "3.55 MW in force: the site cap" in text
+    assert "hashrate    unknown" in text
+    assert "sleeping         160" in text
+
+
+def test_read_summary_ignores_fields_of_a_newer_controller() -> None:
+    raw = json.loads(summary().encode())
+    raw["battery_soc_pct"] = 55.0
+    s, unknown = read_summary(json.dumps(raw).encode())
+    assert unknown == ["battery_soc_pct"]
+    assert s.cap_source == "target_kw" and s.seq == 21
+    with pytest.raises(PayloadError) as e:
+        read_summary(b"[1, 2]")
+    assert e.value.reason == "bad_schema"
+    with pytest.raises(PayloadError) as e:
+        read_summary(b'{"ts": "soon"}')
+    assert e.value.reason in ("wrong_type", "bad_schema")
+    with pytest.raises(PayloadError) as e:
+        read_summary(b"\xff not json")
+    assert e.value.reason == "bad_json"
+
+
+def test_pipe_gets_a_line_only_when_something_changed() -> None:
+    out = io.StringIO()
+    screen = Screen(out)
+    assert not screen.tty
+    with screen:
+        for i in range(5):  # the clock and the meter move; nothing the operator acts on does
+            screen.show(view(summary(ts=T + i, measured_site_power_w=2_131_000.0 + 900 * i),
+                             now_wall_s=T + i + 0.5))
+        screen.show(view(summary(ts=T + 6, price_usd_per_mwh=240.0,
+                                 market_price_usd_per_mwh=232.0), now_wall_s=T + 6.5))
+        screen.show(view(summary(ts=T + 7, price_usd_per_mwh=240.0,
+                                 market_price_usd_per_mwh=232.0), now_wall_s=T + 7.5))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("break-even price at stock"), "once, not every 5 s"
+    assert lines[1].startswith("2024-08-20 18:05:00 CDT | site 2.13 MW / cap 2.15 MW")
+    assert "price $240.00/MWh = market $232.00/MWh" in lines[2]
+    assert "\x1b" not in out.getvalue(), "no cursor control on a pipe"
+
+
+def test_a_controller_decision_summary_says_why_miners_sleep_during_recovery() -> None:
+    """The issue's case: miners asleep at a low price with no word of the recovery ramp."""
+    cfg = SiteConfig.model_validate({
+        "site_id": "unit",
+        "fleet": {"groups": [{"name": "a", "model": "s21", "count": 40}]},
+        "power_cap_kw": 160, "hashprice_usd_per_ph_day": 42.0,
+        "energy": {"adders_usd_per_mwh": 8.0},
+        "policy": {"telemetry_stale_s": 30.0, "min_run_s": 0.0, "min_sleep_s": 0.0,
+                   "wake_latency_factor": 0.0},
+        "metrics": {"port": 0},
+        "grid": {"journal_path": str(Path(tempfile.mkdtemp(prefix="mineops-test-")) / "g.db"),
+                 "prepare_s": 0.0, "recovery_kw_per_min": 1.0},
+    })
+    c = Controller(cfg)
+    f = c.fleet
+    now_ts = time.time()
+    f.state[:] = 2  # sleeping, as after an event
+    f.power_w[:] = 10.0
+    f.hashrate_ths[:] = 0.0
+    f.last_seen[:] = time.monotonic()
+    c.on_message(c.topics.price, PriceSignal(ts=now_ts, price_usd_per_mwh=25.0).encode())
+    event = GridEvent(id="ev-1", kind="target_kw", value_kw=20.0, start_ts=now_ts - 60,
+                      end_ts=now_ts + 600)
+    c.on_message(c.topics.grid, event.encode())
+    during = asyncio.run(c.decide_and_act("test")).summary()
+    assert during.cap_source == "target_kw" and during.grid_event_target_w == 20_000.0
+    assert during.grid_event_end_ts == pytest.approx(now_ts + 600)
+    c.on_message(c.topics.grid, event.model_copy(update={"cancelled": True}).encode())
+    after = asyncio.run(c.decide_and_act("test")).summary()
+    assert after.cap_source == "recovery"
+    assert after.cap_site_w == 160_000.0 and after.adders_usd_per_mwh == 8.0
+    assert after.price_usd_per_mwh == 33.0 and after.market_price_usd_per_mwh == 25.0
+    held = (after.miners_by_state_reason or {}).get("sleeping", {}).get("grid", 0)
+    assert held > 0, after.miners_by_state_reason
+    assert sum(sum(r.values()) for r in (after.miners_by_state_reason or {}).values()) == 40
+    text = render(SiteView("unit", after, SiteClock.wall(UTC), time.time()), width=160)
+    assert "recovery ramp after a grid obligation ended, rising to the site cap 0.16 MW" in text
+    assert f"grid {held}" in text
+    assert "$33.00/MWh = market $25.00/MWh (real-time) + adders $8.00/MWh" in text
+    assert math.isclose(after.fleet_hashrate_ths or 0.0, 0.0)
+
+
+def test_job_progress_draws_only_when_asked_and_ends_itself() -> None:
+    from controller.view.progress import JobProgress  # noqa: PLC0415
+
+    shown = io.StringIO()
+    bar = JobProgress("first poll", 3, enabled=True, stream=shown)
+    for n in (1, 2, 3):
+        bar(n)
+    bar(3)  # after the end: nothing more, no error
+    text = shown.getvalue()
+    assert "first poll" in text and "3/3" in text
+    quiet = io.StringIO()
+    off = JobProgress("first poll", 3, stream=quiet)  # a StringIO is no terminal
+    off(1)
+    off(3)
+    assert quiet.getvalue() == ""
+
+
+async def test_luxos_api_start_reports_each_miner_bound() -> None:
+    import random  # noqa: PLC0415
+
+    from simulators.fleet import SimulatedFleet  # noqa: PLC0415
+    from simulators.luxos_api import LuxosApiServer  # noqa: PLC0415
+
+    model = load_catalogue().get("s21")
+    fleet = SimulatedFleet(["m1", "m2", "m3"], [model] * 3, start_now=time.monotonic())
+    base = f"127.{random.randint(100, 250)}.{random.randint(0, 250)}.2"
+    api = LuxosApiServer(fleet, [model] * 3, first_address=base)
+    seen: list[int] = []
+    await api.start(progress=seen.append)
+    try:
+        assert seen == [1, 2, 3]
+    finally:
+        await api.close()
+
+
+def test_logs_show_times_as_iso_8601_with_the_zone(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog  # noqa: PLC0415
+
+    from controller import logs  # noqa: PLC0415
+
+    logs.configure("info", json=True)
+    structlog.get_logger("test").info("grid_event_accepted", start_ts=1_724_194_800.0,
+                                      end_ts=1_724_198_400, count=3, stale_ts=math.inf)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["start_ts"] == "2024-08-20T23:00:00+00:00"
+    assert line["end_ts"] == "2024-08-21T00:00:00+00:00"
+    assert line["count"] == 3, "only Unix-time fields"
+    assert line["stale_ts"] == "Infinity" or math.isinf(line["stale_ts"])
+    stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert stamp.tzinfo is not None
