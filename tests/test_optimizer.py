@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from controller.catalogue import load_catalogue, operating_points
 from controller.core import optimizer as opt
 from controller.protocol.reasons import Reason
+from controller.units import usd_per_ths_hour
 
 FloatArray = npt.NDArray[np.float64]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -76,18 +77,17 @@ def brute_force(
 ) -> float:
     """Best objective over every combination of allowed levels (-inf if none fits)."""
     best = -np.inf
-    rows = np.arange(fleet.n)
     for combo in itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi, strict=True))):
         level = np.array(combo)
-        p = fleet.power_w[rows, level].sum()
+        p = fleet.power_at(level).sum()
         if p <= budget:
-            best = max(best, value * fleet.hashrate_ths[rows, level].sum() - cost * p)
+            best = max(best, value * fleet.hashrate_at(level).sum() - cost * p)
     return float(best)
 
 
 def one_step_value(fleet: opt.PreparedFleet, value: float, cost: float) -> float:
     """Largest objective gain of one firmware step (the sleep->level jump counts as one)."""
-    p, h = fleet.power_w, fleet.hashrate_ths
+    p, h = fleet.points()
     wake = value * (h[:, 1:] - h[:, :1]) - cost * (p[:, 1:] - p[:, :1])
     step = value * np.diff(h[:, 1:], axis=1) - cost * np.diff(p[:, 1:], axis=1)
     return float(max(wake.max(initial=0.0), step.max(initial=0.0), 0.0))
@@ -109,7 +109,7 @@ def run(s: dict[str, object], **kw: object) -> opt.Plan:
 
 
 def objective(s: dict[str, object], plan: opt.Plan) -> tuple[float, float]:
-    value = opt.usd_per_ths_hour(float(s["hashprice"]))  # type: ignore[arg-type]
+    value = usd_per_ths_hour(float(s["hashprice"]))  # type: ignore[arg-type]
     cost = float(s["price"]) * (1 + float(s["aux"])) / 1e6  # type: ignore[arg-type]
     return value, cost
 
@@ -182,7 +182,7 @@ def test_floor_kept_and_cap_wins(s: dict[str, object], floor_frac: float) -> Non
     fleet = s["fleet"]
     assert isinstance(fleet, opt.PreparedFleet)
     aux1 = 1 + float(s["aux"])  # type: ignore[arg-type]
-    floor_w = floor_frac * float(fleet.power_w.max(axis=1).sum()) * aux1
+    floor_w = floor_frac * float(fleet.points()[0].max(axis=1).sum()) * aux1
     plan = run(s, floor_w=floor_w)
     free = run(s)
     if plan.infeasible:
@@ -190,7 +190,7 @@ def test_floor_kept_and_cap_wins(s: dict[str, object], floor_frac: float) -> Non
     assert plan.site_power_w <= float(s["cap"])  # type: ignore[arg-type]
     assert plan.site_power_w >= min(free.site_power_w, float(s["cap"])) - 1e-6  # type: ignore[arg-type]
     if plan.floor_binding:
-        top_w = fleet.gather(fleet.power_w, np.asarray(s["hi"])).sum() * aux1  # type: ignore[arg-type]
+        top_w = fleet.power_at(np.asarray(s["hi"])).sum() * aux1  # type: ignore[arg-type]
         # Either the floor is met, or the next step would break the cap, or all is on.
         assert (
             plan.site_power_w >= floor_w - 1e-6
@@ -201,7 +201,7 @@ def test_floor_kept_and_cap_wins(s: dict[str, object], floor_frac: float) -> Non
 
 
 def one_step_w(fleet: opt.PreparedFleet) -> float:
-    p = fleet.power_w
+    p, _ = fleet.points()
     return float(max((p[:, 1:] - p[:, :1]).max(initial=0.0), 0.0))
 
 
@@ -215,7 +215,7 @@ def catalogue_fleet(n: int, seed: int = 0) -> tuple[FloatArray, FloatArray]:
 def test_catalogue_fleet_unconstrained_is_per_miner_optimum() -> None:
     p, h = catalogue_fleet(300)
     fleet = opt.prepare(p, h)
-    value = opt.usd_per_ths_hour(40.0)
+    value = usd_per_ths_hour(40.0)
     for price in (-10.0, 20.0, 45.0, 70.0, 90.0, 400.0):
         plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=40.0, cap_w=1e12)
         per_miner = value * h - price / 1e6 * p

@@ -5,32 +5,50 @@ miner's operating points (level 0 = sleep). No I/O, no clock, no config reads.
 
 How it works (and why it is exact and fast):
 
+* Miners with the same operating points are one *kind* (a catalogue model, or a model
+  under one firmware's presets): a site of 300,000 miners has a handful. Everything
+  that depends on the points is prepared once per kind by :func:`prepare`; a decision
+  is a few passes over per-miner vectors (bounds, levels: one small integer each)
+  plus searches in the small per-kind arrays, and allocates nothing of size miners x
+  levels.
 * Each miner's choice is a chain of *entries*: one "wake" chord from sleep to the
   hull vertex the sleep point sees best (``wake_level``), then one entry per
   firmware step along its concave curve. The slope of an entry (extra TH/s per
-  extra W) does not depend on the price, so :func:`prepare` sorts every entry of
-  the fleet once, by descending slope. Points below the upper concave hull of a
+  extra W) does not depend on the price, so :func:`prepare` sorts the entries of
+  every kind once, by descending slope. Points below the upper concave hull of a
   miner's points (sleep included) are never optimal for a price on power, which
   is why the sleep->min_w jump is a single chord and not a step.
 * A price threshold ``t = c / v`` becomes a *position* ``r`` in that order
-  (``np.searchsorted``): every entry before ``r`` is worth taking. A miner's level
-  at position ``r`` is a count of its entries before ``r`` (one pass over the
-  arrays), so the unconstrained optimum needs no sort and no iteration.
-* When the cap binds, the greedy by descending marginal efficiency is a prefix
-  of the same order. Its power is found with block sums (``np.bincount`` over
-  prepared block ids) and then exactly inside one block, so a decision costs a
-  few passes over the arrays whatever the number of miners. The prefix is the
-  LP optimum rounded down at one entry, so the result is within one firmware
-  step (one entry's objective value) of the best combination of points, and
-  the planned power never exceeds the cap.
+  (``np.searchsorted``): every entry before ``r`` is worth taking. A kind's level at
+  ``r`` is a count of its steps before ``r``, and a miner's is that count clipped to
+  its bounds, so the unconstrained optimum needs no sort and no iteration.
+* When the cap binds, entries are taken by priority class (higher first), then
+  descending slope, then miner index, while they fit. Per-class totals and one
+  cumulative sum over the kinds' entries find the entry where the cap cuts; the first
+  miners of that entry that fit take it. What is left of the budget then goes, in the
+  same order, to every later entry that still fits (another kind's wake-up, a step of
+  a smaller model, a lower priority); a miner whose entry does not fit takes nothing
+  more, except that one whose wake chord does not fit wakes at the most profitable
+  level below its hull vertex that fits. Only the few entries the leftover can still
+  pay for are visited.
 
-Bounds per miner (``min_level``/``max_level``) come from policy. Ties between
-entries of equal slope go to the wake chord first, then to the lower miner index,
-so plans are deterministic.
+Exactness: everything before the cut is the LP optimum rounded down at one entry and
+the fill only adds to it, so the plan is within one entry's objective value of the
+best combination of points: one firmware step, or one wake-up where the cap cuts at a
+wake chord; and no miner could move up a level within the cap and earn more. (One
+firmware step whatever the points would be a knapsack problem: two miners that do not
+both fit are the counterexample.) Unconstrained, the plan is exact. The planned power
+never exceeds the cap.
+
+Bounds per miner (``min_level``/``max_level``) come from policy. Ties between entries
+of equal slope go to the wake chord first, then the lower level, then the kind whose
+first miner comes first, then the lower miner index, so plans are deterministic.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,85 +56,102 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.protocol.reasons import Reason
+from controller.units import usd_per_ths_hour, usd_per_wh
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
+LevelArray = npt.NDArray[np.int16]
+BoolArray = npt.NDArray[np.bool_]
 PosArray = npt.NDArray[np.signedinteger[Any]]
+LEVEL = np.int16  # levels are column indices: a few dozen, one small integer per miner
 
-_BLOCK_SHIFT = 10  # 1024 entries per block: the exact search touches one block
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the exact row hash
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedFleet:
-    """Operating points per miner and the fleet-wide order of their steps, built once.
+    """The miners' kinds and the order of their kinds' entries, built once.
 
-    power_w and hashrate_ths are (n_miners, k) with ascending power per row and
-    column 0 = sleep; rows with fewer real points repeat their last point. They are
-    stored column-major, and the derived arrays level-major ((levels, n)), because
-    every per-decision pass runs over all miners for one level at a time.
-    The derived arrays come from :func:`prepare`; treat them as read-only.
+    Kind tables are (K, ...) for K kinds, level columns as in :func:`prepare` (column
+    0 = sleep, rows padded by repeating their last point). The positions index the
+    order of all the kinds' entries (M of them) by descending slope. Built by
+    :func:`prepare`; treat every array as read-only.
     """
 
-    power_w: FloatArray
-    hashrate_ths: FloatArray
-    top: IntArray  # (n,) highest real level: first column of the repeated tail
-    wake_level_t: npt.NDArray[np.int16]  # (k-1, n): level woken to when max level is f+1
-    chord_pos_t: PosArray  # (k-1, n): position of that wake chord in `order`
-    curve_pos_t: PosArray  # (k-2, n): position of the step from level e+1 to e+2
-    order: PosArray  # (N,) entry ids by descending slope (chords, then steps)
-    neg_slope: FloatArray  # (N,) -slope in that order (ascending, for searchsorted)
-    index: npt.NDArray[np.int64]  # (n,) 0..n-1, to gather one point per miner
-    step_w_t: FloatArray  # (k-2, n): power of the step from level e+1 to e+2
-    default_start: IntArray  # (n,) first stepping level with no bounds (the wake level)
-    default_block_w: FloatArray  # (blocks,) step power per block of `order`, no bounds
+    kind: IntArray  # (n,) kind of each miner
+    row: IntArray  # (n,) kind * k: the miner's row in the flattened (K, k) tables
+    chord_row: IntArray  # (n,) kind * (k - 1): its row in the flattened (K, k - 1) tables
+    top: LevelArray  # (n,) highest real level: first column of the repeated tail
+    runs_kind: IntArray  # kinds of the runs of equal kinds, in miner order
+    runs_len: IntArray  # and their lengths (a rack is one run)
+    kind_power_w: FloatArray  # (K, k) W per level
+    kind_hashrate_ths: FloatArray  # (K, k) TH/s per level
+    kind_top: IntArray  # (K,) highest real level
+    wake_level: LevelArray  # (K, k - 1): level woken to when the max level is f + 1
+    wake_w: FloatArray  # (K, k - 1): W of that wake chord (one miner)
+    chord_pos: PosArray  # (K, k - 1): its position in the order
+    step_w: FloatArray  # (K, k - 2): W of the step from level e + 1 to e + 2
+    curve_pos: PosArray  # (K, k - 2): its position in the order
+    neg_slope: FloatArray  # (M,) -slope by position (ascending, for searchsorted)
+    entry_kind: IntArray  # (M,) kind of the entry at each position
+    entry_level: IntArray  # (M,) a step's lower level e + 1; a chord's -(f + 1)
+    entry_w: FloatArray  # (M,) W of the entry for one miner
+    min_entry_w: float  # the smallest W any entry or wake-up takes: less is left over
 
     @property
     def n(self) -> int:
-        return int(self.power_w.shape[0])
+        return int(self.kind.size)
 
     @property
     def k(self) -> int:
-        return int(self.power_w.shape[1])
+        return int(self.kind_power_w.shape[1])
+
+    @property
+    def kinds(self) -> int:
+        return int(self.kind_power_w.shape[0])
 
     @property
     def max_level(self) -> IntArray:
         """Highest real level per miner (padding columns are never reported)."""
-        return self.top.copy()
+        return self.top.astype(np.intp)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the prepared fleet, in bytes."""
-        arrays = (
-            self.power_w,
-            self.hashrate_ths,
-            self.top,
-            self.wake_level_t,
-            self.chord_pos_t,
-            self.curve_pos_t,
-            self.order,
-            self.neg_slope,
-            self.index,
-            self.step_w_t,
-            self.default_start,
-            self.default_block_w,
-        )
-        return sum(a.nbytes for a in arrays)
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return sum(v.nbytes for v in values if isinstance(v, np.ndarray))
 
     def position(self, threshold_ths_per_w: float) -> int:
         """Number of entries whose slope is above a threshold (TH/s per W)."""
         return int(np.searchsorted(self.neg_slope, -threshold_ths_per_w, side="left"))
 
-    def gather(self, values: FloatArray, level: IntArray) -> FloatArray:
-        """values[i, level[i]] for every miner (values shaped like power_w)."""
-        out: FloatArray = np.take(values.T.ravel(), level * self.n + self.index)
+    def spread(self, per_kind: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A (K,) per-kind array as (n,) per miner: one copy per run of equal kinds."""
+        if self.runs_len.size * 8 <= self.n:
+            return np.repeat(per_kind[self.runs_kind], self.runs_len)
+        out: npt.NDArray[Any] = per_kind.take(self.kind)
         return out
+
+    def power_at(self, level: npt.NDArray[np.integer]) -> FloatArray:
+        """W of every miner at the given levels (n,)."""
+        out: FloatArray = self.kind_power_w.ravel().take(self.row + level)
+        return out
+
+    def hashrate_at(self, level: npt.NDArray[np.integer]) -> FloatArray:
+        """TH/s of every miner at the given levels (n,)."""
+        out: FloatArray = self.kind_hashrate_ths.ravel().take(self.row + level)
+        return out
+
+    def points(self) -> tuple[FloatArray, FloatArray]:
+        """The (n, k) operating points, W and TH/s (allocates: for tests and reports)."""
+        return self.kind_power_w[self.kind], self.kind_hashrate_ths[self.kind]
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Optimizer output: a level (column index) and power per miner, with reasons."""
 
-    level: IntArray
+    level: LevelArray
     power_w: FloatArray
     hashrate_ths: FloatArray
     reason: npt.NDArray[np.uint8]
@@ -129,7 +164,13 @@ class Plan:
     # everything else sleeps and the plan is that minimum.
     infeasible: bool = False
     floor_binding: bool = False  # held up by floor_w (ramp-down limit)
-    econ_level: IntArray | None = None  # best level at this price, bounds but no cap/floor
+    econ_level: LevelArray | None = None  # best level at this price, bounds but no cap/floor
+    # With unit_count: (row, units) for the first row the cap left short of an entry
+    # although `units` of the identical miners it stands for would have fitted.
+    split: tuple[int, int] | None = None
+
+
+# -- preparing ------------------------------------------------------------------------------
 
 
 def _strictly_concave_slopes(p: FloatArray, h: FloatArray, top: IntArray) -> FloatArray:
@@ -172,8 +213,84 @@ def _strictly_concave_slopes(p: FloatArray, h: FloatArray, top: IntArray) -> Flo
     return slope
 
 
+def _checked_points(power_w: FloatArray, hashrate_ths: FloatArray) -> tuple[FloatArray, FloatArray]:
+    p = np.ascontiguousarray(power_w, dtype=np.float64)
+    h = np.ascontiguousarray(hashrate_ths, dtype=np.float64)
+    if p.shape != h.shape or p.ndim != 2 or p.shape[1] < 1 or p.shape[0] < 1:
+        raise ValueError("power_w and hashrate_ths must be equal (n, k) arrays, n, k >= 1")
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(h))):
+        raise ValueError("operating points must be finite")
+    return p, h
+
+
+def _kinds(p: FloatArray, h: FloatArray) -> tuple[IntArray, IntArray]:
+    """Kind of every row (equal points, equal kind), numbered by first row; first rows.
+
+    Rows are hashed exactly (their bits, mixed as integers), grouped by hash, then
+    compared with their group's first row; a collision falls back to sorting rows.
+    """
+    bits = np.hstack([p, h]).view(np.uint64)
+    key = np.zeros(p.shape[0], dtype=np.uint64)
+    for col in bits.T:  # a few dozen columns, vectorised over rows
+        key = (key ^ col) * _MIX
+        key ^= key >> np.uint64(29)
+    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    if not np.array_equal(bits, bits[first[inv]]):
+        _, first, inv = np.unique(bits, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    kind: IntArray = rank[inv.ravel()].astype(np.intp)
+    return kind, first[order].astype(np.intp)
+
+
+def _runs(kind: IntArray) -> tuple[IntArray, IntArray]:
+    starts = np.flatnonzero(np.concatenate([[True], kind[1:] != kind[:-1]]))
+    lengths = np.diff(np.concatenate([starts, [kind.size]]))
+    return kind[starts].astype(np.intp), lengths.astype(np.intp)
+
+
+def _wake_chords(p: FloatArray, h: FloatArray, top: IntArray) -> tuple[FloatArray, IntArray]:
+    """Per row and max level f+1: slope of the best chord from sleep, and its level.
+
+    The best is the steepest; among equals the lowest level. Chords to a max level
+    above the row's top are -inf (no miner has them).
+    """
+    kf = p.shape[1] - 1
+    cols = np.arange(kf)
+    real = cols[None, :] < top[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        avg = (h[:, 1:] - h[:, :1]) / (p[:, 1:] - p[:, :1])
+    avg = np.where(real, avg, -np.inf)
+    avg = np.where(np.isnan(avg), -np.inf, avg)
+    slope = np.maximum.accumulate(avg, axis=1)
+    newmax = np.zeros(avg.shape, dtype=bool)
+    newmax[:, 0] = True
+    newmax[:, 1:] = avg[:, 1:] > slope[:, :-1]
+    wake = np.maximum.accumulate(np.where(newmax, cols, 0), axis=1) + 1
+    return np.where(real, slope, -np.inf), wake.astype(np.intp)
+
+
+def _chain_slopes(curve: FloatArray, chord: FloatArray, wake: IntArray) -> FloatArray:
+    """Step slopes never above the chord they follow, nor above the step before them.
+
+    True of exact concave points already; this keeps each miner's entries in chain
+    order in the sorted order when rounding makes equal slopes differ in the last bit
+    (steps inside one linear segment of a catalogue curve), or the input is odd.
+    """
+    kc = curve.shape[1]
+    if kc == 0:
+        return curve
+    # Step e follows wake chord f = e+1 exactly when that chord wakes at or below e+1;
+    # the later chords are no flatter (max-accumulated), so that one bounds it.
+    follows = wake[:, 1 : kc + 1] <= np.arange(1, kc + 1)[None, :]
+    bounded = np.where(follows, np.minimum(curve, chord[:, 1 : kc + 1]), curve)
+    out: FloatArray = np.minimum.accumulate(np.where(np.isnan(bounded), -np.inf, bounded), axis=1)
+    return out
+
+
 def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
-    """Validate the operating points and build the fleet-wide order of steps.
+    """Validate the operating points, find the kinds and order their entries.
 
     Args:
         power_w: (n, k) W per level; column 0 is sleep, then strictly ascending
@@ -181,84 +298,73 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
         hashrate_ths: (n, k) TH/s at those levels (0 or more at sleep).
 
     Returns:
-        The prepared fleet; rebuild it only when the fleet or its models change.
+        The prepared fleet; rebuild it only when the fleet or its points change.
 
     Raises:
-        ValueError: shapes differ, or power does not ascend before the padding.
+        ValueError: shapes differ, a value is not finite, or power does not ascend
+            before the padding.
     """
-    p = np.ascontiguousarray(power_w, dtype=np.float64)
-    h = np.ascontiguousarray(hashrate_ths, dtype=np.float64)
-    if p.shape != h.shape or p.ndim != 2 or p.shape[1] < 1:
-        raise ValueError("power_w and hashrate_ths must be equal (n, k) arrays with k >= 1")
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(h))):
-        raise ValueError("operating points must be finite")
-    n, k = p.shape
-    # top = first column equal to the row's last point: the padding starts after it.
+    p_all, h_all = _checked_points(power_w, hashrate_ths)
+    kind, first = _kinds(p_all, h_all)
+    p, h = p_all[first], h_all[first]
+    n_kinds, k = p.shape
     same = (p == p[:, -1:]) & (h == h[:, -1:])
     top = np.argmax(same, axis=1).astype(np.intp)
-    cols = np.arange(k)
-    real = cols[None, :] <= top[:, None]
+    real = np.arange(k)[None, :] <= top[:, None]
     if k > 1 and np.any((np.diff(p, axis=1) <= 0) & real[:, 1:]):
         raise ValueError("power must be strictly ascending from sleep up to the last point")
+    kf, kc = k - 1, max(k - 2, 0)
+    chord_slope, wake = _wake_chords(p, h, top) if kf else (np.empty((n_kinds, 0)),
+                                                            np.empty((n_kinds, 0), np.intp))
+    curve_slope = _chain_slopes(_strictly_concave_slopes(p, h, top), chord_slope, wake)
 
-    kf = k - 1
-    # Wake chords: best average slope from sleep to a level <= f+1, and which level.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        avg = (h[:, 1:] - h[:, :1]) / (p[:, 1:] - p[:, :1])
-    avg = np.where(real[:, 1:], avg, -np.inf)
-    chord_slope = np.maximum.accumulate(avg, axis=1) if kf else avg
-    wake = np.zeros((n, kf), dtype=np.int16)
-    if kf:
-        newmax = np.zeros((n, kf), dtype=bool)
-        newmax[:, 0] = True
-        newmax[:, 1:] = avg[:, 1:] > chord_slope[:, :-1]
-        wake = np.maximum.accumulate(np.where(newmax, cols[:kf], 0), axis=1) + 1
-    curve_slope = _strictly_concave_slopes(p, h, top)
-
-    # Entry ids are level-major: chord (f, i) -> f*n + i, step (e, i) -> n*kf + e*n + i.
-    # A stable sort then breaks slope ties chord first and keeps each miner's steps
-    # in chain order, which the level counts in _levels rely on.
+    # Entry ids are level-major: chord (f, kind) -> f*K + kind, step (e, kind) ->
+    # K*kf + e*K + kind. A stable sort then breaks slope ties chord first, then by
+    # level, then by kind.
     keys = np.concatenate([chord_slope.T.ravel(), curve_slope.T.ravel()])
-    keys = np.where(np.isnan(keys), -np.inf, keys)
     total = keys.size
     pos_dtype = np.int32 if total < 2**31 - 1 else np.int64
-    order: PosArray = np.argsort(-keys, kind="stable").astype(pos_dtype)
-    pos: PosArray = np.empty(total, dtype=pos_dtype)
+    order = np.argsort(-keys, kind="stable")
+    pos = np.empty(total, dtype=pos_dtype)
     pos[order] = np.arange(total, dtype=pos_dtype)
-    kc = max(k - 2, 0)
-    pt = np.asfortranarray(p)
-    step_w_t = np.ascontiguousarray(pt.T[2:] - pt.T[1:-1])
-    curve_pos_t = pos[n * kf :].reshape(kc, n)
-    default_start = np.ones(n, dtype=np.intp)
-    if kf:
-        default_start = np.minimum(wake[np.arange(n), np.maximum(top - 1, 0)], top)
-    e = np.arange(kc)[:, None]
-    default_w = np.where(
-        (e >= (default_start - 1)[None, :]) & (e < (top - 1)[None, :]), step_w_t, 0.0
-    )
-    n_blocks = (total >> _BLOCK_SHIFT) + 1
-    default_block_w = np.bincount(
-        (curve_pos_t >> _BLOCK_SHIFT).ravel(), weights=default_w.ravel(), minlength=n_blocks
-    ).astype(np.float64)
+    rows = np.arange(n_kinds)
+    wake_w = p[rows[:, None], wake] - p[:, :1] if kf else np.empty((n_kinds, 0))
+    step_w = p[:, 2:] - p[:, 1:-1] if kc else np.empty((n_kinds, 0))
+    chord_pos = pos[: n_kinds * kf].reshape(kf, n_kinds).T
+    curve_pos = pos[n_kinds * kf :].reshape(kc, n_kinds).T
+    is_chord = order < n_kinds * kf
+    step_id = order - n_kinds * kf
+    entry_kind = np.where(is_chord, order % max(n_kinds, 1), step_id % max(n_kinds, 1))
+    entry_level = np.where(is_chord, -(order // max(n_kinds, 1)) - 1, step_id // n_kinds + 1)
+    entry_w = np.where(is_chord, wake_w.T.ravel()[np.where(is_chord, order, 0)],
+                       step_w.T.ravel()[np.where(is_chord, 0, step_id)] if kc else 0.0)
+    usable = np.concatenate([wake_w[wake_w > 0], step_w[step_w > 0],
+                             (p[:, 1:] - p[:, :1])[real[:, 1:]]])
+    runs_kind, runs_len = _runs(kind)
     return PreparedFleet(
-        power_w=pt,
-        hashrate_ths=np.asfortranarray(h),
-        top=top,
-        wake_level_t=np.ascontiguousarray(wake.T, dtype=np.int16),
-        chord_pos_t=pos[: n * kf].reshape(kf, n),
-        curve_pos_t=curve_pos_t,
-        order=order,
+        kind=kind,
+        row=kind * k,
+        chord_row=kind * max(kf, 1),
+        top=top[kind].astype(LEVEL),
+        runs_kind=runs_kind,
+        runs_len=runs_len,
+        kind_power_w=p,
+        kind_hashrate_ths=h,
+        kind_top=top,
+        wake_level=np.ascontiguousarray(wake, dtype=LEVEL),
+        wake_w=np.ascontiguousarray(wake_w),
+        chord_pos=np.ascontiguousarray(chord_pos),
+        step_w=np.ascontiguousarray(step_w),
+        curve_pos=np.ascontiguousarray(curve_pos),
         neg_slope=-keys[order],
-        index=np.arange(n, dtype=np.int64),
-        step_w_t=step_w_t,
-        default_start=default_start.astype(np.intp),
-        default_block_w=default_block_w,
+        entry_kind=entry_kind.astype(np.intp),
+        entry_level=entry_level.astype(np.intp),
+        entry_w=entry_w.astype(np.float64),
+        min_entry_w=float(usable.min(initial=math.inf)),
     )
 
 
-def usd_per_ths_hour(hashprice_usd_per_ph_day: float) -> float:
-    """Revenue of one TH/s for one hour at a hashprice in $/PH/day."""
-    return hashprice_usd_per_ph_day / 1000.0 / 24.0
+# -- prices -----------------------------------------------------------------------------------
 
 
 def energy_cost_usd_per_mwh_it(
@@ -275,64 +381,11 @@ def energy_cost_usd_per_mwh_it(
 def threshold_ths_per_w(cost_usd_per_mwh_it: float, hashprice_usd_per_ph_day: float) -> float:
     """Marginal TH/s per W a step must beat to pay for its energy."""
     value = usd_per_ths_hour(hashprice_usd_per_ph_day)
-    cost = cost_usd_per_mwh_it / 1e6  # $/Wh
+    cost = usd_per_wh(cost_usd_per_mwh_it)
     if value <= 0.0:
         # Hashrate worthless: run only if power itself pays (negative price).
         return -np.inf if cost < 0 else np.inf
     return cost / value
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Per-decision view of each miner's chain under its level bounds."""
-
-    lo: IntArray
-    hi: IntArray
-    start: IntArray  # first level whose outgoing step is an entry (when awake)
-    has_chord: npt.NDArray[np.bool_]  # may sleep and may run: the wake chord is an entry
-    chord_pos: PosArray  # (n,) position of that chord (meaningful where has_chord)
-
-
-def make_bounds(
-    fleet: PreparedFleet, min_level: IntArray | None, max_level: IntArray | None
-) -> Bounds:
-    """Per-decision view of each miner's steps under level bounds (reuse it across calls).
-
-    A minimum above a maximum yields to the maximum (thermal limits are safety).
-    """
-    n = fleet.n
-    if max_level is None:
-        hi = fleet.top
-    else:
-        hi = np.maximum(np.minimum(np.asarray(max_level, dtype=np.intp), fleet.top), 0)
-    if min_level is None:
-        lo = np.zeros(n, dtype=np.intp)
-    else:
-        lo = np.minimum(np.maximum(np.asarray(min_level, dtype=np.intp), 0), hi)
-    has_chord = (lo == 0) & (hi >= 1)
-    if fleet.k > 1:
-        flat = np.maximum(hi - 1, 0) * n + fleet.index
-        wake = np.take(fleet.wake_level_t.ravel(), flat).astype(np.intp)
-        chord_pos = np.take(fleet.chord_pos_t.ravel(), flat)
-    else:
-        wake = np.zeros(n, dtype=np.intp)
-        chord_pos = np.zeros(n, dtype=np.int64)
-    start = np.where(has_chord, np.minimum(wake, hi), lo)
-    return Bounds(lo, hi, start, has_chord, chord_pos)
-
-
-def levels_at(fleet: PreparedFleet, b: Bounds, r: int | PosArray) -> IntArray:
-    """Level of every miner when exactly the entries before position r are taken.
-
-    r is one position for the fleet (see :func:`position_at_price`), or one per miner.
-    """
-    rr = r if isinstance(r, int) else np.asarray(r)[None, :]
-    count_dtype = np.uint8 if fleet.k < 256 else np.int32
-    below = (fleet.curve_pos_t < rr).view(np.uint8)
-    taken = below.sum(axis=0, dtype=count_dtype).astype(np.intp)
-    run = np.minimum(np.maximum(taken + 1, b.start), b.hi)
-    awake = ~b.has_chord | (b.chord_pos < r)
-    return np.where(awake, run, b.lo)
 
 
 def position_at_price(
@@ -354,18 +407,80 @@ def position_at_price(
     return fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
 
 
-def plan_at(fleet: PreparedFleet, level: IntArray, *, aux_fraction: float = 0.0) -> Plan:
-    """A plan of given levels that the cap does not bind (all reasons PROFIT)."""
-    pw = fleet.gather(fleet.power_w, level)
-    return Plan(
-        level=level,
-        power_w=pw,
-        hashrate_ths=fleet.gather(fleet.hashrate_ths, level),
-        reason=np.zeros(fleet.n, dtype=np.uint8),
-        site_power_w=float(pw.sum()) * (1.0 + aux_fraction),
-        cap_binding=False,
-        econ_level=level,
+@dataclass(frozen=True, slots=True)
+class _Economics:
+    """What one decision's prices make of the entries."""
+
+    value: float  # $ per TH/s-hour
+    cost: float  # $ per IT Wh
+    threshold: float  # TH/s per W an entry must beat
+    r0: int  # entries before this position pay
+
+
+def _economics(fleet: PreparedFleet, price_usd_per_mwh: float, hashprice_usd_per_ph_day: float,
+               *, aux_fraction: float, adder_usd_per_mwh: float, aux_in_cost: bool) -> _Economics:
+    cost = energy_cost_usd_per_mwh_it(
+        price_usd_per_mwh, aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
+        aux_in_cost=aux_in_cost,
     )
+    t = threshold_ths_per_w(cost, hashprice_usd_per_ph_day)
+    return _Economics(usd_per_ths_hour(hashprice_usd_per_ph_day), usd_per_wh(cost), t,
+                      fleet.position(t))
+
+
+# -- bounds and levels --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """Per-decision view of each miner's chain under its level bounds (all (n,))."""
+
+    lo: LevelArray
+    hi: LevelArray
+    start: LevelArray  # first level whose outgoing step is an entry (when awake)
+    has_chord: BoolArray  # may sleep and may run: the wake chord is an entry
+    chord_pos: PosArray  # position of that chord (meaningful where has_chord)
+    chord_idx: IntArray  # its index in the flattened (K, k - 1) chord tables
+
+
+def make_bounds(
+    fleet: PreparedFleet,
+    min_level: npt.NDArray[np.integer] | None,
+    max_level: npt.NDArray[np.integer] | None,
+) -> Bounds:
+    """Per-decision view of each miner's steps under level bounds (reuse it across calls).
+
+    A minimum above a maximum yields to the maximum (thermal limits are safety).
+    """
+    top = fleet.top
+    if max_level is None:
+        hi = top
+    else:
+        hi = np.clip(np.asarray(max_level), 0, top).astype(LEVEL, copy=False)
+    if min_level is None:
+        lo = np.zeros(fleet.n, dtype=LEVEL)
+    else:
+        lo = np.clip(np.asarray(min_level), 0, hi).astype(LEVEL, copy=False)
+    has_chord = (lo == 0) & (hi >= 1)
+    if fleet.k > 1:
+        chord_idx = fleet.chord_row + np.maximum(hi, 1) - 1
+        wake = np.minimum(fleet.wake_level.ravel().take(chord_idx), hi)
+        chord_pos = fleet.chord_pos.ravel().take(chord_idx)
+    else:
+        chord_idx = np.zeros(fleet.n, dtype=np.intp)
+        wake = lo
+        chord_pos = np.zeros(fleet.n, dtype=np.int32)
+    start = lo + has_chord * (wake - lo)
+    return Bounds(lo, hi, start.astype(LEVEL, copy=False), has_chord, chord_pos, chord_idx)
+
+
+def levels_at(fleet: PreparedFleet, b: Bounds, r: int) -> LevelArray:
+    """Level of every miner when exactly the entries before position r are taken."""
+    taken = np.count_nonzero(fleet.curve_pos < r, axis=1).astype(LEVEL)
+    run = np.minimum(np.maximum(fleet.spread(taken) + LEVEL(1), b.start), b.hi)
+    awake = ~b.has_chord | (b.chord_pos < r)
+    out: LevelArray = b.lo + (run - b.lo) * awake
+    return out
 
 
 def levels_at_price(
@@ -376,9 +491,9 @@ def levels_at_price(
     aux_fraction: float = 0.0,
     adder_usd_per_mwh: float = 0.0,
     aux_in_cost: bool = True,
-    min_level: IntArray | None = None,
-    max_level: IntArray | None = None,
-) -> IntArray:
+    min_level: npt.NDArray[np.integer] | None = None,
+    max_level: npt.NDArray[np.integer] | None = None,
+) -> LevelArray:
     """Each miner's most profitable level at a price, within bounds, ignoring the cap."""
     r0 = position_at_price(
         fleet, price_usd_per_mwh=price_usd_per_mwh,
@@ -388,110 +503,334 @@ def levels_at_price(
     return levels_at(fleet, make_bounds(fleet, min_level, max_level), r0)
 
 
-class _Entries:
-    """Weights (W) of every entry under the current bounds, and their block sums per class.
+def plan_at(fleet: PreparedFleet, level: npt.NDArray[np.integer], *,
+            aux_fraction: float = 0.0, power_w: FloatArray | None = None) -> Plan:
+    """A plan of given levels that the cap does not bind (all reasons PROFIT).
 
-    Without priority classes the step weights start from the sums prepared for
-    unbounded miners and are corrected only for miners whose bounds change their
-    steps (derated, pinned, held); the wake chords are summed every time.
+    power_w: ``fleet.power_at(level)`` when the caller has it already.
     """
+    lv = np.asarray(level, dtype=LEVEL)
+    pw = fleet.power_at(lv) if power_w is None else power_w
+    return Plan(
+        level=lv,
+        power_w=pw,
+        hashrate_ths=fleet.hashrate_at(lv),
+        reason=np.zeros(fleet.n, dtype=np.uint8),
+        site_power_w=float(pw.sum()) * (1.0 + aux_fraction),
+        cap_binding=False,
+        econ_level=lv,
+    )
 
-    def __init__(self, fleet: PreparedFleet, b: Bounds, cls: IntArray | None, n_cls: int):
-        self.fleet, self.b, self.cls, self.n_cls = fleet, b, cls, n_cls
-        n_blocks = int(fleet.default_block_w.size)
-        size = n_blocks * n_cls
-        pt = fleet.power_w.T  # (k, n) view, rows contiguous
-        e = np.arange(max(fleet.k - 2, 0))[:, None]
-        wake_w = fleet.gather(fleet.power_w, b.start) - pt[0]
-        self.w_chord = np.where(b.has_chord, wake_w, 0.0)
-        blk_chord = b.chord_pos >> _BLOCK_SHIFT
-        if cls is None:
-            changed = np.flatnonzero((b.start != fleet.default_start) | (b.hi != fleet.top))
-            sub_start, sub_hi = b.start[changed], b.hi[changed]
-            now = (e >= (sub_start - 1)[None, :]) & (e < (sub_hi - 1)[None, :])
-            before = (e >= (fleet.default_start[changed] - 1)[None, :]) & (
-                e < (fleet.top[changed] - 1)[None, :]
-            )
-            delta = fleet.step_w_t[:, changed] * (now.astype(np.int8) - before.astype(np.int8))
-            blk = fleet.curve_pos_t[:, changed] >> _BLOCK_SHIFT
-            curve = fleet.default_block_w + np.bincount(
-                blk.ravel(), weights=delta.ravel(), minlength=size
-            )
-        else:
-            active = (e >= (b.start - 1)[None, :]) & (e < (b.hi - 1)[None, :])
-            w = np.where(active, fleet.step_w_t, 0.0)
-            blk_all = (fleet.curve_pos_t >> _BLOCK_SHIFT) + (cls * n_blocks)[None, :]
-            blk_chord = blk_chord + cls * n_blocks
-            curve = np.bincount(blk_all.ravel(), weights=w.ravel(), minlength=size).astype(
-                np.float64
-            )
-        chord = np.bincount(blk_chord, weights=self.w_chord, minlength=size)
-        self.block_sums = (curve.astype(np.float64) + chord).reshape(n_cls, n_blocks)
 
-    def span(self, start: int, stop: int) -> tuple[FloatArray, IntArray]:
-        """Weights and classes of the entries at positions start..stop-1, in order."""
-        fleet, b = self.fleet, self.b
-        ids = fleet.order[start:stop].astype(np.int64)
-        n = fleet.n
-        n_chord = n * (fleet.k - 1)
-        is_chord = ids < n_chord
-        curve_id = np.where(is_chord, 0, ids - n_chord)
-        miner = np.where(is_chord, ids, curve_id) % n
-        f = ids // n
-        chord_w = np.where(f == b.hi[miner] - 1, self.w_chord[miner], 0.0)
-        if fleet.step_w_t.size:
-            e = curve_id // n
-            active = (e >= b.start[miner] - 1) & (e < b.hi[miner] - 1)
-            curve_w = np.where(active, fleet.step_w_t.ravel()[curve_id], 0.0)
-        else:
-            curve_w = np.zeros(ids.size)
-        w = np.where(is_chord, chord_w, curve_w)
-        c = self.cls[miner] if self.cls is not None else np.zeros(ids.size, dtype=np.intp)
-        return w, c
+# -- the search under a cap or a floor ------------------------------------------------------------
 
-    def below(self, r: int) -> FloatArray:
-        """Per-class sum of entry weights at positions before r."""
-        blk = r >> _BLOCK_SHIFT
-        out = self.block_sums[:, :blk].sum(axis=1)
-        w, c = self.span(blk << _BLOCK_SHIFT, r)
-        part = np.bincount(c, weights=w, minlength=self.n_cls)[: self.n_cls]
-        total: FloatArray = out + part.astype(np.float64)
-        return total
 
-    def first_exceeding(self, c: int, start: int, stop: int, amount: float) -> tuple[int, float]:
-        """First position p in [start, stop) where class c's running sum from start passes amount.
+def _classes(priority: npt.NDArray[np.integer] | None, n: int) -> tuple[IntArray, int]:
+    """Dense class per miner, 0 = highest priority; absent priorities leave empty classes."""
+    if priority is None or np.size(priority) == 0:
+        return np.zeros(n, dtype=np.intp), 1
+    prio = np.asarray(priority)
+    top, low = int(prio.max()), int(prio.min())
+    if top - low < 64:
+        return (top - prio).astype(np.intp), top - low + 1
+    values, inverse = np.unique(-prio.astype(np.int64), return_inverse=True)
+    return inverse.ravel().astype(np.intp), int(values.size)
 
-        Returns (p, sum of class c's weights in [start, p)); p == stop if never passed.
-        Walks the head of the first block, then whole blocks by their sums, then one
-        block exactly: a few thousand entries whatever the fleet size.
-        """
-        if start >= stop:
-            return start, 0.0
-        first_block = start >> _BLOCK_SHIFT
-        head_stop = min(stop, (first_block + 1) << _BLOCK_SHIFT)
-        p, acc = self._exact(c, start, head_stop, amount, 0.0)
-        if p < head_stop or head_stop == stop:
-            return p, acc
-        last_block = stop >> _BLOCK_SHIFT  # [last_block << shift, stop) is the partial tail
-        full = self.block_sums[c, first_block + 1 : last_block]
-        cum = acc + np.cumsum(full)
-        j = int(np.searchsorted(cum, amount, side="right"))
-        if j < full.size:
-            s0 = (first_block + 1 + j) << _BLOCK_SHIFT
-            return self._exact(
-                c, s0, s0 + (1 << _BLOCK_SHIFT), amount, float(cum[j - 1]) if j else acc
-            )
-        return self._exact(
-            c, last_block << _BLOCK_SHIFT, stop, amount, float(cum[-1]) if full.size else acc
-        )
 
-    def _exact(self, c: int, s0: int, s1: int, amount: float, acc: float) -> tuple[int, float]:
-        w, cl = self.span(s0, s1)
-        cw = acc + np.cumsum(np.where(cl == c, w, 0.0))
-        j = int(np.searchsorted(cw, amount, side="right"))
-        if j >= cw.size:
-            return s1, float(cw[-1]) if cw.size else acc
-        return s0 + j, float(cw[j - 1]) if j else acc
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """One decision's fixed inputs to the search: fleet, bounds, classes, prices."""
+
+    fleet: PreparedFleet
+    b: Bounds
+    eco: _Economics
+    econ: LevelArray  # levels at the price, bounds only
+    cls: IntArray  # (n,) dense priority class, 0 first
+    weights: FloatArray  # (classes, M): W each class's miners take at each position
+    units: FloatArray | None  # (n,) identical miners per row, or None
+
+    def lower_wake_w(self) -> FloatArray:
+        """(K * (k - 1),) per wake chord: least W of a paying wake-up below its vertex."""
+        fleet = self.fleet
+        p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
+        dp, dh = p[:, 1:] - p[:, :1], h[:, 1:] - h[:, :1]
+        with np.errstate(invalid="ignore"):
+            pays = dh > self.eco.threshold * dp
+        least = np.minimum.accumulate(np.where(pays, dp, np.inf), axis=1)  # levels 1..j+1
+        vertex = fleet.wake_level.astype(np.intp)
+        below = np.take_along_axis(least, np.maximum(vertex - 2, 0), axis=1)
+        out: FloatArray = np.where(vertex >= 2, below, np.inf).ravel()
+        return out
+
+
+def _entry_weights(fleet: PreparedFleet, b: Bounds, cls: IntArray, n_cls: int) -> FloatArray:
+    """(classes, M): W the miners of each class take at each position of the order.
+
+    A step (kind, e) is active for the miners of that kind with start <= e+1 < hi; a
+    chord (kind, f) for those that may sleep and run with hi = f+1. Three histograms
+    over the miners; nothing of size miners x levels.
+    """
+    n_kinds, k = fleet.kind_power_w.shape
+    out = np.zeros((n_cls, fleet.neg_slope.size))
+    if k < 2:
+        return out
+    base = cls * (n_kinds * k) + fleet.row
+    size = n_cls * n_kinds * k
+    starts = np.bincount(base + b.start, minlength=size).reshape(n_cls, n_kinds, k)
+    highs = np.bincount(base + b.hi, minlength=size).reshape(n_cls, n_kinds, k)
+    active = np.cumsum(starts, axis=2) - np.cumsum(highs, axis=2)  # start <= l < hi
+    out[:, fleet.curve_pos.ravel()] = (active[:, :, 1 : k - 1] * fleet.step_w).reshape(n_cls, -1)
+    chord_cls = (cls * (n_kinds * (k - 1)) + b.chord_idx)[b.has_chord]
+    chords = np.bincount(chord_cls, minlength=n_cls * n_kinds * (k - 1))
+    out[:, fleet.chord_pos.ravel()] = (
+        chords.reshape(n_cls, n_kinds, k - 1) * fleet.wake_w).reshape(n_cls, -1)
+    return out
+
+
+@dataclass(slots=True)
+class _Search:
+    """State of one greedy pass: levels so far, budget left, and what the pass saw."""
+
+    level: LevelArray
+    room_w: float  # IT W still free under the cap
+    cut_pos: int = -1  # first position whose entry did not fit whole (-1: none yet)
+    split: tuple[int, int] | None = None
+
+
+def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
+    """Every entry before the cut, class by class; returns the search and the cut class.
+
+    Classes that fit whole take their economic levels; in the class the cap cuts, the
+    entries before the cut position; the classes after it keep their minimum.
+    """
+    r0 = ctx.eco.r0
+    totals = ctx.weights[:, :r0].sum(axis=1)
+    for c, total in enumerate(totals.tolist()):
+        if total <= room_w:
+            room_w -= total
+            continue
+        cum = np.cumsum(ctx.weights[c, :r0])
+        g = int(np.searchsorted(cum, room_w, side="right"))
+        room_w -= float(cum[g - 1]) if g else 0.0
+        at_g = levels_at(ctx.fleet, ctx.b, g)
+        level = np.where(ctx.cls < c, ctx.econ, np.where(ctx.cls == c, at_g, ctx.b.lo))
+        return _Search(level.astype(LEVEL), room_w, cut_pos=g if g < r0 else -1), c
+    return _Search(ctx.econ.copy(), room_w), totals.size
+
+
+@dataclass(slots=True)
+class _Heads:
+    """The next entry of every miner that may still take one."""
+
+    miner: IntArray
+    key: npt.NDArray[np.int64]  # class * (M + 1) + position: the scan order
+    w: FloatArray  # W of that entry
+    least_w: FloatArray  # W the miner can still use at all: one of its units, a lower wake
+    chord: BoolArray
+
+    def subset(self, keep: BoolArray) -> _Heads:
+        return _Heads(self.miner[keep], self.key[keep], self.w[keep], self.least_w[keep],
+                      self.chord[keep])
+
+    def join(self, other: _Heads) -> _Heads:
+        return _Heads(np.concatenate([self.miner, other.miner]),
+                      np.concatenate([self.key, other.key]), np.concatenate([self.w, other.w]),
+                      np.concatenate([self.least_w, other.least_w]),
+                      np.concatenate([self.chord, other.chord]))
+
+
+def _heads(ctx: _Context, lower_w: FloatArray, level: LevelArray, miners: IntArray) -> _Heads:
+    """Next entries of `miners` before the price's position: a wake chord or a step."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = level[miners]
+    asleep = b.has_chord[miners] & (lv == 0)
+    up = ~asleep & (lv >= 1) & (lv < b.hi[miners])
+    chord_idx = b.chord_idx[miners]
+    pos = b.chord_pos[miners].astype(np.int64)
+    w = fleet.wake_w.ravel().take(chord_idx) if fleet.k > 1 else np.zeros(lv.size)
+    if fleet.k > 2:
+        step_idx = fleet.kind[miners] * (fleet.k - 2) + np.clip(lv - 1, 0, fleet.k - 3)
+        pos = np.where(asleep, pos, fleet.curve_pos.ravel().take(step_idx))
+        w = np.where(asleep, w, fleet.step_w.ravel().take(step_idx))
+    keep = (asleep | up) & (pos < ctx.eco.r0)
+    unit = w if ctx.units is None else w / ctx.units[miners]
+    lower = lower_w.take(chord_idx) if fleet.k > 1 else np.full(lv.size, np.inf)
+    least = np.where(asleep, np.minimum(unit, lower), unit)
+    key = ctx.cls[miners] * (fleet.neg_slope.size + 1) + pos
+    return _Heads(miners[keep], key[keep], w[keep], least[keep], asleep[keep])
+
+
+def _wake_lower(ctx: _Context, s: _Search, rest: IntArray) -> None:
+    """Miners whose wake chord did not fit wake, in order, at the best level that fits.
+
+    They share a kind and a hull vertex; the candidates are the levels below the
+    vertex that pay at this price. A row of several identical miners wakes whole at
+    the level one of them would choose, or not at all (then ``split`` names it).
+    """
+    fleet, eco = ctx.fleet, ctx.eco
+    kind, wake = int(fleet.kind[rest[0]]), int(ctx.b.start[rest[0]])
+    lv = np.arange(1, wake)
+    dp = fleet.kind_power_w[kind, lv] - fleet.kind_power_w[kind, 0]
+    dh = fleet.kind_hashrate_ths[kind, lv] - fleet.kind_hashrate_ths[kind, 0]
+    gain = np.where(dh > eco.threshold * dp, eco.value * dh - eco.cost * dp, -np.inf)
+    u = 1.0 if ctx.units is None else float(ctx.units[rest[0]])
+    done = 0
+    while done < rest.size:
+        fits = (dp / u <= s.room_w) & np.isfinite(gain)
+        if not fits.any():
+            return
+        j = int(np.argmax(np.where(fits, gain, -np.inf)))
+        count = min(rest.size - done, int(s.room_w // dp[j]))
+        while count and count * dp[j] > s.room_w:
+            count -= 1
+        if count == 0:  # not a whole row, though one of its miners would fit
+            if s.split is None:
+                s.split = (int(rest[done]), int(s.room_w // (dp[j] / u)))
+            return
+        s.level[rest[done : done + count]] = lv[j]
+        s.room_w -= count * float(dp[j])
+        done += count
+
+
+def _take_group(ctx: _Context, s: _Search, members: IntArray, key: int, *, w: float,
+                chord: bool) -> IntArray:
+    """The first members of one group take its entry while it fits; returns those that did."""
+    t = min(members.size, int(s.room_w // w))
+    while t and t * w > s.room_w:
+        t -= 1
+    taken, rest = members[:t], members[t:]
+    s.room_w -= t * w
+    if rest.size and s.cut_pos < 0:
+        s.cut_pos = key % (ctx.fleet.neg_slope.size + 1)
+    if rest.size and ctx.units is not None and s.split is None:
+        unit_w = w / float(ctx.units[rest[0]])
+        if unit_w <= s.room_w:
+            s.split = (int(rest[0]), int(s.room_w // unit_w))
+    if chord:
+        s.level[taken] = ctx.b.start[taken]
+        if rest.size:
+            _wake_lower(ctx, s, rest)
+    else:
+        s.level[taken] += LEVEL(1)
+    return taken
+
+
+def _fill(ctx: _Context, s: _Search, first_cls: int) -> None:
+    """Give what is left of the budget to the later entries that still fit, in order.
+
+    One round per group of equal entries (a kind's entry within a class, its miners in
+    order): its first miners take it while they fit; a miner left out takes nothing
+    more, except that a sleeping one may wake below its hull vertex (:func:`_wake_lower`).
+    """
+    if ctx.units is None and s.room_w < ctx.fleet.min_entry_w:
+        return
+    lower_w = ctx.lower_wake_w()
+    h = _heads(ctx, lower_w, s.level, np.flatnonzero(ctx.cls >= first_cls))
+    while h.miner.size:
+        alive = (h.w <= s.room_w) | (h.least_w <= s.room_w)
+        if not alive.all():
+            h = h.subset(alive)
+            if not h.miner.size:
+                return
+        key = int(h.key.min())
+        grp = h.key == key
+        members = np.sort(h.miner[grp])
+        w, chord = float(h.w[grp][0]), bool(h.chord[grp][0])
+        h = h.subset(~grp)
+        taken = _take_group(ctx, s, members, key, w=w, chord=chord)
+        if taken.size:
+            h = h.join(_heads(ctx, lower_w, s.level, taken))
+
+
+def _group_members(ctx: _Context, in_class: BoolArray, g: int) -> IntArray:
+    """Miners (in order) whose entry at position g is active: its kind, its level range."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = int(fleet.entry_level[g])
+    mine = in_class & (fleet.kind == int(fleet.entry_kind[g]))
+    if lv >= 1:  # a step from level lv
+        mine &= (b.start <= lv) & (b.hi > lv)
+    else:  # the wake chord of miners whose max level is -lv
+        mine &= b.has_chord & (b.hi == -lv)
+    return np.flatnonzero(mine)
+
+
+def _fill_to_floor(ctx: _Context, need_w: float, room_w: float) -> LevelArray:
+    """Keep the least unprofitable entries, in order, until the floor; never past the cap.
+
+    Classes before the one the floor stops in run everything they may; in that class,
+    the entries up to the one that reaches the floor (that one only if it fits); later
+    classes keep their economic levels.
+    """
+    fleet, r0 = ctx.fleet, ctx.eco.r0
+    m_total = fleet.neg_slope.size
+    level = ctx.econ.copy()
+    for c, total in enumerate(ctx.weights[:, r0:].sum(axis=1).tolist()):
+        in_c = ctx.cls == c
+        if total < need_w:
+            level = np.where(in_c, levels_at(fleet, ctx.b, m_total), level).astype(LEVEL)
+            need_w -= total
+            room_w -= total
+            continue
+        cum = np.cumsum(ctx.weights[c, r0:])
+        g = r0 + int(np.searchsorted(cum, need_w, side="right"))
+        before = float(cum[g - r0 - 1]) if g > r0 else 0.0
+        level = np.where(in_c, levels_at(fleet, ctx.b, g), level).astype(LEVEL)
+        if g < m_total:
+            w = float(fleet.entry_w[g])
+            members = _group_members(ctx, in_c, g)
+            keep = min(members.size, int((need_w - before) // w))
+            if keep < members.size and before + (keep + 1) * w <= room_w:
+                keep += 1  # the entry that reaches the floor, since the cap allows it
+            taken = members[:keep]
+            if int(fleet.entry_level[g]) >= 1:
+                level[taken] += LEVEL(1)
+            else:
+                level[taken] = ctx.b.start[taken]
+        break
+    return level
+
+
+def _plan(fleet: PreparedFleet, level: LevelArray, econ: LevelArray, aux1: float, *,
+          binding: bool, multiplier: float = 0.0, infeasible: bool = False,
+          floor_binding: bool = False, split: tuple[int, int] | None = None) -> Plan:
+    pw = fleet.power_at(level)
+    below = (level < econ).view(np.uint8)
+    above = (level > econ).view(np.uint8)
+    reason = below * np.uint8(Reason.CAP) + above * np.uint8(Reason.RAMP)  # PROFIT is 0
+    return Plan(
+        level=level,
+        power_w=pw,
+        hashrate_ths=fleet.hashrate_at(level),
+        reason=reason.astype(np.uint8, copy=False),
+        site_power_w=float(pw.sum()) * aux1,
+        cap_binding=binding,
+        multiplier_usd_per_mwh=multiplier,
+        infeasible=infeasible,
+        floor_binding=floor_binding,
+        econ_level=econ,
+        split=split,
+    )
+
+
+def _multiplier(fleet: PreparedFleet, cut_pos: int, eco: _Economics, aux1: float) -> float:
+    """Shadow price of site power ($/MWh) at the entry the cap cut."""
+    if not 0 <= cut_pos < fleet.neg_slope.size:
+        return 0.0
+    slope = -float(fleet.neg_slope[cut_pos])
+    return max((eco.value * slope - eco.cost) * 1e6 / aux1, 0.0)
+
+
+def _search(ctx: _Context, *, budget: float, base_total: float, floor_it: float,
+            binding: bool, aux1: float) -> Plan:
+    """One greedy pass under the cap (binding) or up to the floor (not binding)."""
+    if binding:
+        s, first_cls = _greedy_prefix(ctx, budget - base_total)
+        _fill(ctx, s, first_cls)
+        return _plan(ctx.fleet, s.level, ctx.econ, aux1, binding=True, split=s.split,
+                     multiplier=_multiplier(ctx.fleet, s.cut_pos, ctx.eco, aux1))
+    econ_total = float(ctx.fleet.power_at(ctx.econ).sum())
+    level = _fill_to_floor(ctx, floor_it - econ_total, budget - econ_total)
+    return _plan(ctx.fleet, level, ctx.econ, aux1, binding=False, floor_binding=True)
 
 
 def solve(
@@ -501,13 +840,14 @@ def solve(
     hashprice_usd_per_ph_day: float,
     cap_w: float,
     aux_fraction: float = 0.0,
-    min_level: IntArray | None = None,
-    max_level: IntArray | None = None,
+    min_level: npt.NDArray[np.integer] | None = None,
+    max_level: npt.NDArray[np.integer] | None = None,
     floor_w: float = 0.0,
     priority: npt.NDArray[np.integer] | None = None,
     adder_usd_per_mwh: float = 0.0,
     aux_in_cost: bool = True,
     bounds: Bounds | None = None,
+    unit_count: npt.NDArray[np.integer] | None = None,
 ) -> Plan:
     """Choose each miner's level to maximise profit under the site cap.
 
@@ -532,136 +872,44 @@ def solve(
         aux_in_cost: Whether auxiliary load is paid for in the energy cost.
         bounds: ``make_bounds(fleet, min_level, max_level)`` computed already; when
             given, min_level and max_level are ignored.
+        unit_count: (n,) when each row stands for that many identical miners (the
+            backtest's cohorts, points scaled by the count): the plan then names, in
+            ``split``, the first row of which some miners but not all would have
+            taken an entry the cap left out.
 
     Returns:
         The plan; reasons are PROFIT, CAP (held below its economic level by the
         cap) or RAMP (held above it by the floor).
     """
-    n = fleet.n
     aux1 = 1.0 + aux_fraction
     b = bounds if bounds is not None else make_bounds(fleet, min_level, max_level)
-    cost = energy_cost_usd_per_mwh_it(
-        price_usd_per_mwh,
-        aux_fraction=aux_fraction,
-        adder_usd_per_mwh=adder_usd_per_mwh,
-        aux_in_cost=aux_in_cost,
-    )
-    r0 = fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
+    eco = _economics(fleet, price_usd_per_mwh, hashprice_usd_per_ph_day,
+                     aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
+                     aux_in_cost=aux_in_cost)
     budget = cap_w / aux1
+    econ = levels_at(fleet, b, eco.r0)
+    econ_total = float(fleet.power_at(econ).sum())
     floor_it = min(floor_w / aux1, budget)
-
-    econ = levels_at(fleet, b, r0)
-    econ_total = float(fleet.gather(fleet.power_w, econ).sum())
-
-    def plan(
-        level: IntArray,
-        *,
-        binding: bool,
-        multiplier: float = 0.0,
-        infeasible: bool = False,
-        floor_binding: bool = False,
-    ) -> Plan:
-        pw = fleet.gather(fleet.power_w, level)
-        reason = np.full(n, Reason.PROFIT, dtype=np.uint8)
-        reason[level < econ] = Reason.CAP
-        reason[level > econ] = Reason.RAMP
-        return Plan(
-            level=level,
-            power_w=pw,
-            hashrate_ths=fleet.gather(fleet.hashrate_ths, level),
-            reason=reason,
-            site_power_w=float(pw.sum()) * aux1,
-            cap_binding=binding,
-            multiplier_usd_per_mwh=multiplier,
-            infeasible=infeasible,
-            floor_binding=floor_binding,
-            econ_level=econ,
-        )
-
     if floor_it <= econ_total and econ_total * aux1 <= cap_w:
-        return plan(econ, binding=False)
-
-    base_total = float(fleet.gather(fleet.power_w, b.lo).sum())
+        return _plan(fleet, econ, econ, aux1, binding=False)
+    base_total = float(fleet.power_at(b.lo).sum())
     if base_total * aux1 > cap_w:
-        return plan(b.lo.copy(), binding=True, infeasible=True)
-
-    cls, n_cls = _classes(priority)
-    ent = _Entries(fleet, b, cls, n_cls)
-    total_entries = int(fleet.order.size)
-    below = ent.below(r0)  # per class: weight of the entries worth taking at this price
-    acc_total = base_total + float(below.sum())
-    above = ent.block_sums.sum(axis=1) - below
+        return _plan(fleet, b.lo.copy(), econ, aux1, binding=True, infeasible=True)
+    cls, n_cls = _classes(priority, fleet.n)
+    ctx = _Context(fleet, b, eco, econ, cls, _entry_weights(fleet, b, cls, n_cls),
+                   None if unit_count is None else np.asarray(unit_count, dtype=np.float64))
     binding = econ_total * aux1 > cap_w
-
-    def prefixes(budget: float) -> tuple[npt.NDArray[np.int64], int]:
-        """Per-class prefix of the order to take, and where the cap cut it (-1: nowhere)."""
-        r_cls = np.full(n_cls, r0, dtype=np.int64)
-        if binding:
-            # Greedy by descending marginal efficiency, class by class, until the cap.
-            remaining = budget - base_total
-            for c in range(n_cls):  # a few priority classes, never one per miner
-                if below[c] <= remaining:
-                    remaining -= float(below[c])
-                    continue
-                cut_pos, _ = ent.first_exceeding(c, 0, r0, remaining)
-                r_cls[c] = cut_pos
-                r_cls[c + 1 :] = 0
-                return r_cls, cut_pos
-            return r_cls, -1
-        # Below the floor: keep the least unprofitable steps, never above the cap.
-        need = floor_it - acc_total
-        room = budget - acc_total
-        for c in range(n_cls):
-            if above[c] < need:
-                r_cls[c] = total_entries
-                need -= float(above[c])
-                room -= float(above[c])
-                continue
-            p_first, acc = ent.first_exceeding(c, r0, total_entries, need)
-            w_at, c_at = ent.span(p_first, min(p_first + 1, total_entries))
-            step = float(w_at[0]) if w_at.size and c_at[0] == c else 0.0
-            fits = acc + step <= room
-            r_cls[c] = min(p_first + 1, total_entries) if fits else p_first
-            break
-        return r_cls, -1
-
-    value = usd_per_ths_hour(hashprice_usd_per_ph_day)
     for _ in range(3):
-        r_cls, cut_pos = prefixes(budget)
-        r_miner: int | npt.NDArray[np.int64] = int(r_cls[0]) if cls is None else r_cls[cls]
-        multiplier = 0.0
-        if 0 <= cut_pos < total_entries:
-            slope = -float(fleet.neg_slope[cut_pos])
-            multiplier = max((value * slope * 1e6 - cost) / aux1, 0.0)
-        out = plan(
-            levels_at(fleet, b, r_miner),
-            binding=binding,
-            multiplier=multiplier,
-            floor_binding=not binding,
-        )
+        out = _search(ctx, budget=budget, base_total=base_total, floor_it=floor_it,
+                      binding=binding, aux1=aux1)
         if out.site_power_w <= cap_w:
             return out
         # Float rounding of the sums put the plan a hair over an exactly-met cap:
         # shave the budget by the excess and search again.
         excess = (out.site_power_w - cap_w) / aux1
         budget -= 2.0 * excess + 1e-12 * abs(budget)
+        floor_it = min(floor_it, budget)
     if not binding:
         # Only the floor pushed past the cap: the economic plan fits, keep it.
-        return plan(econ, binding=False)
-    return plan(b.lo.copy(), binding=True)
-
-
-def _classes(priority: npt.NDArray[np.integer] | None) -> tuple[IntArray | None, int]:
-    """Map priorities to dense classes, 0 = highest priority present."""
-    if priority is None:
-        return None, 1
-    prio = np.asarray(priority, dtype=np.int64)
-    if prio.size == 0:
-        return None, 1
-    lo = int(prio.min())
-    if int(prio.max()) - lo < 65536:
-        present = np.bincount(prio - lo) > 0
-        rank = (np.cumsum(present[::-1]) - 1)[::-1]
-        return rank[prio - lo].astype(np.intp), int(present.sum())
-    values, inverse = np.unique(-prio, return_inverse=True)
-    return inverse.astype(np.intp), int(values.size)
+        return _plan(fleet, econ, econ, aux1, binding=False)
+    return _plan(fleet, b.lo.copy(), econ, aux1, binding=True)
