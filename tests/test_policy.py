@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from controller.catalogue import load_catalogue, operating_points
 from controller.core import optimizer as opt
 from controller.core.policy import (
     Decision,
@@ -382,3 +384,35 @@ def test_reason_counts_and_vectorised_scale() -> None:
         counts = d.reason_counts()
         assert counts.sum() == n and counts.size == len(Reason)
         assert np.all(d.commandable == ~miners.stale)
+
+
+def test_a_decision_allocates_per_miner_vectors_only() -> None:
+    """No (miners x levels) temporaries: a decision's peak is a few bytes per miner."""
+    n = 20_000
+    models = list(load_catalogue().models.values())
+    points_w, points_ths = operating_points(models)
+    pick = np.random.default_rng(2).integers(0, len(models), n)
+    p, h = points_w[pick], points_ths[pick]
+    assert p.shape[1] >= 30  # the catalogue's firmware steps: 30-odd levels
+    fleet = opt.prepare(p, h)
+    rng = np.random.default_rng(2)
+    miners = MinerInputs(stale=rng.random(n) < 0.01, never_curtail=np.zeros(n, dtype=bool),
+                         temp_c=rng.normal(75, 6, n), priority=rng.integers(0, 3, n),
+                         wake_s=np.full(n, 180.0))
+    state = PolicyState.initial(n, fleet.max_level)
+    full = float(p[:, -1].sum())
+    knobs = PolicyKnobs()
+    tracemalloc.start()
+    try:
+        peaks = []
+        for i, frac in enumerate((2.0, 0.7, 0.4, 0.7, 2.0)):
+            market = MarketInputs(price_usd_per_mwh=40.0 + i, hashprice_usd_per_ph_day=50.0,
+                                  cap_w=frac * full)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            decide(fleet, market, miners, state, knobs, now_s=10.0 * i)
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+    # One (n, levels) float array alone would be 8 x 30-odd = 250+ bytes per miner.
+    assert max(peaks) / n < 150, peaks

@@ -66,6 +66,7 @@ PosArray = npt.NDArray[np.signedinteger[Any]]
 LEVEL = np.int16  # levels are column indices: a few dozen, one small integer per miner
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the exact row hash
+_SHAVES = 8  # searches before a plan that rounding keeps over the cap falls back to minima
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,9 @@ class PreparedFleet:
     row: IntArray  # (n,) kind * k: the miner's row in the flattened (K, k) tables
     chord_row: IntArray  # (n,) kind * (k - 1): its row in the flattened (K, k - 1) tables
     top: LevelArray  # (n,) highest real level: first column of the repeated tail
+    top_chord_idx: IntArray  # (n,) chord_row + top - 1: the wake chord of an unbounded miner
+    top_wake: LevelArray  # (n,) the level it wakes to
+    top_chord_pos: PosArray  # (n,) that chord's position in the order
     runs_kind: IntArray  # kinds of the runs of equal kinds, in miner order
     runs_len: IntArray  # and their lengths (a rack is one run)
     kind_power_w: FloatArray  # (K, k) W per level
@@ -341,11 +345,15 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
     usable = np.concatenate([wake_w[wake_w > 0], step_w[step_w > 0],
                              (p[:, 1:] - p[:, :1])[real[:, 1:]]])
     runs_kind, runs_len = _runs(kind)
+    top_chord = (rows * max(kf, 1) + np.maximum(top, 1) - 1)[kind]
     return PreparedFleet(
         kind=kind,
         row=kind * k,
         chord_row=kind * max(kf, 1),
         top=top[kind].astype(LEVEL),
+        top_chord_idx=top_chord,
+        top_wake=(wake.ravel()[top_chord] if kf else np.zeros(kind.size)).astype(LEVEL),
+        top_chord_pos=(chord_pos.ravel()[top_chord] if kf else np.zeros(kind.size, pos_dtype)),
         runs_kind=runs_kind,
         runs_len=runs_len,
         kind_power_w=p,
@@ -453,25 +461,29 @@ def make_bounds(
     A minimum above a maximum yields to the maximum (thermal limits are safety).
     """
     top = fleet.top
-    if max_level is None:
-        hi = top
-    else:
-        hi = np.clip(np.asarray(max_level), 0, top).astype(LEVEL, copy=False)
-    if min_level is None:
-        lo = np.zeros(fleet.n, dtype=LEVEL)
-    else:
-        lo = np.clip(np.asarray(min_level), 0, hi).astype(LEVEL, copy=False)
+    hi = top if max_level is None else np.minimum(_levels(max_level), top)
+    lo = np.zeros(fleet.n, LEVEL) if min_level is None else np.minimum(_levels(min_level), hi)
     has_chord = (lo == 0) & (hi >= 1)
-    if fleet.k > 1:
-        chord_idx = fleet.chord_row + np.maximum(hi, 1) - 1
-        wake = np.minimum(fleet.wake_level.ravel().take(chord_idx), hi)
-        chord_pos = fleet.chord_pos.ravel().take(chord_idx)
-    else:
-        chord_idx = np.zeros(fleet.n, dtype=np.intp)
-        wake = lo
-        chord_pos = np.zeros(fleet.n, dtype=np.int32)
-    start = lo + has_chord * (wake - lo)
-    return Bounds(lo, hi, start.astype(LEVEL, copy=False), has_chord, chord_pos, chord_idx)
+    # Most miners may run to their top level: their chord is prepared; look up the rest.
+    chord_idx, wake = fleet.top_chord_idx.copy(), fleet.top_wake.copy()
+    chord_pos = fleet.top_chord_pos.copy()
+    lower = np.flatnonzero(hi != top)
+    if lower.size and fleet.k > 1:
+        idx = fleet.chord_row[lower] + np.maximum(hi[lower], 1) - 1
+        chord_idx[lower] = idx
+        wake[lower] = fleet.wake_level.ravel().take(idx)
+        chord_pos[lower] = fleet.chord_pos.ravel().take(idx)
+    start = lo + (np.minimum(wake, hi) - lo) * has_chord
+    return Bounds(lo, hi, start, has_chord, chord_pos, chord_idx)
+
+
+def _levels(level: npt.NDArray[np.integer]) -> LevelArray:
+    """Levels as the decision's small integers, negative ones as 0."""
+    a = np.asarray(level)
+    if a.dtype != LEVEL:
+        a = np.clip(a, 0, np.iinfo(LEVEL).max).astype(LEVEL)
+    out: LevelArray = np.maximum(a, LEVEL(0))
+    return out
 
 
 def levels_at(fleet: PreparedFleet, b: Bounds, r: int) -> LevelArray:
@@ -526,13 +538,18 @@ def plan_at(fleet: PreparedFleet, level: npt.NDArray[np.integer], *,
 
 
 def _classes(priority: npt.NDArray[np.integer] | None, n: int) -> tuple[IntArray, int]:
-    """Dense class per miner, 0 = highest priority; absent priorities leave empty classes."""
+    """Dense class per miner, 0 = the highest priority present; and the number of classes."""
     if priority is None or np.size(priority) == 0:
         return np.zeros(n, dtype=np.intp), 1
     prio = np.asarray(priority)
     top, low = int(prio.max()), int(prio.min())
-    if top - low < 64:
-        return (top - prio).astype(np.intp), top - low + 1
+    if top == low:
+        return np.zeros(n, dtype=np.intp), 1
+    if top - low < 1024:
+        below = (top - prio).astype(np.intp)
+        present = np.bincount(below, minlength=top - low + 1) > 0
+        rank = np.cumsum(present) - 1
+        return rank.take(below), int(present.sum())
     values, inverse = np.unique(-prio.astype(np.int64), return_inverse=True)
     return inverse.ravel().astype(np.intp), int(values.size)
 
@@ -548,19 +565,6 @@ class _Context:
     cls: IntArray  # (n,) dense priority class, 0 first
     weights: FloatArray  # (classes, M): W each class's miners take at each position
     units: FloatArray | None  # (n,) identical miners per row, or None
-
-    def lower_wake_w(self) -> FloatArray:
-        """(K * (k - 1),) per wake chord: least W of a paying wake-up below its vertex."""
-        fleet = self.fleet
-        p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
-        dp, dh = p[:, 1:] - p[:, :1], h[:, 1:] - h[:, :1]
-        with np.errstate(invalid="ignore"):
-            pays = dh > self.eco.threshold * dp
-        least = np.minimum.accumulate(np.where(pays, dp, np.inf), axis=1)  # levels 1..j+1
-        vertex = fleet.wake_level.astype(np.intp)
-        below = np.take_along_axis(least, np.maximum(vertex - 2, 0), axis=1)
-        out: FloatArray = np.where(vertex >= 2, below, np.inf).ravel()
-        return out
 
 
 def _entry_weights(fleet: PreparedFleet, b: Bounds, cls: IntArray, n_cls: int) -> FloatArray:
@@ -618,46 +622,70 @@ def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
     return _Search(ctx.econ.copy(), room_w), totals.size
 
 
-@dataclass(slots=True)
-class _Heads:
-    """The next entry of every miner that may still take one."""
+def _head_counts(ctx: _Context, level: LevelArray) -> npt.NDArray[np.int64]:
+    """(classes, M): miners whose next entry is at each position, by class.
 
-    miner: IntArray
-    key: npt.NDArray[np.int64]  # class * (M + 1) + position: the scan order
-    w: FloatArray  # W of that entry
-    least_w: FloatArray  # W the miner can still use at all: one of its units, a lower wake
-    chord: BoolArray
-
-    def subset(self, keep: BoolArray) -> _Heads:
-        return _Heads(self.miner[keep], self.key[keep], self.w[keep], self.least_w[keep],
-                      self.chord[keep])
-
-    def join(self, other: _Heads) -> _Heads:
-        return _Heads(np.concatenate([self.miner, other.miner]),
-                      np.concatenate([self.key, other.key]), np.concatenate([self.w, other.w]),
-                      np.concatenate([self.least_w, other.least_w]),
-                      np.concatenate([self.chord, other.chord]))
-
-
-def _heads(ctx: _Context, lower_w: FloatArray, level: LevelArray, miners: IntArray) -> _Heads:
-    """Next entries of `miners` before the price's position: a wake chord or a step."""
+    A running miner below its maximum waits at its next step; a sleeping one that may
+    wake, at its wake chord. Two histograms over the miners.
+    """
     fleet, b = ctx.fleet, ctx.b
-    lv = level[miners]
-    asleep = b.has_chord[miners] & (lv == 0)
-    up = ~asleep & (lv >= 1) & (lv < b.hi[miners])
-    chord_idx = b.chord_idx[miners]
-    pos = b.chord_pos[miners].astype(np.int64)
-    w = fleet.wake_w.ravel().take(chord_idx) if fleet.k > 1 else np.zeros(lv.size)
-    if fleet.k > 2:
-        step_idx = fleet.kind[miners] * (fleet.k - 2) + np.clip(lv - 1, 0, fleet.k - 3)
-        pos = np.where(asleep, pos, fleet.curve_pos.ravel().take(step_idx))
-        w = np.where(asleep, w, fleet.step_w.ravel().take(step_idx))
-    keep = (asleep | up) & (pos < ctx.eco.r0)
-    unit = w if ctx.units is None else w / ctx.units[miners]
-    lower = lower_w.take(chord_idx) if fleet.k > 1 else np.full(lv.size, np.inf)
-    least = np.where(asleep, np.minimum(unit, lower), unit)
-    key = ctx.cls[miners] * (fleet.neg_slope.size + 1) + pos
-    return _Heads(miners[keep], key[keep], w[keep], least[keep], asleep[keep])
+    n_kinds, k = fleet.kind_power_w.shape
+    n_cls = ctx.weights.shape[0]
+    out = np.zeros((n_cls, fleet.neg_slope.size), dtype=np.int64)
+    if k > 2:
+        up = np.flatnonzero((level >= 1) & (level < b.hi))
+        steps = np.bincount(ctx.cls[up] * (n_kinds * k) + fleet.row[up] + level[up],
+                            minlength=n_cls * n_kinds * k).reshape(n_cls, n_kinds, k)
+        out[:, fleet.curve_pos.ravel()] = steps[:, :, 1 : k - 1].reshape(n_cls, -1)
+    if k > 1:
+        asleep = np.flatnonzero(b.has_chord & (level == 0))
+        chords = np.bincount(ctx.cls[asleep] * (n_kinds * (k - 1)) + b.chord_idx[asleep],
+                             minlength=n_cls * n_kinds * (k - 1))
+        out[:, fleet.chord_pos.ravel()] = chords.reshape(n_cls, -1)
+    return out
+
+
+def _least_w(ctx: _Context) -> FloatArray:
+    """(M,) the least W an entry's group can still use: one miner of a row, a lower wake."""
+    fleet = ctx.fleet
+    least = fleet.entry_w.copy()
+    if ctx.units is not None:  # rows of one kind stand for equally many miners
+        per_kind = np.zeros(fleet.kinds)
+        np.maximum.at(per_kind, fleet.kind, ctx.units)
+        least /= per_kind[fleet.entry_kind]
+    chord = fleet.entry_level < 0
+    if chord.any():
+        p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
+        dp, dh = p[:, 1:] - p[:, :1], h[:, 1:] - h[:, :1]
+        with np.errstate(invalid="ignore"):
+            pays = dh > ctx.eco.threshold * dp
+        low = np.minimum.accumulate(np.where(pays, dp, np.inf), axis=1)  # levels 1..j+1
+        vertex = fleet.wake_level.astype(np.intp)
+        below = np.where(vertex >= 2, np.take_along_axis(low, np.maximum(vertex - 2, 0), 1),
+                         np.inf)  # (K, k - 1): paying levels under the hull vertex
+        idx = fleet.entry_kind[chord] * (fleet.k - 1) - fleet.entry_level[chord] - 1
+        least[chord] = np.minimum(least[chord], below.ravel()[idx])
+    return least
+
+
+@dataclass(slots=True)
+class _Fill:
+    """The fill's walk: miners left out of a wake-up, and the heads per group."""
+
+    blocked: BoolArray  # woke below the hull vertex: takes nothing more
+    count: npt.NDArray[np.int64]  # (classes, M) heads per group
+
+
+def _members(ctx: _Context, s: _Search, f: _Fill, c: int, g: int) -> IntArray:
+    """Miners (in order) of class c whose next entry is the one at position g."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = int(fleet.entry_level[g])
+    mine = (ctx.cls == c) & (fleet.kind == int(fleet.entry_kind[g])) & ~f.blocked
+    if lv >= 1:  # a step from level lv
+        mine &= (s.level == lv) & (b.hi > lv)
+    else:  # the wake chord of sleeping miners whose max level is -lv
+        mine &= (s.level == 0) & b.has_chord & (b.hi == -lv)
+    return np.flatnonzero(mine)
 
 
 def _wake_lower(ctx: _Context, s: _Search, rest: IntArray) -> None:
@@ -692,54 +720,70 @@ def _wake_lower(ctx: _Context, s: _Search, rest: IntArray) -> None:
         done += count
 
 
-def _take_group(ctx: _Context, s: _Search, members: IntArray, key: int, *, w: float,
-                chord: bool) -> IntArray:
+def _take_group(ctx: _Context, s: _Search, members: IntArray, g: int) -> IntArray:
     """The first members of one group take its entry while it fits; returns those that did."""
+    w = float(ctx.fleet.entry_w[g])
     t = min(members.size, int(s.room_w // w))
     while t and t * w > s.room_w:
         t -= 1
     taken, rest = members[:t], members[t:]
     s.room_w -= t * w
     if rest.size and s.cut_pos < 0:
-        s.cut_pos = key % (ctx.fleet.neg_slope.size + 1)
+        s.cut_pos = g
     if rest.size and ctx.units is not None and s.split is None:
         unit_w = w / float(ctx.units[rest[0]])
         if unit_w <= s.room_w:
             s.split = (int(rest[0]), int(s.room_w // unit_w))
-    if chord:
-        s.level[taken] = ctx.b.start[taken]
-        if rest.size:
-            _wake_lower(ctx, s, rest)
-    else:
+    if int(ctx.fleet.entry_level[g]) >= 1:
         s.level[taken] += LEVEL(1)
+    else:
+        s.level[taken] = ctx.b.start[taken]
     return taken
 
 
 def _fill(ctx: _Context, s: _Search, first_cls: int) -> None:
     """Give what is left of the budget to the later entries that still fit, in order.
 
-    One round per group of equal entries (a kind's entry within a class, its miners in
-    order): its first miners take it while they fit; a miner left out takes nothing
+    Walks the groups (a class's miners waiting at one entry) in the greedy's order,
+    skipping those that are empty or too big for what is left; in each one visited,
+    its first miners take the entry while they fit; a miner left out takes nothing
     more, except that a sleeping one may wake below its hull vertex (:func:`_wake_lower`).
+    Only the groups the leftover can still pay for are visited.
     """
-    if ctx.units is None and s.room_w < ctx.fleet.min_entry_w:
+    fleet = ctx.fleet
+    if ctx.units is None and s.room_w < fleet.min_entry_w:
         return
-    lower_w = ctx.lower_wake_w()
-    h = _heads(ctx, lower_w, s.level, np.flatnonzero(ctx.cls >= first_cls))
-    while h.miner.size:
-        alive = (h.w <= s.room_w) | (h.least_w <= s.room_w)
-        if not alive.all():
-            h = h.subset(alive)
-            if not h.miner.size:
-                return
-        key = int(h.key.min())
-        grp = h.key == key
-        members = np.sort(h.miner[grp])
-        w, chord = float(h.w[grp][0]), bool(h.chord[grp][0])
-        h = h.subset(~grp)
-        taken = _take_group(ctx, s, members, key, w=w, chord=chord)
-        if taken.size:
-            h = h.join(_heads(ctx, lower_w, s.level, taken))
+    r0 = ctx.eco.r0
+    least = _least_w(ctx)[:r0]
+    f = _Fill(np.zeros(fleet.n, dtype=bool), _head_counts(ctx, s.level))
+    for c in range(first_cls, f.count.shape[0]):
+        g = 0
+        while True:
+            ahead = f.count[c, g:r0] > 0
+            ahead &= least[g:] <= s.room_w
+            nxt = np.flatnonzero(ahead)
+            if not nxt.size:
+                break
+            g += int(nxt[0])
+            members = _members(ctx, s, f, c, g)
+            f.count[c, g] = 0
+            taken = _take_group(ctx, s, members, g)
+            if taken.size < members.size and int(fleet.entry_level[g]) < 0:
+                rest = members[taken.size :]
+                _wake_lower(ctx, s, rest)
+                f.blocked[rest[s.level[rest] > 0]] = True
+            _advance(ctx, s, f, c, taken)
+            g += 1
+
+
+def _advance(ctx: _Context, s: _Search, f: _Fill, c: int, taken: IntArray) -> None:
+    """Count the miners that took an entry at their next one, if they have one."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = s.level[taken]
+    more = taken[(lv < b.hi[taken]) & (lv >= 1)]
+    if more.size and fleet.k > 2:
+        idx = fleet.kind[more] * (fleet.k - 2) + s.level[more] - 1
+        np.add.at(f.count[c], fleet.curve_pos.ravel()[idx], 1)
 
 
 def _group_members(ctx: _Context, in_class: BoolArray, g: int) -> IntArray:
@@ -899,15 +943,16 @@ def solve(
     ctx = _Context(fleet, b, eco, econ, cls, _entry_weights(fleet, b, cls, n_cls),
                    None if unit_count is None else np.asarray(unit_count, dtype=np.float64))
     binding = econ_total * aux1 > cap_w
-    for _ in range(3):
+    for attempt in range(_SHAVES):
         out = _search(ctx, budget=budget, base_total=base_total, floor_it=floor_it,
                       binding=binding, aux1=aux1)
         if out.site_power_w <= cap_w:
             return out
-        # Float rounding of the sums put the plan a hair over an exactly-met cap:
-        # shave the budget by the excess and search again.
+        # Float rounding of the sums put the plan a hair over an exactly-met cap: shave
+        # the budget and search again, four times more each time, so that the plan
+        # moves even where the rounding is not in the budget's accounting.
         excess = (out.site_power_w - cap_w) / aux1
-        budget -= 2.0 * excess + 1e-12 * abs(budget)
+        budget -= (2.0 * excess + 1e-12 * abs(budget)) * 4.0**attempt
         floor_it = min(floor_it, budget)
     if not binding:
         # Only the floor pushed past the cap: the economic plan fits, keep it.

@@ -274,8 +274,8 @@ def wake_latency(state: PolicyState, worth: BoolArray, miners: MinerInputs, knob
 
     `worth`: the price pays for waking the miner (its economic level is above sleep).
     """
-    old = state.cheap_since_s
-    cheap_since = np.where(worth, np.where(np.isnan(old), now_s, old), np.nan)
+    cheap_since = np.fmin(state.cheap_since_s, now_s)  # a spell starts now if none runs
+    cheap_since[~worth] = np.nan
     latency = _latency_s(knobs, miners.wake_s)
     with np.errstate(invalid="ignore"):
         waited = cheap_since + latency <= now_s
@@ -416,7 +416,7 @@ def reasons(plan: Plan, hard: _Hard, held: _Holds, keep: BoolArray, *, prev: Lev
         (keep & (level == prev) if stage == 0 else None, Reason.HYSTERESIS),
         (plan.reason == Reason.CAP, cap_reason),
         (plan.reason == Reason.RAMP, Reason.RAMP),
-        (hard.derated & (level == held.hi), Reason.THERMAL),
+        (hard.derated & (level == hard.hi), Reason.THERMAL),
     ]
     out = np.zeros(level.size, dtype=np.uint8)  # PROFIT
     for cond, code in reversed(rules):  # the earlier rules overwrite the later ones
