@@ -12,6 +12,7 @@ import numpy.typing as npt
 TH_PER_PH = 1000.0
 HOURS_PER_DAY = 24.0
 WH_PER_MWH = 1e6
+W_PER_MW = 1e6
 
 
 def usd_per_ths_hour(hashprice_usd_per_ph_day: float) -> float:

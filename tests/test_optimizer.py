@@ -440,16 +440,22 @@ def ranked_fleets(draw: st.DrawFn) -> dict[str, object]:
     }
 
 
-@SETTINGS
-@given(ranked_fleets())
-def test_the_search_is_the_sorted_greedy(s: dict[str, object]) -> None:
-    """Fast path and specification agree miner by miner, fill and wake-below-hull included."""
+def solve_ranked(s: dict[str, object]) -> tuple[opt.Plan, float, float, float, float]:
+    """solve() on a ranked_fleets() example; the plan, price, hashprice, aux and cap."""
     fleet = s["fleet"]
     assert isinstance(fleet, opt.PreparedFleet)
     price, hashprice, aux, cap = (float(s[k]) for k in ("price", "hashprice", "aux", "cap"))  # type: ignore[arg-type]
     plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hashprice,
                      cap_w=cap, aux_fraction=aux, min_level=np.array(s["lo"]),
                      max_level=np.array(s["hi"]), priority=np.array(s["prio"]))
+    return plan, price, hashprice, aux, cap
+
+
+@SETTINGS
+@given(ranked_fleets())
+def test_the_search_is_the_sorted_greedy(s: dict[str, object]) -> None:
+    """Fast path and specification agree miner by miner, fill and wake-below-hull included."""
+    plan, price, hashprice, aux, cap = solve_ranked(s)
     if plan.infeasible or not plan.cap_binding:
         return  # the pinned minimum alone breaks the cap, or nothing to search
     want = greedy_reference(s["power"], s["hashrate"], s["lo"], s["hi"], s["prio"],  # type: ignore[arg-type]
@@ -460,14 +466,11 @@ def test_the_search_is_the_sorted_greedy(s: dict[str, object]) -> None:
 @SETTINGS
 @given(ranked_fleets())
 def test_no_miner_could_step_up_within_the_cap_and_earn_more(s: dict[str, object]) -> None:
-    fleet = s["fleet"]
-    assert isinstance(fleet, opt.PreparedFleet)
-    price, hashprice, aux, cap = (float(s[k]) for k in ("price", "hashprice", "aux", "cap"))  # type: ignore[arg-type]
-    plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hashprice,
-                     cap_w=cap, aux_fraction=aux, min_level=np.array(s["lo"]),
-                     max_level=np.array(s["hi"]), priority=np.array(s["prio"]))
+    plan, price, hashprice, aux, cap = solve_ranked(s)
     if plan.infeasible:
         return
+    fleet = s["fleet"]
+    assert isinstance(fleet, opt.PreparedFleet)
     p, h = fleet.points()
     value, cost = usd_per_ths_hour(hashprice), price * (1 + aux) / 1e6
     room = cap / (1 + aux) - float(plan.power_w.sum())

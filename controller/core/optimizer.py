@@ -495,26 +495,6 @@ def levels_at(fleet: PreparedFleet, b: Bounds, r: int) -> LevelArray:
     return out
 
 
-def levels_at_price(
-    fleet: PreparedFleet,
-    *,
-    price_usd_per_mwh: float,
-    hashprice_usd_per_ph_day: float,
-    aux_fraction: float = 0.0,
-    adder_usd_per_mwh: float = 0.0,
-    aux_in_cost: bool = True,
-    min_level: npt.NDArray[np.integer] | None = None,
-    max_level: npt.NDArray[np.integer] | None = None,
-) -> LevelArray:
-    """Each miner's most profitable level at a price, within bounds, ignoring the cap."""
-    r0 = position_at_price(
-        fleet, price_usd_per_mwh=price_usd_per_mwh,
-        hashprice_usd_per_ph_day=hashprice_usd_per_ph_day, aux_fraction=aux_fraction,
-        adder_usd_per_mwh=adder_usd_per_mwh, aux_in_cost=aux_in_cost,
-    )
-    return levels_at(fleet, make_bounds(fleet, min_level, max_level), r0)
-
-
 def plan_at(fleet: PreparedFleet, level: npt.NDArray[np.integer], *,
             aux_fraction: float = 0.0, power_w: FloatArray | None = None) -> Plan:
     """A plan of given levels that the cap does not bind (all reasons PROFIT).
@@ -877,6 +857,24 @@ def _search(ctx: _Context, *, budget: float, base_total: float, floor_it: float,
     return _plan(ctx.fleet, level, ctx.econ, aux1, binding=False, floor_binding=True)
 
 
+def _search_under(ctx: _Context, cap_w: float, *, base_total: float, floor_it: float,
+                  binding: bool, aux1: float) -> Plan | None:
+    """The search, repeated with a smaller budget while rounding keeps it over the cap."""
+    budget = cap_w / aux1
+    for attempt in range(_SHAVES):
+        out = _search(ctx, budget=budget, base_total=base_total, floor_it=floor_it,
+                      binding=binding, aux1=aux1)
+        if out.site_power_w <= cap_w:
+            return out
+        # Float rounding of the sums put the plan a hair over an exactly-met cap: shave
+        # the budget and search again, four times more each time, so that the plan
+        # moves even where the rounding is not in the budget's accounting.
+        excess = (out.site_power_w - cap_w) / aux1
+        budget -= (2.0 * excess + 1e-12 * abs(budget)) * 4.0**attempt
+        floor_it = min(floor_it, budget)
+    return None
+
+
 def solve(
     fleet: PreparedFleet,
     *,
@@ -943,17 +941,10 @@ def solve(
     ctx = _Context(fleet, b, eco, econ, cls, _entry_weights(fleet, b, cls, n_cls),
                    None if unit_count is None else np.asarray(unit_count, dtype=np.float64))
     binding = econ_total * aux1 > cap_w
-    for attempt in range(_SHAVES):
-        out = _search(ctx, budget=budget, base_total=base_total, floor_it=floor_it,
-                      binding=binding, aux1=aux1)
-        if out.site_power_w <= cap_w:
-            return out
-        # Float rounding of the sums put the plan a hair over an exactly-met cap: shave
-        # the budget and search again, four times more each time, so that the plan
-        # moves even where the rounding is not in the budget's accounting.
-        excess = (out.site_power_w - cap_w) / aux1
-        budget -= (2.0 * excess + 1e-12 * abs(budget)) * 4.0**attempt
-        floor_it = min(floor_it, budget)
+    out = _search_under(ctx, cap_w, base_total=base_total, floor_it=floor_it,
+                        binding=binding, aux1=aux1)
+    if out is not None:
+        return out
     if not binding:
         # Only the floor pushed past the cap: the economic plan fits, keep it.
         return _plan(fleet, econ, econ, aux1, binding=False)
