@@ -543,31 +543,43 @@ class _Context:
     eco: _Economics
     econ: LevelArray  # levels at the price, bounds only
     cls: IntArray  # (n,) dense priority class, 0 first
-    weights: FloatArray  # (classes, M): W each class's miners take at each position
+    n_cls: int
+    econ_w: FloatArray  # (n,) W at the economic levels
     units: FloatArray | None  # (n,) identical miners per row, or None
 
+    def in_class(self, c: int) -> IntArray | slice:
+        """The miners of class c, in order (all of them when there is one class)."""
+        return slice(None) if self.n_cls == 1 else np.flatnonzero(self.cls == c)
 
-def _entry_weights(fleet: PreparedFleet, b: Bounds, cls: IntArray, n_cls: int) -> FloatArray:
-    """(classes, M): W the miners of each class take at each position of the order.
+    def class_totals(self, upper_w: FloatArray, lower_w: FloatArray) -> FloatArray:
+        """(classes,) W between two per-miner powers, summed by class."""
+        if self.n_cls == 1:
+            return np.array([float(upper_w.sum() - lower_w.sum())])
+        out = np.bincount(self.cls, weights=upper_w - lower_w, minlength=self.n_cls)
+        return out.astype(np.float64, copy=False)
+
+
+def _entry_weights(ctx: _Context, c: int) -> FloatArray:
+    """(M,): W the miners of class c take at each position of the order.
 
     A step (kind, e) is active for the miners of that kind with start <= e+1 < hi; a
     chord (kind, f) for those that may sleep and run with hi = f+1. Three histograms
-    over the miners; nothing of size miners x levels.
+    over the class's miners; nothing of size miners x levels.
     """
+    fleet, b = ctx.fleet, ctx.b
     n_kinds, k = fleet.kind_power_w.shape
-    out = np.zeros((n_cls, fleet.neg_slope.size))
+    out = np.zeros(fleet.neg_slope.size)
     if k < 2:
         return out
-    base = cls * (n_kinds * k) + fleet.row
-    size = n_cls * n_kinds * k
-    starts = np.bincount(base + b.start, minlength=size).reshape(n_cls, n_kinds, k)
-    highs = np.bincount(base + b.hi, minlength=size).reshape(n_cls, n_kinds, k)
-    active = np.cumsum(starts, axis=2) - np.cumsum(highs, axis=2)  # start <= l < hi
-    out[:, fleet.curve_pos.ravel()] = (active[:, :, 1 : k - 1] * fleet.step_w).reshape(n_cls, -1)
-    chord_cls = (cls * (n_kinds * (k - 1)) + b.chord_idx)[b.has_chord]
-    chords = np.bincount(chord_cls, minlength=n_cls * n_kinds * (k - 1))
-    out[:, fleet.chord_pos.ravel()] = (
-        chords.reshape(n_cls, n_kinds, k - 1) * fleet.wake_w).reshape(n_cls, -1)
+    mine = ctx.in_class(c)
+    row = fleet.row[mine]
+    size = n_kinds * k
+    starts = np.bincount(row + b.start[mine], minlength=size).reshape(n_kinds, k)
+    highs = np.bincount(row + b.hi[mine], minlength=size).reshape(n_kinds, k)
+    active = np.cumsum(starts, axis=1) - np.cumsum(highs, axis=1)  # start <= l < hi
+    out[fleet.curve_pos.ravel()] = (active[:, 1 : k - 1] * fleet.step_w).ravel()
+    chords = np.bincount(b.chord_idx[mine][b.has_chord[mine]], minlength=n_kinds * (k - 1))
+    out[fleet.chord_pos.ravel()] = chords * fleet.wake_w.ravel()
     return out
 
 
@@ -588,12 +600,12 @@ def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
     entries before the cut position; the classes after it keep their minimum.
     """
     r0 = ctx.eco.r0
-    totals = ctx.weights[:, :r0].sum(axis=1)
+    totals = ctx.class_totals(ctx.econ_w, ctx.fleet.power_at(ctx.b.lo))
     for c, total in enumerate(totals.tolist()):
         if total <= room_w:
             room_w -= total
             continue
-        cum = np.cumsum(ctx.weights[c, :r0])
+        cum = np.cumsum(_entry_weights(ctx, c)[:r0])
         g = int(np.searchsorted(cum, room_w, side="right"))
         room_w -= float(cum[g - 1]) if g else 0.0
         at_g = levels_at(ctx.fleet, ctx.b, g)
@@ -602,26 +614,25 @@ def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
     return _Search(ctx.econ.copy(), room_w), totals.size
 
 
-def _head_counts(ctx: _Context, level: LevelArray) -> npt.NDArray[np.int64]:
-    """(classes, M): miners whose next entry is at each position, by class.
+def _head_counts(ctx: _Context, level: LevelArray, c: int) -> npt.NDArray[np.int64]:
+    """(M,): miners of class c whose next entry is at each position.
 
     A running miner below its maximum waits at its next step; a sleeping one that may
-    wake, at its wake chord. Two histograms over the miners.
+    wake, at its wake chord. Two histograms over the class's miners.
     """
     fleet, b = ctx.fleet, ctx.b
     n_kinds, k = fleet.kind_power_w.shape
-    n_cls = ctx.weights.shape[0]
-    out = np.zeros((n_cls, fleet.neg_slope.size), dtype=np.int64)
+    out = np.zeros(fleet.neg_slope.size, dtype=np.int64)
+    mine = ctx.in_class(c)
+    lv, hi = level[mine], b.hi[mine]
     if k > 2:
-        up = np.flatnonzero((level >= 1) & (level < b.hi))
-        steps = np.bincount(ctx.cls[up] * (n_kinds * k) + fleet.row[up] + level[up],
-                            minlength=n_cls * n_kinds * k).reshape(n_cls, n_kinds, k)
-        out[:, fleet.curve_pos.ravel()] = steps[:, :, 1 : k - 1].reshape(n_cls, -1)
+        up = (lv >= 1) & (lv < hi)
+        steps = np.bincount(fleet.row[mine][up] + lv[up], minlength=n_kinds * k)
+        out[fleet.curve_pos.ravel()] = steps.reshape(n_kinds, k)[:, 1 : k - 1].ravel()
     if k > 1:
-        asleep = np.flatnonzero(b.has_chord & (level == 0))
-        chords = np.bincount(ctx.cls[asleep] * (n_kinds * (k - 1)) + b.chord_idx[asleep],
-                             minlength=n_cls * n_kinds * (k - 1))
-        out[:, fleet.chord_pos.ravel()] = chords.reshape(n_cls, -1)
+        asleep = b.has_chord[mine] & (lv == 0)
+        chords = np.bincount(b.chord_idx[mine][asleep], minlength=n_kinds * (k - 1))
+        out[fleet.chord_pos.ravel()] = chords
     return out
 
 
@@ -650,17 +661,19 @@ def _least_w(ctx: _Context) -> FloatArray:
 
 @dataclass(slots=True)
 class _Fill:
-    """The fill's walk: miners left out of a wake-up, and the heads per group."""
+    """The fill's walk in one class: miners left out of a wake-up, heads per group."""
 
     blocked: BoolArray  # woke below the hull vertex: takes nothing more
-    count: npt.NDArray[np.int64]  # (classes, M) heads per group
+    count: npt.NDArray[np.int64]  # (M,) the class's miners waiting at each position
 
 
 def _members(ctx: _Context, s: _Search, f: _Fill, c: int, g: int) -> IntArray:
     """Miners (in order) of class c whose next entry is the one at position g."""
     fleet, b = ctx.fleet, ctx.b
     lv = int(fleet.entry_level[g])
-    mine = (ctx.cls == c) & (fleet.kind == int(fleet.entry_kind[g])) & ~f.blocked
+    mine = (fleet.kind == int(fleet.entry_kind[g])) & ~f.blocked
+    if ctx.n_cls > 1:
+        mine &= ctx.cls == c
     if lv >= 1:  # a step from level lv
         mine &= (s.level == lv) & (b.hi > lv)
     else:  # the wake chord of sleeping miners whose max level is -lv
@@ -735,35 +748,38 @@ def _fill(ctx: _Context, s: _Search, first_cls: int) -> None:
         return
     r0 = ctx.eco.r0
     least = _least_w(ctx)[:r0]
-    f = _Fill(np.zeros(fleet.n, dtype=bool), _head_counts(ctx, s.level))
-    for c in range(first_cls, f.count.shape[0]):
+    blocked = np.zeros(fleet.n, dtype=bool)
+    for c in range(first_cls, ctx.n_cls):
+        if ctx.units is None and s.room_w < fleet.min_entry_w:
+            return
+        f = _Fill(blocked, _head_counts(ctx, s.level, c))
         g = 0
         while True:
-            ahead = f.count[c, g:r0] > 0
+            ahead = f.count[g:r0] > 0
             ahead &= least[g:] <= s.room_w
             nxt = np.flatnonzero(ahead)
             if not nxt.size:
                 break
             g += int(nxt[0])
             members = _members(ctx, s, f, c, g)
-            f.count[c, g] = 0
+            f.count[g] = 0
             taken = _take_group(ctx, s, members, g)
             if taken.size < members.size and int(fleet.entry_level[g]) < 0:
                 rest = members[taken.size :]
                 _wake_lower(ctx, s, rest)
                 f.blocked[rest[s.level[rest] > 0]] = True
-            _advance(ctx, s, f, c, taken)
+            _advance(ctx, s, f, taken)
             g += 1
 
 
-def _advance(ctx: _Context, s: _Search, f: _Fill, c: int, taken: IntArray) -> None:
+def _advance(ctx: _Context, s: _Search, f: _Fill, taken: IntArray) -> None:
     """Count the miners that took an entry at their next one, if they have one."""
     fleet, b = ctx.fleet, ctx.b
     lv = s.level[taken]
     more = taken[(lv < b.hi[taken]) & (lv >= 1)]
     if more.size and fleet.k > 2:
         idx = fleet.kind[more] * (fleet.k - 2) + s.level[more] - 1
-        np.add.at(f.count[c], fleet.curve_pos.ravel()[idx], 1)
+        np.add.at(f.count, fleet.curve_pos.ravel()[idx], 1)
 
 
 def _group_members(ctx: _Context, in_class: BoolArray, g: int) -> IntArray:
@@ -788,14 +804,15 @@ def _fill_to_floor(ctx: _Context, need_w: float, room_w: float) -> LevelArray:
     fleet, r0 = ctx.fleet, ctx.eco.r0
     m_total = fleet.neg_slope.size
     level = ctx.econ.copy()
-    for c, total in enumerate(ctx.weights[:, r0:].sum(axis=1).tolist()):
+    every = levels_at(fleet, ctx.b, m_total)
+    for c, total in enumerate(ctx.class_totals(fleet.power_at(every), ctx.econ_w).tolist()):
         in_c = ctx.cls == c
         if total < need_w:
-            level = np.where(in_c, levels_at(fleet, ctx.b, m_total), level).astype(LEVEL)
+            level = np.where(in_c, every, level).astype(LEVEL)
             need_w -= total
             room_w -= total
             continue
-        cum = np.cumsum(ctx.weights[c, r0:])
+        cum = np.cumsum(_entry_weights(ctx, c)[r0:])
         g = r0 + int(np.searchsorted(cum, need_w, side="right"))
         before = float(cum[g - r0 - 1]) if g > r0 else 0.0
         level = np.where(in_c, levels_at(fleet, ctx.b, g), level).astype(LEVEL)
@@ -852,7 +869,7 @@ def _search(ctx: _Context, *, budget: float, base_total: float, floor_it: float,
         _fill(ctx, s, first_cls)
         return _plan(ctx.fleet, s.level, ctx.econ, aux1, binding=True, split=s.split,
                      multiplier=_multiplier(ctx.fleet, s.cut_pos, ctx.eco, aux1))
-    econ_total = float(ctx.fleet.power_at(ctx.econ).sum())
+    econ_total = float(ctx.econ_w.sum())
     level = _fill_to_floor(ctx, floor_it - econ_total, budget - econ_total)
     return _plan(ctx.fleet, level, ctx.econ, aux1, binding=False, floor_binding=True)
 
@@ -930,7 +947,8 @@ def solve(
                      aux_in_cost=aux_in_cost)
     budget = cap_w / aux1
     econ = levels_at(fleet, b, eco.r0)
-    econ_total = float(fleet.power_at(econ).sum())
+    econ_w = fleet.power_at(econ)
+    econ_total = float(econ_w.sum())
     floor_it = min(floor_w / aux1, budget)
     if floor_it <= econ_total and econ_total * aux1 <= cap_w:
         return _plan(fleet, econ, econ, aux1, binding=False)
@@ -938,7 +956,7 @@ def solve(
     if base_total * aux1 > cap_w:
         return _plan(fleet, b.lo.copy(), econ, aux1, binding=True, infeasible=True)
     cls, n_cls = _classes(priority, fleet.n)
-    ctx = _Context(fleet, b, eco, econ, cls, _entry_weights(fleet, b, cls, n_cls),
+    ctx = _Context(fleet, b, eco, econ, cls, n_cls, econ_w,
                    None if unit_count is None else np.asarray(unit_count, dtype=np.float64))
     binding = econ_total * aux1 > cap_w
     out = _search_under(ctx, cap_w, base_total=base_total, floor_it=floor_it,
