@@ -66,7 +66,7 @@ def bench(n: int, solves: int, compared: int) -> dict[str, Any]:
     pass_ms = 1e3 * min(timed(lambda: float(fs.points_w.sum() + fs.points_ths.sum()))
                         for _ in range(5))
     return {
-        "n": fs.n, "k": int(fs.points_w.shape[1]), "kinds": fleet.kinds,
+        "n": fs.n, "k": int(fs.points_w.shape[1]), "kinds": getattr(fleet, "kinds", "-"),
         "prepare_ms": prepare_ms, "free": percentiles(free_ms or [np.nan]),
         "cap": percentiles(cap_ms or [np.nan]), "greedy": percentiles(greedy_ms),
         "pass_ms": pass_ms, "same": same, "compared": compared,

@@ -533,3 +533,19 @@ def test_identical_miners_split_at_the_cut_and_name_the_row() -> None:
     plan = opt.solve(row, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=cap,
                      unit_count=np.array([4]))
     assert plan.level.tolist() == [0] and plan.split == (0, 2)
+
+
+def test_kinds_group_equal_points_only() -> None:
+    """Miners share a kind exactly when all their points are equal, bit for bit."""
+    p, h = catalogue_fleet(50, seed=4)
+    h = h.copy()
+    h[7, 3] = np.nextafter(h[7, 3], np.inf)  # one miner one bit away from its model
+    fleet = opt.prepare(p, h)
+    same = [[bool(np.array_equal(p[i], p[j]) and np.array_equal(h[i], h[j])) for j in range(50)]
+            for i in range(50)]
+    assert (fleet.kind[:, None] == fleet.kind[None, :]).tolist() == same
+    first = [int(np.flatnonzero(fleet.kind == k)[0]) for k in range(fleet.kinds)]
+    assert first == sorted(first)  # numbered by their first miner
+    back_p, back_h = fleet.points()
+    np.testing.assert_array_equal(back_p, p)
+    np.testing.assert_array_equal(back_h, h)

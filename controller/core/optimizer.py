@@ -230,17 +230,19 @@ def _checked_points(power_w: FloatArray, hashrate_ths: FloatArray) -> tuple[Floa
 def _kinds(p: FloatArray, h: FloatArray) -> tuple[IntArray, IntArray]:
     """Kind of every row (equal points, equal kind), numbered by first row; first rows.
 
-    Rows are hashed exactly (their bits, mixed as integers), grouped by hash, then
-    compared with their group's first row; a collision falls back to sorting rows.
+    Rows are hashed exactly (their bits, mixed as integers, a column at a time), grouped
+    by hash, then compared with their group's first row; a collision falls back to
+    sorting whole rows.
     """
-    bits = np.hstack([p, h]).view(np.uint64)
     key = np.zeros(p.shape[0], dtype=np.uint64)
-    for col in bits.T:  # a few dozen columns, vectorised over rows
-        key = (key ^ col) * _MIX
+    for col in (*p.T, *h.T):  # a few dozen columns, vectorised over rows
+        key = (key ^ col.view(np.uint64)) * _MIX
         key ^= key >> np.uint64(29)
     _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    if not np.array_equal(bits, bits[first[inv]]):
-        _, first, inv = np.unique(bits, axis=0, return_index=True, return_inverse=True)
+    rep = first[inv.ravel()]
+    if not all(np.array_equal(col, col[rep]) for col in (*p.T, *h.T)):
+        rows = np.hstack([p, h])
+        _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     order = np.argsort(first)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
