@@ -129,7 +129,7 @@ class PreparedFleet:
         """Number of entries whose slope is above a threshold (TH/s per W)."""
         return int(np.searchsorted(self.neg_slope, -threshold_ths_per_w, side="left"))
 
-    def spread(self, per_kind: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    def per_miner(self, per_kind: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """A (K,) per-kind array as (n,) per miner: one copy per run of equal kinds."""
         if self.runs_len.size * 8 <= self.n:
             return np.repeat(per_kind[self.runs_kind], self.runs_len)
@@ -491,7 +491,7 @@ def _levels(level: npt.NDArray[np.integer]) -> LevelArray:
 def levels_at(fleet: PreparedFleet, b: Bounds, r: int) -> LevelArray:
     """Level of every miner when exactly the entries before position r are taken."""
     taken = np.count_nonzero(fleet.curve_pos < r, axis=1).astype(LEVEL)
-    run = np.minimum(np.maximum(fleet.spread(taken) + LEVEL(1), b.start), b.hi)
+    run = np.minimum(np.maximum(fleet.per_miner(taken) + LEVEL(1), b.start), b.hi)
     awake = ~b.has_chord | (b.chord_pos < r)
     out: LevelArray = b.lo + (run - b.lo) * awake
     return out

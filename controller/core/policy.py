@@ -261,10 +261,13 @@ class _Holds:
 
 def dwell(state: PolicyState, hard: _Hard, running: BoolArray, knobs: PolicyKnobs,
           now_s: float) -> tuple[BoolArray, BoolArray]:
-    """Rule 4: (kept on, kept asleep) by the minimum run and sleep times."""
+    """Rule 4: (kept on, kept asleep) by the minimum run and sleep times.
+
+    A hold lasts while its end (:func:`hold_ends_s`, the same sums) is after now.
+    """
     with np.errstate(invalid="ignore"):
-        on = hard.movable & running & (state.switched_at > now_s - knobs.min_run_s)
-        off = hard.movable & ~running & (state.switched_at > now_s - knobs.min_sleep_s)
+        on = hard.movable & running & (state.switched_at + knobs.min_run_s > now_s)
+        off = hard.movable & ~running & (state.switched_at + knobs.min_sleep_s > now_s)
     return on & (hard.hi >= 1), off
 
 
@@ -278,7 +281,7 @@ def wake_latency(state: PolicyState, worth: BoolArray, miners: MinerInputs, knob
     cheap_since[~worth] = np.nan
     latency = _latency_s(knobs, miners.wake_s)
     with np.errstate(invalid="ignore"):
-        waited = cheap_since + latency <= now_s
+        waited = cheap_since + latency <= now_s  # the same sum as hold_ends_s
     if expected_dip_s is not None:
         waited |= expected_dip_s >= latency
     return worth & ~waited, cheap_since
