@@ -549,3 +549,29 @@ def test_kinds_group_equal_points_only() -> None:
     back_p, back_h = fleet.points()
     np.testing.assert_array_equal(back_p, p)
     np.testing.assert_array_equal(back_h, h)
+
+
+def test_long_orders_are_searched_by_blocks_with_the_same_answer() -> None:
+    """All-different curves (3,000 kinds, ~200k entries): block sums, same cut as a scan."""
+    p, h = catalogue_fleet(3000, seed=12)
+    h = h * np.random.default_rng(12).normal(1, 0.03, size=(3000, 1))
+    fleet = opt.prepare(p, h)
+    m_total = fleet.neg_slope.size
+    assert m_total > 16 * opt._BLOCK
+    cls = np.zeros(fleet.n, dtype=np.intp)
+    b = opt.make_bounds(fleet, None, None)
+    eco = opt._economics(fleet, 30.0, 45.0, aux_fraction=0.0, adder_usd_per_mwh=0.0,
+                         aux_in_cost=True)
+    econ = opt.levels_at(fleet, b, eco.r0)
+    ctx = opt._Context(fleet, b, eco, econ, cls, 1, fleet.power_at(econ), None)
+    w = opt._entry_weights(ctx, 0)
+    dense = w.between(0, m_total)
+    cum = np.cumsum(dense)
+    rng = np.random.default_rng(1)
+    for start, stop in [(0, m_total), (0, eco.r0), (eco.r0, m_total), (5000, 5001), (7, 70_001)]:
+        part = np.cumsum(dense[start:stop])
+        for amount in (-1.0, *rng.uniform(0, float(part[-1]), 30).tolist(), float(cum[-1]) + 1):
+            g, before = opt._first_passing(w, start, stop, amount)
+            assert g == start + int(np.searchsorted(part, amount, side="right"))
+            assert before == pytest.approx(float(part[g - start - 1]) if g > start else 0.0,
+                                           rel=1e-9, abs=1e-6)

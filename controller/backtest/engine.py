@@ -256,9 +256,6 @@ class _Engine:
         self._rows_cache[key] = rows
         return rows
 
-    def it_w(self, rows: _Rows, level: IntArray) -> float:
-        return float((self.t.points_w[rows.cls, level] * rows.weight).sum())
-
     def split(self, coh: _Cohorts, rows: _Rows, split: tuple[int, int] | None) -> _Cohorts | None:
         """The cohort the cap cut through, in two, where the per-miner greedy would cut it.
 

@@ -67,6 +67,7 @@ LEVEL = np.int16  # levels are column indices: a few dozen, one small integer pe
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the exact row hash
 _SHAVES = 8  # searches before a plan that rounding keeps over the cap falls back to minima
+_BLOCK = 4096  # entries summed at once when a class's order is long
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,28 +562,61 @@ class _Context:
         return out.astype(np.float64, copy=False)
 
 
-def _entry_weights(ctx: _Context, c: int) -> FloatArray:
-    """(M,): W the miners of class c take at each position of the order.
+@dataclass(frozen=True, slots=True)
+class _ClassWeights:
+    """W one class's miners take at each entry of each kind; positions looked up as needed."""
+
+    fleet: PreparedFleet
+    steps: FloatArray  # (K, k - 2)
+    chords: FloatArray  # (K, k - 1)
+
+    def between(self, start: int, stop: int) -> FloatArray:
+        """W at positions start..stop-1 of the order, in order."""
+        fleet = self.fleet
+        kind, lv = fleet.entry_kind[start:stop], fleet.entry_level[start:stop]
+        step = lv >= 1
+        out = np.zeros(lv.size)
+        if self.steps.size:
+            idx = np.where(step, kind * (fleet.k - 2) + lv - 1, 0)
+            out += step * self.steps.ravel().take(idx)
+        if self.chords.size:
+            idx = np.where(step, 0, kind * (fleet.k - 1) - lv - 1)
+            out += ~step * self.chords.ravel().take(idx)
+        return out
+
+    def block_sums(self) -> FloatArray:
+        """W per block of _BLOCK positions (the last block partly past the order's end)."""
+        fleet = self.fleet
+        blocks = fleet.neg_slope.size // _BLOCK + 1
+        out = np.bincount(fleet.curve_pos.ravel() // _BLOCK, weights=self.steps.ravel(),
+                          minlength=blocks)
+        out += np.bincount(fleet.chord_pos.ravel() // _BLOCK, weights=self.chords.ravel(),
+                           minlength=blocks)
+        return out.astype(np.float64, copy=False)
+
+
+def _entry_weights(ctx: _Context, c: int) -> _ClassWeights:
+    """W the miners of class c take at each entry of each kind.
 
     A step (kind, e) is active for the miners of that kind with start <= e+1 < hi; a
-    chord (kind, f) for those that may sleep and run with hi = f+1. Three histograms
+    chord (kind, f) for those that may sleep and run with hi = f+1. Two histograms
     over the class's miners; nothing of size miners x levels.
     """
     fleet, b = ctx.fleet, ctx.b
     n_kinds, k = fleet.kind_power_w.shape
-    out = np.zeros(fleet.neg_slope.size)
     if k < 2:
-        return out
+        return _ClassWeights(fleet, np.zeros((n_kinds, 0)), np.zeros((n_kinds, 0)))
     mine = ctx.in_class(c)
     row = fleet.row[mine]
-    size = n_kinds * k
-    starts = np.bincount(row + b.start[mine], minlength=size).reshape(n_kinds, k)
-    highs = np.bincount(row + b.hi[mine], minlength=size).reshape(n_kinds, k)
-    active = np.cumsum(starts, axis=1) - np.cumsum(highs, axis=1)  # start <= l < hi
-    out[fleet.curve_pos.ravel()] = (active[:, 1 : k - 1] * fleet.step_w).ravel()
+    # +1 at each miner's start level, -1 at its max: the running sum over levels counts
+    # the miners with start <= level < hi, each kind's row at once.
+    edges = np.concatenate([row + b.start[mine], row + b.hi[mine]])
+    signs = np.repeat(np.array([1.0, -1.0]), row.size)
+    active = np.bincount(edges, weights=signs, minlength=n_kinds * k).reshape(n_kinds, k)
+    np.cumsum(active, axis=1, out=active)
+    steps = active[:, 1 : k - 1] * fleet.step_w
     chords = np.bincount(b.chord_idx[mine][b.has_chord[mine]], minlength=n_kinds * (k - 1))
-    out[fleet.chord_pos.ravel()] = chords * fleet.wake_w.ravel()
-    return out
+    return _ClassWeights(fleet, steps, chords.reshape(n_kinds, k - 1) * fleet.wake_w)
 
 
 @dataclass(slots=True)
@@ -593,6 +627,29 @@ class _Search:
     room_w: float  # IT W still free under the cap
     cut_pos: int = -1  # first position whose entry did not fit whole (-1: none yet)
     split: tuple[int, int] | None = None
+
+
+def _first_passing(w: _ClassWeights, start: int, stop: int, amount: float) -> tuple[int, float]:
+    """First position in [start, stop) where the running sum of W from start passes amount.
+
+    Returns it and the sum before it; (stop, the sum) when it never does. A long stretch
+    (a fleet of all-different curves) is summed by blocks, and only the block that passes
+    entry by entry: nothing the size of the order is built.
+    """
+    if stop - start <= 4 * _BLOCK:
+        cum = np.cumsum(w.between(start, stop))
+        g = int(np.searchsorted(cum, amount, side="right"))
+        return start + g, float(cum[g - 1]) if g else 0.0
+    first, last = -(-start // _BLOCK), stop // _BLOCK  # whole blocks first..last-1
+    g, acc = _first_passing(w, start, first * _BLOCK, amount)
+    if g < first * _BLOCK:
+        return g, acc
+    cum_blocks = acc + np.cumsum(w.block_sums()[first:last])
+    j = int(np.searchsorted(cum_blocks, amount, side="right"))
+    before = float(cum_blocks[j - 1]) if j else acc
+    block_end = (first + j + 1) * _BLOCK if j < last - first else stop
+    g, acc = _first_passing(w, (first + j) * _BLOCK, block_end, amount - before)
+    return g, before + acc
 
 
 def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
@@ -607,9 +664,8 @@ def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
         if total <= room_w:
             room_w -= total
             continue
-        cum = np.cumsum(_entry_weights(ctx, c)[:r0])
-        g = int(np.searchsorted(cum, room_w, side="right"))
-        room_w -= float(cum[g - 1]) if g else 0.0
+        g, before = _first_passing(_entry_weights(ctx, c), 0, r0, room_w)
+        room_w -= before
         at_g = levels_at(ctx.fleet, ctx.b, g)
         level = np.where(ctx.cls < c, ctx.econ, np.where(ctx.cls == c, at_g, ctx.b.lo))
         return _Search(level.astype(LEVEL), room_w, cut_pos=g if g < r0 else -1), c
@@ -814,9 +870,7 @@ def _fill_to_floor(ctx: _Context, need_w: float, room_w: float) -> LevelArray:
             need_w -= total
             room_w -= total
             continue
-        cum = np.cumsum(_entry_weights(ctx, c)[r0:])
-        g = r0 + int(np.searchsorted(cum, need_w, side="right"))
-        before = float(cum[g - r0 - 1]) if g > r0 else 0.0
+        g, before = _first_passing(_entry_weights(ctx, c), r0, m_total, need_w)
         level = np.where(in_c, levels_at(fleet, ctx.b, g), level).astype(LEVEL)
         if g < m_total:
             w = float(fleet.entry_w[g])
