@@ -48,6 +48,7 @@ first miner comes first, then the lower miner index, so plans are deterministic.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,7 @@ class PreparedFleet:
     entry_level: IntArray  # (M,) a step's lower level e + 1; a chord's -(f + 1)
     entry_w: FloatArray  # (M,) W of the entry for one miner
     min_entry_w: float  # the smallest W any entry or wake-up takes: less is left over
+    wakes_below_vertex: bool  # some kind's best wake-up is above its first level
 
     @property
     def n(self) -> int:
@@ -372,6 +374,7 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
         entry_level=entry_level.astype(np.intp),
         entry_w=entry_w.astype(np.float64),
         min_entry_w=float(usable.min(initial=math.inf)),
+        wakes_below_vertex=bool(kf and np.any((wake >= 2) & (np.arange(kf) < top[:, None]))),
     )
 
 
@@ -608,12 +611,11 @@ def _entry_weights(ctx: _Context, c: int) -> _ClassWeights:
         return _ClassWeights(fleet, np.zeros((n_kinds, 0)), np.zeros((n_kinds, 0)))
     mine = ctx.in_class(c)
     row = fleet.row[mine]
-    # +1 at each miner's start level, -1 at its max: the running sum over levels counts
-    # the miners with start <= level < hi, each kind's row at once.
-    edges = np.concatenate([row + b.start[mine], row + b.hi[mine]])
-    signs = np.repeat(np.array([1.0, -1.0]), row.size)
-    active = np.bincount(edges, weights=signs, minlength=n_kinds * k).reshape(n_kinds, k)
-    np.cumsum(active, axis=1, out=active)
+    size = n_kinds * k
+    # Miners with start <= level < hi: those starting at or below it, less those whose
+    # maximum is at or below it (running sums over each kind's levels).
+    active = np.bincount(row + b.start[mine], minlength=size).reshape(n_kinds, k).cumsum(1)
+    active -= np.bincount(row + b.hi[mine], minlength=size).reshape(n_kinds, k).cumsum(1)
     steps = active[:, 1 : k - 1] * fleet.step_w
     chords = np.bincount(b.chord_idx[mine][b.has_chord[mine]], minlength=n_kinds * (k - 1))
     return _ClassWeights(fleet, steps, chords.reshape(n_kinds, k - 1) * fleet.wake_w)
@@ -672,57 +674,88 @@ def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
     return _Search(ctx.econ.copy(), room_w), totals.size
 
 
-def _head_counts(ctx: _Context, level: LevelArray, c: int) -> npt.NDArray[np.int64]:
-    """(M,): miners of class c whose next entry is at each position.
+@dataclass(slots=True)
+class _Waiting:
+    """Miners of one class waiting at each entry, per kind: at a step or at a wake chord."""
 
-    A running miner below its maximum waits at its next step; a sleeping one that may
-    wake, at its wake chord. Two histograms over the class's miners.
-    """
+    fleet: PreparedFleet
+    steps: npt.NDArray[np.int64]  # (K * k,): at the step from level l of kind (kind * k + l)
+    chords: npt.NDArray[np.int64]  # (K * (k - 1),): at the wake chord (kind, f)
+
+    def _index(self, pos: IntArray) -> tuple[IntArray, BoolArray]:
+        fleet = self.fleet
+        kind, lv = fleet.entry_kind[pos], fleet.entry_level[pos]
+        step = lv >= 1
+        idx = np.where(step, kind * fleet.k + lv, kind * (fleet.k - 1) - lv - 1)
+        return idx, step
+
+    def at(self, pos: IntArray) -> npt.NDArray[np.int64]:
+        """Miners waiting at these positions."""
+        idx, step = self._index(pos)
+        out: npt.NDArray[np.int64] = np.where(
+            step, self.steps.take(np.where(step, idx, 0)),
+            self.chords.take(np.where(step, 0, idx)) if self.chords.size else 0)
+        return out
+
+    def clear(self, g: int) -> None:
+        idx, step = self._index(np.array([g]))
+        (self.steps if step[0] else self.chords)[idx[0]] = 0
+
+    def positions(self) -> IntArray:
+        """Positions where some miner waits, in order."""
+        fleet = self.fleet
+        k = fleet.k
+        steps = self.steps.reshape(-1, k)[:, 1 : k - 1] if k > 2 else np.zeros((0, 0))
+        out = np.concatenate([fleet.curve_pos.ravel()[np.flatnonzero(steps.ravel())],
+                              fleet.chord_pos.ravel()[np.flatnonzero(self.chords)]])
+        return np.sort(out).astype(np.intp)
+
+
+def _waiting(ctx: _Context, level: LevelArray, c: int) -> _Waiting:
+    """Class c's miners at their next entry: a running miner below its maximum at its
+    next step, a sleeping one that may wake at its wake chord. Two histograms."""
     fleet, b = ctx.fleet, ctx.b
     n_kinds, k = fleet.kind_power_w.shape
-    out = np.zeros(fleet.neg_slope.size, dtype=np.int64)
     mine = ctx.in_class(c)
     lv, hi = level[mine], b.hi[mine]
-    if k > 2:
-        up = (lv >= 1) & (lv < hi)
-        steps = np.bincount(fleet.row[mine][up] + lv[up], minlength=n_kinds * k)
-        out[fleet.curve_pos.ravel()] = steps.reshape(n_kinds, k)[:, 1 : k - 1].ravel()
-    if k > 1:
-        asleep = b.has_chord[mine] & (lv == 0)
-        chords = np.bincount(b.chord_idx[mine][asleep], minlength=n_kinds * (k - 1))
-        out[fleet.chord_pos.ravel()] = chords
-    return out
+    up = (lv >= 1) & (lv < hi)
+    steps = np.bincount(fleet.row[mine][up] + lv[up], minlength=n_kinds * k)
+    asleep = b.has_chord[mine] & (lv == 0)
+    chords = np.bincount(b.chord_idx[mine][asleep], minlength=n_kinds * max(k - 1, 0))
+    return _Waiting(fleet, steps.astype(np.int64), chords.astype(np.int64))
 
 
-def _least_w(ctx: _Context) -> FloatArray:
-    """(M,) the least W an entry's group can still use: one miner of a row, a lower wake."""
+def _least_w(ctx: _Context, stop: int) -> FloatArray:
+    """(stop,) the least W each entry's group can still use: one miner of a row, a lower wake."""
     fleet = ctx.fleet
-    least = fleet.entry_w.copy()
+    least = fleet.entry_w[:stop]
     if ctx.units is not None:  # rows of one kind stand for equally many miners
         per_kind = np.zeros(fleet.kinds)
         np.maximum.at(per_kind, fleet.kind, ctx.units)
-        least /= per_kind[fleet.entry_kind]
-    chord = fleet.entry_level < 0
-    if chord.any():
-        p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
-        dp, dh = p[:, 1:] - p[:, :1], h[:, 1:] - h[:, :1]
-        with np.errstate(invalid="ignore"):
-            pays = dh > ctx.eco.threshold * dp
-        low = np.minimum.accumulate(np.where(pays, dp, np.inf), axis=1)  # levels 1..j+1
-        vertex = fleet.wake_level.astype(np.intp)
-        below = np.where(vertex >= 2, np.take_along_axis(low, np.maximum(vertex - 2, 0), 1),
-                         np.inf)  # (K, k - 1): paying levels under the hull vertex
-        idx = fleet.entry_kind[chord] * (fleet.k - 1) - fleet.entry_level[chord] - 1
-        least[chord] = np.minimum(least[chord], below.ravel()[idx])
+        least = least / per_kind[fleet.entry_kind[:stop]]
+    if not fleet.wakes_below_vertex:
+        return least
+    p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
+    dp, dh = p[:, 1:] - p[:, :1], h[:, 1:] - h[:, :1]
+    with np.errstate(invalid="ignore"):
+        pays = dh > ctx.eco.threshold * dp
+    low = np.minimum.accumulate(np.where(pays, dp, np.inf), axis=1)  # levels 1..j+1
+    vertex = fleet.wake_level.astype(np.intp)
+    below = np.where(vertex >= 2, np.take_along_axis(low, np.maximum(vertex - 2, 0), 1),
+                     np.inf)  # (K, k - 1): paying levels under the hull vertex
+    chord = np.flatnonzero(fleet.entry_level[:stop] < 0)
+    idx = fleet.entry_kind[chord] * (fleet.k - 1) - fleet.entry_level[chord] - 1
+    least = least.copy()
+    least[chord] = np.minimum(least[chord], below.ravel()[idx])
     return least
 
 
 @dataclass(slots=True)
 class _Fill:
-    """The fill's walk in one class: miners left out of a wake-up, heads per group."""
+    """The fill's walk in one class: miners left out of a wake-up, miners waiting."""
 
     blocked: BoolArray  # woke below the hull vertex: takes nothing more
-    count: npt.NDArray[np.int64]  # (M,) the class's miners waiting at each position
+    waiting: _Waiting
 
 
 def _members(ctx: _Context, s: _Search, f: _Fill, c: int, g: int) -> IntArray:
@@ -796,48 +829,79 @@ def _fill(ctx: _Context, s: _Search, first_cls: int) -> None:
     """Give what is left of the budget to the later entries that still fit, in order.
 
     Walks the groups (a class's miners waiting at one entry) in the greedy's order,
-    skipping those that are empty or too big for what is left; in each one visited,
-    its first miners take the entry while they fit; a miner left out takes nothing
-    more, except that a sleeping one may wake below its hull vertex (:func:`_wake_lower`).
-    Only the groups the leftover can still pay for are visited.
+    class by class from the one the cap cut; in each one visited, its first miners take
+    the entry while they fit; a miner left out takes nothing more, except that a
+    sleeping one may wake below its hull vertex (:func:`_wake_lower`).
     """
     fleet = ctx.fleet
     if ctx.units is None and s.room_w < fleet.min_entry_w:
         return
-    r0 = ctx.eco.r0
-    least = _least_w(ctx)[:r0]
+    least = _least_w(ctx, ctx.eco.r0)
     blocked = np.zeros(fleet.n, dtype=bool)
     for c in range(first_cls, ctx.n_cls):
         if ctx.units is None and s.room_w < fleet.min_entry_w:
             return
-        f = _Fill(blocked, _head_counts(ctx, s.level, c))
-        g = 0
-        while True:
-            ahead = f.count[g:r0] > 0
-            ahead &= least[g:] <= s.room_w
-            nxt = np.flatnonzero(ahead)
-            if not nxt.size:
-                break
-            g += int(nxt[0])
-            members = _members(ctx, s, f, c, g)
-            f.count[g] = 0
-            taken = _take_group(ctx, s, members, g)
-            if taken.size < members.size and int(fleet.entry_level[g]) < 0:
-                rest = members[taken.size :]
-                _wake_lower(ctx, s, rest)
-                f.blocked[rest[s.level[rest] > 0]] = True
-            _advance(ctx, s, f, taken)
-            g += 1
+        _walk(ctx, s, _Fill(blocked, _waiting(ctx, s.level, c)), c, least)
 
 
-def _advance(ctx: _Context, s: _Search, f: _Fill, taken: IntArray) -> None:
-    """Count the miners that took an entry at their next one, if they have one."""
+def _walk(ctx: _Context, s: _Search, f: _Fill, c: int, least: FloatArray) -> None:
+    """Visit class c's groups in order, only those that are not empty and could still fit.
+
+    The candidates are listed once; what the budget no longer pays for is skipped a
+    chunk at a time, and groups that miners step up into are queued as they appear.
+    """
+    r0 = least.size
+    cand = f.waiting.positions()
+    cand = cand[cand < r0]
+    cand = cand[least[cand] <= s.room_w]
+    queued: list[int] = []  # positions that got waiting miners during the walk
+    i = 0
+    while True:
+        i = _next_alive(cand, i, f.waiting, least, s.room_w)
+        while queued and (least[queued[0]] > s.room_w
+                          or not f.waiting.at(np.array(queued[:1]))[0]):
+            heapq.heappop(queued)
+        if i >= cand.size and not queued:
+            return
+        if queued and (i >= cand.size or queued[0] < cand[i]):
+            g = heapq.heappop(queued)
+        else:
+            g, i = int(cand[i]), i + 1
+        members = _members(ctx, s, f, c, g)
+        f.waiting.clear(g)
+        taken = _take_group(ctx, s, members, g)
+        if taken.size < members.size and int(ctx.fleet.entry_level[g]) < 0:
+            rest = members[taken.size :]
+            _wake_lower(ctx, s, rest)
+            f.blocked[rest[s.level[rest] > 0]] = True
+        for p in _advance(ctx, s, f, taken).tolist():
+            if p < r0 and least[p] <= s.room_w:
+                heapq.heappush(queued, p)
+
+
+def _next_alive(cand: IntArray, i: int, waiting: _Waiting, least: FloatArray,
+                room_w: float) -> int:
+    """Index of the first candidate from i on with waiting miners and affordable (or end)."""
+    while i < cand.size:
+        chunk = cand[i : i + 256]
+        ok = (least[chunk] <= room_w) & (waiting.at(chunk) > 0)
+        if ok.any():
+            return i + int(np.argmax(ok))
+        i += chunk.size
+    return i
+
+
+def _advance(ctx: _Context, s: _Search, f: _Fill, taken: IntArray) -> IntArray:
+    """Count the miners that took an entry at their next one; returns those positions."""
     fleet, b = ctx.fleet, ctx.b
     lv = s.level[taken]
     more = taken[(lv < b.hi[taken]) & (lv >= 1)]
-    if more.size and fleet.k > 2:
-        idx = fleet.kind[more] * (fleet.k - 2) + s.level[more] - 1
-        np.add.at(f.count, fleet.curve_pos.ravel()[idx], 1)
+    if not more.size or fleet.k <= 2:
+        return np.zeros(0, dtype=np.intp)
+    np.add.at(f.waiting.steps, fleet.row[more] + s.level[more], 1)
+    pos = fleet.curve_pos.ravel()[fleet.kind[more] * (fleet.k - 2) + s.level[more] - 1]
+    out: IntArray = np.unique(pos).astype(np.intp)
+    return out
 
 
 def _group_members(ctx: _Context, in_class: BoolArray, g: int) -> IntArray:
