@@ -10,27 +10,32 @@ How it works (and why it is exact and fast):
   that depends on the points is prepared once per kind by :func:`prepare`; a decision
   is a few passes over per-miner vectors (bounds, levels: one small integer each)
   plus searches in the small per-kind arrays, and allocates nothing of size miners x
-  levels.
+  levels. (A fleet whose every miner has its own curve has as many kinds as miners:
+  then the per-kind arrays are that size, and a decision costs what the per-miner
+  design did.)
 * Each miner's choice is a chain of *entries*: one "wake" chord from sleep to the
   hull vertex the sleep point sees best (``wake_level``), then one entry per
   firmware step along its concave curve. The slope of an entry (extra TH/s per
   extra W) does not depend on the price, so :func:`prepare` sorts the entries of
   every kind once, by descending slope. Points below the upper concave hull of a
   miner's points (sleep included) are never optimal for a price on power, which
-  is why the sleep->min_w jump is a single chord and not a step.
+  is why the sleep->min_w jump is a single chord and not a step. A step's slope is
+  taken no higher than the step before it nor than the wake chord it follows (true
+  of exact concave points; it absorbs rounding), so a miner's entries keep their
+  chain order.
 * A price threshold ``t = c / v`` becomes a *position* ``r`` in that order
   (``np.searchsorted``): every entry before ``r`` is worth taking. A kind's level at
   ``r`` is a count of its steps before ``r``, and a miner's is that count clipped to
   its bounds, so the unconstrained optimum needs no sort and no iteration.
 * When the cap binds, entries are taken by priority class (higher first), then
   descending slope, then miner index, while they fit. Per-class totals and one
-  cumulative sum over the kinds' entries find the entry where the cap cuts; the first
-  miners of that entry that fit take it. What is left of the budget then goes, in the
-  same order, to every later entry that still fits (another kind's wake-up, a step of
-  a smaller model, a lower priority); a miner whose entry does not fit takes nothing
-  more, except that one whose wake chord does not fit wakes at the most profitable
-  level below its hull vertex that fits. Only the few entries the leftover can still
-  pay for are visited.
+  cumulative sum over the kinds' entries (by blocks when the order is long) find the
+  entry where the cap cuts; the first miners of that entry that fit take it. What is
+  left of the budget then goes, in the same order, to every later entry that still
+  fits (another kind's wake-up, a step of a smaller model, a lower priority); a miner
+  whose entry does not fit takes nothing more, except that one whose wake chord does
+  not fit wakes at the most profitable level below its hull vertex that fits. Only the
+  entries the leftover can still pay for are visited.
 
 Exactness: everything before the cut is the LP optimum rounded down at one entry and
 the fill only adds to it, so the plan is within one entry's objective value of the
