@@ -1,178 +1,110 @@
-"""Benchmark the curtailment optimizer against a naive bisection and a one-pass floor.
+"""Benchmark the optimizer alone on the daemon's operating points, against a sorted greedy.
 
-Run: ``python benchmarks/bench_optimizer.py``. Prints a table and, as its last line,
-one JSON object (medians in ms). Not a test: it only measures.
+Run: ``python benchmarks/bench_optimizer.py [--sizes 10000,100000,300000,1000000]``.
+Prints a table and, as its last line, one JSON object. Not a test: it only measures
+(and checks that both methods give the same plan).
 
-Fleet: the catalogue's models, each with 8 operating points (sleep plus 7 power
-targets spread over its firmware range, like a preset firmware), with +-4 %
-unit-to-unit hashrate spread, so no two miners share a curve.
+Fleet: the example site's racks scaled to n (benchmarks/bench_decision.py), points
+from ``FleetState(cfg.inventory)``: the catalogue's firmware ranges in 100 W steps,
+19 to 35 levels a miner, priorities as configured. ``solve`` is called as the policy
+calls it, with priorities, every time at a new price (a random walk with jumps) and a
+cap that is free, binding a little, binding hard, or a grid window; ``free`` and
+``cap`` split the percentiles by whether the cap bound. The baseline builds every
+entry of every miner and sorts them at each call (``sorted_greedy``), on the same
+inputs, and must give the same plan. ``pass`` is one read of the (n, levels) points:
+what any method that looks at every point of every miner pays at least.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
+from bench_decision import kinds, percentiles, site, sorted_greedy, timed
 
-from controller.catalogue import load_catalogue
 from controller.core import optimizer as opt
-from controller.core.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
+from controller.core.fleet_state import FleetState
+from controller.units import usd_per_ths_hour
 
-FloatArray = npt.NDArray[np.float64]
-PRICE, HASHPRICE, AUX = 35.0, 42.0, 0.05
-
-
-def make_fleet(n: int, points: int = 8, seed: int = 0) -> tuple[FloatArray, FloatArray]:
-    """(n, points) power and hashrate arrays from the catalogue's models."""
-    models = list(load_catalogue().models.values())
-    p_rows, h_rows = [], []
-    for m in models:
-        targets = np.linspace(m.min_w, m.max_w, points - 1)
-        p_rows.append(np.concatenate([[m.sleep_w], targets]))
-        h_rows.append(np.concatenate([[0.0], m.hashrate_ths(targets)]))
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(models), n)
-    spread = rng.normal(1.0, 0.04, n)[:, None]
-    return np.array(p_rows)[pick], np.array(h_rows)[pick] * spread
+HASHPRICE, AUX = 42.0, 0.05
+CAP_FRACTIONS = (2.0, 0.85, 0.6, 0.35)
 
 
-def naive_solve(p: FloatArray, h: FloatArray, cap_w: float) -> npt.NDArray[np.intp]:
-    """Baseline: 40-step bisection on the multiplier, every miner re-evaluated each step."""
-    value = opt.usd_per_ths_hour(HASHPRICE)
-    rows = np.arange(p.shape[0])
-
-    def pick(multiplier: float) -> npt.NDArray[np.intp]:
-        cost = (PRICE + multiplier) * (1 + AUX) / 1e6
-        return np.argmax(value * h - cost * p, axis=1)
-
-    def site_w(level: npt.NDArray[np.intp]) -> float:
-        return float(p[rows, level].sum() * (1 + AUX))
-
-    level = pick(0.0)
-    if site_w(level) <= cap_w:
-        return level
-    lo, hi = 0.0, 1e5
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        if site_w(pick(mid)) > cap_w:
-            lo = mid
-        else:
-            hi = mid
-    return pick(hi)
-
-
-def floor_pass(p: FloatArray, h: FloatArray) -> float:
-    """Lower bound for any decision: read both arrays once."""
-    return float(p.sum() + h.sum())
-
-
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm up (page faults, caches)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
-def bench(n: int, reps: int, naive_reps: int) -> dict[str, float]:
-    p, h = make_fleet(n)
-    t = time.perf_counter()
-    fleet = opt.prepare(p, h)
-    prepare_ms = 1e3 * (time.perf_counter() - t)
-
-    def solve(cap_w: float) -> opt.Plan:
-        return opt.solve(
-            fleet,
-            price_usd_per_mwh=PRICE,
-            hashprice_usd_per_ph_day=HASHPRICE,
-            cap_w=cap_w,
-            aux_fraction=AUX,
-        )
-
-    free = solve(1e15)
-    cap = 0.6 * free.site_power_w  # binding: sheds 40 % of the economic load
-    binding = solve(cap)
-    assert binding.cap_binding and binding.site_power_w <= cap
-    naive_level = naive_solve(p, h, cap)
-    naive_w = float(p[np.arange(n), naive_level].sum() * (1 + AUX))
-    assert naive_w <= cap
-
-    state = PolicyState.initial(n, fleet.max_level)
-    miners = MinerInputs(
-        stale=np.zeros(n, dtype=bool),
-        never_curtail=np.zeros(n, dtype=bool),
-        temp_c=np.random.default_rng(1).normal(72.0, 6.0, n),
-    )
-    knobs = PolicyKnobs(min_run_s=0.0, min_sleep_s=0.0)
-    market = MarketInputs(
-        price_usd_per_mwh=PRICE, hashprice_usd_per_ph_day=HASHPRICE, cap_w=cap, aux_fraction=AUX
-    )
-    clock = iter(range(10**9))
-
-    def run_decide() -> object:
-        return decide(fleet, market, miners, state, knobs, now_s=float(next(clock)))
-
-    state_bytes = state.level.nbytes + state.switched_at.nbytes + state.cheap_since_s.nbytes
+def bench(n: int, solves: int, compared: int) -> dict[str, Any]:
+    fs = FleetState(site(n).inventory)
+    t0 = time.perf_counter()
+    fleet = opt.prepare(fs.points_w, fs.points_ths)
+    prepare_ms = 1e3 * (time.perf_counter() - t0)
+    full_w = float(fs.max_w.sum()) * (1.0 + AUX)
+    rng = np.random.default_rng(3)
+    price = 45.0
+    free_ms: list[float] = []
+    cap_ms: list[float] = []
+    greedy_ms: list[float] = []
+    same = 0
+    kind = kinds(fs.points_w, fs.points_ths)
+    for j in range(solves):
+        price = float(rng.choice([-10.0, 30.0, 90.0, 250.0])) if rng.random() < 0.05 else (
+            price + float(rng.normal(0.0, 2.0)))
+        cap = CAP_FRACTIONS[j % len(CAP_FRACTIONS)] * full_w
+        c0 = time.perf_counter()
+        plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=HASHPRICE,
+                         cap_w=cap, aux_fraction=AUX, priority=fs.priority)
+        (cap_ms if plan.cap_binding else free_ms).append(1e3 * (time.perf_counter() - c0))
+        if j < compared:
+            cost = opt.energy_cost_usd_per_mwh_it(price, aux_fraction=AUX)
+            c0 = time.perf_counter()
+            level = sorted_greedy(
+                fs.points_w, fs.points_ths, kind, np.zeros(fs.n, np.intp), fleet.max_level,
+                prio=fs.priority, threshold=opt.threshold_ths_per_w(cost, HASHPRICE),
+                value=usd_per_ths_hour(HASHPRICE), cost=cost / 1e6, budget_w=cap / (1 + AUX))
+            greedy_ms.append(1e3 * (time.perf_counter() - c0))
+            same += bool(np.array_equal(level, plan.level))
+    pass_ms = 1e3 * min(timed(lambda: float(fs.points_w.sum() + fs.points_ths.sum()))
+                        for _ in range(5))
     return {
-        "n": n,
-        "k": p.shape[1],
-        "prepare_ms": prepare_ms,
-        "free_ms": median_ms(lambda: solve(1e15), reps),
-        "cap_ms": median_ms(lambda: solve(cap), reps),
-        "decide_ms": median_ms(run_decide, reps),
-        "naive_ms": median_ms(lambda: naive_solve(p, h, cap), naive_reps),
-        "floor_ms": median_ms(lambda: floor_pass(p, h), reps),
-        "cap_use": binding.site_power_w / cap,
-        "naive_use": naive_w / cap,
-        "bytes_per_miner": (fleet.nbytes + state_bytes) / n,
+        "n": fs.n, "k": int(fs.points_w.shape[1]), "kinds": getattr(fleet, "kinds", "-"),
+        "prepare_ms": prepare_ms, "free": percentiles(free_ms or [np.nan]),
+        "cap": percentiles(cap_ms or [np.nan]), "greedy": percentiles(greedy_ms),
+        "pass_ms": pass_ms, "same": same, "compared": compared,
+        "bytes_per_miner": fleet.nbytes / fs.n,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,10000,100000,1000000")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,300000,1000000")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    print("solve() with priorities on the daemon's points; ms percentiles over every call;")
+    print("greedy = every entry sorted at each call, same inputs, same plan (p50);")
+    print("B/miner = the prepared fleet's memory per miner")
+    print(f"{'miners':>9} {'k':>3} {'kinds':>5} {'prepare':>8} {'free p50':>8} {'p99':>6} "
+          f"{'cap p50':>8} {'p90':>6} {'p99':>6} {'greedy':>8} {'x':>5} {'pass':>6} "
+          f"{'B/miner':>7} {'same':>5}")
     rows = []
-    header = (
-        f"{'miners':>9} {'k':>3} {'prepare':>9} {'free':>8} {'cap':>8} {'decide':>8} "
-        f"{'naive':>9} {'floor':>7} {'speedup':>8} {'cap use':>8} {'naive use':>9} {'B/miner':>8}"
-    )
-    print("times are medians in ms; free = cap not binding, cap = cap binding (60 %),")
-    print("decide = policy + optimizer with the cap binding; use = planned / cap")
-    print(header)
-    for n in sizes:
-        reps = 25 if n <= 100_000 else 5
-        naive_reps = 7 if n <= 100_000 else 3
-        r = bench(n, reps, naive_reps)
+    for n in (int(s) for s in args.sizes.split(",")):
+        solves = 400 if n <= 100_000 else 120
+        compared = 8 if n <= 300_000 else 2
+        r = bench(n, solves, compared)
         rows.append(r)
-        print(
-            f"{r['n']:>9,} {r['k']:>3} {r['prepare_ms']:>9.1f} {r['free_ms']:>8.2f} "
-            f"{r['cap_ms']:>8.2f} {r['decide_ms']:>8.2f} {r['naive_ms']:>9.1f} "
-            f"{r['floor_ms']:>7.2f} {r['naive_ms'] / r['cap_ms']:>7.1f}x "
-            f"{r['cap_use']:>8.5f} {r['naive_use']:>9.5f} {r['bytes_per_miner']:>8.0f}",
-            flush=True,
-        )
-    ref = next((r for r in rows if r["n"] == 100_000), rows[-1])
-    summary = {
-        "miners_100k_ms": round(ref["cap_ms"], 3),
-        "miners_100k_free_ms": round(ref["free_ms"], 3),
-        "decide_100k_ms": round(ref["decide_ms"], 3),
-        "naive_100k_ms": round(ref["naive_ms"], 3),
-        "speedup_vs_naive": round(ref["naive_ms"] / ref["cap_ms"], 2),
-        "floor_100k_ms": round(ref["floor_ms"], 3),
-        "bytes_per_miner": round(ref["bytes_per_miner"], 1),
-        "points_per_miner": int(ref["k"]),
-        "miners_1m_ms": round(rows[-1]["cap_ms"], 3) if rows[-1]["n"] >= 1_000_000 else None,
-    }
-    print(json.dumps(summary))
+        f, c, g = r["free"], r["cap"], r["greedy"]
+        print(f"{r['n']:>9,} {r['k']:>3} {r['kinds']:>5} {r['prepare_ms']:>8.0f} {f[0]:>8.2f} "
+              f"{f[2]:>6.2f} {c[0]:>8.2f} {c[1]:>6.2f} {c[2]:>6.2f} {g[0]:>8.1f} "
+              f"{g[0] / c[0]:>4.0f}x {r['pass_ms']:>6.2f} {r['bytes_per_miner']:>7.0f} "
+              f"{r['same']:>2}/{r['compared']:<2}", flush=True)
+    out: dict[str, Any] = {}
+    for r in rows:
+        tag = f"{r['n'] // 1000}k"
+        out[f"free_{tag}_p50_ms"] = round(r["free"][0], 3)
+        out[f"cap_{tag}_p50_ms"] = round(r["cap"][0], 3)
+        out[f"cap_{tag}_p99_ms"] = round(r["cap"][2], 3)
+        out[f"greedy_{tag}_p50_ms"] = round(r["greedy"][0], 3)
+        out[f"same_{tag}"] = f"{r['same']}/{r['compared']}"
+        out[f"bytes_per_miner_{tag}"] = round(r["bytes_per_miner"], 1)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

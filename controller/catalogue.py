@@ -11,6 +11,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from controller.units import W_PER_MW, usd_per_ths_hour
+
 CATALOGUE_PATH = Path(__file__).with_name("miner_models.toml")
 
 
@@ -72,8 +74,8 @@ class MinerModel(BaseModel):
 
     def breakeven_usd_per_mwh(self, hashprice_usd_per_ph_day: float) -> float:
         """Power price at which stock operation earns exactly nothing."""
-        usd_per_hour = self.nominal_ths / 1000.0 * hashprice_usd_per_ph_day / 24.0
-        return usd_per_hour / (self.nominal_w / 1e6)
+        usd_per_hour = self.nominal_ths * usd_per_ths_hour(hashprice_usd_per_ph_day)
+        return usd_per_hour / (self.nominal_w / W_PER_MW)
 
 
 class Catalogue(BaseModel):

@@ -212,6 +212,28 @@ def test_optimum_is_the_ceiling_on_any_input(
     check_accounts(r)
 
 
+def test_optimum_fills_what_a_wake_chord_cut_leaves() -> None:
+    """Found by the test above: the optimum left both miners asleep, mineops ran one.
+
+    Prices [0, 0], an S19 XP (priority 3) and an M60S, cap 25 % of their maximum incl.
+    5 % aux (1,837.5 W), hashprice 20, no adder, 15-minute intervals. The M60S wakes
+    best (116.7 TH/s for 1,785 W) but does not fit in the 1,720 W left after both
+    control boards; the S19 XP does, at 1,700 W (92.7 TH/s). Right: both run it.
+    """
+    cat = load_catalogue()
+    models = [("s19_xp", 1), ("m60s", 1)]
+    max_kw = sum(cat.get(m).max_w * c for m, c in models) / 1000 * 1.05
+    cfg = site(models, cap_kw=max_kw * 0.25, hashprice=20.0, adder=0.0, priority={0: 3})
+    r = run(cfg, [0.0, 0.0], 900.0)
+    for name in ("optimum", "mineops"):
+        np.testing.assert_array_equal(r.series[name].class_it_w, [[1700.0, 15.0]] * 2, name)
+    ths = 88.8 + 100.0 / 206.0 * (96.9 - 88.8)  # the catalogue's curve at 1,700 W
+    value = 20.0 / 1000 / 24 * 0.25  # $ per TH/s per interval
+    np.testing.assert_allclose(r.series["optimum"].profit_usd, [ths * value] * 2, rtol=1e-12)
+    assert r.series["optimum"].profit_usd.sum() >= r.series["mineops"].profit_usd.sum()
+    check_accounts(r)
+
+
 # -- the fast path equals the per-miner run -----------------------------------------------
 
 
@@ -228,6 +250,31 @@ def test_cohorts_match_per_miner_run(cap_kw: float) -> None:
         np.testing.assert_allclose(a.ths, b.ths, rtol=1e-12, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(a.asleep, b.asleep, atol=1e-9, err_msg=name)
     assert fast.decisions < exact.decisions
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prices=st.lists(st.one_of(st.floats(-20, 120), st.sampled_from([0.0, 300.0])), min_size=2,
+                    max_size=12),
+    models=st.lists(st.tuples(st.sampled_from(MODELS), st.integers(1, 6)), min_size=1,
+                    max_size=3),
+    cap_frac=st.floats(0.05, 1.1),
+    prio=st.booleans(),
+)
+def test_cohorts_match_per_miner_run_on_any_input(
+    *, prices: list[float], models: list[tuple[str, int]], cap_frac: float, prio: bool,
+) -> None:
+    """Wherever the cap cuts (a step, a wake-up, the leftover after it), cohorts split right."""
+    cat = load_catalogue()
+    max_kw = sum(cat.get(m).max_w * c for m, c in models) / 1000 * 1.05
+    cfg = site(models, cap_kw=max(max_kw * cap_frac, 0.1), adder=5.0,
+               priority={0: 2} if prio else None)
+    fast = run(cfg, prices, with_window_cost=False)
+    exact = run(cfg, prices, exact=True, with_window_cost=False)
+    for name in STRATEGIES:
+        a, b = fast.series[name], exact.series[name]
+        np.testing.assert_allclose(a.it_w, b.it_w, rtol=1e-12, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(a.ths, b.ths, rtol=1e-12, atol=1e-6, err_msg=name)
 
 
 # -- grid windows ---------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from controller.catalogue import load_catalogue, operating_points
 from controller.core import optimizer as opt
 from controller.core.policy import (
     Decision,
@@ -16,6 +19,8 @@ from controller.core.policy import (
     PolicyKnobs,
     PolicyState,
     decide,
+    hold_durations_s,
+    hold_ends_s,
 )
 from controller.protocol.reasons import Reason
 
@@ -382,3 +387,99 @@ def test_reason_counts_and_vectorised_scale() -> None:
         counts = d.reason_counts()
         assert counts.sum() == n and counts.size == len(Reason)
         assert np.all(d.commandable == ~miners.stale)
+
+
+def test_a_decision_allocates_per_miner_vectors_only() -> None:
+    """No (miners x levels) temporaries: a decision's peak is a few bytes per miner."""
+    n = 20_000
+    models = list(load_catalogue().models.values())
+    points_w, points_ths = operating_points(models)
+    pick = np.random.default_rng(2).integers(0, len(models), n)
+    p, h = points_w[pick], points_ths[pick]
+    assert p.shape[1] >= 30  # the catalogue's firmware steps: 30-odd levels
+    fleet = opt.prepare(p, h)
+    rng = np.random.default_rng(2)
+    miners = MinerInputs(stale=rng.random(n) < 0.01, never_curtail=np.zeros(n, dtype=bool),
+                         temp_c=rng.normal(75, 6, n), priority=rng.integers(0, 3, n),
+                         wake_s=np.full(n, 180.0))
+    state = PolicyState.initial(n, fleet.max_level)
+    full = float(p[:, -1].sum())
+    knobs = PolicyKnobs()
+    tracemalloc.start()
+    try:
+        peaks = []
+        for i, frac in enumerate((2.0, 0.7, 0.4, 0.7, 2.0)):
+            market = MarketInputs(price_usd_per_mwh=40.0 + i, hashprice_usd_per_ph_day=50.0,
+                                  cap_w=frac * full)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            decide(fleet, market, miners, state, knobs, now_s=10.0 * i)
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+    # One (n, levels) float array alone would be 8 x 30-odd = 250+ bytes per miner.
+    assert max(peaks) / n < 150, peaks
+
+
+# --- the clocks' contract with replays (the backtest) ------------------------------
+
+
+CLOCK_KNOBS = PolicyKnobs(min_run_s=300.0, min_sleep_s=300.0, ramp_kw_per_min=3.0)
+CLOCK_MINERS = replace(no_flags(6), wake_s=np.linspace(30.0, 300.0, 6))
+
+
+def busy_history() -> tuple[PolicyState, float]:
+    """Six miners run, sleep through a spike (dwell), then a cheap spell starts (latency)."""
+    fleet = fleet_of(6)
+    st = PolicyState.initial(6, fleet.max_level)
+    for now, price in [(0.0, 30.0), (40.0, 140.0), (400.0, 140.0), (460.0, 30.0), (520.0, 30.0)]:
+        decide(fleet, market(price), CLOCK_MINERS, st, CLOCK_KNOBS, now_s=now)
+    return st, 520.0
+
+
+def decide_shifted(later: float, shifted: tuple[str, ...], shift: float = 1e4) -> Decision:
+    st, now = busy_history()
+    for name in shifted:
+        setattr(st, name, getattr(st, name) + shift)
+    return decide(fleet_of(6), market(30.0), CLOCK_MINERS, st, CLOCK_KNOBS,
+                  now_s=now + later + shift)
+
+
+def same(a: Decision, b: Decision) -> bool:
+    return (a.level.tolist() == b.level.tolist() and a.reason.tolist() == b.reason.tolist()
+            and a.site_power_w == b.site_power_w)
+
+
+def test_clock_fields_are_the_whole_time_contract() -> None:
+    """Shifting PolicyState.CLOCKS and now together changes nothing, at every stage of the
+    holds (dwell, wake latency, ramp); leaving any one clock behind changes something."""
+    cases = (10.0, 200.0, 260.0)
+    for later in cases:
+        assert same(decide_shifted(later, (), 0.0), decide_shifted(later, PolicyState.CLOCKS))
+    for name in PolicyState.CLOCKS:
+        rest = tuple(c for c in PolicyState.CLOCKS if c != name)
+        assert any(not same(decide_shifted(t, (), 0.0), decide_shifted(t, rest))
+                   for t in cases), name
+    fields = {f.name for f in dataclasses.fields(PolicyState)}
+    assert set(PolicyState.CLOCKS) <= fields
+    state, _ = busy_history()
+    assert {f for f in fields if np.ndim(getattr(state, f)) == 1} == set(PolicyState.PER_MINER)
+
+
+def test_hold_ends_are_when_decisions_change() -> None:
+    knobs = replace(OFF, min_run_s=300.0, min_sleep_s=200.0, wake_latency_factor=1.0)
+    wake_s = np.array([180.0])
+    st = state_at([TOP], switched_at=np.array([900.0]))
+    miners = replace(no_flags(1), wake_s=wake_s)
+    d = decide(fleet_of(1), market(140.0), miners, st, knobs, now_s=1000.0)
+    assert int(d.reason[0]) == Reason.DWELL  # on since 900: held on until 1200
+    ends = hold_ends_s(st, knobs, wake_s)
+    assert ends.tolist() == [[1200.0, 1100.0, pytest.approx(np.nan, nan_ok=True)]]
+    just_before = decide(fleet_of(1), market(140.0), miners, state_at(
+        [int(st.level[0])], switched_at=st.switched_at.copy()), knobs, now_s=1199.0)
+    at_end = decide(fleet_of(1), market(140.0), miners, state_at(
+        [int(st.level[0])], switched_at=st.switched_at.copy()), knobs, now_s=1200.0)
+    assert (int(just_before.level[0]), int(at_end.level[0])) == (1, 0)
+    assert hold_durations_s(knobs, np.array([180.0, 180.0, 240.0])) == [180.0, 200.0, 240.0,
+                                                                        300.0]
+

@@ -4,10 +4,10 @@ What runs (no MQTT, no sleeping; time is passed in):
 
 * **mineops**: :func:`controller.core.policy.decide` (which calls
   :func:`controller.core.optimizer.solve`) at every interval start on the *previous*
-  interval's price (the last one published before the interval starts), and again inside
-  an interval when a policy hold (dwell, wake latency) expires, as the daemon's tick
-  would. Revenue and cost are settled at the interval's *actual* price, time-weighted
-  over those segments.
+  interval's price (the last one published before the interval starts), and again
+  inside an interval when a policy hold (dwell, wake latency) expires, as the daemon's
+  tick would. Revenue and cost are settled at the interval's *actual* price,
+  time-weighted over those segments.
 * **optimum**: :func:`controller.core.optimizer.solve` per interval with that interval's own
   price, no policy: the hindsight ceiling.
 * **always_on**: every miner at its stock power target (the firmware target nearest the
@@ -28,9 +28,10 @@ with a count. A cohort is handed to the optimizer as rows of power-of-two counts
 operating points are the model's scaled by that count: scaling by a power of two is
 exact in floating point, so every step's marginal efficiency is bit-for-bit the per-miner
 one and the optimizer's order and decisions are unchanged. Only when the cap cuts through
-a cohort can identical miners end differently: then the number of miners the per-miner
-greedy would still fit is computed, the cohort is split in two and the decision re-run,
-so the plan equals the per-miner plan up to which of the identical miners got the step.
+a cohort can identical miners end differently: then the optimizer names the first row of
+which some miners but not all would still have fitted (``unit_count``, ``Plan.split``),
+the cohort is split there and the decision re-run, so the plan equals the per-miner plan
+up to which of the identical miners got the step.
 Cohorts whose histories become equivalent merge again. Decisions are memoised on
 (cohorts, state relative to now, the price's position in the optimizer's step order at
 the price and at +/- the hysteresis band, cap): identical inputs give identical outputs.
@@ -41,10 +42,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,32 +57,25 @@ import numpy.typing as npt
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.core.fleet_state import FleetState
-from controller.core.optimizer import (
-    PreparedFleet,
-    position_at_price,
-    prepare,
-    solve,
-    usd_per_ths_hour,
+from controller.core.optimizer import PreparedFleet, position_at_price, prepare, solve
+from controller.core.policy import (
+    MarketInputs,
+    MinerInputs,
+    PolicyKnobs,
+    PolicyState,
+    decide,
+    hold_durations_s,
+    hold_ends_s,
 )
-from controller.core.policy import MarketInputs, MinerInputs, PolicyKnobs, PolicyState, decide
-from controller.protocol.reasons import Reason
+from controller.units import usd_per_ths_hour
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 STRATEGIES = ("mineops", "optimum", "always_on", "onoff", "optimum_onoff")
-_CAP_REASONS = (int(Reason.CAP), int(Reason.GRID))
-_CAP_SLACK = 1e-9  # the optimizer plans this far (relative) under the cap
 _MAX_SPLITS = 12  # cap cuts refined per decision (two are the rule)
 _MAX_EVENTS = 32  # policy-hold expiries decided on inside one interval
 _MEMO_LIMIT = 500_000
-_TIME_FIELD = re.compile(r"(_at|_at_s|_since|_since_s)$")
-
-
-@functools.cache
-def _is_time(name: str) -> bool:
-    """PolicyState fields holding a clock time (compared with now_s by the policy)."""
-    return _TIME_FIELD.search(name) is not None
 _LOW_PRICE = -1e9  # $/MWh: every step worth taking; only the cap limits (always-on)
 
 
@@ -264,64 +256,22 @@ class _Engine:
         self._rows_cache[key] = rows
         return rows
 
-    def it_w(self, rows: _Rows, level: IntArray) -> float:
-        return float((self.t.points_w[rows.cls, level] * rows.weight).sum())
+    def split(self, coh: _Cohorts, rows: _Rows, split: tuple[int, int] | None) -> _Cohorts | None:
+        """The cohort the cap cut through, in two, where the per-miner greedy would cut it.
 
-    def cut(
-        self, coh: _Cohorts, rows: _Rows, level: IntArray, *, held: npt.NDArray[np.bool_],
-        cap_w: float, aux: float, priority: bool,
-    ) -> _Cohorts | None:
-        """Split the cohort the cap cuts through, if the per-miner greedy fits more of it.
-
-        `held` marks rows the cap kept below their economic level. The greedy fills the
-        highest priority first and, within it, steps by falling marginal efficiency
-        (ties: wake chords first, then row order), so the first held row in that order
-        is where it stopped; the per-miner greedy would go on with single miners of it
-        while their step still fits.
+        `split` is the optimizer's (row, miners): the first row the cap left short of
+        an entry although that many of its identical miners would still have taken it
+        (``Plan.split``). The cohort keeps its rows before that one together with them.
         """
-        cand = np.flatnonzero(held)
-        if cand.size == 0:
+        if split is None:
             return None
-        if priority:
-            cand = cand[rows.priority[cand] == rows.priority[cand].max()]
-        p, h = self.t.points_w, self.t.points_ths
-        best: tuple[float, int, int, int] | None = None
-        best_row, best_delta = -1, 0.0
-        for r in cand.tolist():
-            c, lv = int(rows.cls[r]), int(level[r])
-            top = int(self.t.top[c])
-            if lv == 0:
-                up = np.arange(1, top + 1)
-                if up.size == 0:
-                    continue
-                avg = (h[c, up] - h[c, 0]) / (p[c, up] - p[c, 0])
-                w_lv = int(up[int(np.argmax(avg))])
-                key = (-float(avg.max()), 0, 0, r)
-                delta = float(p[c, w_lv] - p[c, 0])
-            elif lv < top:
-                # A running miner's level counts its steps ahead of the cut in the
-                # optimizer's order (slope, then step): its next step is the lv-th there,
-                # which is step lv -> lv+1 unless rounding made equal slopes differ.
-                dp = p[c, 2 : top + 1] - p[c, 1:top]
-                slope = (h[c, 2 : top + 1] - h[c, 1:top]) / dp
-                e = int(np.lexsort((np.arange(slope.size), -slope))[lv - 1])
-                key = (-float(slope[e]), 1, e, r)
-                delta = float(dp[e])
-            else:
-                continue
-            if best is None or key < best:
-                best, best_row, best_delta = key, r, delta
-        if best is None or best_delta <= 0:
-            return None
-        budget = cap_w / (1.0 + aux)
-        budget -= _CAP_SLACK * max(abs(budget), 1.0)
-        m = int((budget - self.it_w(rows, level)) // best_delta)
-        j = int(rows.cohort[best_row])
+        row, units = split
+        j = int(rows.cohort[row])
         mine = np.flatnonzero(rows.cohort == j)
-        before = int(rows.weight[mine[mine < best_row]].sum())
-        if m <= 0 or m >= int(rows.weight[best_row]):
+        before = int(rows.weight[mine[mine < row]].sum())
+        if units <= 0 or units >= int(rows.weight[row]):
             return None
-        return coh.split(j, before + m)
+        return coh.split(j, before + units)
 
     def regroup(
         self, rows: _Rows, level: IntArray, cols: dict[str, npt.NDArray[Any]],
@@ -349,7 +299,7 @@ class _Engine:
 
     def rel(self, name: str, values: npt.NDArray[Any], now: float) -> npt.NDArray[Any]:
         """Time fields as 'seconds ago', capped at the horizon where they stop mattering."""
-        if not _is_time(name):
+        if name not in PolicyState.CLOCKS:
             return values
         # -inf (never) becomes the horizon; NaN (not running) stays NaN.
         return np.minimum(now - np.asarray(values, dtype=np.float64), self.horizon_s)
@@ -377,13 +327,10 @@ def _solve_totals(
         plan = solve(
             rows.fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hp, cap_w=cap_w,
             aux_fraction=aux, min_level=rows.min_level, max_level=rows.max_level,
-            adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost,
+            adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost, unit_count=rows.weight,
         )
         level = np.asarray(plan.level, dtype=np.int64)
-        if not plan.cap_binding or plan.infeasible:
-            break
-        nxt = eng.cut(coh, rows, level, held=plan.reason == Reason.CAP, cap_w=cap_w, aux=aux,
-                      priority=False)
+        nxt = eng.split(coh, rows, plan.split)
         if nxt is None:
             break
         coh = nxt
@@ -740,18 +687,7 @@ def run_backtest(
 
 def _horizon(knobs: PolicyKnobs, classes: FleetClasses, interval_s: float) -> float:
     """Seconds after which no policy clock can matter: the longest hold, plus margin."""
-    return max(_durations(knobs, classes), default=0.0) + 2.0 * interval_s + 1.0
-
-
-def _durations(knobs: PolicyKnobs, classes: FleetClasses) -> list[float]:
-    out = [
-        float(v) for f in dataclasses.fields(knobs)
-        if f.name.endswith("_s") and isinstance(v := getattr(knobs, f.name), int | float)
-        and math.isfinite(v) and v > 0
-    ]
-    factor = float(getattr(knobs, "wake_latency_factor", 1.0))
-    out += [float(w) * factor for w in np.unique(classes.wake_s) if w * factor > 0]
-    return sorted(set(out))
+    return max(hold_durations_s(knobs, classes.wake_s), default=0.0) + 2.0 * interval_s + 1.0
 
 
 @dataclass
@@ -859,19 +795,13 @@ class _Mineops:
         rows = eng.rows(coh)
         # As the daemon starts: every miner assumed at full power, no holds.
         state = PolicyState.initial(rows.cls.size, rows.fleet.max_level)
-        cols, scalars = _state_parts(state, rows.cls.size)
+        cols, scalars = _state_parts(state)
         self.memo_ok = memo and all(_hashable(v) for v in scalars.values())
         self.coh = eng.regroup(rows, np.asarray(state.level, dtype=np.int64), cols, scalars,
                                0.0)
-        self.band = float(getattr(st.knobs, "hysteresis_usd_per_mwh", 0.0))
+        self.band = st.knobs.hysteresis_usd_per_mwh
         self.memo: dict[tuple[Any, ...], tuple[_Cohorts, float]] = {}
         self.decisions = 0
-        knobs, classes = st.knobs, eng.t.classes
-        self.durations_s = np.array(_durations(knobs, classes))
-        self.dwell_s = np.array([float(getattr(knobs, k, 0.0))
-                                 for k in ("min_run_s", "min_sleep_s")])
-        factor = float(getattr(knobs, "wake_latency_factor", 1.0))
-        self.latency_s = classes.wake_s * factor
 
     def market(self, price: float, cap_w: float, grid: bool) -> MarketInputs:
         st = self.st
@@ -916,13 +846,11 @@ class _Mineops:
         )
 
     def _restore(self, coh: _Cohorts, now: float) -> _Cohorts:
-        def back(name: str, v: npt.NDArray[Any]) -> npt.NDArray[Any]:
-            return now - v if _is_time(name) else v.copy()
-
-        scalars = {k: float(back(k, v)) if _is_time(k) else float(v)
+        clocks = PolicyState.CLOCKS
+        scalars = {k: now - float(v) if k in clocks else float(v)
                    for k, v in coh.scalars.items()}
-        return _Cohorts(coh.cls, coh.weight, coh.level,
-                        {k: back(k, v) for k, v in coh.cols.items()}, scalars)
+        cols = {k: now - v if k in clocks else v.copy() for k, v in coh.cols.items()}
+        return _Cohorts(coh.cls, coh.weight, coh.level, cols, scalars)
 
     def _decide(self, price: float, cap_w: float, grid: bool, now: float) -> _Cohorts:
         eng = self.eng
@@ -935,58 +863,34 @@ class _Mineops:
             d = decide(
                 rows.fleet, market,
                 MinerInputs(stale=rows.stale, never_curtail=rows.never_curtail,
-                            priority=rows.priority, wake_s=rows.wake_s),
+                            priority=rows.priority, wake_s=rows.wake_s, unit_count=rows.weight),
                 state, self.st.knobs, now_s=now,
             )
             self.decisions += 1
             level = np.asarray(d.level, dtype=np.int64)
-            if not d.cap_binding or d.infeasible:
-                break
-            held = np.isin(d.reason, _CAP_REASONS)
-            nxt = eng.cut(coh, rows, level, held=held, cap_w=cap_w, aux=self.st.aux_fraction,
-                          priority=True)
+            nxt = eng.split(coh, rows, d.split)
             if nxt is None:
                 break
             coh = nxt
-        cols, scalars = _state_parts(state, rows.cls.size)
+        cols, scalars = _state_parts(state)
         return eng.regroup(rows, level, cols, scalars, now)
 
     def next_event(self, now: float, end: float) -> float | None:
-        """Earliest policy clock inside (now, end): a hold that expires, as a tick would see.
-
-        Known clocks pair with their own durations (switch time with the dwell times, the
-        cheap spell with each class's wake latency); any other time field with all of them.
-        """
-        best = math.inf
-        for name, v in self.coh.cols.items():
-            if not _is_time(name):
-                continue
-            t = np.asarray(v, dtype=np.float64)
-            if name == "cheap_since_s" and t.ndim == 1:
-                d = self.latency_s[self.coh.cls][:, None]
-            elif name == "switched_at" and t.ndim == 1:
-                d = self.dwell_s[None, :]
-            else:
-                t, d = t.ravel(), self.durations_s[None, :]
-            if d.size == 0:
-                continue
-            with np.errstate(invalid="ignore"):
-                cand = (t[:, None] + d).ravel()
-            cand = cand[(cand > now + 1e-6) & (cand < end - 1e-6)]
-            if cand.size:
-                best = min(best, float(cand.min()))
-        return best if best < math.inf else None
+        """Earliest time inside (now, end) when a policy hold ends, as a tick would see it."""
+        coh = self.coh
+        parts: dict[str, Any] = {**coh.cols, **coh.scalars}
+        state = PolicyState(**parts)
+        ends = hold_ends_s(state, self.st.knobs, self.eng.t.classes.wake_s[coh.cls]).ravel()
+        with np.errstate(invalid="ignore"):
+            inside = ends[(ends > now + 1e-6) & (ends < end - 1e-6)]
+        return float(inside.min()) if inside.size else None
 
 
-def _state_parts(state: PolicyState, n: int) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
-    cols: dict[str, npt.NDArray[Any]] = {}
-    scalars: dict[str, Any] = {}
-    for f in dataclasses.fields(state):
-        v = getattr(state, f.name)
-        if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n:
-            cols[f.name] = v
-        else:
-            scalars[f.name] = v
+def _state_parts(state: PolicyState) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+    """The policy's memory as per-miner columns and site-wide scalars (its own contract)."""
+    cols = {name: getattr(state, name) for name in PolicyState.PER_MINER}
+    scalars = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+               if f.name not in PolicyState.PER_MINER}
     return cols, scalars
 
 

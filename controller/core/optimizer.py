@@ -5,32 +5,56 @@ miner's operating points (level 0 = sleep). No I/O, no clock, no config reads.
 
 How it works (and why it is exact and fast):
 
+* Miners with the same operating points are one *kind* (a catalogue model, or a model
+  under one firmware's presets): a site of 300,000 miners has a handful. Everything
+  that depends on the points is prepared once per kind by :func:`prepare`; a decision
+  is a few passes over per-miner vectors (bounds, levels: one small integer each)
+  plus searches in the small per-kind arrays, and allocates nothing of size miners x
+  levels. (A fleet whose every miner has its own curve has as many kinds as miners:
+  then the per-kind arrays are that size, and a decision costs what the per-miner
+  design did.)
 * Each miner's choice is a chain of *entries*: one "wake" chord from sleep to the
   hull vertex the sleep point sees best (``wake_level``), then one entry per
   firmware step along its concave curve. The slope of an entry (extra TH/s per
-  extra W) does not depend on the price, so :func:`prepare` sorts every entry of
-  the fleet once, by descending slope. Points below the upper concave hull of a
+  extra W) does not depend on the price, so :func:`prepare` sorts the entries of
+  every kind once, by descending slope. Points below the upper concave hull of a
   miner's points (sleep included) are never optimal for a price on power, which
-  is why the sleep->min_w jump is a single chord and not a step.
+  is why the sleep->min_w jump is a single chord and not a step. A step's slope is
+  taken no higher than the step before it nor than the wake chord it follows (true
+  of exact concave points; it absorbs rounding), so a miner's entries keep their
+  chain order.
 * A price threshold ``t = c / v`` becomes a *position* ``r`` in that order
-  (``np.searchsorted``): every entry before ``r`` is worth taking. A miner's level
-  at position ``r`` is a count of its entries before ``r`` (one pass over the
-  arrays), so the unconstrained optimum needs no sort and no iteration.
-* When the cap binds, the greedy by descending marginal efficiency is a prefix
-  of the same order. Its power is found with block sums (``np.bincount`` over
-  prepared block ids) and then exactly inside one block, so a decision costs a
-  few passes over the arrays whatever the number of miners. The prefix is the
-  LP optimum rounded down at one entry, so the result is within one firmware
-  step (one entry's objective value) of the best combination of points, and
-  the planned power never exceeds the cap.
+  (``np.searchsorted``): every entry before ``r`` is worth taking. A kind's level at
+  ``r`` is a count of its steps before ``r``, and a miner's is that count clipped to
+  its bounds, so the unconstrained optimum needs no sort and no iteration.
+* When the cap binds, entries are taken by priority class (higher first), then
+  descending slope, then miner index, while they fit. Per-class totals and one
+  cumulative sum over the kinds' entries (by blocks when the order is long) find the
+  entry where the cap cuts; the first miners of that entry that fit take it. What is
+  left of the budget then goes, in the same order, to every later entry that still
+  fits (another kind's wake-up, a step of a smaller model, a lower priority); a miner
+  whose entry does not fit takes nothing more, except that one whose wake chord does
+  not fit wakes at the most profitable level below its hull vertex that fits. Only the
+  entries the leftover can still pay for are visited.
 
-Bounds per miner (``min_level``/``max_level``) come from policy. Ties between
-entries of equal slope go to the wake chord first, then to the lower miner index,
-so plans are deterministic.
+Exactness: everything before the cut is the LP optimum rounded down at one entry and
+the fill only adds to it, so the plan is within one entry's objective value of the
+best combination of points: one firmware step, or one wake-up where the cap cuts at a
+wake chord; and no miner could move up a level within the cap and earn more. (One
+firmware step whatever the points would be a knapsack problem: two miners that do not
+both fit are the counterexample.) Unconstrained, the plan is exact. The planned power
+never exceeds the cap.
+
+Bounds per miner (``min_level``/``max_level``) come from policy. Ties between entries
+of equal slope go to the wake chord first, then the lower level, then the kind whose
+first miner comes first, then the lower miner index, so plans are deterministic.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,85 +62,108 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.protocol.reasons import Reason
+from controller.units import usd_per_ths_hour, usd_per_wh
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
+LevelArray = npt.NDArray[np.int16]
+BoolArray = npt.NDArray[np.bool_]
 PosArray = npt.NDArray[np.signedinteger[Any]]
+LEVEL = np.int16  # levels are column indices: a few dozen, one small integer per miner
 
-_BLOCK_SHIFT = 10  # 1024 entries per block: the exact search touches one block
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the exact row hash
+_SHAVES = 8  # searches before a plan that rounding keeps over the cap falls back to minima
+_BLOCK = 4096  # entries summed at once when a class's order is long
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedFleet:
-    """Operating points per miner and the fleet-wide order of their steps, built once.
+    """The miners' kinds and the order of their kinds' entries, built once.
 
-    power_w and hashrate_ths are (n_miners, k) with ascending power per row and
-    column 0 = sleep; rows with fewer real points repeat their last point. They are
-    stored column-major, and the derived arrays level-major ((levels, n)), because
-    every per-decision pass runs over all miners for one level at a time.
-    The derived arrays come from :func:`prepare`; treat them as read-only.
+    Kind tables are (K, ...) for K kinds, level columns as in :func:`prepare` (column
+    0 = sleep, rows padded by repeating their last point). The positions index the
+    order of all the kinds' entries (M of them) by descending slope. Built by
+    :func:`prepare`; treat every array as read-only.
     """
 
-    power_w: FloatArray
-    hashrate_ths: FloatArray
-    top: IntArray  # (n,) highest real level: first column of the repeated tail
-    wake_level_t: npt.NDArray[np.int16]  # (k-1, n): level woken to when max level is f+1
-    chord_pos_t: PosArray  # (k-1, n): position of that wake chord in `order`
-    curve_pos_t: PosArray  # (k-2, n): position of the step from level e+1 to e+2
-    order: PosArray  # (N,) entry ids by descending slope (chords, then steps)
-    neg_slope: FloatArray  # (N,) -slope in that order (ascending, for searchsorted)
-    index: npt.NDArray[np.int64]  # (n,) 0..n-1, to gather one point per miner
-    step_w_t: FloatArray  # (k-2, n): power of the step from level e+1 to e+2
-    default_start: IntArray  # (n,) first stepping level with no bounds (the wake level)
-    default_block_w: FloatArray  # (blocks,) step power per block of `order`, no bounds
+    kind: IntArray  # (n,) kind of each miner
+    row: IntArray  # (n,) kind * k: the miner's row in the flattened (K, k) tables
+    chord_row: IntArray  # (n,) kind * (k - 1): its row in the flattened (K, k - 1) tables
+    top: LevelArray  # (n,) highest real level: first column of the repeated tail
+    top_chord_idx: IntArray  # (n,) chord_row + top - 1: the wake chord of an unbounded miner
+    top_wake: LevelArray  # (n,) the level it wakes to
+    top_chord_pos: PosArray  # (n,) that chord's position in the order
+    runs_kind: IntArray  # kinds of the runs of equal kinds, in miner order
+    runs_len: IntArray  # and their lengths (a rack is one run)
+    kind_power_w: FloatArray  # (K, k) W per level
+    kind_hashrate_ths: FloatArray  # (K, k) TH/s per level
+    kind_top: IntArray  # (K,) highest real level
+    wake_level: LevelArray  # (K, k - 1): level woken to when the max level is f + 1
+    wake_w: FloatArray  # (K, k - 1): W of that wake chord (one miner)
+    chord_pos: PosArray  # (K, k - 1): its position in the order
+    step_w: FloatArray  # (K, k - 2): W of the step from level e + 1 to e + 2
+    curve_pos: PosArray  # (K, k - 2): its position in the order
+    neg_slope: FloatArray  # (M,) -slope by position (ascending, for searchsorted)
+    entry_kind: IntArray  # (M,) kind of the entry at each position
+    entry_level: IntArray  # (M,) a step's lower level e + 1; a chord's -(f + 1)
+    entry_w: FloatArray  # (M,) W of the entry for one miner
+    min_entry_w: float  # the smallest W any entry or wake-up takes: less is left over
+    wakes_below_vertex: bool  # some kind's best wake-up is above its first level
 
     @property
     def n(self) -> int:
-        return int(self.power_w.shape[0])
+        return int(self.kind.size)
 
     @property
     def k(self) -> int:
-        return int(self.power_w.shape[1])
+        return int(self.kind_power_w.shape[1])
+
+    @property
+    def kinds(self) -> int:
+        return int(self.kind_power_w.shape[0])
 
     @property
     def max_level(self) -> IntArray:
         """Highest real level per miner (padding columns are never reported)."""
-        return self.top.copy()
+        return self.top.astype(np.intp)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the prepared fleet, in bytes."""
-        arrays = (
-            self.power_w,
-            self.hashrate_ths,
-            self.top,
-            self.wake_level_t,
-            self.chord_pos_t,
-            self.curve_pos_t,
-            self.order,
-            self.neg_slope,
-            self.index,
-            self.step_w_t,
-            self.default_start,
-            self.default_block_w,
-        )
-        return sum(a.nbytes for a in arrays)
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return sum(v.nbytes for v in values if isinstance(v, np.ndarray))
 
     def position(self, threshold_ths_per_w: float) -> int:
         """Number of entries whose slope is above a threshold (TH/s per W)."""
         return int(np.searchsorted(self.neg_slope, -threshold_ths_per_w, side="left"))
 
-    def gather(self, values: FloatArray, level: IntArray) -> FloatArray:
-        """values[i, level[i]] for every miner (values shaped like power_w)."""
-        out: FloatArray = np.take(values.T.ravel(), level * self.n + self.index)
+    def per_miner(self, per_kind: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A (K,) per-kind array as (n,) per miner: one copy per run of equal kinds."""
+        if self.runs_len.size * 8 <= self.n:
+            return np.repeat(per_kind[self.runs_kind], self.runs_len)
+        out: npt.NDArray[Any] = per_kind.take(self.kind)
         return out
+
+    def power_at(self, level: npt.NDArray[np.integer]) -> FloatArray:
+        """W of every miner at the given levels (n,)."""
+        out: FloatArray = self.kind_power_w.ravel().take(self.row + level)
+        return out
+
+    def hashrate_at(self, level: npt.NDArray[np.integer]) -> FloatArray:
+        """TH/s of every miner at the given levels (n,)."""
+        out: FloatArray = self.kind_hashrate_ths.ravel().take(self.row + level)
+        return out
+
+    def points(self) -> tuple[FloatArray, FloatArray]:
+        """The (n, k) operating points, W and TH/s (allocates: for tests and reports)."""
+        return self.kind_power_w[self.kind], self.kind_hashrate_ths[self.kind]
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Optimizer output: a level (column index) and power per miner, with reasons."""
 
-    level: IntArray
+    level: LevelArray
     power_w: FloatArray
     hashrate_ths: FloatArray
     reason: npt.NDArray[np.uint8]
@@ -129,7 +176,13 @@ class Plan:
     # everything else sleeps and the plan is that minimum.
     infeasible: bool = False
     floor_binding: bool = False  # held up by floor_w (ramp-down limit)
-    econ_level: IntArray | None = None  # best level at this price, bounds but no cap/floor
+    econ_level: LevelArray | None = None  # best level at this price, bounds but no cap/floor
+    # With unit_count: (row, units) for the first row the cap left short of an entry
+    # although `units` of the identical miners it stands for would have fitted.
+    split: tuple[int, int] | None = None
+
+
+# -- preparing ------------------------------------------------------------------------------
 
 
 def _strictly_concave_slopes(p: FloatArray, h: FloatArray, top: IntArray) -> FloatArray:
@@ -172,8 +225,86 @@ def _strictly_concave_slopes(p: FloatArray, h: FloatArray, top: IntArray) -> Flo
     return slope
 
 
+def _checked_points(power_w: FloatArray, hashrate_ths: FloatArray) -> tuple[FloatArray, FloatArray]:
+    p = np.ascontiguousarray(power_w, dtype=np.float64)
+    h = np.ascontiguousarray(hashrate_ths, dtype=np.float64)
+    if p.shape != h.shape or p.ndim != 2 or p.shape[1] < 1 or p.shape[0] < 1:
+        raise ValueError("power_w and hashrate_ths must be equal (n, k) arrays, n, k >= 1")
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(h))):
+        raise ValueError("operating points must be finite")
+    return p, h
+
+
+def _kinds(p: FloatArray, h: FloatArray) -> tuple[IntArray, IntArray]:
+    """Kind of every row (equal points, equal kind), numbered by first row; first rows.
+
+    Rows are hashed exactly (their bits, mixed as integers, a column at a time), grouped
+    by hash, then compared with their group's first row; a collision falls back to
+    sorting whole rows.
+    """
+    key = np.zeros(p.shape[0], dtype=np.uint64)
+    for col in (*p.T, *h.T):  # a few dozen columns, vectorised over rows
+        key = (key ^ col.view(np.uint64)) * _MIX
+        key ^= key >> np.uint64(29)
+    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    rep = first[inv.ravel()]
+    if not all(np.array_equal(col, col[rep]) for col in (*p.T, *h.T)):
+        rows = np.hstack([p, h])
+        _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    kind: IntArray = rank[inv.ravel()].astype(np.intp)
+    return kind, first[order].astype(np.intp)
+
+
+def _runs(kind: IntArray) -> tuple[IntArray, IntArray]:
+    starts = np.flatnonzero(np.concatenate([[True], kind[1:] != kind[:-1]]))
+    lengths = np.diff(np.concatenate([starts, [kind.size]]))
+    return kind[starts].astype(np.intp), lengths.astype(np.intp)
+
+
+def _wake_chords(p: FloatArray, h: FloatArray, top: IntArray) -> tuple[FloatArray, IntArray]:
+    """Per row and max level f+1: slope of the best chord from sleep, and its level.
+
+    The best is the steepest; among equals the lowest level. Chords to a max level
+    above the row's top are -inf (no miner has them).
+    """
+    kf = p.shape[1] - 1
+    cols = np.arange(kf)
+    real = cols[None, :] < top[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        avg = (h[:, 1:] - h[:, :1]) / (p[:, 1:] - p[:, :1])
+    avg = np.where(real, avg, -np.inf)
+    avg = np.where(np.isnan(avg), -np.inf, avg)
+    slope = np.maximum.accumulate(avg, axis=1)
+    newmax = np.zeros(avg.shape, dtype=bool)
+    newmax[:, 0] = True
+    newmax[:, 1:] = avg[:, 1:] > slope[:, :-1]
+    wake = np.maximum.accumulate(np.where(newmax, cols, 0), axis=1) + 1
+    return np.where(real, slope, -np.inf), wake.astype(np.intp)
+
+
+def _chain_slopes(curve: FloatArray, chord: FloatArray, wake: IntArray) -> FloatArray:
+    """Step slopes never above the chord they follow, nor above the step before them.
+
+    True of exact concave points already; this keeps each miner's entries in chain
+    order in the sorted order when rounding makes equal slopes differ in the last bit
+    (steps inside one linear segment of a catalogue curve), or the input is odd.
+    """
+    kc = curve.shape[1]
+    if kc == 0:
+        return curve
+    # Step e follows wake chord f = e+1 exactly when that chord wakes at or below e+1;
+    # the later chords are no flatter (max-accumulated), so that one bounds it.
+    follows = wake[:, 1 : kc + 1] <= np.arange(1, kc + 1)[None, :]
+    bounded = np.where(follows, np.minimum(curve, chord[:, 1 : kc + 1]), curve)
+    out: FloatArray = np.minimum.accumulate(np.where(np.isnan(bounded), -np.inf, bounded), axis=1)
+    return out
+
+
 def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
-    """Validate the operating points and build the fleet-wide order of steps.
+    """Validate the operating points, find the kinds and order their entries.
 
     Args:
         power_w: (n, k) W per level; column 0 is sleep, then strictly ascending
@@ -181,84 +312,78 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
         hashrate_ths: (n, k) TH/s at those levels (0 or more at sleep).
 
     Returns:
-        The prepared fleet; rebuild it only when the fleet or its models change.
+        The prepared fleet; rebuild it only when the fleet or its points change.
 
     Raises:
-        ValueError: shapes differ, or power does not ascend before the padding.
+        ValueError: shapes differ, a value is not finite, or power does not ascend
+            before the padding.
     """
-    p = np.ascontiguousarray(power_w, dtype=np.float64)
-    h = np.ascontiguousarray(hashrate_ths, dtype=np.float64)
-    if p.shape != h.shape or p.ndim != 2 or p.shape[1] < 1:
-        raise ValueError("power_w and hashrate_ths must be equal (n, k) arrays with k >= 1")
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(h))):
-        raise ValueError("operating points must be finite")
-    n, k = p.shape
-    # top = first column equal to the row's last point: the padding starts after it.
+    p_all, h_all = _checked_points(power_w, hashrate_ths)
+    kind, first = _kinds(p_all, h_all)
+    p, h = p_all[first], h_all[first]
+    n_kinds, k = p.shape
     same = (p == p[:, -1:]) & (h == h[:, -1:])
     top = np.argmax(same, axis=1).astype(np.intp)
-    cols = np.arange(k)
-    real = cols[None, :] <= top[:, None]
+    real = np.arange(k)[None, :] <= top[:, None]
     if k > 1 and np.any((np.diff(p, axis=1) <= 0) & real[:, 1:]):
         raise ValueError("power must be strictly ascending from sleep up to the last point")
+    kf, kc = k - 1, max(k - 2, 0)
+    chord_slope, wake = _wake_chords(p, h, top) if kf else (np.empty((n_kinds, 0)),
+                                                            np.empty((n_kinds, 0), np.intp))
+    curve_slope = _chain_slopes(_strictly_concave_slopes(p, h, top), chord_slope, wake)
 
-    kf = k - 1
-    # Wake chords: best average slope from sleep to a level <= f+1, and which level.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        avg = (h[:, 1:] - h[:, :1]) / (p[:, 1:] - p[:, :1])
-    avg = np.where(real[:, 1:], avg, -np.inf)
-    chord_slope = np.maximum.accumulate(avg, axis=1) if kf else avg
-    wake = np.zeros((n, kf), dtype=np.int16)
-    if kf:
-        newmax = np.zeros((n, kf), dtype=bool)
-        newmax[:, 0] = True
-        newmax[:, 1:] = avg[:, 1:] > chord_slope[:, :-1]
-        wake = np.maximum.accumulate(np.where(newmax, cols[:kf], 0), axis=1) + 1
-    curve_slope = _strictly_concave_slopes(p, h, top)
-
-    # Entry ids are level-major: chord (f, i) -> f*n + i, step (e, i) -> n*kf + e*n + i.
-    # A stable sort then breaks slope ties chord first and keeps each miner's steps
-    # in chain order, which the level counts in _levels rely on.
+    # Entry ids are level-major: chord (f, kind) -> f*K + kind, step (e, kind) ->
+    # K*kf + e*K + kind. A stable sort then breaks slope ties chord first, then by
+    # level, then by kind.
     keys = np.concatenate([chord_slope.T.ravel(), curve_slope.T.ravel()])
-    keys = np.where(np.isnan(keys), -np.inf, keys)
     total = keys.size
     pos_dtype = np.int32 if total < 2**31 - 1 else np.int64
-    order: PosArray = np.argsort(-keys, kind="stable").astype(pos_dtype)
-    pos: PosArray = np.empty(total, dtype=pos_dtype)
+    order = np.argsort(-keys, kind="stable")
+    pos = np.empty(total, dtype=pos_dtype)
     pos[order] = np.arange(total, dtype=pos_dtype)
-    kc = max(k - 2, 0)
-    pt = np.asfortranarray(p)
-    step_w_t = np.ascontiguousarray(pt.T[2:] - pt.T[1:-1])
-    curve_pos_t = pos[n * kf :].reshape(kc, n)
-    default_start = np.ones(n, dtype=np.intp)
-    if kf:
-        default_start = np.minimum(wake[np.arange(n), np.maximum(top - 1, 0)], top)
-    e = np.arange(kc)[:, None]
-    default_w = np.where(
-        (e >= (default_start - 1)[None, :]) & (e < (top - 1)[None, :]), step_w_t, 0.0
-    )
-    n_blocks = (total >> _BLOCK_SHIFT) + 1
-    default_block_w = np.bincount(
-        (curve_pos_t >> _BLOCK_SHIFT).ravel(), weights=default_w.ravel(), minlength=n_blocks
-    ).astype(np.float64)
+    rows = np.arange(n_kinds)
+    wake_w = p[rows[:, None], wake] - p[:, :1] if kf else np.empty((n_kinds, 0))
+    step_w = p[:, 2:] - p[:, 1:-1] if kc else np.empty((n_kinds, 0))
+    chord_pos = pos[: n_kinds * kf].reshape(kf, n_kinds).T
+    curve_pos = pos[n_kinds * kf :].reshape(kc, n_kinds).T
+    is_chord = order < n_kinds * kf
+    step_id = order - n_kinds * kf
+    entry_kind = np.where(is_chord, order % max(n_kinds, 1), step_id % max(n_kinds, 1))
+    entry_level = np.where(is_chord, -(order // max(n_kinds, 1)) - 1, step_id // n_kinds + 1)
+    entry_w = np.where(is_chord, wake_w.T.ravel()[np.where(is_chord, order, 0)],
+                       step_w.T.ravel()[np.where(is_chord, 0, step_id)] if kc else 0.0)
+    usable = np.concatenate([wake_w[wake_w > 0], step_w[step_w > 0],
+                             (p[:, 1:] - p[:, :1])[real[:, 1:]]])
+    runs_kind, runs_len = _runs(kind)
+    top_chord = (rows * max(kf, 1) + np.maximum(top, 1) - 1)[kind]
     return PreparedFleet(
-        power_w=pt,
-        hashrate_ths=np.asfortranarray(h),
-        top=top,
-        wake_level_t=np.ascontiguousarray(wake.T, dtype=np.int16),
-        chord_pos_t=pos[: n * kf].reshape(kf, n),
-        curve_pos_t=curve_pos_t,
-        order=order,
+        kind=kind,
+        row=kind * k,
+        chord_row=kind * max(kf, 1),
+        top=top[kind].astype(LEVEL),
+        top_chord_idx=top_chord,
+        top_wake=(wake.ravel()[top_chord] if kf else np.zeros(kind.size)).astype(LEVEL),
+        top_chord_pos=(chord_pos.ravel()[top_chord] if kf else np.zeros(kind.size, pos_dtype)),
+        runs_kind=runs_kind,
+        runs_len=runs_len,
+        kind_power_w=p,
+        kind_hashrate_ths=h,
+        kind_top=top,
+        wake_level=np.ascontiguousarray(wake, dtype=LEVEL),
+        wake_w=np.ascontiguousarray(wake_w),
+        chord_pos=np.ascontiguousarray(chord_pos),
+        step_w=np.ascontiguousarray(step_w),
+        curve_pos=np.ascontiguousarray(curve_pos),
         neg_slope=-keys[order],
-        index=np.arange(n, dtype=np.int64),
-        step_w_t=step_w_t,
-        default_start=default_start.astype(np.intp),
-        default_block_w=default_block_w,
+        entry_kind=entry_kind.astype(np.intp),
+        entry_level=entry_level.astype(np.intp),
+        entry_w=entry_w.astype(np.float64),
+        min_entry_w=float(usable.min(initial=math.inf)),
+        wakes_below_vertex=bool(kf and np.any((wake >= 2) & (np.arange(kf) < top[:, None]))),
     )
 
 
-def usd_per_ths_hour(hashprice_usd_per_ph_day: float) -> float:
-    """Revenue of one TH/s for one hour at a hashprice in $/PH/day."""
-    return hashprice_usd_per_ph_day / 1000.0 / 24.0
+# -- prices -----------------------------------------------------------------------------------
 
 
 def energy_cost_usd_per_mwh_it(
@@ -275,64 +400,11 @@ def energy_cost_usd_per_mwh_it(
 def threshold_ths_per_w(cost_usd_per_mwh_it: float, hashprice_usd_per_ph_day: float) -> float:
     """Marginal TH/s per W a step must beat to pay for its energy."""
     value = usd_per_ths_hour(hashprice_usd_per_ph_day)
-    cost = cost_usd_per_mwh_it / 1e6  # $/Wh
+    cost = usd_per_wh(cost_usd_per_mwh_it)
     if value <= 0.0:
         # Hashrate worthless: run only if power itself pays (negative price).
         return -np.inf if cost < 0 else np.inf
     return cost / value
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Per-decision view of each miner's chain under its level bounds."""
-
-    lo: IntArray
-    hi: IntArray
-    start: IntArray  # first level whose outgoing step is an entry (when awake)
-    has_chord: npt.NDArray[np.bool_]  # may sleep and may run: the wake chord is an entry
-    chord_pos: PosArray  # (n,) position of that chord (meaningful where has_chord)
-
-
-def make_bounds(
-    fleet: PreparedFleet, min_level: IntArray | None, max_level: IntArray | None
-) -> Bounds:
-    """Per-decision view of each miner's steps under level bounds (reuse it across calls).
-
-    A minimum above a maximum yields to the maximum (thermal limits are safety).
-    """
-    n = fleet.n
-    if max_level is None:
-        hi = fleet.top
-    else:
-        hi = np.maximum(np.minimum(np.asarray(max_level, dtype=np.intp), fleet.top), 0)
-    if min_level is None:
-        lo = np.zeros(n, dtype=np.intp)
-    else:
-        lo = np.minimum(np.maximum(np.asarray(min_level, dtype=np.intp), 0), hi)
-    has_chord = (lo == 0) & (hi >= 1)
-    if fleet.k > 1:
-        flat = np.maximum(hi - 1, 0) * n + fleet.index
-        wake = np.take(fleet.wake_level_t.ravel(), flat).astype(np.intp)
-        chord_pos = np.take(fleet.chord_pos_t.ravel(), flat)
-    else:
-        wake = np.zeros(n, dtype=np.intp)
-        chord_pos = np.zeros(n, dtype=np.int64)
-    start = np.where(has_chord, np.minimum(wake, hi), lo)
-    return Bounds(lo, hi, start, has_chord, chord_pos)
-
-
-def levels_at(fleet: PreparedFleet, b: Bounds, r: int | PosArray) -> IntArray:
-    """Level of every miner when exactly the entries before position r are taken.
-
-    r is one position for the fleet (see :func:`position_at_price`), or one per miner.
-    """
-    rr = r if isinstance(r, int) else np.asarray(r)[None, :]
-    count_dtype = np.uint8 if fleet.k < 256 else np.int32
-    below = (fleet.curve_pos_t < rr).view(np.uint8)
-    taken = below.sum(axis=0, dtype=count_dtype).astype(np.intp)
-    run = np.minimum(np.maximum(taken + 1, b.start), b.hi)
-    awake = ~b.has_chord | (b.chord_pos < r)
-    return np.where(awake, run, b.lo)
 
 
 def position_at_price(
@@ -354,144 +426,595 @@ def position_at_price(
     return fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
 
 
-def plan_at(fleet: PreparedFleet, level: IntArray, *, aux_fraction: float = 0.0) -> Plan:
-    """A plan of given levels that the cap does not bind (all reasons PROFIT)."""
-    pw = fleet.gather(fleet.power_w, level)
+@dataclass(frozen=True, slots=True)
+class _Economics:
+    """What one decision's prices make of the entries."""
+
+    value: float  # $ per TH/s-hour
+    cost: float  # $ per IT Wh
+    threshold: float  # TH/s per W an entry must beat
+    r0: int  # entries before this position pay
+
+
+def _economics(fleet: PreparedFleet, price_usd_per_mwh: float, hashprice_usd_per_ph_day: float,
+               *, aux_fraction: float, adder_usd_per_mwh: float, aux_in_cost: bool) -> _Economics:
+    cost = energy_cost_usd_per_mwh_it(
+        price_usd_per_mwh, aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
+        aux_in_cost=aux_in_cost,
+    )
+    t = threshold_ths_per_w(cost, hashprice_usd_per_ph_day)
+    return _Economics(usd_per_ths_hour(hashprice_usd_per_ph_day), usd_per_wh(cost), t,
+                      fleet.position(t))
+
+
+# -- bounds and levels --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """Per-decision view of each miner's chain under its level bounds (all (n,))."""
+
+    lo: LevelArray
+    hi: LevelArray
+    start: LevelArray  # first level whose outgoing step is an entry (when awake)
+    has_chord: BoolArray  # may sleep and may run: the wake chord is an entry
+    chord_pos: PosArray  # position of that chord (meaningful where has_chord)
+    chord_idx: IntArray  # its index in the flattened (K, k - 1) chord tables
+
+
+def make_bounds(
+    fleet: PreparedFleet,
+    min_level: npt.NDArray[np.integer] | None,
+    max_level: npt.NDArray[np.integer] | None,
+) -> Bounds:
+    """Per-decision view of each miner's steps under level bounds (reuse it across calls).
+
+    A minimum above a maximum yields to the maximum (thermal limits are safety).
+    """
+    top = fleet.top
+    hi = top if max_level is None else np.minimum(_levels(max_level), top)
+    lo = np.zeros(fleet.n, LEVEL) if min_level is None else np.minimum(_levels(min_level), hi)
+    has_chord = (lo == 0) & (hi >= 1)
+    # Most miners may run to their top level: their chord is prepared; look up the rest.
+    chord_idx, wake = fleet.top_chord_idx.copy(), fleet.top_wake.copy()
+    chord_pos = fleet.top_chord_pos.copy()
+    lower = np.flatnonzero(hi != top)
+    if lower.size and fleet.k > 1:
+        idx = fleet.chord_row[lower] + np.maximum(hi[lower], 1) - 1
+        chord_idx[lower] = idx
+        wake[lower] = fleet.wake_level.ravel().take(idx)
+        chord_pos[lower] = fleet.chord_pos.ravel().take(idx)
+    start = lo + (np.minimum(wake, hi) - lo) * has_chord
+    return Bounds(lo, hi, start, has_chord, chord_pos, chord_idx)
+
+
+def _levels(level: npt.NDArray[np.integer]) -> LevelArray:
+    """Levels as the decision's small integers, negative ones as 0."""
+    a = np.asarray(level)
+    if a.dtype != LEVEL:
+        a = np.clip(a, 0, np.iinfo(LEVEL).max).astype(LEVEL)
+    out: LevelArray = np.maximum(a, LEVEL(0))
+    return out
+
+
+def levels_at(fleet: PreparedFleet, b: Bounds, r: int) -> LevelArray:
+    """Level of every miner when exactly the entries before position r are taken."""
+    taken = np.count_nonzero(fleet.curve_pos < r, axis=1).astype(LEVEL)
+    run = np.minimum(np.maximum(fleet.per_miner(taken) + LEVEL(1), b.start), b.hi)
+    awake = ~b.has_chord | (b.chord_pos < r)
+    out: LevelArray = b.lo + (run - b.lo) * awake
+    return out
+
+
+def plan_at(fleet: PreparedFleet, level: npt.NDArray[np.integer], *,
+            aux_fraction: float = 0.0, power_w: FloatArray | None = None) -> Plan:
+    """A plan of given levels that the cap does not bind (all reasons PROFIT).
+
+    power_w: ``fleet.power_at(level)`` when the caller has it already.
+    """
+    lv = np.asarray(level, dtype=LEVEL)
+    pw = fleet.power_at(lv) if power_w is None else power_w
     return Plan(
-        level=level,
+        level=lv,
         power_w=pw,
-        hashrate_ths=fleet.gather(fleet.hashrate_ths, level),
+        hashrate_ths=fleet.hashrate_at(lv),
         reason=np.zeros(fleet.n, dtype=np.uint8),
         site_power_w=float(pw.sum()) * (1.0 + aux_fraction),
         cap_binding=False,
-        econ_level=level,
+        econ_level=lv,
     )
 
 
-def levels_at_price(
-    fleet: PreparedFleet,
-    *,
-    price_usd_per_mwh: float,
-    hashprice_usd_per_ph_day: float,
-    aux_fraction: float = 0.0,
-    adder_usd_per_mwh: float = 0.0,
-    aux_in_cost: bool = True,
-    min_level: IntArray | None = None,
-    max_level: IntArray | None = None,
-) -> IntArray:
-    """Each miner's most profitable level at a price, within bounds, ignoring the cap."""
-    r0 = position_at_price(
-        fleet, price_usd_per_mwh=price_usd_per_mwh,
-        hashprice_usd_per_ph_day=hashprice_usd_per_ph_day, aux_fraction=aux_fraction,
-        adder_usd_per_mwh=adder_usd_per_mwh, aux_in_cost=aux_in_cost,
-    )
-    return levels_at(fleet, make_bounds(fleet, min_level, max_level), r0)
+# -- the search under a cap or a floor ------------------------------------------------------------
 
 
-class _Entries:
-    """Weights (W) of every entry under the current bounds, and their block sums per class.
+def _classes(priority: npt.NDArray[np.integer] | None, n: int) -> tuple[IntArray, int]:
+    """Dense class per miner, 0 = the highest priority present; and the number of classes."""
+    if priority is None or np.size(priority) == 0:
+        return np.zeros(n, dtype=np.intp), 1
+    prio = np.asarray(priority)
+    top, low = int(prio.max()), int(prio.min())
+    if top == low:
+        return np.zeros(n, dtype=np.intp), 1
+    if top - low < 1024:
+        below = (top - prio).astype(np.intp)
+        present = np.bincount(below, minlength=top - low + 1) > 0
+        rank = np.cumsum(present) - 1
+        return rank.take(below), int(present.sum())
+    values, inverse = np.unique(-prio.astype(np.int64), return_inverse=True)
+    return inverse.ravel().astype(np.intp), int(values.size)
 
-    Without priority classes the step weights start from the sums prepared for
-    unbounded miners and are corrected only for miners whose bounds change their
-    steps (derated, pinned, held); the wake chords are summed every time.
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """One decision's fixed inputs to the search: fleet, bounds, classes, prices."""
+
+    fleet: PreparedFleet
+    b: Bounds
+    eco: _Economics
+    econ: LevelArray  # levels at the price, bounds only
+    cls: IntArray  # (n,) dense priority class, 0 first
+    n_cls: int
+    econ_w: FloatArray  # (n,) W at the economic levels
+    units: FloatArray | None  # (n,) identical miners per row, or None
+
+    def in_class(self, c: int) -> IntArray | slice:
+        """The miners of class c, in order (all of them when there is one class)."""
+        return slice(None) if self.n_cls == 1 else np.flatnonzero(self.cls == c)
+
+    def class_totals(self, upper_w: FloatArray, lower_w: FloatArray) -> FloatArray:
+        """(classes,) W between two per-miner powers, summed by class."""
+        if self.n_cls == 1:
+            return np.array([float(upper_w.sum() - lower_w.sum())])
+        out = np.bincount(self.cls, weights=upper_w - lower_w, minlength=self.n_cls)
+        return out.astype(np.float64, copy=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _ClassWeights:
+    """W one class's miners take at each entry of each kind; positions looked up as needed."""
+
+    fleet: PreparedFleet
+    steps: FloatArray  # (K, k - 2)
+    chords: FloatArray  # (K, k - 1)
+
+    def between(self, start: int, stop: int) -> FloatArray:
+        """W at positions start..stop-1 of the order, in order."""
+        fleet = self.fleet
+        kind, lv = fleet.entry_kind[start:stop], fleet.entry_level[start:stop]
+        step = lv >= 1
+        out = np.zeros(lv.size)
+        if self.steps.size:
+            idx = np.where(step, kind * (fleet.k - 2) + lv - 1, 0)
+            out += step * self.steps.ravel().take(idx)
+        if self.chords.size:
+            idx = np.where(step, 0, kind * (fleet.k - 1) - lv - 1)
+            out += ~step * self.chords.ravel().take(idx)
+        return out
+
+    def block_sums(self) -> FloatArray:
+        """W per block of _BLOCK positions (the last block partly past the order's end)."""
+        fleet = self.fleet
+        blocks = fleet.neg_slope.size // _BLOCK + 1
+        out = np.bincount(fleet.curve_pos.ravel() // _BLOCK, weights=self.steps.ravel(),
+                          minlength=blocks)
+        out += np.bincount(fleet.chord_pos.ravel() // _BLOCK, weights=self.chords.ravel(),
+                           minlength=blocks)
+        return out.astype(np.float64, copy=False)
+
+
+def _entry_weights(ctx: _Context, c: int) -> _ClassWeights:
+    """W the miners of class c take at each entry of each kind.
+
+    A step (kind, e) is active for the miners of that kind with start <= e+1 < hi; a
+    chord (kind, f) for those that may sleep and run with hi = f+1. Two histograms
+    over the class's miners; nothing of size miners x levels.
     """
+    fleet, b = ctx.fleet, ctx.b
+    n_kinds, k = fleet.kind_power_w.shape
+    if k < 2:
+        return _ClassWeights(fleet, np.zeros((n_kinds, 0)), np.zeros((n_kinds, 0)))
+    mine = ctx.in_class(c)
+    row = fleet.row[mine]
+    size = n_kinds * k
+    # Miners with start <= level < hi: those starting at or below it, less those whose
+    # maximum is at or below it (running sums over each kind's levels).
+    active = np.bincount(row + b.start[mine], minlength=size).reshape(n_kinds, k).cumsum(1)
+    active -= np.bincount(row + b.hi[mine], minlength=size).reshape(n_kinds, k).cumsum(1)
+    steps = active[:, 1 : k - 1] * fleet.step_w
+    chords = np.bincount(b.chord_idx[mine][b.has_chord[mine]], minlength=n_kinds * (k - 1))
+    return _ClassWeights(fleet, steps, chords.reshape(n_kinds, k - 1) * fleet.wake_w)
 
-    def __init__(self, fleet: PreparedFleet, b: Bounds, cls: IntArray | None, n_cls: int):
-        self.fleet, self.b, self.cls, self.n_cls = fleet, b, cls, n_cls
-        n_blocks = int(fleet.default_block_w.size)
-        size = n_blocks * n_cls
-        pt = fleet.power_w.T  # (k, n) view, rows contiguous
-        e = np.arange(max(fleet.k - 2, 0))[:, None]
-        wake_w = fleet.gather(fleet.power_w, b.start) - pt[0]
-        self.w_chord = np.where(b.has_chord, wake_w, 0.0)
-        blk_chord = b.chord_pos >> _BLOCK_SHIFT
-        if cls is None:
-            changed = np.flatnonzero((b.start != fleet.default_start) | (b.hi != fleet.top))
-            sub_start, sub_hi = b.start[changed], b.hi[changed]
-            now = (e >= (sub_start - 1)[None, :]) & (e < (sub_hi - 1)[None, :])
-            before = (e >= (fleet.default_start[changed] - 1)[None, :]) & (
-                e < (fleet.top[changed] - 1)[None, :]
-            )
-            delta = fleet.step_w_t[:, changed] * (now.astype(np.int8) - before.astype(np.int8))
-            blk = fleet.curve_pos_t[:, changed] >> _BLOCK_SHIFT
-            curve = fleet.default_block_w + np.bincount(
-                blk.ravel(), weights=delta.ravel(), minlength=size
-            )
+
+@dataclass(slots=True)
+class _Search:
+    """State of one greedy pass: levels so far, budget left, and what the pass saw."""
+
+    level: LevelArray
+    room_w: float  # IT W still free under the cap
+    cut_pos: int = -1  # first position whose entry did not fit whole (-1: none yet)
+    split: tuple[int, int] | None = None
+
+
+def _first_passing(w: _ClassWeights, start: int, stop: int, amount: float) -> tuple[int, float]:
+    """First position in [start, stop) where the running sum of W from start passes amount.
+
+    Returns it and the sum before it; (stop, the sum) when it never does. A long stretch
+    (a fleet of all-different curves) is summed by blocks, and only the block that passes
+    entry by entry: nothing the size of the order is built.
+    """
+    if stop - start <= 4 * _BLOCK:
+        cum = np.cumsum(w.between(start, stop))
+        g = int(np.searchsorted(cum, amount, side="right"))
+        return start + g, float(cum[g - 1]) if g else 0.0
+    first, last = -(-start // _BLOCK), stop // _BLOCK  # whole blocks first..last-1
+    g, acc = _first_passing(w, start, first * _BLOCK, amount)
+    if g < first * _BLOCK:
+        return g, acc
+    cum_blocks = acc + np.cumsum(w.block_sums()[first:last])
+    j = int(np.searchsorted(cum_blocks, amount, side="right"))
+    before = float(cum_blocks[j - 1]) if j else acc
+    block_end = (first + j + 1) * _BLOCK if j < last - first else stop
+    g, acc = _first_passing(w, (first + j) * _BLOCK, block_end, amount - before)
+    return g, before + acc
+
+
+def _greedy_prefix(ctx: _Context, room_w: float) -> tuple[_Search, int]:
+    """Every entry before the cut, class by class; returns the search and the cut class.
+
+    Classes that fit whole take their economic levels; in the class the cap cuts, the
+    entries before the cut position; the classes after it keep their minimum.
+    """
+    r0 = ctx.eco.r0
+    totals = ctx.class_totals(ctx.econ_w, ctx.fleet.power_at(ctx.b.lo))
+    for c, total in enumerate(totals.tolist()):
+        if total <= room_w:
+            room_w -= total
+            continue
+        g, before = _first_passing(_entry_weights(ctx, c), 0, r0, room_w)
+        room_w -= before
+        at_g = levels_at(ctx.fleet, ctx.b, g)
+        level = np.where(ctx.cls < c, ctx.econ, np.where(ctx.cls == c, at_g, ctx.b.lo))
+        return _Search(level.astype(LEVEL), room_w, cut_pos=g if g < r0 else -1), c
+    return _Search(ctx.econ.copy(), room_w), totals.size
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """Miners of one class waiting at each entry, per kind: at a step or at a wake chord."""
+
+    fleet: PreparedFleet
+    steps: npt.NDArray[np.int64]  # (K * k,): at the step from level l of kind (kind * k + l)
+    chords: npt.NDArray[np.int64]  # (K * (k - 1),): at the wake chord (kind, f)
+
+    def _index(self, pos: IntArray) -> tuple[IntArray, BoolArray]:
+        fleet = self.fleet
+        kind, lv = fleet.entry_kind[pos], fleet.entry_level[pos]
+        step = lv >= 1
+        idx = np.where(step, kind * fleet.k + lv, kind * (fleet.k - 1) - lv - 1)
+        return idx, step
+
+    def at(self, pos: IntArray) -> npt.NDArray[np.int64]:
+        """Miners waiting at these positions."""
+        idx, step = self._index(pos)
+        out: npt.NDArray[np.int64] = np.where(
+            step, self.steps.take(np.where(step, idx, 0)),
+            self.chords.take(np.where(step, 0, idx)) if self.chords.size else 0)
+        return out
+
+    def clear(self, g: int) -> None:
+        idx, step = self._index(np.array([g]))
+        (self.steps if step[0] else self.chords)[idx[0]] = 0
+
+    def positions(self) -> IntArray:
+        """Positions where some miner waits, in order."""
+        fleet = self.fleet
+        k = fleet.k
+        steps = self.steps.reshape(-1, k)[:, 1 : k - 1] if k > 2 else np.zeros((0, 0))
+        out = np.concatenate([fleet.curve_pos.ravel()[np.flatnonzero(steps.ravel())],
+                              fleet.chord_pos.ravel()[np.flatnonzero(self.chords)]])
+        return np.sort(out).astype(np.intp)
+
+
+def _waiting(ctx: _Context, level: LevelArray, c: int) -> _Waiting:
+    """Class c's miners at their next entry: a running miner below its maximum at its
+    next step, a sleeping one that may wake at its wake chord. Two histograms."""
+    fleet, b = ctx.fleet, ctx.b
+    n_kinds, k = fleet.kind_power_w.shape
+    mine = ctx.in_class(c)
+    lv, hi = level[mine], b.hi[mine]
+    up = (lv >= 1) & (lv < hi)
+    steps = np.bincount(fleet.row[mine][up] + lv[up], minlength=n_kinds * k)
+    asleep = b.has_chord[mine] & (lv == 0)
+    chords = np.bincount(b.chord_idx[mine][asleep], minlength=n_kinds * max(k - 1, 0))
+    return _Waiting(fleet, steps.astype(np.int64), chords.astype(np.int64))
+
+
+def _least_w(ctx: _Context, stop: int) -> FloatArray:
+    """(stop,) the least W each entry's group can still use: one miner of a row, a lower wake."""
+    fleet = ctx.fleet
+    least = fleet.entry_w[:stop]
+    if ctx.units is not None:  # rows of one kind stand for equally many miners
+        per_kind = np.zeros(fleet.kinds)
+        np.maximum.at(per_kind, fleet.kind, ctx.units)
+        least = least / per_kind[fleet.entry_kind[:stop]]
+    if not fleet.wakes_below_vertex:
+        return least
+    p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
+    dp, dh = p[:, 1:] - p[:, :1], h[:, 1:] - h[:, :1]
+    with np.errstate(invalid="ignore"):
+        pays = dh > ctx.eco.threshold * dp
+    low = np.minimum.accumulate(np.where(pays, dp, np.inf), axis=1)  # levels 1..j+1
+    vertex = fleet.wake_level.astype(np.intp)
+    below = np.where(vertex >= 2, np.take_along_axis(low, np.maximum(vertex - 2, 0), 1),
+                     np.inf)  # (K, k - 1): paying levels under the hull vertex
+    chord = np.flatnonzero(fleet.entry_level[:stop] < 0)
+    idx = fleet.entry_kind[chord] * (fleet.k - 1) - fleet.entry_level[chord] - 1
+    least = least.copy()
+    least[chord] = np.minimum(least[chord], below.ravel()[idx])
+    return least
+
+
+@dataclass(slots=True)
+class _Fill:
+    """The fill's walk in one class: miners left out of a wake-up, miners waiting."""
+
+    blocked: BoolArray  # woke below the hull vertex: takes nothing more
+    waiting: _Waiting
+
+
+def _members(ctx: _Context, s: _Search, f: _Fill, c: int, g: int) -> IntArray:
+    """Miners (in order) of class c whose next entry is the one at position g."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = int(fleet.entry_level[g])
+    mine = (fleet.kind == int(fleet.entry_kind[g])) & ~f.blocked
+    if ctx.n_cls > 1:
+        mine &= ctx.cls == c
+    if lv >= 1:  # a step from level lv
+        mine &= (s.level == lv) & (b.hi > lv)
+    else:  # the wake chord of sleeping miners whose max level is -lv
+        mine &= (s.level == 0) & b.has_chord & (b.hi == -lv)
+    return np.flatnonzero(mine)
+
+
+def _wake_lower(ctx: _Context, s: _Search, rest: IntArray) -> None:
+    """Miners whose wake chord did not fit wake, in order, at the best level that fits.
+
+    They share a kind and a hull vertex; the candidates are the levels below the
+    vertex that pay at this price. A row of several identical miners wakes whole at
+    the level one of them would choose, or not at all (then ``split`` names it).
+    """
+    fleet, eco = ctx.fleet, ctx.eco
+    kind, wake = int(fleet.kind[rest[0]]), int(ctx.b.start[rest[0]])
+    lv = np.arange(1, wake)
+    dp = fleet.kind_power_w[kind, lv] - fleet.kind_power_w[kind, 0]
+    dh = fleet.kind_hashrate_ths[kind, lv] - fleet.kind_hashrate_ths[kind, 0]
+    gain = np.where(dh > eco.threshold * dp, eco.value * dh - eco.cost * dp, -np.inf)
+    u = 1.0 if ctx.units is None else float(ctx.units[rest[0]])
+    done = 0
+    while done < rest.size:
+        fits = (dp / u <= s.room_w) & np.isfinite(gain)
+        if not fits.any():
+            return
+        j = int(np.argmax(np.where(fits, gain, -np.inf)))
+        count = min(rest.size - done, int(s.room_w // dp[j]))
+        while count and count * dp[j] > s.room_w:
+            count -= 1
+        if count == 0:  # not a whole row, though one of its miners would fit
+            if s.split is None:
+                s.split = (int(rest[done]), int(s.room_w // (dp[j] / u)))
+            return
+        s.level[rest[done : done + count]] = lv[j]
+        s.room_w -= count * float(dp[j])
+        done += count
+
+
+def _take_group(ctx: _Context, s: _Search, members: IntArray, g: int) -> IntArray:
+    """The first members of one group take its entry while it fits; returns those that did."""
+    w = float(ctx.fleet.entry_w[g])
+    t = min(members.size, int(s.room_w // w))
+    while t and t * w > s.room_w:
+        t -= 1
+    taken, rest = members[:t], members[t:]
+    s.room_w -= t * w
+    if rest.size and s.cut_pos < 0:
+        s.cut_pos = g
+    if rest.size and ctx.units is not None and s.split is None:
+        unit_w = w / float(ctx.units[rest[0]])
+        if unit_w <= s.room_w:
+            s.split = (int(rest[0]), int(s.room_w // unit_w))
+    if int(ctx.fleet.entry_level[g]) >= 1:
+        s.level[taken] += LEVEL(1)
+    else:
+        s.level[taken] = ctx.b.start[taken]
+    return taken
+
+
+def _fill(ctx: _Context, s: _Search, first_cls: int) -> None:
+    """Give what is left of the budget to the later entries that still fit, in order.
+
+    Walks the groups (a class's miners waiting at one entry) in the greedy's order,
+    class by class from the one the cap cut; in each one visited, its first miners take
+    the entry while they fit; a miner left out takes nothing more, except that a
+    sleeping one may wake below its hull vertex (:func:`_wake_lower`).
+    """
+    fleet = ctx.fleet
+    if ctx.units is None and s.room_w < fleet.min_entry_w:
+        return
+    least = _least_w(ctx, ctx.eco.r0)
+    blocked = np.zeros(fleet.n, dtype=bool)
+    for c in range(first_cls, ctx.n_cls):
+        if ctx.units is None and s.room_w < fleet.min_entry_w:
+            return
+        _walk(ctx, s, _Fill(blocked, _waiting(ctx, s.level, c)), c, least)
+
+
+def _walk(ctx: _Context, s: _Search, f: _Fill, c: int, least: FloatArray) -> None:
+    """Visit class c's groups in order, only those that are not empty and could still fit.
+
+    The candidates are listed once; what the budget no longer pays for is skipped a
+    chunk at a time, and groups that miners step up into are queued as they appear.
+    """
+    r0 = least.size
+    cand = f.waiting.positions()
+    cand = cand[cand < r0]
+    cand = cand[least[cand] <= s.room_w]
+    queued: list[int] = []  # positions that got waiting miners during the walk
+    i = 0
+    while True:
+        i = _next_alive(cand, i, f.waiting, least, s.room_w)
+        while queued and (least[queued[0]] > s.room_w
+                          or not f.waiting.at(np.array(queued[:1]))[0]):
+            heapq.heappop(queued)
+        if i >= cand.size and not queued:
+            return
+        if queued and (i >= cand.size or queued[0] < cand[i]):
+            g = heapq.heappop(queued)
         else:
-            active = (e >= (b.start - 1)[None, :]) & (e < (b.hi - 1)[None, :])
-            w = np.where(active, fleet.step_w_t, 0.0)
-            blk_all = (fleet.curve_pos_t >> _BLOCK_SHIFT) + (cls * n_blocks)[None, :]
-            blk_chord = blk_chord + cls * n_blocks
-            curve = np.bincount(blk_all.ravel(), weights=w.ravel(), minlength=size).astype(
-                np.float64
-            )
-        chord = np.bincount(blk_chord, weights=self.w_chord, minlength=size)
-        self.block_sums = (curve.astype(np.float64) + chord).reshape(n_cls, n_blocks)
+            g, i = int(cand[i]), i + 1
+        members = _members(ctx, s, f, c, g)
+        f.waiting.clear(g)
+        taken = _take_group(ctx, s, members, g)
+        if taken.size < members.size and int(ctx.fleet.entry_level[g]) < 0:
+            rest = members[taken.size :]
+            _wake_lower(ctx, s, rest)
+            f.blocked[rest[s.level[rest] > 0]] = True
+        for p in _advance(ctx, s, f, taken).tolist():
+            if p < r0 and least[p] <= s.room_w:
+                heapq.heappush(queued, p)
 
-    def span(self, start: int, stop: int) -> tuple[FloatArray, IntArray]:
-        """Weights and classes of the entries at positions start..stop-1, in order."""
-        fleet, b = self.fleet, self.b
-        ids = fleet.order[start:stop].astype(np.int64)
-        n = fleet.n
-        n_chord = n * (fleet.k - 1)
-        is_chord = ids < n_chord
-        curve_id = np.where(is_chord, 0, ids - n_chord)
-        miner = np.where(is_chord, ids, curve_id) % n
-        f = ids // n
-        chord_w = np.where(f == b.hi[miner] - 1, self.w_chord[miner], 0.0)
-        if fleet.step_w_t.size:
-            e = curve_id // n
-            active = (e >= b.start[miner] - 1) & (e < b.hi[miner] - 1)
-            curve_w = np.where(active, fleet.step_w_t.ravel()[curve_id], 0.0)
-        else:
-            curve_w = np.zeros(ids.size)
-        w = np.where(is_chord, chord_w, curve_w)
-        c = self.cls[miner] if self.cls is not None else np.zeros(ids.size, dtype=np.intp)
-        return w, c
 
-    def below(self, r: int) -> FloatArray:
-        """Per-class sum of entry weights at positions before r."""
-        blk = r >> _BLOCK_SHIFT
-        out = self.block_sums[:, :blk].sum(axis=1)
-        w, c = self.span(blk << _BLOCK_SHIFT, r)
-        part = np.bincount(c, weights=w, minlength=self.n_cls)[: self.n_cls]
-        total: FloatArray = out + part.astype(np.float64)
-        return total
+def _next_alive(cand: IntArray, i: int, waiting: _Waiting, least: FloatArray,
+                room_w: float) -> int:
+    """Index of the first candidate from i on with waiting miners and affordable (or end)."""
+    while i < cand.size:
+        chunk = cand[i : i + 256]
+        ok = (least[chunk] <= room_w) & (waiting.at(chunk) > 0)
+        if ok.any():
+            return i + int(np.argmax(ok))
+        i += chunk.size
+    return i
 
-    def first_exceeding(self, c: int, start: int, stop: int, amount: float) -> tuple[int, float]:
-        """First position p in [start, stop) where class c's running sum from start passes amount.
 
-        Returns (p, sum of class c's weights in [start, p)); p == stop if never passed.
-        Walks the head of the first block, then whole blocks by their sums, then one
-        block exactly: a few thousand entries whatever the fleet size.
-        """
-        if start >= stop:
-            return start, 0.0
-        first_block = start >> _BLOCK_SHIFT
-        head_stop = min(stop, (first_block + 1) << _BLOCK_SHIFT)
-        p, acc = self._exact(c, start, head_stop, amount, 0.0)
-        if p < head_stop or head_stop == stop:
-            return p, acc
-        last_block = stop >> _BLOCK_SHIFT  # [last_block << shift, stop) is the partial tail
-        full = self.block_sums[c, first_block + 1 : last_block]
-        cum = acc + np.cumsum(full)
-        j = int(np.searchsorted(cum, amount, side="right"))
-        if j < full.size:
-            s0 = (first_block + 1 + j) << _BLOCK_SHIFT
-            return self._exact(
-                c, s0, s0 + (1 << _BLOCK_SHIFT), amount, float(cum[j - 1]) if j else acc
-            )
-        return self._exact(
-            c, last_block << _BLOCK_SHIFT, stop, amount, float(cum[-1]) if full.size else acc
-        )
+def _advance(ctx: _Context, s: _Search, f: _Fill, taken: IntArray) -> IntArray:
+    """Count the miners that took an entry at their next one; returns those positions."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = s.level[taken]
+    more = taken[(lv < b.hi[taken]) & (lv >= 1)]
+    if not more.size or fleet.k <= 2:
+        return np.zeros(0, dtype=np.intp)
+    np.add.at(f.waiting.steps, fleet.row[more] + s.level[more], 1)
+    pos = fleet.curve_pos.ravel()[fleet.kind[more] * (fleet.k - 2) + s.level[more] - 1]
+    out: IntArray = np.unique(pos).astype(np.intp)
+    return out
 
-    def _exact(self, c: int, s0: int, s1: int, amount: float, acc: float) -> tuple[int, float]:
-        w, cl = self.span(s0, s1)
-        cw = acc + np.cumsum(np.where(cl == c, w, 0.0))
-        j = int(np.searchsorted(cw, amount, side="right"))
-        if j >= cw.size:
-            return s1, float(cw[-1]) if cw.size else acc
-        return s0 + j, float(cw[j - 1]) if j else acc
+
+def _group_members(ctx: _Context, in_class: BoolArray, g: int) -> IntArray:
+    """Miners (in order) whose entry at position g is active: its kind, its level range."""
+    fleet, b = ctx.fleet, ctx.b
+    lv = int(fleet.entry_level[g])
+    mine = in_class & (fleet.kind == int(fleet.entry_kind[g]))
+    if lv >= 1:  # a step from level lv
+        mine &= (b.start <= lv) & (b.hi > lv)
+    else:  # the wake chord of miners whose max level is -lv
+        mine &= b.has_chord & (b.hi == -lv)
+    return np.flatnonzero(mine)
+
+
+def _fill_to_floor(ctx: _Context, need_w: float, room_w: float) -> LevelArray:
+    """Keep the least unprofitable entries, in order, until the floor; never past the cap.
+
+    Classes before the one the floor stops in run everything they may; in that class,
+    the entries up to the one that reaches the floor (that one only if it fits); later
+    classes keep their economic levels.
+    """
+    fleet, r0 = ctx.fleet, ctx.eco.r0
+    m_total = fleet.neg_slope.size
+    level = ctx.econ.copy()
+    every = levels_at(fleet, ctx.b, m_total)
+    for c, total in enumerate(ctx.class_totals(fleet.power_at(every), ctx.econ_w).tolist()):
+        in_c = ctx.cls == c
+        if total < need_w:
+            level = np.where(in_c, every, level).astype(LEVEL)
+            need_w -= total
+            room_w -= total
+            continue
+        g, before = _first_passing(_entry_weights(ctx, c), r0, m_total, need_w)
+        level = np.where(in_c, levels_at(fleet, ctx.b, g), level).astype(LEVEL)
+        if g < m_total:
+            w = float(fleet.entry_w[g])
+            members = _group_members(ctx, in_c, g)
+            keep = min(members.size, int((need_w - before) // w))
+            if keep < members.size and before + (keep + 1) * w <= room_w:
+                keep += 1  # the entry that reaches the floor, since the cap allows it
+            taken = members[:keep]
+            if int(fleet.entry_level[g]) >= 1:
+                level[taken] += LEVEL(1)
+            else:
+                level[taken] = ctx.b.start[taken]
+        break
+    return level
+
+
+def _plan(fleet: PreparedFleet, level: LevelArray, econ: LevelArray, aux1: float, *,
+          binding: bool, multiplier: float = 0.0, infeasible: bool = False,
+          floor_binding: bool = False, split: tuple[int, int] | None = None) -> Plan:
+    pw = fleet.power_at(level)
+    below = (level < econ).view(np.uint8)
+    above = (level > econ).view(np.uint8)
+    reason = below * np.uint8(Reason.CAP) + above * np.uint8(Reason.RAMP)  # PROFIT is 0
+    return Plan(
+        level=level,
+        power_w=pw,
+        hashrate_ths=fleet.hashrate_at(level),
+        reason=reason.astype(np.uint8, copy=False),
+        site_power_w=float(pw.sum()) * aux1,
+        cap_binding=binding,
+        multiplier_usd_per_mwh=multiplier,
+        infeasible=infeasible,
+        floor_binding=floor_binding,
+        econ_level=econ,
+        split=split,
+    )
+
+
+def _multiplier(fleet: PreparedFleet, cut_pos: int, eco: _Economics, aux1: float) -> float:
+    """Shadow price of site power ($/MWh) at the entry the cap cut."""
+    if not 0 <= cut_pos < fleet.neg_slope.size:
+        return 0.0
+    slope = -float(fleet.neg_slope[cut_pos])
+    return max((eco.value * slope - eco.cost) * 1e6 / aux1, 0.0)
+
+
+def _search(ctx: _Context, *, budget: float, base_total: float, floor_it: float,
+            binding: bool, aux1: float) -> Plan:
+    """One greedy pass under the cap (binding) or up to the floor (not binding)."""
+    if binding:
+        s, first_cls = _greedy_prefix(ctx, budget - base_total)
+        _fill(ctx, s, first_cls)
+        return _plan(ctx.fleet, s.level, ctx.econ, aux1, binding=True, split=s.split,
+                     multiplier=_multiplier(ctx.fleet, s.cut_pos, ctx.eco, aux1))
+    econ_total = float(ctx.econ_w.sum())
+    level = _fill_to_floor(ctx, floor_it - econ_total, budget - econ_total)
+    return _plan(ctx.fleet, level, ctx.econ, aux1, binding=False, floor_binding=True)
+
+
+def _search_under(ctx: _Context, cap_w: float, *, base_total: float, floor_it: float,
+                  binding: bool, aux1: float) -> Plan | None:
+    """The search, repeated with a smaller budget while rounding keeps it over the cap."""
+    budget = cap_w / aux1
+    for attempt in range(_SHAVES):
+        out = _search(ctx, budget=budget, base_total=base_total, floor_it=floor_it,
+                      binding=binding, aux1=aux1)
+        if out.site_power_w <= cap_w:
+            return out
+        # Float rounding of the sums put the plan a hair over an exactly-met cap: shave
+        # the budget and search again, four times more each time, so that the plan
+        # moves even where the rounding is not in the budget's accounting.
+        excess = (out.site_power_w - cap_w) / aux1
+        budget -= (2.0 * excess + 1e-12 * abs(budget)) * 4.0**attempt
+        floor_it = min(floor_it, budget)
+    return None
 
 
 def solve(
@@ -501,13 +1024,14 @@ def solve(
     hashprice_usd_per_ph_day: float,
     cap_w: float,
     aux_fraction: float = 0.0,
-    min_level: IntArray | None = None,
-    max_level: IntArray | None = None,
+    min_level: npt.NDArray[np.integer] | None = None,
+    max_level: npt.NDArray[np.integer] | None = None,
     floor_w: float = 0.0,
     priority: npt.NDArray[np.integer] | None = None,
     adder_usd_per_mwh: float = 0.0,
     aux_in_cost: bool = True,
     bounds: Bounds | None = None,
+    unit_count: npt.NDArray[np.integer] | None = None,
 ) -> Plan:
     """Choose each miner's level to maximise profit under the site cap.
 
@@ -532,136 +1056,39 @@ def solve(
         aux_in_cost: Whether auxiliary load is paid for in the energy cost.
         bounds: ``make_bounds(fleet, min_level, max_level)`` computed already; when
             given, min_level and max_level are ignored.
+        unit_count: (n,) when each row stands for that many identical miners (the
+            backtest's cohorts, points scaled by the count): the plan then names, in
+            ``split``, the first row of which some miners but not all would have
+            taken an entry the cap left out.
 
     Returns:
         The plan; reasons are PROFIT, CAP (held below its economic level by the
         cap) or RAMP (held above it by the floor).
     """
-    n = fleet.n
     aux1 = 1.0 + aux_fraction
     b = bounds if bounds is not None else make_bounds(fleet, min_level, max_level)
-    cost = energy_cost_usd_per_mwh_it(
-        price_usd_per_mwh,
-        aux_fraction=aux_fraction,
-        adder_usd_per_mwh=adder_usd_per_mwh,
-        aux_in_cost=aux_in_cost,
-    )
-    r0 = fleet.position(threshold_ths_per_w(cost, hashprice_usd_per_ph_day))
+    eco = _economics(fleet, price_usd_per_mwh, hashprice_usd_per_ph_day,
+                     aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
+                     aux_in_cost=aux_in_cost)
     budget = cap_w / aux1
+    econ = levels_at(fleet, b, eco.r0)
+    econ_w = fleet.power_at(econ)
+    econ_total = float(econ_w.sum())
     floor_it = min(floor_w / aux1, budget)
-
-    econ = levels_at(fleet, b, r0)
-    econ_total = float(fleet.gather(fleet.power_w, econ).sum())
-
-    def plan(
-        level: IntArray,
-        *,
-        binding: bool,
-        multiplier: float = 0.0,
-        infeasible: bool = False,
-        floor_binding: bool = False,
-    ) -> Plan:
-        pw = fleet.gather(fleet.power_w, level)
-        reason = np.full(n, Reason.PROFIT, dtype=np.uint8)
-        reason[level < econ] = Reason.CAP
-        reason[level > econ] = Reason.RAMP
-        return Plan(
-            level=level,
-            power_w=pw,
-            hashrate_ths=fleet.gather(fleet.hashrate_ths, level),
-            reason=reason,
-            site_power_w=float(pw.sum()) * aux1,
-            cap_binding=binding,
-            multiplier_usd_per_mwh=multiplier,
-            infeasible=infeasible,
-            floor_binding=floor_binding,
-            econ_level=econ,
-        )
-
     if floor_it <= econ_total and econ_total * aux1 <= cap_w:
-        return plan(econ, binding=False)
-
-    base_total = float(fleet.gather(fleet.power_w, b.lo).sum())
+        return _plan(fleet, econ, econ, aux1, binding=False)
+    base_total = float(fleet.power_at(b.lo).sum())
     if base_total * aux1 > cap_w:
-        return plan(b.lo.copy(), binding=True, infeasible=True)
-
-    cls, n_cls = _classes(priority)
-    ent = _Entries(fleet, b, cls, n_cls)
-    total_entries = int(fleet.order.size)
-    below = ent.below(r0)  # per class: weight of the entries worth taking at this price
-    acc_total = base_total + float(below.sum())
-    above = ent.block_sums.sum(axis=1) - below
+        return _plan(fleet, b.lo.copy(), econ, aux1, binding=True, infeasible=True)
+    cls, n_cls = _classes(priority, fleet.n)
+    ctx = _Context(fleet, b, eco, econ, cls, n_cls, econ_w,
+                   None if unit_count is None else np.asarray(unit_count, dtype=np.float64))
     binding = econ_total * aux1 > cap_w
-
-    def prefixes(budget: float) -> tuple[npt.NDArray[np.int64], int]:
-        """Per-class prefix of the order to take, and where the cap cut it (-1: nowhere)."""
-        r_cls = np.full(n_cls, r0, dtype=np.int64)
-        if binding:
-            # Greedy by descending marginal efficiency, class by class, until the cap.
-            remaining = budget - base_total
-            for c in range(n_cls):  # a few priority classes, never one per miner
-                if below[c] <= remaining:
-                    remaining -= float(below[c])
-                    continue
-                cut_pos, _ = ent.first_exceeding(c, 0, r0, remaining)
-                r_cls[c] = cut_pos
-                r_cls[c + 1 :] = 0
-                return r_cls, cut_pos
-            return r_cls, -1
-        # Below the floor: keep the least unprofitable steps, never above the cap.
-        need = floor_it - acc_total
-        room = budget - acc_total
-        for c in range(n_cls):
-            if above[c] < need:
-                r_cls[c] = total_entries
-                need -= float(above[c])
-                room -= float(above[c])
-                continue
-            p_first, acc = ent.first_exceeding(c, r0, total_entries, need)
-            w_at, c_at = ent.span(p_first, min(p_first + 1, total_entries))
-            step = float(w_at[0]) if w_at.size and c_at[0] == c else 0.0
-            fits = acc + step <= room
-            r_cls[c] = min(p_first + 1, total_entries) if fits else p_first
-            break
-        return r_cls, -1
-
-    value = usd_per_ths_hour(hashprice_usd_per_ph_day)
-    for _ in range(3):
-        r_cls, cut_pos = prefixes(budget)
-        r_miner: int | npt.NDArray[np.int64] = int(r_cls[0]) if cls is None else r_cls[cls]
-        multiplier = 0.0
-        if 0 <= cut_pos < total_entries:
-            slope = -float(fleet.neg_slope[cut_pos])
-            multiplier = max((value * slope * 1e6 - cost) / aux1, 0.0)
-        out = plan(
-            levels_at(fleet, b, r_miner),
-            binding=binding,
-            multiplier=multiplier,
-            floor_binding=not binding,
-        )
-        if out.site_power_w <= cap_w:
-            return out
-        # Float rounding of the sums put the plan a hair over an exactly-met cap:
-        # shave the budget by the excess and search again.
-        excess = (out.site_power_w - cap_w) / aux1
-        budget -= 2.0 * excess + 1e-12 * abs(budget)
+    out = _search_under(ctx, cap_w, base_total=base_total, floor_it=floor_it,
+                        binding=binding, aux1=aux1)
+    if out is not None:
+        return out
     if not binding:
         # Only the floor pushed past the cap: the economic plan fits, keep it.
-        return plan(econ, binding=False)
-    return plan(b.lo.copy(), binding=True)
-
-
-def _classes(priority: npt.NDArray[np.integer] | None) -> tuple[IntArray | None, int]:
-    """Map priorities to dense classes, 0 = highest priority present."""
-    if priority is None:
-        return None, 1
-    prio = np.asarray(priority, dtype=np.int64)
-    if prio.size == 0:
-        return None, 1
-    lo = int(prio.min())
-    if int(prio.max()) - lo < 65536:
-        present = np.bincount(prio - lo) > 0
-        rank = (np.cumsum(present[::-1]) - 1)[::-1]
-        return rank[prio - lo].astype(np.intp), int(present.sum())
-    values, inverse = np.unique(-prio, return_inverse=True)
-    return inverse.astype(np.intp), int(values.size)
+        return _plan(fleet, econ, econ, aux1, binding=False)
+    return _plan(fleet, b.lo.copy(), econ, aux1, binding=True)

@@ -38,11 +38,11 @@ from prometheus_client.registry import Collector
 
 from controller.catalogue import load_catalogue
 from controller.core.fleet_state import VIEW_STATES, FleetState
-from controller.core.optimizer import usd_per_ths_hour
 from controller.daemon.snapshot import DecisionSnapshot
 from controller.protocol.reasons import REASON_NAMES
 from controller.protocol.topics import Kind
 from controller.protocol.transport import LinkStatus
+from controller.units import usd_per_ths_hour
 
 # Kinds the controller reads and reasons it drops messages for: their counters start at 0,
 # so a dashboard's rate() has a series before the first bad message (new ones still count).
