@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.backtest.engine import Settings, run_backtest
+from controller.backtest import Settings, run_backtest
 from controller.config import SiteConfig
 from drivers.prices import load_prices
 

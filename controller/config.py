@@ -11,9 +11,11 @@ every problem at once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import (
     Field,
@@ -31,6 +33,7 @@ from pydantic_settings import (
 from controller.campus_config import CampusConfig, campus_review
 from controller.catalogue import load_catalogue
 from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, StrictModel
+from controller.core.policy import PolicyKnobs
 from drivers.firmware.config import BridgeConfig
 from drivers.meters import MeterList
 from drivers.openadr.config import OpenAdrConfig
@@ -89,6 +92,11 @@ class EnergyConfig(StrictModel):
     )
 
 
+# The policy's own defaults (controller/core/policy.py) are the site file's defaults.
+_KNOB: dict[str, float] = {f.name: f.default for f in dataclasses.fields(PolicyKnobs)
+                           if isinstance(f.default, float)}
+
+
 class PolicyConfig(StrictModel):
     """Control-loop and policy knobs."""
 
@@ -96,30 +104,38 @@ class PolicyConfig(StrictModel):
     telemetry_stale_s: float = Field(
         default=30.0, gt=0, description="Telemetry older than this counts at max power, s"
     )
-    min_run_s: float = Field(default=300.0, ge=0, description="Minimum time on after waking, s")
-    min_sleep_s: float = Field(default=300.0, ge=0, description="Minimum time asleep, s")
+    min_run_s: float = Field(default=_KNOB["min_run_s"], ge=0,
+                             description="Minimum time on after waking, s")
+    min_sleep_s: float = Field(default=_KNOB["min_sleep_s"], ge=0,
+                               description="Minimum time asleep, s")
     hysteresis_usd_per_mwh: float = Field(
-        default=5.0, ge=0, description="Keep a miner's level while the price moves less than this"
+        default=_KNOB["hysteresis_usd_per_mwh"], ge=0,
+        description="Keep a miner's level while the price moves less than this"
     )
     wake_latency_factor: float = Field(
-        default=1.0, ge=0,
+        default=_KNOB["wake_latency_factor"], ge=0,
         description="Wake a sleeping miner only after the price has been low this many times "
         "its wake time (0: at once)",
     )
     ramp_kw_per_min: float = Field(
         # The one float where infinity means something: no limit (TOML `inf`, or leave it out).
-        default=float("inf"), gt=0, allow_inf_nan=True,
+        default=_KNOB["ramp_kw_per_min"], gt=0, allow_inf_nan=True,
         description="Site ramp limit for economic moves, kW/min (cap and grid cuts ignore it); "
         "inf (the default): no limit",
     )
-    derate_start_c: float = Field(default=80.0, ge=0, le=150,
+    derate_start_c: float = Field(default=_KNOB["derate_start_c"], ge=0, le=150,
                                   description="Above this, lower the max target, deg C")
-    critical_c: float = Field(default=95.0, ge=0, le=150,
+    critical_c: float = Field(default=_KNOB["critical_c"], ge=0, le=150,
                               description="At or above this, the miner sleeps, deg C")
     cap_headroom_fraction: float = Field(
         default=0.01, ge=0, le=0.5,
         description="Plan this far below the cap, so meter noise and settling stay under it",
     )
+
+    def knobs(self, **overrides: Any) -> PolicyKnobs:
+        """The policy's knobs as this table sets them (`overrides` win: the backtest's --knob)."""
+        mine = {name: getattr(self, name) for name in _KNOB if name in type(self).model_fields}
+        return PolicyKnobs(**{**mine, **overrides})
 
     @field_validator("critical_c")
     @classmethod

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.backtest.engine import (
+from controller.backtest import (
     STRATEGIES,
     BacktestResult,
     Settings,

@@ -14,7 +14,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from controller.backtest.engine import BacktestResult, Settings, run_backtest
+from controller.backtest import BacktestResult, Settings, run_backtest
 from controller.backtest.report import (
     chart,
     expensive_days,

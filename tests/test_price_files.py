@@ -21,7 +21,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from controller.backtest.engine import load_windows
+from controller.backtest import load_windows
 from controller.cli.main import main, parser
 from drivers.prices import DATASETS, PriceFileError, load_price_csv, load_prices
 from simulators.prices import synthetic_prices

@@ -40,24 +40,26 @@ Tests check the whole against a plain per-miner run (``exact=True``).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from controller.catalogue import load_catalogue
+from controller.backtest.classes import FleetClasses
+from controller.backtest.result import BacktestResult, Series, Settings
+from controller.backtest.windows import Window, window_caps
 from controller.config import SiteConfig
-from controller.core.fleet_state import FleetState
-from controller.core.optimizer import PreparedFleet, position_at_price, prepare, solve
+from controller.core.optimizer import (
+    PreparedFleet,
+    highest_level,
+    position_at_price,
+    prepare,
+    solve,
+)
 from controller.core.policy import (
     MarketInputs,
     MinerInputs,
@@ -72,74 +74,10 @@ from controller.units import usd_per_ths_hour
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-STRATEGIES = ("mineops", "optimum", "always_on", "onoff", "optimum_onoff")
 _MAX_SPLITS = 12  # cap cuts refined per decision (two are the rule)
 _MAX_EVENTS = 32  # policy-hold expiries decided on inside one interval
 _MEMO_LIMIT = 500_000
 _LOW_PRICE = -1e9  # $/MWh: every step worth taking; only the cap limits (always-on)
-
-
-# -- the fleet as classes of identical miners ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class FleetClasses:
-    """Miners grouped into classes that the optimizer and policy cannot tell apart."""
-
-    model_keys: tuple[str, ...]  # per class
-    priority: IntArray
-    never_curtail: npt.NDArray[np.bool_]
-    count: IntArray  # miners per class
-    points_w: FloatArray  # (n_cls, k) per-miner operating points, column 0 = sleep
-    points_ths: FloatArray
-    top: IntArray  # highest real level per class
-    stock_level: IntArray  # firmware target nearest the nominal power
-    wake_s: FloatArray
-    member: IntArray  # class of every configured miner
-
-    @classmethod
-    def from_config(cls, cfg: SiteConfig) -> FleetClasses:
-        fs = FleetState(cfg.inventory)
-        keys = np.stack([fs.model_idx, fs.priority.astype(np.intp), fs.never_curtail], axis=1)
-        _, first, member = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        order = np.argsort(first)  # classes in the order their first miner is configured
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        member = rank[member.ravel()]
-        rep = first[order]
-        catalogue = load_catalogue()
-        models = [fs.model_keys[fs.model_idx[i]] for i in rep]
-        p, h = fs.points_w[rep], fs.points_ths[rep]
-        same = (p == p[:, -1:]) & (h == h[:, -1:])
-        top = np.argmax(same, axis=1).astype(np.int64)
-        stock = np.empty(rep.size, dtype=np.int64)
-        for j, key in enumerate(models):
-            nominal = catalogue.get(key).nominal_w
-            targets = p[j, 1 : top[j] + 1]
-            stock[j] = 1 + int(np.argmin(np.abs(targets - nominal)))
-        return cls(
-            model_keys=tuple(models),
-            priority=fs.priority[rep].astype(np.int64),
-            never_curtail=fs.never_curtail[rep].copy(),
-            count=np.bincount(member, minlength=rep.size).astype(np.int64),
-            points_w=p,
-            points_ths=h,
-            top=top,
-            stock_level=stock,
-            wake_s=np.array([catalogue.get(k).wake_s for k in models]),
-            member=member.astype(np.int64),
-        )
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.model_keys)
-
-    def stock_points(self) -> tuple[FloatArray, FloatArray]:
-        """Sleep and stock only, per class: the fleet of an on/off operator."""
-        rows = np.arange(self.n_classes)
-        p = np.stack([self.points_w[:, 0], self.points_w[rows, self.stock_level]], axis=1)
-        h = np.stack([self.points_ths[:, 0], self.points_ths[rows, self.stock_level]], axis=1)
-        return p, h
 
 
 @dataclass(frozen=True)
@@ -150,12 +88,6 @@ class _Table:
     points_w: FloatArray
     points_ths: FloatArray
     top: IntArray
-
-
-def _top_of(p: FloatArray, h: FloatArray) -> IntArray:
-    same = (p == p[:, -1:]) & (h == h[:, -1:])
-    top: IntArray = np.argmax(same, axis=1).astype(np.int64)
-    return top
 
 
 # -- cohorts: identical miners with one history -------------------------------------------
@@ -357,255 +289,10 @@ def _position(fleet: PreparedFleet, price: float, *, hp: float, aux: float, adde
     )
 
 
-# -- settings, results ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    """A grid event or peak window: the site may draw at most cap_kw from start to end."""
-
-    start_s: float
-    end_s: float
-    cap_kw: float
-    name: str = ""
-
-
-class WindowFileError(ValueError):
-    """A grid-window file that cannot be used; the message names the entry and why."""
-
-
-def _window_time(text: Any, naive_tz: tzinfo = UTC) -> float:
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
-    value = str(text).strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if dt.tzinfo is None:  # naive: on the price file's clock (its zone, passed in)
-        dt = dt.replace(tzinfo=naive_tz)
-    return dt.timestamp()
-
-
-def load_windows(path: Path | str, naive_tz: tzinfo = UTC) -> list[Window]:
-    """Grid events and peak windows from CSV (`start,end,cap_kw[,name]`) or JSON.
-
-    JSON is a list of objects with the same keys, or {"windows": [...]}. Times are ISO
-    8601 or Unix seconds; naive times are in `naive_tz` (the price series' zone, UTC by
-    default; in the fall-back hour the first pass).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise WindowFileError(f"{path}: cannot open: {e.strerror}") from None
-    entries: list[tuple[str, dict[str, Any]]] = []
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise WindowFileError(f"{path}: not valid JSON: {e}") from None
-        if isinstance(data, dict):
-            data = data.get("windows")
-        if not isinstance(data, list):
-            raise WindowFileError(f"{path}: expected a list of windows or {{\"windows\": [...]}}")
-        for i, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise WindowFileError(f"{path}: window {i}: expected an object")
-            entries.append((f"window {i}", item))
-    else:
-        reader = csv.DictReader(text.splitlines())
-        missing = {"start", "end", "cap_kw"} - set(reader.fieldnames or [])
-        if missing:
-            raise WindowFileError(
-                f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                "(header: start,end,cap_kw[,name])"
-            )
-        entries = [(f"line {n}", row) for n, row in enumerate(reader, start=2)]
-    out: list[Window] = []
-    for where, item in entries:
-        try:
-            w = Window(
-                start_s=_window_time(item["start"], naive_tz),
-                end_s=_window_time(item["end"], naive_tz),
-                cap_kw=float(item["cap_kw"]), name=str(item.get("name") or ""),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise WindowFileError(f"{path}: {where}: unparseable window ({e})") from None
-        if not (w.end_s > w.start_s and math.isfinite(w.cap_kw) and w.cap_kw >= 0):
-            raise WindowFileError(
-                f"{path}: {where}: needs end after start and a cap_kw >= 0")
-        out.append(w)
-    return out
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Economics and limits of one backtest run."""
-
-    hashprice_usd_per_ph_day: float
-    adder_usd_per_mwh: float
-    aux_fraction: float
-    cap_w: float  # site cap incl. aux
-    headroom_fraction: float
-    knobs: PolicyKnobs
-
-    @classmethod
-    def from_config(
-        cls, cfg: SiteConfig, *, hashprice: float | None = None, adder: float | None = None,
-        knob_overrides: dict[str, Any] | None = None,
-    ) -> Settings:
-        # Every knob the site file's [policy] table sets, as the daemon builds them.
-        from_site = {
-            f.name: getattr(cfg.policy, f.name)
-            for f in dataclasses.fields(PolicyKnobs) if hasattr(cfg.policy, f.name)
-        }
-        knobs = PolicyKnobs(**{**from_site, **(knob_overrides or {})})
-        return cls(
-            hashprice_usd_per_ph_day=cfg.hashprice_usd_per_ph_day if hashprice is None
-            else hashprice,
-            adder_usd_per_mwh=cfg.energy.adders_usd_per_mwh if adder is None else adder,
-            aux_fraction=cfg.energy.aux_fraction,
-            cap_w=cfg.power_cap_kw * 1000.0,
-            headroom_fraction=cfg.policy.cap_headroom_fraction,
-            knobs=knobs,
-        )
-
-
-@dataclass(frozen=True)
-class Series:
-    """One strategy, per interval: mean power, hashrate, money; per class power and hash."""
-
-    it_w: FloatArray
-    ths: FloatArray
-    asleep: FloatArray  # miners asleep (time-weighted mean over the interval)
-    class_it_w: FloatArray  # (intervals, classes)
-    class_ths: FloatArray
-    site_w: FloatArray
-    energy_mwh: FloatArray
-    revenue_usd: FloatArray
-    energy_cost_usd: FloatArray
-    profit_usd: FloatArray
-
-
-@dataclass(frozen=True)
-class BacktestResult:
-    """Everything a report needs; `summary()` is the JSON object of the CLI."""
-
-    settings: Settings
-    classes: FleetClasses
-    start_s: FloatArray
-    interval_s: float
-    price_usd_per_mwh: FloatArray  # settled
-    decision_price_usd_per_mwh: FloatArray  # what mineops and on/off decided on
-    cap_w: FloatArray  # planning cap per interval (after headroom)
-    grid_window: npt.NDArray[np.bool_]
-    series: dict[str, Series]
-    strike_usd_per_mwh: dict[str, float]  # on/off break-even market price per model
-    decisions: int
-    elapsed_s: float
-    no_window_profit_usd: float | None = None
-
-    @property
-    def intervals(self) -> int:
-        return int(self.start_s.size)
-
-    def summary(self) -> dict[str, Any]:
-        s = self.series
-        mo, opt = s["mineops"], s["optimum"]
-        dt_h = self.interval_s / 3600.0
-        n = int(self.classes.count.sum())
-
-        def total(x: FloatArray) -> float:
-            return round(float(x.sum()), 2)
-
-        opt_profit = float(opt.profit_usd.sum())
-        out: dict[str, Any] = {
-            "intervals": self.intervals,
-            "interval_s": self.interval_s,
-            "hours": round(self.intervals * dt_h, 2),
-            "miners": n,
-            "hashprice_usd_per_ph_day": self.settings.hashprice_usd_per_ph_day,
-            "adder_usd_per_mwh": self.settings.adder_usd_per_mwh,
-            "profit_usd": total(mo.profit_usd),
-            "revenue_usd": total(mo.revenue_usd),
-            "energy_cost_usd": total(mo.energy_cost_usd),
-            "energy_mwh": round(float(mo.energy_mwh.sum()), 3),
-            "curtailed_hours": round(float(mo.asleep.sum()) * dt_h / n, 2),
-            "optimum_profit_usd": total(opt.profit_usd),
-            "always_on_profit_usd": total(s["always_on"].profit_usd),
-            "onoff_profit_usd": total(s["onoff"].profit_usd),
-            "optimum_onoff_profit_usd": total(s["optimum_onoff"].profit_usd),
-            "ratio_to_optimum": round(float(mo.profit_usd.sum()) / opt_profit, 5)
-            if opt_profit > 0 else None,
-            "gain_over_onoff_usd": round(float(mo.profit_usd.sum() - s["onoff"].profit_usd.sum()),
-                                         2),
-            "underclocking_value_usd": round(
-                opt_profit - float(s["optimum_onoff"].profit_usd.sum()), 2),
-            "grid_window_intervals": int(self.grid_window.sum()),
-            "decisions": self.decisions,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "strategies": {
-                name: {
-                    "profit_usd": total(x.profit_usd),
-                    "revenue_usd": total(x.revenue_usd),
-                    "energy_cost_usd": total(x.energy_cost_usd),
-                    "energy_mwh": round(float(x.energy_mwh.sum()), 3),
-                    "curtailed_hours": round(float(x.asleep.sum()) * dt_h / n, 2),
-                }
-                for name, x in s.items()
-            },
-            "models": self.by_model(),
-            "strike_usd_per_mwh": {k: round(v, 2) for k, v in self.strike_usd_per_mwh.items()},
-        }
-        if self.no_window_profit_usd is not None:
-            out["grid_window_cost_usd"] = round(
-                self.no_window_profit_usd - float(mo.profit_usd.sum()), 2)
-        return out
-
-    def by_model(self, strategy: str = "mineops") -> dict[str, dict[str, float]]:
-        """Per model: miners, MWh, revenue, cost (aux shared pro rata), profit, hours asleep."""
-        x = self.series[strategy]
-        c = self.classes
-        dt_h = self.interval_s / 3600.0
-        aux1 = 1.0 + self.settings.aux_fraction
-        paid = (self.price_usd_per_mwh + self.settings.adder_usd_per_mwh)[:, None]
-        pays_aux = self.settings.knobs.aux_in_energy_cost
-        mwh = x.class_it_w * aux1 * dt_h / 1e6
-        cost = paid * (mwh if pays_aux else x.class_it_w * dt_h / 1e6)
-        rev = x.class_ths * usd_per_ths_hour(self.settings.hashprice_usd_per_ph_day) * dt_h
-        out: dict[str, dict[str, float]] = {}
-        for j, key in enumerate(c.model_keys):
-            row = out.setdefault(key, {"miners": 0, "energy_mwh": 0.0, "revenue_usd": 0.0,
-                                       "energy_cost_usd": 0.0, "profit_usd": 0.0})
-            row["miners"] += int(c.count[j])
-            row["energy_mwh"] += float(mwh[:, j].sum())
-            row["revenue_usd"] += float(rev[:, j].sum())
-            row["energy_cost_usd"] += float(cost[:, j].sum())
-            row["profit_usd"] += float(rev[:, j].sum() - cost[:, j].sum())
-        return {k: {f: round(v, 2) if isinstance(v, float) else v for f, v in r.items()}
-                for k, r in out.items()}
-
-
 # -- the run -------------------------------------------------------------------------------
 
 
 Progress = Callable[[int, int], None]
-
-
-def window_caps(
-    start_s: FloatArray, interval_s: float, windows: Sequence[Window], site_cap_w: float
-) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
-    """Cap per interval incl. aux: a window applies to every interval it overlaps."""
-    cap = np.full(start_s.size, site_cap_w)
-    grid = np.zeros(start_s.size, dtype=bool)
-    for w in windows:
-        hit = (start_s < w.end_s) & (start_s + interval_s > w.start_s)
-        lower = hit & (w.cap_kw * 1000.0 < cap)
-        cap[lower] = w.cap_kw * 1000.0
-        grid |= lower
-    return cap, grid
 
 
 def run_backtest(
@@ -648,7 +335,7 @@ def run_backtest(
 
     full = _Table(classes, classes.points_w, classes.points_ths, classes.top)
     sp, sh = classes.stock_points()
-    stock = _Table(classes, sp, sh, _top_of(sp, sh))
+    stock = _Table(classes, sp, sh, highest_level(sp, sh).astype(np.int64))
     horizon = _horizon(settings.knobs, classes, interval_s)
 
     series: dict[str, Series] = {}

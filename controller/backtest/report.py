@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import numpy.typing as npt
 
-from controller.backtest.engine import STRATEGIES, BacktestResult
+from controller.backtest.result import STRATEGIES, BacktestResult
 
 FloatArray = npt.NDArray[np.float64]
 

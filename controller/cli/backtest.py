@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-from controller.backtest.engine import (
+from controller.backtest import (
     Settings,
     WindowFileError,
     load_windows,

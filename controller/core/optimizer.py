@@ -303,6 +303,17 @@ def _chain_slopes(curve: FloatArray, chord: FloatArray, wake: IntArray) -> Float
     return out
 
 
+def highest_level(power_w: FloatArray, hashrate_ths: FloatArray) -> IntArray:
+    """Highest real level of each row of (n, k) points: the first column of its repeated tail.
+
+    Rows with fewer points than k repeat their last point (see PreparedFleet); the padding
+    columns are never a level of their own.
+    """
+    same = (power_w == power_w[:, -1:]) & (hashrate_ths == hashrate_ths[:, -1:])
+    top: IntArray = np.argmax(same, axis=1).astype(np.intp)
+    return top
+
+
 def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
     """Validate the operating points, find the kinds and order their entries.
 
@@ -322,8 +333,7 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
     kind, first = _kinds(p_all, h_all)
     p, h = p_all[first], h_all[first]
     n_kinds, k = p.shape
-    same = (p == p[:, -1:]) & (h == h[:, -1:])
-    top = np.argmax(same, axis=1).astype(np.intp)
+    top = highest_level(p, h)
     real = np.arange(k)[None, :] <= top[:, None]
     if k > 1 and np.any((np.diff(p, axis=1) <= 0) & real[:, 1:]):
         raise ValueError("power must be strictly ascending from sleep up to the last point")

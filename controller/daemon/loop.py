@@ -26,7 +26,6 @@ from controller.core.policy import (
     Decision,
     MarketInputs,
     MinerInputs,
-    PolicyKnobs,
     PolicyState,
     decide,
 )
@@ -91,12 +90,7 @@ class Controller:
         # Until miners report, assume every one runs at full power: the worst case.
         self.policy_state = PolicyState.initial(self.fleet.n, self.prepared.max_level)
         pc = cfg.policy
-        self.knobs = PolicyKnobs(
-            min_run_s=pc.min_run_s, min_sleep_s=pc.min_sleep_s,
-            hysteresis_usd_per_mwh=pc.hysteresis_usd_per_mwh,
-            wake_latency_factor=pc.wake_latency_factor, ramp_kw_per_min=pc.ramp_kw_per_min,
-            derate_start_c=pc.derate_start_c, critical_c=pc.critical_c,
-        )
+        self.knobs = pc.knobs()
         self.actuator = Actuator(self.fleet.n, self.fleet.group_idx, self.fleet.ids,
                                  self.fleet.groups)
         self.grid = _grid_obligations(cfg, self.fleet)

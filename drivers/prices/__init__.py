@@ -11,6 +11,7 @@ from drivers.prices.datasets import DATASETS, dataset_help, load_prices
 from drivers.prices.files import load_price_csv
 from drivers.prices.layouts import LAYOUTS
 from drivers.prices.series import PriceFileError, PriceSeries
+from drivers.prices.timezones import parse_datetime
 
 __all__ = [
     "DATASETS",
@@ -20,4 +21,5 @@ __all__ = [
     "dataset_help",
     "load_price_csv",
     "load_prices",
+    "parse_datetime",
 ]
