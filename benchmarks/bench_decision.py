@@ -47,16 +47,10 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.config import SiteConfig
+from controller.config_types import PolicyKnobs
 from controller.core import optimizer as opt
 from controller.core.fleet_state import FleetState
-from controller.core.policy import (
-    MarketInputs,
-    MinerInputs,
-    PolicyKnobs,
-    PolicyState,
-    decide,
-    thermal_max_level,
-)
+from controller.core.policy import MarketInputs, MinerInputs, PolicyState, decide, thermal_max_level
 from controller.units import usd_per_ths_hour
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,8 +32,7 @@ from pydantic_settings import (
 
 from controller.campus_config import CampusConfig, campus_review
 from controller.catalogue import load_catalogue
-from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, StrictModel
-from controller.core.policy import PolicyKnobs
+from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, PolicyKnobs, StrictModel
 from drivers.firmware.config import BridgeConfig
 from drivers.meters import MeterList
 from drivers.openadr.config import OpenAdrConfig
@@ -92,7 +91,7 @@ class EnergyConfig(StrictModel):
     )
 
 
-# The policy's own defaults (controller/core/policy.py) are the site file's defaults.
+# The policy's own defaults (PolicyKnobs) are the site file's defaults.
 _KNOB: dict[str, float] = {f.name: f.default for f in dataclasses.fields(PolicyKnobs)
                            if isinstance(f.default, float)}
 

@@ -8,6 +8,8 @@ check that a miner model is in the catalogue.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -62,3 +64,22 @@ class MeterBase(StrictModel):
     role: MeterRole = Field(
         default="site",
         description="site: the power the controller plans against; aux: decoded only")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyKnobs:
+    """The policy's operator-tunable rules, with their defaults (controller/core/policy.py).
+
+    The site file's [policy] table takes its defaults from here (`PolicyConfig.knobs()`
+    builds these); the backtest and the benchmarks build them directly.
+    """
+
+    min_run_s: float = 300.0  # a miner switched on stays on at least this long
+    min_sleep_s: float = 300.0  # a miner put to sleep stays asleep at least this long
+    hysteresis_usd_per_mwh: float = 5.0  # price band within which levels are kept
+    wake_latency_factor: float = 1.0  # cheap spell needed before waking, x wake_s
+    default_wake_s: float = 180.0  # wake time when MinerInputs.wake_s is not given
+    ramp_kw_per_min: float = math.inf  # site ramp limit for economic moves
+    derate_start_c: float = 80.0  # above this, the max power target falls linearly
+    critical_c: float = 95.0  # at or above this, the miner sleeps
+    aux_in_energy_cost: bool = True  # cooling energy is paid at the same price

@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
+from controller.grid.standing import compliance
 from drivers.prices import PriceFileError, PriceSeries, load_prices
 from simulators.prices import synthetic_prices
 
@@ -186,7 +187,6 @@ def _view(c: Controller, sim: SimulatedSite, tz: ZoneInfo) -> SiteView:
 
 def _events_text(c: Controller, view: SiteView) -> list[str]:
     """One line per grid event of the run: its terms on the site clock, and its standing."""
-    from controller.cli.events import compliance  # noqa: PLC0415 - cli imports this module
 
     now = time.time()
     lines = []

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from controller.catalogue import load_catalogue, operating_points
+from controller.config_types import PolicyKnobs
 from controller.core import optimizer as opt
 from controller.core.policy import (
     Decision,
     MarketInputs,
     MinerInputs,
-    PolicyKnobs,
     PolicyState,
     decide,
     hold_durations_s,

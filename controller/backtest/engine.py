@@ -53,6 +53,7 @@ from controller.backtest.classes import FleetClasses
 from controller.backtest.result import BacktestResult, Series, Settings
 from controller.backtest.windows import Window, window_caps
 from controller.config import SiteConfig
+from controller.config_types import PolicyKnobs
 from controller.core.optimizer import (
     PreparedFleet,
     highest_level,
@@ -63,7 +64,6 @@ from controller.core.optimizer import (
 from controller.core.policy import (
     MarketInputs,
     MinerInputs,
-    PolicyKnobs,
     PolicyState,
     decide,
     hold_durations_s,

@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from controller.backtest.classes import FleetClasses
 from controller.config import SiteConfig
-from controller.core.policy import PolicyKnobs
+from controller.config_types import PolicyKnobs
 from controller.units import usd_per_ths_hour
 
 FloatArray = npt.NDArray[np.float64]

@@ -18,7 +18,7 @@ from controller.backtest import (
 )
 from controller.backtest.report import text_report, write_csv, write_png
 from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers, add_price_args
-from controller.core.policy import PolicyKnobs
+from controller.config_types import PolicyKnobs
 from controller.extras import require
 from controller.site_file import load_config
 from drivers.prices import load_prices

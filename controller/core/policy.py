@@ -47,26 +47,12 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from controller.config_types import PolicyKnobs
 from controller.core import optimizer as opt
 from controller.core.optimizer import LEVEL, FloatArray, IntArray, LevelArray, Plan, PreparedFleet
 from controller.protocol.reasons import Reason
 
 BoolArray = npt.NDArray[np.bool_]
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyKnobs:
-    """Operator-tunable rules (from the site config's [policy] table)."""
-
-    min_run_s: float = 300.0  # a miner switched on stays on at least this long
-    min_sleep_s: float = 300.0  # a miner put to sleep stays asleep at least this long
-    hysteresis_usd_per_mwh: float = 5.0  # price band within which levels are kept
-    wake_latency_factor: float = 1.0  # cheap spell needed before waking, x wake_s
-    default_wake_s: float = 180.0  # wake time when MinerInputs.wake_s is not given
-    ramp_kw_per_min: float = math.inf  # site ramp limit for economic moves
-    derate_start_c: float = 80.0  # above this, the max power target falls linearly
-    critical_c: float = 95.0  # at or above this, the miner sleeps
-    aux_in_energy_cost: bool = True  # cooling energy is paid at the same price
 
 
 @dataclass(frozen=True, slots=True)
