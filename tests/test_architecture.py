@@ -71,10 +71,11 @@ def imports(path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
         for name in names:
-            while name and name not in known:
-                name = name.rpartition(".")[0]
-            if name:
-                found.add(name)
+            module = name
+            while module and module not in known:
+                module = module.rpartition(".")[0]
+            if module:
+                found.add(module)
     return found
 
 
