@@ -31,7 +31,7 @@ from controller.core.policy import (
     decide,
 )
 from controller.core.prices import PriceInForce, price_in_force
-from controller.daemon.ingest import Ingest
+from controller.daemon.ingest import Ingest, IngestLimits
 from controller.daemon.metrics import Metrics, SiteCollector
 from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, GridEventStatus
 from controller.daemon.systemd import supervise
@@ -109,6 +109,7 @@ class Controller:
             site_meter_ids={m.id for m in cfg.meters if m.role == "site"},
             metrics=self.metrics, on_change=self.trigger, on_shed=self._shed_now,
             on_points_changed=self._prepare_again,
+            limits=IngestLimits.for_site(cfg), sent_seq=self.actuator.seq,
         )
         self.transport = Transport(
             cfg.broker,

@@ -8,6 +8,21 @@ Cancelling `run()` stops it within GOODBYE_TIMEOUT_S + DISCONNECT_TIMEOUT_S what
 broker does (answering, slow, frozen, gone). Every aiomqtt call goes through
 `propagate_lost_cancel()`: aiomqtt waits for acknowledgements with Python 3.11's
 `asyncio.wait_for`, which can swallow a cancellation (controller/cancellation.py).
+
+Incoming side (docs/scale.md, "Ingest"): received messages wait in an `IncomingQueue`
+(aiomqtt's `queue_type`) with one lane per priority (`topics.incoming_lane`): grid events,
+meters and commands first, then prices, capabilities and availability, telemetry last.
+The queue is bounded in messages and bytes; when full, the oldest message of the least
+urgent lane goes (in practice always telemetry), counted by kind in `LinkStatus.dropped`.
+Messages are handled in batches without a task per message, yielding to the event loop
+after every urgent or control message and every `YIELD_EVERY_S` of telemetry, so a
+decision a message triggered runs at once and the socket keeps being read.
+
+paho-mqtt reads a packet with three `recv` calls and aiomqtt reads one packet per event
+loop turn; `_BufferedSocket` gives paho one large `recv` instead and tells aiomqtt (by
+the `pending()` it already asks TLS sockets) that more packets are buffered, so a turn
+reads every complete packet that arrived. That is most of the per-message cost at high
+rates (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -15,15 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 import structlog
 
 from controller.cancellation import propagate_lost_cancel
 from controller.config import BrokerConfig
+from controller.protocol.topics import LANE_TELEMETRY, LANES, Kind, incoming_lane
 
 log = structlog.get_logger("mineops.transport")
 
@@ -33,6 +53,143 @@ GOODBYE_TIMEOUT_S = 1.5  # the owner's last words (availability offline, QoS 1)
 DISCONNECT_TIMEOUT_S = 1.5  # MQTT 3.1.1 DISCONNECT has no answer: it only has to be written
 
 MessageHandler = Callable[[str, bytes], None]
+
+# Defaults of the incoming bound: ~1 s of a 20k msg/s flood, or 64 MiB of payloads
+# (a few hundred of the largest rack messages), whichever comes first.
+MAX_QUEUED_MESSAGES = 20_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+YIELD_EVERY_S = 0.002  # of telemetry handled back to back
+RECV_BYTES = 256 * 1024  # one socket read; paho's packets are then cut from it
+
+
+class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, by lane (most urgent first) and bounded.
+
+    `get_nowait()` returns the oldest message of the most urgent non-empty lane. When
+    `max_messages` or `max_bytes` is reached, the oldest message of the least urgent
+    non-empty lane is dropped to make room, unless the new message is less urgent than
+    everything queued (then it is the one dropped). Drops are counted by kind.
+
+    Args:
+        maxsize: The message bound (aiomqtt passes `max_queued_incoming_messages`);
+            0 or less: MAX_QUEUED_MESSAGES.
+        max_bytes: The bound on queued payload bytes.
+    """
+
+    def __init__(self, maxsize: int = 0, *, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+        self.max_messages = maxsize if maxsize > 0 else MAX_QUEUED_MESSAGES
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped: Counter[tuple[str, str]] = Counter()
+        self._lanes: list[deque[tuple[aiomqtt.Message, int, Kind]]] = [
+            deque() for _ in range(LANES)]
+        super().__init__(0)  # unbounded to asyncio: the bound is ours, by lane
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = _Sized(self)
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self._lanes)
+
+    def lane_sizes(self) -> list[int]:
+        return [len(lane) for lane in self._lanes]
+
+    def _put(self, item: aiomqtt.Message) -> None:
+        lane, kind = incoming_lane(item.topic.value)
+        size = _size(item.payload)
+        lanes = self._lanes
+        while self.bytes + size > self.max_bytes or len(self) >= self.max_messages:
+            victim = next((k for k in range(LANES - 1, -1, -1) if lanes[k]), None)
+            if victim is None or victim < lane:  # the newcomer is the least urgent
+                self.dropped[(kind.value, "queue_full")] += 1
+                return
+            _, old_size, old_kind = lanes[victim].popleft()
+            self.bytes -= old_size
+            self.dropped[(old_kind.value, "queue_full")] += 1
+        lanes[lane].append((item, size, kind))
+        self.bytes += size
+
+    def _get(self) -> aiomqtt.Message:
+        for lane in self._lanes:
+            if lane:
+                item, size, _ = lane.popleft()
+                self.bytes -= size
+                return item
+        raise asyncio.QueueEmpty
+
+    def urgent_waiting(self) -> bool:
+        """A message of a lane above telemetry is queued."""
+        return any(self._lanes[k] for k in range(LANE_TELEMETRY))
+
+
+class _Sized:
+    """What asyncio.Queue keeps as `_queue`: only its length is read (empty, qsize)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: IncomingQueue) -> None:
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+def _size(payload: Any) -> int:
+    return len(payload) if isinstance(payload, bytes | bytearray | str) else 8
+
+
+class _BufferedSocket:
+    """A socket for paho whose `recv` is served from one large read.
+
+    `pending()` is what aiomqtt's reader asks an SSL socket for buffered data; answering
+    it for our buffer makes aiomqtt read on until every buffered packet is parsed. All
+    else is the socket's own (send, fileno, close, ...).
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data = self._sock.recv(max(n, RECV_BYTES))  # BlockingIOError when none: paho's
+            if len(data) <= n:
+                return bytes(data)
+            self._buf, self._pos = data, 0
+        end = self._pos + n
+        out = self._buf[self._pos:end]
+        self._pos = end
+        return out
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        return len(self._buf) - self._pos + inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _buffer_reads(client: aiomqtt.Client) -> bool:
+    """Give the paho client under `client` a `_BufferedSocket` once it opens its socket.
+
+    It reaches into aiomqtt (2.x) and paho (2.x) internals, pinned in pyproject.toml;
+    if they are not as expected, nothing changes (a log line says so) and reads are
+    paho's own.
+    """
+    paho = getattr(client, "_client", None)
+    opened = getattr(paho, "on_socket_open", None)
+    if paho is None or opened is None or not hasattr(paho, "_sock"):
+        log.warning("mqtt_read_buffering_unavailable", aiomqtt=aiomqtt.__version__)
+        return False
+
+    def on_socket_open(paho_client: Any, userdata: Any, sock: Any) -> None:
+        if isinstance(sock, socket.socket) and paho_client._sock is sock:
+            paho_client._sock = _BufferedSocket(sock)
+        opened(paho_client, userdata, sock)
+
+    paho.on_socket_open = on_socket_open
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +207,8 @@ class LinkStatus:
     connected: bool
     connects: int
     incoming_queue_messages: int
+    # Messages dropped before handling, by (kind, reason): "queue_full" (IncomingQueue).
+    dropped: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Transport:
@@ -65,8 +224,15 @@ class Transport:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self._broker = broker
+        self._max_queued_messages = max_queued_messages
+        self._max_queued_bytes = max_queued_bytes
+        self._queue: IncomingQueue | None = None
+        # Drops of earlier sessions' queues, so the counters never go back.
+        self._dropped_before: Counter[tuple[str, str]] = Counter()
         self._client_id = client_id
         self._subscriptions = list(subscriptions)
         self._will = will
@@ -98,10 +264,20 @@ class Transport:
             tls_context=tls,
             timeout=10,
             max_queued_outgoing_messages=100_000,
+            queue_type=self._new_queue,  # type: ignore[arg-type]
+            max_queued_incoming_messages=self._max_queued_messages,
         )
         # Batches of concurrent publishes are normal here, not a sign of trouble.
         client.pending_calls_threshold = 10_000
+        _buffer_reads(client)
         return client
+
+    def _new_queue(self, maxsize: int = 0) -> IncomingQueue:
+        """aiomqtt's queue_type: a fresh queue per session, kept for draining and counts."""
+        if self._queue is not None:
+            self._dropped_before.update(self._queue.dropped)
+        self._queue = IncomingQueue(maxsize, max_bytes=self._max_queued_bytes)
+        return self._queue
 
     async def run(self, handler: MessageHandler) -> None:
         """Connect, subscribe and dispatch forever; reconnect on any broker failure."""
@@ -121,15 +297,7 @@ class Transport:
                     if self._on_connect:
                         await self._on_connect()
                     try:
-                        async for message in client.messages:
-                            payload = message.payload
-                            raw = payload if isinstance(payload, bytes | bytearray) else str(
-                                payload
-                            ).encode()
-                            handler(message.topic.value, bytes(raw))
-                            # Let a decision a message triggered run before the next
-                            # message of a backlog (a grid event behind a telemetry burst).
-                            await asyncio.sleep(0)
+                        await self._dispatch(client, handler)
                     except asyncio.CancelledError:
                         await self._say_goodbye()
                         raise
@@ -145,6 +313,30 @@ class Transport:
                 await asyncio.sleep(delay)
             finally:
                 self._lost()
+
+    async def _dispatch(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
+        """Hand every message to `handler`, by lane, until the connection ends.
+
+        The first message after a quiet spell is awaited through aiomqtt (it also raises
+        MqttError when the connection drops); a backlog is then taken from the queue
+        directly, with no task per message. Control returns to the event loop after any
+        message above telemetry (its decision runs now) and every YIELD_EVERY_S.
+        """
+        queue = self._queue
+        messages = client.messages
+        clock = time.perf_counter
+        while True:
+            message = await messages.__anext__()
+            _deliver(handler, message)
+            if queue is None:
+                continue
+            started = clock()
+            while len(queue):
+                message = queue.get_nowait()
+                lane = _deliver(handler, message)
+                if lane < LANE_TELEMETRY or clock() - started > YIELD_EVERY_S:
+                    await asyncio.sleep(0)
+                    started = clock()
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[aiomqtt.Client]:
@@ -216,5 +408,19 @@ class Transport:
     def status(self) -> LinkStatus:
         """The connection as metrics show it."""
         client = self._client
+        dropped = Counter(self._dropped_before)
+        if self._queue is not None:
+            dropped.update(self._queue.dropped)
         return LinkStatus(connected=self.connected.is_set(), connects=self.connects,
-                          incoming_queue_messages=len(client.messages) if client else 0)
+                          incoming_queue_messages=len(client.messages) if client else 0,
+                          dropped=dict(dropped))
+
+
+def _deliver(handler: MessageHandler, message: aiomqtt.Message) -> int:
+    """Call the handler with one message; its lane."""
+    topic = message.topic.value
+    payload = message.payload
+    raw = payload if isinstance(payload, bytes) else (
+        bytes(payload) if isinstance(payload, bytearray) else str(payload).encode())
+    handler(topic, raw)
+    return incoming_lane(topic)[0]
