@@ -523,9 +523,12 @@ def _control_set(item: Any) -> PowerControlSet:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        reason = "out_of_range" if err["type"] in ("greater_than", "greater_than_equal",
-                                                   "less_than", "less_than_equal") else (
-            "bad_value" if err["type"] == "value_error" else "bad_schema")
+        kind = err["type"]
+        reason = ("out_of_range" if kind in ("greater_than", "greater_than_equal", "less_than",
+                                             "less_than_equal", "too_long", "too_short")
+                  else "bad_value" if kind == "value_error"
+                  else "bad_schema" if kind in ("missing", "extra_forbidden")
+                  else "wrong_type")
         raise PayloadError(reason, f"{where}: {err['msg']}") from None
 
 

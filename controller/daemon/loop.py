@@ -259,10 +259,12 @@ class Controller:
         view = fleet.view_states(now, stale_s)
         fresh = ~fleet.stale(now, stale_s)
         n_groups = len(fleet.groups)
-        group_power = np.bincount(fleet.group_idx, weights=np.where(fresh, fleet.power_w, 0.0),
+        # What fresh miners report; a value a miner does not know (NaN) adds nothing.
+        power = np.where(fresh & ~np.isnan(fleet.power_w), fleet.power_w, 0.0)
+        ths = np.where(fresh & ~np.isnan(fleet.hashrate_ths), fleet.hashrate_ths, 0.0)
+        group_power = np.bincount(fleet.group_idx, weights=power,
                                   minlength=n_groups).astype(np.float64)
-        group_ths = np.bincount(fleet.group_idx,
-                                weights=np.where(fresh, fleet.hashrate_ths, 0.0),
+        group_ths = np.bincount(fleet.group_idx, weights=ths,
                                 minlength=n_groups).astype(np.float64)
         meter_fresh = now - site.meter_at <= stale_s and not math.isnan(site.meter_power_w)
         self.decisions += 1

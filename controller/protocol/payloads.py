@@ -231,7 +231,14 @@ _V2 = msgspec.json.Decoder(GroupTelemetryV2)
 _V1 = msgspec.json.Decoder(GroupTelemetryV1Wire)
 _PEEK = msgspec.json.Decoder(_Version)
 _MINER = msgspec.json.Decoder(MinerTelemetryWire)
-_ENCODER = msgspec.json.Encoder()
+def _numpy_values(obj: object) -> object:
+    if isinstance(obj, np.ndarray | np.generic):
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+# NaN and infinities encode as null: unknown, the payloads' meaning for null.
+_ENCODER = msgspec.json.Encoder(enc_hook=_numpy_values)
 
 
 def _payload_error(e: msgspec.MsgspecError) -> PayloadError:
@@ -322,10 +329,11 @@ def encode_group_telemetry(ts: float, ids: Sequence[str], state: Sequence[str], 
                            hashboards: Sequence[int | None] | None = None,
                            ack_seq: Sequence[int | None] | None = None,
                            reason: Sequence[str | None] | None = None) -> bytes:
-    """The JSON of a `GroupTelemetryV2` (columns as given; None: unknown).
+    """The JSON of a `GroupTelemetryV2` (columns as given; None or NaN: unknown).
 
-    A column left out is unknown for every miner. Raises ValueError if a column's
-    length differs from `ids`' (the controller would drop the message).
+    Columns may be sequences or numpy arrays. A column left out is unknown for every
+    miner. Raises ValueError if a column's length differs from `ids`' (the controller
+    would drop the message).
     """
     n = len(ids)
 
