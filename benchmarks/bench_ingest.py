@@ -190,7 +190,8 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         elapsed = time.perf_counter() - t0
         messages = handled[0] - m0
         status = controller.transport.status()
-        info = {"invalid": dict(ingest.invalid), "dropped": status.dropped,
+        info = {"invalid": {":".join(k): v for k, v in ingest.invalid.items()},
+                "dropped": {":".join(k): v for k, v in status.dropped.items()},
                 "queue": status.incoming_queue_messages}
     finally:
         task.cancel()
