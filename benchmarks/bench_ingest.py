@@ -172,23 +172,31 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         handled[0] += 1
 
     controller.on_message = counting  # type: ignore[method-assign]
+    applied = [0]
+    apply = controller.fleet.apply
+
+    def counting_apply(idx: Any, **kw: Any) -> None:
+        apply(idx, **kw)
+        applied[0] += len(idx)
+
+    def counting_apply_one(i: int, **kw: Any) -> None:
+        apply_one(i, **kw)
+        applied[0] += 1
+
+    apply_one = controller.fleet.apply_one
+    controller.fleet.apply = counting_apply  # type: ignore[method-assign]
+    controller.fleet.apply_one = counting_apply_one  # type: ignore[method-assign]
     task = asyncio.create_task(controller.run())
     try:
         while handled[0] == 0:  # noqa: ASYNC110 - once, until the flood arrives
             await asyncio.sleep(0.01)
         await asyncio.sleep(WARMUP_S)
-        fleet = controller.fleet
-        m0, seen0 = handled[0], fleet.last_seen.copy()
+        m0, r0 = handled[0], applied[0]
         t0 = time.perf_counter()
-        applied = 0
-        # Readings applied: each poll counts the miners whose last_seen moved since the last.
-        while time.perf_counter() - t0 < seconds:
-            await asyncio.sleep(0.05)
-            moved = fleet.last_seen != seen0
-            applied += int(moved.sum())
-            seen0 = fleet.last_seen.copy()
+        await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - t0
         messages = handled[0] - m0
+        readings = applied[0] - r0
         status = controller.transport.status()
         info = {"invalid": {":".join(k): v for k, v in ingest.invalid.items()},
                 "dropped": {":".join(k): v for k, v in status.dropped.items()},
@@ -197,7 +205,7 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    return messages / elapsed, applied / elapsed, info
+    return messages / elapsed, readings / elapsed, info
 
 
 def measure_mineops(broker: LocalBroker, scenario: str, seconds: float, miners: int,

@@ -105,7 +105,7 @@ def _publish(topic: str, payload: bytes) -> bytes:
     return b"\x30" + _length(len(body)) + body
 
 
-def flood(host: str, port: int, site: str, rate: float, seconds: float,
+def flood(host: str, port: int, site: str, *, rate: float, seconds: float,
           racks: list[tuple[str, int]]) -> None:
     """Per-miner telemetry at `rate` messages/s for `seconds`, in 20 bursts a second."""
     ids = [f"{g}-{i:04d}" for g, n in racks for i in range(1, n + 1)]
@@ -132,6 +132,13 @@ def flood(host: str, port: int, site: str, rate: float, seconds: float,
                 time.sleep(due - time.monotonic())
 
 
+def start_flood(broker: LocalBroker, site: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.test_ingest_flood", broker.host, str(broker.port),
+         site, str(FLOOD_RATE_PER_S), str(FLOOD_S), *(f"{g}:{n}" for g, n in RACKS)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 async def test_a_grid_event_applies_within_a_second_of_a_25k_flood(broker: LocalBroker,
@@ -152,10 +159,7 @@ async def test_a_grid_event_applies_within_a_second_of_a_25k_flood(broker: Local
     rss_before = me.memory_info().rss
     handled = controller.metrics.messages.labels("miner_telemetry")
     handled_before = handled._value.get()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.test_ingest_flood", broker.host, str(broker.port),
-         cfg.site_id, str(FLOOD_RATE_PER_S), str(FLOOD_S), *(f"{g}:{n}" for g, n in RACKS)],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_flood(broker, cfg.site_id)
     rss: list[float] = []
     queue_max = 0
     latency_s = None
@@ -208,5 +212,5 @@ async def test_a_grid_event_applies_within_a_second_of_a_25k_flood(broker: Local
 
 if __name__ == "__main__":
     host, port, site, rate, seconds, *specs = sys.argv[1:]
-    flood(host, int(port), site, float(rate), float(seconds),
-          [(g, int(n)) for g, n in (s.split(":") for s in specs)])
+    flood(host, int(port), site, rate=float(rate), seconds=float(seconds),
+          racks=[(g, int(n)) for g, n in (s.split(":") for s in specs)])

@@ -61,7 +61,7 @@ MAX_QUEUED_BYTES = 64 * 1024 * 1024
 YIELD_EVERY_S = 0.010  # of telemetry handled back to back
 RECV_BYTES = 64 * 1024  # one socket read; paho's packets are then cut from it
 READ_BUDGET_S = 0.020  # of reading per wake-up while handling keeps up
-KEEP_READING_BELOW = 2_000  # queued messages: handling keeps up
+KEEP_READING_BELOW = 2_000  # queued messages (and a quarter of the byte bound): keeping up
 
 
 Incoming = tuple[str, bytes]  # topic, payload
@@ -264,7 +264,8 @@ def _tune_client(client: aiomqtt.Client, queue: IncomingQueue) -> bool:
         plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
         if plain and paho_client._sock is sock:
             paho_client._sock = _BufferedSocket(
-                sock, paho_client, queue.put_nowait, lambda: queue.count < KEEP_READING_BELOW)
+                sock, paho_client, queue.put_nowait,
+                lambda: queue.count < KEEP_READING_BELOW and queue.bytes < queue.max_bytes // 4)
         opened(paho_client, userdata, sock)
 
     put = queue.put_nowait
