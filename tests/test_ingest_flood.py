@@ -1,4 +1,4 @@
-"""The incoming side against a real mosquitto: priorities, the bound, a 25k msg/s flood.
+"""Ingest against a real mosquitto: priorities, the bound, a 25k msg/s flood, every format.
 
 The flood is another process (`python -m tests.test_ingest_flood HOST PORT SITE RATE
 SECONDS GROUP:COUNT ...`): a message per miner (`miner/<id>/telemetry`, freshly stamped)
@@ -214,3 +214,22 @@ if __name__ == "__main__":
     host, port, site, rate, seconds, *specs = sys.argv[1:]
     flood(host, int(port), site, rate=float(rate), seconds=float(seconds),
           racks=[(g, int(n)) for g, n in (s.split(":") for s in specs)])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["group", "group-v1", "miner"])
+async def test_every_simulator_format_reaches_the_fleet(broker: LocalBroker, tasks: Any,
+                                                        fmt: str) -> None:
+    from simulators.site import SimulatedSite  # noqa: PLC0415
+
+    cfg = make_site(broker, [("a", "s21", 5), ("b", "s19j_pro", 3)])
+    sim = SimulatedSite(cfg, telemetry_interval_s=0.2, telemetry_format=fmt)  # type: ignore[arg-type]
+    controller = Controller(cfg)
+    tasks(sim.run(), "sim")
+    tasks(controller.run(), "controller")
+    await wait_for(lambda: bool((controller.fleet.last_seen > -1e18).all()),
+                   what=f"every miner's {fmt} telemetry")
+    assert not controller.ingest.invalid and not controller.ingest.rejected_readings
+    f = controller.fleet
+    assert f.power_w == pytest.approx(sim.fleet.power_w, rel=0.05)
+    assert (f.hashrate_ths > 0).all() and (f.state == 1).all()  # running, as they start
