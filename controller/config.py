@@ -89,6 +89,12 @@ class EnergyConfig(StrictModel):
         default=1000.0, ge=-1000, le=100_000,
         description="Price assumed before any price arrives (high: run nothing risky)",
     )
+    # The market's own rules bound what a price feed may say (ERCOT: offer cap $5,000/MWh,
+    # floor -$250/MWh); a price outside is a feed fault, dropped with reason out_of_range.
+    price_floor_usd_per_mwh: float = Field(
+        default=-250.0, ge=-100_000, le=0, description="Lowest price accepted from a feed")
+    price_cap_usd_per_mwh: float = Field(
+        default=5000.0, gt=0, le=100_000, description="Highest price accepted from a feed")
 
 
 # The policy's own defaults (PolicyKnobs) are the site file's defaults.
@@ -130,6 +136,14 @@ class PolicyConfig(StrictModel):
         default=0.01, ge=0, le=0.5,
         description="Plan this far below the cap, so meter noise and settling stay under it",
     )
+    clock_skew_s: float = Field(
+        default=60.0, ge=0, le=3600,
+        description="A payload's timestamp may be this far ahead of the controller's clock; "
+        "further ahead it is rejected (bad_timestamp), s")
+    signal_max_age_s: float = Field(
+        default=7 * 86_400.0, gt=0,
+        description="A price, price schedule or hashprice whose timestamp is older than this "
+        "is rejected (bad_timestamp), s")
 
     def knobs(self, **overrides: Any) -> PolicyKnobs:
         """The policy's knobs as this table sets them (`overrides` win: the backtest's --knob)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -167,3 +168,24 @@ class SimulatedFleet:
             )
             for i, h, f in zip(idx, hashrate, fans, strict=True)
         ]
+
+    def columns(
+        self,
+        idx: npt.NDArray[np.intp],
+        hashrate_ths: npt.NDArray[np.float64],
+        fan_rpm: npt.NDArray[np.int64],
+    ) -> dict[str, Any]:
+        """Telemetry of the reachable miners among `idx` as v2 columns (encode_group_telemetry's
+        keyword arguments, with `ids` and `state`), built a column at a time."""
+        idx = idx[~self.offline[idx]]
+        return {
+            "ids": [self.ids[i] for i in idx],
+            "state": [MODE_NAMES[m] for m in self.mode[idx]],
+            "power_w": np.round(self.power_w[idx], 1).tolist(),
+            "hashrate_ths": np.round(hashrate_ths[idx], 2).tolist(),
+            "target_w": self.target_w[idx].tolist(),
+            "temp_c": np.round(self.temp_c[idx], 1).tolist(),
+            "fan_rpm": fan_rpm[idx].tolist(),
+            "hashboards": self.boards[idx].tolist(),
+            "ack_seq": self.ack_seq[idx].tolist(),
+        }

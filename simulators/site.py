@@ -1,9 +1,10 @@
 """A simulated mine site on MQTT: the fleet, a site meter and a price replay, one connection.
 
-Telemetry goes out a rack per message (`group/<g>/telemetry`), so thousands of
-miners cost tens of messages a second, not thousands. Commands arrive per miner
-or per group. The meter sees the fleet's power plus auxiliary (cooling) load,
-with noise, and reports grid frequency.
+Telemetry goes out a rack per message (`group/<g>/telemetry`, v2 columns), so thousands
+of miners cost tens of messages a second, not thousands; `telemetry_format` also plays
+the older rows (v1) or a message per miner (`miner/<id>/telemetry`, as devices that
+publish alone do). Commands arrive per miner or per group. The meter sees the fleet's
+power plus auxiliary (cooling) load, with noise, and reports grid frequency.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import Literal
 
 import numpy as np
 import structlog
@@ -23,10 +25,12 @@ from controller.protocol.payloads import (
     GroupTelemetry,
     MeterTelemetry,
     MinerCommand,
+    MinerTelemetry,
     PayloadError,
     PriceSignal,
     Setpoint,
     decode,
+    encode_group_telemetry,
 )
 from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.protocol.transport import Transport
@@ -34,6 +38,10 @@ from drivers.prices import PriceSeries
 from simulators.fleet import SimulatedFleet
 
 log = structlog.get_logger("mineops.simulator")
+
+# "group": a rack per message, v2 columns (what the bridge sends); "group-v1": a rack per
+# message as rows (older bridges); "miner": a message per miner (devices on their own).
+TelemetryFormat = Literal["group", "group-v1", "miner"]
 
 
 class SimulatedSite:
@@ -49,8 +57,10 @@ class SimulatedSite:
         meter_interval_s: float = 1.0,
         seed: int = 0,
         miner_mqtt: bool = True,
+        telemetry_format: TelemetryFormat = "group",
     ) -> None:
         self.cfg = cfg
+        self.telemetry_format = telemetry_format
         # False when the miners speak only through another API (e.g. LuxOS for the bridge):
         # then the site publishes the meter and prices, and no miner telemetry or commands.
         self.miner_mqtt = miner_mqtt
@@ -182,15 +192,31 @@ class SimulatedSite:
     async def _telemetry(self) -> None:
         while True:
             await self.transport.connected.wait()
-            hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
-            ts = time.time()
-            for g, idx in self.groups.items():
-                readings = self.fleet.readings(idx, hashrate, fans)
+            await self.publish_telemetry()
+            await asyncio.sleep(self.telemetry_interval_s)
+
+    async def publish_telemetry(self) -> None:
+        """Every reachable miner's reading now, in `telemetry_format`."""
+        hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
+        ts = time.time()
+        for g, idx in self.groups.items():
+            if self.telemetry_format == "group":
+                cols = self.fleet.columns(idx, hashrate, fans)
+                if cols["ids"]:
+                    await self.transport.publish(self.topics.group(g, "telemetry"),
+                                                 encode_group_telemetry(ts, **cols))
+                continue
+            readings = self.fleet.readings(idx, hashrate, fans)
+            if self.telemetry_format == "group-v1":
                 if readings:
                     payload = GroupTelemetry.model_construct(v=1, ts=ts, miners=readings)
                     await self.transport.publish(self.topics.group(g, "telemetry"),
                                                  payload.encode())
-            await asyncio.sleep(self.telemetry_interval_s)
+                continue
+            for r in readings:
+                one = MinerTelemetry.model_construct(
+                    v=1, ts=ts, **r.model_dump(exclude={"id"}, exclude_none=True))
+                await self.transport.publish(self.topics.miner(r.id, "telemetry"), one.encode())
 
     def site_power_w(self) -> float:
         """What the site meter sees: miners plus aux load, with 0.2 % noise."""

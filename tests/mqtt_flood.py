@@ -58,7 +58,6 @@ def flood(host: str, port: int, site: str, racks: list[tuple[str, int]],
     price = json.dumps({"v": 1, "ts": time.time(), "price_usd_per_mwh": 30.0}).encode()
     burst_every_s = len(racks) / rate_per_s if rate_per_s > 0 else 0.0
     while True:
-        burst = b"".join(rack_telemetry(site, g, n, time.time()) for g, n in racks)
         try:
             with socket.create_connection((host, port), timeout=5) as sock:
                 sock.sendall(connect_packet(f"mineops-flood-{time.monotonic_ns()}"))
@@ -68,7 +67,12 @@ def flood(host: str, port: int, site: str, racks: list[tuple[str, int]],
                 # Retained, so that the controller decides on a price at once.
                 sock.sendall(publish_packet(f"mineops/{site}/signal/price", price, retain=True))
                 due = time.monotonic()
+                fresh_until = -1.0
                 while True:
+                    # Readings are judged by their own time: restamp them every second.
+                    if time.monotonic() > fresh_until:
+                        burst = b"".join(rack_telemetry(site, g, n, time.time()) for g, n in racks)
+                        fresh_until = time.monotonic() + 1.0
                     sock.sendall(burst)
                     due += burst_every_s
                     # Behind (a slow broker): go on at once, but do not burst to catch up.

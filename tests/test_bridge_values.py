@@ -36,8 +36,8 @@ from structlog.testing import capture_logs
 from controller.catalogue import MinerModel, load_catalogue
 from controller.config import SiteConfig
 from controller.daemon.loop import Controller
-from controller.protocol.payloads import GroupMinerReading, GroupTelemetry, decode
-from drivers.firmware.bridge import MinerBridge
+from controller.protocol.payloads import GroupMinerReading, decode_group_telemetry
+from drivers.firmware.bridge import MinerBridge, telemetry_payload
 from drivers.firmware.config import BridgeEndpoint
 from drivers.firmware.pyasic_miner import (
     FirmwareError,
@@ -135,8 +135,7 @@ def site(groups: list[tuple[str, str, int]], firmware: str = "luxos",
 
 def publish_into(controller: Controller, bridge: MinerBridge, group: str) -> bytes:
     """What the bridge would publish for the group, given to the controller as MQTT would."""
-    raw = GroupTelemetry.model_construct(v=1, ts=time.time(),
-                                         miners=bridge.telemetry(group)).encode()
+    raw = telemetry_payload(time.time(), bridge.telemetry(group))
     controller.on_message(controller.topics.group(group, "telemetry"), raw)
     return raw
 
@@ -151,13 +150,13 @@ def test_field_case_rack_mates_are_published_and_accepted() -> None:
     controller = Controller(cfg)
     raw = publish_into(controller, bridge, "r")
 
-    by_id = {m.id: m for m in decode(GroupTelemetry, raw).miners}
-    assert set(by_id) == {"r-0001", "r-0002", "r-0003"}
-    partial = json.loads(raw)["miners"][0]
-    assert partial["id"] == "r-0001" and "power_w" not in partial, "absent, never 0"
-    assert partial["hashrate_ths"] == 68.17 and partial["state"] == "running"
-    assert partial["temp_c"] == 30.0 and partial["hashboards"] == 3
-    assert by_id["r-0002"].power_w == 3068.0 and by_id["r-0002"].hashrate_ths == 104.01
+    cols = decode_group_telemetry(raw)
+    assert cols.ids == ["r-0001", "r-0002", "r-0003"]
+    message = json.loads(raw)
+    assert message["v"] == 2 and message["power_w"][0] is None, "unknown: null, never 0"
+    assert message["hashrate_ths"][0] == 68.17 and message["state"][0] == "running"
+    assert message["temp_c"][0] == 30.0 and message["hashboards"][0] == 3
+    assert cols.power_w[1] == 3068.0 and cols.hashrate_ths[1] == 104.01
     # The controller took all three: nothing rejected, every miner fresh.
     assert not controller.ingest.invalid
     fleet = controller.fleet

@@ -149,41 +149,58 @@ async def test_measured_power_never_exceeds_cap(broker: LocalBroker, tasks: Any)
 
 BAD_PAYLOADS: list[tuple[str, bytes, str]] = [
     ("group/a/telemetry", b"{not json", "bad_json"),
-    ("group/a/telemetry", b'{"v":1,"ts":1,"miners":[{"id":"a-0001","state":"running",'
+    ("group/a/telemetry", b'{"v":1,"ts":NOW,"miners":[{"id":"a-0001","state":"running",'
                           b'"power_w":"lots","hashrate_ths":1}]}', "wrong_type"),
-    ("group/a/telemetry", b'{"v":1,"ts":1,"miners":[{"id":"nobody","state":"running",'
+    ("group/a/telemetry", b'{"v":1,"ts":NOW,"miners":[{"id":"nobody","state":"running",'
                           b'"power_w":3000,"hashrate_ths":100}]}', "unknown_miner"),
-    ("group/a/telemetry", b'{"v":1,"ts":1,"miners":[{"id":"a-0001","state":"running",'
+    ("group/a/telemetry", b'{"v":1,"ts":NOW,"miners":[{"id":"a-0001","state":"running",'
                           b'"power_w":3000000,"hashrate_ths":100}]}', "out_of_range"),
-    ("group/a/telemetry", b'{"v":1,"ts":1,"miners":[' + b'{"id":"a-0001"},' * 60000 + b"]}",
+    ("group/a/telemetry", b'{"v":1,"ts":NOW,"miners":[' + b'{"id":"a-0001"},' * 60000 + b"]}",
      "oversized"),
-    ("miner/a-0001/telemetry", b'{"v":1,"ts":1,"state":"running","power_w":-5,'
+    ("miner/a-0001/telemetry", b'{"v":1,"ts":NOW,"state":"running","power_w":-5,'
                                b'"hashrate_ths":1}', "out_of_range"),
-    ("miner/ghost/telemetry", b'{"v":1,"ts":1,"state":"running","power_w":5,'
+    ("miner/ghost/telemetry", b'{"v":1,"ts":NOW,"state":"running","power_w":5,'
                               b'"hashrate_ths":1}', "unknown_miner"),
-    ("miner/a-0001/telemetry", b'{"v":2,"ts":1,"state":"running","power_w":5,'
+    ("miner/a-0001/telemetry", b'{"v":2,"ts":NOW,"state":"running","power_w":5,'
                                b'"hashrate_ths":1}', "bad_version"),
     ("miner/a-0001/availability", b"maybe", "bad_value"),
     ("group/zzz/availability", b"online", "unknown_group"),
-    ("meter/poi/telemetry", b'{"v":1,"ts":1,"power_w":1e12}', "out_of_range"),
-    ("meter/elsewhere/telemetry", b'{"v":1,"ts":1,"power_w":1000}', "unknown_meter"),
+    ("meter/poi/telemetry", b'{"v":1,"ts":NOW,"power_w":1e12}', "out_of_range"),
+    ("meter/elsewhere/telemetry", b'{"v":1,"ts":NOW,"power_w":1000}', "unknown_meter"),
     ("meter/poi/telemetry", b"[1,2,3]", "wrong_type"),
-    ("signal/price", b'{"v":1,"ts":1,"price_usd_per_mwh":"cheap"}', "wrong_type"),
-    ("signal/price", b'{"v":1,"ts":1}', "bad_schema"),
-    ("signal/price", b'{"v":1,"ts":1,"price_usd_per_mwh":NaN}', "out_of_range"),
-    ("signal/hashprice", b'{"v":1,"ts":1,"hashprice_usd_per_ph_day":-1}', "out_of_range"),
+    ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":"cheap"}', "wrong_type"),
+    ("signal/price", b'{"v":1,"ts":NOW}', "bad_schema"),
+    ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":NaN}', "out_of_range"),
+    ("signal/hashprice", b'{"v":1,"ts":NOW,"hashprice_usd_per_ph_day":-1}', "out_of_range"),
+    # Strict types, timestamps, the market's price rules, a reading on another group's topic.
+    ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":"12"}', "wrong_type"),
+    ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":-9999}', "out_of_range"),
+    ("signal/price", b'{"v":1,"ts":99999999999,"price_usd_per_mwh":30}', "bad_timestamp"),
+    ("signal/hashprice", b'{"v":1,"ts":0,"hashprice_usd_per_ph_day":40}', "bad_timestamp"),
+    ("meter/poi/telemetry", b'{"v":1,"ts":NOW,"power_w":-2e9}', "out_of_range"),
+    ("meter/poi/telemetry", b'{"v":1,"ts":0,"power_w":1000}', "bad_timestamp"),
+    ("miner/a-0001/telemetry", b'{"v":1,"ts":NOW,"state":"running","power_w":true}',
+     "wrong_type"),
+    ("miner/a-0001/telemetry", b'{"v":1,"ts":NOW,"state":"running","power_w":49999}',
+     "out_of_range"),
+    ("miner/a-0001/telemetry", b'{"v":1,"ts":99999999999,"state":"running"}',
+     "bad_timestamp"),
+    ("group/b/telemetry", b'{"v":2,"ts":NOW,"ids":["a-0001"],"state":["running"]}',
+     "wrong_group"),
 ]
 
 
 async def test_malformed_payloads_are_counted_and_dropped(broker: LocalBroker,
                                                           tasks: Any) -> None:
-    controller, sim, peer = await start_site(broker, tasks, [("a", "s21", 10)])
+    controller, sim, peer = await start_site(broker, tasks, [("a", "s21", 10),
+                                                             ("b", "s21", 1)])
     await peer.publish(controller.topics.price, price(20.0), qos=1, retain=True)
     await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()), what="telemetry")
     good_power = controller.fleet.power_w.copy()
     base = SiteTopics("test").base
     for leaf, payload, _ in BAD_PAYLOADS:
-        await peer.publish(f"{base}/{leaf}", payload, qos=1)
+        await peer.publish(f"{base}/{leaf}", payload.replace(b"NOW", b"%.3f" % time.time()),
+                           qos=1)
     expected = {(SiteTopics("test").parse(f"{base}/{leaf}").kind.value, reason)
                 for leaf, _, reason in BAD_PAYLOADS}
     await wait_for(lambda: expected <= set(controller.ingest.invalid), timeout_s=10,

@@ -1,22 +1,31 @@
-"""Fleet state: what the controller knows of every miner, as numpy arrays indexed by miner."""
+"""Fleet state: what the controller knows of every miner, as numpy arrays indexed by miner.
+
+Telemetry lands here through `apply` (a batch: one array write per field) or `apply_one`
+(a miner's own message). `last_seen` is when a miner's latest reading was *taken*, on the
+controller's monotonic clock: ingest gives the older of the reading's own time and its
+arrival, so a reading that waited in a queue or a broker counts as old as it is, and
+staleness (`stale`) is judged by it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import get_args
+from typing import Final, get_args
 
 import numpy as np
 import numpy.typing as npt
 
 from controller.catalogue import load_catalogue, operating_points
 from controller.config_types import MinerEntry
-from controller.protocol.payloads import MinerReading, MinerState, PriceSchedule
+from controller.protocol.payloads import MinerState, PriceSchedule
 
 # Reported states (the payload's), as small ints; "unknown" until the first telemetry.
 STATES: tuple[str, ...] = ("unknown", *get_args(MinerState))
 _STATE_CODE = {s: i for i, s in enumerate(STATES)}
+# A payload's state name -> its code (telemetry decoding); "unknown" is not reportable.
+STATE_CODE: Final[dict[str, int]] = {s: i for s, i in _STATE_CODE.items() if s != "unknown"}
 # The operator's view of a miner (metrics' `state` label, the decision topic, the demo):
 # reported states folded, with "offline" for miners whose telemetry is stale or missing.
 VIEW_STATES = ("running", "underclocked", "sleeping", "waking", "error", "offline")
@@ -62,8 +71,8 @@ class FleetState:
         self.priority = np.array([m.priority for m in inventory], dtype=np.int8)
 
         self.state = np.zeros(n, dtype=np.int8)
-        self.power_w = np.zeros(n)
-        self.hashrate_ths = np.zeros(n)
+        self.power_w = np.full(n, np.nan)  # unknown until reported, never zero
+        self.hashrate_ths = np.full(n, np.nan)
         self.target_w = np.full(n, np.nan)
         self.temp_c = np.full(n, np.nan)
         self.ack_seq = np.full(n, -1, dtype=np.int64)
@@ -111,29 +120,48 @@ class FleetState:
     def members(self, group: str) -> npt.NDArray[np.intp]:
         return np.flatnonzero(self.group_idx == self.groups.index(group))
 
-    def update(self, i: int, r: MinerReading, now: float) -> None:
-        self.update_many([i], [r], now)
+    def apply(self, idx: npt.NDArray[np.intp], *, state: npt.NDArray[np.int8],
+              power_w: npt.NDArray[np.float64], hashrate_ths: npt.NDArray[np.float64],
+              target_w: npt.NDArray[np.float64], temp_c: npt.NDArray[np.float64],
+              ack_seq: npt.NDArray[np.int64], taken_at: float) -> None:
+        """Apply validated readings (a rack's message) with one array write per field.
 
-    def update_many(self, idx: Sequence[int], readings: Sequence[MinerReading],
-                    now: float) -> None:
-        """Apply a batch of readings (a rack's message) with one array write per field."""
-        nan = np.nan
-        ix = np.asarray(idx, dtype=np.intp)
-        self.state[ix] = [_STATE_CODE[r.state] for r in readings]
-        self.power_w[ix] = [r.power_w for r in readings]
-        self.hashrate_ths[ix] = [r.hashrate_ths for r in readings]
-        self.target_w[ix] = [nan if r.target_w is None else r.target_w for r in readings]
-        self.temp_c[ix] = [nan if r.temp_c is None else r.temp_c for r in readings]
-        acks = [-1 if r.ack_seq is None else r.ack_seq for r in readings]
-        self.ack_seq[ix] = np.maximum(self.ack_seq[ix], acks)
-        self.last_seen[ix] = now
-        self.announced_offline[ix] = False
+        Args:
+            idx: Rows, (m,); each at most once (a later duplicate would win).
+            state: STATE_CODE values, (m,).
+            power_w: Draw, W, NaN unknown, (m,).
+            hashrate_ths: TH/s, NaN unknown, (m,).
+            target_w: Power target in force, W, NaN unknown, (m,).
+            temp_c: Deg C, NaN unknown, (m,).
+            ack_seq: Last command applied, -1 unknown, (m,); the highest seen is kept.
+            taken_at: When the readings were taken, on the monotonic clock, s.
+        """
+        self.state[idx] = state
+        self.power_w[idx] = power_w
+        self.hashrate_ths[idx] = hashrate_ths
+        self.target_w[idx] = target_w
+        self.temp_c[idx] = temp_c
+        self.ack_seq[idx] = np.maximum(self.ack_seq[idx], ack_seq)
+        self.last_seen[idx] = taken_at
+        self.announced_offline[idx] = False
+
+    def apply_one(self, i: int, *, state: int, power_w: float, hashrate_ths: float,
+                  target_w: float, temp_c: float, ack_seq: int, taken_at: float) -> None:
+        """`apply` for one miner (its own message), without building arrays."""
+        self.state[i] = state
+        self.power_w[i] = power_w
+        self.hashrate_ths[i] = hashrate_ths
+        self.target_w[i] = target_w
+        self.temp_c[i] = temp_c
+        self.ack_seq[i] = max(int(self.ack_seq[i]), ack_seq)
+        self.last_seen[i] = taken_at
+        self.announced_offline[i] = False
 
     def set_available(self, idx: npt.NDArray[np.intp] | int, online: bool) -> None:
         self.announced_offline[idx] = not online
 
     def stale(self, now: float, stale_after_s: float) -> npt.NDArray[np.bool_]:
-        """Miners whose actual draw is unknown: silent too long, or announced offline."""
+        """Miners whose actual draw is unknown: last reading taken too long ago, or offline."""
         return self.announced_offline | (now - self.last_seen > stale_after_s)
 
     def view_states(self, now: float, stale_after_s: float) -> npt.NDArray[np.int8]:

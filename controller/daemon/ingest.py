@@ -1,51 +1,110 @@
 """Ingest: every received message validated and applied to what the controller knows.
 
-Dispatch is a table: the topic's kind gives the payload type (`topics.PAYLOAD_TYPES`)
-and the handler. A message that fails validation is counted by kind and reason,
-logged (once a minute per kind and reason) and dropped; it never raises and never
-half-applies. Meters in vendor formats are decoded by their drivers and handed to the
-same meter handler as the project's own meter messages.
+Dispatch is a table: the topic's kind gives the handler. A message that fails validation
+is counted by kind and reason (`mineops_mqtt_messages_invalid_total`), logged (once a
+minute per kind and reason) and dropped; it never raises and never half-applies. Meters
+in vendor formats are decoded by their drivers and handed to the same meter handler as
+the project's own meter messages.
+
+Telemetry (docs/scale.md, "Ingest") is decoded by msgspec into columns
+(`payloads.decode_group_telemetry`) and checked per miner, vectorised: the miner must be
+known and belong to the topic's group, its state known, its power and power target at
+most its model's top operating point plus POWER_MARGIN, its hashrate at most the model's
+top plus HASHRATE_MARGIN, temperature, fans and boards within physical bounds. A miner
+that fails is left out and counted (`mineops_telemetry_readings_rejected_total{reason}`);
+its rack-mates are applied with one array write per field. An `ack_seq` above what the
+controller last sent that miner is unknown rather than trusted (reason `bad_ack`; the
+rest of the reading stands), so it cannot mark commands acknowledged that never were
+(before this run sent a miner anything, its ack is the previous run's and is ignored).
+
+Time: each payload's `ts` is checked against the controller's clock. Further ahead than
+`policy.clock_skew_s`, or (prices, hashprice) older than `policy.signal_max_age_s`, is
+`bad_timestamp`; telemetry and meter readings older than `policy.telemetry_stale_s` are
+`stale`. A reading counts as taken at the older of its own time and its arrival
+(FleetState.last_seen, SiteReadings.meter_at, price_at): a reading that waited in a
+queue is as old as it is, and a device clock running ahead cannot make one look younger.
+
+Site bounds: a meter's |power| at most METER_CAP_MULTIPLE times the site cap; prices
+within `[energy] price_floor_usd_per_mwh`..`price_cap_usd_per_mwh` (the market's rules).
+Capabilities are taken set by set: a set that fails (bad shape, unknown or foreign
+miners, presets beyond the model) is counted and skipped, the others apply, and a set
+is applied only if the fleet's operating points can be prepared with it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import structlog
+from pydantic import Field, ValidationError
 
-from controller.core.fleet_state import FleetState
+from controller.config import SiteConfig
+from controller.core.fleet_state import STATE_CODE, FleetState
 from controller.daemon.metrics import Metrics
 from controller.grid.obligations import GridObligations
 from controller.logs import LogLimiter
 from controller.protocol.payloads import (
     GridEvent,
     GroupCapabilities,
-    GroupTelemetry,
     HashpriceSignal,
     MeterTelemetry,
-    MinerTelemetry,
     PayloadError,
+    PowerControlSet,
     PriceSchedule,
     PriceSignal,
+    TelemetryColumns,
     decode,
+    decode_group_telemetry,
+    decode_miner_telemetry,
 )
-from controller.protocol.topics import (
-    PAYLOAD_TYPES,
-    Kind,
-    Parsed,
-    SiteTopics,
-    parse_availability,
-)
+from controller.protocol.topics import Kind, Parsed, SiteTopics, parse_availability
 from drivers.meters import MeterRouter
 
 log = structlog.get_logger("mineops.ingest")
 
-Handler = Callable[[str, Any], None]
+# A miner's reported power (and target) may exceed its model's top operating point by this
+# share (firmware overshoot, PSU-side measurement) before it is implausible.
+POWER_MARGIN = 1.25
+# Hashrate is noisier (chip-side estimates, a board re-tuning): a wider margin.
+HASHRATE_MARGIN = 1.5
+# A meter's |power| beyond this many site caps is a fault (a unit or sign error).
+METER_CAP_MULTIPLE = 10.0
+TEMP_RANGE_C = (-50.0, 150.0)
+FAN_MAX_RPM = 30_000
+MAX_HASHBOARDS = 8
+_LOG_IDS = 5
+
+Handler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    """The site-dependent bounds ingest checks (see the module docstring)."""
+
+    telemetry_stale_s: float = 30.0
+    clock_skew_s: float = 60.0
+    signal_max_age_s: float = 7 * 86_400.0
+    meter_max_abs_w: float = math.inf
+    price_floor_usd_per_mwh: float = -250.0
+    price_cap_usd_per_mwh: float = 5000.0
+
+    @classmethod
+    def for_site(cls, cfg: SiteConfig) -> IngestLimits:
+        """The limits of a site's config ([policy], [energy], the cap)."""
+        return cls(
+            telemetry_stale_s=cfg.policy.telemetry_stale_s,
+            clock_skew_s=cfg.policy.clock_skew_s,
+            signal_max_age_s=cfg.policy.signal_max_age_s,
+            meter_max_abs_w=METER_CAP_MULTIPLE * cfg.power_cap_kw * 1000.0,
+            price_floor_usd_per_mwh=cfg.energy.price_floor_usd_per_mwh,
+            price_cap_usd_per_mwh=cfg.energy.price_cap_usd_per_mwh)
 
 
 class Ingest:
@@ -60,14 +119,20 @@ class Ingest:
         metrics: Message and invalid-message counters, the energy counter.
         on_change: Asks for a decision now; called with the trigger's name.
         on_shed: Sleeps the miners of a mask at once (under-frequency).
-        on_points_changed: The fleet's operating points changed (firmware capabilities).
+        on_points_changed: The fleet's operating points changed (firmware capabilities);
+            raises if they cannot be planned with (the change is then undone).
+        limits: Site bounds (default: IngestLimits(), no meter bound).
+        sent_seq: The last command sequence sent to each miner, (n,), -1 none; read
+            live (the actuator's array). None: acknowledgements are not bounded.
     """
 
     def __init__(self, *, topics: SiteTopics, fleet: FleetState, grid: GridObligations,
                  meters: MeterRouter, site_meter_ids: set[str], metrics: Metrics,
                  on_change: Callable[[str], None],
                  on_shed: Callable[[npt.NDArray[np.bool_]], None],
-                 on_points_changed: Callable[[], None]) -> None:
+                 on_points_changed: Callable[[], None],
+                 limits: IngestLimits | None = None,
+                 sent_seq: npt.NDArray[np.int64] | None = None) -> None:
         self.topics = topics
         self.fleet = fleet
         self.grid = grid
@@ -77,8 +142,17 @@ class Ingest:
         self.on_change = on_change
         self.on_shed = on_shed
         self.on_points_changed = on_points_changed
+        self.limits = limits or IngestLimits()
+        self.sent_seq = sent_seq
         self.invalid: Counter[tuple[str, str]] = Counter()
+        self.rejected_readings: Counter[str] = Counter()
         self._quiet = LogLimiter(60.0)
+        self._group_index = {g: i for i, g in enumerate(fleet.groups)}
+        self._row_of = _Lookup(fleet.index)
+        self._rows: dict[int, tuple[list[str], npt.NDArray[np.intp]]] = {}
+        self._plausible()
+        # Label children looked up once: `.labels()` per message costs more than the rest.
+        self._counted = {k: metrics.messages.labels(k.value) for k in Kind}
         self._handlers: dict[Kind, Handler] = {
             Kind.GROUP_TELEMETRY: self._group_telemetry,
             Kind.MINER_TELEMETRY: self._miner_telemetry,
@@ -91,6 +165,12 @@ class Ingest:
             Kind.HASHPRICE: self._hashprice,
             Kind.GROUP_CAPABILITIES: self._capabilities,
         }
+
+    def _plausible(self) -> None:
+        """Per-miner ceilings from the operating points (again when presets change them)."""
+        fleet = self.fleet
+        self._max_w = fleet.points_w.max(axis=1) * POWER_MARGIN
+        self._max_ths = fleet.points_ths.max(axis=1) * HASHRATE_MARGIN
 
     def subscriptions(self) -> list[str]:
         """Topic filters for every kind this ingest handles, vendor meters included."""
@@ -116,7 +196,7 @@ class Ingest:
         vendor = self.meters.claims(topic)
         parsed = Parsed(Kind.METER_TELEMETRY) if vendor else self.topics.parse(topic)
         kind = parsed.kind
-        self.metrics.messages.labels(kind.value).inc()
+        self._counted[kind].inc()
         try:
             if vendor:
                 self._vendor_meter(topic, raw)
@@ -124,9 +204,7 @@ class Ingest:
             handler = self._handlers.get(kind)
             if handler is None:
                 raise PayloadError("unknown_topic", "not a topic the controller reads")
-            model = PAYLOAD_TYPES[kind]
-            handler(parsed.device, parse_availability(raw) if model is None
-                    else decode(model, raw))
+            handler(parsed.device, raw)
         except PayloadError as e:
             self.reject(kind, e.reason, topic, e.detail)
         except Exception as e:  # a bug must not take the controller down with it
@@ -142,6 +220,38 @@ class Ingest:
             log.warning("message_dropped", kind=kind.value, reason=reason, topic=topic,
                         detail=detail[:200], suppressed_since_last=suppressed)
 
+    def _reject_readings(self, reason: str, topic: str, ids: list[str], detail: str) -> None:
+        """Count readings left out of a message whose other readings were applied."""
+        self.rejected_readings[reason] += len(ids)
+        self.metrics.readings_rejected.labels(reason).inc(len(ids))
+        suppressed = self._quiet.allow("reading", reason)
+        if suppressed is not None:
+            log.warning("readings_dropped", reason=reason, topic=topic, miners=len(ids),
+                        ids=ids[:_LOG_IDS], detail=detail[:200],
+                        suppressed_since_last=suppressed)
+
+    # -- time -----------------------------------------------------------------------
+
+    def _age_s(self, ts: float, now_unix: float, max_age_s: float, what: str) -> float:
+        """How old a payload's timestamp is, s (>= 0); PayloadError if out of bounds."""
+        age = now_unix - ts
+        if age < -self.limits.clock_skew_s:
+            raise PayloadError("bad_timestamp", f"{what} ts {ts!r} is {-age:.0f} s ahead of the "
+                               f"controller's clock (policy.clock_skew_s "
+                               f"{self.limits.clock_skew_s:g})")
+        if age > self.limits.signal_max_age_s:
+            raise PayloadError("bad_timestamp", f"{what} ts {ts!r} is {age:.0f} s old "
+                               f"(policy.signal_max_age_s {self.limits.signal_max_age_s:g})")
+        if age > max_age_s:
+            raise PayloadError("stale", f"{what} taken {age:.1f} s ago, stale after "
+                               f"{max_age_s:g} s (policy.telemetry_stale_s)")
+        return max(age, 0.0)
+
+    def _taken_at(self, ts: float, what: str) -> float:
+        """A reading's time on the monotonic clock: the older of its own and its arrival."""
+        now_mono, now_unix = time.monotonic(), time.time()
+        return now_mono - self._age_s(ts, now_unix, self.limits.telemetry_stale_s, what)
+
     # -- miners -------------------------------------------------------------------
 
     def _miner(self, miner_id: str) -> int:
@@ -150,68 +260,216 @@ class Ingest:
             raise PayloadError("unknown_miner", miner_id)
         return i
 
-    def _group_telemetry(self, group: str, msg: GroupTelemetry) -> None:
-        index = self.fleet.index
-        found = [(index.get(r.id), r) for r in msg.miners]
-        known = [(i, r) for i, r in found if i is not None]
-        if known:
-            idx, readings = zip(*known, strict=True)
-            self.fleet.update_many(idx, readings, time.monotonic())
-        unknown = len(found) - len(known)
-        if unknown:
-            raise PayloadError("unknown_miner", f"{unknown} unknown miner id(s) in {group}")
+    def _group_telemetry(self, group: str, raw: bytes) -> None:
+        cols = decode_group_telemetry(raw)
+        g = self._group_index.get(group)
+        if g is None:
+            raise PayloadError("unknown_group", group)
+        taken_at = self._taken_at(cols.ts, "telemetry")
+        if cols.n:
+            self._apply_columns(g, group, cols, taken_at)
 
-    def _miner_telemetry(self, miner_id: str, msg: MinerTelemetry) -> None:
-        self.fleet.update(self._miner(miner_id), msg, time.monotonic())
+    def _apply_columns(self, g: int, group: str, c: TelemetryColumns, taken_at: float) -> None:
+        """Check every reading at once, apply the good ones, count the rest by reason."""
+        fleet = self.fleet
+        n = c.n
+        cached = self._rows.get(g)
+        if cached is not None and cached[0] == c.ids:  # a group sends the same ids each time
+            idx = cached[1]
+        else:
+            idx = np.fromiter(map(self._row_of.__getitem__, c.ids), dtype=np.intp, count=n)
+            self._rows[g] = (c.ids, idx)
+        state = np.fromiter(map(_STATE_OR_BAD.__getitem__, c.state), dtype=np.int8, count=n)
+        known = idx >= 0
+        rows = np.where(known, idx, 0)
+        max_w, max_ths = self._max_w[rows], self._max_ths[rows]
+        with np.errstate(invalid="ignore"):  # NaN (unknown) compares False: allowed
+            out_of_range = (
+                (c.power_w < 0) | (c.power_w > max_w) | (c.target_w < 0) | (c.target_w > max_w)
+                | (c.hashrate_ths < 0) | (c.hashrate_ths > max_ths)
+                | (c.temp_c < TEMP_RANGE_C[0]) | (c.temp_c > TEMP_RANGE_C[1])
+                | (c.fan_rpm < -1) | (c.fan_rpm > FAN_MAX_RPM)
+                | (c.hashboards < -1) | (c.hashboards > MAX_HASHBOARDS) | (c.ack_seq < -1))
+        checks = (
+            ("unknown_miner", ~known),
+            ("wrong_group", known & (fleet.group_idx[rows] != g)),
+            ("bad_value", state < 0),
+            ("out_of_range", out_of_range),
+        )
+        bad = np.zeros(n, dtype=bool)
+        for reason, mask in checks:
+            new = mask & ~bad
+            if new.any():
+                ids = [c.ids[k] for k in np.flatnonzero(new)]
+                self._reject_readings(reason, self.topics.group(group, "telemetry"), ids,
+                                      _why(reason, c, np.flatnonzero(new), group))
+                bad |= new
+        if bad.all():
+            raise PayloadError(_first_reason(checks), f"no valid reading of {n}")
+        ok = ~bad if bad.any() else slice(None)
+        ix = idx[ok]
+        ack = c.ack_seq[ok]
+        if self.sent_seq is not None:
+            sent = self.sent_seq[ix]
+            over = ack > sent
+            if over.any():
+                # Before this run sent a miner anything, its ack is the last run's: ignored.
+                forged = over & (sent >= 0)
+                if forged.any():
+                    self._reject_readings("bad_ack", self.topics.group(group, "telemetry"),
+                                          [fleet.ids[i] for i in ix[forged]],
+                                          "ack_seq above the last sequence sent to the miner")
+                ack = np.where(over, -1, ack)
+        fleet.apply(ix, state=state[ok], power_w=c.power_w[ok],
+                    hashrate_ths=c.hashrate_ths[ok], target_w=c.target_w[ok],
+                    temp_c=c.temp_c[ok], ack_seq=ack, taken_at=taken_at)
 
-    def _miner_availability(self, miner_id: str, online: bool) -> None:
+    def _miner_telemetry(self, miner_id: str, raw: bytes) -> None:
+        m = decode_miner_telemetry(raw)
+        i = self._miner(miner_id)
+        state = STATE_CODE.get(m.state)
+        if state is None:
+            raise PayloadError("bad_value", f"state {m.state[:20]!r}")
+        max_w = self._max_w[i]
+        nan = math.nan
+        power = nan if m.power_w is None else m.power_w
+        target = nan if m.target_w is None else m.target_w
+        hashrate = nan if m.hashrate_ths is None else m.hashrate_ths
+        temp = nan if m.temp_c is None else m.temp_c
+        if (not (0.0 <= power <= max_w or m.power_w is None)
+                or not (0.0 <= target <= max_w or m.target_w is None)
+                or not (0.0 <= hashrate <= self._max_ths[i] or m.hashrate_ths is None)
+                or not (TEMP_RANGE_C[0] <= temp <= TEMP_RANGE_C[1] or m.temp_c is None)
+                or not (m.fan_rpm is None or 0 <= m.fan_rpm <= FAN_MAX_RPM)
+                or not (m.hashboards is None or 0 <= m.hashboards <= MAX_HASHBOARDS)
+                or not (m.ack_seq is None or m.ack_seq >= 0)):
+            raise PayloadError("out_of_range", f"{miner_id}: beyond its model's bounds "
+                               f"(power, target <= {max_w:.0f} W, hashrate <= "
+                               f"{self._max_ths[i]:.1f} TH/s)")
+        taken_at = self._taken_at(m.ts, "telemetry")
+        ack = -1 if m.ack_seq is None else m.ack_seq
+        if self.sent_seq is not None and ack > self.sent_seq[i]:
+            if self.sent_seq[i] >= 0:
+                self._reject_readings("bad_ack", self.topics.miner(miner_id, "telemetry"),
+                                      [miner_id], "ack_seq above the last sequence sent to it")
+            ack = -1
+        self.fleet.apply_one(i, state=state, power_w=power, hashrate_ths=hashrate,
+                             target_w=target, temp_c=temp, ack_seq=ack, taken_at=taken_at)
+
+    def _miner_availability(self, miner_id: str, raw: bytes) -> None:
+        online = parse_availability(raw)
         self.fleet.set_available(self._miner(miner_id), online)
         if not online:
             self.on_change("availability")
 
-    def _group_availability(self, group: str, online: bool) -> None:
-        if group not in self.fleet.groups:
+    def _group_availability(self, group: str, raw: bytes) -> None:
+        online = parse_availability(raw)
+        if group not in self._group_index:
             raise PayloadError("unknown_group", group)
         self.fleet.set_available(self.fleet.members(group), online)
         if not online:
             self.on_change("availability")
 
-    def _capabilities(self, _group: str, caps: GroupCapabilities) -> None:
-        """A bridge's firmware facts: preset-only miners plan over their presets alone."""
+    def _capabilities(self, group: str, raw: bytes) -> None:
+        """A bridge's firmware facts, set by set: preset-only miners plan over their presets.
+
+        A set is dropped alone (counted) when it is malformed, names miners that are not
+        this group's, or presets beyond its model; a change the optimizer cannot prepare
+        is undone, so one bad message can never poison the points later ones build on.
+        """
+        g = self._group_index.get(group)
+        if g is None:
+            raise PayloadError("unknown_group", group)
+        envelope = decode(_CapabilitiesEnvelope, raw)
         fleet = self.fleet
         changed = False
-        for s in caps.sets:
-            idx = [i for i in (fleet.index.get(m) for m in s.miners) if i is not None]
-            by_model: dict[int, list[int]] = {}
-            for i in idx:
-                by_model.setdefault(int(fleet.model_idx[i]), []).append(i)
-            for m, ix in by_model.items():
-                if s.control == "presets" and s.presets_w:
-                    changed |= fleet.set_points(ix, s.presets_w, s.presets_ths)
-                elif s.control == "none":  # stock firmware: stock or asleep
-                    changed |= fleet.set_points(ix, [fleet.models[m].nominal_w], None)
+        failures: Counter[str] = Counter()
+        for k, item in enumerate(envelope.sets):
+            try:
+                s = _control_set(item)
+                plan = self._set_plan(s, g, group)
+            except PayloadError as e:
+                failures[e.reason] += 1
+                self.reject(Kind.GROUP_CAPABILITIES, e.reason,
+                            self.topics.group(group, "capabilities"), f"set {k}: {e.detail}")
+                continue
+            before = (fleet.points_w.copy(), fleet.points_ths.copy(), fleet.max_w.copy())
+            set_changed = False
+            for ix, power_w, hashrate_ths in plan:
+                set_changed |= fleet.set_points(ix, power_w, hashrate_ths)
+            if not set_changed:
+                continue
+            try:
+                self.on_points_changed()
+            except Exception as e:
+                fleet.points_w, fleet.points_ths, fleet.max_w = before
+                self.on_points_changed()
+                self.reject(Kind.GROUP_CAPABILITIES, "bad_value",
+                            self.topics.group(group, "capabilities"),
+                            f"set {k}: cannot plan with it: {e!r}")
+                continue
+            changed = True
         if changed:
-            log.info("operating_points_updated", sets=len(caps.sets))
-            self.on_points_changed()
+            self._plausible()
+            log.info("operating_points_updated", group=group, sets=len(envelope.sets),
+                     sets_rejected=sum(failures.values()))
+
+    def _set_plan(self, s: PowerControlSet, g: int,
+                  group: str) -> list[tuple[list[int], list[float], list[float] | None]]:
+        """The set_points calls one set asks for, by model; PayloadError if it cannot apply."""
+        fleet = self.fleet
+        idx = [fleet.index.get(m) for m in s.miners]
+        unknown = [m for m, i in zip(s.miners, idx, strict=True) if i is None]
+        if unknown:
+            raise PayloadError("unknown_miner", f"{len(unknown)} unknown, e.g. {unknown[0]}")
+        rows = [i for i in idx if i is not None]
+        foreign = [fleet.ids[i] for i in rows if fleet.group_idx[i] != g]
+        if foreign:
+            raise PayloadError("wrong_group", f"{len(foreign)} miner(s) not in {group}, "
+                               f"e.g. {foreign[0]}")
+        by_model: dict[int, list[int]] = {}
+        for i in rows:
+            by_model.setdefault(int(fleet.model_idx[i]), []).append(i)
+        plan: list[tuple[list[int], list[float], list[float] | None]] = []
+        for m, ix in by_model.items():
+            model = fleet.models[m]
+            if s.control == "presets" and s.presets_w:
+                top = model.max_w * POWER_MARGIN
+                if s.presets_w[-1] > top or s.presets_w[0] <= model.sleep_w:
+                    raise PayloadError("out_of_range", f"presets {s.presets_w[0]:g}.."
+                                       f"{s.presets_w[-1]:g} W outside {model.name}'s "
+                                       f"{model.sleep_w:g}..{top:.0f} W")
+                if s.presets_ths is not None and max(s.presets_ths) > (
+                        float(fleet.points_ths[ix[0]].max()) * HASHRATE_MARGIN):
+                    raise PayloadError("out_of_range", f"preset hashrate beyond {model.name}'s")
+                plan.append((ix, list(s.presets_w), s.presets_ths))
+            elif s.control == "none":  # stock firmware: stock or asleep
+                plan.append((ix, [model.nominal_w], None))
+        return plan
 
     # -- site: meters, markets, grid -----------------------------------------------
 
     def _vendor_meter(self, topic: str, raw: bytes) -> None:
         routed = self.meters.decode(topic, raw)
         if routed is not None and routed.role == "site":
-            self._apply_meter(routed.reading.telemetry(time.time()))
+            reading = routed.reading.telemetry(time.time())
+            self._apply_meter(reading, time.monotonic())
 
-    def _meter(self, meter_id: str, reading: MeterTelemetry) -> None:
+    def _meter(self, meter_id: str, raw: bytes) -> None:
+        reading = decode(MeterTelemetry, raw)
         if self.site_meter_ids and meter_id not in self.site_meter_ids:
             raise PayloadError("unknown_meter", meter_id)
-        self._apply_meter(reading)
+        self._apply_meter(reading, self._taken_at(reading.ts, "meter reading"))
 
-    def _apply_meter(self, reading: MeterTelemetry) -> None:
-        now = time.monotonic()
+    def _apply_meter(self, reading: MeterTelemetry, taken_at: float) -> None:
+        bound = self.limits.meter_max_abs_w
+        if abs(reading.power_w) > bound:
+            raise PayloadError("out_of_range", f"meter power {reading.power_w:g} W beyond "
+                               f"+-{bound:g} W ({METER_CAP_MULTIPLE:g} x the site cap)")
         site = self.fleet.site
         site.meter_power_w = reading.power_w
-        site.meter_at = now
-        self.metrics.energy.observe(reading.power_w, reading.energy_import_wh, now)
+        site.meter_at = taken_at
+        self.metrics.energy.observe(reading.power_w, reading.energy_import_wh, time.monotonic())
         if reading.frequency_hz is None:
             return
         site.frequency_hz = reading.frequency_hz
@@ -221,22 +479,88 @@ class Ingest:
         if change:
             self.on_change("frequency")
 
-    def _grid_event(self, _device: str, event: GridEvent) -> None:
+    def _grid_event(self, _device: str, raw: bytes) -> None:
+        event = decode(GridEvent, raw)
         if self.grid.accept(event, time.time()):
             self.on_change("grid")
 
-    def _price(self, _device: str, price: PriceSignal) -> None:
+    def _check_price(self, price: float, what: str) -> None:
+        lo, hi = self.limits.price_floor_usd_per_mwh, self.limits.price_cap_usd_per_mwh
+        if not lo <= price <= hi:
+            raise PayloadError("out_of_range", f"{what} {price:g} $/MWh outside the market's "
+                               f"{lo:g}..{hi:g} (energy.price_floor/cap_usd_per_mwh)")
+
+    def _price(self, _device: str, raw: bytes) -> None:
+        price = decode(PriceSignal, raw)
+        now_unix = time.time()
+        age = self._age_s(price.ts, now_unix, math.inf, "price")
+        self._check_price(price.price_usd_per_mwh, "price")
         site = self.fleet.site
         changed = price.price_usd_per_mwh != site.market_price_usd_per_mwh
         site.market_price_usd_per_mwh = price.price_usd_per_mwh
-        site.price_at = time.monotonic()
+        site.price_at = time.monotonic() - age
         if changed:
             self.on_change("price")
 
-    def _price_schedule(self, _device: str, schedule: PriceSchedule) -> None:
+    def _price_schedule(self, _device: str, raw: bytes) -> None:
+        schedule = decode(PriceSchedule, raw)
+        self._age_s(schedule.ts, time.time(), math.inf, "price schedule")
+        for p in schedule.prices:
+            self._check_price(p.price_usd_per_mwh, f"scheduled price at {p.start_ts:.0f}")
         self.fleet.site.price_schedule = schedule
         self.on_change("price_schedule")
 
-    def _hashprice(self, _device: str, hp: HashpriceSignal) -> None:
+    def _hashprice(self, _device: str, raw: bytes) -> None:
+        hp = decode(HashpriceSignal, raw)
+        self._age_s(hp.ts, time.time(), math.inf, "hashprice")
         self.fleet.site.hashprice_usd_per_ph_day = hp.hashprice_usd_per_ph_day
         self.on_change("hashprice")
+
+
+class _Lookup(dict[str, int]):
+    """A dict whose missing keys are -1: `map(d.__getitem__, keys)` at C speed."""
+
+    def __missing__(self, key: str) -> int:
+        return -1
+
+
+_STATE_OR_BAD = _Lookup(STATE_CODE)
+
+
+class _CapabilitiesEnvelope(GroupCapabilities):
+    """GroupCapabilities with its sets unchecked: ingest validates them one by one."""
+
+    sets: list[Any] = Field(max_length=5000)
+
+
+def _control_set(item: Any) -> PowerControlSet:
+    try:
+        return PowerControlSet.model_validate(item)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        kind = err["type"]
+        reason = ("out_of_range" if kind in ("greater_than", "greater_than_equal", "less_than",
+                                             "less_than_equal", "too_long", "too_short")
+                  else "bad_value" if kind == "value_error"
+                  else "bad_schema" if kind in ("missing", "extra_forbidden")
+                  else "wrong_type")
+        raise PayloadError(reason, f"{where}: {err['msg']}") from None
+
+
+def _first_reason(checks: tuple[tuple[str, npt.NDArray[np.bool_]], ...]) -> str:
+    return next((reason for reason, mask in checks if mask.any()), "bad_value")
+
+
+def _why(reason: str, c: TelemetryColumns, k: npt.NDArray[np.intp], group: str) -> str:
+    """A readable detail for the first rejected reading."""
+    j = int(k[0])
+    if reason == "unknown_miner":
+        return f"{c.ids[j]} is not in the inventory"
+    if reason == "wrong_group":
+        return f"{c.ids[j]} is not in group {group}"
+    if reason == "bad_value":
+        return f"{c.ids[j]}: state {c.state[j][:20]!r}"
+    return (f"{c.ids[j]}: power_w {c.power_w[j]:g}, target_w {c.target_w[j]:g}, hashrate_ths "
+            f"{c.hashrate_ths[j]:g}, temp_c {c.temp_c[j]:g}, fan_rpm {c.fan_rpm[j]}, "
+            f"hashboards {c.hashboards[j]}")

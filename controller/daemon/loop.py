@@ -30,7 +30,7 @@ from controller.core.policy import (
     decide,
 )
 from controller.core.prices import PriceInForce, price_in_force
-from controller.daemon.ingest import Ingest
+from controller.daemon.ingest import Ingest, IngestLimits
 from controller.daemon.metrics import Metrics, SiteCollector
 from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, GridEventStatus
 from controller.daemon.systemd import supervise
@@ -103,6 +103,7 @@ class Controller:
             site_meter_ids={m.id for m in cfg.meters if m.role == "site"},
             metrics=self.metrics, on_change=self.trigger, on_shed=self._shed_now,
             on_points_changed=self._prepare_again,
+            limits=IngestLimits.for_site(cfg), sent_seq=self.actuator.seq,
         )
         self.transport = Transport(
             cfg.broker,
@@ -252,10 +253,12 @@ class Controller:
         view = fleet.view_states(now, stale_s)
         fresh = ~fleet.stale(now, stale_s)
         n_groups = len(fleet.groups)
-        group_power = np.bincount(fleet.group_idx, weights=np.where(fresh, fleet.power_w, 0.0),
+        # What fresh miners report; a value a miner does not know (NaN) adds nothing.
+        power = np.where(fresh & ~np.isnan(fleet.power_w), fleet.power_w, 0.0)
+        ths = np.where(fresh & ~np.isnan(fleet.hashrate_ths), fleet.hashrate_ths, 0.0)
+        group_power = np.bincount(fleet.group_idx, weights=power,
                                   minlength=n_groups).astype(np.float64)
-        group_ths = np.bincount(fleet.group_idx,
-                                weights=np.where(fresh, fleet.hashrate_ths, 0.0),
+        group_ths = np.bincount(fleet.group_idx, weights=ths,
                                 minlength=n_groups).astype(np.float64)
         meter_fresh = now - site.meter_at <= stale_s and not math.isnan(site.meter_power_w)
         self.decisions += 1

@@ -53,8 +53,11 @@ INVALID_KINDS = (
 INVALID_REASONS = (
     "bad_json", "bad_schema", "bad_value", "bad_version", "out_of_range", "oversized",
     "wrong_type", "unknown_miner", "unknown_group", "unknown_meter", "unknown_topic",
-    "unsupported_component", "no_base_status", "internal_error",
+    "unsupported_component", "no_base_status", "internal_error", "bad_timestamp", "stale",
+    "wrong_group",
 )
+# Why a reading is left out of a telemetry message whose other readings apply (ingest).
+READING_REASONS = ("unknown_miner", "wrong_group", "bad_value", "out_of_range", "bad_ack")
 
 DECISION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Longer gaps between meter readings are not integrated: the energy in them is unknown.
@@ -179,6 +182,15 @@ class SiteCollector(Collector):
         yield connects
         yield _gauge("mineops_mqtt_incoming_queue_messages",
                      "Messages received but not yet handled", float(link.incoming_queue_messages))
+        dropped = CounterMetricFamily(
+            "mineops_mqtt_messages_dropped",
+            "Messages dropped before handling (queue_full: the bounded incoming queue, "
+            "oldest telemetry first)", labels=["kind", "reason"])
+        for (kind, reason), count in sorted({("group_telemetry", "queue_full"): 0,
+                                             ("miner_telemetry", "queue_full"): 0,
+                                             **link.dropped}.items()):
+            dropped.add_metric([kind, reason], float(count))
+        yield dropped
 
     def _site(self, snap: DecisionSnapshot) -> Iterator[Metric]:
         if snap.measured_site_power_w is not None:
@@ -319,6 +331,12 @@ class Metrics:
         for kind in INVALID_KINDS:
             for reason in INVALID_REASONS:
                 self.invalid.labels(kind.value, reason)
+        self.readings_rejected = Counter(
+            "mineops_telemetry_readings_rejected",
+            "Miner readings left out of a telemetry message whose other readings applied "
+            "(bad_ack: only the acknowledgement was left out)", ["reason"], registry=r)
+        for reason in READING_REASONS:
+            self.readings_rejected.labels(reason)
         self.commands = Counter("mineops_commands_sent", "Miner setpoints sent", registry=r)
         self.command_messages = Counter("mineops_command_messages_sent",
                                         "Command messages published (one per group batch)",

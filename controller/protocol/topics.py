@@ -86,6 +86,37 @@ _SITE_KINDS = {
 }
 
 
+# Incoming messages are handled by lane, most urgent first (transport.IncomingQueue):
+# grid events, meters (under-frequency) and commands; then prices, capabilities and
+# availability; telemetry last, the only lane that a flood may make drop.
+LANE_URGENT, LANE_CONTROL, LANE_TELEMETRY = 0, 1, 2
+LANES = 3
+_LANE = {
+    Kind.GRID: LANE_URGENT, Kind.METER_TELEMETRY: LANE_URGENT, Kind.MINER_CMD: LANE_URGENT,
+    Kind.GROUP_CMD: LANE_URGENT, Kind.FLEET_CMD: LANE_URGENT,
+    Kind.MINER_TELEMETRY: LANE_TELEMETRY, Kind.GROUP_TELEMETRY: LANE_TELEMETRY,
+}
+
+
+def incoming_lane(topic: str) -> tuple[int, Kind]:
+    """The lane and kind of a received topic, for any site (no SiteTopics needed).
+
+    A topic outside `mineops/` is a vendor meter's (Tasmota, Shelly): the only foreign
+    topics a mineops process subscribes to. Unknown mineops topics go to the control
+    lane: counted, never dropped for telemetry's sake.
+    """
+    parts = topic.split("/")
+    if parts[0] != ROOT:
+        return LANE_URGENT, Kind.METER_TELEMETRY
+    if len(parts) == 5:
+        kind = _DEVICE_KINDS.get((parts[2], parts[4]), Kind.UNKNOWN)
+    elif len(parts) == 4:
+        kind = _SITE_KINDS.get((parts[2], parts[3]), Kind.UNKNOWN)
+    else:
+        kind = Kind.UNKNOWN
+    return _LANE.get(kind, LANE_CONTROL), kind
+
+
 def parse_availability(raw: bytes) -> bool:
     """An availability payload: True for "online", False for "offline".
 

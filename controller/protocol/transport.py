@@ -8,6 +8,21 @@ Cancelling `run()` stops it within GOODBYE_TIMEOUT_S + DISCONNECT_TIMEOUT_S what
 broker does (answering, slow, frozen, gone). Every aiomqtt call goes through
 `propagate_lost_cancel()`: aiomqtt waits for acknowledgements with Python 3.11's
 `asyncio.wait_for`, which can swallow a cancellation (controller/cancellation.py).
+
+Incoming side (docs/scale.md, "Ingest"): received messages wait in an `IncomingQueue`
+(aiomqtt's `queue_type`) with one lane per priority (`topics.incoming_lane`): grid events,
+meters and commands first, then prices, capabilities and availability, telemetry last.
+The queue is bounded in messages and bytes; when full, the oldest message of the least
+urgent lane goes (in practice always telemetry), counted by kind in `LinkStatus.dropped`.
+Messages are handled in batches without a task per message, yielding to the event loop
+after every urgent or control message and every `YIELD_EVERY_S` of telemetry, so a
+decision a message triggered runs at once and the socket keeps being read.
+
+paho-mqtt reads a packet with three `recv` calls and aiomqtt reads one packet per event
+loop turn; on a plain TCP connection `_BufferedSocket` reads in large chunks, takes the
+QoS 0 PUBLISH packets (telemetry) out of them itself and leaves every other packet to
+paho, so a turn handles every complete packet a read brought. paho's per-packet parse
+was most of the per-message cost at high rates (docs/scale.md, "Ingest").
 """
 
 from __future__ import annotations
@@ -15,15 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import aiomqtt
 import structlog
 
 from controller.cancellation import propagate_lost_cancel
 from controller.config import BrokerConfig
+from controller.protocol.topics import LANE_TELEMETRY, LANES, Kind, incoming_lane
 
 log = structlog.get_logger("mineops.transport")
 
@@ -33,6 +53,229 @@ GOODBYE_TIMEOUT_S = 1.5  # the owner's last words (availability offline, QoS 1)
 DISCONNECT_TIMEOUT_S = 1.5  # MQTT 3.1.1 DISCONNECT has no answer: it only has to be written
 
 MessageHandler = Callable[[str, bytes], None]
+
+# Defaults of the incoming bound: ~1 s of a 20k msg/s flood, or 64 MiB of payloads
+# (a few hundred of the largest rack messages), whichever comes first.
+MAX_QUEUED_MESSAGES = 20_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+YIELD_EVERY_S = 0.010  # of telemetry handled back to back
+RECV_BYTES = 64 * 1024  # one socket read; paho's packets are then cut from it
+READ_BUDGET_S = 0.020  # of reading per wake-up while handling keeps up
+KEEP_READING_BELOW = 2_000  # queued messages (and a quarter of the byte bound): keeping up
+
+
+Incoming = tuple[str, bytes]  # topic, payload
+
+
+class IncomingQueue(asyncio.Queue[Incoming]):
+    """The incoming queue (aiomqtt's `queue_type`), by lane, most urgent first, and bounded.
+
+    Items are (topic, payload): paho's messages go in directly (`_tune_client`), without
+    aiomqtt's Message objects. `get_nowait()` returns the oldest message of the most urgent
+    non-empty lane. When `max_messages` or `max_bytes` is reached, the oldest message of
+    the least urgent non-empty lane is dropped to make room, unless the new message is less
+    urgent than everything queued (then it is the one dropped). Drops are counted by kind.
+
+    Args:
+        maxsize: The message bound (aiomqtt passes `max_queued_incoming_messages`);
+            0 or less: MAX_QUEUED_MESSAGES.
+        max_bytes: The bound on queued payload bytes.
+    """
+
+    def __init__(self, maxsize: int = 0, *, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+        self.max_messages = maxsize if maxsize > 0 else MAX_QUEUED_MESSAGES
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.count = 0
+        self.dropped: Counter[tuple[str, str]] = Counter()
+        self.last_lane = LANE_TELEMETRY  # of the message `get_nowait` returned last
+        self._lanes: list[deque[tuple[Incoming, int, Kind]]] = [deque() for _ in range(LANES)]
+        super().__init__(0)  # unbounded to asyncio: the bound is ours, by lane
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = _Sized(self)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def lane_sizes(self) -> list[int]:
+        return [len(lane) for lane in self._lanes]
+
+    def _put(self, item: Incoming) -> None:
+        if not isinstance(item, tuple):  # aiomqtt's own Message (untuned client)
+            item = _as_incoming(item)
+        lane, kind = incoming_lane(item[0])
+        size = len(item[1])
+        lanes = self._lanes
+        while self.bytes + size > self.max_bytes or self.count >= self.max_messages:
+            victim = next((k for k in range(LANES - 1, -1, -1) if lanes[k]), None)
+            if victim is None or victim < lane:  # the newcomer is the least urgent
+                self.dropped[(kind.value, "queue_full")] += 1
+                return
+            _, old_size, old_kind = lanes[victim].popleft()
+            self.bytes -= old_size
+            self.count -= 1
+            self.dropped[(old_kind.value, "queue_full")] += 1
+        lanes[lane].append((item, size, kind))
+        self.bytes += size
+        self.count += 1
+
+    def _get(self) -> Incoming:
+        for k, lane in enumerate(self._lanes):
+            if lane:
+                item, size, _ = lane.popleft()
+                self.bytes -= size
+                self.count -= 1
+                self.last_lane = k
+                return item
+        raise asyncio.QueueEmpty
+
+
+def _as_incoming(message: aiomqtt.Message) -> Incoming:
+    payload = message.payload
+    raw = payload if isinstance(payload, bytes) else (
+        bytes(payload) if isinstance(payload, bytearray) else str(payload).encode())
+    return message.topic.value, raw
+
+
+class _Sized:
+    """What asyncio.Queue keeps as `_queue`: only its length is read (empty, qsize)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: IncomingQueue) -> None:
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+class _BufferedSocket:
+    """A plain socket for paho whose `recv` is served from large reads.
+
+    aiomqtt's reader, woken by the event loop when the socket is readable, calls paho's
+    `loop_read()` (one packet) again while `pending()` (meant for TLS) is positive. The
+    buffer answers `pending()`, so one wake-up parses every complete packet its reads
+    brought. How much one wake-up reads: one RECV_BYTES read while handling is behind
+    (`keep_reading()` false: more would only be dropped); while it keeps up, on until the
+    socket is empty or READ_BUDGET_S has passed, so that a backlog moves from the kernel
+    into the incoming queue, where urgent messages overtake telemetry.
+
+    QoS 0 PUBLISH packets (MQTT 3.1.1 section 3.3: fixed header 0x30-0x39 without QoS
+    bits, remaining length, topic, payload; no packet id, nothing to answer) that lie
+    whole in the buffer at a packet boundary go to `deliver` as (topic, payload) without
+    paho: paho's pure-Python parse of each is most of the per-message cost. Every other
+    packet (CONNACK, SUBACK, QoS 1 PUBLISH and its PUBACK, PINGRESP, a split packet) is
+    paho's, as is everything else about the socket.
+    """
+
+    def __init__(self, sock: socket.socket, paho: Any, deliver: Callable[[Incoming], None],
+                 keep_reading: Callable[[], bool]) -> None:
+        self._sock = sock
+        self._paho = paho
+        self._deliver = deliver
+        self._keep_reading = keep_reading
+        self._buf = b""
+        self._pos = 0
+        self._may_read = True  # this wake-up has not read the socket yet
+        self._woke_at = 0.0
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            if self._pos >= len(self._buf):
+                now = time.perf_counter()
+                if self._may_read:
+                    self._may_read = False
+                    self._woke_at = now
+                elif not (self._keep_reading() and now - self._woke_at < READ_BUDGET_S):
+                    raise BlockingIOError  # paho keeps its partial packet for the next wake-up
+                data = self._sock.recv(max(n, RECV_BYTES))
+                if not data:
+                    return data  # the broker closed: paho sees it
+                self._buf, self._pos = data, 0
+            if n == 1 and self._paho._in_packet["command"] == 0:  # paho is between packets
+                self._publishes()
+                if self._pos >= len(self._buf):
+                    continue
+            end = self._pos + n
+            out = self._buf[self._pos:end]
+            self._pos = end
+            return out
+
+    def _publishes(self) -> None:
+        """Deliver the whole QoS 0 PUBLISH packets at the front of the buffer."""
+        buf, pos, size = self._buf, self._pos, len(self._buf)
+        deliver = self._deliver
+        while pos < size and buf[pos] & 0xF6 == 0x30:  # PUBLISH, QoS 0 (DUP, RETAIN: any)
+            length, mult, i = 0, 1, pos + 1
+            while True:
+                if i >= size or i - pos > 4:
+                    self._pos = pos
+                    return  # split across reads (or malformed): paho's
+                byte = buf[i]
+                i += 1
+                length += (byte & 0x7F) * mult
+                mult <<= 7
+                if not byte & 0x80:
+                    break
+            end = i + length
+            if end > size:
+                break
+            topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+            try:
+                topic = buf[i + 2:topic_end].decode()
+            except UnicodeDecodeError:
+                break  # paho drops it, as it would have
+            deliver((topic, buf[topic_end:end]))
+            pos = end
+        if pos != self._pos:
+            # paho's keepalive: bytes it did not parse itself were received all the same.
+            self._paho._last_bytes_received = time.monotonic()
+        self._pos = pos
+
+    def pending(self) -> int:
+        left = len(self._buf) - self._pos
+        if left <= 0:
+            self._may_read = True  # the reader stops here: its next wake-up may read again
+        return max(left, 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _tune_client(client: aiomqtt.Client, queue: IncomingQueue) -> bool:
+    """Give the paho client under `client` our reads: a `_BufferedSocket` once it opens a
+    plain TCP socket, and its messages straight into `queue` as (topic, payload).
+
+    It reaches into aiomqtt (2.x) and paho (2.x) internals, pinned in pyproject.toml;
+    if they are not as expected, nothing changes (a log line says so) and aiomqtt
+    delivers as it always does.
+    """
+    paho = getattr(client, "_client", None)
+    opened = getattr(paho, "on_socket_open", None)
+    if paho is None or opened is None or not hasattr(paho, "_sock") \
+            or getattr(paho, "_in_packet", {}).get("command") != 0 \
+            or getattr(client, "_queue", None) is not queue:
+        log.warning("mqtt_read_tuning_unavailable", aiomqtt=aiomqtt.__version__)
+        return False
+
+    def on_socket_open(paho_client: Any, userdata: Any, sock: Any) -> None:
+        # TLS sockets keep paho's own reads: their decrypted leftovers need pending() as is.
+        plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+        if plain and paho_client._sock is sock:
+            paho_client._sock = _BufferedSocket(
+                sock, paho_client, queue.put_nowait,
+                lambda: queue.count < KEEP_READING_BELOW and queue.bytes < queue.max_bytes // 4)
+        opened(paho_client, userdata, sock)
+
+    put = queue.put_nowait
+
+    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        put((message.topic, message.payload))
+
+    paho.on_socket_open = on_socket_open
+    paho.on_message = on_message
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +293,8 @@ class LinkStatus:
     connected: bool
     connects: int
     incoming_queue_messages: int
+    # Messages dropped before handling, by (kind, reason): "queue_full" (IncomingQueue).
+    dropped: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Transport:
@@ -65,8 +310,16 @@ class Transport:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self._broker = broker
+        self._max_queued_messages = max_queued_messages
+        self._max_queued_bytes = max_queued_bytes
+        self._queue: IncomingQueue | None = None
+        self._tuned = False
+        # Drops of earlier sessions' queues, so the counters never go back.
+        self._dropped_before: Counter[tuple[str, str]] = Counter()
         self._client_id = client_id
         self._subscriptions = list(subscriptions)
         self._will = will
@@ -98,10 +351,21 @@ class Transport:
             tls_context=tls,
             timeout=10,
             max_queued_outgoing_messages=100_000,
+            queue_type=self._new_queue,  # type: ignore[arg-type]
+            max_queued_incoming_messages=self._max_queued_messages,
         )
         # Batches of concurrent publishes are normal here, not a sign of trouble.
         client.pending_calls_threshold = 10_000
+        assert self._queue is not None  # made by the constructor above (queue_type)
+        self._tuned = _tune_client(client, self._queue)
         return client
+
+    def _new_queue(self, maxsize: int = 0) -> IncomingQueue:
+        """aiomqtt's queue_type: a fresh queue per session, kept for draining and counts."""
+        if self._queue is not None:
+            self._dropped_before.update(self._queue.dropped)
+        self._queue = IncomingQueue(maxsize, max_bytes=self._max_queued_bytes)
+        return self._queue
 
     async def run(self, handler: MessageHandler) -> None:
         """Connect, subscribe and dispatch forever; reconnect on any broker failure."""
@@ -121,15 +385,7 @@ class Transport:
                     if self._on_connect:
                         await self._on_connect()
                     try:
-                        async for message in client.messages:
-                            payload = message.payload
-                            raw = payload if isinstance(payload, bytes | bytearray) else str(
-                                payload
-                            ).encode()
-                            handler(message.topic.value, bytes(raw))
-                            # Let a decision a message triggered run before the next
-                            # message of a backlog (a grid event behind a telemetry burst).
-                            await asyncio.sleep(0)
+                        await self._dispatch(client, handler)
                     except asyncio.CancelledError:
                         await self._say_goodbye()
                         raise
@@ -145,6 +401,30 @@ class Transport:
                 await asyncio.sleep(delay)
             finally:
                 self._lost()
+
+    async def _dispatch(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
+        """Hand every message to `handler`, by lane, until the connection ends.
+
+        The first message after a quiet spell is awaited through aiomqtt (it also raises
+        MqttError when the connection drops); a backlog is then taken from the queue
+        directly, with no task per message. Control returns to the event loop (where the
+        socket is read, and decisions run) after any message above telemetry and every
+        YIELD_EVERY_S.
+        """
+        queue = self._queue
+        assert queue is not None
+        messages = client.messages
+        clock = time.perf_counter
+        while True:
+            topic, payload = cast(Incoming, await messages.__anext__())
+            handler(topic, payload)
+            started = clock()
+            while queue.count:
+                topic, payload = queue.get_nowait()
+                handler(topic, payload)
+                if queue.last_lane < LANE_TELEMETRY or clock() - started > YIELD_EVERY_S:
+                    await asyncio.sleep(0)
+                    started = clock()
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[aiomqtt.Client]:
@@ -216,5 +496,9 @@ class Transport:
     def status(self) -> LinkStatus:
         """The connection as metrics show it."""
         client = self._client
+        dropped = Counter(self._dropped_before)
+        if self._queue is not None:
+            dropped.update(self._queue.dropped)
         return LinkStatus(connected=self.connected.is_set(), connects=self.connects,
-                          incoming_queue_messages=len(client.messages) if client else 0)
+                          incoming_queue_messages=len(client.messages) if client else 0,
+                          dropped=dict(dropped))

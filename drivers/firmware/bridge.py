@@ -1,12 +1,13 @@
 """The firmware bridge: real miners polled over their own APIs, spoken for on MQTT.
 
 To the controller a bridged miner looks like a simulated one: a rack's readings in one
-`group/<g>/telemetry` message per poll, `miner/<id>/availability` when a miner stops or
-starts answering, commands from `miner/<id>/cmd`, `group/<g>/cmd` and `fleet/cmd`
-acknowledged through `ack_seq`. Firmware I/O goes through pyasic (drivers/firmware/pyasic_miner.py)
-with at most `concurrency` requests in flight. A miner that fails `offline_after_polls`
-polls in a row is announced offline (the controller counts it at its maximum power) and
-its firmware session is dropped; when it answers again it is identified afresh (a
+`group/<g>/telemetry` message per poll (v2 columns, stamped with the poll's start),
+`miner/<id>/availability` when a miner stops or starts answering, commands from
+`miner/<id>/cmd`, `group/<g>/cmd` and `fleet/cmd` acknowledged through `ack_seq`.
+Firmware I/O goes through pyasic (drivers/firmware/pyasic_miner.py) with at most
+`concurrency` requests in flight. A miner that fails `offline_after_polls` polls in a row
+is announced offline (the controller counts it at its maximum power) and its firmware
+session is dropped; when it answers again it is identified afresh (a
 restarted LuxOS has a new session) and announced online.
 
 Readings are checked per miner before they are published (pyasic_miner.reading_from_data,
@@ -34,17 +35,18 @@ from controller.catalogue import MinerModel, load_catalogue
 from controller.config import BrokerConfig
 from controller.config_types import MinerEntry
 from controller.protocol.payloads import (
+    MAX_GROUP_READINGS,
     FleetCommand,
     GroupCapabilities,
     GroupCommand,
     GroupMinerReading,
-    GroupTelemetry,
     MinerCommand,
     MinerState,
     PayloadError,
     PowerControlSet,
     Setpoint,
     decode,
+    encode_group_telemetry,
 )
 from controller.protocol.topics import OFFLINE, ONLINE, Kind, SiteTopics
 from controller.protocol.transport import Transport
@@ -61,7 +63,7 @@ from drivers.firmware.pyasic_miner import (
 
 log = structlog.get_logger("mineops.bridge")
 
-_TELEMETRY_CHUNK = 2000  # GroupTelemetry's per-message limit
+_TELEMETRY_CHUNK = MAX_GROUP_READINGS  # per message (GroupTelemetryV2's limit)
 # Values of a firmware reading that the payload carries, and may leave absent (unknown).
 _READING_FIELDS = frozenset(f.name for f in dataclasses.fields(FirmwareReading)) & frozenset(
     GroupMinerReading.model_fields)
@@ -351,11 +353,12 @@ class MinerBridge:
             if report is not None:
                 report(done)
 
+        started_unix = time.time()
         await asyncio.gather(*(poll(d) for d in self.devices.values()))
         self.polls += 1
         self.last_cycle_s = time.monotonic() - start
         self._count_problems()
-        await self._publish_telemetry()
+        await self._publish_telemetry(started_unix)
         await self._publish_capabilities()
 
     def unsupported_pairs(self) -> dict[tuple[str, str], list[str]]:
@@ -434,14 +437,15 @@ class MinerBridge:
         log.warning("bridge_reading_invalid", miner=d.id, reading=_fields(d))
         return None
 
-    async def _publish_telemetry(self) -> None:
-        ts = time.time()
+    async def _publish_telemetry(self, ts: float) -> None:
+        """Each group's readings as v2 columns; `ts` is when the poll began (the oldest any
+        reading can be: the controller judges staleness by it)."""
         for g in self.groups:
             readings = self.telemetry(g)
             for k in range(0, len(readings), _TELEMETRY_CHUNK):
-                payload = GroupTelemetry.model_construct(
-                    v=1, ts=ts, miners=readings[k:k + _TELEMETRY_CHUNK])
-                await self.transport.publish(self.topics.group(g, "telemetry"), payload.encode())
+                chunk = readings[k:k + _TELEMETRY_CHUNK]
+                await self.transport.publish(self.topics.group(g, "telemetry"),
+                                             telemetry_payload(ts, chunk))
 
     def capabilities(self, group: str) -> GroupCapabilities:
         """The group's power controls as far as they are known (identified miners only)."""
@@ -498,6 +502,18 @@ class MinerBridge:
                 log.warning("bridge_poll_overrun", cycle_s=round(spent, 2), interval_s=interval,
                             miners=len(self.devices))
             await asyncio.sleep(max(0.0, interval - spent))
+
+
+def telemetry_payload(ts: float, readings: Sequence[GroupMinerReading]) -> bytes:
+    """Validated readings as one `GroupTelemetryV2` message (absent values: null)."""
+    columns: dict[str, list[Any]] = {
+        name: [getattr(r, name) for r in readings]
+        for name in ("power_w", "hashrate_ths", "target_w", "temp_c", "fan_rpm", "hashboards",
+                     "ack_seq", "reason")}
+    return encode_group_telemetry(
+        ts, [r.id for r in readings], [r.state for r in readings],
+        # A column nobody knows is left out: the same unknown, fewer bytes.
+        **{k: v for k, v in columns.items() if any(x is not None for x in v)})
 
 
 def _with_target(r: FirmwareReading, target_w: float) -> FirmwareReading:
