@@ -133,8 +133,8 @@ def test_surplus_comes_first_at_its_cost_then_the_grid_at_market_plus_adders() -
 
 
 def test_exportable_surplus_costs_the_export_price_the_rest_its_marginal_cost() -> None:
-    # 10 MW GPU, 20 MW solar: 10 MW surplus, 4 MW may be exported at the market price ($40): the miners'
-    # first 6 MW would be curtailed ($0), the next 4 MW would have earned $40.
+    # 10 MW GPU, 20 MW solar: 10 MW surplus, 4 MW may be exported at the market price
+    # ($40): the miners' first 6 MW would be curtailed ($0), the next 4 would earn $40.
     c = campus(poi={"export_limit_kw": 4000})
     p = picture(c, {**ALL_FRESH, "gpu": fresh(10_000), "pv": fresh(20_000)})
     seg = [(round(s.width_w / 1e6, 6), s.price_usd_per_mwh, s.source)
