@@ -97,6 +97,26 @@ def test_a_firm_load_counts_its_announced_draw_before_it_starts() -> None:
     assert later.stale == ("gpu-hall-1", "solar-1", "genset-1", "battery")  # an hour old
 
 
+def test_a_rising_load_and_falling_generation_count_one_reading_ahead() -> None:
+    # The GPU hall rose 3 MW since its last reading (a job ramping in), the solar fell
+    # 4 MW (a cloud's edge): each counts where it will be if it keeps moving.
+    readings = {**ALL_FRESH, "gpu": PartReading(20e6, NOW - 1, change_w=3e6),
+                "pv": PartReading(12e6, NOW - 1, change_w=-4e6)}
+    p = picture(campus(), readings)
+    assert p.firm_load_w == pytest.approx(23e6)
+    assert p.generation_w == pytest.approx(8e6)
+    assert p.headroom_w == pytest.approx(41.5e6 - 7e6)
+    # Never past the firm load's max_kw, never below 0 W of generation; the other way
+    # (a load falling, generation rising) waits for the next reading.
+    steep = {**ALL_FRESH, "gpu": PartReading(20e6, NOW - 1, change_w=9e6),
+             "pv": PartReading(12e6, NOW - 1, change_w=-20e6)}
+    assert picture(campus(), steep).firm_load_w == pytest.approx(24e6)
+    assert picture(campus(), steep).generation_w == 0.0
+    calm = {**ALL_FRESH, "gpu": PartReading(20e6, NOW - 1, change_w=-5e6),
+            "pv": PartReading(12e6, NOW - 1, change_w=5e6)}
+    assert picture(campus(), calm).headroom_w == pytest.approx(41.5e6)
+
+
 def test_a_grid_target_on_net_import_lowers_the_poi_limit() -> None:
     p = picture(campus(), ALL_FRESH, poi_limit_w=30e6)
     assert p.poi_limit_w == 30e6
@@ -201,6 +221,31 @@ def test_islanded_limit_is_genset_rating_less_reserve_and_load_steps() -> None:
     assert stale.ramp_limit_w == pytest.approx(1.0e6 + 1.5e6)
 
 
+def test_islanded_next_step_waits_for_the_last_to_land_and_the_frequency() -> None:
+    c = campus(**ISLAND, firm_loads=[{"id": "office", "meter": "gpu", "max_kw": 500}],
+               generators=[{"id": "genset-1", "kind": "genset", "meter": "gen",
+                            "rating_kw": 5000, "marginal_cost_usd_per_mwh": 45,
+                            "reserve_kw": 500, "max_load_step_kw": 1500}],
+               battery=None)
+    office = fresh(300)
+    # Planned 2.7 MW of miners, 1.2 MW drawn: the step has not landed, hold at the plan.
+    p = picture(c, {"gpu": office, "gen": fresh(1500, frequency_hz=60.0)},
+                miners_planned_w=2.7e6)
+    assert p.ramp_limit_w == pytest.approx(2.7e6)
+    # Landed (2.68 MW drawn, within 2 %), but the frequency still 0.3 % low: hold.
+    dipped = picture(c, {"gpu": office, "gen": fresh(2980, frequency_hz=59.82)},
+                     miners_planned_w=2.7e6)
+    assert dipped.ramp_limit_w == pytest.approx(2.7e6)
+    # Landed and recovered (within 0.25 % of 60 Hz): the next 1.5 MW step.
+    ready = picture(c, {"gpu": office, "gen": fresh(2980, frequency_hz=59.86)},
+                    miners_planned_w=2.7e6)
+    assert ready.ramp_limit_w == pytest.approx(2.68e6 + 1.5e6)
+    # A 50 Hz genset is judged against 50 Hz.
+    fifty = picture(c, {"gpu": office, "gen": fresh(2980, frequency_hz=49.88)},
+                    miners_planned_w=2.7e6)
+    assert fifty.ramp_limit_w == pytest.approx(2.68e6 + 1.5e6)
+
+
 def test_islanded_without_a_genset_is_refused() -> None:
     review = campus_review(campus(**ISLAND, generators=[
         {"id": "solar-1", "kind": "solar", "meter": "pv", "rating_kw": 20_000}]))
@@ -227,7 +272,11 @@ def test_stale_never_raises_headroom_and_the_curve_spans_it(
     worse = picture(c, {m: fresh(v, age_s=STALE_S + 1 if m in stale else 1.0)
                         for m, v in kw.items()}, market_usd_per_mwh=market, miners_planned_w=3e6)
     assert worse.headroom_w <= p.headroom_w + 1e-6
-    assert worse.cap_w <= p.cap_w + 1e-6
+    if islanded and "gen" in stale:
+        # The genset's load unknown: no step beyond the last plan (3 MW), granted already.
+        assert worse.ramp_limit_w == 3e6
+    else:
+        assert worse.cap_w <= p.cap_w + 1e-6
     for q in (p, worse):
         assert q.headroom_w >= 0
         assert q.curve.width_w == pytest.approx(q.headroom_w, abs=0.01)

@@ -14,15 +14,20 @@ where the POI limit is `campus.poi.import_limit_kw`, or a grid event's target on
 site's net import when that is lower. **A reading that is missing, unavailable or older
 than `stale_s` counts on the safe side**: a firm load at its `max_kw`, a generator at 0,
 the battery charging at `max_charge_kw`. A firm load also counts at least what its
-schedule announces for now (a booked training run is kept free before it starts).
+schedule announces for now (a booked training run is kept free before it starts). A
+firm load that rose since its reading before counts that rise once more, and generation
+that fell counts its fall once more (`PartReading.change_w`): a GPU job ramping in, or a
+cloud's edge, is met where it will be at the next reading rather than one reading late.
 
 **Islanded** (`campus.poi.islanded`: no grid, gensets only) the gensets carry every
 load, so the limit is their rating less reserve (`Generator.firm_kw`) plus renewables
 and battery less firm load, the margin is taken of the gensets' capacity, and the
-miners' power may rise in one decision only by what the gensets pick up at once
+miners' power may rise in one step only by what the gensets pick up at once
 (`max_load_step_kw`, summed) above what the miners draw now (the gensets' measured
-output plus renewables and battery less firm load). With a genset reading unknown,
-the miners may not rise above the last plan.
+output plus renewables and battery less firm load); a next step only once the last has
+landed (the miners draw the last plan) and the gensets' frequency has recovered to
+within 0.25 % of nominal. Until then, and with a genset reading unknown, the miners may
+not rise above the last plan.
 
 **Cost curve.** The miners' power costs, from their first watt up to the headroom, by
 steps (:class:`CostCurve`, given to the optimizer as `CostSteps`):
@@ -61,6 +66,13 @@ PartRole = Literal["firm_load", "generator", "battery"]
 SegmentSource = Literal["curtailed", "export", "battery", "grid", "genset"]
 _Supply = tuple[float, float, SegmentSource, str]  # ($/MWh, W, source, part)
 _LEAST_W = 1e-3  # a step narrower than this is rounding, not power
+# Islanded: the miners draw their last plan within this fraction (of it, or half of it of
+# the gensets' capacity, for noise on small plans): that step has landed.
+_LANDED_FRACTION = 0.02
+# A genset's frequency within this fraction of nominal has recovered from a load step (the
+# tightest of ISO 8528-5's steady-state bands, G3); a step within pick-up dips about 1 %,
+# so a next one never lands on more than a quarter of that.
+_RECOVERED_FRACTION = 0.0025
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +88,9 @@ class PartReading:
             its failed polls): every value is then unknown.
         frequency_hz: AC frequency, Hz (a genset's shows its load steps).
         soc_fraction: Battery state of charge, 0..1.
+        change_w: Power since the reading before it (when that one was fresh), W: a
+            load still ramping up, or generation still falling, is counted where it
+            will be by the next reading if it keeps moving.
     """
 
     power_w: float | None
@@ -83,6 +98,7 @@ class PartReading:
     available: bool = True
     frequency_hz: float | None = None
     soc_fraction: float | None = None
+    change_w: float = 0.0
 
     def fresh_w(self, now_unix_s: float, stale_s: float) -> float | None:
         """Its power if known and at most `stale_s` old, else None."""
@@ -240,14 +256,19 @@ def campus_picture(
     for f in campus.firm_loads:
         measured = _reading(readings, f.meter, now_unix_s, stale_s)
         announced = scheduled_w(f, now_unix_s)
-        counted = f.max_kw * 1000.0 if measured is None else max(measured, announced, 0.0)
+        if measured is None:
+            counted = f.max_kw * 1000.0
+        else:
+            ahead = min(measured + _rising(readings, f.meter), f.max_kw * 1000.0)
+            counted = max(measured, ahead, announced, 0.0)
         parts.append(PartCount(f.id, "firm_load", "firm_load", counted, measured,
                                measured is None))
     gens: list[tuple[float, float, str, str]] = []  # (marginal cost, W counted, id, kind)
     genset_out: list[float | None] = []
     for g in campus.generators:
         measured = _reading(readings, g.meter, now_unix_s, stale_s)
-        counted = 0.0 if measured is None else min(max(measured, 0.0), g.rating_kw * 1000.0)
+        counted = 0.0 if measured is None else min(
+            max(measured - _falling(readings, g.meter), 0.0), g.rating_kw * 1000.0)
         parts.append(PartCount(g.id, "generator", g.kind, counted, measured, measured is None))
         if g.kind == "genset":
             genset_out.append(counted if measured is not None else None)
@@ -267,9 +288,13 @@ def campus_picture(
     poi = _reading(readings, campus.poi.meter, now_unix_s, stale_s)
     import_w = campus.poi.import_limit_kw * 1000.0
     if campus.poi.islanded:
+        hz = [r.frequency_hz for g in campus.generators if g.kind == "genset"
+              and (r := readings.get(g.meter)) is not None and r.fresh_w(now_unix_s, stale_s)
+              is not None and r.frequency_hz is not None]
         return _islanded(campus, parts, gens, genset_out, firm=firm, battery_w=battery_w,
                          soc=soc, margin_fraction=margin_fraction, import_w=import_w,
-                         market=market_usd_per_mwh, miners_planned_w=miners_planned_w)
+                         market=market_usd_per_mwh, miners_planned_w=miners_planned_w,
+                         recovered=all(_recovered(f) for f in hz))
     limit_poi = import_w if poi_limit_w is None else max(min(import_w, poi_limit_w), 0.0)
     supply: list[_Supply] = [(c, w, "curtailed", gid) for c, w, gid, _ in gens]
     if battery_w > 0:
@@ -296,7 +321,8 @@ def campus_picture(
 def _islanded(campus: CampusConfig, parts: list[PartCount],
               gens: list[tuple[float, float, str, str]], genset_out: list[float | None], *,
               firm: float, battery_w: float, soc: float | None, margin_fraction: float,
-              import_w: float, market: float, miners_planned_w: float | None) -> CampusPicture:
+              import_w: float, market: float, miners_planned_w: float | None,
+              recovered: bool) -> CampusPicture:
     gensets = [g for g in campus.generators if g.kind == "genset"]
     capacity = sum(g.firm_kw for g in gensets) * 1000.0
     renewables: list[_Supply] = [(c, w, "curtailed", gid) for c, w, gid, kind in gens
@@ -314,14 +340,18 @@ def _islanded(campus: CampusConfig, parts: list[PartCount],
     margin = margin_fraction * capacity
     headroom = max(limit - margin, 0.0)
     segments = [CostSegment(w, c, src, part) for c, w, src, part in sorted(surplus)]
-    ramp: float | None
+    hold = miners_planned_w if miners_planned_w is not None else 0.0
+    ramp = hold  # what the gensets carry now unknown: no step beyond the last plan
     if genset_out and all(x is not None for x in genset_out):
         carried = sum(x for x in genset_out if x is not None)
-        miners_now = carried + renewable_w + battery_w - firm
-        ramp = max(miners_now, 0.0) + sum(g.max_load_step_kw or 0.0 for g in gensets) * 1000.0
-    else:
-        # What the gensets carry now is unknown: no step up beyond the last plan.
-        ramp = miners_planned_w if miners_planned_w is not None else 0.0
+        miners_now = max(carried + renewable_w + battery_w - firm, 0.0)
+        # A new step only once the last has landed (the miners draw what was planned:
+        # wake-ups take minutes, a target change seconds) and the gensets' frequency has
+        # recovered from it; else steps would pile up on a genset still recovering.
+        tolerance = max(_LANDED_FRACTION * hold, _LANDED_FRACTION / 2 * capacity)
+        landed = miners_planned_w is None or miners_now >= miners_planned_w - tolerance
+        if landed and recovered:
+            ramp = miners_now + sum(g.max_load_step_kw or 0.0 for g in gensets) * 1000.0
     return CampusPicture(
         islanded=True, poi_limit_w=None, import_limit_w=import_w, limit_w=limit,
         margin_w=margin, headroom_w=headroom, firm_load_w=firm,
@@ -334,6 +364,22 @@ def _reading(readings: Mapping[str, PartReading], meter: str, now_unix_s: float,
              stale_s: float) -> float | None:
     r = readings.get(meter)
     return None if r is None else r.fresh_w(now_unix_s, stale_s)
+
+
+def _recovered(hz: float) -> bool:
+    """A genset's frequency back within its steady-state band of its nominal 50 or 60 Hz."""
+    nominal = 50.0 if hz < 55.0 else 60.0
+    return abs(hz - nominal) <= _RECOVERED_FRACTION * nominal
+
+
+def _rising(readings: Mapping[str, PartReading], meter: str) -> float:
+    r = readings.get(meter)
+    return 0.0 if r is None or not math.isfinite(r.change_w) else max(r.change_w, 0.0)
+
+
+def _falling(readings: Mapping[str, PartReading], meter: str) -> float:
+    r = readings.get(meter)
+    return 0.0 if r is None or not math.isfinite(r.change_w) else max(-r.change_w, 0.0)
 
 
 def _after_firm(supply: list[_Supply], firm_w: float

@@ -61,13 +61,16 @@ class Ingest:
         on_change: Asks for a decision now; called with the trigger's name.
         on_shed: Sleeps the miners of a mask at once (under-frequency).
         on_points_changed: The fleet's operating points changed (firmware capabilities).
+        on_meter: Offered every meter reading by meter id (an energy campus reads its
+            parts' meters); returns whether it took the reading.
     """
 
     def __init__(self, *, topics: SiteTopics, fleet: FleetState, grid: GridObligations,
                  meters: MeterRouter, site_meter_ids: set[str], metrics: Metrics,
                  on_change: Callable[[str], None],
                  on_shed: Callable[[npt.NDArray[np.bool_]], None],
-                 on_points_changed: Callable[[], None]) -> None:
+                 on_points_changed: Callable[[], None],
+                 on_meter: Callable[[str, MeterTelemetry], bool] | None = None) -> None:
         self.topics = topics
         self.fleet = fleet
         self.grid = grid
@@ -77,6 +80,7 @@ class Ingest:
         self.on_change = on_change
         self.on_shed = on_shed
         self.on_points_changed = on_points_changed
+        self.on_meter = on_meter
         self.invalid: Counter[tuple[str, str]] = Counter()
         self._quiet = LogLimiter(60.0)
         self._handlers: dict[Kind, Handler] = {
@@ -198,12 +202,24 @@ class Ingest:
 
     def _vendor_meter(self, topic: str, raw: bytes) -> None:
         routed = self.meters.decode(topic, raw)
-        if routed is not None and routed.role == "site":
-            self._apply_meter(routed.reading.telemetry(time.time()))
+        if routed is None:
+            return
+        telemetry = routed.reading.telemetry(time.time())
+        if self.on_meter is not None:
+            self.on_meter(routed.meter_id, telemetry)
+        if routed.role == "site":
+            self._apply_meter(telemetry)
 
     def _meter(self, meter_id: str, reading: MeterTelemetry) -> None:
+        if self.on_meter is not None and self.on_meter(meter_id, reading) \
+                and meter_id not in self.site_meter_ids:
+            return  # a campus part's own meter, not the site's
         if self.site_meter_ids and meter_id not in self.site_meter_ids:
             raise PayloadError("unknown_meter", meter_id)
+        self._apply_meter(reading)
+
+    def apply_site_meter(self, reading: MeterTelemetry) -> None:
+        """A site-meter reading from elsewhere (a campus's Modbus POI meter)."""
         self._apply_meter(reading)
 
     def _apply_meter(self, reading: MeterTelemetry) -> None:

@@ -15,14 +15,17 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from controller.core.campus import CampusPicture
 from controller.core.fleet_state import VIEW_STATES, view_counts
 from controller.core.prices import PriceInForce
 from controller.protocol.payloads import DecisionSummary
 from controller.protocol.reasons import REASON_NAMES, Reason
 
 # What set the cap in force: the site's own limit, or a grid obligation of this kind
-# ("recovery" is the ramp back up after an obligation ended).
-CapSource = Literal["site", "target_kw", "shed_kw", "emergency", "peak", "frequency", "recovery"]
+# ("recovery" is the ramp back up after an obligation ended), or an energy campus's
+# headroom at the point of interconnection ("campus"; "islanded": the gensets').
+CapSource = Literal["site", "target_kw", "shed_kw", "emergency", "peak", "frequency", "recovery",
+                    "campus", "islanded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class DecisionSnapshot:
     group_hashrate_ths: npt.NDArray[np.float64]  # (groups,)
     commands_sent: int
     infeasible: bool  # even the miners the controller cannot move exceed the cap
+    campus: CampusPicture | None = None  # the energy campus as the decision saw it
 
     @property
     def miners_by_state(self) -> dict[str, int]:
