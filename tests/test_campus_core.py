@@ -125,6 +125,15 @@ def test_a_grid_target_on_net_import_lowers_the_poi_limit() -> None:
     assert picture(campus(), ALL_FRESH, poi_limit_w=80e6).poi_limit_w == 50e6
 
 
+def test_planned_net_import_of_a_plan() -> None:
+    # Miners at 30 MW with 12 MW solar and a 20 MW GPU hall: 38 MW at the POI (what a
+    # grid target on net import is judged by); islanded there is no net import.
+    p = picture(campus(), ALL_FRESH)
+    assert p.net_import_w_at(30e6) == pytest.approx(38e6)
+    island = picture(campus(**ISLAND), ALL_FRESH)
+    assert island.net_import_w_at(30e6) is None
+
+
 def test_firm_load_above_the_limit_leaves_no_headroom() -> None:
     readings = {**ALL_FRESH, "gpu": fresh(24_000), "pv": fresh(0)}
     c = campus(poi={"import_limit_kw": 20_000})

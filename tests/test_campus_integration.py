@@ -28,6 +28,7 @@ from simulators.campus_modbus import GENSET_UNIT, GPU_UNIT, POI_UNIT, SOLAR_UNIT
 from simulators.campus_site import SimulatedCampus
 from simulators.fleet import Mode
 from tests.conftest import Peer, make_site, wait_for
+from tests.test_site_integration import metric, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -214,12 +215,39 @@ async def test_surplus_solar_is_used_before_grid_power(broker: LocalBroker, task
         assert snap.cap.source == "campus"
         assert run.planned_w < snap.cap.planning_w - 50_000
         assert set(snap.miners_by_reason) == {"profit"}
+        # The campus's series, from a decision that saw the POI meter read the miners.
+        await wait_for(lambda: (s := run.controller.snapshot) is not None
+                       and s.campus is not None and s.campus.net_import_w is not None
+                       and abs(s.campus.net_import_w) < 6000, what="the POI meter settled")
+        snap = run.controller.snapshot
+        assert snap is not None and snap.campus is not None
+        text = scrape(run.controller)
+        assert metric(text, "mineops_campus_headroom_watts") == pytest.approx(
+            snap.campus.cap_w, rel=0.02)
+        assert metric(text, "mineops_campus_import_limit_watts") == IMPORT_KW * 1000
+        assert metric(text, "mineops_campus_firm_load_watts", 'part="gpu-hall"') == \
+            pytest.approx(10_000, rel=0.02)
+        assert metric(text, "mineops_campus_generation_watts",
+                      'kind="solar",part="solar"') == pytest.approx(surplus_w + 10_000, rel=0.02)
+        assert metric(text, "mineops_campus_on_site_supply_watts") == pytest.approx(
+            surplus_w, rel=0.02)
+        assert metric(text, "mineops_campus_marginal_price_usd_per_mwh") == 0.0  # surplus
+        assert metric(text, "mineops_campus_net_import_watts") == pytest.approx(0, abs=6000)
+        assert metric(text, "mineops_campus_part_stale", 'part="solar"') == 0
+        assert metric(text, "mineops_campus_islanded") == 0
+        assert metric(text, "mineops_campus_readings_total", 'meter="pv"') > 3
+        assert metric(text, "mineops_campus_readings_total", 'meter="gpu-meter"') > 3
+        assert "mineops_campus_modbus_poll_failures_total{" not in text
         # Cheap grid power: now the grid pays too; every miner runs at full power.
         await run.peer.publish(run.controller.topics.price, price(20.0), retain=True)
         await wait_for(lambda: run.planned_w > surplus_w + 50_000, what="grid taken")
         await run.settled()
         assert run.planned_w == pytest.approx(40 * 3800 * (1 + AUX))
         assert run.sim.true_poi_w() == pytest.approx(run.planned_w - surplus_w, rel=0.05)
+        # The miners' last watt now comes from the grid, at market + adders ($20 + $0).
+        await wait_for(lambda: metric(scrape(run.controller),
+                                      "mineops_campus_marginal_price_usd_per_mwh") == 20.0,
+                       timeout_s=5.0, what="the last watt priced at the grid's")
 
 
 async def test_stale_firm_load_and_generation_count_on_the_safe_side(

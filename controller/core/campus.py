@@ -208,6 +208,12 @@ class CampusPicture:
         """Ids of the parts counted at their worst case."""
         return tuple(p.id for p in self.parts if p.stale)
 
+    def net_import_w_at(self, miners_w: float) -> float | None:
+        """The net import the site would draw with the miners at `miners_w` (None islanded)."""
+        if self.poi_limit_w is None:
+            return None
+        return miners_w - (self.limit_w - self.poi_limit_w)
+
     @property
     def cap_w(self) -> float:
         """What the miners may plan under: the headroom, or the ramp limit if lower."""

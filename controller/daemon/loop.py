@@ -33,6 +33,7 @@ from controller.core.policy import (
 )
 from controller.core.prices import PriceInForce, price_in_force
 from controller.daemon.campus import CampusLink
+from controller.daemon.campus_metrics import CampusCollector
 from controller.daemon.ingest import Ingest
 from controller.daemon.metrics import Metrics, SiteCollector
 from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, GridEventStatus
@@ -134,6 +135,8 @@ class Controller:
             stale_s=pc.telemetry_stale_s, snapshot=lambda: self.snapshot,
             energy=self.metrics.energy, link=self.transport.status,
         ))
+        if self.campus is not None:
+            self.metrics.attach(CampusCollector(link=self.campus, snapshot=lambda: self.snapshot))
 
     # -- inputs in force --------------------------------------------------------
 
@@ -312,7 +315,10 @@ class Controller:
         if self.campus is not None and campus is not None:
             self.campus.decided_at(campus, price, ob, decision.site_power_w)
         sent = await self._actuate(decision, now)
-        grid_event = self._grid_status(ob, decision.site_power_w, now_ts, site_w)
+        planned_w = decision.site_power_w  # a grid target on a campus is on net import
+        if campus is not None and (net_w := campus.net_import_w_at(planned_w)) is not None:
+            planned_w = net_w
+        grid_event = self._grid_status(ob, planned_w, now_ts, site_w)
         snap = self._snapshot(why=why, started=started, now=now, now_ts=now_ts,
                               decision=decision, price=price, hashprice=hashprice, cap=cap,
                               grid_event=grid_event, sent=sent, campus=campus)

@@ -142,5 +142,16 @@ class DecisionSnapshot:
             frequency_hz=self.frequency_hz,
             infeasible=self.infeasible,
             miners_by_state_reason=self.miners_by_state_reason,
+            **self._campus_summary(),
         )
+
+    def _campus_summary(self) -> dict[str, object]:
+        c = self.campus
+        if c is None:
+            return {}
+        return {"campus_headroom_w": round(c.cap_w, 1), "campus_poi_limit_w": c.poi_limit_w,
+                "campus_firm_load_w": round(c.firm_load_w, 1),
+                "campus_generation_w": round(c.generation_w, 1),
+                "campus_on_site_w": round(c.curve.on_site_w, 1), "campus_islanded": c.islanded,
+                "campus_stale": [s[:64] for s in c.stale]}
 
