@@ -284,3 +284,31 @@ def test_cost_steps_reject_bad_curves() -> None:
         opt.CostSteps(np.array([1.0, 2.0]), np.array([0.0]))
     assert opt.CostSteps.single(30.0).cost_usd_per_h(2e6) == pytest.approx(60.0)
     assert steps_of([1e6, 1e6], [10.0, 20.0]).cost_usd_per_h(1.5e6) == pytest.approx(20.0)
+
+
+def test_the_policy_decides_on_the_steps_and_keeps_no_level_off_its_step() -> None:
+    from controller.core.policy import (  # noqa: PLC0415
+        MarketInputs,
+        MinerInputs,
+        PolicyKnobs,
+        PolicyState,
+        decide,
+    )
+
+    fleet = ten_miners()
+    steps = steps_of([9000.0, 21_000.0], [0.0, 500.0])
+    market = MarketInputs(price_usd_per_mwh=500.0, hashprice_usd_per_ph_day=break_even_hashprice(
+        100.0), cap_w=30_000.0, cost_steps=steps)
+    miners = MinerInputs(stale=np.zeros(10, bool), never_curtail=np.zeros(10, bool))
+    knobs = PolicyKnobs(min_run_s=0, min_sleep_s=0, wake_latency_factor=0,
+                        hysteresis_usd_per_mwh=50.0)
+    # Five run now; at the step's $0 each would run, and a $50 band would keep them: but
+    # five do not fit on the $0 step, and the next watt costs $500. Three run.
+    state = PolicyState.initial(10, np.array([1] * 5 + [0] * 5))
+    d = decide(fleet, market, miners, state, knobs, now_s=100.0)
+    assert int((d.level == 1).sum()) == 3
+    assert d.site_power_w == pytest.approx(9000.0)
+    assert np.all(d.reason == Reason.PROFIT) and not d.cap_binding
+    # The same at once on a second decision (memory carried): still three.
+    d = decide(fleet, market, miners, state, knobs, now_s=105.0)
+    assert int((d.level == 1).sum()) == 3
