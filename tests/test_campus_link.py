@@ -105,6 +105,10 @@ def test_a_modbus_poi_is_the_site_meter_and_an_islanded_genset_the_frequency() -
     # An unavailable device is not a reading of 0 W.
     lk.on_device(DeviceReading("poi-meter", "poi", NOW, available=False))
     assert len(rec.site) == 1
+    # A value the site meter's checks refuse (30 Hz): dropped, counted, nothing raised.
+    lk.on_device(DeviceReading("poi-meter", "poi", NOW, power_w=1.0, frequency_hz=30.0))
+    assert len(rec.site) == 1
+    assert lk.dropped[("poi-meter", "site_meter_invalid")] == 1
     island, rec_i, _ = link(campus(islanded=True))
     island.on_meter("gen", meter(-300, frequency_hz=59.5))
     assert rec_i.hz == [59.5]

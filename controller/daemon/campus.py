@@ -79,6 +79,8 @@ class CampusLink:
     Attributes:
         readings: The latest reading of each campus meter, by meter id.
         received: Readings taken, by meter id.
+        dropped: Readings dropped, by (meter id, reason): `site_meter_invalid` (a POI
+            reading the site meter's checks refuse), `failed` (a bug, logged).
         pollers: The SunSpec pollers, by device id.
     """
 
@@ -104,6 +106,7 @@ class CampusLink:
                         for d in campus.modbus if d.id in self.roles}
         self.readings: dict[str, PartReading] = {}
         self.received: Counter[str] = Counter()
+        self.dropped: Counter[tuple[str, str]] = Counter()
         self._basis: _Basis | None = None
 
     # -- readings -----------------------------------------------------------------------
@@ -137,6 +140,7 @@ class CampusLink:
                 # Islanded, the POI sees no grid: the gensets' meters give the frequency.
                 frequency_hz=None if islanded else reading.frequency_hz)
         except ValidationError as e:
+            self.dropped[(reading.device_id, "site_meter_invalid")] += 1
             log.warning("campus_poi_reading_dropped", device=reading.device_id,
                         detail=str(e)[:200])
             return
@@ -223,7 +227,13 @@ class CampusLink:
 
     async def _poll(self, poller: SunSpecPoller) -> None:
         async for reading in poller.readings():
-            self.on_device(reading)
+            try:
+                self.on_device(reading)
+            except Exception:
+                # A bug in handling one reading must not stop the polls (nor the controller,
+                # whose task group this runs in): the part then ages into its worst case.
+                self.dropped[(reading.device_id, "failed")] += 1
+                log.exception("campus_reading_failed", device=reading.device_id)
 
 
 def campus_cap(base: CapInForce, picture: CampusPicture, *, headroom_fraction: float,

@@ -18,8 +18,8 @@ says what it is; the list with the alert is in docs/campus.md):
   `mineops_campus_battery_power_watts`, each as counted; `mineops_campus_part_stale{part}`;
 - `mineops_campus_battery_soc_ratio`, `mineops_campus_on_site_supply_watts`,
   `mineops_campus_marginal_price_usd_per_mwh`, `mineops_campus_islanded`;
-- `mineops_campus_readings_total{meter}`, `mineops_campus_modbus_poll_failures_total
-  {device,reason}`.
+- `mineops_campus_readings_total{meter}`, `mineops_campus_readings_dropped_total
+  {meter,reason}`, `mineops_campus_modbus_poll_failures_total{device,reason}`.
 """
 
 from __future__ import annotations
@@ -122,3 +122,9 @@ class CampusCollector(Collector):
             for reason, n in sorted(poller.failures.items()):
                 failures.add_metric([device, reason], float(n))
         yield failures
+        dropped = CounterMetricFamily("mineops_campus_readings_dropped",
+                                      "Campus readings dropped per meter and reason",
+                                      labels=["meter", "reason"])
+        for (meter, reason), n in sorted(self._link.dropped.items()):
+            dropped.add_metric([meter, reason], float(n))
+        yield dropped

@@ -153,5 +153,5 @@ class DecisionSnapshot:
                 "campus_firm_load_w": round(c.firm_load_w, 1),
                 "campus_generation_w": round(c.generation_w, 1),
                 "campus_on_site_w": round(c.curve.on_site_w, 1), "campus_islanded": c.islanded,
-                "campus_stale": [s[:64] for s in c.stale]}
+                "campus_stale": [s[:64] for s in c.stale[:100]]}  # the payload's bounds
 
