@@ -73,6 +73,9 @@ def site(n: int) -> SiteConfig:
             out.append({**g, "name": f"{g['name']}-{len(out)}", "count": min(left, 100_000)})
             left -= 100_000
     data["fleet"] = {"groups": out}
+    # The cap scales with the fleet, as the site's connection would (the config refuses a
+    # cap the never-curtail racks alone exceed, and the benches set their own caps).
+    data["power_cap_kw"] = data["power_cap_kw"] * sum(g["count"] for g in out) / total
     data["grid"]["keep_alive_groups"] = []
     return SiteConfig.model_validate(data)
 

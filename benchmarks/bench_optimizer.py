@@ -13,6 +13,14 @@ cap that is free, binding a little, binding hard, or a grid window; ``free`` and
 entry of every miner and sorts them at each call (``sorted_greedy``), on the same
 inputs, and must give the same plan. ``pass`` is one read of the (n, levels) points:
 what any method that looks at every point of every miner pays at least.
+
+``stepped`` is an energy campus's case, the same call with ``cost_steps`` instead of one
+price: on-site surplus at $0 (a quarter of the fleet's draw), surplus the site could
+export at the market price (a tenth), then grid import at market plus $8 up to the cap;
+every other call a $45 genset step first (dearer than the grid behind it on cheap
+hours). ``best`` counts the checked calls whose plan earns, on the steps, at least what
+the single-price plan at each step's price earns (the stepped plan must never be worse;
+both without priorities, which trade profit for who sheds last).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ def bench(n: int, solves: int, compared: int) -> dict[str, Any]:
     free_ms: list[float] = []
     cap_ms: list[float] = []
     greedy_ms: list[float] = []
+    stepped_ms: list[float] = []
+    best = 0
     same = 0
     kind = kinds(fs.points_w, fs.points_ths)
     for j in range(solves):
@@ -54,6 +64,13 @@ def bench(n: int, solves: int, compared: int) -> dict[str, Any]:
         plan = opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=HASHPRICE,
                          cap_w=cap, aux_fraction=AUX, priority=fs.priority)
         (cap_ms if plan.cap_binding else free_ms).append(1e3 * (time.perf_counter() - c0))
+        steps = campus_steps(full_w, price, genset=j % 2 == 1)
+        c0 = time.perf_counter()
+        opt.solve(fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=HASHPRICE,
+                  cap_w=cap, aux_fraction=AUX, priority=fs.priority, cost_steps=steps)
+        stepped_ms.append(1e3 * (time.perf_counter() - c0))
+        if j < compared * 4:
+            best += no_worse(fleet, steps, cap)
         if j < compared:
             cost = opt.energy_cost_usd_per_mwh_it(price, aux_fraction=AUX)
             c0 = time.perf_counter()
@@ -70,8 +87,40 @@ def bench(n: int, solves: int, compared: int) -> dict[str, Any]:
         "prepare_ms": prepare_ms, "free": percentiles(free_ms or [np.nan]),
         "cap": percentiles(cap_ms or [np.nan]), "greedy": percentiles(greedy_ms),
         "pass_ms": pass_ms, "same": same, "compared": compared,
+        "stepped": percentiles(stepped_ms), "best": best, "checked": min(compared * 4, solves),
         "bytes_per_miner": fleet.nbytes / fs.n,
     }
+
+
+def campus_steps(full_w: float, price: float, *, genset: bool) -> opt.CostSteps:
+    """Surplus at $0, exportable surplus at the market price, grid at price + $8."""
+    widths = [0.25 * full_w, 0.10 * full_w, 10.0 * full_w]
+    prices = [0.0, price, price + 8.0]
+    if genset:
+        widths.insert(0, 0.10 * full_w)
+        prices.insert(0, 45.0)
+    return opt.CostSteps(np.cumsum(widths), np.array(prices))
+
+
+def profit_on(fleet: opt.PreparedFleet, plan: opt.Plan, steps: opt.CostSteps) -> float:
+    revenue = usd_per_ths_hour(HASHPRICE) * float(plan.hashrate_ths.sum())
+    return revenue - steps.cost_usd_per_h(plan.site_power_w)
+
+
+def no_worse(fleet: opt.PreparedFleet, steps: opt.CostSteps, cap: float) -> bool:
+    """The stepped plan earns on the steps at least what each flat-price plan does.
+
+    Without priorities: they order who sheds under the cap, not what earns most.
+    """
+    plan = opt.solve(fleet, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=HASHPRICE,
+                     cap_w=cap, aux_fraction=AUX, cost_steps=steps)
+    ours = profit_on(fleet, plan, steps)
+    for p in steps.price_usd_per_mwh.tolist():
+        flat = opt.solve(fleet, price_usd_per_mwh=p, hashprice_usd_per_ph_day=HASHPRICE,
+                         cap_w=cap, aux_fraction=AUX)
+        if profit_on(fleet, flat, steps) > ours + 1e-6 * abs(ours) + 1e-3:
+            return False
+    return True
 
 
 def main() -> None:
@@ -80,10 +129,11 @@ def main() -> None:
     args = parser.parse_args()
     print("solve() with priorities on the daemon's points; ms percentiles over every call;")
     print("greedy = every entry sorted at each call, same inputs, same plan (p50);")
-    print("B/miner = the prepared fleet's memory per miner")
+    print("B/miner = the prepared fleet's memory per miner; stepped = with campus cost steps,")
+    print("best = its plans no worse on the steps than any flat-price plan")
     print(f"{'miners':>9} {'k':>3} {'kinds':>5} {'prepare':>8} {'free p50':>8} {'p99':>6} "
           f"{'cap p50':>8} {'p90':>6} {'p99':>6} {'greedy':>8} {'x':>5} {'pass':>6} "
-          f"{'B/miner':>7} {'same':>5}")
+          f"{'B/miner':>7} {'same':>5} {'stepped p50':>11} {'p99':>6} {'best':>7}")
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         solves = 400 if n <= 100_000 else 120
@@ -94,7 +144,8 @@ def main() -> None:
         print(f"{r['n']:>9,} {r['k']:>3} {r['kinds']:>5} {r['prepare_ms']:>8.0f} {f[0]:>8.2f} "
               f"{f[2]:>6.2f} {c[0]:>8.2f} {c[1]:>6.2f} {c[2]:>6.2f} {g[0]:>8.1f} "
               f"{g[0] / c[0]:>4.0f}x {r['pass_ms']:>6.2f} {r['bytes_per_miner']:>7.0f} "
-              f"{r['same']:>2}/{r['compared']:<2}", flush=True)
+              f"{r['same']:>2}/{r['compared']:<2} {r['stepped'][0]:>11.2f} "
+              f"{r['stepped'][2]:>6.2f} {r['best']:>3}/{r['checked']:<3}", flush=True)
     out: dict[str, Any] = {}
     for r in rows:
         tag = f"{r['n'] // 1000}k"
@@ -104,6 +155,9 @@ def main() -> None:
         out[f"greedy_{tag}_p50_ms"] = round(r["greedy"][0], 3)
         out[f"same_{tag}"] = f"{r['same']}/{r['compared']}"
         out[f"bytes_per_miner_{tag}"] = round(r["bytes_per_miner"], 1)
+        out[f"stepped_{tag}_p50_ms"] = round(r["stepped"][0], 3)
+        out[f"stepped_{tag}_p99_ms"] = round(r["stepped"][2], 3)
+        out[f"stepped_best_{tag}"] = f"{r['best']}/{r['checked']}"
     print(json.dumps(out))
 
 

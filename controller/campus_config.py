@@ -67,6 +67,11 @@ class PoiConfig(StrictModel):
     meter: str = Field(pattern=ID_PATTERN,
                        description="The revenue meter at the POI: a [[meters]] id (the one "
                        "with role 'site') or a [[campus.modbus]] id")
+    islanded: bool = Field(
+        default=False,
+        description="No grid: the gensets carry every load (an off-grid site, or the POI "
+        "breaker open); the miners stay within the gensets' rating less reserve and rise "
+        "only by their load steps")
 
 
 class ScheduledDraw(StrictModel):
@@ -312,6 +317,9 @@ def campus_review(campus: CampusConfig, meters: Sequence[MqttMeter] = (),
         err(f"campus.poi.export_limit_kw: {_kw(poi.export_limit_kw)} kW is "
             f"{poi.export_limit_kw / poi.import_limit_kw:.0f} times {limit}: looks like W typed "
             "as kW")
+    if poi.islanded and not gensets:
+        err("campus.poi.islanded: no genset (campus.generators with kind 'genset') to carry "
+            "the load without the grid")
     if poi.export_limit_kw > 0 and not campus.generators and campus.battery is None:
         warn(f"campus.poi.export_limit_kw: {_kw(poi.export_limit_kw)} kW, but nothing on the "
              "campus generates: the site can never export")

@@ -16,6 +16,15 @@ controller curtailing for price, holding a grid target and ramping back afterwar
 On a terminal the view is redrawn in place; on a pipe a line is printed only when
 something changed (cap, price, grid event, miners by state or reason). Ctrl-C, like
 `--duration`, ends with a final summary.
+
+`--campus` puts the miners on an energy campus (docs/campus.md): behind one
+interconnect with a GPU hall whose training jobs start and stop at random (steps of
+several hundred kW in 2 s), a solar field on its daily curve with passing clouds, a
+genset carrying part of the GPU hall and an idle battery, all sized to the fleet. The
+campus devices are served as SunSpec devices on Modbus TCP on 127.0.0.1
+(simulators/campus_modbus.py) and read by the controller as a real site's would; the
+POI meter is the site meter on MQTT. The view then shows the miners filling the
+campus's headroom (import limit + generation - firm load) live.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ if TYPE_CHECKING:  # the CLI imports this module for add_arguments: the rest whe
     from controller.daemon.loop import Controller
     from controller.view import SiteView
     from controller.view.screen import Screen
+    from simulators.campus import CampusSimulation
     from simulators.site import SimulatedSite
 
 # A plausible 2026 mix: older air-cooled fleet, current air, and some hydro.
@@ -67,11 +77,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "site minutes' notice, twenty minutes long) this many real seconds after "
                    "the start (default 5)")
     p.add_argument("--no-event", action="store_true", help="send no demo grid event")
+    p.add_argument("--campus", action="store_true",
+                   help="an energy campus: the miners share the interconnect with a GPU hall "
+                   "(jobs starting and stopping), solar with clouds, a genset and a battery, "
+                   "served as SunSpec devices on Modbus TCP on 127.0.0.1; the miners fill "
+                   "the headroom they leave")
 
 
 def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
-              metrics_port: int, journal_path: str, cap_fraction: float = 0.92) -> SiteConfig:
-    """A mixed site of `miners` miners in racks, capped below its stock draw."""
+              metrics_port: int, journal_path: str, cap_fraction: float = 0.92,
+              campus_port: int | None = None) -> SiteConfig:
+    """A mixed site of `miners` miners in racks, capped below its stock draw.
+
+    `campus_port`: on an energy campus (`demo_campus`) whose SunSpec devices answer on
+    this port; the miners' own cap is then their stock draw, the interconnect 80 % of it.
+    """
     catalogue = load_catalogue()
     groups: list[dict[str, Any]] = []
     left = miners
@@ -87,8 +107,11 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
             rack += 1
     aux = 0.05
     stock_w = sum(catalogue.get(g["model"]).nominal_w * g["count"] for g in groups)
-    cap_kw = round(stock_w * (1 + aux) * cap_fraction / 1000.0, 1)
+    stock_kw = stock_w * (1 + aux) / 1000.0
+    cap_kw = round(stock_kw * (1.0 if campus_port is not None else cap_fraction), 1)
+    campus = {} if campus_port is None else {"campus": demo_campus(stock_kw, campus_port)}
     return SiteConfig.model_validate({
+        **campus,
         "site_id": "demo",
         "broker": {"host": broker_host, "port": broker_port, "reconnect_max_s": 2.0},
         "fleet": {"groups": groups},
@@ -115,6 +138,56 @@ def demo_site(miners: int, *, speed: float, broker_host: str, broker_port: int,
             "record_interval_s": max(0.2, 5.0 / speed),
         },
     })
+
+
+# The demo campus, in fractions of the fleet's stock draw with cooling (S): the miners'
+# own feeder is S, the interconnect 0.8 S, a GPU hall idling at 0.1 S that runs jobs of
+# 0.05-0.3 S (up to 0.5 S), 0.4 S of solar, a genset of 0.12 S carrying a quarter of the
+# GPU hall, a two-hour battery of 0.05 S, export up to 0.1 S.
+CAMPUS_UNITS = {"gpu": 2, "pv": 3, "genset": 4, "bess": 5}
+
+
+def demo_campus(stock_kw: float, modbus_port: int) -> dict[str, Any]:
+    """The demo's `[campus]` table for a fleet drawing `stock_kw` at stock (with cooling)."""
+    s = stock_kw
+    devices = [{"id": meter, "host": "127.0.0.1", "port": modbus_port, "unit_id": unit,
+                "poll_interval_s": 1.0, "timeout_s": 1.0}
+               for meter, unit in CAMPUS_UNITS.items()]
+    return {
+        "poi": {"import_limit_kw": round(0.8 * s, 1), "export_limit_kw": round(0.1 * s, 1),
+                "meter": "poi"},
+        "firm_loads": [{"id": "gpu-hall", "meter": "gpu", "max_kw": round(0.5 * s, 1)}],
+        "generators": [
+            {"id": "solar", "kind": "solar", "meter": "pv", "rating_kw": round(0.4 * s, 1)},
+            {"id": "genset", "kind": "genset", "meter": "genset", "rating_kw": round(0.12 * s, 1),
+             "marginal_cost_usd_per_mwh": 45.0, "reserve_kw": round(0.012 * s, 1),
+             "max_load_step_kw": round(0.04 * s, 1)},
+        ],
+        "battery": {"capacity_kwh": round(0.1 * s, 1), "max_charge_kw": round(0.05 * s, 1),
+                    "max_discharge_kw": round(0.05 * s, 1), "meter": "bess"},
+        "modbus": devices,
+    }
+
+
+def campus_simulation(stock_kw: float, *, start_hour: float, seed: int = 0
+                      ) -> CampusSimulation:
+    """The demo campus's devices (simulators/campus.py), sized as `demo_campus`."""
+    from simulators.campus import (  # noqa: PLC0415 - see TYPE_CHECKING
+        BatterySpec,
+        CampusSimulation,
+        GensetSpec,
+        GpuHallSpec,
+        SolarSpec,
+    )
+
+    s = stock_kw
+    return CampusSimulation(
+        seed=seed, start_hour=start_hour,
+        gpu=GpuHallSpec(capacity_kw=0.5 * s, idle_kw=0.1 * s, job_kw=(0.05 * s, 0.3 * s)),
+        solar=SolarSpec(capacity_kw=0.4 * s),
+        genset=GensetSpec(rating_kw=0.12 * s, max_load_step_kw=0.04 * s),
+        battery=BatterySpec(capacity_kwh=0.1 * s, max_charge_kw=0.05 * s,
+                            max_discharge_kw=0.05 * s))
 
 
 def demo_prices(source: str | None, column: str | None = None, *, timezone: str | None = None,
@@ -254,12 +327,14 @@ async def run_demo(
     settlement_point: str | None = None,
     start: str | None = None,
     event: DemoEvent | None = DemoEvent(at_s=5.0),
+    campus: bool = False,
     out: TextIO = sys.stdout,
 ) -> DemoResult:
     """Run the demo until `duration_s` passes, or Ctrl-C (forever); return whether it went well.
 
     `prices_file` None replays the built-in ERCOT trace from `start` (default
     DEFAULT_START); "synthetic" a synthetic week. `event` None sends no grid event.
+    `campus`: the miners on an energy campus (module docstring).
 
     Raises:
         PriceFileError: the prices or `start` cannot be used.
@@ -268,6 +343,8 @@ async def run_demo(
     from controller.daemon.loop import Controller  # noqa: PLC0415 - see TYPE_CHECKING
     from controller.protocol.broker import LocalBroker  # noqa: PLC0415
     from controller.view.screen import Screen  # noqa: PLC0415
+    from simulators.campus_modbus import CampusModbus  # noqa: PLC0415
+    from simulators.campus_site import SimulatedCampus  # noqa: PLC0415
     from simulators.site import SimulatedSite  # noqa: PLC0415
 
     prices = demo_prices(prices_file, price_column, timezone=price_timezone,
@@ -282,11 +359,25 @@ async def run_demo(
         local = LocalBroker(prefer=embedded).start()
         host, port_n = local.host, local.port
         screen.write(f"broker: embedded {local.kind} on {host}:{port_n}")
+    modbus: CampusModbus | None = None
     try:
         state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
-        cfg = demo_site(miners, speed=speed, broker_host=host, broker_port=port_n,
-                        metrics_port=metrics_port, journal_path=f"{state_dir}/grid.sqlite3")
-        sim = SimulatedSite(cfg, speed=speed, prices=prices)
+        site_args: dict[str, Any] = {
+            "speed": speed, "broker_host": host, "broker_port": port_n,
+            "metrics_port": metrics_port, "journal_path": f"{state_dir}/grid.sqlite3"}
+        cfg = demo_site(miners, **site_args)
+        sim: SimulatedSite
+        if campus:
+            stock_kw = cfg.cap_review().fleet_stock_kw
+            first_hour = prices.local_time(float(prices.start_s[0]))
+            campus_sim = campus_simulation(
+                stock_kw, start_hour=first_hour.hour + first_hour.minute / 60.0)
+            modbus = CampusModbus(campus_sim, poi_rating_kw=stock_kw * 1.5)
+            await modbus.server.start()
+            cfg = demo_site(miners, campus_port=modbus.server.port, **site_args)
+            sim = SimulatedCampus(cfg, campus_sim, modbus=modbus, speed=speed, prices=prices)
+        else:
+            sim = SimulatedSite(cfg, speed=speed, prices=prices)
         controller = Controller(cfg)
         server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         first = prices.local_time(float(prices.start_s[0]))
@@ -303,6 +394,16 @@ async def run_demo(
                 f"{cfg.power_cap_kw * event.target_fraction / 1000:.2f} MW from "
                 f"{event.notice_site_s / 60:g} site minutes later for "
                 f"{event.duration_site_s / 60:g} minutes")
+        if cfg.campus is not None and modbus is not None:
+            c = cfg.campus
+            screen.write(
+                f"campus: interconnect {c.poi.import_limit_kw / 1000:.2f} MW import, "
+                f"{c.poi.export_limit_kw / 1000:.2f} MW export; GPU hall up to "
+                f"{c.firm_loads[0].max_kw / 1000:.2f} MW (jobs start and stop), solar "
+                f"{c.generators[0].rating_kw / 1000:.2f} MW (clouds), genset "
+                f"{c.generators[1].rating_kw / 1000:.2f} MW, battery "
+                f"{c.battery.capacity_kwh / 1000 if c.battery else 0:.2f} MWh; SunSpec on "
+                f"modbus://127.0.0.1:{modbus.server.port} (units 2-5), the POI meter on MQTT")
         screen.write(f"metrics: http://{cfg.metrics.host}:{server.port}/metrics")
         started = time.monotonic()
         over_cap = samples = 0
@@ -316,10 +417,15 @@ async def run_demo(
                 if snap is None or time.monotonic() - started <= settle_s:
                     continue
                 # The cap the site must be under now: a grid target binds from its deadline
-                # (before it, the site is still ramping down to it).
+                # (before it, the site is still ramping down to it). On a campus the site
+                # meter is the POI's, and the limit the POI's.
                 limit = snap.cap.in_force_w
                 ev = snap.grid_event
-                if ev is not None and time.time() < ev.deadline_unix_s:
+                if snap.campus is not None and snap.campus.poi_limit_w is not None:
+                    limit = snap.campus.poi_limit_w
+                    if ev is not None and time.time() < ev.deadline_unix_s:
+                        limit = snap.campus.import_limit_w
+                elif ev is not None and time.time() < ev.deadline_unix_s:
                     limit = snap.cap.site_w
                 samples += 1
                 # 0.5 % headroom: the meter's own noise is 0.2 %.
@@ -348,6 +454,8 @@ async def run_demo(
                     interrupted = True
         finally:
             server.close()
+            if modbus is not None:
+                await modbus.server.stop()
         return _final(controller, sim, screen, seconds=time.monotonic() - started, tz=tz,
                       over_cap_samples=over_cap, samples=samples, interrupted=interrupted)
     finally:

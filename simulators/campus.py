@@ -387,13 +387,16 @@ class CampusSimulation:
 
     The genset, when there is one, carries `genset_share` of the GPU hall's draw (a
     campus running its genset for its firm load), so GPU job steps reach it as load
-    steps. The battery does what `battery.command_kw` last asked.
+    steps. `islanded`: there is no grid; the genset carries every load (miners and GPU
+    hall less solar and battery), the POI reads 0 and the site's frequency is the
+    genset's. The battery does what `battery.command_kw` last asked.
     """
 
     def __init__(self, *, seed: int = 0, gpu: GpuHallSpec | None = None,
                  solar: SolarSpec | None = None, genset: GensetSpec | None = None,
                  battery: BatterySpec | None = None, start_hour: float = 12.0,
-                 genset_share: float = 0.25, grid_hz: float = 60.0) -> None:
+                 genset_share: float = 0.25, grid_hz: float = 60.0,
+                 islanded: bool = False) -> None:
         self.gpu = GpuHall(gpu, seed=seed) if gpu is not None else None
         self.solar = SolarField(solar, seed=seed, start_hour=start_hour) \
             if solar is not None else None
@@ -401,6 +404,9 @@ class CampusSimulation:
         self.battery = Battery(battery) if battery is not None else None
         self.genset_share = genset_share
         self.grid_hz = grid_hz
+        self.islanded = islanded
+        if islanded and self.genset is None:
+            raise ValueError("an islanded campus needs a genset")
         # Energy registers, kWh: what each device's meter would have counted.
         self.energy_kwh: dict[str, float] = {
             "poi_import": 0.0, "poi_export": 0.0, "gpu": 0.0, "solar": 0.0, "genset": 0.0}
@@ -414,17 +420,21 @@ class CampusSimulation:
         """
         gpu = self.gpu.power_kw(t_s) if self.gpu is not None else None
         solar = self.solar.power_kw(t_s) if self.solar is not None else None
-        genset = genset_hz = None
-        if self.genset is not None:
-            genset = self.genset.set_load_kw(t_s, self.genset_share * (gpu or 0.0))
-            genset_hz = self.genset.frequency_hz(t_s)
         battery = soc = None
         if self.battery is not None:
             self.battery.advance(t_s)
             battery, soc = self.battery.power_kw, self.battery.soc_fraction
-        poi = miners_kw + (gpu or 0.0) - (solar or 0.0) - (genset or 0.0) - (battery or 0.0)
+        genset = genset_hz = None
+        if self.genset is not None:
+            load = (miners_kw + (gpu or 0.0) - (solar or 0.0) - (battery or 0.0)
+                    if self.islanded else self.genset_share * (gpu or 0.0))
+            genset = self.genset.set_load_kw(t_s, load)
+            genset_hz = self.genset.frequency_hz(t_s)
+        poi = 0.0 if self.islanded else (
+            miners_kw + (gpu or 0.0) - (solar or 0.0) - (genset or 0.0) - (battery or 0.0))
+        hz = genset_hz if self.islanded and genset_hz is not None else self.grid_hz
         state = CampusState(t_s, miners_kw, gpu, solar, genset, genset_hz, battery, soc, poi,
-                            self.grid_hz)
+                            hz)
         if self._last is not None:
             self._integrate(self._last, state)
         state.energy_kwh = dict(self.energy_kwh)

@@ -55,6 +55,7 @@ from controller.backtest.windows import Window, window_caps
 from controller.config import SiteConfig
 from controller.config_types import PolicyKnobs
 from controller.core.optimizer import (
+    CostSteps,
     PreparedFleet,
     highest_level,
     position_at_price,
@@ -250,9 +251,9 @@ class _Engine:
 
 def _solve_totals(
     eng: _Engine, price: float, *, hp: float, cap_w: float, aux: float, adder: float,
-    aux_in_cost: bool,
+    aux_in_cost: bool, cost_steps: CostSteps | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Per-class IT W, TH/s and miners asleep for solve() at one price and cap."""
+    """Per-class IT W, TH/s and miners asleep for solve() at one price (or cost steps) and cap."""
     coh = eng.initial()
     for _ in range(_MAX_SPLITS):
         rows = eng.rows(coh)
@@ -260,6 +261,7 @@ def _solve_totals(
             rows.fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hp, cap_w=cap_w,
             aux_fraction=aux, min_level=rows.min_level, max_level=rows.max_level,
             adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost, unit_count=rows.weight,
+            cost_steps=cost_steps,
         )
         level = np.asarray(plan.level, dtype=np.int64)
         nxt = eng.split(coh, rows, plan.split)
@@ -442,7 +444,7 @@ def _strikes(stock: _Table, st: Settings) -> dict[str, float]:
 def _run_mineops(
     table: _Table, horizon: float, *, start_s: FloatArray, interval_s: float,
     decision_price: FloatArray, cap: FloatArray, grid: npt.NDArray[np.bool_], st: Settings,
-    exact: bool, progress: Progress | None,
+    exact: bool, progress: Progress | None, steps: Sequence[CostSteps | None] | None = None,
 ) -> tuple[_Totals, int]:
     eng = _Engine(table, horizon, aggregate=not exact)
     runner = _Mineops(eng, st, memo=not exact)
@@ -457,7 +459,8 @@ def _run_mineops(
         t1 = t0 + interval_s
         now = t0
         for _ in range(_MAX_EVENTS):
-            runner.step(float(decision_price[t]), float(cap[t]), bool(grid[t]), now)
+            runner.step(float(decision_price[t]), float(cap[t]), bool(grid[t]), now,
+                        None if steps is None else steps[t])
             nxt = runner.next_event(now, t1)
             frac = ((nxt if nxt is not None else t1) - now) / interval_s
             coh = runner.coh
@@ -490,23 +493,27 @@ class _Mineops:
         self.memo: dict[tuple[Any, ...], tuple[_Cohorts, float]] = {}
         self.decisions = 0
 
-    def market(self, price: float, cap_w: float, grid: bool) -> MarketInputs:
+    def market(self, price: float, cap_w: float, grid: bool,
+               steps: CostSteps | None = None) -> MarketInputs:
         st = self.st
         return MarketInputs(
             price_usd_per_mwh=price, hashprice_usd_per_ph_day=st.hashprice_usd_per_ph_day,
             cap_w=cap_w, aux_fraction=st.aux_fraction, cap_is_grid=grid,
-            adder_usd_per_mwh=st.adder_usd_per_mwh,
+            adder_usd_per_mwh=st.adder_usd_per_mwh, cost_steps=steps,
         )
 
-    def step(self, price: float, cap_w: float, grid: bool, now: float) -> None:
+    def step(self, price: float, cap_w: float, grid: bool, now: float,
+             steps: CostSteps | None = None) -> None:
         key: tuple[Any, ...] | None = None
         if self.memo_ok:
             key = self._key(price, cap_w, grid, now)
+            if steps is not None:  # a campus: the steps are the price
+                key += (steps.upper_w.tobytes(), steps.price_usd_per_mwh.tobytes())
             hit = self.memo.get(key)
             if hit is not None:
                 self.coh = self._restore(hit[0], now)
                 return
-        self.coh = self._decide(price, cap_w, grid, now)
+        self.coh = self._decide(price, cap_w, grid, now, steps)
         if key is not None:
             if len(self.memo) > _MEMO_LIMIT:
                 self.memo.clear()
@@ -539,9 +546,10 @@ class _Mineops:
         cols = {k: now - v if k in clocks else v.copy() for k, v in coh.cols.items()}
         return _Cohorts(coh.cls, coh.weight, coh.level, cols, scalars)
 
-    def _decide(self, price: float, cap_w: float, grid: bool, now: float) -> _Cohorts:
+    def _decide(self, price: float, cap_w: float, grid: bool, now: float,
+                steps: CostSteps | None = None) -> _Cohorts:
         eng = self.eng
-        market = self.market(price, cap_w, grid)
+        market = self.market(price, cap_w, grid, steps)
         coh = self.coh
         for _ in range(_MAX_SPLITS):
             rows = eng.rows(coh)

@@ -18,10 +18,11 @@ from controller.backtest import (
 )
 from controller.backtest.report import text_report, write_csv, write_png
 from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers, add_price_args
+from controller.config import SiteConfig
 from controller.config_types import PolicyKnobs
 from controller.extras import require
 from controller.site_file import load_config
-from drivers.prices import load_prices
+from drivers.prices import PriceSeries, load_prices
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -51,6 +52,11 @@ def add_parser(subparsers: Subparsers) -> None:
                    help="progress bar on stderr (auto: when stderr is a terminal)")
     p.add_argument("--exact", action="store_true",
                    help="one optimizer row per miner, no memo (slow; for cross-checks)")
+    p.add_argument("--campus-traces", type=Path, metavar="FILE",
+                   help="an energy campus (the site file's [campus]): CSV of `timestamp` and "
+                   "one column per firm load and generator id, in kW; reports the surplus "
+                   "used, the import avoided and the hindsight bound for the campus "
+                   "(docs/backtest.md)")
     p.set_defaults(handler=run)
 
 
@@ -93,6 +99,36 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _campus(args: argparse.Namespace, cfg: SiteConfig, prices: PriceSeries, settings: Settings,
+            show: bool) -> int:
+    """`--campus-traces`: the fleet on its energy campus (controller/backtest/campus.py)."""
+    from controller.backtest.campus import (  # noqa: PLC0415 - only with --campus-traces
+        campus_text_report,
+        load_campus_traces,
+        run_campus_backtest,
+    )
+
+    if cfg.campus is None:
+        print(f"mineops: --campus-traces: {args.config} has no [campus] table", file=sys.stderr)
+        return EXIT_USAGE
+    if args.windows is not None or args.out is not None:
+        print("mineops: --campus-traces: --windows and --out are not supported with it yet",
+              file=sys.stderr)
+        return EXIT_USAGE
+    traces = load_campus_traces(args.campus_traces, cfg.campus, prices.start_s,
+                                prices.interval_s, timezone=args.timezone)
+    result = run_campus_backtest(
+        cfg, prices.start_s, prices.price_usd_per_mwh, prices.interval_s, settings, traces,
+        exact=args.exact, progress=ProgressBar(sys.stderr) if show else None)
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(f"prices: {prices.column}{' at ' + prices.location if prices.location else ''}, "
+              f"{prices.span_text()}")
+        print(campus_text_report(result))
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of `mineops backtest`; ConfigError and PriceFileError reach the CLI's main."""
     cfg = load_config(args.config)
@@ -111,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_config(cfg, hashprice=args.hashprice, adder=args.adder,
                                     knob_overrides=knobs)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    if args.campus_traces is not None:
+        return _campus(args, cfg, prices, settings, show)
     result = run_backtest(
         cfg, prices.start_s, prices.price_usd_per_mwh, prices.interval_s, settings,
         windows=windows, exact=args.exact, progress=ProgressBar(sys.stderr) if show else None,

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             prices_file=args.prices, price_column=args.price_column,
             price_timezone=args.timezone, settlement_point=args.settlement_point,
             start=args.start, event=None if args.no_event else DemoEvent(at_s=args.event_at),
+            campus=args.campus,
         )
         if not result.ok:
             print(f"demo failed: {result.why}", file=sys.stderr)

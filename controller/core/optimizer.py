@@ -1042,6 +1042,7 @@ def solve(
     aux_in_cost: bool = True,
     bounds: Bounds | None = None,
     unit_count: npt.NDArray[np.integer] | None = None,
+    cost_steps: CostSteps | None = None,
 ) -> Plan:
     """Choose each miner's level to maximise profit under the site cap.
 
@@ -1070,6 +1071,11 @@ def solve(
             backtest's cohorts, points scaled by the count): the plan then names, in
             ``split``, the first row of which some miners but not all would have
             taken an entry the cap left out.
+        cost_steps: The price of power by steps (an energy campus: on-site surplus,
+            then grid import); price_usd_per_mwh and adder_usd_per_mwh are then
+            ignored. The plan is the one at the step :func:`stepped_choice` picks;
+            a miner held at a step's boundary has reason PROFIT (the next watt costs
+            more than it earns), only the cap's own limit gives CAP.
 
     Returns:
         The plan; reasons are PROFIT, CAP (held below its economic level by the
@@ -1077,6 +1083,10 @@ def solve(
     """
     aux1 = 1.0 + aux_fraction
     b = bounds if bounds is not None else make_bounds(fleet, min_level, max_level)
+    if cost_steps is not None:
+        return _solve_stepped(fleet, cost_steps, hashprice_usd_per_ph_day=hashprice_usd_per_ph_day,
+                              cap_w=cap_w, aux_fraction=aux_fraction, b=b, floor_w=floor_w,
+                              priority=priority, aux_in_cost=aux_in_cost, unit_count=unit_count)
     eco = _economics(fleet, price_usd_per_mwh, hashprice_usd_per_ph_day,
                      aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
                      aux_in_cost=aux_in_cost)
@@ -1102,3 +1112,224 @@ def solve(
         # Only the floor pushed past the cap: the economic plan fits, keep it.
         return _plan(fleet, econ, econ, aux1, binding=False)
     return _plan(fleet, b.lo.copy(), econ, aux1, binding=True)
+
+
+# -- a stepped cost of power ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CostSteps:
+    """What the miners' site power costs, by steps: a stepped (not one) price of power.
+
+    Segment j runs from ``upper_w[j - 1]`` (0 for the first) to ``upper_w[j]`` W of the
+    miners' site power (incl. auxiliary load) and costs ``price_usd_per_mwh[j]``, all
+    in (market price plus adders for grid import; a generator's marginal cost, or the
+    export price it would have earned, for on-site surplus). The last segment runs on to
+    the cap. Prices need not rise: a curve whose later step is cheaper is decided
+    exactly too. Both arrays are (S,), S >= 1, finite; ``upper_w`` strictly ascending
+    and positive.
+    """
+
+    upper_w: FloatArray
+    price_usd_per_mwh: FloatArray
+
+    def __post_init__(self) -> None:
+        u, p = self.upper_w, self.price_usd_per_mwh
+        if u.ndim != 1 or u.shape != p.shape or u.size < 1:
+            raise ValueError("upper_w and price_usd_per_mwh must be equal (S,) arrays, S >= 1")
+        if not (np.all(np.isfinite(p)) and np.all(~np.isnan(u))):
+            raise ValueError("cost steps must be finite")
+        if u[0] <= 0 or np.any(np.diff(u) <= 0):
+            raise ValueError("upper_w must be positive and strictly ascending")
+
+    @classmethod
+    def single(cls, price_usd_per_mwh: float) -> CostSteps:
+        """One price for any power: what ``solve(price_usd_per_mwh=...)`` plans with."""
+        return cls(np.array([math.inf]), np.array([float(price_usd_per_mwh)]))
+
+    def cost_usd_per_h(self, site_w: float) -> float:
+        """$ per hour of drawing ``site_w`` W (the integral of the steps from 0)."""
+        lower = np.concatenate([[0.0], self.upper_w[:-1]])
+        width = np.clip(np.minimum(self.upper_w, site_w) - lower, 0.0, None)
+        width[-1] = max(site_w - lower[-1], 0.0)  # the last step runs on
+        return float((width * self.price_usd_per_mwh).sum()) * 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class SteppedChoice:
+    """Where on a stepped cost the plan belongs: one segment, and how it ends there.
+
+    ``lower_w``..``upper_w`` is the segment as the decision may use it (site W incl.
+    aux: clipped to the pinned minimum, the floor and the cap). ``at`` says where the
+    best power of that segment lies: "inside" (every entry that pays at the segment's
+    price, which then fits), "upper" (its upper end: the next watt costs more than any
+    entry earns) or "lower" (its lower end: the miners fill the dearer step before to
+    reach a cheaper one, or the floor holds them there). ``site_w`` is that power by
+    the relaxation (fractional entries), which the plan meets within one entry.
+    """
+
+    segment: int
+    price_usd_per_mwh: float
+    lower_w: float
+    upper_w: float
+    at: str  # "inside", "upper", "lower"
+    site_w: float
+
+
+def _entry_hash(fleet: PreparedFleet) -> tuple[FloatArray, FloatArray]:
+    """TH/s one miner gains by each entry: (K, k - 2) steps and (K, k - 1) wake chords."""
+    p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
+    kinds, k = p.shape
+    steps = h[:, 2:] - h[:, 1:-1] if k > 2 else np.zeros((kinds, 0))
+    if k < 2:
+        return steps, np.zeros((kinds, 0))
+    wake = fleet.wake_level.astype(np.intp)
+    chords = np.take_along_axis(h, wake, axis=1) - h[:, :1]
+    return steps, chords
+
+
+def _sum_before(w: _ClassWeights, blocks: FloatArray | None, r: int) -> float:
+    """The sum of the weights at positions 0..r-1 (by blocks when the order is long)."""
+    if r <= 4 * _BLOCK or blocks is None:
+        return float(w.between(0, r).sum())
+    whole = r // _BLOCK
+    return float(blocks[:whole].sum() + w.between(whole * _BLOCK, r).sum())
+
+
+@dataclass(frozen=True, slots=True)
+class _Relaxation:
+    """The entries in slope order (no priorities) as a concave hashrate-of-power curve."""
+
+    power: _ClassWeights  # W all miners take at each entry
+    hashrate: _ClassWeights  # TH/s they gain there
+    power_blocks: FloatArray | None
+    hash_blocks: FloatArray | None
+    size: int
+
+    def hashrate_at(self, above_w: float) -> float:
+        """TH/s above the pinned minimum when ``above_w`` IT W above it are taken, in order."""
+        if above_w <= 0.0:
+            return 0.0
+        g, before = _first_passing(self.power, 0, self.size, above_w)
+        out = _sum_before(self.hashrate, self.hash_blocks, g)
+        if g < self.size:
+            w_g = float(self.power.between(g, g + 1)[0])
+            if w_g > 0.0:
+                out += (above_w - before) / w_g * float(self.hashrate.between(g, g + 1)[0])
+        return out
+
+    def power_before(self, r: int) -> float:
+        """IT W above the pinned minimum of every entry before position r."""
+        return _sum_before(self.power, self.power_blocks, min(r, self.size))
+
+
+def _relaxation(fleet: PreparedFleet, b: Bounds, eco: _Economics) -> _Relaxation:
+    ctx = _Context(fleet, b, eco, b.lo, np.zeros(fleet.n, dtype=np.intp), 1,
+                   np.zeros(fleet.n), None)
+    w = _entry_weights(ctx, 0)
+    step_h, chord_h = _entry_hash(fleet)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        steps_n = np.where(fleet.step_w > 0, np.rint(w.steps / fleet.step_w), 0.0)
+        chords_n = np.where(fleet.wake_w > 0, np.rint(w.chords / fleet.wake_w), 0.0)
+    h = _ClassWeights(fleet, steps_n * step_h, chords_n * chord_h)
+    size = int(fleet.neg_slope.size)
+    long = size > 4 * _BLOCK
+    return _Relaxation(w, h, w.block_sums() if long else None,
+                       h.block_sums() if long else None, size)
+
+
+def stepped_choice(
+    fleet: PreparedFleet,
+    steps: CostSteps,
+    *,
+    hashprice_usd_per_ph_day: float,
+    cap_w: float,
+    bounds: Bounds,
+    aux_fraction: float = 0.0,
+    floor_w: float = 0.0,
+    aux_in_cost: bool = True,
+) -> SteppedChoice:
+    """The segment of a stepped cost the best plan lies in, and where in it.
+
+    Exact for the relaxation (an entry may be taken in part) whatever the steps: on each
+    segment the price is one number, so profit is concave in power there and its best
+    is the segment's own single-price optimum clipped to the segment; the best segment
+    wins. Rising prices make that the greedy in slope order with the threshold raised at
+    each step's boundary; a cheaper later step (a genset dearer than the grid behind it)
+    is the case the comparison is for. Priorities do not move a step's boundary (they
+    order who sheds under the cap, not what power costs).
+
+    Args:
+        fleet, bounds: As for :func:`solve`.
+        steps: The cost of the miners' site power.
+        hashprice_usd_per_ph_day: Revenue of hashrate.
+        cap_w: The hard limit, site W incl. aux; the steps are cut there.
+        aux_fraction, aux_in_cost: As for :func:`solve`.
+        floor_w: Site power the plan keeps at least (ramp-down limit), W.
+    """
+    aux1 = 1.0 + aux_fraction
+    paid = aux1 if aux_in_cost else 1.0
+    value = usd_per_ths_hour(hashprice_usd_per_ph_day)
+    base_it = float(fleet.power_at(bounds.lo).sum())
+    base_site = base_it * aux1
+    low = max(base_site, min(floor_w, cap_w))
+    high = max(cap_w, low)
+    upper = steps.upper_w.astype(np.float64).copy()
+    upper[-1] = math.inf
+    lower = np.concatenate([[0.0], upper[:-1]])
+    seg_lo, seg_hi = np.maximum(lower, low), np.minimum(upper, high)
+    live = np.flatnonzero(seg_hi > seg_lo)
+    if live.size == 0:  # no room between the pinned minimum (or floor) and the cap
+        live = np.array([min(int(np.searchsorted(upper, low, side="left")), upper.size - 1)])
+    first_eco = _economics(fleet, float(steps.price_usd_per_mwh[live[0]]),
+                           hashprice_usd_per_ph_day, aux_fraction=aux_fraction,
+                           adder_usd_per_mwh=0.0, aux_in_cost=aux_in_cost)
+    relax = _relaxation(fleet, bounds, first_eco)
+    best: SteppedChoice | None = None
+    best_profit = 0.0
+    for j in live.tolist():
+        price = float(steps.price_usd_per_mwh[j])
+        hi = float(seg_hi[j])
+        lo = min(float(seg_lo[j]), hi)
+        r = fleet.position(threshold_ths_per_w(price * paid, hashprice_usd_per_ph_day))
+        econ_site = (base_it + relax.power_before(r)) * aux1
+        site = min(max(econ_site, lo), hi)
+        at = "upper" if econ_site > hi else "lower" if econ_site < lo else "inside"
+        hash_ths = relax.hashrate_at(site / aux1 - base_it)
+        profit = value * hash_ths - steps.cost_usd_per_h(site) * paid / aux1
+        # A later segment must earn more by more than rounding to be preferred.
+        if best is None or profit > best_profit + 1e-9 * max(abs(best_profit), 1.0):
+            best_profit = profit
+            best = SteppedChoice(j, price, lo, hi, at, site)
+    assert best is not None
+    return best
+
+
+def _solve_stepped(fleet: PreparedFleet, steps: CostSteps, *, hashprice_usd_per_ph_day: float,
+                   cap_w: float, aux_fraction: float, b: Bounds, floor_w: float,
+                   priority: npt.NDArray[np.integer] | None, aux_in_cost: bool,
+                   unit_count: npt.NDArray[np.integer] | None) -> Plan:
+    """:func:`solve` against stepped costs: the single-price search at the chosen step."""
+    choice = stepped_choice(fleet, steps, hashprice_usd_per_ph_day=hashprice_usd_per_ph_day,
+                            cap_w=cap_w, bounds=b, aux_fraction=aux_fraction, floor_w=floor_w,
+                            aux_in_cost=aux_in_cost)
+
+    def at_price(cap: float, floor: float, prio: npt.NDArray[np.integer] | None) -> Plan:
+        return solve(fleet, price_usd_per_mwh=choice.price_usd_per_mwh,
+                     hashprice_usd_per_ph_day=hashprice_usd_per_ph_day, cap_w=cap,
+                     aux_fraction=aux_fraction, floor_w=floor, priority=prio,
+                     aux_in_cost=aux_in_cost, bounds=b, unit_count=unit_count)
+
+    if choice.at == "upper" and choice.upper_w < cap_w:
+        # A step's boundary, not the cap: the miners it holds are where profit puts them.
+        return _economic(at_price(choice.upper_w, 0.0, None))
+    if choice.at == "lower" and choice.lower_w > min(floor_w, cap_w):
+        return _economic(at_price(cap_w, choice.lower_w, None))
+    return at_price(cap_w, floor_w, priority)
+
+
+def _economic(plan: Plan) -> Plan:
+    """A plan held at a cost step's boundary: nothing binds but the price, so PROFIT."""
+    return dataclasses.replace(plan, reason=np.zeros_like(plan.reason), cap_binding=False,
+                               floor_binding=False, multiplier_usd_per_mwh=0.0,
+                               econ_level=plan.level)

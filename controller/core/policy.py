@@ -29,6 +29,11 @@ The rules, in the order they bind (the first one that decided a miner is its rea
    holds are dropped; when the pinned minimum alone exceeds it, dwell and wake holds
    are dropped, then never-curtail miners are shed last, and if stale miners alone
    still exceed it the decision is marked ``infeasible`` with everything else asleep.
+   With ``MarketInputs.cost_steps`` (an energy campus: on-site surplus, then grid
+   import) the optimizer decides against the steps; rules 5 and 6 read the price of
+   the step the plan belongs on (:func:`stepped_price`), and a held level is kept only
+   while the plan stays on that step. A miner a step's boundary holds back has reason
+   PROFIT: the next watt costs more than it earns.
 8. Ramp: planned site power moves at most ``ramp_kw_per_min`` per minute in either
    direction for economic reasons. Reductions demanded by the cap or a grid
    obligation are never slowed down, and a ramp-down never pushes above the cap.
@@ -40,6 +45,7 @@ with anything that replays decisions (the backtest): :attr:`PolicyState.CLOCKS`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -66,6 +72,9 @@ class MarketInputs:
     cap_is_grid: bool = False  # the binding limit comes from a grid obligation
     adder_usd_per_mwh: float = 0.0  # delivery charges and fees on top of the price
     expected_dip_s: float | None = None  # forecast: how long the current price holds
+    # An energy campus prices power by steps (on-site surplus, then grid import, all in);
+    # price_usd_per_mwh and adder_usd_per_mwh are then unused (controller/core/campus.py).
+    cost_steps: opt.CostSteps | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +346,9 @@ class _Ask:
     limits: _Limits
     aux_in_cost: bool
     unit_count: npt.NDArray[np.integer] | None
+    # With cost steps: the site W of the step the plan belongs on (a plan elsewhere pays
+    # another price than the one its levels were chosen at).
+    step_w: tuple[float, float] | None = None
 
     def solve(self, bounds: opt.Bounds, priority: npt.NDArray[np.integer] | None) -> Plan:
         m = self.market
@@ -345,14 +357,16 @@ class _Ask:
             floor_w=self.limits.floor_w, priority=priority,
             hashprice_usd_per_ph_day=m.hashprice_usd_per_ph_day, aux_fraction=m.aux_fraction,
             adder_usd_per_mwh=m.adder_usd_per_mwh, aux_in_cost=self.aux_in_cost,
-            bounds=bounds, unit_count=self.unit_count,
+            bounds=bounds, unit_count=self.unit_count, cost_steps=m.cost_steps,
         )
 
     def within_limits(self, level: LevelArray) -> Plan | None:
-        """The plan of these levels if the cap, ramp and floor all leave them be."""
+        """The plan of these levels if the cap, ramp and floor (and the step) leave them be."""
         power_w = self.fleet.power_at(level)
         site_w = float(power_w.sum()) * (1.0 + self.market.aux_fraction)
         if not self.limits.floor_w <= site_w <= self.limits.cap_w:
+            return None
+        if self.step_w is not None and not self.step_w[0] <= site_w <= self.step_w[1]:
             return None
         return opt.plan_at(self.fleet, level, aux_fraction=self.market.aux_fraction,
                            power_w=power_w)
@@ -437,6 +451,24 @@ def remember(state: PolicyState, plan: Plan, hard: _Hard, cheap_since_s: FloatAr
 # -- the decision ---------------------------------------------------------------------------
 
 
+def stepped_price(fleet: PreparedFleet, market: MarketInputs, hard: _Hard, limits: _Limits,
+                  knobs: PolicyKnobs) -> tuple[MarketInputs, tuple[float, float] | None]:
+    """With cost steps: the market at the price of the step the plan belongs on, and that
+    step's site W; the rules that read one price (wake latency, hysteresis) read that one.
+
+    Without cost steps the market as it is, and None.
+    """
+    if market.cost_steps is None:
+        return market, None
+    choice = opt.stepped_choice(
+        fleet, market.cost_steps, hashprice_usd_per_ph_day=market.hashprice_usd_per_ph_day,
+        cap_w=limits.cap_w, bounds=hard.bounds, aux_fraction=market.aux_fraction,
+        floor_w=limits.floor_w, aux_in_cost=knobs.aux_in_energy_cost)
+    priced = dataclasses.replace(market, price_usd_per_mwh=choice.price_usd_per_mwh,
+                                 adder_usd_per_mwh=0.0)
+    return priced, (choice.lower_w, choice.upper_w)
+
+
 def _positions(fleet: PreparedFleet, market: MarketInputs, knobs: PolicyKnobs
                ) -> tuple[int, int, int]:
     """Order positions of the price, the price + the hysteresis band, the price - the band."""
@@ -474,15 +506,16 @@ def decide(
     Returns:
         The decision: level, power and a Reason per miner, and site-level flags.
     """
-    positions = _positions(fleet, market, knobs)
     prev = state.level.astype(LEVEL)
     hard = hard_bounds(fleet, miners, knobs)
+    limits = ramp_limits(state, market, knobs, now_s)
+    priced, step_w = stepped_price(fleet, market, hard, limits, knobs)
+    positions = _positions(fleet, priced, knobs)
     held = holds(fleet, state, hard, miners, knobs, r_now=positions[0],
                  expected_dip_s=market.expected_dip_s, now_s=now_s)
     econ = opt.levels_at(fleet, held.bounds, positions[0])
     keep = hysteresis(fleet, held, hard, prev=prev, econ=econ, positions=positions)
-    limits = ramp_limits(state, market, knobs, now_s)
-    ask = _Ask(fleet, market, limits, knobs.aux_in_energy_cost, miners.unit_count)
+    ask = _Ask(fleet, market, limits, knobs.aux_in_energy_cost, miners.unit_count, step_w)
     plan, stage = relax(ask, hard, held, keep=keep, prev=prev, econ=econ,
                         priority=miners.priority)
     if limits.cap_w < market.cap_w and not plan.infeasible and not limits.floor_cut_by_cap:

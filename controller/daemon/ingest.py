@@ -124,6 +124,8 @@ class Ingest:
         limits: Site bounds (default: IngestLimits(), no meter bound).
         sent_seq: The last command sequence sent to each miner, (n,), -1 none; read
             live (the actuator's array). None: acknowledgements are not bounded.
+        on_meter: Offered every meter reading by meter id (an energy campus reads its
+            parts' meters); returns whether it took the reading.
     """
 
     def __init__(self, *, topics: SiteTopics, fleet: FleetState, grid: GridObligations,
@@ -132,7 +134,8 @@ class Ingest:
                  on_shed: Callable[[npt.NDArray[np.bool_]], None],
                  on_points_changed: Callable[[], None],
                  limits: IngestLimits | None = None,
-                 sent_seq: npt.NDArray[np.int64] | None = None) -> None:
+                 sent_seq: npt.NDArray[np.int64] | None = None,
+                 on_meter: Callable[[str, MeterTelemetry], bool] | None = None) -> None:
         self.topics = topics
         self.fleet = fleet
         self.grid = grid
@@ -144,6 +147,7 @@ class Ingest:
         self.on_points_changed = on_points_changed
         self.limits = limits or IngestLimits()
         self.sent_seq = sent_seq
+        self.on_meter = on_meter
         self.invalid: Counter[tuple[str, str]] = Counter()
         self.rejected_readings: Counter[str] = Counter()
         self._quiet = LogLimiter(60.0)
@@ -451,15 +455,26 @@ class Ingest:
 
     def _vendor_meter(self, topic: str, raw: bytes) -> None:
         routed = self.meters.decode(topic, raw)
-        if routed is not None and routed.role == "site":
-            reading = routed.reading.telemetry(time.time())
-            self._apply_meter(reading, time.monotonic())
+        if routed is None:
+            return
+        telemetry = routed.reading.telemetry(time.time())
+        if self.on_meter is not None:
+            self.on_meter(routed.meter_id, telemetry)
+        if routed.role == "site":
+            self._apply_meter(telemetry, time.monotonic())
 
     def _meter(self, meter_id: str, raw: bytes) -> None:
         reading = decode(MeterTelemetry, raw)
+        if self.on_meter is not None and self.on_meter(meter_id, reading) \
+                and meter_id not in self.site_meter_ids:
+            return  # a campus part's own meter, not the site's
         if self.site_meter_ids and meter_id not in self.site_meter_ids:
             raise PayloadError("unknown_meter", meter_id)
         self._apply_meter(reading, self._taken_at(reading.ts, "meter reading"))
+
+    def apply_site_meter(self, reading: MeterTelemetry) -> None:
+        """A site-meter reading from elsewhere (a campus's Modbus POI meter)."""
+        self._apply_meter(reading, time.monotonic())
 
     def _apply_meter(self, reading: MeterTelemetry, taken_at: float) -> None:
         bound = self.limits.meter_max_abs_w

@@ -20,6 +20,7 @@ import structlog
 
 from controller.config import SiteConfig
 from controller.core.actuation import Actuator
+from controller.core.campus import CampusPicture
 from controller.core.fleet_state import FleetState
 from controller.core.optimizer import prepare
 from controller.core.policy import (
@@ -30,6 +31,8 @@ from controller.core.policy import (
     decide,
 )
 from controller.core.prices import PriceInForce, price_in_force
+from controller.daemon.campus import CampusLink
+from controller.daemon.campus_metrics import CampusCollector
 from controller.daemon.ingest import Ingest, IngestLimits
 from controller.daemon.metrics import Metrics, SiteCollector
 from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, GridEventStatus
@@ -97,6 +100,10 @@ class Controller:
         self.metrics = metrics or Metrics()
         self.snapshot: DecisionSnapshot | None = None
         self.decisions = 0
+        self.campus = None if cfg.campus is None else CampusLink(
+            cfg.campus, stale_s=pc.telemetry_stale_s, margin_fraction=pc.cap_headroom_fraction,
+            on_change=self.trigger, on_frequency=self._genset_frequency,
+            on_site_meter=lambda r: self.ingest.apply_site_meter(r))  # noqa: PLW0108 - made below
         self.ingest = Ingest(
             topics=self.topics, fleet=self.fleet, grid=self.grid,
             meters=MeterRouter(cfg.meters),
@@ -104,6 +111,7 @@ class Controller:
             metrics=self.metrics, on_change=self.trigger, on_shed=self._shed_now,
             on_points_changed=self._prepare_again,
             limits=IngestLimits.for_site(cfg), sent_seq=self.actuator.seq,
+            on_meter=None if self.campus is None else self.campus.on_meter,
         )
         self.transport = Transport(
             cfg.broker,
@@ -122,6 +130,8 @@ class Controller:
             stale_s=pc.telemetry_stale_s, snapshot=lambda: self.snapshot,
             energy=self.metrics.energy, link=self.transport.status,
         ))
+        if self.campus is not None:
+            self.metrics.attach(CampusCollector(link=self.campus, snapshot=lambda: self.snapshot))
 
     # -- inputs in force --------------------------------------------------------
 
@@ -190,6 +200,14 @@ class Controller:
         self.actuator.forget()
         self.trigger("connect")
 
+    def _genset_frequency(self, hz: float) -> None:
+        """An islanded campus's genset frequency: the grid's, for the under-frequency shed."""
+        change = self.grid.frequency(hz, time.time())
+        if change == "shed":
+            self._shed_now(self.grid.frequency_shed)
+        if change:
+            self.trigger("frequency")
+
     def _cap(self, ob: Obligation) -> CapInForce:
         site_w = self.site_cap_w()
         in_force = min(site_w, ob.cap_w)
@@ -199,7 +217,7 @@ class Controller:
             source=_cap_source(ob, site_w, self.grid.frequency_event is not None))
 
     def _decide(self, now: float, price: PriceInForce, hashprice: float, cap: CapInForce,
-                ob: Obligation) -> Decision:
+                ob: Obligation, *, campus: CampusPicture | None = None) -> Decision:
         fleet = self.fleet
         market = MarketInputs(
             price_usd_per_mwh=price.total_usd_per_mwh,
@@ -207,6 +225,7 @@ class Controller:
             cap_w=cap.planning_w,
             aux_fraction=self.cfg.energy.aux_fraction,
             cap_is_grid=cap.source != "site" or ob.force_sleep is not None,
+            cost_steps=None if campus is None else campus.curve.steps(),
         )
         miners = MinerInputs(
             stale=fleet.stale(now, self.cfg.policy.telemetry_stale_s),
@@ -247,7 +266,8 @@ class Controller:
 
     def _snapshot(self, *, why: str, started: float, now: float, now_ts: float,
                   decision: Decision, price: PriceInForce, hashprice: float, cap: CapInForce,
-                  grid_event: GridEventStatus | None, sent: int) -> DecisionSnapshot:
+                  grid_event: GridEventStatus | None, sent: int,
+                  campus: CampusPicture | None = None) -> DecisionSnapshot:
         fleet, site = self.fleet, self.fleet.site
         stale_s = self.cfg.policy.telemetry_stale_s
         view = fleet.view_states(now, stale_s)
@@ -273,7 +293,7 @@ class Controller:
             frequency_hz=None if math.isnan(site.frequency_hz) else site.frequency_hz,
             fleet_power_w=float(group_power.sum()), fleet_hashrate_ths=float(group_ths.sum()),
             group_power_w=group_power, group_hashrate_ths=group_ths,
-            commands_sent=sent, infeasible=decision.infeasible,
+            commands_sent=sent, infeasible=decision.infeasible, campus=campus,
         )
 
     async def decide_and_act(self, why: str) -> DecisionSnapshot:
@@ -284,13 +304,21 @@ class Controller:
         hashprice = self.hashprice_usd_per_ph_day()
         site_w = self.site_power_w(now)
         ob = self.grid.obligation(now_ts, site_w, self.site_cap_w())
-        cap = self._cap(ob)
-        decision = self._decide(now, price, hashprice, cap, ob)
+        cap, campus = self._cap(ob), None
+        if self.campus is not None:
+            last = None if self.snapshot is None else self.snapshot.planned_site_power_w
+            cap, campus = self.campus.cap_in_force(cap, ob, price, last)
+        decision = self._decide(now, price, hashprice, cap, ob, campus=campus)
+        if self.campus is not None and campus is not None:
+            self.campus.decided_at(campus, price, ob, decision.site_power_w)
         sent = await self._actuate(decision, now)
-        grid_event = self._grid_status(ob, decision.site_power_w, now_ts, site_w)
+        planned_w = decision.site_power_w  # a grid target on a campus is on net import
+        if campus is not None and (net_w := campus.net_import_w_at(planned_w)) is not None:
+            planned_w = net_w
+        grid_event = self._grid_status(ob, planned_w, now_ts, site_w)
         snap = self._snapshot(why=why, started=started, now=now, now_ts=now_ts,
                               decision=decision, price=price, hashprice=hashprice, cap=cap,
-                              grid_event=grid_event, sent=sent)
+                              grid_event=grid_event, sent=sent, campus=campus)
         self.snapshot = snap
         self.metrics.decision_seconds.observe(snap.duration_s)
         self.metrics.decisions.labels(why).inc()
@@ -335,6 +363,8 @@ class Controller:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.transport.run(self.on_message), name="controller-mqtt")
             tg.create_task(self._decide_forever(), name="controller-decide")
+            if self.campus is not None:
+                tg.create_task(self.campus.run(), name="controller-campus")
             # systemd (Type=notify): READY=1 after the first connect, watchdog pings from
             # this event loop; does nothing without $NOTIFY_SOCKET.
             tg.create_task(supervise(self.transport.connected), name="controller-systemd")

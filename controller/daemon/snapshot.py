@@ -10,19 +10,22 @@ must not be written to.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from controller.core.campus import CampusPicture
 from controller.core.fleet_state import VIEW_STATES, view_counts
 from controller.core.prices import PriceInForce
 from controller.protocol.payloads import DecisionSummary
 from controller.protocol.reasons import REASON_NAMES, Reason
 
 # What set the cap in force: the site's own limit, or a grid obligation of this kind
-# ("recovery" is the ramp back up after an obligation ended).
-CapSource = Literal["site", "target_kw", "shed_kw", "emergency", "peak", "frequency", "recovery"]
+# ("recovery" is the ramp back up after an obligation ended), or an energy campus's
+# headroom at the point of interconnection ("campus"; "islanded": the gensets').
+CapSource = Literal["site", "target_kw", "shed_kw", "emergency", "peak", "frequency", "recovery",
+                    "campus", "islanded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class DecisionSnapshot:
     group_hashrate_ths: npt.NDArray[np.float64]  # (groups,)
     commands_sent: int
     infeasible: bool  # even the miners the controller cannot move exceed the cap
+    campus: CampusPicture | None = None  # the energy campus as the decision saw it
 
     @property
     def miners_by_state(self) -> dict[str, int]:
@@ -138,5 +142,16 @@ class DecisionSnapshot:
             frequency_hz=self.frequency_hz,
             infeasible=self.infeasible,
             miners_by_state_reason=self.miners_by_state_reason,
+            **self._campus_summary(),
         )
+
+    def _campus_summary(self) -> dict[str, Any]:
+        c = self.campus
+        if c is None:
+            return {}
+        return {"campus_headroom_w": round(c.cap_w, 1), "campus_poi_limit_w": c.poi_limit_w,
+                "campus_firm_load_w": round(c.firm_load_w, 1),
+                "campus_generation_w": round(c.generation_w, 1),
+                "campus_on_site_w": round(c.curve.on_site_w, 1), "campus_islanded": c.islanded,
+                "campus_stale": [s[:64] for s in c.stale[:100]]}  # the payload's bounds
 

@@ -592,6 +592,19 @@ class DecisionSummary(Payload):
         default=None, description="Even the miners the controller cannot move exceed the cap")
     miners_by_state_reason: dict[str, dict[str, int]] | None = Field(
         default=None, description="Miners per state, then per reason (only non-zero counts)")
+    # An energy campus (docs/campus.md); all None on a site without one.
+    campus_headroom_w: float | None = Field(
+        default=None, description="What the miners may plan under from the campus, incl. aux")
+    campus_poi_limit_w: float | None = Field(
+        default=None, description="Import limit in force at the POI (None: islanded), W")
+    campus_firm_load_w: float | None = Field(default=None, description="Firm loads as counted")
+    campus_generation_w: float | None = Field(default=None,
+                                              description="Generation as counted, W")
+    campus_on_site_w: float | None = Field(
+        default=None, description="Headroom on-site surplus supplies (not the grid), W")
+    campus_islanded: bool | None = None
+    campus_stale: list[str] | None = Field(
+        default=None, max_length=100, description="Parts counted at their worst case")
 
 
 P = TypeVar("P", bound=Payload)

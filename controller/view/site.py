@@ -144,6 +144,12 @@ class SiteView:
         if source == "recovery":
             return ("recovery ramp after a grid obligation ended, rising to the "
                     + (site_cap or "site cap"))
+        if source == "campus":
+            return "the campus's headroom at the interconnect" + (
+                f" ({site_cap})" if site_cap else "")
+        if source == "islanded":
+            return "islanded: the gensets' rating less reserve, rising by their load step" + (
+                f" ({site_cap})" if site_cap else "")
         return self.grid_event_text() + (f" ({site_cap})" if site_cap else "")
 
     def grid_event_text(self) -> str:
@@ -163,6 +169,21 @@ class SiteView:
         if s.grid_event_on_track is not None:
             parts.append("on track" if s.grid_event_on_track else "NOT on track")
         return ", ".join(parts)
+
+    def campus_text(self) -> str | None:
+        """The campus's part of the decision (None on a site without one)."""
+        s = self.summary
+        if s is None or s.campus_headroom_w is None:
+            return None
+        limit = ("islanded, no grid" if s.campus_islanded else
+                 f"import limit {format_mw(s.campus_poi_limit_w)}")
+        text = (f"headroom {format_mw(s.campus_headroom_w)} for the miners: {limit}, "
+                f"generation {format_mw(s.campus_generation_w)}, firm load "
+                f"{format_mw(s.campus_firm_load_w)}; {format_mw(s.campus_on_site_w)} of it "
+                "on-site supply")
+        if s.campus_stale:
+            text += f"; at worst case (no fresh reading): {', '.join(s.campus_stale)}"
+        return text
 
     def price_text(self) -> str:
         """The price in force and its parts: "$101.00/MWh = market $93.00 (real-time) + ..."."""
@@ -238,9 +259,13 @@ class SiteView:
         if self.clock.describe():
             clock += f" ({self.clock.describe()})"
         grid.add_row("site time", clock)
-        over = (s.measured_site_power_w is not None
-                and s.measured_site_power_w > self.cap_in_force_w() * 1.005)
-        power = Text(f"{format_mw(s.measured_site_power_w)} measured",
+        # With a campus the site meter is the POI's: its limit is the POI's, not the miners'.
+        limit = (s.campus_poi_limit_w if s.campus_headroom_w is not None
+                 else self.cap_in_force_w())
+        over = (s.measured_site_power_w is not None and limit is not None
+                and s.measured_site_power_w > limit * 1.005)
+        measured = "measured at the POI" if s.campus_headroom_w is not None else "measured"
+        power = Text(f"{format_mw(s.measured_site_power_w)} {measured}",
                      style="bold red" if over else "")
         power.append(f", plan {format_mw(s.planned_site_power_w)}, "
                      f"planning under {format_mw(s.cap_w)} (incl. aux)")
@@ -249,6 +274,9 @@ class SiteView:
         cap = Text(format_mw(self.cap_in_force_w()), style=cap_style)
         cap.append(f" in force: {self.cap_why()}")
         grid.add_row("cap", cap)
+        campus = self.campus_text()
+        if campus is not None:
+            grid.add_row("campus", campus)
         grid.add_row("price", self.price_text())
         grid.add_row("hashprice", f"${s.hashprice_usd_per_ph_day:,.2f}/PH/day")
         grid.add_row("hashrate", self.hashrate_text())
@@ -299,6 +327,9 @@ class SiteView:
         text = (f"{self.site_time()} | site {format_mw(s.measured_site_power_w)} / cap "
                 f"{format_mw(self.cap_in_force_w())} ({self.cap_why()}) | price "
                 f"{self.price_text()} | {hashrate} | {states}")
+        campus = self.campus_text()
+        if campus is not None:
+            text += f" | campus {campus}"
         warnings = self.warnings()
         if warnings:
             text += " | " + "; ".join(warnings)
