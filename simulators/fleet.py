@@ -4,7 +4,8 @@ Behaviour follows the catalogue: a power-target change settles in seconds,
 sleeping takes seconds, waking takes minutes; temperature follows power and
 ambient, fans follow temperature. Faults can be injected: a miner that goes
 offline stops reporting but keeps drawing power (as a real one whose network
-drops does), and a lost hashboard takes a third of its power and hashrate.
+drops does), a lost hashboard takes a third of its power and hashrate, and deaf
+firmware acknowledges commands without applying them (`deaf`; see simulators/faults.py).
 All durations are divided by `speed`, so a demo can run an hour in a minute.
 """
 
@@ -69,6 +70,8 @@ class SimulatedFleet:
         self.temp_c = np.full(n, ambient_c + 40.0)
         self.boards = np.full(n, BOARDS, dtype=np.int8)
         self.offline = np.zeros(n, dtype=bool)
+        # Firmware that acknowledges a command without applying it (simulators/faults.py).
+        self.deaf = np.zeros(n, dtype=bool)
         self.ack_seq = np.zeros(n, dtype=np.int64)
         self.last = start_now
 
@@ -80,6 +83,8 @@ class SimulatedFleet:
         if idx.size == 0:
             return
         self.step(now)
+        self.ack_seq[idx[self.deaf[idx]]] = seq  # acknowledged, never applied
+        idx = idx[~self.deaf[idx]]
         if cmd.action == "sleep":
             going = idx[(self.mode[idx] == Mode.RUNNING) | (self.mode[idx] == Mode.WAKING)]
             self.mode[going] = Mode.STOPPING
