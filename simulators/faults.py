@@ -3,10 +3,11 @@
 Each fault acts on a real part from outside the controller: the simulated miners
 (rebooted at stock, deaf firmware, a silent meter), the network between a client and
 the broker (`TcpProxy`), the broker process (`LocalBroker.kill`, `save`), the journal's
-disk (`fill_disk`) and the wall clock the controller reads (`SteppedClock`). None of
-them changes how the controller decides. `PowerJudge` samples the simulator's *true*
-site power (the miners' draw plus auxiliary load, without meter noise) against the cap
-in force, so a test judges what the grid would see, not what the controller believes.
+disk (`fill_disk`, `refuse_writes`) and the wall clock the controller reads
+(`SteppedClock`). None of them changes how the controller decides. `PowerJudge`
+samples the simulator's *true* site power (the miners' draw plus auxiliary load,
+without meter noise) against the cap in force, so a test judges what the grid would
+see, not what the controller believes.
 """
 
 from __future__ import annotations
@@ -173,10 +174,21 @@ class SteppedClock:
 def fill_disk(db: sqlite3.Connection, full: bool = True) -> None:
     """The disk under an SQLite connection fills up: it cannot grow by a page (or can again).
 
-    Writes that need a new page then fail as on a full disk ("database or disk is full").
+    Writes that need a new page then fail as on a full disk ("database or disk is full");
+    a small write into a page with room left still succeeds, as it can on a real disk.
     """
     pages = int(db.execute("PRAGMA page_count").fetchone()[0])
     db.execute(f"PRAGMA max_page_count = {pages if full else 1_073_741_823}")
+
+
+def refuse_writes(db: sqlite3.Connection, refuse: bool = True) -> None:
+    """Every write through an SQLite connection fails (or works again).
+
+    What a disk remounted read-only after an I/O error, or one with no block left for
+    the write-ahead log, looks like to SQLite: each commit is refused ("attempt to write
+    a readonly database"); reading goes on.
+    """
+    db.execute(f"PRAGMA query_only = {1 if refuse else 0}")
 
 
 # -- the judge ------------------------------------------------------------------------------

@@ -68,9 +68,9 @@ async def test_broker_down_across_a_deadline_commands_reach_whoever_is_back_last
         await wait_for(lambda: first.transport.connects > connects, what="the first one back")
         await asyncio.sleep(1.5)
         proxy.restore()
-        back = time.time()
         both = site.sim.transport, c.transport
         await wait_for(lambda: all(t.connected.is_set() for t in both), what="both back")
+        back = time.time()
         await wait_until(back + SETTLE_S + 8.0)
         j = site.judge
         assert j.sampled_s(back + SETTLE_S) >= 7.0

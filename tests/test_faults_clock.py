@@ -99,12 +99,12 @@ def test_a_forward_step_does_not_end_an_event_early(tmp_path: Path) -> None:
 def test_a_step_with_nothing_in_force_is_taken(tmp_path: Path) -> None:
     """With no event in force or ahead, the new wall time is simply the time."""
     g = obligations(tmp_path, GridRules(prepare_s=10.0))
-    g.obligation(1000.0, 80_000.0, 1e6, now_mono=0.0)
-    g.obligation(1000.0 - HOUR_S, 80_000.0, 1e6, now_mono=1.0)
-    assert g.clock.steps == 1
-    ev = GridEvent(id="e", kind="target_kw", value_kw=50.0, start_ts=1000.0 - HOUR_S + 60,
-                   end_ts=1000.0 - HOUR_S + 120)
-    g.accept(ev, 1000.0 - HOUR_S + 2, now_mono=2.0)
-    assert math.isinf(g.obligation(1000.0 - HOUR_S + 3, 80_000.0, 1e6, now_mono=3.0).cap_w)
-    assert g.obligation(1000.0 - HOUR_S + 51, 80_000.0, 1e6, now_mono=51.0).cap_w == 50_000.0
-
+    t0 = 1_724_191_200.0
+    g.obligation(t0, 80_000.0, 1e6, now_mono=0.0)
+    g.obligation(t0 - HOUR_S, 80_000.0, 1e6, now_mono=1.0)
+    assert g.clock.steps == 1 and g.clock.offset_s == 0.0
+    ev = GridEvent(id="e", kind="target_kw", value_kw=50.0, start_ts=t0 - HOUR_S + 60,
+                   end_ts=t0 - HOUR_S + 120)
+    g.accept(ev, t0 - HOUR_S + 2, now_mono=2.0)
+    assert math.isinf(g.obligation(t0 - HOUR_S + 3, 80_000.0, 1e6, now_mono=3.0).cap_w)
+    assert g.obligation(t0 - HOUR_S + 51, 80_000.0, 1e6, now_mono=51.0).cap_w == 50_000.0

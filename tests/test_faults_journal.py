@@ -4,8 +4,9 @@ A grid event is obeyed even when its journal cannot be written: it is held in me
 retried, and counted (`mineops_grid_journal_pending_records`) until it is durable.
 Journal I/O never fails a decision. A journal that cannot be used at start is a
 one-line start-up error (exit 2) and a `check-config` error, not a traceback.
-The full disk is a real SQLite limit on the controller's own connection (a database
-that may not grow by a page fails as a full disk does); nothing in the controller is
+The disk faults are real SQLite limits on the controller's own connection: writes
+refused (a disk remounted read-only, or one without a block for the write-ahead log),
+or a database that may not grow by a page (a full disk); nothing in the controller is
 patched.
 """
 
@@ -25,9 +26,9 @@ import pytest
 from controller.grid.journal import GridJournal
 from controller.protocol.broker import LocalBroker
 from controller.protocol.payloads import GridEvent
-from simulators.faults import fill_disk
+from simulators.faults import fill_disk, refuse_writes
 from tests.conftest import make_site, wait_for
-from tests.test_faults_site import FaultSite, start_fault_site, wait_until
+from tests.test_faults_site import FaultSite, fault_cfg, start_fault_site, wait_until
 from tests.test_grid import toml_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ async def test_an_event_is_obeyed_while_the_disk_is_full_and_recorded_once_it_fr
         broker: LocalBroker, tasks: Any) -> None:
     site = await start_fault_site(broker, tasks)
     c = site.controller
-    fill_disk(connection(site))
+    refuse_writes(connection(site))
     ev = event(site, "dr-full")
     site.hold(ev)
     await site.publish_event(ev)
@@ -72,7 +73,7 @@ async def test_an_event_is_obeyed_while_the_disk_is_full_and_recorded_once_it_fr
     await wait_until(ev.met_by_ts + 4.0)
     j = site.judge
     assert j.over_s(ev.met_by_ts, ev.met_by_ts + 4.0) == 0, j.verdict(ev.met_by_ts)
-    fill_disk(connection(site), full=False)
+    refuse_writes(connection(site), refuse=False)
     await wait_for(lambda: c.grid.journal.pending == 0, timeout_s=10, what="durable again")
     status, _ = on_disk(site)["dr-full"]
     assert status == "active"
@@ -82,19 +83,25 @@ async def test_an_event_is_obeyed_while_the_disk_is_full_and_recorded_once_it_fr
 @pytest.mark.integration
 async def test_a_disk_filling_during_an_event_fails_no_decision(broker: LocalBroker,
                                                                  tasks: Any) -> None:
-    site = await start_fault_site(broker, tasks)
+    # Ten decisions a second, a sample at each: the full disk is reached within seconds.
+    site = await start_fault_site(broker, tasks, fault_cfg(
+        broker, policy={"decision_interval_s": 0.1},
+        grid={"record_interval_s": 0.05, "prepare_s": 2.0}))
     c = site.controller
-    ev = event(site, "dr-fill", start_in_s=3.0, duration_s=20.0)
+    ev = event(site, "dr-fill", start_in_s=3.0, duration_s=90.0)
     site.hold(ev)
     await site.publish_event(ev)
     await wait_until(ev.met_by_ts)
     assert "dr-fill" in on_disk(site)
     fill_disk(connection(site))
+    # Samples (every 0.2 s) soon need a page the disk no longer has.
+    await wait_for(lambda: c.grid.journal.write_errors > 0, timeout_s=60,
+                   what="the first write the full disk refuses")
     assert c.snapshot is not None
     seq = c.snapshot.seq
     await asyncio.sleep(5.0)
-    # A decision every 0.5 s (and on triggers): none of them may fail on the journal.
-    assert c.snapshot.seq >= seq + 8, "decisions stopped while the journal could not be written"
+    # A decision every 0.1 s (and on triggers): none of them may fail on the journal.
+    assert c.snapshot.seq >= seq + 25, "decisions stopped while the journal could not be written"
     assert c.decision_failures == 0
     j = site.judge
     assert j.over_s(ev.met_by_ts, ev.met_by_ts + 5.0) == 0, j.verdict(ev.met_by_ts)

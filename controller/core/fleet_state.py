@@ -67,6 +67,9 @@ class FleetState:
         self.target_w = np.full(n, np.nan)
         self.temp_c = np.full(n, np.nan)
         self.ack_seq = np.full(n, -1, dtype=np.int64)
+        # Reported an acknowledgement lower than the one before: the miner (or its bridge)
+        # restarted and forgot its setpoint. Cleared by `take_restarted`.
+        self.restarted = np.zeros(n, dtype=bool)
         self.last_seen = np.full(n, -np.inf)
         self.announced_offline = np.zeros(n, dtype=bool)
         self.site = SiteReadings()
@@ -124,10 +127,21 @@ class FleetState:
         self.hashrate_ths[ix] = [r.hashrate_ths for r in readings]
         self.target_w[ix] = [nan if r.target_w is None else r.target_w for r in readings]
         self.temp_c[ix] = [nan if r.temp_c is None else r.temp_c for r in readings]
-        acks = [-1 if r.ack_seq is None else r.ack_seq for r in readings]
-        self.ack_seq[ix] = np.maximum(self.ack_seq[ix], acks)
+        acks = np.array([-1 if r.ack_seq is None else r.ack_seq for r in readings],
+                        dtype=np.int64)
+        # The latest acknowledgement reported, not the highest: one that went back is a
+        # restarted miner or bridge, to be commanded again.
+        prev = self.ack_seq[ix]
+        self.restarted[ix[(acks >= 0) & (acks < prev)]] = True
+        self.ack_seq[ix] = np.where(acks >= 0, acks, prev)
         self.last_seen[ix] = now
         self.announced_offline[ix] = False
+
+    def take_restarted(self) -> npt.NDArray[np.intp]:
+        """Miners seen to restart since the last call (their acknowledgement went back)."""
+        idx = np.flatnonzero(self.restarted)
+        self.restarted[idx] = False
+        return idx
 
     def set_available(self, idx: npt.NDArray[np.intp] | int, online: bool) -> None:
         self.announced_offline[idx] = not online

@@ -61,13 +61,15 @@ class Ingest:
         on_change: Asks for a decision now; called with the trigger's name.
         on_shed: Sleeps the miners of a mask at once (under-frequency).
         on_points_changed: The fleet's operating points changed (firmware capabilities).
+        on_online: Miners (indices) announced online: they get their setpoints again.
     """
 
     def __init__(self, *, topics: SiteTopics, fleet: FleetState, grid: GridObligations,
                  meters: MeterRouter, site_meter_ids: set[str], metrics: Metrics,
                  on_change: Callable[[str], None],
                  on_shed: Callable[[npt.NDArray[np.bool_]], None],
-                 on_points_changed: Callable[[], None]) -> None:
+                 on_points_changed: Callable[[], None],
+                 on_online: Callable[[npt.NDArray[np.intp]], None] | None = None) -> None:
         self.topics = topics
         self.fleet = fleet
         self.grid = grid
@@ -77,6 +79,7 @@ class Ingest:
         self.on_change = on_change
         self.on_shed = on_shed
         self.on_points_changed = on_points_changed
+        self.on_online = on_online
         self.invalid: Counter[tuple[str, str]] = Counter()
         self._quiet = LogLimiter(60.0)
         self._handlers: dict[Kind, Handler] = {
@@ -165,7 +168,10 @@ class Ingest:
         self.fleet.update(self._miner(miner_id), msg, time.monotonic())
 
     def _miner_availability(self, miner_id: str, online: bool) -> None:
-        self.fleet.set_available(self._miner(miner_id), online)
+        i = self._miner(miner_id)
+        self.fleet.set_available(i, online)
+        if online and self.on_online is not None:
+            self.on_online(np.array([i], dtype=np.intp))
         if not online:
             self.on_change("availability")
 
@@ -173,6 +179,8 @@ class Ingest:
         if group not in self.fleet.groups:
             raise PayloadError("unknown_group", group)
         self.fleet.set_available(self.fleet.members(group), online)
+        if online and self.on_online is not None:
+            self.on_online(self.fleet.members(group))
         if not online:
             self.on_change("availability")
 
@@ -215,14 +223,14 @@ class Ingest:
         if reading.frequency_hz is None:
             return
         site.frequency_hz = reading.frequency_hz
-        change = self.grid.frequency(reading.frequency_hz, time.time())
+        change = self.grid.frequency(reading.frequency_hz, time.time(), now)
         if change == "shed":
             self.on_shed(self.grid.frequency_shed)
         if change:
             self.on_change("frequency")
 
     def _grid_event(self, _device: str, event: GridEvent) -> None:
-        if self.grid.accept(event, time.time()):
+        if self.grid.accept(event, time.time(), time.monotonic()):
             self.on_change("grid")
 
     def _price(self, _device: str, price: PriceSignal) -> None:

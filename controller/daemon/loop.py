@@ -5,14 +5,24 @@ or at once when a trigger (a new price, a grid event, a reconnect) asks for it. 
 cycle re-reads the state, plans from scratch, sends only what changed and ends in one
 frozen `DecisionSnapshot` that metrics, the decision topic and the live views read.
 A missed message or a restart costs one cycle, not correctness.
+
+The plan is checked against the meter every cycle (`closed_loop.MeterGuard`): load the
+plan does not see is taken off the planning cap, and a site over the cap in force gets
+every setpoint again. A miner whose acknowledged sequence goes back, or a rack that
+announces itself online, gets its setpoints again at once. Grid events are obeyed from
+memory and journaled after (`grid/`); journal I/O never fails a decision. Durations
+run on the monotonic clock; the wall clock is read through `wall_clock` (injectable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +41,7 @@ from controller.core.policy import (
     decide,
 )
 from controller.core.prices import PriceInForce, price_in_force
+from controller.daemon.closed_loop import LoopCollector, LoopStatus, MeterGuard, telemetry_view
 from controller.daemon.ingest import Ingest
 from controller.daemon.metrics import Metrics, SiteCollector
 from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, GridEventStatus
@@ -81,10 +92,21 @@ def _cap_source(ob: Obligation, site_cap_w: float, frequency_shed: bool) -> CapS
 
 
 class Controller:
-    """A site's controller; `run()` until cancelled. `snapshot` is the latest decision."""
+    """A site's controller; `run()` until cancelled. `snapshot` is the latest decision.
 
-    def __init__(self, cfg: SiteConfig, *, metrics: Metrics | None = None) -> None:
+    Args:
+        cfg: The site.
+        metrics: Where to count (default: a registry of its own).
+        wall_clock: Unix time now, s (the tests step it; durations use the monotonic clock).
+
+    Raises:
+        JournalError: the grid journal cannot be opened for writing.
+    """
+
+    def __init__(self, cfg: SiteConfig, *, metrics: Metrics | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.wall_clock = wall_clock
         self.topics = SiteTopics(cfg.site_id)
         self.fleet = FleetState(cfg.inventory)
         self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
@@ -103,12 +125,25 @@ class Controller:
         self.metrics = metrics or Metrics()
         self.snapshot: DecisionSnapshot | None = None
         self.decisions = 0
+        self.decision_failures = 0
+        models = self.fleet.models
+        self.guard = MeterGuard(
+            confirm_s=max(pc.decision_interval_s, 1.0),
+            # Miners told to sleep or to a lower target take this long to get there.
+            settle_s=max((max(m.sleep_s, m.settle_s) for m in models), default=10.0)
+            + pc.decision_interval_s,
+            noise_fraction=self.grid.rules.tolerance_fraction,
+            release_w_per_s=self.grid.rules.recovery_w_per_s)
+        self.loop_status: LoopStatus | None = None
+        self._last_plan: npt.NDArray[np.float64] | None = None
+        # Setpoints marked for re-send whatever was acknowledged, by why.
+        self.resends: Counter[str] = Counter()
         self.ingest = Ingest(
             topics=self.topics, fleet=self.fleet, grid=self.grid,
             meters=MeterRouter(cfg.meters),
             site_meter_ids={m.id for m in cfg.meters if m.role == "site"},
             metrics=self.metrics, on_change=self.trigger, on_shed=self._shed_now,
-            on_points_changed=self._prepare_again,
+            on_points_changed=self._prepare_again, on_online=self._back_online,
         )
         self.transport = Transport(
             cfg.broker,
@@ -118,6 +153,8 @@ class Controller:
             on_connect=self._on_connect,
             on_disconnect=self.actuator.forget,
             on_close=self._on_close,
+            # The broker queues grid events (QoS 1) for the controller while it is away.
+            persistent_session=True,
         )
         self._trigger = asyncio.Event()
         self._trigger_why = "start"
@@ -127,13 +164,21 @@ class Controller:
             stale_s=pc.telemetry_stale_s, snapshot=lambda: self.snapshot,
             energy=self.metrics.energy, link=self.transport.status,
         ))
+        journal = self.grid.journal
+        self.metrics.attach(LoopCollector(
+            status=lambda: self.loop_status, guard=self.guard,
+            journal=lambda: (journal.pending, journal.write_errors, journal.samples_dropped),
+            clock=lambda: (self.grid.clock.steps, self.grid.clock.offset_s),
+            resends=lambda: dict(self.resends),
+            decision_failures=lambda: self.decision_failures,
+        ))
 
     # -- inputs in force --------------------------------------------------------
 
     def price(self) -> PriceInForce:
         """The price a decision made now would plan with, and its parts."""
         return price_in_force(
-            self.fleet.site, now_monotonic_s=time.monotonic(), now_unix_s=time.time(),
+            self.fleet.site, now_monotonic_s=time.monotonic(), now_unix_s=self.wall_clock(),
             default_usd_per_mwh=self.cfg.energy.default_price_usd_per_mwh,
             adders_usd_per_mwh=self.cfg.energy.adders_usd_per_mwh)
 
@@ -146,12 +191,13 @@ class Controller:
         """The configured site cap, incl. auxiliary load."""
         return self.cfg.power_cap_kw * 1000.0
 
-    def site_power_w(self, now: float) -> float | None:
-        """Site power as best known: a fresh meter reading, else the last plan (None: unknown)."""
+    def meter_w(self, now: float) -> float | None:
+        """The site meter's reading if fresh, W; None otherwise (never a plan in its place)."""
         site = self.fleet.site
-        if now - site.meter_at <= self.cfg.policy.telemetry_stale_s:
+        if now - site.meter_at <= self.cfg.policy.telemetry_stale_s \
+                and not math.isnan(site.meter_power_w):
             return site.meter_power_w
-        return None if self.snapshot is None else self.snapshot.planned_site_power_w
+        return None
 
     # -- ingest -------------------------------------------------------------------
 
@@ -170,6 +216,16 @@ class Controller:
         self.policy_state.level = np.minimum(self.policy_state.level, self.prepared.max_level)
         self.trigger("capabilities")
 
+    def _back_online(self, idx: npt.NDArray[np.intp]) -> None:
+        """Miners announced online (a rack or bridge reconnected): send their setpoints again.
+
+        Commands sent while they were away may never have reached them (a restarted
+        broker keeps no session for them).
+        """
+        self.actuator.forget(idx)
+        self.resends["back_online"] += int(idx.size)
+        self.trigger("online")
+
     # -- decide and act -----------------------------------------------------------
 
     def _shed_now(self, mask: npt.NDArray[np.bool_]) -> None:
@@ -177,7 +233,7 @@ class Controller:
         idx = np.flatnonzero(mask)
         seq = self.actuator.mark_sleep(idx, time.monotonic())
         groups = sorted({self.fleet.groups[g] for g in np.unique(self.fleet.group_idx[idx])})
-        cmd = FleetCommand(seq=seq, ts=time.time(), all=Setpoint(action="sleep"),
+        cmd = FleetCommand(seq=seq, ts=self.wall_clock(), all=Setpoint(action="sleep"),
                            groups=None if len(groups) == len(self.fleet.groups) else groups)
         task = asyncio.get_running_loop().create_task(self._broadcast(cmd.encode()))
         self._background.add(task)
@@ -258,11 +314,15 @@ class Controller:
         view = fleet.view_states(now, stale_s)
         fresh = ~fleet.stale(now, stale_s)
         n_groups = len(fleet.groups)
-        group_power = np.bincount(fleet.group_idx, weights=np.where(fresh, fleet.power_w, 0.0),
-                                  minlength=n_groups).astype(np.float64)
-        group_ths = np.bincount(fleet.group_idx,
-                                weights=np.where(fresh, fleet.hashrate_ths, 0.0),
-                                minlength=n_groups).astype(np.float64)
+        # What miners report: a reading without power or hashrate adds nothing here (the
+        # closed loop counts its power at the model's maximum; metrics count it unknown).
+        group_power = np.bincount(
+            fleet.group_idx, weights=np.where(fresh & ~np.isnan(fleet.power_w), fleet.power_w,
+                                              0.0), minlength=n_groups).astype(np.float64)
+        group_ths = np.bincount(
+            fleet.group_idx, weights=np.where(fresh & ~np.isnan(fleet.hashrate_ths),
+                                              fleet.hashrate_ths, 0.0),
+            minlength=n_groups).astype(np.float64)
         meter_fresh = now - site.meter_at <= stale_s and not math.isnan(site.meter_power_w)
         self.decisions += 1
         return DecisionSnapshot(
@@ -282,13 +342,37 @@ class Controller:
     async def decide_and_act(self, why: str) -> DecisionSnapshot:
         """One cycle: read the inputs in force, decide, send what changed, snapshot it."""
         started = time.perf_counter()
-        now, now_ts = time.monotonic(), time.time()
+        now, now_ts = time.monotonic(), self.wall_clock()
         price = self.price()
         hashprice = self.hashprice_usd_per_ph_day()
-        site_w = self.site_power_w(now)
-        ob = self.grid.obligation(now_ts, site_w, self.site_cap_w())
+        site_w = self.meter_w(now)
+        pc = self.cfg.policy
+        view = telemetry_view(self.fleet, now_s=now, stale_s=pc.telemetry_stale_s,
+                              aux_fraction=self.cfg.energy.aux_fraction,
+                              planned_w=self._last_plan,
+                              acked=self.actuator.acked(self.fleet.ack_seq))
+        ob = self.grid.obligation(now_ts, site_w, self.site_cap_w(), now_mono=now,
+                                  meter_at=self.fleet.site.meter_at, least_w=view.least_w)
         cap = self._cap(ob)
+        loop = self.guard.observe(now, meter_w=site_w,
+                                  meter_seen=math.isfinite(self.fleet.site.meter_at),
+                                  telemetry=view, cap_in_force_w=cap.in_force_w,
+                                  planning_w=cap.planning_w)
+        self.loop_status = loop
+        if loop.resend:
+            self.actuator.forget()
+            self.resends["over_cap"] += self.fleet.n
+        restarted = self.fleet.take_restarted()
+        if restarted.size:
+            # Their acknowledged sequence went back: they forgot what they were told.
+            log.warning("miners_restarted", miners=int(restarted.size),
+                        first=self.fleet.ids[int(restarted[0])])
+            self.actuator.forget(restarted)
+            self.resends["sequence_restart"] += int(restarted.size)
+        if loop.trim_w > 0:
+            cap = dataclasses.replace(cap, planning_w=max(0.0, cap.planning_w - loop.trim_w))
         decision = self._decide(now, price, hashprice, cap, ob)
+        self._last_plan = decision.power_w
         sent = await self._actuate(decision, now)
         grid_event = self._grid_status(ob, decision.site_power_w, now_ts, site_w)
         snap = self._snapshot(why=why, started=started, now=now, now_ts=now_ts,
@@ -328,6 +412,7 @@ class Controller:
                 await self.decide_and_act(why)
             except Exception:
                 # Keep deciding: a failed cycle is retried at the next tick.
+                self.decision_failures += 1
                 log.exception("decision_failed", trigger=why)
 
     async def run(self) -> None:
