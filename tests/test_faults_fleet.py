@@ -121,3 +121,56 @@ async def test_silent_meter_plans_the_worst_case_and_says_so(broker: LocalBroker
     j = site.judge
     assert j.over_s(t0 + SETTLE_S) == 0, j.verdict(t0 + SETTLE_S)
     await stop(site.controller_task)
+
+
+class _Address:
+    host = "127.0.0.1"
+    port = 1
+
+
+@pytest.mark.parametrize("meter", [True, False], ids=["meter", "no-meter"])
+async def test_unknown_power_counts_at_the_model_maximum_and_sums_stay_finite(
+        tmp_path: Any, meter: bool) -> None:
+    """A bridge reports a miner without power (pyasic gave None): never zero, never NaN."""
+    from prometheus_client import generate_latest  # noqa: PLC0415
+
+    from controller.catalogue import load_catalogue  # noqa: PLC0415
+    from controller.daemon.loop import Controller  # noqa: PLC0415
+    from controller.protocol.payloads import (  # noqa: PLC0415
+        GroupMinerReading,
+        GroupTelemetry,
+        MeterTelemetry,
+        PriceSignal,
+    )
+    from tests.conftest import make_site  # noqa: PLC0415
+
+    cfg = make_site(_Address(), [("a", "s21", 4)], power_cap_kw=50,  # type: ignore[arg-type]
+                    grid={"journal_path": str(tmp_path / "grid.db")})
+    c = Controller(cfg)
+    now = time.time()
+    readings = [
+        GroupMinerReading(id="a-0001", state="running", power_w=3000.0, hashrate_ths=180.0,
+                          temp_c=70.0),
+        GroupMinerReading(id="a-0002", state="running", power_w=3100.0, hashrate_ths=185.0),
+        GroupMinerReading(id="a-0003", state="running", temp_c=71.0),
+        GroupMinerReading(id="a-0004", state="running", hashrate_ths=190.0, temp_c=72.0),
+    ]
+    c.on_message(c.topics.group("a", "telemetry"),
+                 GroupTelemetry(ts=now, miners=readings).encode())
+    c.on_message(c.topics.price, PriceSignal(ts=now, price_usd_per_mwh=20.0).encode())
+    if meter:
+        c.on_message(c.topics.meter("poi"), MeterTelemetry(ts=now, power_w=13_000.0).encode())
+    snap = await c.decide_and_act("test")
+    assert snap.fleet_power_w == 6100.0, "what is known, not NaN and not zero for the rest"
+    assert snap.fleet_hashrate_ths == pytest.approx(555.0)
+    status = c.loop_status
+    assert status is not None
+    max_w = load_catalogue().get("s21").max_w
+    assert status.telemetry.power_unknown == 2 and status.telemetry.temperature_unknown == 1
+    assert status.telemetry.most_w == pytest.approx((6100.0 + 2 * max_w) * 1.05)
+    assert status.meter == ("fresh" if meter else "absent")
+    assert status.site_w == pytest.approx(13_000.0 if meter else (6100.0 + 2 * max_w) * 1.05)
+    text = generate_latest(c.metrics.registry).decode()
+    assert "mineops_miners_power_unknown 2.0" in text
+    assert "mineops_miners_temperature_unknown 1.0" in text
+    assert f"mineops_site_meter_fresh {1.0 if meter else 0.0}" in text
