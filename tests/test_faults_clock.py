@@ -96,15 +96,22 @@ def test_a_forward_step_does_not_end_an_event_early(tmp_path: Path) -> None:
     assert g.rows["e"].status == "active"
 
 
-def test_a_step_with_nothing_in_force_is_taken(tmp_path: Path) -> None:
-    """With no event in force or ahead, the new wall time is simply the time."""
-    g = obligations(tmp_path, GridRules(prepare_s=10.0))
+def test_after_a_step_events_are_in_force_by_either_clock_until_they_agree(
+        tmp_path: Path) -> None:
+    """Nothing in force at the step: a later event is still never missed by either clock."""
+    g = obligations(tmp_path, GridRules(prepare_s=10.0, recovery_w_per_s=1e9))
     t0 = 1_724_191_200.0
     g.obligation(t0, 80_000.0, 1e6, now_mono=0.0)
-    g.obligation(t0 - HOUR_S, 80_000.0, 1e6, now_mono=1.0)
-    assert g.clock.steps == 1 and g.clock.offset_s == 0.0
-    ev = GridEvent(id="e", kind="target_kw", value_kw=50.0, start_ts=t0 - HOUR_S + 60,
-                   end_ts=t0 - HOUR_S + 120)
-    g.accept(ev, t0 - HOUR_S + 2, now_mono=2.0)
-    assert math.isinf(g.obligation(t0 - HOUR_S + 3, 80_000.0, 1e6, now_mono=3.0).cap_w)
-    assert g.obligation(t0 - HOUR_S + 51, 80_000.0, 1e6, now_mono=51.0).cap_w == 50_000.0
+    g.obligation(t0 + HOUR_S + 1, 80_000.0, 1e6, now_mono=1.0)  # an hour forward
+    assert g.clock.steps == 1 and g.clock.offset_s == pytest.approx(HOUR_S)
+    # Sent for real time t0 + 60 (the clock before the step carried on is right) ...
+    ev = GridEvent(id="e", kind="target_kw", value_kw=50.0, start_ts=t0 + 60, end_ts=t0 + 120)
+    g.accept(ev, t0 + HOUR_S + 2, now_mono=2.0)
+    assert g.rows["e"].status == "scheduled", "not over by the clock before the step"
+    assert math.isinf(g.obligation(t0 + HOUR_S + 3, 80_000.0, 1e6, now_mono=3.0).cap_w)
+    assert g.obligation(t0 + HOUR_S + 51, 80_000.0, 1e6, now_mono=51.0).cap_w == 50_000.0
+    g.obligation(t0 + HOUR_S + 121, 80_000.0, 1e6, now_mono=121.0)
+    assert "e" not in g.rows
+    # The clock is put right: the two agree, the step is over.
+    g.obligation(t0 + 122, 80_000.0, 1e6, now_mono=122.0)
+    assert g.clock.offset_s == 0.0 and g.clock.steps == 2

@@ -18,10 +18,10 @@ ingest as invalid grid messages, reasons in `REFUSED`).
 
 Time: events are in wall-clock Unix seconds; durations (recovery ramps, sample
 intervals, energy, the frequency hold) run on the monotonic clock. A wall-clock step
-is detected (`WallClockGuard`); while one is unresolved an event is in force if
+is detected (`WallClockGuard`); until the clocks agree again an event is in force if
 either the wall clock or the wall clock carried on from before the step says so, and
 it ends when both say it has ended, so a step can neither end an event early nor
-delay its start. Records are truthful: baselines, samples after the deadline,
+delay or skip one. Records are truthful: baselines, samples after the deadline,
 "reached" and curtailed energy come from meter readings alone; without a fresh
 reading a sample says so (no meter value) and is counted apart.
 """
@@ -77,10 +77,13 @@ class WallClockGuard:
     """Detects wall-clock steps against the monotonic clock; two views of "now" meanwhile.
 
     `observe()` returns (wall, carried): the wall clock as read, and the wall clock
-    carried on along the monotonic clock from the last reading before an unresolved
-    step (equal to the wall clock when there is none). A step stays unresolved while
-    the caller holds it (events are open), so an event judged by both views stays in
-    force through the step; once nothing is open the new wall time is simply the time.
+    carried on along the monotonic clock from the last reading before a step (equal to
+    the wall clock when there is none). Which one is right, the controller cannot know
+    (NTP correcting a wrong clock, or an operator's mistake), so both are kept until the
+    wall clock agrees with the carried one again: an event is in force when either view
+    says so and over when both do. A wrong clock then costs curtailment (an event can be
+    in force in both timelines), never a missed event. `offset_s` (a metric) says an
+    unresolved step is in force.
     """
 
     def __init__(self, tolerance_s: float = 2.0) -> None:
@@ -90,21 +93,27 @@ class WallClockGuard:
         self._last: tuple[float, float] | None = None  # (wall, monotonic) last seen
         self._anchor: tuple[float, float] | None = None  # the last reading before the step
 
-    def observe(self, wall_s: float, mono_s: float, *, hold: bool) -> tuple[float, float]:
+    def observe(self, wall_s: float, mono_s: float) -> tuple[float, ...]:
         if self._last is not None:
             jump = wall_s - (self._last[0] + (mono_s - self._last[1]))
             if abs(jump) > self.tolerance_s:
                 self.steps += 1
-                if self._anchor is None and hold:
+                if self._anchor is None:
                     self._anchor = self._last
                 log.warning("wall_clock_step", step_s=round(jump, 3), steps=self.steps,
-                            held=hold, hint="events in force stay in force; durations are "
-                            "timed on the monotonic clock")
+                            hint="grid events are judged by the clock before the step and "
+                            "by the new one until they agree again; durations are timed "
+                            "on the monotonic clock")
         self._last = (wall_s, mono_s)
-        if self._anchor is not None and not hold:
-            log.info("wall_clock_step_resolved", offset_s=round(self.offset_s, 3))
+        if self._anchor is None:
+            self.offset_s = 0.0
+            return (wall_s,)
+        carried = self._anchor[0] + (mono_s - self._anchor[1])
+        if abs(wall_s - carried) <= self.tolerance_s:
+            log.info("wall_clock_step_resolved", offset_s=round(wall_s - carried, 3))
             self._anchor = None
-        carried = wall_s if self._anchor is None else self._anchor[0] + (mono_s - self._anchor[1])
+            self.offset_s = 0.0
+            return (wall_s,)
         self.offset_s = wall_s - carried
         return wall_s, carried
 
@@ -213,7 +222,8 @@ class GridObligations:
             refused = _refusal(event, known)
             if refused is not None:
                 raise PayloadError(*refused)
-        ended = now_ts >= event.end_ts and not self.clock.offset_s
+        # Over only by both views while a clock step is unresolved.
+        ended = now_ts >= event.end_ts and now_ts - self.clock.offset_s >= event.end_ts
         status = "cancelled" if event.cancelled else ("completed" if ended else "scheduled")
         prior = self.rows.get(event.id)
         row = EventRow(id=event.id, kind=event.kind, payload=payload,
@@ -324,7 +334,7 @@ class GridObligations:
                 (the worst case for the grid), and recorded as not metered.
         """
         now_ts, now_mono = _clocks(now_ts, now_mono)
-        views = self.clock.observe(now_ts, now_mono, hold=bool(self.rows))
+        views = self.clock.observe(now_ts, now_mono)
         cap = math.inf
         tightest: EventRow | None = None
         deadline: float | None = None
