@@ -103,11 +103,15 @@ class EventRow:
 
 
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
-    """An SQLite connection that has proved it can write (BEGIN IMMEDIATE takes the lock)."""
+    """An SQLite connection that has proved it can write (BEGIN IMMEDIATE takes the lock).
+
+    create=False (a check) opens an existing file as it is: no WAL switch, no new file.
+    """
     uri = f"file:{path.absolute()}?mode={'rwc' if create else 'rw'}"
     db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        if create:
+            db.execute("PRAGMA journal_mode=WAL")
         db.execute("BEGIN IMMEDIATE")
         db.execute("ROLLBACK")
     except BaseException:
