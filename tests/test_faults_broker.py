@@ -28,7 +28,7 @@ from tests.test_faults_site import (
     with_port,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OUTAGE_S = 6.0  # longer than the prepare time (the issue: 17 s and 45 s)
 

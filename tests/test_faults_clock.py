@@ -29,6 +29,7 @@ HOUR_S = 3600.0
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("step_s", [-HOUR_S, HOUR_S], ids=["back", "forward"])
 async def test_an_event_in_force_stays_in_force_across_a_clock_step(
         broker: LocalBroker, tasks: Any, step_s: float) -> None:

@@ -71,6 +71,7 @@ def journal_rows(site: FaultSite) -> dict[str, Any]:
         journal.close()
 
 
+@pytest.mark.slow
 async def test_events_published_while_the_controller_is_down_are_all_obeyed(
         broker: LocalBroker, tasks: Any) -> None:
     """Two events on the retained grid topic while the controller is away for 4 s."""
@@ -92,6 +93,7 @@ async def test_events_published_while_the_controller_is_down_are_all_obeyed(
     assert j.over_s(tight.met_by_ts, tight.end_ts) == 0, j.verdict(tight.met_by_ts)
 
 
+@pytest.mark.slow
 async def test_events_sent_while_the_controller_is_killed_are_all_obeyed(
         broker: LocalBroker, tasks: Any, tmp_path: Path) -> None:
     """The same with the daemon SIGKILLed: no goodbye, the broker keeps its session."""
@@ -159,6 +161,7 @@ async def test_a_cancelled_event_does_not_come_back_from_an_older_copy(
     assert snap is not None and snap.cap.source == "site"
 
 
+@pytest.mark.slow
 async def test_an_older_copy_never_replaces_a_tightened_event(persistent_broker: LocalBroker,
                                                               tasks: Any) -> None:
     """2,000 -> 1,200 kW in the issue; the broker restores the 2,000 kW copy."""

@@ -81,6 +81,7 @@ async def test_an_event_is_obeyed_while_the_disk_is_full_and_recorded_once_it_fr
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 async def test_a_disk_filling_during_an_event_fails_no_decision(broker: LocalBroker,
                                                                  tasks: Any) -> None:
     # Ten decisions a second, a sample at each: the full disk is reached within seconds.
