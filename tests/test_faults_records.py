@@ -208,3 +208,69 @@ def test_records_come_from_meter_readings_only(tmp_path: Path) -> None:
     assert [(ts, m) for ts, m, _, _ in samples][-4:] == [
         (1000.0, None), (1001.0, None), (1001.5, 29_000.0), (1004.0, 35_000.0)]
     assert row.curtailed_wh == 0.0, "no baseline was measured: nothing curtailed is claimed"
+
+
+# -- the closed loop's rules ---------------------------------------------------------------
+
+
+def view(*, most_w: float = 0.0, over_plan_w: float = 0.0) -> Any:
+    from controller.daemon.closed_loop import TelemetryView  # noqa: PLC0415
+
+    return TelemetryView(most_w=most_w, least_w=0.0, over_plan_w=over_plan_w, power_unknown=0,
+                         temperature_unknown=0)
+
+
+def test_the_guard_resends_at_once_but_sheds_more_only_once_settled() -> None:
+    from controller.daemon.closed_loop import MeterGuard  # noqa: PLC0415
+
+    g = MeterGuard(confirm_s=1.0, settle_s=10.0, noise_fraction=0.005, release_w_per_s=100.0)
+    cap, planning = 100_000.0, 99_000.0
+    # The miners report 95 kW and the meter agrees with the plan: nothing to trim.
+    s = g.observe(0.0, meter_w=99_000.0, meter_seen=True, telemetry=view(most_w=99_000.0),
+                  cap_in_force_w=cap, planning_w=planning)
+    assert s.trim_w == 0.0 and not s.resend
+    # The cap drops to 60 kW: the site is over it while miners stop. Re-sent after 1 s,
+    # but nothing more is shed inside the 10 s the fleet takes to settle.
+    for t in (1.0, 1.5, 2.0, 3.0):
+        s = g.observe(t, meter_w=99_000.0, meter_seen=True, telemetry=view(most_w=99_000.0),
+                      cap_in_force_w=60_000.0, planning_w=59_400.0)
+    assert s.over_cap and g.resends == 2 and s.trim_w == 0.0
+    # Still 20 kW over when settled (firmware that ignores): shed the excess.
+    s = g.observe(12.0, meter_w=80_000.0, meter_seen=True, telemetry=view(most_w=80_000.0),
+                  cap_in_force_w=60_000.0, planning_w=59_400.0)
+    s = g.observe(13.0, meter_w=80_000.0, meter_seen=True, telemetry=view(most_w=80_000.0),
+                  cap_in_force_w=60_000.0, planning_w=59_400.0)
+    assert s.resend and s.trim_w == pytest.approx(20_600.0)
+    # Under the cap again: that part decays at the release rate (100 W/s) ...
+    s = g.observe(23.0, meter_w=59_000.0, meter_seen=True, telemetry=view(most_w=59_000.0),
+                  cap_in_force_w=60_000.0, planning_w=59_400.0)
+    assert s.trim_w == pytest.approx(20_600.0 - 1000.0)
+    # ... never below what the telemetry shows the plan missing (miners above their plan).
+    for t in range(24, 400):
+        s = g.observe(float(t), meter_w=59_000.0, meter_seen=True,
+                      telemetry=view(most_w=59_000.0, over_plan_w=15_000.0),
+                      cap_in_force_w=60_000.0, planning_w=59_400.0)
+    assert s.trim_w == pytest.approx(15_000.0)
+
+
+def test_the_guard_trims_load_beyond_the_miners_and_without_a_meter_keeps_the_worst_case(
+        ) -> None:
+    from controller.daemon.closed_loop import MeterGuard  # noqa: PLC0415
+
+    g = MeterGuard(confirm_s=1.0, settle_s=10.0, noise_fraction=0.005, release_w_per_s=100.0)
+    # Cooling draws 4 kW more than aux_fraction says: the meter shows it, steadily.
+    for t in (0.0, 0.5, 1.0, 1.5):
+        s = g.observe(t, meter_w=94_000.0, meter_seen=True, telemetry=view(most_w=90_000.0),
+                      cap_in_force_w=100_000.0, planning_w=99_000.0)
+    assert s.trim_w == pytest.approx(4_000.0)
+    # A transient (miners waking between two telemetry messages) shorter than confirm_s
+    # does not count: the trim is the least over the window.
+    s = g.observe(2.0, meter_w=99_000.0, meter_seen=True, telemetry=view(most_w=90_000.0),
+                  cap_in_force_w=100_000.0, planning_w=99_000.0)
+    assert s.trim_w == pytest.approx(4_000.0)
+    # The meter goes silent: its last view of the extra load is kept; the site power is
+    # the telemetry's worst case (unknown at maximum).
+    s = g.observe(3.0, meter_w=None, meter_seen=True, telemetry=view(most_w=101_000.0),
+                  cap_in_force_w=100_000.0, planning_w=99_000.0)
+    assert s.meter == "stale" and s.site_w == 101_000.0 and s.over_cap
+    assert s.trim_w == pytest.approx(4_000.0)

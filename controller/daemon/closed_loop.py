@@ -137,15 +137,16 @@ class MeterGuard:
         self.escalated_w = 0.0  # trim from over-cap episodes, decaying
         self.resends = 0
         self.over_cap_s = 0.0  # time the site was seen over the cap in force
-        self._floor: deque[tuple[float, float]] = deque()  # (time, unexplained + over plan)
-        self._unexplained_w = 0.0  # the meter's last view of load beyond the miners'
+        # (time, W) over the last confirm_s: load the meter shows beyond the miners (kept as
+        # it was while the meter is stale), and what settled miners draw beyond their plan.
+        self._unexplained: deque[tuple[float, float]] = deque()
+        self._over_plan: deque[tuple[float, float]] = deque()
         self._cap_w: float | None = None
         self._quiet_until = -math.inf  # settling: start, a cap drop, an escalation
         self._over_since: float | None = None
         self._last_s: float | None = None
         self._meter_warned = -math.inf
         self._warned_at = -math.inf
-        self._meter_state: MeterState = "absent"
 
     def observe(self, now_s: float, *, meter_w: float | None, meter_seen: bool,
                 telemetry: TelemetryView, cap_in_force_w: float, planning_w: float
@@ -169,11 +170,11 @@ class MeterGuard:
             self._quiet_until = now_s + self.settle_s
         self._cap_w = cap_in_force_w
         if meter_w is not None:
-            self._unexplained_w = meter_w - telemetry.most_w
-        self._floor.append((now_s, max(0.0, self._unexplained_w) + telemetry.over_plan_w))
-        while self._floor and self._floor[0][0] < now_s - self.confirm_s:
-            self._floor.popleft()
-        floor_w = min(f for _, f in self._floor)
+            _window(self._unexplained, now_s, max(0.0, meter_w - telemetry.most_w),
+                    self.confirm_s)
+        _window(self._over_plan, now_s, telemetry.over_plan_w, self.confirm_s)
+        floor_w = min((u for _, u in self._unexplained), default=0.0) + min(
+            p for _, p in self._over_plan)
 
         site_w = meter_w if meter_w is not None else telemetry.most_w
         over = math.isfinite(cap_in_force_w) and site_w > cap_in_force_w * (
@@ -211,14 +212,21 @@ class MeterGuard:
 
     def _meter_log(self, meter: MeterState, now_s: float) -> None:
         if meter == "fresh":
-            if self._meter_state != "fresh" and self._meter_warned > -math.inf:
+            if self._meter_warned > -math.inf:
                 log.info("site_meter_fresh_again")
-            self._meter_warned = -math.inf if self._meter_state == "fresh" else self._meter_warned
+            self._meter_warned = -math.inf  # the next stale spell is warned about at once
         elif now_s - self._meter_warned >= METER_WARNING_EVERY_S:
             self._meter_warned = now_s
             log.warning("site_meter_" + meter, hint="planning the worst case: miners without "
                         "fresh telemetry at their maximum, no correction from the meter")
-        self._meter_state = meter
+
+
+def _window(values: deque[tuple[float, float]], now_s: float, value: float,
+            span_s: float) -> None:
+    """Append (now, value) and drop what is older than `span_s`."""
+    values.append((now_s, value))
+    while values[0][0] < now_s - span_s:
+        values.popleft()
 
 
 class LoopCollector(Collector):
@@ -227,8 +235,8 @@ class LoopCollector(Collector):
     Args:
         status: The latest `LoopStatus` (None before the first decision).
         guard: The meter guard (its counters).
-        journal_pending: Records not yet durable; journal_errors, samples_dropped: counters.
-        clock_steps, clock_offset_s: Wall-clock steps seen, the unresolved offset.
+        journal: (records not yet durable, write errors, samples dropped).
+        clock: (wall-clock steps seen, the unresolved offset in s).
         resends: Setpoint re-sends by why ("over_cap", "sequence_restart", "back_online").
         decision_failures: Decisions that raised.
     """
