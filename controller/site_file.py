@@ -221,4 +221,7 @@ def journal_path_problem(path: Path) -> str | None:
             return f"{path} cannot be written: {existing} {why}"
     except OSError as e:  # e.g. a parent directory that cannot be searched
         return f"{path} cannot be checked: {e.strerror or e}"
-    return None
+    # What only SQLite can tell: not a database, damaged, or a write lock refused.
+    from controller.grid.journal import journal_problem  # noqa: PLC0415
+
+    return journal_problem(path)

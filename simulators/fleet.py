@@ -4,12 +4,14 @@ Behaviour follows the catalogue: a power-target change settles in seconds,
 sleeping takes seconds, waking takes minutes; temperature follows power and
 ambient, fans follow temperature. Faults can be injected: a miner that goes
 offline stops reporting but keeps drawing power (as a real one whose network
-drops does), and a lost hashboard takes a third of its power and hashrate.
+drops does), a lost hashboard takes a third of its power and hashrate, and deaf
+firmware acknowledges commands without applying them (`deaf`; see simulators/faults.py).
 All durations are divided by `speed`, so a demo can run an hour in a minute.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any
@@ -70,17 +72,28 @@ class SimulatedFleet:
         self.temp_c = np.full(n, ambient_c + 40.0)
         self.boards = np.full(n, BOARDS, dtype=np.int8)
         self.offline = np.zeros(n, dtype=bool)
+        # Firmware that acknowledges a command without applying it (simulators/faults.py).
+        self.deaf = np.zeros(n, dtype=bool)
         self.ack_seq = np.zeros(n, dtype=np.int64)
         self.last = start_now
+        # A test's power judge samples on its own thread (simulators/faults.py): a step
+        # or a command is one unit, never interleaved with another.
+        self.lock = threading.RLock()
 
     # -- commands ---------------------------------------------------------------
 
     def apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> None:
         """Apply one setpoint to the miners at `idx` (offline miners never hear it)."""
+        with self.lock:
+            self._apply(idx, cmd, seq, now)
+
+    def _apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> None:
         idx = idx[~self.offline[idx]]
         if idx.size == 0:
             return
         self.step(now)
+        self.ack_seq[idx[self.deaf[idx]]] = seq  # acknowledged, never applied
+        idx = idx[~self.deaf[idx]]
         if cmd.action == "sleep":
             going = idx[(self.mode[idx] == Mode.RUNNING) | (self.mode[idx] == Mode.WAKING)]
             self.mode[going] = Mode.STOPPING
@@ -107,6 +120,11 @@ class SimulatedFleet:
     # -- physics ----------------------------------------------------------------
 
     def step(self, now: float) -> None:
+        """Advance the physics to `now` (monotonic s)."""
+        with self.lock:
+            self._step(now)
+
+    def _step(self, now: float) -> None:
         dt = max(0.0, now - self.last) * self.speed  # simulated seconds
         self.last = max(self.last, now)
         if dt == 0.0:

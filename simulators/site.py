@@ -98,6 +98,8 @@ class SimulatedSite:
             subscriptions=self.topics.simulator_subscriptions() if miner_mqtt else [],
             on_connect=self._announce,
             on_close=self._goodbye,
+            # Commands (QoS 1) published while the site reconnects wait for it at the broker.
+            persistent_session=True,
         )
 
     # -- MQTT -------------------------------------------------------------------

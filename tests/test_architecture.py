@@ -20,7 +20,7 @@ PACKAGES = ("controller", "drivers", "simulators")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("controller.units", "controller.logs", "controller.cancellation", "controller.extras"),
     ("controller.catalogue", "controller.protocol.payloads", "controller.protocol.topics",
-     "controller.protocol.reasons", "controller.protocol.broker"),
+     "controller.protocol.reasons", "controller.protocol.broker", "controller.grid.journal"),
     ("controller.config_types",),
     ("drivers.modbus.config", "drivers.openadr.config", "drivers.firmware.config",
      "drivers.meters.mineops", "drivers.meters.tasmota", "drivers.meters.shelly_gen1",

@@ -204,7 +204,9 @@ def test_names_follow_prometheus_conventions() -> None:
             counts = ("mineops_miners", "mineops_miners_by_reason", "mineops_miners_configured",
                       "mineops_group_miners", "mineops_mqtt_connected",
                       "mineops_mqtt_incoming_queue_messages", "mineops_grid_event_on_track",
-                      "mineops_miner_up")
+                      "mineops_miner_up", "mineops_site_meter_fresh", "mineops_site_over_cap",
+                      "mineops_miners_power_unknown", "mineops_miners_temperature_unknown",
+                      "mineops_grid_journal_pending_records")
             assert family.name in counts or family.name.endswith(units), family.name
 
 

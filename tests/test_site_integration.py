@@ -92,7 +92,10 @@ async def test_telemetry_reaches_fleet_state(broker: LocalBroker, tasks: Any) ->
                                             rtol=0.02, atol=20)),
                    what="fleet state power to match the simulated miners")
     assert controller.fleet.hashrate_ths.sum() > 0.9 * sim.fleet.hashrate_ths().sum()
-    await wait_for(lambda: not np.isnan(controller.fleet.site.meter_power_w), what="meter")
+    # The metrics show the last decision's snapshot: wait for one that saw the meter.
+    await wait_for(lambda: controller.snapshot is not None
+                   and controller.snapshot.measured_site_power_w is not None,
+                   what="a decision that saw the meter")
     text = scrape(controller)
     assert metric(text, "mineops_fleet_hashrate_hashes_per_second") > 1e15
     assert metric(text, "mineops_site_power_watts") > 100_000

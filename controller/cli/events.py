@@ -116,10 +116,13 @@ def _send(cfg: SiteConfig, args: argparse.Namespace) -> int:
     try:
         if args.action == "cancel" and not args.id:
             raise ValueError("cancel needs --id")
+        # The send time in ms orders an event's copies (a cancel after its send, a correction
+        # after the first try): the controller refuses any copy older than one it has.
         event = GridEvent(
             id=args.id or f"operator-{int(now)}", kind=args.kind, value_kw=args.value_kw,
             start_ts=now + start_in, end_ts=now + start_in + args.duration,
-            source="operator-cli", cancelled=args.action == "cancel")
+            source="operator-cli", cancelled=args.action == "cancel",
+            version=int(now * 1000))
     except (ValueError, ValidationError) as e:
         print(f"mineops: not a valid event: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -38,8 +38,12 @@ def run(args: argparse.Namespace) -> int:
 
 async def _daemon(cfg: SiteConfig) -> int:
     from controller.daemon.loop import Controller  # noqa: PLC0415 - keep `check-config` fast
+    from controller.grid.journal import JournalError  # noqa: PLC0415
 
-    controller = Controller(cfg)
+    try:
+        controller = Controller(cfg)
+    except JournalError as e:  # a file SQLite refuses that the path checks could not see
+        raise UsageError(f"grid.journal_path: {e}") from None
     host, port_n = cfg.metrics.host, cfg.metrics.port
     try:
         server = controller.metrics.serve(host, port_n)

@@ -3,7 +3,9 @@
 Only setpoints that differ from what was last commanded are sent, batched one
 message per group (a rack), since fan-out per miner is what makes a broker
 slow. A command the miner has not acknowledged (telemetry `ack_seq`) within
-`retry_after_s` is sent again; after a reconnect everything is re-sent.
+`retry_after_s` is sent again; after a reconnect everything is re-sent, and so is
+whatever the owner `forget`s (miners that restarted, a rack back online, a site the
+meter shows over its cap).
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ class Actuator:
         # Sequence numbers grow across restarts too: start from the wall clock in ms.
         self._next_seq = int(time.time() * 1000)
 
-    def forget(self) -> None:
-        """After a reconnect nothing is known to have arrived: re-send on the next decision."""
-        self.level[:] = _UNKNOWN
+    def forget(self, idx: npt.NDArray[np.intp] | None = None) -> None:
+        """Nothing (or nothing at `idx`) is known to have arrived: re-send at the next plan."""
+        if idx is None:
+            self.level[:] = _UNKNOWN
+        else:
+            self.level[idx] = _UNKNOWN
+
+    def acked(self, ack_seq: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Miners whose last command is acknowledged (and that were sent one)."""
+        out: npt.NDArray[np.bool_] = (self.seq >= 0) & (ack_seq >= self.seq)
+        return out
 
     def mark_sleep(self, idx: npt.NDArray[np.intp], now: float) -> int:
         """Record a broadcast sleep to `idx` (sent by the caller); returns its sequence number."""

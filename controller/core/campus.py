@@ -204,6 +204,21 @@ class CampusPicture:
     curve: CostCurve
 
     @property
+    def others_measured_w(self) -> float:
+        """What the campus's other parts draw from the POI by their fresh readings, W.
+
+        Firm loads add, generation and battery discharge subtract; a part without a fresh
+        reading adds nothing. The POI reading less this is the miners' measured share,
+        what the meter guard holds against the miners' cap.
+        """
+        total = 0.0
+        for p in self.parts:
+            if p.measured_w is None:
+                continue
+            total += p.measured_w if p.role == "firm_load" else -p.measured_w
+        return total
+
+    @property
     def stale(self) -> tuple[str, ...]:
         """Ids of the parts counted at their worst case."""
         return tuple(p.id for p in self.parts if p.stale)

@@ -76,6 +76,9 @@ class FleetState:
         self.target_w = np.full(n, np.nan)
         self.temp_c = np.full(n, np.nan)
         self.ack_seq = np.full(n, -1, dtype=np.int64)
+        # Reported an acknowledgement lower than the one before: the miner (or its bridge)
+        # restarted and forgot its setpoint. Cleared by `take_restarted`.
+        self.restarted = np.zeros(n, dtype=bool)
         self.last_seen = np.full(n, -np.inf)
         self.announced_offline = np.zeros(n, dtype=bool)
         self.site = SiteReadings()
@@ -133,7 +136,8 @@ class FleetState:
             hashrate_ths: TH/s, NaN unknown, (m,).
             target_w: Power target in force, W, NaN unknown, (m,).
             temp_c: Deg C, NaN unknown, (m,).
-            ack_seq: Last command applied, -1 unknown, (m,); the highest seen is kept.
+            ack_seq: Last command applied, -1 unknown, (m,); the latest reported is kept,
+                and one that went back flags the miner `restarted` (commanded again).
             taken_at: When the readings were taken, on the monotonic clock, s.
         """
         self.state[idx] = state
@@ -141,7 +145,11 @@ class FleetState:
         self.hashrate_ths[idx] = hashrate_ths
         self.target_w[idx] = target_w
         self.temp_c[idx] = temp_c
-        self.ack_seq[idx] = np.maximum(self.ack_seq[idx], ack_seq)
+        # The latest acknowledgement reported, not the highest: one that went back is a
+        # restarted miner or bridge, to be commanded again.
+        prev = self.ack_seq[idx]
+        self.restarted[idx[(ack_seq >= 0) & (ack_seq < prev)]] = True
+        self.ack_seq[idx] = np.where(ack_seq >= 0, ack_seq, prev)
         self.last_seen[idx] = taken_at
         self.announced_offline[idx] = False
 
@@ -153,9 +161,19 @@ class FleetState:
         self.hashrate_ths[i] = hashrate_ths
         self.target_w[i] = target_w
         self.temp_c[i] = temp_c
-        self.ack_seq[i] = max(int(self.ack_seq[i]), ack_seq)
+        prev = int(self.ack_seq[i])
+        if 0 <= ack_seq < prev:
+            self.restarted[i] = True
+        if ack_seq >= 0:
+            self.ack_seq[i] = ack_seq
         self.last_seen[i] = taken_at
         self.announced_offline[i] = False
+
+    def take_restarted(self) -> npt.NDArray[np.intp]:
+        """Miners seen to restart since the last call (their acknowledgement went back)."""
+        idx = np.flatnonzero(self.restarted)
+        self.restarted[idx] = False
+        return idx
 
     def set_available(self, idx: npt.NDArray[np.intp] | int, online: bool) -> None:
         self.announced_offline[idx] = not online

@@ -126,6 +126,7 @@ class Ingest:
             live (the actuator's array). None: acknowledgements are not bounded.
         on_meter: Offered every meter reading by meter id (an energy campus reads its
             parts' meters); returns whether it took the reading.
+        on_online: Miners (indices) announced online: they get their setpoints again.
     """
 
     def __init__(self, *, topics: SiteTopics, fleet: FleetState, grid: GridObligations,
@@ -135,7 +136,8 @@ class Ingest:
                  on_points_changed: Callable[[], None],
                  limits: IngestLimits | None = None,
                  sent_seq: npt.NDArray[np.int64] | None = None,
-                 on_meter: Callable[[str, MeterTelemetry], bool] | None = None) -> None:
+                 on_meter: Callable[[str, MeterTelemetry], bool] | None = None,
+                 on_online: Callable[[npt.NDArray[np.intp]], None] | None = None) -> None:
         self.topics = topics
         self.fleet = fleet
         self.grid = grid
@@ -148,6 +150,7 @@ class Ingest:
         self.limits = limits or IngestLimits()
         self.sent_seq = sent_seq
         self.on_meter = on_meter
+        self.on_online = on_online
         self.invalid: Counter[tuple[str, str]] = Counter()
         self.rejected_readings: Counter[str] = Counter()
         self._quiet = LogLimiter(60.0)
@@ -362,7 +365,10 @@ class Ingest:
 
     def _miner_availability(self, miner_id: str, raw: bytes) -> None:
         online = parse_availability(raw)
-        self.fleet.set_available(self._miner(miner_id), online)
+        i = self._miner(miner_id)
+        self.fleet.set_available(i, online)
+        if online and self.on_online is not None:
+            self.on_online(np.array([i], dtype=np.intp))
         if not online:
             self.on_change("availability")
 
@@ -371,6 +377,8 @@ class Ingest:
         if group not in self._group_index:
             raise PayloadError("unknown_group", group)
         self.fleet.set_available(self.fleet.members(group), online)
+        if online and self.on_online is not None:
+            self.on_online(self.fleet.members(group))
         if not online:
             self.on_change("availability")
 
@@ -488,7 +496,7 @@ class Ingest:
         if reading.frequency_hz is None:
             return
         site.frequency_hz = reading.frequency_hz
-        change = self.grid.frequency(reading.frequency_hz, time.time())
+        change = self.grid.frequency(reading.frequency_hz, time.time(), time.monotonic())
         if change == "shed":
             self.on_shed(self.grid.frequency_shed)
         if change:
@@ -496,7 +504,7 @@ class Ingest:
 
     def _grid_event(self, _device: str, raw: bytes) -> None:
         event = decode(GridEvent, raw)
-        if self.grid.accept(event, time.time()):
+        if self.grid.accept(event, time.time(), time.monotonic()):
             self.on_change("grid")
 
     def _check_price(self, price: float, what: str) -> None:

@@ -5,14 +5,24 @@ or at once when a trigger (a new price, a grid event, a reconnect) asks for it. 
 cycle re-reads the state, plans from scratch, sends only what changed and ends in one
 frozen `DecisionSnapshot` that metrics, the decision topic and the live views read.
 A missed message or a restart costs one cycle, not correctness.
+
+The plan is checked against the meter every cycle (`closed_loop.MeterGuard`): load the
+plan does not see is taken off the planning cap, and a site over the cap in force gets
+every setpoint again. A miner whose acknowledged sequence goes back, or a rack that
+announces itself online, gets its setpoints again at once. Grid events are obeyed from
+memory and journaled after (`grid/`); journal I/O never fails a decision. Durations
+run on the monotonic clock; the wall clock is read through `wall_clock` (injectable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +43,7 @@ from controller.core.policy import (
 from controller.core.prices import PriceInForce, price_in_force
 from controller.daemon.campus import CampusLink
 from controller.daemon.campus_metrics import CampusCollector
+from controller.daemon.closed_loop import LoopCollector, LoopStatus, MeterGuard, telemetry_view
 from controller.daemon.ingest import Ingest, IngestLimits
 from controller.daemon.metrics import Metrics, SiteCollector
 from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, GridEventStatus
@@ -83,10 +94,21 @@ def _cap_source(ob: Obligation, site_cap_w: float, frequency_shed: bool) -> CapS
 
 
 class Controller:
-    """A site's controller; `run()` until cancelled. `snapshot` is the latest decision."""
+    """A site's controller; `run()` until cancelled. `snapshot` is the latest decision.
 
-    def __init__(self, cfg: SiteConfig, *, metrics: Metrics | None = None) -> None:
+    Args:
+        cfg: The site.
+        metrics: Where to count (default: a registry of its own).
+        wall_clock: Unix time now, s (the tests step it; durations use the monotonic clock).
+
+    Raises:
+        JournalError: the grid journal cannot be opened for writing.
+    """
+
+    def __init__(self, cfg: SiteConfig, *, metrics: Metrics | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.wall_clock = wall_clock
         self.topics = SiteTopics(cfg.site_id)
         self.fleet = FleetState(cfg.inventory)
         self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
@@ -104,6 +126,19 @@ class Controller:
             cfg.campus, stale_s=pc.telemetry_stale_s, margin_fraction=pc.cap_headroom_fraction,
             on_change=self.trigger, on_frequency=self._genset_frequency,
             on_site_meter=lambda r: self.ingest.apply_site_meter(r))  # noqa: PLW0108 - made below
+        self.decision_failures = 0
+        models = self.fleet.models
+        self.guard = MeterGuard(
+            confirm_s=max(pc.decision_interval_s, 1.0),
+            # Miners told to sleep or to a lower target take this long to get there.
+            settle_s=max((max(m.sleep_s, m.settle_s) for m in models), default=10.0)
+            + pc.decision_interval_s,
+            noise_fraction=self.grid.rules.tolerance_fraction,
+            release_w_per_s=self.grid.rules.recovery_w_per_s)
+        self.loop_status: LoopStatus | None = None
+        self._last_plan: npt.NDArray[np.float64] | None = None
+        # Setpoints marked for re-send whatever was acknowledged, by why.
+        self.resends: Counter[str] = Counter()
         self.ingest = Ingest(
             topics=self.topics, fleet=self.fleet, grid=self.grid,
             meters=MeterRouter(cfg.meters),
@@ -112,6 +147,7 @@ class Controller:
             on_points_changed=self._prepare_again,
             limits=IngestLimits.for_site(cfg), sent_seq=self.actuator.seq,
             on_meter=None if self.campus is None else self.campus.on_meter,
+            on_online=self._back_online,
         )
         self.transport = Transport(
             cfg.broker,
@@ -121,6 +157,8 @@ class Controller:
             on_connect=self._on_connect,
             on_disconnect=self.actuator.forget,
             on_close=self._on_close,
+            # The broker queues grid events (QoS 1) for the controller while it is away.
+            persistent_session=True,
         )
         self._trigger = asyncio.Event()
         self._trigger_why = "start"
@@ -132,13 +170,21 @@ class Controller:
         ))
         if self.campus is not None:
             self.metrics.attach(CampusCollector(link=self.campus, snapshot=lambda: self.snapshot))
+        journal = self.grid.journal
+        self.metrics.attach(LoopCollector(
+            status=lambda: self.loop_status, guard=self.guard,
+            journal=lambda: (journal.pending, journal.write_errors, journal.samples_dropped),
+            clock=lambda: (self.grid.clock.steps, self.grid.clock.offset_s),
+            resends=lambda: dict(self.resends),
+            decision_failures=lambda: self.decision_failures,
+        ))
 
     # -- inputs in force --------------------------------------------------------
 
     def price(self) -> PriceInForce:
         """The price a decision made now would plan with, and its parts."""
         return price_in_force(
-            self.fleet.site, now_monotonic_s=time.monotonic(), now_unix_s=time.time(),
+            self.fleet.site, now_monotonic_s=time.monotonic(), now_unix_s=self.wall_clock(),
             default_usd_per_mwh=self.cfg.energy.default_price_usd_per_mwh,
             adders_usd_per_mwh=self.cfg.energy.adders_usd_per_mwh)
 
@@ -151,12 +197,13 @@ class Controller:
         """The configured site cap, incl. auxiliary load."""
         return self.cfg.power_cap_kw * 1000.0
 
-    def site_power_w(self, now: float) -> float | None:
-        """Site power as best known: a fresh meter reading, else the last plan (None: unknown)."""
+    def meter_w(self, now: float) -> float | None:
+        """The site meter's reading if fresh, W; None otherwise (never a plan in its place)."""
         site = self.fleet.site
-        if now - site.meter_at <= self.cfg.policy.telemetry_stale_s:
+        if now - site.meter_at <= self.cfg.policy.telemetry_stale_s \
+                and not math.isnan(site.meter_power_w):
             return site.meter_power_w
-        return None if self.snapshot is None else self.snapshot.planned_site_power_w
+        return None
 
     # -- ingest -------------------------------------------------------------------
 
@@ -175,6 +222,16 @@ class Controller:
         self.policy_state.level = np.minimum(self.policy_state.level, self.prepared.max_level)
         self.trigger("capabilities")
 
+    def _back_online(self, idx: npt.NDArray[np.intp]) -> None:
+        """Miners announced online (a rack or bridge reconnected): send their setpoints again.
+
+        Commands sent while they were away may never have reached them (a restarted
+        broker keeps no session for them).
+        """
+        self.actuator.forget(idx)
+        self.resends["back_online"] += int(idx.size)
+        self.trigger("online")
+
     # -- decide and act -----------------------------------------------------------
 
     def _shed_now(self, mask: npt.NDArray[np.bool_]) -> None:
@@ -182,17 +239,34 @@ class Controller:
         idx = np.flatnonzero(mask)
         seq = self.actuator.mark_sleep(idx, time.monotonic())
         groups = sorted({self.fleet.groups[g] for g in np.unique(self.fleet.group_idx[idx])})
-        cmd = FleetCommand(seq=seq, ts=time.time(), all=Setpoint(action="sleep"),
+        cmd = FleetCommand(seq=seq, ts=self.wall_clock(), all=Setpoint(action="sleep"),
                            groups=None if len(groups) == len(self.fleet.groups) else groups)
-        task = asyncio.get_running_loop().create_task(self._broadcast(cmd.encode()))
+        self._send([(self.topics.fleet_cmd, cmd.encode())])
+
+    def _send(self, messages: list[tuple[str, bytes]], *, retain: bool = False,
+              commands: bool = True) -> None:
+        """Publish `messages` (topic, payload) at QoS 1 without waiting for the broker.
+
+        The broker's acknowledgements arrive in the same TCP stream as everything it
+        sends us: under a telemetry flood each waits behind thousands of messages, and
+        a decision that awaited them could not decide again for seconds (a grid
+        target came in late). The messages go out now, in order (each publish is
+        queued on its task's first step, and tasks start in the order created); if one
+        is not acknowledged, every miner's command is sent again at the next decision.
+        """
+        task = asyncio.get_running_loop().create_task(self._confirm(messages, retain, commands))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _broadcast(self, payload: bytes) -> None:
-        ok = await self.transport.publish(self.topics.fleet_cmd, payload, qos=1)
-        self.metrics.command_messages.inc()
-        if not ok:
-            self.actuator.forget()
+    async def _confirm(self, messages: list[tuple[str, bytes]], retain: bool,
+                       commands: bool) -> None:
+        results = await asyncio.gather(*(
+            self.transport.publish(topic, payload, qos=1, retain=retain)
+            for topic, payload in messages))
+        if commands:
+            self.metrics.command_messages.inc(len(messages))
+            if not all(results):
+                self.actuator.forget()  # some did not go out: re-send all once reconnected
 
     async def _on_connect(self) -> None:
         await self.transport.publish(self.topics.controller_availability, ONLINE, qos=1,
@@ -233,22 +307,15 @@ class Controller:
             wake_s=fleet.wake_s, offline=fleet.announced_offline, force_sleep=ob.force_sleep)
         return decide(self.prepared, market, miners, self.policy_state, self.knobs, now_s=now)
 
-    async def _actuate(self, decision: Decision, now: float) -> int:
+    def _actuate(self, decision: Decision, now: float) -> int:
         """Send the commands the decision needs; the number of setpoints sent."""
         commands, sent = self.actuator.plan(
             decision.level, decision.power_w, decision.commandable, self.fleet.ack_seq, now)
         if not commands:
             return 0
-        results = await asyncio.gather(*(
-            self.transport.publish(
-                self.topics.fleet_cmd if g is None else self.topics.group(g, "cmd"),
-                payload, qos=1)
-            for g, payload in commands
-        ))
-        if not all(results):
-            self.actuator.forget()  # some did not go out: re-send all once reconnected
+        self._send([(self.topics.fleet_cmd if g is None else self.topics.group(g, "cmd"), payload)
+                    for g, payload in commands])
         self.metrics.commands.inc(int(sent.size))
-        self.metrics.command_messages.inc(len(commands))
         return int(sent.size)
 
     @staticmethod
@@ -299,19 +366,47 @@ class Controller:
     async def decide_and_act(self, why: str) -> DecisionSnapshot:
         """One cycle: read the inputs in force, decide, send what changed, snapshot it."""
         started = time.perf_counter()
-        now, now_ts = time.monotonic(), time.time()
+        now, now_ts = time.monotonic(), self.wall_clock()
         price = self.price()
         hashprice = self.hashprice_usd_per_ph_day()
-        site_w = self.site_power_w(now)
-        ob = self.grid.obligation(now_ts, site_w, self.site_cap_w())
+        site_w = self.meter_w(now)
+        pc = self.cfg.policy
+        view = telemetry_view(self.fleet, now_s=now, stale_s=pc.telemetry_stale_s,
+                              aux_fraction=self.cfg.energy.aux_fraction,
+                              planned_w=self._last_plan,
+                              acked=self.actuator.acked(self.fleet.ack_seq))
+        ob = self.grid.obligation(now_ts, site_w, self.site_cap_w(), now_mono=now,
+                                  meter_at=self.fleet.site.meter_at, least_w=view.least_w)
         cap, campus = self._cap(ob), None
         if self.campus is not None:
             last = None if self.snapshot is None else self.snapshot.planned_site_power_w
             cap, campus = self.campus.cap_in_force(cap, ob, price, last)
+        # On a campus the meter sees the other parts too: the guard holds the miners'
+        # measured share against the miners' cap.
+        guard_w = site_w if campus is None or site_w is None else (
+            site_w - campus.others_measured_w)
+        loop = self.guard.observe(now, meter_w=guard_w,
+                                  meter_seen=math.isfinite(self.fleet.site.meter_at),
+                                  telemetry=view, cap_in_force_w=cap.in_force_w,
+                                  planning_w=cap.planning_w)
+        self.loop_status = loop
+        if loop.resend:
+            self.actuator.forget()
+            self.resends["over_cap"] += self.fleet.n
+        restarted = self.fleet.take_restarted()
+        if restarted.size:
+            # Their acknowledged sequence went back: they forgot what they were told.
+            log.warning("miners_restarted", miners=int(restarted.size),
+                        first=self.fleet.ids[int(restarted[0])])
+            self.actuator.forget(restarted)
+            self.resends["sequence_restart"] += int(restarted.size)
+        if loop.trim_w > 0:
+            cap = dataclasses.replace(cap, planning_w=max(0.0, cap.planning_w - loop.trim_w))
         decision = self._decide(now, price, hashprice, cap, ob, campus=campus)
+        self._last_plan = decision.power_w
         if self.campus is not None and campus is not None:
             self.campus.decided_at(campus, price, ob, decision.site_power_w)
-        sent = await self._actuate(decision, now)
+        sent = self._actuate(decision, now)
         planned_w = decision.site_power_w  # a grid target on a campus is on net import
         if campus is not None and (net_w := campus.net_import_w_at(planned_w)) is not None:
             planned_w = net_w
@@ -323,7 +418,7 @@ class Controller:
         self.metrics.decision_seconds.observe(snap.duration_s)
         self.metrics.decisions.labels(why).inc()
         summary = snap.summary()
-        await self.transport.publish(self.topics.decision, summary.encode(), qos=1, retain=True)
+        self._send([(self.topics.decision, summary.encode())], retain=True, commands=False)
         if sent:
             log.info("decision", trigger=why, price_usd_per_mwh=round(price.total_usd_per_mwh, 2),
                      planned_kw=round(decision.site_power_w / 1000, 1),
@@ -344,15 +439,21 @@ class Controller:
             # asyncio.timeout, not wait_for: on 3.11 wait_for returns normally when the
             # trigger fires in the loop iteration that cancels this task, and this loop
             # then never stops (controller/cancellation.py).
+            wait_s, why_else, now_ts = interval, "tick", self.wall_clock()
+            change = self.grid.next_change_ts(now_ts)
+            if change is not None and change - now_ts < wait_s:
+                # A millisecond past the boundary, so the decision sees the event in force.
+                wait_s, why_else = change - now_ts + 0.001, "grid"
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(wait_s):
                     await self._trigger.wait()
-            why = self._trigger_why if self._trigger.is_set() else "tick"
+            why = self._trigger_why if self._trigger.is_set() else why_else
             self._trigger.clear()
             try:
                 await self.decide_and_act(why)
             except Exception:
                 # Keep deciding: a failed cycle is retried at the next tick.
+                self.decision_failures += 1
                 log.exception("decision_failed", trigger=why)
 
     async def run(self) -> None:
@@ -360,6 +461,16 @@ class Controller:
         log.info("controller_starting", site=self.cfg.site_id, miners=self.fleet.n,
                  cap_kw=self.cfg.power_cap_kw, broker=f"{self.cfg.broker.host}:"
                  f"{self.cfg.broker.port}")
+        try:
+            await self._run_tasks()
+        finally:
+            # Acknowledgements still awaited: the messages went out or will be sent again.
+            pending = list(self._background)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.transport.run(self.on_message), name="controller-mqtt")
             tg.create_task(self._decide_forever(), name="controller-decide")

@@ -1,18 +1,31 @@
 """Durable journal of grid obligations: SQLite in WAL mode, one row per event, samples per event.
 
-Every accepted event is written (and committed) before it takes effect, so a
-controller killed at any moment resumes it after a restart. Events are keyed
-by id: the same event received again (a retained message after a restart) is
-recognised, not applied twice.
+Obey first, record after: the controller acts on an event from memory and the journal
+records it. Every change is queued here and written at once, in one transaction
+(`synchronous=FULL`, so a committed event survives power loss). When the disk refuses
+(full, read-only, gone), the changes stay queued in memory, in order, and every later
+`flush()` (each decision) tries again; `pending` counts what is not yet durable and
+`last_error` says why. A queued event row holds its whole latest state, so the queue
+grows with the number of events, not with time; samples beyond `MAX_PENDING_SAMPLES`
+are dropped oldest first and counted (`samples_dropped`).
+
+Events are keyed by id. A journal that cannot be opened raises `JournalError`, one
+line naming the file and the reason; `journal_problem()` finds the same without
+changing anything (for `check-config`).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("mineops.journal")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -38,11 +51,33 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_event ON samples(event_id, ts);
 """
+# Columns added since the first schema: (name, SQL type). Older journals gain them on open.
+_ADDED = (("version", "INTEGER"), ("target_basis_w", "REAL"),
+          ("samples_without_meter", "INTEGER NOT NULL DEFAULT 0"))
+_COLUMNS = ("id", "kind", "payload", "received_ts", "status", "baseline_w", "target_w",
+            "reached_ts", "curtailed_wh", "violations", "samples_after_deadline", "version",
+            "target_basis_w", "samples_without_meter")
+MAX_PENDING_SAMPLES = 100_000
+ERROR_LOG_EVERY_S = 60.0
+
+
+class JournalError(OSError):
+    """The journal cannot be opened or used at all: '<path>: <why>', one line.
+
+    An OSError, so a command that only reads the journal reports it in one line too.
+    """
 
 
 @dataclass(slots=True)
 class EventRow:
-    """One journaled obligation and its compliance tallies."""
+    """One journaled obligation and its compliance tallies.
+
+    Power in W (site power incl. aux), times in Unix s. `baseline_w` is the site meter's
+    reading when the event took effect, None when no reading was fresh ("no meter data");
+    `target_basis_w` is what a shed_kw target was computed from: that reading, or without
+    one the least the site could have drawn. Samples after the deadline count only meter
+    readings; those without one are `samples_without_meter`.
+    """
 
     id: str
     kind: str
@@ -55,67 +90,203 @@ class EventRow:
     curtailed_wh: float
     violations: int
     samples_after_deadline: int
+    version: int | None = None  # the event's revision (GridEvent.version)
+    target_basis_w: float | None = None
+    samples_without_meter: int = 0
 
     @property
     def complied(self) -> bool | None:
-        """None until the deadline has passed with at least one sample."""
+        """None until the deadline has passed with at least one meter sample."""
         if self.samples_after_deadline == 0:
             return None
         return self.violations == 0
 
 
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    """An SQLite connection that has proved it can write (BEGIN IMMEDIATE takes the lock).
+
+    create=False (a check) opens an existing file as it is: no WAL switch, no new file.
+    """
+    uri = f"file:{path.absolute()}?mode={'rwc' if create else 'rw'}"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    try:
+        if create:
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _why(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, sqlite3.DatabaseError) and "not a database" in text:
+        return f"{text} (not an SQLite journal: point grid.journal_path at a new file)"
+    if "readonly" in text or "read-only" in text:
+        return f"{text} (the file, its directory or its -wal/-shm files are not writable)"
+    return text
+
+
+def journal_problem(path: Path | str) -> str | None:
+    """Why the journal at `path` cannot be used for writing, or None; changes nothing.
+
+    An existing file is opened read-write and a write lock is taken and released, so a
+    file that is not an SQLite database, is damaged, or cannot be written (permissions,
+    an immutable flag, a read-only mount, unwritable -wal/-shm files) is found here.
+    A missing file is checked by its directory (see `controller.site_file`).
+    """
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        return None
+    try:
+        db = _connect(path, create=False)
+    except (sqlite3.Error, OSError) as e:
+        return f"{path}: {_why(e)}"
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "events" not in tables:
+            return f"{path}: an SQLite database, but not a grid journal (tables: " \
+                   f"{', '.join(sorted(tables))})"
+        bad = db.execute("PRAGMA quick_check").fetchone()[0]
+        if bad != "ok":
+            return f"{path}: damaged ({bad})"
+    except sqlite3.Error as e:
+        return f"{path}: {_why(e)}"
+    finally:
+        db.close()
+    return None
+
+
 class GridJournal:
-    """The journal file; every write is committed before the call returns."""
+    """The journal file: queued writes, flushed at once and retried until durable.
+
+    Raises:
+        JournalError: the file cannot be opened for writing (see `journal_problem`).
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an accepted event survives power loss
-        self._db.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = _connect(self.path, create=True)
+            self._db.execute("PRAGMA synchronous=FULL")  # an accepted event survives power loss
+            self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+            for name, sql_type in _ADDED:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE events ADD COLUMN {name} {sql_type}")
+        except (sqlite3.Error, OSError) as e:
+            raise JournalError(f"{self.path}: {_why(e)}") from None
+        # Not yet durable: each event's latest state (with its updated_ts), then samples.
+        self._rows: dict[str, tuple[EventRow, float]] = {}
+        self._samples: list[tuple[str, float, float | None, float, float]] = []
+        self.samples_dropped = 0
+        self.write_errors = 0
+        self.last_error: str | None = None
+        self._logged_at = -float("inf")
 
     def close(self) -> None:
+        self.flush()
         self._db.close()
 
-    def upsert(self, event_id: str, kind: str, payload: dict[str, Any], now_ts: float,
-               status: str) -> bool:
-        """Record an event; False when the same id with the same content is already there."""
-        text = json.dumps(payload, sort_keys=True)
-        row = self._db.execute("SELECT payload FROM events WHERE id = ?", (event_id,)).fetchone()
-        if row is not None and row[0] == text:
-            return False
-        if row is None:
-            self._db.execute(
-                "INSERT INTO events (id, kind, payload, received_ts, status, updated_ts) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (event_id, kind, text, now_ts, status, now_ts))
-        else:
-            self._db.execute("UPDATE events SET payload = ?, status = ?, updated_ts = ? "
-                             "WHERE id = ?", (text, status, now_ts, event_id))
-        return True
+    # -- writing --------------------------------------------------------------------
 
-    def update(self, row: EventRow, now_ts: float) -> None:
-        self._db.execute(
-            "UPDATE events SET status = ?, baseline_w = ?, target_w = ?, reached_ts = ?, "
-            "curtailed_wh = ?, violations = ?, samples_after_deadline = ?, updated_ts = ? "
-            "WHERE id = ?",
-            (row.status, row.baseline_w, row.target_w, row.reached_ts, row.curtailed_wh,
-             row.violations, row.samples_after_deadline, now_ts, row.id))
+    @property
+    def pending(self) -> int:
+        """Records (event states and samples) held in memory, not yet on disk."""
+        return len(self._rows) + len(self._samples)
+
+    def save(self, row: EventRow, now_ts: float, *, flush: bool = True) -> bool:
+        """Record an event's whole state (new or changed); True once it is on disk.
+
+        flush=False only queues it, for the next `flush()` (several changes, one commit).
+        """
+        self._rows.pop(row.id, None)  # re-queued last: rows stay in the order they changed
+        self._rows[row.id] = (replace(row, payload=dict(row.payload)), now_ts)
+        return self.flush() if flush else False
 
     def add_sample(self, event_id: str, ts: float, meter_w: float | None, target_w: float,
                    cap_w: float) -> None:
-        self._db.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?)",
-                         (event_id, ts, meter_w, target_w, cap_w))
+        """Queue one compliance sample (meter_w None: no meter data); written by `flush`."""
+        self._samples.append((event_id, ts, meter_w, target_w, cap_w))
+        if len(self._samples) > MAX_PENDING_SAMPLES:
+            drop = len(self._samples) - MAX_PENDING_SAMPLES
+            del self._samples[:drop]
+            self.samples_dropped += drop
+
+    def flush(self) -> bool:
+        """Write everything queued in one transaction; False (kept queued) if the disk refuses."""
+        if not self._rows and not self._samples:
+            return True
+        rows = [(r.id, r.kind, json.dumps(r.payload, sort_keys=True), r.received_ts, r.status,
+                 r.baseline_w, r.target_w, r.reached_ts, r.curtailed_wh, r.violations,
+                 r.samples_after_deadline, r.version, r.target_basis_w,
+                 r.samples_without_meter, ts) for r, ts in self._rows.values()]
+        samples = list(self._samples)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    f"INSERT INTO events ({', '.join(_COLUMNS)}, updated_ts) "
+                    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))}) "
+                    "ON CONFLICT(id) DO UPDATE SET "
+                    + ", ".join(f"{c} = excluded.{c}" for c in (*_COLUMNS[1:], "updated_ts")),
+                    rows)
+                self._db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", samples)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            self._failed(e)
+            return False
+        self._rows.clear()
+        del self._samples[:len(samples)]
+        if self.last_error is not None:
+            log.info("grid_journal_durable_again", path=str(self.path),
+                     write_errors=self.write_errors)
+            self.last_error = None
+        return True
+
+    def _failed(self, e: sqlite3.Error) -> None:
+        self.write_errors += 1
+        why = _why(e)
+        now = time.monotonic()
+        if why != self.last_error or now - self._logged_at >= ERROR_LOG_EVERY_S:
+            self._logged_at = now
+            log.error("grid_journal_write_failed", path=str(self.path), error=why,
+                      pending_records=self.pending, write_errors=self.write_errors,
+                      hint="events are obeyed from memory and written once the disk allows")
+        self.last_error = why
+
+    # -- reading --------------------------------------------------------------------
 
     def rows(self, *, open_only: bool = False) -> list[EventRow]:
+        """Every event (or the scheduled and active ones), what is queued included."""
         where = " WHERE status IN ('scheduled', 'active')" if open_only else ""
-        cur = self._db.execute(
-            "SELECT id, kind, payload, received_ts, status, baseline_w, target_w, reached_ts, "
-            f"curtailed_wh, violations, samples_after_deadline FROM events{where} "
-            "ORDER BY received_ts, id")
-        return [EventRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in cur.fetchall()]
+        cur = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM events{where} "
+                               "ORDER BY received_ts, id")
+        names = [f.name for f in fields(EventRow)]
+        found = {}
+        for r in cur.fetchall():
+            values = dict(zip(_COLUMNS, r, strict=True))
+            values["payload"] = json.loads(values["payload"])
+            values["samples_without_meter"] = values["samples_without_meter"] or 0
+            found[r[0]] = EventRow(**{n: values[n] for n in names})
+        for row, _ in self._rows.values():
+            if not open_only or row.status in ("scheduled", "active"):
+                found[row.id] = replace(row, payload=dict(row.payload))
+            else:
+                found.pop(row.id, None)
+        return sorted(found.values(), key=lambda r: (r.received_ts, r.id))
 
     def samples(self, event_id: str) -> list[tuple[float, float | None, float, float]]:
+        """(time, meter W or None, target W, cap W) of an event, queued ones included."""
         cur = self._db.execute("SELECT ts, meter_w, target_w, cap_w FROM samples "
                                "WHERE event_id = ? ORDER BY ts", (event_id,))
-        return [tuple(r) for r in cur.fetchall()]
+        out = [(r[0], r[1], r[2], r[3]) for r in cur.fetchall()]
+        out += [(ts, m, t, c) for e, ts, m, t, c in self._samples if e == event_id]
+        return out

@@ -54,7 +54,8 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
 class LocalBroker:
     """A broker child process on 127.0.0.1:`port`; `stop()`/`start()` can be repeated."""
 
-    def __init__(self, port: int | None = None, *, prefer: str = "auto") -> None:
+    def __init__(self, port: int | None = None, *, prefer: str = "auto",
+                 persistence: bool = False) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         if prefer not in ("auto", "mosquitto", "amqtt"):
@@ -69,14 +70,22 @@ class LocalBroker:
         self._mosquitto = mosquitto
         self._dir = tempfile.TemporaryDirectory(prefix="mineops-broker-")
         self._proc: subprocess.Popen[bytes] | None = None
+        # mosquitto only: retained messages and sessions saved in its directory on a clean
+        # stop or on save() (SIGUSR1), never on a timer, so a test decides what a kill loses.
+        self.persistence = persistence
 
     def _command(self) -> list[str]:
         if self._mosquitto:
             conf = Path(self._dir.name) / "mosquitto.conf"
+            # Started as root, mosquitto runs as the user `mosquitto` unless told to stay,
+            # and that user cannot write the private directory it saves in.
+            persistence = (f"persistence true\npersistence_location {self._dir.name}/\n"
+                           "autosave_interval 0\nuser root\n" if self.persistence else
+                           "persistence false\n")
             conf.write_text(
                 f"listener {self.port} {self.host}\n"
                 "allow_anonymous true\n"
-                "persistence false\n"
+                f"{persistence}"
                 "max_queued_messages 100000\n"
                 "log_dest stderr\n"
                 "log_type error\n"
@@ -106,6 +115,31 @@ class LocalBroker:
     def pid(self) -> int | None:
         """The broker's process id while it runs (tests freeze it with SIGSTOP)."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def save(self, timeout_s: float = 5.0) -> None:
+        """mosquitto with persistence: write retained messages and sessions, and wait for it.
+
+        Raises:
+            RuntimeError: no persistence, or nothing written within `timeout_s`.
+        """
+        pid = self.pid
+        if not self.persistence or pid is None:
+            raise RuntimeError("save() needs a running mosquitto with persistence=True")
+        db = Path(self._dir.name) / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else None
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while not db.exists() or db.stat().st_mtime_ns == before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto wrote no {db} within {timeout_s:g} s")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """Die at once (SIGKILL): nothing is saved; `start()` brings it back on the same port."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

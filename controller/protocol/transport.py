@@ -4,6 +4,13 @@ One long-lived connection per process, reconnected with jittered exponential
 backoff when the broker goes away; on every (re)connect it re-subscribes and
 calls `on_connect` so the owner can re-announce itself (availability, state).
 
+With `persistent_session` the client keeps its MQTT session across connections (clean
+session off, a fixed client id): the broker keeps its QoS 1 subscriptions and queues
+QoS 1 messages for it while it is away (up to mosquitto's `max_queued_messages`; with
+`persistence true` across a broker restart too, as of the last save). The controller
+uses it so that no grid event published while it is down is lost, and devices so that
+commands published while they reconnect wait for them. QoS 0 (telemetry) is not queued.
+
 Cancelling `run()` stops it within GOODBYE_TIMEOUT_S + DISCONNECT_TIMEOUT_S whatever the
 broker does (answering, slow, frozen, gone). Every aiomqtt call goes through
 `propagate_lost_cancel()`: aiomqtt waits for acknowledgements with Python 3.11's
@@ -312,8 +319,10 @@ class Transport:
         on_close: Callable[[], Awaitable[None]] | None = None,
         max_queued_messages: int = MAX_QUEUED_MESSAGES,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
+        persistent_session: bool = False,
     ) -> None:
         self._broker = broker
+        self._persistent = persistent_session
         self._max_queued_messages = max_queued_messages
         self._max_queued_bytes = max_queued_bytes
         self._queue: IncomingQueue | None = None
@@ -344,6 +353,9 @@ class Transport:
             b.host,
             b.port,
             identifier=self._client_id,
+            # A persistent session needs the same id on every connect (mosquitto's
+            # use_username_as_clientid gives it the account name, fixed too).
+            clean_session=not self._persistent,
             username=b.username,
             password=b.password.get_secret_value() if b.password else None,
             will=will,

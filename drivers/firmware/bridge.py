@@ -182,6 +182,8 @@ class MinerBridge:
             subscriptions=self.topics.simulator_subscriptions(),
             on_connect=self._announce,
             on_close=self._goodbye,
+            # Commands (QoS 1) published while the bridge reconnects wait for it.
+            persistent_session=True,
         )
 
     # -- MQTT ---------------------------------------------------------------------------
