@@ -520,7 +520,7 @@ def test_leftover_of_a_higher_priority_goes_to_a_lower_one() -> None:
 
 
 def test_identical_miners_split_at_the_cut_and_name_the_row() -> None:
-    # Four identical S21s as one row of four (points x 4) and as four rows: the row
+    # Four identical S21s as one row of four (unit_count) and as four rows: the row
     # cannot take a step only some of its miners fit, and says how many would.
     cat = load_catalogue()
     p, h = operating_points([cat.get("s21")])
@@ -529,10 +529,41 @@ def test_identical_miners_split_at_the_cut_and_name_the_row() -> None:
     per_miner = opt.solve(single, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0,
                           cap_w=cap)
     assert sorted(per_miner.level.tolist()) == [0, 0, 1, 2]
-    row = opt.prepare(p * 4, h * 4)
+    row = opt.prepare(p, h, unit_count=np.array([4]))
     plan = opt.solve(row, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=cap,
                      unit_count=np.array([4]))
     assert plan.level.tolist() == [0] and plan.split == (0, 2)
+    assert plan.site_power_w == 4 * 15.0  # the row's four miners asleep
+    with pytest.raises(ValueError, match="unit_count differs"):
+        opt.solve(single, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=cap,
+                  unit_count=np.ones(4, dtype=np.int64))
+
+
+def test_rows_of_several_miners_keep_the_per_miner_order() -> None:
+    """Rows of 1, 2 and 1 identical S21s are one kind, taken in row order like miners.
+
+    Room for two wake-ups: the per-miner plan wakes miners 0 and 1, so the row of two
+    is named (its first miner wakes, its second does not); as rows 1, 1, 1, 1 the plan
+    is the per-miner one. Before rows of several miners were a kind of their own, the
+    row of two came after both single rows and they took the wake-ups instead.
+    """
+    cat = load_catalogue()
+    p, h = operating_points([cat.get("s21")])
+    cap = 4 * 15.0 + 2 * (1800.0 - 15.0) + 100.0
+    kw = {"price_usd_per_mwh": 0.0, "hashprice_usd_per_ph_day": 50.0, "cap_w": cap}
+    per_miner = opt.solve(opt.prepare(np.repeat(p, 4, axis=0), np.repeat(h, 4, axis=0)), **kw)
+    rows = opt.prepare(np.repeat(p, 3, axis=0), np.repeat(h, 3, axis=0),
+                       unit_count=np.array([1, 2, 1]))
+    assert rows.kinds == 1
+    plan = opt.solve(rows, **kw)
+    assert plan.split == (1, 1)
+    ones = opt.prepare(np.repeat(p, 4, axis=0), np.repeat(h, 4, axis=0),
+                       unit_count=np.ones(4, dtype=np.int64))
+    refined = opt.solve(ones, **kw)
+    assert refined.split is None
+    assert refined.level.tolist() == per_miner.level.tolist()
+    assert per_miner.level.tolist()[2:] == [0, 0]
+    assert refined.site_power_w == per_miner.site_power_w
 
 
 def test_kinds_group_equal_points_only() -> None:
@@ -563,7 +594,7 @@ def test_long_orders_are_searched_by_blocks_with_the_same_answer() -> None:
     eco = opt._economics(fleet, 30.0, 45.0, aux_fraction=0.0, adder_usd_per_mwh=0.0,
                          aux_in_cost=True)
     econ = opt.levels_at(fleet, b, eco.r0)
-    ctx = opt._Context(fleet, b, eco, econ, cls, 1, fleet.power_at(econ), None)
+    ctx = opt._Context(fleet, b, eco, econ, cls, 1, fleet.power_at(econ))
     w = opt._entry_weights(ctx, 0)
     dense = w.between(0, m_total)
     cum = np.cumsum(dense)
