@@ -566,6 +566,56 @@ def test_rows_of_several_miners_keep_the_per_miner_order() -> None:
     assert refined.site_power_w == per_miner.site_power_w
 
 
+@SETTINGS
+@given(data=st.data())
+def test_rows_of_several_miners_refined_by_their_splits_plan_as_miners(
+    data: st.DataObject,
+) -> None:
+    """Rows with counts, the row each plan names split until none is: the per-miner plan,
+    miner for miner, through the cut, the fill, wake-ups below the hull vertex, bounds,
+    priorities and the ramp floor (the backtest's cohorts rest on this).
+
+    Powers are whole watts, as the catalogue's: sums of count times W and of the miners
+    one by one are then the same numbers, so a cap met exactly is met by both.
+    """
+    curves = data.draw(st.lists(miner_rows(), min_size=1, max_size=3))
+    if data.draw(st.booleans()):
+        curves.append(([100.0, 1000.0, 2000.0], [0.0, 50.0, 130.0]))  # wakes at level 2
+    p_kind, h_kind = pad(curves)
+    p_kind = np.round(p_kind)
+    top = opt.highest_level(p_kind, h_kind)
+    n_rows = data.draw(st.integers(1, 6))
+    kind = np.array([data.draw(st.integers(0, len(curves) - 1)) for _ in range(n_rows)])
+    count = np.array([data.draw(st.integers(1, 5)) for _ in range(n_rows)])
+    prio = np.array([data.draw(st.integers(0, 1)) for _ in range(n_rows)])
+    hi = np.array([data.draw(st.integers(0, int(top[k]))) for k in kind])
+    lo = np.array([data.draw(st.sampled_from([0, 0, min(1, int(h)), int(h)])) for h in hi])
+    aux = data.draw(st.floats(0, 0.3))
+    full = float((p_kind[kind].max(axis=1) * count).sum()) * (1 + aux)
+    kw = {"price_usd_per_mwh": data.draw(st.floats(-30, 250)),
+          "hashprice_usd_per_ph_day": data.draw(st.floats(15, 90)), "aux_fraction": aux,
+          "cap_w": data.draw(st.floats(0, 1.3)) * full,
+          "floor_w": data.draw(st.sampled_from([0.0, 0.0, 0.3, 0.8])) * full}
+    each = np.repeat(np.arange(n_rows), count)
+    miners = opt.prepare(p_kind[kind[each]], h_kind[kind[each]])
+    want = opt.solve(miners, min_level=lo[each], max_level=hi[each], priority=prio[each], **kw)
+    for _ in range(int(count.sum())):  # each split adds a row: at most one per miner
+        rows = opt.prepare(p_kind[kind], h_kind[kind], unit_count=count)
+        plan = opt.solve(rows, min_level=lo, max_level=hi, priority=prio, unit_count=count,
+                         **kw)
+        if plan.split is None:
+            break
+        r, first = plan.split
+        assert 0 < first < count[r]
+        kind, prio, lo, hi = (np.insert(a, r + 1, a[r]) for a in (kind, prio, lo, hi))
+        count = np.insert(count, r + 1, count[r] - first)
+        count[r] = first
+    assert plan.split is None
+    np.testing.assert_array_equal(np.repeat(plan.level, count), want.level)
+    assert plan.site_power_w == want.site_power_w
+    assert plan.cap_binding == want.cap_binding and plan.infeasible == want.infeasible
+
+
 def test_kinds_group_equal_points_only() -> None:
     """Miners share a kind exactly when all their points are equal, bit for bit."""
     p, h = catalogue_fleet(50, seed=4)

@@ -24,18 +24,27 @@ profit, so what priorities cost shows in the ratio rather than in a lower ceilin
 
 Speed, exactly: miners of one class (model, priority, never-curtail) that share a policy
 history are identical to the optimizer and the policy, so they are kept as one *cohort*
-with a count. A cohort is handed to the optimizer as rows of power-of-two counts whose
-operating points are the model's scaled by that count: scaling by a power of two is
-exact in floating point, so every step's marginal efficiency is bit-for-bit the per-miner
-one and the optimizer's order and decisions are unchanged. Only when the cap cuts through
-a cohort can identical miners end differently: then the optimizer names the first row of
-which some miners but not all would still have fitted (``unit_count``, ``Plan.split``),
-the cohort is split there and the decision re-run, so the plan equals the per-miner plan
-up to which of the identical miners got the step.
-Cohorts whose histories become equivalent merge again. Decisions are memoised on
-(cohorts, state relative to now, the price's position in the optimizer's step order at
-the price and at +/- the hysteresis band, cap): identical inputs give identical outputs.
-Tests check the whole against a plain per-miner run (``exact=True``).
+with a count. The cohorts are the per-miner fleet run-length encoded: class by class
+(classes in the order of their first configured miner), each class's miners as
+consecutive blocks in the per-miner run's order. A cohort is one optimizer row with
+its count (``prepare(unit_count=...)``): the rows of one model are one kind, so the
+optimizer takes them in row order as it takes miners by index, and sums count times W
+as the per-miner search does. Only where the per-miner plan treats a cohort's miners
+unalike (the cap cuts through it, or the budget it leaves does) can a row not stand
+for its miners: the optimizer names the first such row and how many of its first
+miners take the entry (``Plan.split``), the cohort splits there and the decision is
+re-run until none is named (each split adds a cohort, so this ends). The plan is then
+the per-miner plan. Cohorts whose histories become equivalent (same level; clocks
+older than every hold) merge again, but only with a neighbour: a merge across another
+history would reorder miners that the per-miner plan tells apart by index.
+(Miners of one model in two classes never meet at one entry of the optimizer's walk:
+priorities are walked apart, and never-curtail miners are pinned at their top, or,
+when the policy sheds them last, walked as a priority of their own.)
+
+Decisions are memoised on (cohorts in order, state relative to now, the price's
+position in the optimizer's step order at the price and at +/- the hysteresis band,
+cap): identical inputs give identical outputs. Tests check the whole against a plain
+per-miner run (``exact=True``), the daemon's own call without counts.
 """
 
 from __future__ import annotations
