@@ -520,7 +520,7 @@ def test_leftover_of_a_higher_priority_goes_to_a_lower_one() -> None:
 
 
 def test_identical_miners_split_at_the_cut_and_name_the_row() -> None:
-    # Four identical S21s as one row of four (points x 4) and as four rows: the row
+    # Four identical S21s as one row of four (unit_count) and as four rows: the row
     # cannot take a step only some of its miners fit, and says how many would.
     cat = load_catalogue()
     p, h = operating_points([cat.get("s21")])
@@ -529,10 +529,91 @@ def test_identical_miners_split_at_the_cut_and_name_the_row() -> None:
     per_miner = opt.solve(single, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0,
                           cap_w=cap)
     assert sorted(per_miner.level.tolist()) == [0, 0, 1, 2]
-    row = opt.prepare(p * 4, h * 4)
+    row = opt.prepare(p, h, unit_count=np.array([4]))
     plan = opt.solve(row, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=cap,
                      unit_count=np.array([4]))
     assert plan.level.tolist() == [0] and plan.split == (0, 2)
+    assert plan.site_power_w == 4 * 15.0  # the row's four miners asleep
+    with pytest.raises(ValueError, match="unit_count differs"):
+        opt.solve(single, price_usd_per_mwh=0.0, hashprice_usd_per_ph_day=50.0, cap_w=cap,
+                  unit_count=np.ones(4, dtype=np.int64))
+
+
+def test_rows_of_several_miners_keep_the_per_miner_order() -> None:
+    """Rows of 1, 2 and 1 identical S21s are one kind, taken in row order like miners.
+
+    Room for two wake-ups: the per-miner plan wakes miners 0 and 1, so the row of two
+    is named (its first miner wakes, its second does not); as rows 1, 1, 1, 1 the plan
+    is the per-miner one. Before rows of several miners were a kind of their own, the
+    row of two came after both single rows and they took the wake-ups instead.
+    """
+    cat = load_catalogue()
+    p, h = operating_points([cat.get("s21")])
+    cap = 4 * 15.0 + 2 * (1800.0 - 15.0) + 100.0
+    kw = {"price_usd_per_mwh": 0.0, "hashprice_usd_per_ph_day": 50.0, "cap_w": cap}
+    per_miner = opt.solve(opt.prepare(np.repeat(p, 4, axis=0), np.repeat(h, 4, axis=0)), **kw)
+    rows = opt.prepare(np.repeat(p, 3, axis=0), np.repeat(h, 3, axis=0),
+                       unit_count=np.array([1, 2, 1]))
+    assert rows.kinds == 1
+    plan = opt.solve(rows, **kw)
+    assert plan.split == (1, 1)
+    ones = opt.prepare(np.repeat(p, 4, axis=0), np.repeat(h, 4, axis=0),
+                       unit_count=np.ones(4, dtype=np.int64))
+    refined = opt.solve(ones, **kw)
+    assert refined.split is None
+    assert refined.level.tolist() == per_miner.level.tolist()
+    assert per_miner.level.tolist()[2:] == [0, 0]
+    assert refined.site_power_w == per_miner.site_power_w
+
+
+@SETTINGS
+@given(data=st.data())
+def test_rows_of_several_miners_refined_by_their_splits_plan_as_miners(
+    data: st.DataObject,
+) -> None:
+    """Rows with counts, the row each plan names split until none is: the per-miner plan,
+    miner for miner, through the cut, the fill, wake-ups below the hull vertex, bounds,
+    priorities and the ramp floor (the backtest's cohorts rest on this).
+
+    Powers are whole watts, as the catalogue's: sums of count times W and of the miners
+    one by one are then the same numbers, so a cap met exactly is met by both.
+    """
+    curves = data.draw(st.lists(miner_rows(), min_size=1, max_size=3))
+    if data.draw(st.booleans()):
+        curves.append(([100.0, 1000.0, 2000.0], [0.0, 50.0, 130.0]))  # wakes at level 2
+    p_kind, h_kind = pad(curves)
+    p_kind = np.round(p_kind)
+    top = opt.highest_level(p_kind, h_kind)
+    n_rows = data.draw(st.integers(1, 6))
+    kind = np.array([data.draw(st.integers(0, len(curves) - 1)) for _ in range(n_rows)])
+    count = np.array([data.draw(st.integers(1, 5)) for _ in range(n_rows)])
+    prio = np.array([data.draw(st.integers(0, 1)) for _ in range(n_rows)])
+    hi = np.array([data.draw(st.integers(0, int(top[k]))) for k in kind])
+    lo = np.array([data.draw(st.sampled_from([0, 0, min(1, int(h)), int(h)])) for h in hi])
+    aux = data.draw(st.floats(0, 0.3))
+    full = float((p_kind[kind].max(axis=1) * count).sum()) * (1 + aux)
+    kw = {"price_usd_per_mwh": data.draw(st.floats(-30, 250)),
+          "hashprice_usd_per_ph_day": data.draw(st.floats(15, 90)), "aux_fraction": aux,
+          "cap_w": data.draw(st.floats(0, 1.3)) * full,
+          "floor_w": data.draw(st.sampled_from([0.0, 0.0, 0.3, 0.8])) * full}
+    each = np.repeat(np.arange(n_rows), count)
+    miners = opt.prepare(p_kind[kind[each]], h_kind[kind[each]])
+    want = opt.solve(miners, min_level=lo[each], max_level=hi[each], priority=prio[each], **kw)
+    for _ in range(int(count.sum())):  # each split adds a row: at most one per miner
+        rows = opt.prepare(p_kind[kind], h_kind[kind], unit_count=count)
+        plan = opt.solve(rows, min_level=lo, max_level=hi, priority=prio, unit_count=count,
+                         **kw)
+        if plan.split is None:
+            break
+        r, first = plan.split
+        assert 0 < first < count[r]
+        kind, prio, lo, hi = (np.insert(a, r + 1, a[r]) for a in (kind, prio, lo, hi))
+        count = np.insert(count, r + 1, count[r] - first)
+        count[r] = first
+    assert plan.split is None
+    np.testing.assert_array_equal(np.repeat(plan.level, count), want.level)
+    assert plan.site_power_w == want.site_power_w
+    assert plan.cap_binding == want.cap_binding and plan.infeasible == want.infeasible
 
 
 def test_kinds_group_equal_points_only() -> None:
@@ -563,7 +644,7 @@ def test_long_orders_are_searched_by_blocks_with_the_same_answer() -> None:
     eco = opt._economics(fleet, 30.0, 45.0, aux_fraction=0.0, adder_usd_per_mwh=0.0,
                          aux_in_cost=True)
     econ = opt.levels_at(fleet, b, eco.r0)
-    ctx = opt._Context(fleet, b, eco, econ, cls, 1, fleet.power_at(econ), None)
+    ctx = opt._Context(fleet, b, eco, econ, cls, 1, fleet.power_at(econ))
     w = opt._entry_weights(ctx, 0)
     dense = w.between(0, m_total)
     cum = np.cumsum(dense)

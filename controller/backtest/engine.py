@@ -24,18 +24,27 @@ profit, so what priorities cost shows in the ratio rather than in a lower ceilin
 
 Speed, exactly: miners of one class (model, priority, never-curtail) that share a policy
 history are identical to the optimizer and the policy, so they are kept as one *cohort*
-with a count. A cohort is handed to the optimizer as rows of power-of-two counts whose
-operating points are the model's scaled by that count: scaling by a power of two is
-exact in floating point, so every step's marginal efficiency is bit-for-bit the per-miner
-one and the optimizer's order and decisions are unchanged. Only when the cap cuts through
-a cohort can identical miners end differently: then the optimizer names the first row of
-which some miners but not all would still have fitted (``unit_count``, ``Plan.split``),
-the cohort is split there and the decision re-run, so the plan equals the per-miner plan
-up to which of the identical miners got the step.
-Cohorts whose histories become equivalent merge again. Decisions are memoised on
-(cohorts, state relative to now, the price's position in the optimizer's step order at
-the price and at +/- the hysteresis band, cap): identical inputs give identical outputs.
-Tests check the whole against a plain per-miner run (``exact=True``).
+with a count. The cohorts are the per-miner fleet run-length encoded: class by class
+(classes in the order of their first configured miner), each class's miners as
+consecutive blocks in the per-miner run's order. A cohort is one optimizer row with
+its count (``prepare(unit_count=...)``): the rows of one model are one kind, so the
+optimizer takes them in row order as it takes miners by index, and sums count times W
+as the per-miner search does. Only where the per-miner plan treats a cohort's miners
+unalike (the cap cuts through it, or the budget it leaves does) can a row not stand
+for its miners: the optimizer names the first such row and how many of its first
+miners take the entry (``Plan.split``), the cohort splits there and the decision is
+re-run until none is named (each split adds a cohort, so this ends). The plan is then
+the per-miner plan. Cohorts whose histories become equivalent (same level; clocks
+older than every hold) merge again, but only with a neighbour: a merge across another
+history would reorder miners that the per-miner plan tells apart by index.
+(Miners of one model in two classes never meet at one entry of the optimizer's walk:
+priorities are walked apart, and never-curtail miners are pinned at their top, or,
+when the policy sheds them last, walked as a priority of their own.)
+
+Decisions are memoised on (cohorts in order, state relative to now, the price's
+position in the optimizer's step order at the price and at +/- the hysteresis band,
+cap): identical inputs give identical outputs. Tests check the whole against a plain
+per-miner run (``exact=True``), the daemon's own call without counts.
 """
 
 from __future__ import annotations
@@ -75,7 +84,6 @@ from controller.units import usd_per_ths_hour
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-_MAX_SPLITS = 12  # cap cuts refined per decision (two are the rule)
 _MAX_EVENTS = 32  # policy-hold expiries decided on inside one interval
 _MEMO_LIMIT = 500_000
 _LOW_PRICE = -1e9  # $/MWh: every step worth taking; only the cap limits (always-on)
@@ -96,7 +104,12 @@ class _Table:
 
 @dataclass
 class _Cohorts:
-    """Cohorts in optimizer order; `cols` holds each per-miner state field per cohort."""
+    """Cohorts in the per-miner order; `cols` holds each per-miner state field per cohort.
+
+    Class by class (classes in the order of their first configured miner), each class's
+    miners as consecutive blocks of one history: the miners the per-miner run would
+    have in that order, so the optimizer's tie order (miner index) is kept.
+    """
 
     cls: IntArray
     weight: IntArray
@@ -108,7 +121,7 @@ class _Cohorts:
         return int(self.cls.size)
 
     def split(self, j: int, first: int) -> _Cohorts:
-        """Cohort j into `first` miners, then the rest, both with j's history."""
+        """Cohort j into its first `first` miners, then the rest, both with j's history."""
         idx = np.insert(np.arange(len(self)), j + 1, j)
         weight = self.weight[idx].copy()
         weight[j] = first
@@ -121,11 +134,11 @@ class _Cohorts:
 
 @dataclass(frozen=True)
 class _Rows:
-    """Cohorts as optimizer rows of power-of-two counts."""
+    """Cohorts as the optimizer's rows: one row per cohort, with its count of miners."""
 
-    cohort: IntArray  # row -> cohort
     cls: IntArray
     weight: IntArray
+    unit_count: IntArray | None  # weight, or None in the per-miner run
     fleet: PreparedFleet
     stale: npt.NDArray[np.bool_]
     never_curtail: npt.NDArray[np.bool_]
@@ -133,10 +146,6 @@ class _Rows:
     wake_s: FloatArray
     min_level: IntArray
     max_level: IntArray
-
-
-def _bits(w: int) -> list[int]:
-    return [1 << b for b in range(w.bit_length() - 1, -1, -1) if w >> b & 1]
 
 
 class _Engine:
@@ -164,23 +173,16 @@ class _Engine:
         hit = self._rows_cache.get(key)
         if hit is not None:
             return hit
-        cohort: list[int] = []
-        weight: list[int] = []
-        for j, w in enumerate(coh.weight.tolist()):
-            parts = _bits(w) if self.aggregate else [w]
-            cohort += [j] * len(parts)
-            weight += parts
-        ci = np.array(cohort, dtype=np.int64)
-        wi = np.array(weight, dtype=np.int64)
-        cls = coh.cls[ci]
+        cls, weight = coh.cls.copy(), coh.weight.copy()
         t, c = self.t, self.t.classes
-        scale = wi[:, None].astype(np.float64)
-        fleet = prepare(t.points_w[cls] * scale, t.points_ths[cls] * scale)
+        # The per-miner run is the daemon's own call: no counts.
+        units = weight if self.aggregate else None
+        fleet = prepare(t.points_w[cls], t.points_ths[cls], unit_count=units)
         nc = c.never_curtail[cls]
         top = t.top[cls]
         rows = _Rows(
-            cohort=ci, cls=cls, weight=wi, fleet=fleet,
-            stale=np.zeros(ci.size, dtype=bool), never_curtail=nc,
+            cls=cls, weight=weight, unit_count=units, fleet=fleet,
+            stale=np.zeros(cls.size, dtype=bool), never_curtail=nc,
             priority=c.priority[cls], wake_s=c.wake_s[cls],
             min_level=np.where(nc, top, 0), max_level=top,
         )
@@ -189,45 +191,46 @@ class _Engine:
         self._rows_cache[key] = rows
         return rows
 
-    def split(self, coh: _Cohorts, rows: _Rows, split: tuple[int, int] | None) -> _Cohorts | None:
-        """The cohort the cap cut through, in two, where the per-miner greedy would cut it.
+    def split(self, coh: _Cohorts, split: tuple[int, int] | None) -> _Cohorts | None:
+        """The cohort a plan would treat unalike, in two, where the per-miner plan does.
 
-        `split` is the optimizer's (row, miners): the first row the cap left short of
-        an entry although that many of its identical miners would still have taken it
-        (``Plan.split``). The cohort keeps its rows before that one together with them.
+        `split` is the optimizer's (row, miners) (``Plan.split``): the row's first
+        `miners` would take an entry its others would not. A row is a cohort, so the
+        cohort splits into those miners and the rest, in that order.
+
+        Raises:
+            RuntimeError: the split does not leave miners on both sides (the optimizer
+                broke its contract: going on would settle a plan that is not the
+                per-miner one).
         """
         if split is None:
             return None
-        row, units = split
-        j = int(rows.cohort[row])
-        mine = np.flatnonzero(rows.cohort == j)
-        before = int(rows.weight[mine[mine < row]].sum())
-        if units <= 0 or units >= int(rows.weight[row]):
-            return None
-        return coh.split(j, before + units)
+        row, first = split
+        if not 0 < first < int(coh.weight[row]):
+            raise RuntimeError(f"optimizer split {split} outside a cohort of "
+                               f"{int(coh.weight[row])} miners")
+        return coh.split(row, first)
 
     def regroup(
         self, rows: _Rows, level: IntArray, cols: dict[str, npt.NDArray[Any]],
         scalars: dict[str, Any], now: float,
     ) -> _Cohorts:
-        """Rows back to cohorts: rows of one class with an equivalent history merge."""
+        """Rows back to cohorts: neighbouring rows of one class with an equivalent history
+        merge. Only neighbours: a merge across a row with another history would reorder
+        the miners, and the per-miner plan gives an entry by miner index."""
         n = rows.cls.size
-        if not self.aggregate:
+        if not self.aggregate or n < 2:
             return _Cohorts(rows.cls.copy(), rows.weight.copy(), level.copy(), cols, scalars)
-        key = self.state_matrix(rows.cls, level, cols, now)
-        width = key.dtype.itemsize * key.shape[1]
-        void = np.ascontiguousarray(key).view(np.dtype((np.void, width)))
-        _, first, inverse = np.unique(void.ravel(), return_index=True, return_inverse=True)
-        order = np.argsort(first)
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        group = rank[inverse.ravel()]
-        keep = first[order]
-        weight = np.bincount(group, weights=rows.weight, minlength=keep.size).astype(np.int64)
-        if keep.size == n:
+        # Compared bit for bit, so that NaN (a clock not running) equals NaN.
+        bits = np.ascontiguousarray(self.state_matrix(rows.cls, level, cols, now)).view(
+            np.uint64)
+        starts = np.flatnonzero(np.concatenate(([True], np.any(bits[1:] != bits[:-1], axis=1))))
+        if starts.size == n:
             return _Cohorts(rows.cls.copy(), rows.weight.copy(), level.copy(), cols, scalars)
+        weight = np.add.reduceat(rows.weight, starts).astype(np.int64)
         return _Cohorts(
-            rows.cls[keep], weight, level[keep], {k: v[keep] for k, v in cols.items()}, scalars
+            rows.cls[starts], weight, level[starts], {k: v[starts] for k, v in cols.items()},
+            scalars,
         )
 
     def rel(self, name: str, values: npt.NDArray[Any], now: float) -> npt.NDArray[Any]:
@@ -253,21 +256,22 @@ def _solve_totals(
     eng: _Engine, price: float, *, hp: float, cap_w: float, aux: float, adder: float,
     aux_in_cost: bool, cost_steps: CostSteps | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Per-class IT W, TH/s and miners asleep for solve() at one price (or cost steps) and cap."""
-    coh = eng.initial()
-    for _ in range(_MAX_SPLITS):
+    """Per-class IT W, TH/s and miners asleep for solve() at one price (or cost steps) and cap.
+
+    Re-solved with the named cohort split until no split is named: each split adds a
+    cohort, so this ends (at worst at one cohort per miner).
+    """
+    coh: _Cohorts | None = eng.initial()
+    while coh is not None:
         rows = eng.rows(coh)
         plan = solve(
             rows.fleet, price_usd_per_mwh=price, hashprice_usd_per_ph_day=hp, cap_w=cap_w,
             aux_fraction=aux, min_level=rows.min_level, max_level=rows.max_level,
-            adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost, unit_count=rows.weight,
+            adder_usd_per_mwh=adder, aux_in_cost=aux_in_cost, unit_count=rows.unit_count,
             cost_steps=cost_steps,
         )
-        level = np.asarray(plan.level, dtype=np.int64)
-        nxt = eng.split(coh, rows, plan.split)
-        if nxt is None:
-            break
-        coh = nxt
+        coh = eng.split(coh, plan.split)
+    level = np.asarray(plan.level, dtype=np.int64)
     return _class_totals(eng, rows.cls, rows.weight, level)
 
 
@@ -550,25 +554,22 @@ class _Mineops:
                 steps: CostSteps | None = None) -> _Cohorts:
         eng = self.eng
         market = self.market(price, cap_w, grid, steps)
-        coh = self.coh
-        for _ in range(_MAX_SPLITS):
+        coh: _Cohorts | None = self.coh
+        while coh is not None:  # ends: each split adds a cohort (see _solve_totals)
             rows = eng.rows(coh)
-            fields: dict[str, Any] = {k: v[rows.cohort].copy() for k, v in coh.cols.items()}
+            fields: dict[str, Any] = {k: v.copy() for k, v in coh.cols.items()}
             state = PolicyState(**fields, **coh.scalars)
             d = decide(
                 rows.fleet, market,
                 MinerInputs(stale=rows.stale, never_curtail=rows.never_curtail,
-                            priority=rows.priority, wake_s=rows.wake_s, unit_count=rows.weight),
+                            priority=rows.priority, wake_s=rows.wake_s,
+                            unit_count=rows.unit_count),
                 state, self.st.knobs, now_s=now,
             )
             self.decisions += 1
-            level = np.asarray(d.level, dtype=np.int64)
-            nxt = eng.split(coh, rows, d.split)
-            if nxt is None:
-                break
-            coh = nxt
+            coh = eng.split(coh, d.split)
         cols, scalars = _state_parts(state)
-        return eng.regroup(rows, level, cols, scalars, now)
+        return eng.regroup(rows, np.asarray(d.level, dtype=np.int64), cols, scalars, now)
 
     def next_event(self, now: float, end: float) -> float | None:
         """Earliest time inside (now, end) when a policy hold ends, as a tick would see it."""

@@ -48,6 +48,13 @@ never exceeds the cap.
 Bounds per miner (``min_level``/``max_level``) come from policy. Ties between entries
 of equal slope go to the wake chord first, then the lower level, then the kind whose
 first miner comes first, then the lower miner index, so plans are deterministic.
+
+Rows of several miners (``prepare(unit_count=...)``, the backtest's cohorts of identical
+miners with one history): a row is its miners in a block, one kind with every other
+row of the same points whatever its count, so the order above is the per-miner order
+of the miners row after row. Sums are of count times W, as the per-miner search sums
+count times W; a row takes an entry whole or not at all, and the first row the
+per-miner plan would take only in part is named in :attr:`Plan.split`.
 """
 
 from __future__ import annotations
@@ -109,6 +116,9 @@ class PreparedFleet:
     entry_w: FloatArray  # (M,) W of the entry for one miner
     min_entry_w: float  # the smallest W any entry or wake-up takes: less is left over
     wakes_below_vertex: bool  # some kind's best wake-up is above its first level
+    # (n,) identical miners each row stands for (the backtest's cohorts), or None: one.
+    # Rows of one kind are then still one kind, taken in row order like miners.
+    units: FloatArray | None = None
 
     @property
     def n(self) -> int:
@@ -145,17 +155,17 @@ class PreparedFleet:
         return out
 
     def power_at(self, level: npt.NDArray[np.integer]) -> FloatArray:
-        """W of every miner at the given levels (n,)."""
+        """W of every row at the given levels (n,): all the miners it stands for."""
         out: FloatArray = self.kind_power_w.ravel().take(self.row + level)
-        return out
+        return out if self.units is None else out * self.units
 
     def hashrate_at(self, level: npt.NDArray[np.integer]) -> FloatArray:
-        """TH/s of every miner at the given levels (n,)."""
+        """TH/s of every row at the given levels (n,): all the miners it stands for."""
         out: FloatArray = self.kind_hashrate_ths.ravel().take(self.row + level)
-        return out
+        return out if self.units is None else out * self.units
 
     def points(self) -> tuple[FloatArray, FloatArray]:
-        """The (n, k) operating points, W and TH/s (allocates: for tests and reports)."""
+        """The (n, k) operating points of one miner of each row, W and TH/s (allocates)."""
         return self.kind_power_w[self.kind], self.kind_hashrate_ths[self.kind]
 
 
@@ -177,8 +187,10 @@ class Plan:
     infeasible: bool = False
     floor_binding: bool = False  # held up by floor_w (ramp-down limit)
     econ_level: LevelArray | None = None  # best level at this price, bounds but no cap/floor
-    # With unit_count: (row, units) for the first row the cap left short of an entry
-    # although `units` of the identical miners it stands for would have fitted.
+    # With unit counts (prepare(unit_count=...)): (row, miners) for the first row whose
+    # miners the per-miner plan would not treat alike: its first `miners` (1 <= miners
+    # < its count) would take an entry (or a lower wake-up, or a floor's step) that the
+    # rest would not. The plan is the per-miner one, in row order, only without a split.
     split: tuple[int, int] | None = None
 
 
@@ -314,22 +326,29 @@ def highest_level(power_w: FloatArray, hashrate_ths: FloatArray) -> IntArray:
     return top
 
 
-def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
+def prepare(power_w: FloatArray, hashrate_ths: FloatArray, *,
+            unit_count: npt.NDArray[np.integer] | None = None) -> PreparedFleet:
     """Validate the operating points, find the kinds and order their entries.
 
     Args:
-        power_w: (n, k) W per level; column 0 is sleep, then strictly ascending
-            power targets; shorter rows repeat their last point to width k.
+        power_w: (n, k) W per level of one miner; column 0 is sleep, then strictly
+            ascending power targets; shorter rows repeat their last point to width k.
         hashrate_ths: (n, k) TH/s at those levels (0 or more at sleep).
+        unit_count: (n,) integers >= 1 when each row stands for that many identical
+            miners (the backtest's cohorts of miners with one history); None: one
+            miner a row. Rows with equal points are one kind whatever their counts, so
+            the plan is the per-miner plan of the miners in row order, as long as no
+            row is left part-way through an entry (:attr:`Plan.split` names the first).
 
     Returns:
         The prepared fleet; rebuild it only when the fleet or its points change.
 
     Raises:
-        ValueError: shapes differ, a value is not finite, or power does not ascend
-            before the padding.
+        ValueError: shapes differ, a value is not finite, power does not ascend
+            before the padding, or a unit count is not a positive integer per row.
     """
     p_all, h_all = _checked_points(power_w, hashrate_ths)
+    units = None if unit_count is None else _checked_units(unit_count, p_all.shape[0])
     kind, first = _kinds(p_all, h_all)
     p, h = p_all[first], h_all[first]
     n_kinds, k = p.shape
@@ -390,7 +409,15 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray) -> PreparedFleet:
         entry_w=entry_w.astype(np.float64),
         min_entry_w=float(usable.min(initial=math.inf)),
         wakes_below_vertex=bool(kf and np.any((wake >= 2) & (np.arange(kf) < top[:, None]))),
+        units=units,
     )
+
+
+def _checked_units(unit_count: npt.NDArray[np.integer], n: int) -> FloatArray:
+    u = np.asarray(unit_count)
+    if u.shape != (n,) or not np.all(u >= 1) or not np.all(np.floor(u) == u):
+        raise ValueError("unit_count must be (n,) whole numbers >= 1, one per row")
+    return u.astype(np.float64)
 
 
 # -- prices -----------------------------------------------------------------------------------
@@ -566,7 +593,11 @@ class _Context:
     cls: IntArray  # (n,) dense priority class, 0 first
     n_cls: int
     econ_w: FloatArray  # (n,) W at the economic levels
-    units: FloatArray | None  # (n,) identical miners per row, or None
+
+    @property
+    def units(self) -> FloatArray | None:
+        """(n,) identical miners per row, or None (one each)."""
+        return self.fleet.units
 
     def in_class(self, c: int) -> IntArray | slice:
         """The miners of class c, in order (all of them when there is one class)."""
@@ -627,12 +658,15 @@ def _entry_weights(ctx: _Context, c: int) -> _ClassWeights:
     mine = ctx.in_class(c)
     row = fleet.row[mine]
     size = n_kinds * k
+    u = None if ctx.units is None else ctx.units[mine]
     # Miners with start <= level < hi: those starting at or below it, less those whose
     # maximum is at or below it (running sums over each kind's levels).
-    active = np.bincount(row + b.start[mine], minlength=size).reshape(n_kinds, k).cumsum(1)
-    active -= np.bincount(row + b.hi[mine], minlength=size).reshape(n_kinds, k).cumsum(1)
+    active = np.bincount(row + b.start[mine], u, size).reshape(n_kinds, k).cumsum(1)
+    active -= np.bincount(row + b.hi[mine], u, size).reshape(n_kinds, k).cumsum(1)
     steps = active[:, 1 : k - 1] * fleet.step_w
-    chords = np.bincount(b.chord_idx[mine][b.has_chord[mine]], minlength=n_kinds * (k - 1))
+    sleepy = b.has_chord[mine]
+    chords = np.bincount(b.chord_idx[mine][sleepy], None if u is None else u[sleepy],
+                         n_kinds * (k - 1))
     return _ClassWeights(fleet, steps, chords.reshape(n_kinds, k - 1) * fleet.wake_w)
 
 
@@ -741,13 +775,9 @@ def _waiting(ctx: _Context, level: LevelArray, c: int) -> _Waiting:
 
 
 def _least_w(ctx: _Context, stop: int) -> FloatArray:
-    """(stop,) the least W each entry's group can still use: one miner of a row, a lower wake."""
+    """(stop,) the least W each entry's group can still use: one miner, a lower wake."""
     fleet = ctx.fleet
     least = fleet.entry_w[:stop]
-    if ctx.units is not None:  # rows of one kind stand for equally many miners
-        per_kind = np.zeros(fleet.kinds)
-        np.maximum.at(per_kind, fleet.kind, ctx.units)
-        least = least / per_kind[fleet.entry_kind[:stop]]
     if not fleet.wakes_below_vertex:
         return least
     p, h = fleet.kind_power_w, fleet.kind_hashrate_ths
@@ -787,12 +817,41 @@ def _members(ctx: _Context, s: _Search, f: _Fill, c: int, g: int) -> IntArray:
     return np.flatnonzero(mine)
 
 
+def _miners_fitting(total: int, w: float, room_w: float) -> int:
+    """How many of `total` miners fit in room_w taking w W each (the count times w fits)."""
+    t = min(total, int(room_w // w))
+    while t and t * w > room_w:
+        t -= 1
+    return t
+
+
+def _miner_count(ctx: _Context, rows: IntArray) -> int:
+    return int(rows.size) if ctx.units is None else int(ctx.units[rows].sum())
+
+
+def _whole_rows(ctx: _Context, rows: IntArray, miners: int
+                ) -> tuple[int, int, tuple[int, int] | None]:
+    """The first `miners` miners of these rows (in order), as the rows they fill whole.
+
+    Returns the number of those rows, the miners in them, and (row, miners of it) when
+    the count ends part-way through a row: the split the backtest refines. One miner a
+    row: (miners, miners, None).
+    """
+    if ctx.units is None:
+        return miners, miners, None
+    cum = np.cumsum(ctx.units[rows])
+    t = int(np.searchsorted(cum, miners, side="right"))
+    whole = int(cum[t - 1]) if t else 0
+    return t, whole, (int(rows[t]), miners - whole) if whole < miners else None
+
+
 def _wake_lower(ctx: _Context, s: _Search, rest: IntArray) -> None:
     """Miners whose wake chord did not fit wake, in order, at the best level that fits.
 
     They share a kind and a hull vertex; the candidates are the levels below the
-    vertex that pay at this price. A row of several identical miners wakes whole at
-    the level one of them would choose, or not at all (then ``split`` names it).
+    vertex that pay at this price. Rows of several identical miners wake whole at the
+    level their miners would choose; where that choice ends part-way through a row,
+    ``split`` names it and the rows from there stay asleep.
     """
     fleet, eco = ctx.fleet, ctx.eco
     kind, wake = int(fleet.kind[rest[0]]), int(ctx.b.start[rest[0]])
@@ -800,39 +859,39 @@ def _wake_lower(ctx: _Context, s: _Search, rest: IntArray) -> None:
     dp = fleet.kind_power_w[kind, lv] - fleet.kind_power_w[kind, 0]
     dh = fleet.kind_hashrate_ths[kind, lv] - fleet.kind_hashrate_ths[kind, 0]
     gain = np.where(dh > eco.threshold * dp, eco.value * dh - eco.cost * dp, -np.inf)
-    u = 1.0 if ctx.units is None else float(ctx.units[rest[0]])
     done = 0
     while done < rest.size:
-        fits = (dp / u <= s.room_w) & np.isfinite(gain)
+        fits = (dp <= s.room_w) & np.isfinite(gain)
         if not fits.any():
             return
         j = int(np.argmax(np.where(fits, gain, -np.inf)))
-        count = min(rest.size - done, int(s.room_w // dp[j]))
-        while count and count * dp[j] > s.room_w:
-            count -= 1
-        if count == 0:  # not a whole row, though one of its miners would fit
+        left = rest[done:]
+        count = _miners_fitting(_miner_count(ctx, left), float(dp[j]), s.room_w)
+        rows, miners, split = _whole_rows(ctx, left, count)
+        s.level[left[:rows]] = lv[j]
+        s.room_w -= miners * float(dp[j])
+        done += rows
+        if split is not None:
             if s.split is None:
-                s.split = (int(rest[done]), int(s.room_w // (dp[j] / u)))
+                s.split = split
             return
-        s.level[rest[done : done + count]] = lv[j]
-        s.room_w -= count * float(dp[j])
-        done += count
 
 
 def _take_group(ctx: _Context, s: _Search, members: IntArray, g: int) -> IntArray:
-    """The first members of one group take its entry while it fits; returns those that did."""
+    """The first members of one group take its entry while it fits; returns those that did.
+
+    Rows of several miners take it whole or not at all; the first that would take it
+    only in part is named in ``split``.
+    """
     w = float(ctx.fleet.entry_w[g])
-    t = min(members.size, int(s.room_w // w))
-    while t and t * w > s.room_w:
-        t -= 1
+    count = _miners_fitting(_miner_count(ctx, members), w, s.room_w)
+    t, miners, split = _whole_rows(ctx, members, count)
     taken, rest = members[:t], members[t:]
-    s.room_w -= t * w
+    s.room_w -= miners * w
     if rest.size and s.cut_pos < 0:
         s.cut_pos = g
-    if rest.size and ctx.units is not None and s.split is None:
-        unit_w = w / float(ctx.units[rest[0]])
-        if unit_w <= s.room_w:
-            s.split = (int(rest[0]), int(s.room_w // unit_w))
+    if split is not None and s.split is None:
+        s.split = split
     if int(ctx.fleet.entry_level[g]) >= 1:
         s.level[taken] += LEVEL(1)
     else:
@@ -849,12 +908,12 @@ def _fill(ctx: _Context, s: _Search, first_cls: int) -> None:
     sleeping one may wake below its hull vertex (:func:`_wake_lower`).
     """
     fleet = ctx.fleet
-    if ctx.units is None and s.room_w < fleet.min_entry_w:
+    if s.room_w < fleet.min_entry_w:
         return
     least = _least_w(ctx, ctx.eco.r0)
     blocked = np.zeros(fleet.n, dtype=bool)
     for c in range(first_cls, ctx.n_cls):
-        if ctx.units is None and s.room_w < fleet.min_entry_w:
+        if s.room_w < fleet.min_entry_w:
             return
         _walk(ctx, s, _Fill(blocked, _waiting(ctx, s.level, c)), c, least)
 
@@ -931,16 +990,19 @@ def _group_members(ctx: _Context, in_class: BoolArray, g: int) -> IntArray:
     return np.flatnonzero(mine)
 
 
-def _fill_to_floor(ctx: _Context, need_w: float, room_w: float) -> LevelArray:
+def _fill_to_floor(ctx: _Context, need_w: float, room_w: float
+                   ) -> tuple[LevelArray, tuple[int, int] | None]:
     """Keep the least unprofitable entries, in order, until the floor; never past the cap.
 
     Classes before the one the floor stops in run everything they may; in that class,
     the entries up to the one that reaches the floor (that one only if it fits); later
-    classes keep their economic levels.
+    classes keep their economic levels. Returns the levels and, with rows of several
+    miners, the row the floor ends part-way through (as :func:`_take_group`).
     """
     fleet, r0 = ctx.fleet, ctx.eco.r0
     m_total = fleet.neg_slope.size
     level = ctx.econ.copy()
+    split: tuple[int, int] | None = None
     every = levels_at(fleet, ctx.b, m_total)
     for c, total in enumerate(ctx.class_totals(fleet.power_at(every), ctx.econ_w).tolist()):
         in_c = ctx.cls == c
@@ -954,16 +1016,18 @@ def _fill_to_floor(ctx: _Context, need_w: float, room_w: float) -> LevelArray:
         if g < m_total:
             w = float(fleet.entry_w[g])
             members = _group_members(ctx, in_c, g)
-            keep = min(members.size, int((need_w - before) // w))
-            if keep < members.size and before + (keep + 1) * w <= room_w:
+            size = _miner_count(ctx, members)
+            keep = min(size, int((need_w - before) // w))
+            if keep < size and before + (keep + 1) * w <= room_w:
                 keep += 1  # the entry that reaches the floor, since the cap allows it
-            taken = members[:keep]
+            rows, _, split = _whole_rows(ctx, members, keep)
+            taken = members[:rows]
             if int(fleet.entry_level[g]) >= 1:
                 level[taken] += LEVEL(1)
             else:
                 level[taken] = ctx.b.start[taken]
         break
-    return level
+    return level, split
 
 
 def _plan(fleet: PreparedFleet, level: LevelArray, econ: LevelArray, aux1: float, *,
@@ -1005,8 +1069,9 @@ def _search(ctx: _Context, *, budget: float, base_total: float, floor_it: float,
         return _plan(ctx.fleet, s.level, ctx.econ, aux1, binding=True, split=s.split,
                      multiplier=_multiplier(ctx.fleet, s.cut_pos, ctx.eco, aux1))
     econ_total = float(ctx.econ_w.sum())
-    level = _fill_to_floor(ctx, floor_it - econ_total, budget - econ_total)
-    return _plan(ctx.fleet, level, ctx.econ, aux1, binding=False, floor_binding=True)
+    level, split = _fill_to_floor(ctx, floor_it - econ_total, budget - econ_total)
+    return _plan(ctx.fleet, level, ctx.econ, aux1, binding=False, floor_binding=True,
+                 split=split)
 
 
 def _search_under(ctx: _Context, cap_w: float, *, base_total: float, floor_it: float,
@@ -1067,10 +1132,11 @@ def solve(
         aux_in_cost: Whether auxiliary load is paid for in the energy cost.
         bounds: ``make_bounds(fleet, min_level, max_level)`` computed already; when
             given, min_level and max_level are ignored.
-        unit_count: (n,) when each row stands for that many identical miners (the
-            backtest's cohorts, points scaled by the count): the plan then names, in
-            ``split``, the first row of which some miners but not all would have
-            taken an entry the cap left out.
+        unit_count: The rows' miner counts when the fleet was prepared with them
+            (``prepare(unit_count=...)``; the backtest's cohorts): checked against the
+            fleet's, so that counts meant for another fleet are an error rather than a
+            plan. With counts (given here or not) the plan names, in ``split``, the
+            first row of which some miners but not all would have taken an entry.
         cost_steps: The price of power by steps (an energy campus: on-site surplus,
             then grid import); price_usd_per_mwh and adder_usd_per_mwh are then
             ignored. The plan is the one at the step :func:`stepped_choice` picks;
@@ -1082,11 +1148,14 @@ def solve(
         cap) or RAMP (held above it by the floor).
     """
     aux1 = 1.0 + aux_fraction
+    if unit_count is not None and not (
+            fleet.units is not None and np.array_equal(fleet.units, unit_count)):
+        raise ValueError("unit_count differs from the counts the fleet was prepared with")
     b = bounds if bounds is not None else make_bounds(fleet, min_level, max_level)
     if cost_steps is not None:
         return _solve_stepped(fleet, cost_steps, hashprice_usd_per_ph_day=hashprice_usd_per_ph_day,
                               cap_w=cap_w, aux_fraction=aux_fraction, b=b, floor_w=floor_w,
-                              priority=priority, aux_in_cost=aux_in_cost, unit_count=unit_count)
+                              priority=priority, aux_in_cost=aux_in_cost)
     eco = _economics(fleet, price_usd_per_mwh, hashprice_usd_per_ph_day,
                      aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
                      aux_in_cost=aux_in_cost)
@@ -1101,8 +1170,7 @@ def solve(
     if base_total * aux1 > cap_w:
         return _plan(fleet, b.lo.copy(), econ, aux1, binding=True, infeasible=True)
     cls, n_cls = _classes(priority, fleet.n)
-    ctx = _Context(fleet, b, eco, econ, cls, n_cls, econ_w,
-                   None if unit_count is None else np.asarray(unit_count, dtype=np.float64))
+    ctx = _Context(fleet, b, eco, econ, cls, n_cls, econ_w)
     binding = econ_total * aux1 > cap_w
     out = _search_under(ctx, cap_w, base_total=base_total, floor_it=floor_it,
                         binding=binding, aux1=aux1)
@@ -1225,7 +1293,7 @@ class _Relaxation:
 
 def _relaxation(fleet: PreparedFleet, b: Bounds, eco: _Economics) -> _Relaxation:
     ctx = _Context(fleet, b, eco, b.lo, np.zeros(fleet.n, dtype=np.intp), 1,
-                   np.zeros(fleet.n), None)
+                   np.zeros(fleet.n))
     w = _entry_weights(ctx, 0)
     step_h, chord_h = _entry_hash(fleet)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -1307,8 +1375,7 @@ def stepped_choice(
 
 def _solve_stepped(fleet: PreparedFleet, steps: CostSteps, *, hashprice_usd_per_ph_day: float,
                    cap_w: float, aux_fraction: float, b: Bounds, floor_w: float,
-                   priority: npt.NDArray[np.integer] | None, aux_in_cost: bool,
-                   unit_count: npt.NDArray[np.integer] | None) -> Plan:
+                   priority: npt.NDArray[np.integer] | None, aux_in_cost: bool) -> Plan:
     """:func:`solve` against stepped costs: the single-price search at the chosen step."""
     choice = stepped_choice(fleet, steps, hashprice_usd_per_ph_day=hashprice_usd_per_ph_day,
                             cap_w=cap_w, bounds=b, aux_fraction=aux_fraction, floor_w=floor_w,
@@ -1318,7 +1385,7 @@ def _solve_stepped(fleet: PreparedFleet, steps: CostSteps, *, hashprice_usd_per_
         return solve(fleet, price_usd_per_mwh=choice.price_usd_per_mwh,
                      hashprice_usd_per_ph_day=hashprice_usd_per_ph_day, cap_w=cap,
                      aux_fraction=aux_fraction, floor_w=floor, priority=prio,
-                     aux_in_cost=aux_in_cost, bounds=b, unit_count=unit_count)
+                     aux_in_cost=aux_in_cost, bounds=b)
 
     if choice.at == "upper" and choice.upper_w < cap_w:
         # A step's boundary, not the cap: the miners it holds are where profit puts them.
