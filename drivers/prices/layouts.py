@@ -281,7 +281,9 @@ class Generic(Layout):
     `interval_start_local` (ISO 8601 or Unix seconds). Naive times in `timestamp`, `time`,
     `datetime` or a `*_utc` column are UTC (as mineops always read them), in
     `interval_start_local` the market's zone when the price columns name ERCOT settlement
-    points (`hb_south_rtm_spp_usd_mwh`), else whatever --timezone says.
+    points (`hb_south_rtm_spp_usd_mwh`), else whatever --timezone says. Naive times by
+    convention (`utc_by_convention`) beside columns naming a market are refused by
+    drivers.prices.files until --timezone names their zone.
     """
 
     name = "generic"
