@@ -368,6 +368,8 @@ def test_tasmota_live_channel_outside_the_grid_band_is_counted_not_used() -> Non
      None, 1000.0, "energy_import_wh"),
     ({"ImportActive": 12.0, "ExportActive": -0.25, "Power": 100}, 12_000.0, None,
      "energy_export_wh"),
+    # A bad ImportActive is not replaced by Total, which counts something else.
+    ({"ImportActive": -1.0, "Total": 20.0, "Power": 100}, None, None, "energy_import_wh"),
     # A counter beyond anything a meter could count (1e300 kWh): a misread number.
     ({"Total": 1e300, "Power": 640.0}, None, None, "energy_import_wh"),
 ])
@@ -670,7 +672,6 @@ def test_shelly_gen2_metering_relays_are_unsupported_components(topic: str, raw:
 
 # EM1 components (Pro EM, EM Gen3, 3EM in its monophase profile): the field case
 # meter-shelly-gen2-em1, then more of its kind.
-
 
 
 def test_field_case_shelly_gen2_em1_is_read() -> None:

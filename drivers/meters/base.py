@@ -64,8 +64,6 @@ FREQUENCY_AGREEMENT_HZ = 0.05
 # still a small load.
 LOAD_MIN_A = 0.1
 LOAD_MIN_W = 10.0
-# Reasons a value is left unknown in a reading that otherwise stands.
-UNKNOWN_REASONS = ("out_of_range", "channels_disagree")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +133,7 @@ class MeterReading:
                 notes.append(UnknownValue(key, "out_of_range", problem))
         if not cleared:
             return self
+        # power_w, the one field that is not optional, is never among the cleared.
         return replace(self, **cleared, unknown=tuple(notes))  # type: ignore[arg-type]
 
     def telemetry(self, ts: float) -> MeterTelemetry:

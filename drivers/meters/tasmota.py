@@ -119,10 +119,11 @@ class TasmotaDriver(MeterDriver[TasmotaMeter]):
             raise PayloadError("bad_schema", "ENERGY.Power: missing")
         notes: list[UnknownValue] = []
         export = _register(energy, "ExportActive", "energy_export_wh", notes)
-        if "ImportActive" in energy or "ExportActive" in energy:
-            imported = _register(energy, "ImportActive", "energy_import_wh", notes)
-        else:  # a device that measures no export: Total is its import register
+        if energy.get("ImportActive") is None and energy.get("ExportActive") is None:
+            # A device that measures no export: Total is its import register.
             imported = _register(energy, "Total", "energy_import_wh", notes, _TOTAL_HINT)
+        else:  # even a bad ImportActive is not replaced by Total, which means something else
+            imported = _register(energy, "ImportActive", "energy_import_wh", notes)
         current = _channels(energy, "Current")
         grid = grid_voltage_frequency(
             _channels(energy, "Voltage") or [], _channels(energy, "Frequency") or [],
