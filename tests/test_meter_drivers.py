@@ -159,7 +159,6 @@ def test_tasmota_custom_full_topic() -> None:
     (b'{"ENERGY": {"Power": [1, null, 3]}}', "wrong_type"),
     (b'{"ENERGY": {"Power": []}}', "bad_value"),
     (b'{"ENERGY": {"Power": [1, 2, 3], "Voltage": [230, 230]}}', "bad_value"),
-    (b'{"ENERGY": {"Power": 100, "ImportActive": "5"}}', "wrong_type"),
     (b'{"ENERGY": {"Power": 1e300}}', "out_of_range"),
     (b'{"ENERGY": {"Power": -3e9, "Total": 1}}', "out_of_range"),
     (b'{"ENERGY": {"Power": 1' + b"0" * 400 + b"}}", "out_of_range"),
@@ -401,6 +400,44 @@ def test_tasmota_a_value_out_of_range_is_unknown_and_the_power_stands(
     assert unknown_of(r) == [(key, "out_of_range")]
 
 
+@pytest.mark.parametrize(("energy", "key", "reason"), [
+    ({"Power": 100, "ImportActive": "5"}, "energy_import_wh", "wrong_type"),
+    ({"Power": 100, "Voltage": "230", "Frequency": 50}, "voltage_v", "wrong_type"),
+    ({"Power": [100, 50], "Current": [1.0, "2"], "Voltage": [230, 230]}, "current_a",
+     "wrong_type"),
+    ({"Power": 100, "Factor": True}, "power_factor", "wrong_type"),
+    ({"Power": 100, "Frequency": {"value": 50}, "Voltage": 230}, "frequency_hz", "wrong_type"),
+    ({"Power": 100, "Voltage": []}, "voltage_v", "bad_value"),
+    ({"Power": 100, "Total": 1e400}, "energy_import_wh", "out_of_range"),
+])
+def test_tasmota_a_malformed_field_other_than_power_is_unknown_and_the_power_stands(
+        energy: dict[str, Any], key: str, reason: str) -> None:
+    raw = json.dumps({"ENERGY": energy}).replace("Infinity", "1e400").encode()
+    r = tasmota().decode("tele/pow/SENSOR", raw)
+    assert r is not None and r.power_w == sum(as_list(energy["Power"]))
+    assert getattr(r, key) is None
+    assert unknown_of(r) == [(key, reason)]
+
+
+def test_tasmota_null_channels_are_unknown_not_zero() -> None:
+    # A channel whose value the device does not know: that channel's only. A sum over
+    # it is unknown (never counted as 0); voltage and frequency come from the others.
+    r = tasmota().decode("tele/pow/SENSOR", js({"ENERGY": {
+        "Power": [1000, 900, 0], "Voltage": [230, 231, None], "Frequency": [50, 50.01, None],
+        "Current": [4.3, None, 0], "Total": [1.0, None, 0.0]}}))
+    assert r is not None and r.power_w == 1900.0
+    assert (r.voltage_v, r.frequency_hz) == (230.5, pytest.approx(50.005))
+    assert r.current_a is None and r.energy_import_wh is None
+    assert r.unknown == ()
+    # Power is the reading: a null in it is no reading.
+    assert reason_of(tasmota(), "tele/pow/SENSOR", js({"ENERGY": {"Power": [100, None]}})) == (
+        "wrong_type")
+    # A malformed Total beside ImportActive is not read at all, so not counted.
+    r = tasmota().decode("tele/pow/SENSOR", js({"ENERGY": {
+        "Power": 100, "ImportActive": 2.0, "Total": "x"}}))
+    assert r is not None and r.energy_import_wh == 2000.0 and r.unknown == ()
+
+
 @pytest.mark.parametrize(("energy", "named"), [
     ({"Power": [100, 200, 300], "Voltage": [230, 230], "Frequency": [50, 50, 50]},
      "Power 3, Voltage 2, Frequency 3"),
@@ -535,20 +572,47 @@ def test_shelly_gen2_malformed(topic: str, raw: bytes, reason: str) -> None:
 def test_shelly_gen2_bad_delta_leaves_the_state_as_it_was() -> None:
     d = gen2()
     before = d.decode(f"{P}/status/em:0", SHELLY_EM0.read_bytes())
-    bad = notify("NotifyStatus", **{"em:0": {"id": 0, "total_act_power": 1.0, "a_pf": "x"}})
-    assert reason_of(d, f"{P}/events/rpc", bad) == "wrong_type"
-    power_out_of_range = notify("NotifyStatus", **{"em:0": {"id": 0, "total_act_power": 3e9}})
-    assert reason_of(d, f"{P}/events/rpc", power_out_of_range) == "out_of_range"
-    other_channel = notify("NotifyStatus", **{"em:0": {"id": 1, "total_act_power": 1.0}})
-    assert reason_of(d, f"{P}/events/rpc", other_channel) == "bad_value"
+    for bad, reason in (
+            ({"id": 0, "total_act_power": "1.0", "a_voltage": 1.0}, "wrong_type"),
+            ({"id": 0, "total_act_power": None}, "bad_schema"),
+            ({"id": 0, "total_act_power": 3e9}, "out_of_range"),
+            ({"id": 1, "total_act_power": 1.0}, "bad_value")):
+        assert reason_of(d, f"{P}/events/rpc", notify("NotifyStatus", **{"em:0": bad})) == (
+            reason)
+    assert d.decode(f"{P}/events/rpc", notify("NotifyStatus", **{"em:0": {"id": 0}})) == (
+        before)
+
+
+def test_shelly_gen2_a_bad_field_other_than_power_is_unknown_and_the_power_stands() -> None:
+    d = gen2()
+    before = d.decode(f"{P}/status/em:0", SHELLY_EM0.read_bytes())
+    assert before is not None and before.voltage_v == pytest.approx(230.366667)
     # A voltage of 5 MV is no voltage, but the power beside it stands.
     r = d.decode(f"{P}/events/rpc", notify("NotifyStatus", **{"em:0": {
         "id": 0, "a_voltage": 5e6, "total_act_power": 2600.0}}))
     assert r is not None and r.power_w == 2600.0 and r.voltage_v is None
-    assert [(u.field, u.reason) for u in r.unknown] == [("voltage_v", "out_of_range")]
-    ok = notify("NotifyStatus", **{"em:0": {"id": 0, "a_voltage": 230.5,
-                                            "total_act_power": 2581.781}})
-    assert d.decode(f"{P}/events/rpc", ok) == before
+    assert unknown_of(r) == [("voltage_v", "out_of_range")]
+    # A malformed voltage is unknown from then on, not its old value (nor 5 MV).
+    r = d.decode(f"{P}/events/rpc", notify("NotifyStatus", **{"em:0": {
+        "id": 0, "a_voltage": "230.5", "b_freq": None, "total_act_power": 2610.0}}))
+    assert r is not None and r.power_w == 2610.0
+    assert r.voltage_v == pytest.approx((228.5 + 232.1) / 2), "phases B and C only"
+    assert r.frequency_hz == 50.0, "phase C's: B's went null, A has no voltage"
+    assert unknown_of(r) == [("voltage_v", "wrong_type")]
+    assert "a_voltage" not in d.status["em:0"] and "b_freq" not in d.status["em:0"]
+    r = d.decode(f"{P}/events/rpc", notify("NotifyStatus", **{"em:0": {
+        "id": 0, "a_voltage": 230.5, "b_freq": 50.0, "total_act_power": 2581.781}}))
+    assert r == before
+    # The same in a full status, and in an em1 channel's.
+    em = {**json.loads(SHELLY_EM0.read_bytes()), "total_current": "12.259"}
+    r = gen2().decode(f"{P}/status/em:0", js(em))
+    assert r is not None and r.power_w == 2581.781
+    assert r.current_a == pytest.approx(12.259), "the phases' sum stands in for the total"
+    assert unknown_of(r) == [("current_a", "wrong_type")]
+    r = gen2(EP, [1]).decode(f"{EP}/status/em1:1", js({
+        "id": 1, "act_power": 6769.3, "voltage": 221.4, "freq": [50.0]}))
+    assert r is not None and r.power_w == 6769.3 and r.frequency_hz is None
+    assert unknown_of(r) == [("frequency_hz", "wrong_type")]
 
 
 def test_shelly_gen2_state_is_bounded_to_known_fields() -> None:

@@ -11,10 +11,11 @@ unknown_topic, unsupported_component (a meter component of the device that this
 meter's config does not read).
 
 One bad value never costs the good ones: a value other than power that is not physical
-(a negative register, a power factor of 1.7) is left unknown (None) in the reading and
-noted in `MeterReading.unknown` with its reason (out_of_range, channels_disagree), which
-the controller counts and logs; the power still applies. Power itself out of bounds
-drops the message: without it there is no reading.
+(a negative register, a power factor of 1.7) or malformed (a string where a number
+belongs) is left unknown (None) in the reading and noted in `MeterReading.unknown` with
+its reason (out_of_range, channels_disagree, wrong_type, bad_value), which the
+controller counts and logs; the power still applies. Power itself malformed or out of
+bounds drops the message: without it there is no reading.
 
 Multi-channel meters (three-phase, split-phase, two-channel): power, current and
 energy are summed over every channel, dead or not; voltage comes from the channels
@@ -68,14 +69,18 @@ LOAD_MIN_W = 10.0
 
 @dataclass(frozen=True, slots=True)
 class UnknownValue:
-    """A value the device sent that the reading leaves unknown (None), and why.
+    """A value the device sent that the reading could not use, and why.
+
+    The reading's key it feeds is then None, or made from the device's other values
+    where they suffice (a Shelly's phase currents for a malformed total current).
 
     Attributes:
-        field: the reading's key, e.g. "energy_import_wh" or "frequency_hz".
+        field: the reading's key the value feeds, e.g. "energy_import_wh".
         reason: out_of_range (not a physical value: a negative register, a power factor
-            beyond 1, a grid frequency outside 45-65 Hz on an energised channel) or
+            beyond 1, a grid frequency outside 45-65 Hz on an energised channel),
             channels_disagree (energised channels whose frequencies differ by more
-            than FREQUENCY_AGREEMENT_HZ, with no majority agreeing).
+            than FREQUENCY_AGREEMENT_HZ, with no majority agreeing), wrong_type or
+            bad_value (a malformed field other than power: a string, an empty array).
         detail: what the device sent, for the log.
     """
 
@@ -97,7 +102,7 @@ class MeterReading:
         power_factor: Total active over total apparent power (a single channel: as reported).
         frequency_hz: Grid frequency, Hz: what the energised channels agree on (see
             grid_voltage_frequency); None without one, or when they disagree.
-        unknown: Values the device sent that this reading leaves None, with the reason.
+        unknown: Values the device sent that this reading could not use, with the reason.
     """
 
     power_w: float

@@ -36,7 +36,7 @@ value of a fixed set of fields per configured component, so it cannot grow.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -149,21 +149,23 @@ class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
         return [self.status_prefix]
 
     def decode(self, topic: str, raw: bytes) -> MeterReading | None:
+        notes: list[UnknownValue] = []  # malformed fields other than power, left unknown
         if topic == self.rpc_topic:
-            updates = self._notification(load_json(raw, MAX_RPC_BYTES))
+            updates = self._notification(load_json(raw, MAX_RPC_BYTES), notes)
         elif topic.startswith(self.status_prefix) and "/" not in topic[len(self.status_prefix):]:
             component = topic[len(self.status_prefix):]
             if component not in self.components:
                 self._check_other({component: _peek(raw)})
                 return None  # sys, wifi, a plain switch...: no reading in them
-            updates = {component: _full(component, load_json(raw, MAX_STATUS_BYTES), component)}
+            updates = {component: _full(component, load_json(raw, MAX_STATUS_BYTES), component,
+                                        notes)}
         else:
             raise PayloadError("unknown_topic", f"not a topic of Shelly {self.config.id}")
         if not updates:
             return None
         reading = self._reading({**self.status, **updates})
         if reading is not None:
-            reading = reading.checked()
+            reading = replace(reading, unknown=(*notes, *reading.unknown)).checked()
         self.status.update(updates)  # only once the whole message is good
         return reading
 
@@ -201,7 +203,8 @@ class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
         kind, _, _ = component.partition(":")
         return self.em1_channels is not None and kind in ("em1", "em1data")
 
-    def _notification(self, msg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    def _notification(self, msg: dict[str, Any],
+                      notes: list[UnknownValue]) -> dict[str, dict[str, float]]:
         method = msg.get("method")
         if not isinstance(method, str):
             raise PayloadError("bad_schema", "method: missing or not a string")
@@ -219,14 +222,16 @@ class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
             body = params[component]
             where = f"params.{component}"
             if method == "NotifyFullStatus":
-                updates[component] = _full(component, body, where)
+                updates[component] = _full(component, body, where, notes)
                 continue
-            delta = _fields(component, body, where)
+            delta, unknown = _fields(component, body, where, notes)
             base = self.status.get(component)
             if base is None:
                 raise PayloadError("no_base_status", f"NotifyStatus delta for {component} "
                                    f"before any full {component} status")
-            updates[component] = {**base, **delta}
+            # A field the delta makes null or malformed is unknown now, not its old value.
+            updates[component] = {k: v for k, v in {**base, **delta}.items()
+                                  if k not in unknown}
         return updates
 
     def _reading(self, status: dict[str, dict[str, float]]) -> MeterReading | None:
@@ -271,22 +276,59 @@ def _peek(raw: bytes) -> Any:
         return None
 
 
-def _fields(component: str, body: Any, where: str) -> dict[str, float]:
-    """The known numeric fields of a component status (nulls and other keys left out).
+def _fields(component: str, body: Any, where: str,
+            notes: list[UnknownValue]) -> tuple[dict[str, float], set[str]]:
+    """The known numeric fields of a component status, and those it makes unknown.
+
+    Other keys are left out. A field that is null or malformed (a string, a number too
+    large) is unknown: it costs only itself, and a malformed one that the reading uses
+    is noted in `notes` with its reason. The component's required field (its power, or
+    its import register) malformed or null is an error.
 
     Raises:
-        PayloadError: not an object (wrong_type), a field of the wrong type, or an `id`
-            that is not the component's own (bad_value: another channel's payload).
+        PayloadError: not an object (wrong_type), the required field malformed or null,
+            or an `id` that is not the component's own (bad_value: another channel's).
     """
     if not isinstance(body, dict):
         raise PayloadError("wrong_type", f"{where}: expected an object")
     _check_id(component, body.get("id"), where)
+    kind = KINDS[component.partition(":")[0]]
     out: dict[str, float] = {}
-    for key in KINDS[component.partition(":")[0]].fields.intersection(body):
-        value = as_number(body[key], f"{where}.{key}")
-        if value is not None:
+    unknown: set[str] = set()
+    for key in kind.fields.intersection(body):
+        try:
+            value = as_number(body[key], f"{where}.{key}")
+        except PayloadError as e:
+            if key == kind.required:
+                raise
+            unknown.add(key)
+            if (field := _reading_key(key)) is not None:
+                notes.append(UnknownValue(field, e.reason, e.detail))
+            continue
+        if value is None:
+            if key == kind.required:
+                raise PayloadError("bad_schema", f"{where}.{key}: null")
+            unknown.add(key)
+        else:
             out[key] = value
-    return out
+    return out, unknown
+
+
+def _reading_key(field: str) -> str | None:
+    """The reading's key a component field feeds; None for fields it does not use."""
+    if field.endswith("voltage"):
+        return "voltage_v"
+    if field.endswith("freq"):
+        return "frequency_hz"
+    if field.endswith("current") and field != "n_current":
+        return "current_a"
+    if field.endswith(("pf", "aprt_power", "act_power")):
+        return "power_factor"  # em's per-phase powers only weigh the phases' factors
+    if field in ("total_act", "total_act_energy"):
+        return "energy_import_wh"
+    if field in ("total_act_ret", "total_act_ret_energy"):
+        return "energy_export_wh"
+    return None  # per-phase registers: kept, but the reading uses the totals
 
 
 def _check_id(component: str, value: Any, where: str) -> None:
@@ -301,8 +343,9 @@ def _check_id(component: str, value: Any, where: str) -> None:
                            f"not {component} (a device's message on another's topic?)")
 
 
-def _full(component: str, body: Any, where: str) -> dict[str, float]:
-    fields = _fields(component, body, where)
+def _full(component: str, body: Any, where: str,
+          notes: list[UnknownValue]) -> dict[str, float]:
+    fields, _ = _fields(component, body, where, notes)
     required = KINDS[component.partition(":")[0]].required
     if required not in fields:
         raise PayloadError("bad_schema", f"{where}.{required}: missing")

@@ -46,9 +46,13 @@ from drivers.meters.base import (
 MAX_BYTES = 16 * 1024  # SENSOR also carries any other sensors on the device
 MAX_CHANNELS = 16
 STATUS_LEAVES = ("STATUS8", "STATUS10")
-# The ENERGY fields the reading uses: arrays among them must have one length.
-READ_FIELDS = ("Power", "ImportActive", "ExportActive", "Total", "Voltage", "Current",
-               "Frequency", "ApparentPower", "Factor")
+# The ENERGY fields the reading uses besides Power, and the reading's key each gives.
+FIELD_OF = {"ImportActive": "energy_import_wh", "ExportActive": "energy_export_wh",
+            "Total": "energy_import_wh", "Voltage": "voltage_v", "Current": "current_a",
+            "Frequency": "frequency_hz", "ApparentPower": "power_factor",
+            "Factor": "power_factor"}
+# Arrays among them must have one length.
+READ_FIELDS = ("Power", *FIELD_OF)
 _TOTAL_HINT = (": Total is net of export on a device that measures export, so it is no "
                "import register")
 
@@ -117,26 +121,29 @@ class TasmotaDriver(MeterDriver[TasmotaMeter]):
         power = _channels(energy, "Power")
         if power is None:
             raise PayloadError("bad_schema", "ENERGY.Power: missing")
+        # Total is the import register only on a device that sends neither register (even
+        # a bad ImportActive is not replaced by it: Total counts something else there).
+        import_key = ("Total" if energy.get("ImportActive") is None
+                      and energy.get("ExportActive") is None else "ImportActive")
         notes: list[UnknownValue] = []
-        export = _register(energy, "ExportActive", "energy_export_wh", notes)
-        if energy.get("ImportActive") is None and energy.get("ExportActive") is None:
-            # A device that measures no export: Total is its import register.
-            imported = _register(energy, "Total", "energy_import_wh", notes, _TOTAL_HINT)
-        else:  # even a bad ImportActive is not replaced by Total, which means something else
-            imported = _register(energy, "ImportActive", "energy_import_wh", notes)
-        current = _channels(energy, "Current")
+        values = {key: _optional(energy, key, notes) for key in FIELD_OF
+                  if key not in ("Total", "ImportActive") or key == import_key}
+        export = _register(values, "ExportActive", notes)
+        imported = _register(values, import_key, notes,
+                             _TOTAL_HINT if import_key == "Total" else "")
+        current = values["Current"]
+        currents = _every(current)
         grid = grid_voltage_frequency(
-            _channels(energy, "Voltage") or [], _channels(energy, "Frequency") or [],
-            currents_a=current or [], powers_w=power)
+            values["Voltage"] or [], values["Frequency"] or [], currents_a=current or [],
+            powers_w=power)
         return MeterReading(
             power_w=sum(power),
             energy_import_wh=imported,
             energy_export_wh=export,
             voltage_v=grid.voltage_v,
-            current_a=None if current is None else sum(current),
+            current_a=None if currents is None else sum(currents),
             power_factor=combined_power_factor(
-                power, _channels(energy, "ApparentPower"), _channels(energy, "Factor")
-            ),
+                power, _every(values["ApparentPower"]), _every(values["Factor"])),
             frequency_hz=grid.frequency_hz,
             unknown=(*notes, *grid.unknown),
         ).checked()
@@ -157,19 +164,51 @@ class TasmotaDriver(MeterDriver[TasmotaMeter]):
 
 
 def _channels(energy: dict[str, Any], key: str) -> list[float] | None:
-    """A value as a list of channels: a number is one channel, an array one per channel."""
+    """A value as a list of channels: a number is one channel, an array one per channel.
+
+    Raises:
+        PayloadError: not a number or an array of numbers (wrong_type, null included),
+            an array of no or too many channels (bad_value), a number too large.
+    """
     value = energy.get(key)
     if value is None:
         return None
+    out = _channel_values(value, key)
+    if any(v is None for v in out):
+        raise PayloadError("wrong_type", f"ENERGY.{key}: null in a channel array")
+    return [v for v in out if v is not None]
+
+
+def _channel_values(value: Any, key: str) -> list[float | None]:
     if isinstance(value, list):
         if not 1 <= len(value) <= MAX_CHANNELS:
             raise PayloadError("bad_value", f"ENERGY.{key}: {len(value)} channels")
-        out = [as_number(v, f"ENERGY.{key}[{i}]") for i, v in enumerate(value)]
-        if any(v is None for v in out):
-            raise PayloadError("wrong_type", f"ENERGY.{key}: null in a channel array")
-        return [v for v in out if v is not None]
-    number = as_number(value, f"ENERGY.{key}")
-    return None if number is None else [number]
+        return [as_number(v, f"ENERGY.{key}[{i}]") for i, v in enumerate(value)]
+    return [as_number(value, f"ENERGY.{key}")]
+
+
+def _optional(energy: dict[str, Any], key: str,
+              notes: list[UnknownValue]) -> list[float | None] | None:
+    """A field other than Power per channel (None: that channel's is null); None if absent.
+
+    A malformed one (a string, an empty array) is unknown, noted with its reason: it
+    costs only itself, never the power.
+    """
+    value = energy.get(key)
+    if value is None:
+        return None
+    try:
+        return _channel_values(value, key)
+    except PayloadError as e:
+        notes.append(UnknownValue(FIELD_OF[key], e.reason, e.detail))
+        return None
+
+
+def _every(values: list[float | None] | None) -> list[float] | None:
+    """The values when every channel's is known, else None (a partial sum would understate)."""
+    if values is None or any(v is None for v in values):
+        return None
+    return [v for v in values if v is not None]
 
 
 def _same_lengths(energy: dict[str, Any]) -> None:
@@ -181,15 +220,15 @@ def _same_lengths(energy: dict[str, Any]) -> None:
                            "entry per channel, so which channel a value is for is unknown")
 
 
-def _register(energy: dict[str, Any], key: str, field: str, notes: list[UnknownValue],
-              hint: str = "") -> float | None:
+def _register(values: dict[str, list[float | None] | None], key: str,
+              notes: list[UnknownValue], hint: str = "") -> float | None:
     """A register summed over the channels, Wh; None (and a note) if a channel's is negative."""
-    values = _channels(energy, key)
-    if values is None:
+    channels = _every(values[key])
+    if channels is None:
         return None
-    named = [(f"ENERGY.{key}" + (f"[{i}]" if len(values) > 1 else ""), v)
-             for i, v in enumerate(values)]
-    total, note = register_sum(field, named, unit="kWh", scale=1000.0, hint=hint)
+    named = [(f"ENERGY.{key}" + (f"[{i}]" if len(channels) > 1 else ""), v)
+             for i, v in enumerate(channels)]
+    total, note = register_sum(FIELD_OF[key], named, unit="kWh", scale=1000.0, hint=hint)
     if note is not None:
         notes.append(note)
     return total
