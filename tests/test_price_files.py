@@ -401,27 +401,31 @@ def test_a_utc_column_is_utc_by_the_file_not_by_convention(tmp_path: Path) -> No
     assert [e for e in logs if e["log_level"] == "warning"] == []
 
 
-@pytest.mark.parametrize("header", [
+@pytest.mark.parametrize(("header", "zone", "local_utc"), [
     # The review's repro: read as UTC and shown as "2024-05-31 19:00 CDT", a 5-hour shift
     # with only a log line to say so.
-    "timestamp,hb_south_rtm_spp_usd_mwh",
-    "time,hb_south_rtm_spp_usd_mwh",
-    "datetime,price_usd_per_mwh,lz_houston_rtm_spp_usd_mwh",
-    "Timestamp,ERCOT_HB_NORTH",
+    ("timestamp,hb_south_rtm_spp_usd_mwh", "America/Chicago", "2024-06-01T05:00"),
+    ("time,hb_south_rtm_spp_usd_mwh", "America/Chicago", "2024-06-01T05:00"),
+    ("datetime,price_usd_per_mwh,lz_houston_rtm_spp_usd_mwh", "America/Chicago",
+     "2024-06-01T05:00"),
+    ("Timestamp,ERCOT_HB_NORTH", "America/Chicago", "2024-06-01T05:00"),
+    ("timestamp,SettlementPointPrice", "America/Chicago", "2024-06-01T05:00"),
+    ("timestamp,caiso_np15_lmp", "America/Los_Angeles", "2024-06-01T07:00"),
+    ("timestamp,np15_price_usd_per_mwh", "America/Los_Angeles", "2024-06-01T07:00"),
+    ("timestamp,pjm_western_hub_lmp", "America/New_York", "2024-06-01T04:00"),
 ])
 def test_naive_timestamps_beside_a_markets_columns_need_their_zone_named(
-        tmp_path: Path, header: str) -> None:
+        tmp_path: Path, header: str, zone: str, local_utc: str) -> None:
     column = header.split(",")[1]
-    path = write(tmp_path, f"{header}\n2024-06-01 00:00,20" + ",1" * (header.count(",") - 1)
-                 + "\n2024-06-01 00:15,21" + ",1" * (header.count(",") - 1) + "\n")
+    extra = ",1" * (header.count(",") - 1)
+    path = write(tmp_path, f"{header}\n2024-06-01 00:00,20{extra}\n2024-06-01 00:15,21{extra}\n")
     with pytest.raises(PriceFileError, match=(
-            r":2: 2024-06-01 00:00 has no UTC offset, and the columns name a market whose "
-            r"clock is America/Chicago .*--timezone \(America/Chicago or UTC\)")):
+            rf":2: 2024-06-01 00:00 has no UTC offset, and the columns name a market whose "
+            rf"clock is {zone} .*--timezone \({zone} or UTC\)")):
         load_prices(path, column)
-    local = load_prices(path, column, timezone="America/Chicago")
-    assert local.start_s.tolist() == grid("2024-06-01T05:00", 2, 900)
-    assert local.span_text() == ("2024-06-01 00:00 CDT to 2024-06-01 00:15 CDT "
-                                 "(America/Chicago)")
+    local = load_prices(path, column, timezone=zone)
+    assert local.start_s.tolist() == grid(local_utc, 2, 900)
+    assert local.local_time(float(local.start_s[0])).hour == 0
     utc = load_prices(path, column, timezone="UTC")
     assert utc.start_s.tolist() == grid("2024-06-01T00:00", 2, 900) and utc.timezone == "UTC"
 
@@ -596,17 +600,30 @@ def test_prices_all_under_one_look_like_usd_per_kwh(tmp_path: Path) -> None:
     kwh = [f"{0.025 + 0.0001 * k:.4f}" for k in range(96)]
     path = price_file(tmp_path, kwh)
     with pytest.raises(PriceFileError, match=(
-            r":97: every price is under 1 in magnitude \(the largest, 0.0345, is on this line\):"
-            r" \$/kWh, not \$/MWh\? Give --price-unit usd_per_kwh .*--price-unit usd_per_mwh")):
+            r":97: every price is under 1 in magnitude \(the largest of them, 0.0345, is on this "
+            r"line\): \$/kWh, not \$/MWh\? Give --price-unit usd_per_kwh .*--price-unit "
+            r"usd_per_mwh")):
         load_prices(path)
     s = load_prices(path, unit="usd_per_kwh")
     assert s.price_usd_per_mwh.tolist() == pytest.approx([25.0 + 0.1 * k for k in range(96)])
     assert load_prices(path, unit="usd_per_mwh").price_usd_per_mwh[-1] == 0.0345
-    # Negative ones count by their magnitude; a file with any price of 1 or more is $/MWh.
+    # Negative ones count by their magnitude.
     with pytest.raises(PriceFileError, match=r":3: every price is under 1"):
         load_prices(price_file(tmp_path, ["0.2", "-0.9", "0.5"]))
-    assert load_prices(price_file(tmp_path, ["0.2", "-1.5", "0.5"])).price_usd_per_mwh.tolist() \
-        == [0.2, -1.5, 0.5]
+    # $/kWh with a scarcity spike (2.5 $/kWh) is still $/kWh: nine in ten under 1.
+    spiky = ["0.03"] * 12 + ["2.5"] + ["0.031"] * 7
+    with pytest.raises(PriceFileError, match=r":15: 19 of 20 prices are under 1 in magnitude "
+                                             r"\(the largest of them, 0.031"):
+        load_prices(price_file(tmp_path, spiky))
+    assert load_prices(price_file(tmp_path, spiky), unit="usd_per_kwh").price_usd_per_mwh.max() \
+        == 2500.0
+    # A quiet $/MWh day: prices near zero for hours, but not nine tenths of them.
+    quiet = ["0.5", "-0.2", "0.0", "0.8", "-0.9", "0.1", "12.5", "25.0", "31.2", "18.0"]
+    assert load_prices(price_file(tmp_path, quiet)).price_usd_per_mwh.tolist() == [
+        float(p) for p in quiet]
+    # All zeros: a column of missing values, not prices.
+    with pytest.raises(PriceFileError, match=r":2: every price is 0: a column of missing"):
+        load_prices(price_file(tmp_path, ["0", "0.0", "0"]))
 
 
 @pytest.mark.parametrize(("prices", "line", "shown"), [

@@ -8,9 +8,9 @@ gap is an error naming its lines. docs/prices.md describes the formats for users
 
 Prices are $/MWh. Without a unit named (`unit`, `--price-unit`), a file that looks like
 another unit is an error naming the line and the likely unit: a price column whose name
-says kWh, cents or a currency other than US dollars; every price under 1 in magnitude
-(as $/kWh would be); a price beyond PRICE_LIMIT_USD_PER_MWH. Naming the unit converts
-(PRICE_UNITS) and skips these checks.
+says kWh, cents or a currency other than US dollars; nine in ten prices (or all) under 1
+in magnitude (as $/kWh would be); every price 0; a price beyond
+PRICE_LIMIT_USD_PER_MWH. Naming the unit converts (PRICE_UNITS) and skips these checks.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ PRICE_UNITS = {"usd_per_mwh": 1.0, "usd_per_kwh": 1000.0, "cents_per_kwh": 10.0}
 # No market settles beyond this: the highest price caps are in the thousands to tens of
 # thousands of $/MWh (ERCOT's offer cap is 5,000) and floors in the hundreds below zero.
 PRICE_LIMIT_USD_PER_MWH = 100_000.0
+# Prices in $/MWh are under 1 in magnitude for minutes at a time, not for nine tenths of
+# a file: such a file is in $/kWh (0.025 $/kWh is 25 $/MWh), its few spikes included.
+KWH_SHARE = 0.9
 # Currencies other than US dollars, as price column names write them (EUR_per_MWh, €/MWh).
 _CURRENCIES = frozenset({"eur", "gbp", "aud", "cad", "chf", "nok", "sek", "dkk", "jpy",
                          "pln", "czk", "nzd", "inr", "brl", "mxn", "€", "£"})
@@ -113,10 +116,17 @@ def _check_magnitude(prices: list[float], lines: list[int], where: str) -> None:
             f"+-{PRICE_LIMIT_USD_PER_MWH:,.0f}; ERCOT's offer cap is 5,000): a misread number "
             "or another unit; correct the row, or give --price-unit usd_per_mwh if it is "
             "truly meant")
-    if magnitude.max() < 1.0:
-        i = int(np.argmax(magnitude))
+    if magnitude.max() == 0.0:
         raise PriceFileError(
-            f"{where}:{lines[i]}: every price is under 1 in magnitude (the largest, "
+            f"{where}:{lines[0]}: every price is 0: a column of missing values? Check the "
+            "price column, or give --price-unit usd_per_mwh if they are truly 0 $/MWh")
+    under = magnitude < 1.0
+    if under.mean() >= KWH_SHARE:
+        i = int(np.argmax(np.where(under, magnitude, -1.0)))
+        share = ("every price is" if under.all() else
+                 f"{int(under.sum())} of {len(prices)} prices are")
+        raise PriceFileError(
+            f"{where}:{lines[i]}: {share} under 1 in magnitude (the largest of them, "
             f"{prices[i]:g}, is on this line): $/kWh, not $/MWh? Give --price-unit "
             "usd_per_kwh to convert them (x 1000), or --price-unit usd_per_mwh if they are "
             "$/MWh")
