@@ -191,7 +191,8 @@ def campus_simulation(stock_kw: float, *, start_hour: float, seed: int = 0
 
 
 def demo_prices(source: str | None, column: str | None = None, *, timezone: str | None = None,
-                settlement_point: str | None = None, start: str | None = None) -> PriceSeries:
+                settlement_point: str | None = None, start: str | None = None,
+                unit: str | None = None) -> PriceSeries:
     """The price series the demo replays, from its `start` on.
 
     `source` None is the built-in ERCOT trace from DEFAULT_START; "synthetic" a synthetic
@@ -206,7 +207,7 @@ def demo_prices(source: str | None, column: str | None = None, *, timezone: str 
         prices = synthetic_prices(start_s=midnight.timestamp())
     else:
         prices = load_prices(source or DEFAULT_PRICES, column, timezone=timezone,
-                             settlement_point=settlement_point)
+                             settlement_point=settlement_point, unit=unit)
         if source is None and start is None:
             start = DEFAULT_START
     if start is None:
@@ -325,6 +326,7 @@ async def run_demo(
     price_column: str | None,
     price_timezone: str | None = None,
     settlement_point: str | None = None,
+    price_unit: str | None = None,
     start: str | None = None,
     event: DemoEvent | None = DemoEvent(at_s=5.0),
     campus: bool = False,
@@ -348,7 +350,7 @@ async def run_demo(
     from simulators.site import SimulatedSite  # noqa: PLC0415
 
     prices = demo_prices(prices_file, price_column, timezone=price_timezone,
-                         settlement_point=settlement_point, start=start)
+                         settlement_point=settlement_point, start=start, unit=price_unit)
     tz = ZoneInfo(prices.timezone)
     screen = Screen(out)
     local: LocalBroker | None = None

@@ -88,10 +88,19 @@ async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
     await wait_for(lambda: controller.fleet.site.meter_power_w == 3027.1, what="delta merged")
     await peer.publish(f"{PREFIX}/events/rpc", rpc("NotifyStatus", **{"em:0": {
         "id": 0, "total_act_power": "3027"}}), qos=1)
-    await peer.publish(f"{PREFIX}/status/emdata:0", b'{"id": 0, "total_act": -5}', qos=1)
-    await wait_for(lambda: dropped("wrong_type") == 2 and dropped("out_of_range") == 1,
-                   what="bad shelly payloads counted")
+    await peer.publish(f"{PREFIX}/status/em:1", b'{"id": 0, "total_act_power": 1}', qos=1)
+    await wait_for(lambda: dropped("wrong_type") == 2
+                   and dropped("unsupported_component") == 1, what="bad shelly payloads counted")
     assert controller.fleet.site.meter_power_w == 3027.1
+    # A negative import register is no register: unknown and counted, the power applies.
+    await peer.publish(f"{PREFIX}/status/emdata:0", b'{"id": 0, "total_act": -5}', qos=1)
+    await peer.publish(f"{PREFIX}/events/rpc", rpc("NotifyStatus", **{"em:0": {
+        "id": 0, "total_act_power": 2900.5}}), qos=1)
+    await wait_for(lambda: controller.fleet.site.meter_power_w == 2900.5, what="power applies")
+    assert controller.metrics.registry.get_sample_value(
+        "mineops_meter_values_unknown_total",
+        {"meter": "pro3em", "value": "energy_import_wh", "reason": "out_of_range"}) == 2.0
+    assert dropped("out_of_range") == 0
 
     # Still deciding after all of that.
     decided = controller.decisions
@@ -123,6 +132,23 @@ async def test_tasmota_dead_phase_sheds_nothing_through_the_controller(
     await wait_for(lambda: site.meter_power_w == 200.0, what="a second reading")
     assert controller.grid.frequency_event is None
     assert not [r for r in controller.grid.journal.rows() if r.kind == "frequency"]
+
+    # The review's split phase: live legs at 59.98 and 58.9 Hz (their mean, 59.44 Hz,
+    # used to shed). Which is the grid's is unknown: the power applies, no shed, counted.
+    await peer.publish("tele/shelly3em-tasmota/SENSOR", json.dumps({"ENERGY": {
+        "Power": [7930.5, 7911.2, 0.0], "Voltage": [121.4, 121.1, 0.1],
+        "Frequency": [59.98, 58.9, 48.85], "Current": [66, 66, 0]}}), qos=1)
+    await wait_for(lambda: site.meter_power_w == pytest.approx(15_841.7), what="legs disagree")
+    assert controller.grid.frequency_event is None
+    assert controller.metrics.registry.get_sample_value(
+        "mineops_meter_values_unknown_total",
+        {"meter": "pow", "value": "frequency_hz", "reason": "channels_disagree"}) == 1.0
+    # One Voltage for the device beside a Frequency array: the loaded channel's own.
+    await peer.publish("tele/shelly3em-tasmota/SENSOR", json.dumps({"ENERGY": {
+        "Power": [7930.5, 0.0, 0.0], "Voltage": 240.2, "Frequency": [59.96, 136.83, 48.85],
+        "Current": [33, 0, 0]}}), qos=1)
+    await wait_for(lambda: site.frequency_hz == 59.96, what="the loaded channel's frequency")
+    assert controller.grid.frequency_event is None
 
     # The control: live phases that really are under frequency do shed.
     await peer.publish("tele/shelly3em-tasmota/SENSOR", json.dumps({"ENERGY": {

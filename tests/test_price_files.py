@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zipfile
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -400,6 +401,54 @@ def test_a_utc_column_is_utc_by_the_file_not_by_convention(tmp_path: Path) -> No
     assert [e for e in logs if e["log_level"] == "warning"] == []
 
 
+@pytest.mark.parametrize(("header", "zone", "local_utc"), [
+    # The review's repro: read as UTC and shown as "2024-05-31 19:00 CDT", a 5-hour shift
+    # with only a log line to say so.
+    ("timestamp,hb_south_rtm_spp_usd_mwh", "America/Chicago", "2024-06-01T05:00"),
+    ("time,hb_south_rtm_spp_usd_mwh", "America/Chicago", "2024-06-01T05:00"),
+    ("datetime,price_usd_per_mwh,lz_houston_rtm_spp_usd_mwh", "America/Chicago",
+     "2024-06-01T05:00"),
+    ("Timestamp,ERCOT_HB_NORTH", "America/Chicago", "2024-06-01T05:00"),
+    ("timestamp,SettlementPointPrice", "America/Chicago", "2024-06-01T05:00"),
+    ("timestamp,caiso_np15_lmp", "America/Los_Angeles", "2024-06-01T07:00"),
+    ("timestamp,np15_price_usd_per_mwh", "America/Los_Angeles", "2024-06-01T07:00"),
+    ("timestamp,pjm_western_hub_lmp", "America/New_York", "2024-06-01T04:00"),
+])
+def test_naive_timestamps_beside_a_markets_columns_need_their_zone_named(
+        tmp_path: Path, header: str, zone: str, local_utc: str) -> None:
+    column = header.split(",")[1]
+    extra = ",1" * (header.count(",") - 1)
+    path = write(tmp_path, f"{header}\n2024-06-01 00:00,20{extra}\n2024-06-01 00:15,21{extra}\n")
+    with pytest.raises(PriceFileError, match=(
+            rf":2: 2024-06-01 00:00 has no UTC offset, and the columns name a market whose "
+            rf"clock is {zone} .*--timezone \({zone} or UTC\)")):
+        load_prices(path, column)
+    local = load_prices(path, column, timezone=zone)
+    assert local.start_s.tolist() == grid(local_utc, 2, 900)
+    assert local.local_time(float(local.start_s[0])).hour == 0
+    utc = load_prices(path, column, timezone="UTC")
+    assert utc.start_s.tolist() == grid("2024-06-01T00:00", 2, 900) and utc.timezone == "UTC"
+
+
+@pytest.mark.parametrize(("header", "rows", "first_utc"), [
+    # Times with their offset, or Unix seconds, are exact: no zone to name.
+    ("timestamp,hb_south_rtm_spp_usd_mwh",
+     ["2024-06-01T00:00:00-05:00,20", "2024-06-01T00:15:00-05:00,21"], "2024-06-01T05:00"),
+    ("timestamp,hb_south_rtm_spp_usd_mwh", ["1717200000,20", "1717200900,21"],
+     "2024-06-01T00:00"),
+    # Columns that say their clock: UTC by the file, or the market's local time.
+    ("interval_start_utc,hb_south_rtm_spp_usd_mwh",
+     ["2024-06-01 00:00,20", "2024-06-01 00:15,21"], "2024-06-01T00:00"),
+    ("interval_start_local,hb_south_rtm_spp_usd_mwh",
+     ["2024-06-01 00:00,20", "2024-06-01 00:15,21"], "2024-06-01T05:00"),
+])
+def test_ercot_named_generic_files_that_say_their_clock_load_without_a_zone(
+        tmp_path: Path, header: str, rows: list[str], first_utc: str) -> None:
+    s = load_prices(write(tmp_path, "\n".join([header, *rows]) + "\n"))
+    assert s.start_s.tolist() == grid(first_utc, 2, 900)
+    assert s.timezone == "America/Chicago"
+
+
 def test_unknown_zone_name_is_a_clear_error() -> None:
     with pytest.raises(PriceFileError, match="unknown time zone 'America/Chicgo'"):
         load_prices(DST_CASE, timezone="America/Chicgo")
@@ -537,6 +586,103 @@ def test_arbitrary_bytes_never_crash_the_loader(tmp_path_factory: pytest.TempPat
         assert str(e).startswith(str(path))
 
 
+def price_file(tmp_path: Path, prices: list[str], column: str = "price_usd_per_mwh") -> Path:
+    """A generic file of 15-minute prices from 2024-06-01 00:00 UTC, one per line from line 2."""
+    start = datetime(2024, 6, 1, tzinfo=UTC)
+    rows = [f"{start + timedelta(minutes=15 * k):%Y-%m-%dT%H:%M:%SZ},{p}"
+            for k, p in enumerate(prices)]
+    return write(tmp_path, "\n".join([f"timestamp,{column}", *rows]) + "\n")
+
+
+def test_prices_all_under_one_look_like_usd_per_kwh(tmp_path: Path) -> None:
+    # The review's kwh.csv: a day of $/kWh (0.025-0.0345) under a $/MWh header, which
+    # loaded as $/MWh without a word.
+    kwh = [f"{0.025 + 0.0001 * k:.4f}" for k in range(96)]
+    path = price_file(tmp_path, kwh)
+    with pytest.raises(PriceFileError, match=(
+            r":97: every price is under 1 in magnitude \(the largest of them, 0.0345, is on this "
+            r"line\): \$/kWh, not \$/MWh\? Give --price-unit usd_per_kwh .*--price-unit "
+            r"usd_per_mwh")):
+        load_prices(path)
+    s = load_prices(path, unit="usd_per_kwh")
+    assert s.price_usd_per_mwh.tolist() == pytest.approx([25.0 + 0.1 * k for k in range(96)])
+    assert load_prices(path, unit="usd_per_mwh").price_usd_per_mwh[-1] == 0.0345
+    # Negative ones count by their magnitude.
+    with pytest.raises(PriceFileError, match=r":3: every price is under 1"):
+        load_prices(price_file(tmp_path, ["0.2", "-0.9", "0.5"]))
+    # $/kWh with a scarcity spike (2.5 $/kWh) is still $/kWh: nine in ten under 1.
+    spiky = ["0.03"] * 12 + ["2.5"] + ["0.031"] * 7
+    with pytest.raises(PriceFileError, match=r":15: 19 of 20 prices are under 1 in magnitude "
+                                             r"\(the largest of them, 0.031"):
+        load_prices(price_file(tmp_path, spiky))
+    assert load_prices(price_file(tmp_path, spiky), unit="usd_per_kwh").price_usd_per_mwh.max() \
+        == 2500.0
+    # A quiet $/MWh day: prices near zero for hours, but not nine tenths of them.
+    quiet = ["0.5", "-0.2", "0.0", "0.8", "-0.9", "0.1", "12.5", "25.0", "31.2", "18.0"]
+    assert load_prices(price_file(tmp_path, quiet)).price_usd_per_mwh.tolist() == [
+        float(p) for p in quiet]
+    # All zeros: a column of missing values, not prices.
+    with pytest.raises(PriceFileError, match=r":2: every price is 0: a column of missing"):
+        load_prices(price_file(tmp_path, ["0", "0.0", "0"]))
+
+
+@pytest.mark.parametrize(("prices", "line", "shown"), [
+    # The review's huge.csv: one row of 1e9 $/MWh, which backtest accepted.
+    (["20", "21", "22", "23", "24", "1e9", "26"], 7, "1000000000"),
+    (["20", "-250000", "22"], 3, "-250000"),
+    (["20", "100000.01", "22"], 3, "100000.01"),
+])
+def test_a_price_beyond_any_market_is_an_error_naming_the_line(
+        tmp_path: Path, prices: list[str], line: int, shown: str) -> None:
+    path = price_file(tmp_path, prices)
+    with pytest.raises(PriceFileError, match=(
+            rf":{line}: price {re.escape(shown)} is beyond any market's .*--price-unit "
+            "usd_per_mwh if it is truly meant")):
+        load_prices(path)
+    assert load_prices(path, unit="usd_per_mwh").price_usd_per_mwh.tolist() == [
+        float(p) for p in prices]
+
+
+def test_real_market_extremes_load_as_they_are(tmp_path: Path) -> None:
+    # ERCOT's 9,000 $/MWh cap of 2021, its -250 floor, a block of scarcity pricing.
+    prices = ["25", "9000", "9000", "-250", "3000", "3000", "100000", "-100000"]
+    assert load_prices(price_file(tmp_path, prices)).price_usd_per_mwh.tolist() == [
+        float(p) for p in prices]
+
+
+@pytest.mark.parametrize(("column", "message", "unit", "factor"), [
+    ("price_cents_per_kwh", r"in cents per kWh.*--price-unit cents_per_kwh to convert them "
+     r"\(x 10\)", "cents_per_kwh", 10.0),
+    ("PriceCentsPerKWh", r"in cents per kWh", "cents_per_kwh", 10.0),
+    ("ct/kWh", r"in cents per kWh", "cents_per_kwh", 10.0),
+    ("price_usd_per_kwh", r"in \$/kWh.*--price-unit usd_per_kwh to convert them \(x 1000\)",
+     "usd_per_kwh", 1000.0),
+    ("price_eur_per_mwh", r"names EUR: mineops prices are US dollars per MWh", "usd_per_mwh",
+     1.0),
+    ("Preis (€/MWh)", r"names €", "usd_per_mwh", 1.0),
+    ("GBP/MWh", r"names GBP", "usd_per_mwh", 1.0),
+])
+def test_a_price_column_named_in_another_unit_is_an_error_until_the_unit_is_given(
+        tmp_path: Path, column: str, message: str, unit: str, factor: float) -> None:
+    # The review's cents.csv (2.50-3.45 cents/kWh) would load as 2.5-3.45 $/MWh once its
+    # column was named: values over 1, so only the name tells.
+    path = price_file(tmp_path, ["2.50", "2.51", "3.45"], column)
+    with pytest.raises(PriceFileError, match=rf"{path}:1: price column .*{message}"):
+        load_prices(path, column)
+    s = load_prices(path, column, unit=unit)
+    assert s.price_usd_per_mwh.tolist() == pytest.approx([2.5 * factor, 2.51 * factor,
+                                                          3.45 * factor])
+
+
+def test_the_builtin_trace_is_in_usd_per_mwh() -> None:
+    with pytest.raises(PriceFileError, match="its prices are \\$/MWh; --price-unit usd_per_kwh"):
+        load_prices(ERCOT, unit="usd_per_kwh")
+    assert load_prices(ERCOT, unit="usd_per_mwh").price_usd_per_mwh.max() == pytest.approx(
+        4857.82)
+    with pytest.raises(PriceFileError, match="unknown price unit 'mills'"):
+        load_prices(DST_CASE, unit="mills")
+
+
 def test_rows_in_any_order_are_sorted(tmp_path: Path) -> None:
     s = load_price_csv(write(tmp_path, "timestamp,price_usd_per_mwh\n600,3\n0,1\n300,2\n"))
     assert s.start_s.tolist() == [0, 300, 600] and s.price_usd_per_mwh.tolist() == [1, 2, 3]
@@ -657,3 +803,37 @@ def test_naive_window_times_are_read_on_the_price_files_clock(
     # 01:00-01:30 CDT (the first pass) covers two of the file's intervals; read as UTC it
     # would fall before the file's first interval (03:00 UTC) and cover none.
     assert json.loads(capsys.readouterr().out)["grid_window_intervals"] == 2
+
+
+
+def test_backtest_cli_refuses_prices_in_another_unit_until_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = str(write_site(tmp_path))
+    kwh = price_file(tmp_path, [f"{0.025 + 0.0001 * k:.4f}" for k in range(96)])
+    code = main(["backtest", "--config", site, "--prices", str(kwh), "--progress", "off",
+                 "--json"])
+    assert code == 2
+    assert f"{kwh}:97: every price is under 1" in capsys.readouterr().err
+    code = main(["backtest", "--config", site, "--prices", str(kwh), "--price-unit",
+                 "usd_per_kwh", "--progress", "off", "--json"])
+    assert code == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["intervals"] == 96
+    naive = write(tmp_path, "timestamp,hb_south_rtm_spp_usd_mwh\n2024-06-01 00:00,20\n"
+                            "2024-06-01 00:15,21\n", "hb.csv")
+    code = main(["backtest", "--config", site, "--prices", str(naive), "--progress", "off"])
+    assert code == 2 and "--timezone (America/Chicago or UTC)" in capsys.readouterr().err
+    code = main(["backtest", "--config", site, "--prices", str(naive), "--timezone",
+                 "America/Chicago", "--progress", "off"])
+    assert code == 0
+    assert "2024-06-01 00:00 CDT to 2024-06-01 00:15 CDT" in capsys.readouterr().out
+
+
+def test_every_price_command_takes_the_price_unit() -> None:
+    for command in ("simulate", "demo", "backtest"):
+        extra = ["--config", "site.toml"] if command != "demo" else []
+        args = parser().parse_args([command, *extra, "--prices", "p.csv", "--price-unit",
+                                     "cents_per_kwh"])
+        assert args.price_unit == "cents_per_kwh"
+        with pytest.raises(SystemExit):
+            parser().parse_args([command, *extra, "--price-unit", "mills"])

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:  # before the run, not after it: the chart needs matplotlib
         require("charts", "mineops backtest --out (its chart)")
     prices = load_prices(args.prices, args.price_column, timezone=args.timezone,
-                         settlement_point=args.settlement_point)
+                         settlement_point=args.settlement_point, unit=args.price_unit)
     try:
         # Naive window times are read on the price file's clock, as docs/backtest.md says.
         windows = (load_windows(args.windows, naive_tz=ZoneInfo(prices.timezone))

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from drivers.prices import dataset_help
+from drivers.prices import PRICE_UNITS, dataset_help
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_STUCK = 3  # a stop signal did not stop the process in time (stacks on stderr)
@@ -71,7 +71,8 @@ def count(text: str) -> int:
 
 def add_price_args(p: argparse.ArgumentParser, *, default: str | None = "a synthetic week"
                    ) -> None:
-    """The price-file options (`--prices`, `--price-column`, `--timezone`, `--settlement-point`).
+    """The price-file options (`--prices`, `--price-column`, `--timezone`, `--settlement-point`,
+    `--price-unit`).
 
     `default` says what runs without `--prices`; None makes `--prices` required.
     """
@@ -88,6 +89,10 @@ def add_price_args(p: argparse.ArgumentParser, *, default: str | None = "a synth
     p.add_argument("--settlement-point", metavar="NAME",
                    help="the settlement point or node to replay from a file holding several, "
                    "e.g. HB_SOUTH")
+    p.add_argument("--price-unit", metavar="UNIT", choices=sorted(PRICE_UNITS),
+                   help="the unit of the file's prices, converted to $/MWh: "
+                   f"{', '.join(PRICE_UNITS)} (default: $/MWh, and a file that looks like "
+                   "another unit is an error)")
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:

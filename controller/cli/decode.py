@@ -22,7 +22,9 @@ def add_parser(subparsers: Subparsers) -> None:
         "NotifyStatus delta merges onto the status before it), and print one JSON line per "
         "payload: power_w, energy_import_wh, energy_export_wh, voltage_v, current_a, "
         "power_factor, frequency_hz (null when absent), or null when the payload carries no "
-        "reading yet. A payload that cannot be decoded: its reason on stderr, exit 2.",
+        "reading yet. A value the device sent that the reading leaves null (a negative "
+        "register, live phases whose frequencies disagree): one line on stderr, why. A "
+        "payload that cannot be decoded: its reason on stderr, exit 2.",
         epilog=f"Drivers: {', '.join(sorted(DRIVERS))}. Example: mineops decode --driver "
         "tasmota --topic tele/pow/SENSOR --payload sensor.json",
     )
@@ -65,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
             values = {k: None if v is None else round(v, DIGITS)
                       for k, v in reading.as_dict().items()}
             print(json.dumps(values))
+            for value in reading.unknown:  # a value left null that the device did send
+                print(f"mineops decode: {path} on {topic}: {value.field} unknown: "
+                      f"{value.reason}: {value.detail}", file=sys.stderr)
         sys.stdout.flush()
     return EXIT_OK
 

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
             prices_file=args.prices, price_column=args.price_column,
             price_timezone=args.timezone, settlement_point=args.settlement_point,
+            price_unit=args.price_unit,
             start=args.start, event=None if args.no_event else DemoEvent(at_s=args.event_at),
             campus=args.campus,
         )

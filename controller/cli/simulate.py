@@ -59,7 +59,8 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
 
     prices = (None if args.no_prices else
               load_prices(args.prices, args.price_column, timezone=args.timezone,
-                          settlement_point=args.settlement_point) if args.prices else
+                          settlement_point=args.settlement_point, unit=args.price_unit)
+              if args.prices else
               synthetic_prices())
     luxos = args.luxos_api or args.luxos_only
     site = SimulatedSite(cfg, speed=args.speed, prices=prices,

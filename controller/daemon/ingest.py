@@ -465,6 +465,9 @@ class Ingest:
         routed = self.meters.decode(topic, raw)
         if routed is None:
             return
+        for value in routed.reading.unknown:  # counted and logged by the router too
+            self.metrics.meter_values_unknown.labels(
+                routed.meter_id, value.field, value.reason).inc()
         telemetry = routed.reading.telemetry(time.time())
         if self.on_meter is not None:
             self.on_meter(routed.meter_id, telemetry)

@@ -337,6 +337,11 @@ class Metrics:
             "(bad_ack: only the acknowledgement was left out)", ["reason"], registry=r)
         for reason in READING_REASONS:
             self.readings_rejected.labels(reason)
+        self.meter_values_unknown = Counter(
+            "mineops_meter_values_unknown",
+            "Values a vendor meter sent that its applied reading leaves unknown (reason "
+            "out_of_range: not physical; channels_disagree: live channels' frequencies "
+            "disagree); docs/meters.md", ["meter", "value", "reason"], registry=r)
         self.commands = Counter("mineops_commands_sent", "Miner setpoints sent", registry=r)
         self.command_messages = Counter("mineops_command_messages_sent",
                                         "Command messages published (one per group batch)",

@@ -5,13 +5,22 @@ per-topic values of a Gen1 Shelly), bounded to a fixed set of fields. It turns t
 vendor's payloads into a `MeterReading` or raises `PayloadError` with a fixed reason
 (a metric label), never anything else for bad input.
 
-Reasons: oversized, bad_json, bad_schema, wrong_type, bad_value, out_of_range,
-no_base_status (a delta before any full status), unknown_topic, unsupported_component
-(a meter component of the device that this meter's config does not read).
+Reasons a message is dropped: oversized, bad_json, bad_schema, wrong_type, bad_value,
+out_of_range (power only), no_base_status (a delta before any full status),
+unknown_topic, unsupported_component (a meter component of the device that this
+meter's config does not read).
+
+One bad value never costs the good ones: a value other than power that is not physical
+(a negative register, a power factor of 1.7) or malformed (a string where a number
+belongs) is left unknown (None) in the reading and noted in `MeterReading.unknown` with
+its reason (out_of_range, channels_disagree, wrong_type, bad_value), which the
+controller counts and logs; the power still applies. Power itself malformed or out of
+bounds drops the message: without it there is no reading.
 
 Multi-channel meters (three-phase, split-phase, two-channel): power, current and
-energy are summed over every channel, dead or not; voltage and frequency come from
-the live channels only (`is_live`, `grid_voltage_frequency`).
+energy are summed over every channel, dead or not; voltage comes from the channels
+above LIVE_VOLTAGE_MIN_V and frequency from the energised channels that agree
+(`grid_voltage_frequency`, docs/meters.md "Live and dead channels").
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import math
 import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Generic, TypeVar
 
 from controller.config_types import MeterBase
@@ -31,6 +40,9 @@ from controller.protocol.payloads import MeterTelemetry, PayloadError
 POWER_LIMIT_W = 2e9
 VOLTAGE_LIMIT_V = 1e6
 FREQUENCY_RANGE_HZ = (40.0, 70.0)
+# No meter counts more than the largest site's power for a century: a register beyond
+# this is a misread number, not energy.
+ENERGY_LIMIT_WH = POWER_LIMIT_W * 100 * 8766.0
 
 # A live channel is wired to an energised conductor. An unwired input of a metering
 # chip reads noise: about 0.1 V, and a "frequency" anywhere (48.85 Hz, 136.83 Hz seen
@@ -40,6 +52,41 @@ FREQUENCY_RANGE_HZ = (40.0, 70.0)
 # shed automatically below about 47.5 Hz or 57 Hz).
 LIVE_VOLTAGE_MIN_V = 50.0
 GRID_BAND_HZ = (45.0, 65.0)
+# Every phase of a site is on one synchronous grid, so live channels measure one
+# frequency. Their readings differ only by the meter's resolution (0.01 Hz on Tasmota
+# and Shelly) and by how far the frequency moves between the channels' measurements,
+# which one metering chip takes together: even a fast fall of 1 Hz/s moves it by
+# hundredths in the tens of milliseconds between them. Channels further apart than
+# this are not all measuring the grid.
+FREQUENCY_AGREEMENT_HZ = 0.05
+# With one voltage for several channels (Tasmota's common voltage), a channel shows it
+# is energised only by what flows through it. An open input reads about 0.014 A and
+# under a watt (Tasmota issue 17178); 0.1 A and 10 W are well above that noise and
+# still a small load.
+LOAD_MIN_A = 0.1
+LOAD_MIN_W = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownValue:
+    """A value the device sent that the reading could not use, and why.
+
+    The reading's key it feeds is then None, or made from the device's other values
+    where they suffice (a Shelly's phase currents for a malformed total current).
+
+    Attributes:
+        field: the reading's key the value feeds, e.g. "energy_import_wh".
+        reason: out_of_range (not a physical value: a negative register, a power factor
+            beyond 1, a grid frequency outside 45-65 Hz on an energised channel),
+            channels_disagree (energised channels whose frequencies differ by more
+            than FREQUENCY_AGREEMENT_HZ, with no majority agreeing), wrong_type or
+            bad_value (a malformed field other than power: a string, an empty array).
+        detail: what the device sent, for the log.
+    """
+
+    field: str
+    reason: str
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +100,9 @@ class MeterReading:
         voltage_v: Mean of the live channels' voltages, V; None without a live channel.
         current_a: Sum of the phase (channel) currents, A.
         power_factor: Total active over total apparent power (a single channel: as reported).
-        frequency_hz: Grid frequency, Hz: median over the live channels that report one;
-            None without one.
+        frequency_hz: Grid frequency, Hz: what the energised channels agree on (see
+            grid_voltage_frequency); None without one, or when they disagree.
+        unknown: Values the device sent that this reading could not use, with the reason.
     """
 
     power_w: float
@@ -64,20 +112,34 @@ class MeterReading:
     current_a: float | None = None
     power_factor: float | None = None
     frequency_hz: float | None = None
+    unknown: tuple[UnknownValue, ...] = ()
 
     def as_dict(self) -> dict[str, float | None]:
-        return asdict(self)
+        """The reading's values by key (READING_KEYS), without the notes."""
+        return {key: getattr(self, key) for key in READING_KEYS}
 
     def checked(self) -> MeterReading:
-        """This reading, or PayloadError("out_of_range") if a value is not physical."""
-        _within("power_w", self.power_w, -POWER_LIMIT_W, POWER_LIMIT_W)
-        _within("energy_import_wh", self.energy_import_wh, 0.0, math.inf)
-        _within("energy_export_wh", self.energy_export_wh, 0.0, math.inf)
-        _within("voltage_v", self.voltage_v, 0.0, VOLTAGE_LIMIT_V)
-        _within("current_a", self.current_a, 0.0, math.inf)
-        _within("power_factor", self.power_factor, -1.0, 1.0)
-        _within("frequency_hz", self.frequency_hz, *FREQUENCY_RANGE_HZ)
-        return self
+        """This reading with every value within physical bounds.
+
+        Power outside +-POWER_LIMIT_W (or not finite) raises PayloadError("out_of_range"):
+        without it there is no reading. Any other value outside its bounds (registers
+        0..ENERGY_LIMIT_WH, voltage 0..1 MV, current >= 0, power factor -1..1, frequency
+        40-70 Hz) becomes None and is noted in `unknown` (reason out_of_range).
+        """
+        problem = _outside("power_w", self.power_w, -POWER_LIMIT_W, POWER_LIMIT_W)
+        if problem is not None:
+            raise PayloadError("out_of_range", problem)
+        cleared: dict[str, None] = {}
+        notes = list(self.unknown)
+        for key, (low, high) in _BOUNDS.items():
+            problem = _outside(key, getattr(self, key), low, high)
+            if problem is not None:
+                cleared[key] = None
+                notes.append(UnknownValue(key, "out_of_range", problem))
+        if not cleared:
+            return self
+        # power_w, the one field that is not optional, is never among the cleared.
+        return replace(self, **cleared, unknown=tuple(notes))  # type: ignore[arg-type]
 
     def telemetry(self, ts: float) -> MeterTelemetry:
         """As the project's own meter message (what the controller applies)."""
@@ -88,13 +150,27 @@ class MeterReading:
         )
 
 
-def _within(name: str, value: float | None, low: float, high: float) -> None:
+READING_KEYS = ("power_w", "energy_import_wh", "energy_export_wh", "voltage_v", "current_a",
+                "power_factor", "frequency_hz")
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "energy_import_wh": (0.0, ENERGY_LIMIT_WH),
+    "energy_export_wh": (0.0, ENERGY_LIMIT_WH),
+    "voltage_v": (0.0, VOLTAGE_LIMIT_V),
+    "current_a": (0.0, math.inf),
+    "power_factor": (-1.0, 1.0),
+    "frequency_hz": FREQUENCY_RANGE_HZ,
+}
+
+
+def _outside(name: str, value: float | None, low: float, high: float) -> str | None:
+    """Why `value` is not within [low, high], or None when it is (or is unknown)."""
     if value is None:
-        return
+        return None
     if not math.isfinite(value):
-        raise PayloadError("out_of_range", f"{name}: not a finite number")
+        return f"{name}: not a finite number"
     if not low <= value <= high:
-        raise PayloadError("out_of_range", f"{name}: {value:g} outside [{low:g}, {high:g}]")
+        return f"{name}: {value:g} outside [{low:g}, {high:g}]"
+    return None
 
 
 C = TypeVar("C", bound=MeterBase)
@@ -177,46 +253,137 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def is_live(voltage_v: float | None, frequency_hz: float | None) -> bool:
-    """Whether a channel measures an energised grid conductor.
+def register_sum(field: str, values: Sequence[tuple[str, float]], unit: str = "Wh",
+                 scale: float = 1.0, hint: str = "") -> tuple[float | None, UnknownValue | None]:
+    """The sum of a register over channels, in Wh; None and a note if a channel's is negative.
 
-    Live: its voltage is above LIVE_VOLTAGE_MIN_V (50 V) and its frequency, when it
-    reports one, is within GRID_BAND_HZ (45-65 Hz). A channel without a voltage is
-    not known to be live: frequency is measured on the voltage, so none is trusted.
+    `values` are (where, value) per channel in the device's `unit`, `scale` Wh per unit.
+    A register counts up from zero, so a negative one is not that register (Tasmota's
+    `Total` on a device that measures export, a misread number); a sum would hide it
+    among the other channels'. `hint` says what it more likely is, for the log.
     """
-    if voltage_v is None or not voltage_v > LIVE_VOLTAGE_MIN_V:
-        return False
-    return frequency_hz is None or GRID_BAND_HZ[0] <= frequency_hz <= GRID_BAND_HZ[1]
+    for where, value in values:
+        if value < 0:
+            return None, UnknownValue(field, "out_of_range",
+                                      f"{where}: {value:g} {unit} is negative{hint}")
+    return sum(v for _, v in values) * scale, None
+
+
+@dataclass(frozen=True, slots=True)
+class GridMeasure:
+    """The grid's voltage and frequency as one meter's channels show them.
+
+    Attributes:
+        voltage_v: Mean of the live channels' voltages, V; None without one.
+        frequency_hz: The energised channels' agreed frequency, Hz; None without one.
+        unknown: Why a frequency the device sent was left unknown (out_of_range,
+            channels_disagree); empty when none was.
+    """
+
+    voltage_v: float | None
+    frequency_hz: float | None
+    unknown: tuple[UnknownValue, ...] = ()
 
 
 def grid_voltage_frequency(
-    voltages_v: Sequence[float | None], frequencies_hz: Sequence[float | None],
-) -> tuple[float | None, float | None]:
-    """(voltage V, frequency Hz) of the grid from the live channels of one meter.
+    voltages_v: Sequence[float | None], frequencies_hz: Sequence[float | None], *,
+    currents_a: Sequence[float | None] = (), powers_w: Sequence[float | None] = (),
+) -> GridMeasure:
+    """The grid's voltage and frequency from the channels of one meter (docs/meters.md).
 
-    `voltages_v[i]` and `frequencies_hz[i]` belong to channel i; a sequence of one value
-    is common to every channel (a device that measures one voltage or frequency for
-    all), and a channel missing from a shorter sequence has no value. Voltage is the
-    mean of the live channels' voltages; frequency the median of their frequencies,
-    so one odd phase of three cannot pull it. Either is None when no live channel gives
-    one: a dead channel's noise never reaches the reading.
+    Each sequence holds one value per channel (None: that channel's is not reported), or
+    a single value common to all of a multi-channel device's channels (Tasmota's common
+    voltage or frequency), or nothing (not reported). The channel count is the longest
+    sequence's.
+
+    - Voltage: the mean of the voltages above LIVE_VOLTAGE_MIN_V (50 V); a dead input's
+      ~0.1 V is left out. It does not depend on the frequency (0 Hz from a device that
+      cannot measure it leaves the voltage known).
+    - Energised channels: with a voltage per channel, those above 50 V. With one voltage
+      for all, that voltage above 50 V proves only that some channel is energised; a
+      channel shows it is by its own current (LOAD_MIN_A) or power (LOAD_MIN_W). Without
+      a voltage none is known to be: frequency is measured on the voltage.
+    - Frequency: one value common to the device counts when some channel is energised.
+      Per-channel frequencies count from energised channels within GRID_BAND_HZ: one such
+      channel gives its own; several give the median of the largest group agreeing within
+      FREQUENCY_AGREEMENT_HZ, when it holds at least two and more than half of them.
+      Otherwise (they disagree, with no majority agreeing) the frequency is None and
+      noted channels_disagree: of two live phases at 59.98 and 58.90 Hz the meter cannot
+      say which is the grid's, and a mean would be neither. An energised channel's
+      frequency outside the band (never 0, which devices send when they do not measure)
+      with nothing else to go by is noted out_of_range.
     """
-    n = max(len(voltages_v), len(frequencies_hz))
-    live_v: list[float] = []
-    live_hz: list[float] = []
-    for i in range(n):
-        v, hz = _channel(voltages_v, i), _channel(frequencies_hz, i)
-        if v is not None and is_live(v, hz):
-            live_v.append(v)
-            if hz is not None:
-                live_hz.append(hz)
-    return mean(live_v), statistics.median(live_hz) if live_hz else None
+    n = max(len(voltages_v), len(frequencies_hz), len(currents_a), len(powers_w), 1)
+    live_v = [v for v in voltages_v if v is not None and _above_floor(v)]
+    voltage_v = mean(live_v)
+    if len(voltages_v) == 1 and n > 1:
+        energised = [bool(live_v) and _carries_load(currents_a, powers_w, i, n)
+                     for i in range(n)]
+    else:
+        energised = [_above_floor(_at(voltages_v, i)) for i in range(n)]
+    if len(frequencies_hz) == 1 and n > 1:
+        reported = [frequencies_hz[0]] if live_v else []
+    else:
+        reported = [_at(frequencies_hz, i) for i in range(n) if energised[i]]
+    heard = [f for f in reported if f is not None and f != 0.0]
+    in_band = [f for f in heard if GRID_BAND_HZ[0] <= f <= GRID_BAND_HZ[1]]
+    if not in_band:
+        note = () if not heard else (UnknownValue(
+            "frequency_hz", "out_of_range",
+            f"energised channels at {_hz(heard)}, outside the grid band "
+            f"{GRID_BAND_HZ[0]:g}-{GRID_BAND_HZ[1]:g} Hz"),)
+        return GridMeasure(voltage_v, None, note)
+    if len(in_band) == 1:
+        return GridMeasure(voltage_v, in_band[0])
+    group = _agreeing(in_band)
+    if group is None:
+        return GridMeasure(voltage_v, None, (UnknownValue(
+            "frequency_hz", "channels_disagree",
+            f"energised channels at {_hz(in_band)}: no majority within "
+            f"{FREQUENCY_AGREEMENT_HZ:g} Hz of each other"),))
+    return GridMeasure(voltage_v, statistics.median(group))
 
 
-def _channel(values: Sequence[float | None], i: int) -> float | None:
-    if len(values) == 1:
-        return values[0]
+def _at(values: Sequence[float | None], i: int) -> float | None:
     return values[i] if i < len(values) else None
+
+
+def _above_floor(voltage_v: float | None) -> bool:
+    return voltage_v is not None and voltage_v > LIVE_VOLTAGE_MIN_V
+
+
+def _carries_load(currents_a: Sequence[float | None], powers_w: Sequence[float | None],
+                  i: int, n: int) -> bool:
+    """Whether channel i's own current or power shows something flowing through it.
+
+    Only per-channel values say so: a total common to the device names no channel.
+    """
+    current = _at(currents_a, i) if len(currents_a) == n else None
+    power = _at(powers_w, i) if len(powers_w) == n else None
+    return ((current is not None and abs(current) >= LOAD_MIN_A)
+            or (power is not None and abs(power) >= LOAD_MIN_W))
+
+
+def _agreeing(values: Sequence[float]) -> list[float] | None:
+    """The largest group of values within FREQUENCY_AGREEMENT_HZ, if a strict majority.
+
+    Groups of the largest size that overlap (50.00, 50.04, 50.08) are one group: their
+    union. None when no two agree or the largest group is not more than half.
+    """
+    ordered = sorted(values)
+    tolerance = FREQUENCY_AGREEMENT_HZ + 1e-9  # 59.99 - 59.94 is 0.0500000004 in floats
+    windows = [range(i, i + sum(1 for v in ordered[i:] if v - low <= tolerance))
+               for i, low in enumerate(ordered)]
+    size = max(len(w) for w in windows)
+    if size < 2 or 2 * size <= len(ordered):
+        return None
+    # Two groups of more than half share a value, so the largest ones overlap.
+    members = sorted({i for w in windows if len(w) == size for i in w})
+    return [ordered[i] for i in members]
+
+
+def _hz(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values) + " Hz"
 
 
 def combined_power_factor(

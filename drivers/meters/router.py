@@ -1,15 +1,27 @@
-"""The controller's side of vendor meters: which topics to read, and whose driver decodes each."""
+"""The controller's side of vendor meters: which topics to read, and whose driver decodes each.
+
+A reading that leaves a value the device sent unknown (`MeterReading.unknown`: a
+negative register, live channels whose frequencies disagree) is applied with the rest,
+and each such value is counted in `MeterRouter.unknown_values` and logged
+(`meter_value_unknown`, once a minute per meter, value and reason).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
+from controller.logs import LogLimiter
 from controller.protocol.payloads import PayloadError
 from drivers.meters.base import MeterDriver, MeterReading
 from drivers.meters.mineops import MineopsMeter
 from drivers.meters.registry import MeterConfig, build
+
+log = structlog.get_logger("mineops.meters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +54,9 @@ class MeterRouter:
                 self._check_free(prefix, d, prefix=True)
                 self._prefixed.append((prefix, d))
         self._prefixes = tuple(p for p, _ in self._prefixed)
+        # (meter id, reading key, reason) -> values left unknown in applied readings.
+        self.unknown_values: Counter[tuple[str, str, str]] = Counter()
+        self._quiet = LogLimiter(60.0)
 
     def _check_free(self, topic: str, driver: MeterDriver[Any], *, prefix: bool) -> None:
         """Two meters reading the same topics is a configuration mistake, not a tie to break."""
@@ -75,4 +90,12 @@ class MeterRouter:
         reading = driver.decode(topic, raw)
         if reading is None:
             return None
-        return RoutedReading(driver.config.id, driver.config.role, reading)
+        meter_id = driver.config.id
+        for value in reading.unknown:
+            self.unknown_values[(meter_id, value.field, value.reason)] += 1
+            suppressed = self._quiet.allow(meter_id, value.field, value.reason)
+            if suppressed is not None:
+                log.warning("meter_value_unknown", meter=meter_id, topic=topic,
+                            value=value.field, reason=value.reason, detail=value.detail[:200],
+                            suppressed_since_last=suppressed)
+        return RoutedReading(meter_id, driver.config.role, reading)

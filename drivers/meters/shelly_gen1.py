@@ -12,8 +12,10 @@ table, so it cannot grow) and reports a reading once every configured channel ha
 sent its power; each later value gives the reading with that value merged in.
 Other channels are ignored, so one channel of an EM can be the site meter. Power,
 current and energies are summed over the configured channels; the voltage is the mean
-of the live ones (above 50 V, drivers.meters.base.is_live), so an unwired 3EM input
-(~0.1 V) does not pull it down. Gen1 does not publish the grid frequency over MQTT.
+of the live ones (above 50 V, drivers.meters.base.grid_voltage_frequency), so an
+unwired 3EM input (~0.1 V) does not pull it down. Gen1 does not publish the grid
+frequency over MQTT. A value out of range is dropped with its message (its topic
+carries nothing else), and the quantity keeps its last good value.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class ShellyGen1Driver(MeterDriver[ShellyGen1Meter]):
         merged = {**self.values[channel], quantity: value}
         reading = self._reading({**self.values, channel: merged})
         if reading is not None:
-            reading.checked()
+            reading = reading.checked()
         self.values[channel] = merged  # only once the value is known good
         return reading
 
@@ -120,12 +122,12 @@ class ShellyGen1Driver(MeterDriver[ShellyGen1Meter]):
         power = [v["power"] for v in chans]
         total, returned, current = every("total"), every("total_returned"), every("current")
         # Gen1 sends no frequency: a channel is live by its voltage alone.
-        voltage_v, _ = grid_voltage_frequency([v.get("voltage") for v in chans], [])
+        grid = grid_voltage_frequency([v.get("voltage") for v in chans], [])
         return MeterReading(
             power_w=sum(power),
             energy_import_wh=None if total is None else sum(total),
             energy_export_wh=None if returned is None else sum(returned),
-            voltage_v=voltage_v,
+            voltage_v=grid.voltage_v,
             current_a=None if current is None else sum(current),
             power_factor=combined_power_factor(power, _apparent(chans), every("pf")),
         )

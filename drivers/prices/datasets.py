@@ -62,11 +62,13 @@ def load_prices(
     *,
     timezone: str | None = None,
     settlement_point: str | None = None,
+    unit: str | None = None,
 ) -> PriceSeries:
     """A built-in trace by name, or a price file by path (see load_price_csv for the rest).
 
-    A built-in trace's own zone and settlement point are facts: naming another with
-    `timezone` or `settlement_point` is an error rather than a silent reinterpretation.
+    A built-in trace's own zone, settlement point and unit ($/MWh) are facts: naming
+    another with `timezone`, `settlement_point` or `unit` is an error rather than a silent
+    reinterpretation.
 
     Raises:
         PriceFileError: the file cannot be read or checked (see load_price_csv).
@@ -74,13 +76,16 @@ def load_prices(
     dataset = DATASETS.get(str(source))
     if dataset is None:
         return load_price_csv(source, column, timezone=timezone,
-                              settlement_point=settlement_point)
+                              settlement_point=settlement_point, unit=unit)
     if timezone is not None and timezone != dataset.timezone:
         raise PriceFileError(f"{dataset.name}: its times are {dataset.timezone}; "
                              f"--timezone {timezone} does not apply")
     if settlement_point is not None and settlement_point.strip().upper() != dataset.location:
         raise PriceFileError(f"{dataset.name}: prices for {dataset.location} only; "
                              f"--settlement-point {settlement_point} is not in it")
+    if unit is not None and unit != "usd_per_mwh":
+        raise PriceFileError(f"{dataset.name}: its prices are $/MWh; --price-unit {unit} "
+                             "does not apply")
     with as_file(_DATA / dataset.file) as path:
         series = load_price_csv(path, column or dataset.price_column, timezone=dataset.timezone)
     return replace(series, location=dataset.location)

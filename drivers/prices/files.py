@@ -5,10 +5,17 @@ its layout recognised by drivers.prices.layouts (ERCOT reports, CAISO OASIS, PJM
 Miner, gridstatus, generic), its clock turned into UTC by drivers.prices.timezones. Rows
 may come in any order; the result is sorted and must be one regular grid: a duplicate or a
 gap is an error naming its lines. docs/prices.md describes the formats for users.
+
+Prices are $/MWh. Without a unit named (`unit`, `--price-unit`), a file that looks like
+another unit is an error naming the line and the likely unit: a price column whose name
+says kWh, cents or a currency other than US dollars; nine in ten prices (or all) under 1
+in magnitude (as $/kWh would be); every price 0; a price beyond
+PRICE_LIMIT_USD_PER_MWH. Naming the unit converts (PRICE_UNITS) and skips these checks.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +32,18 @@ from drivers.prices.timezones import Stamp, get_zone, to_utc_s, zone_of_offsets
 log = structlog.get_logger("mineops.prices")
 
 _MAX_LISTED = 12
+# $/MWh per unit of the file's prices (`--price-unit`).
+PRICE_UNITS = {"usd_per_mwh": 1.0, "usd_per_kwh": 1000.0, "cents_per_kwh": 10.0}
+# No market settles beyond this: the highest price caps are in the thousands to tens of
+# thousands of $/MWh (ERCOT's offer cap is 5,000) and floors in the hundreds below zero.
+PRICE_LIMIT_USD_PER_MWH = 100_000.0
+# Prices in $/MWh are under 1 in magnitude for minutes at a time, not for nine tenths of
+# a file: such a file is in $/kWh (0.025 $/kWh is 25 $/MWh), its few spikes included.
+KWH_SHARE = 0.9
+# Currencies other than US dollars, as price column names write them (EUR_per_MWh, €/MWh).
+_CURRENCIES = frozenset({"eur", "gbp", "aud", "cad", "chf", "nok", "sek", "dkk", "jpy",
+                         "pln", "czk", "nzd", "inr", "brl", "mxn", "€", "£"})
+_WORDS = re.compile(r"[^a-z0-9€£]+")
 
 
 def _listing(names: Counter[str]) -> str:
@@ -52,12 +71,74 @@ def _local(t_s: float, zone: ZoneInfo) -> str:
     return f"{datetime.fromtimestamp(t_s, UTC).astimezone(zone):%Y-%m-%d %H:%M %Z}"
 
 
+def _unit_factor(unit: str | None) -> float:
+    if unit is None:
+        return 1.0
+    try:
+        return PRICE_UNITS[unit]
+    except KeyError:
+        raise PriceFileError(f"unknown price unit {unit!r}: one of "
+                             f"{', '.join(PRICE_UNITS)}") from None
+
+
+def _named_unit(table: Table, column: str) -> None:
+    """PriceFileError when the price column's name says it is not in $/MWh."""
+    name = column.lower()
+    words = set(_WORDS.split(name))
+    key = normalise(column)
+    where = table.where(table.header_line)
+    override = "--price-unit usd_per_mwh if its prices are $/MWh after all"
+    if words & _CURRENCIES:
+        currency = sorted(words & _CURRENCIES)[0].upper()
+        raise PriceFileError(
+            f"{where}: price column {column!r} names {currency}: mineops prices are US "
+            f"dollars per MWh (hashprice and costs are in USD); convert the prices to $/MWh "
+            f"first, or give {override}")
+    if "kwh" in key:
+        cents = "cents" in key or "centper" in key or "ct" in words or "cent" in words
+        unit, factor = ("cents_per_kwh", 10) if cents else ("usd_per_kwh", 1000)
+        what = "cents per kWh" if cents else "$/kWh"
+        raise PriceFileError(
+            f"{where}: price column {column!r} names its prices in {what}; mineops reads "
+            f"$/MWh: give --price-unit {unit} to convert them (x {factor}), or {override}")
+
+
+def _check_magnitude(prices: list[float], lines: list[int], where: str) -> None:
+    """PriceFileError when the prices look like another unit than $/MWh."""
+    if not prices:
+        return
+    magnitude = np.abs(np.array(prices, dtype=np.float64))
+    over = np.flatnonzero(magnitude > PRICE_LIMIT_USD_PER_MWH)
+    if over.size:
+        i = int(over[0])
+        raise PriceFileError(
+            f"{where}:{lines[i]}: price {prices[i]:.12g} is beyond any market's ($/MWh within "
+            f"+-{PRICE_LIMIT_USD_PER_MWH:,.0f}; ERCOT's offer cap is 5,000): a misread number "
+            "or another unit; correct the row, or give --price-unit usd_per_mwh if it is "
+            "truly meant")
+    if magnitude.max() == 0.0:
+        raise PriceFileError(
+            f"{where}:{lines[0]}: every price is 0: a column of missing values? Check the "
+            "price column, or give --price-unit usd_per_mwh if they are truly 0 $/MWh")
+    under = magnitude < 1.0
+    if under.mean() >= KWH_SHARE:
+        i = int(np.argmax(np.where(under, magnitude, -1.0)))
+        share = ("every price is" if under.all() else
+                 f"{int(under.sum())} of {len(prices)} prices are")
+        raise PriceFileError(
+            f"{where}:{lines[i]}: {share} under 1 in magnitude (the largest of them, "
+            f"{prices[i]:g}, is on this line): $/kWh, not $/MWh? Give --price-unit "
+            "usd_per_kwh to convert them (x 1000), or --price-unit usd_per_mwh if they are "
+            "$/MWh")
+
+
 def load_price_csv(
     path: Path | str,
     column: str | None = None,
     *,
     timezone: str | None = None,
     settlement_point: str | None = None,
+    unit: str | None = None,
 ) -> PriceSeries:
     """Read and check a price file.
 
@@ -69,22 +150,29 @@ def load_price_csv(
             zone; also the zone reports show times in.
         settlement_point: the settlement point or node to keep, in a file with several
             (matched ignoring case; for PJM the pnode name or id).
+        unit: the prices' unit, a key of PRICE_UNITS (converted to $/MWh); None: $/MWh,
+            checked (a column named in another unit, every price under 1, a price
+            beyond PRICE_LIMIT_USD_PER_MWH are errors).
 
     Returns:
-        A regular series, start times in Unix seconds UTC, sorted.
+        A regular series, start times in Unix seconds UTC, sorted; prices in $/MWh.
 
     Raises:
         PriceFileError: anything doubtful, naming the file, the line, what was found and
             what was expected: unknown layout or column, several settlement points and
-            none chosen, unparseable values, naive times of unknown zone, a time in the
-            spring-forward gap, duplicates, gaps.
+            none chosen, unparseable values, prices that look like another unit, naive
+            times of unknown zone or of a generic `timestamp` column beside a market's
+            columns, a time in the spring-forward gap, duplicates, gaps.
     """
     zone = get_zone(timezone) if timezone else None
+    factor = _unit_factor(unit)
     wanted = settlement_point.strip().upper() if settlement_point else None
     with open_table(path) as table:
         layout = detect(table)
         pi = _price_column(table, layout, column)
         price_name = table.columns[pi]
+        if unit is None:
+            _named_unit(table, price_name)
         point_cols = [i for k in layout.point_keys if (i := table.col(k)) is not None]
         market_i = table.col(*layout.market_keys) if layout.market_keys else None
         if wanted is not None and not point_cols:
@@ -133,12 +221,24 @@ def load_price_csv(
                                  "; split the file, one market (one interval length) each")
         naive_zone_name = zone.key if zone else layout.naive_zone(table)
         by_convention = layout.utc_by_convention(table)
+        market_zone = layout.market_zone(table)
         shown_zone = (zone.key if zone else layout.market_zone(table)
                       or zone_of_offsets([s.when for s in stamps]) or "UTC")
     if len(stamps) < 2:
         raise PriceFileError(f"{where}: needs at least two intervals, found {len(stamps)}")
+    if unit is None:
+        _check_magnitude(prices, [s.line for s in stamps], where)
     assumed_utc = (zone is None and by_convention
                    and any(s.when.tzinfo is None for s in stamps))
+    if assumed_utc and market_zone is not None:
+        # mineops' `timestamp` is UTC, the market's own clock is local: either reading is
+        # hours off half the time, so the file has to say which.
+        naive = next(s for s in stamps if s.when.tzinfo is None)
+        raise PriceFileError(
+            f"{where}:{naive.line}: {naive.when:%Y-%m-%d %H:%M} has no UTC offset, and the "
+            f"columns name a market whose clock is {market_zone} (mineops reads a naive "
+            "timestamp as UTC, the market writes its local time): name the times' zone with "
+            f"--timezone ({market_zone} or UTC), or write them with their offset")
     hint = (" (naive times were read as UTC; if the file is in local time, name its zone "
             "with --timezone)") if assumed_utc else ""
     utc = to_utc_s(stamps, get_zone(naive_zone_name) if naive_zone_name else None, where,
@@ -146,7 +246,7 @@ def load_price_csv(
     start = np.array(utc, dtype=np.float64)
     order = np.argsort(start, kind="stable")
     start = start[order]
-    price = np.array(prices, dtype=np.float64)[order]
+    price = np.array(prices, dtype=np.float64)[order] * factor
     lines = np.array([s.line for s in stamps])[order]
     shown = ZoneInfo(shown_zone)
     steps = np.diff(start)
@@ -168,6 +268,6 @@ def load_price_csv(
                     why="no --timezone; the generic layout's naive times are UTC")
     log.info("prices_loaded", path=where, layout=layout.name, column=price_name,
              location=chosen, intervals=len(start), interval_s=interval, timezone=shown_zone,
-             rows_not_prices=filtered)
+             rows_not_prices=filtered, unit=unit or "usd_per_mwh (checked)")
     return PriceSeries(start, price, interval, price_name, timezone=shown_zone,
                        location=chosen)

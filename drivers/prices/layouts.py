@@ -19,8 +19,14 @@ from drivers.prices.timezones import Stamp, parse_datetime, parse_flag
 TimeReader = Callable[[Row], Stamp]
 RowFilter = Callable[[Row], bool]
 _FLAG_KEYS = ("dstflag", "repeatedhourflag", "intervalrepeatedhourflag")
-# ERCOT settlement point columns as named in the built-in trace (hb_south_rtm_spp_usd_mwh).
-_ERCOT_COLUMN = re.compile(r"^(hb|lz)_[a-z]+_|ercot", re.IGNORECASE)
+# Column names that say which market a generic file's prices are from, and its clock:
+# ERCOT settlement points as the built-in trace names them (hb_south_rtm_spp_usd_mwh) or
+# as ERCOT does (SettlementPointPrice), CAISO's trading hubs, PJM.
+_MARKET_COLUMNS = (
+    (re.compile(r"^(hb|lz)_[a-z]+_|ercot|settlement_?point", re.IGNORECASE), "America/Chicago"),
+    (re.compile(r"caiso|(^|_)(np|sp)15(_|$)", re.IGNORECASE), "America/Los_Angeles"),
+    (re.compile(r"pjm", re.IGNORECASE), "America/New_York"),
+)
 _FIRST_YEAR, _LAST_YEAR = 1970, 2200
 
 
@@ -280,8 +286,11 @@ class Generic(Layout):
     The time column is `timestamp`, `time`, `datetime`, `interval_start_utc` or
     `interval_start_local` (ISO 8601 or Unix seconds). Naive times in `timestamp`, `time`,
     `datetime` or a `*_utc` column are UTC (as mineops always read them), in
-    `interval_start_local` the market's zone when the price columns name ERCOT settlement
-    points (`hb_south_rtm_spp_usd_mwh`), else whatever --timezone says.
+    `interval_start_local` the market's zone when the columns name its market (ERCOT
+    settlement points such as `hb_south_rtm_spp_usd_mwh`, CAISO, PJM: _MARKET_COLUMNS),
+    else whatever --timezone says. Naive times by
+    convention (`utc_by_convention`) beside columns naming a market are refused by
+    drivers.prices.files until --timezone names their zone.
     """
 
     name = "generic"
@@ -310,8 +319,9 @@ class Generic(Layout):
         return "local" not in key and "utc" not in key
 
     def market_zone(self, table: Table) -> str | None:
-        if any(_ERCOT_COLUMN.search(c) for c in table.columns):
-            return "America/Chicago"
+        for pattern, zone in _MARKET_COLUMNS:
+            if any(pattern.search(c) for c in table.columns):
+                return zone
         return None
 
     def time_reader(self, table: Table) -> TimeReader:
