@@ -74,11 +74,14 @@ class SimulatedFleet:
 
     # -- commands ---------------------------------------------------------------
 
-    def apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> None:
-        """Apply one setpoint to the miners at `idx` (offline miners never hear it)."""
+    def apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> int:
+        """Apply one setpoint to the miners at `idx`; the number that heard it.
+
+        Offline miners never hear it.
+        """
         idx = idx[~self.offline[idx]]
         if idx.size == 0:
-            return
+            return 0
         self.step(now)
         if cmd.action == "sleep":
             going = idx[(self.mode[idx] == Mode.RUNNING) | (self.mode[idx] == Mode.WAKING)]
@@ -94,6 +97,7 @@ class SimulatedFleet:
             self.mode[waking] = Mode.WAKING
             self.until[waking] = now + self.wake_s[waking] / self.speed
         self.ack_seq[idx] = seq
+        return int(idx.size)
 
     # -- faults -----------------------------------------------------------------
 

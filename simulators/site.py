@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from controller.catalogue import load_catalogue
@@ -34,6 +37,17 @@ from drivers.prices import PriceSeries
 from simulators.fleet import SimulatedFleet
 
 log = structlog.get_logger("mineops.simulator")
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedCommand:
+    """One command message the simulated miners applied (for latency measurements)."""
+
+    kind: str  # the topic's kind: miner_cmd, group_cmd, fleet_cmd
+    seq: int
+    miners: int  # miners it set
+    received_s: float  # monotonic time its handling began
+    applied_s: float  # monotonic time every miner of it had applied it
 
 
 class SimulatedSite:
@@ -68,6 +82,13 @@ class SimulatedSite:
         for i, m in enumerate(inventory):
             groups.setdefault(m.group, []).append(i)
         self.groups = {g: np.array(ix, dtype=np.intp) for g, ix in groups.items()}
+        self._group_names = list(self.groups)
+        self._group_index = {g: i for i, g in enumerate(self._group_names)}
+        self._group_of = np.empty(len(inventory), dtype=np.intp)
+        for gi, ix in enumerate(self.groups.values()):
+            self._group_of[ix] = gi
+        # Called after each command message is applied (`mineops simulate --apply-log`).
+        self.on_applied: Callable[[AppliedCommand], None] | None = None
         self.speed = speed
         self.prices = prices
         self.telemetry_interval_s = telemetry_interval_s
@@ -100,57 +121,105 @@ class SimulatedSite:
                                          retain=True)
 
     def on_message(self, topic: str, raw: bytes) -> None:
+        """Apply one command message (miner, rack or fleet topic); a bad one is counted."""
+        received = time.monotonic()
         parsed = self.topics.parse(topic)
-        now = time.monotonic()
         try:
             if parsed.kind is Kind.MINER_CMD:
                 cmd = decode(MinerCommand, raw)
                 i = self.fleet.index.get(parsed.device)
                 if i is None:
                     raise PayloadError("unknown_miner", parsed.device)
-                self.fleet.apply(np.array([i], dtype=np.intp), cmd, cmd.seq, now)
-                self.commands_applied += 1
+                seq = cmd.seq
+                applied = self.fleet.apply(np.array([i], dtype=np.intp), cmd, seq, received)
             elif parsed.kind is Kind.GROUP_CMD:
-                self._apply_group(parsed.device, decode(GroupCommand, raw), now)
+                gcmd = decode(GroupCommand, raw)
+                seq, applied = gcmd.seq, self._apply_group(parsed.device, gcmd, received)
             elif parsed.kind is Kind.FLEET_CMD:
-                self._apply_fleet(decode(FleetCommand, raw), now)
+                fcmd = decode(FleetCommand, raw)
+                seq, applied = fcmd.seq, self._apply_fleet(fcmd, received)
+            else:
+                return
         except PayloadError as e:
             self.rejected[e.reason] += 1
             log.warning("sim_command_rejected", topic=topic, reason=e.reason, detail=e.detail)
+            return
+        self.commands_applied += applied
+        if self.on_applied is not None:
+            self.on_applied(AppliedCommand(kind=parsed.kind.value, seq=seq, miners=applied,
+                                           received_s=received, applied_s=time.monotonic()))
 
-    def _apply_fleet(self, cmd: FleetCommand, now: float) -> None:
+    def _apply_fleet(self, cmd: FleetCommand, now: float) -> int:
+        """Apply a fleet command with array operations; the number of miners it set.
+
+        Same result as `FleetCommand.setpoints_for` (tested), without a Python object
+        per miner: a setpoint-table index per miner, then one `apply` per setpoint.
+        """
+        code = np.full(len(self.fleet.ids), -1, dtype=np.intp)  # -1: not set
+        table: dict[Setpoint, int] = {}
         if cmd.all is not None:
             names = self.groups if cmd.groups is None else cmd.groups
-            members = [self.groups[g] for g in names if g in self.groups]
-            if members:
-                idx = np.concatenate(members)
-                self.fleet.apply(idx, cmd.all, cmd.seq, now)
-                self.commands_applied += len(idx)
+            racks = [i for i in (self._group_index.get(g) for g in names) if i is not None]
+            on = np.zeros(len(self._group_names), dtype=bool)
+            on[racks] = True
+            code[on[self._group_of]] = table.setdefault(cmd.all, len(table))
+        listed = [table.setdefault(sp, len(table)) for sp in cmd.setpoints or ()]
+        if cmd.group_setpoints:
+            rack_code = np.full(len(self._group_names), -1, dtype=np.intp)
+            for g, k in cmd.group_setpoints.items():
+                gi = self._group_index.get(g)
+                if gi is not None:  # another process's rack is not an error
+                    rack_code[gi] = listed[k]
+            by_rack = rack_code[self._group_of]
+            if cmd.except_miners:
+                by_rack[self._rows(cmd.except_miners)[0]] = -1
+            code = np.where(by_rack >= 0, by_rack, code)
+        if cmd.miner_setpoints:
+            rows, known = self._rows(cmd.miner_setpoints)
+            given = np.fromiter(cmd.miner_setpoints.values(), dtype=np.intp)
+            code[rows] = np.asarray(listed, dtype=np.intp)[given[known]]
         if cmd.targets:
-            # Other processes' miners are in the same message: not ours is not an error.
-            by_setpoint: dict[Setpoint, list[int]] = {}
-            for miner_id, setpoint in cmd.targets.items():
-                i = self.fleet.index.get(miner_id)
-                if i is not None:
-                    by_setpoint.setdefault(setpoint, []).append(i)
-            for setpoint, ix in by_setpoint.items():
-                self.fleet.apply(np.array(ix, dtype=np.intp), setpoint, cmd.seq, now)
-                self.commands_applied += len(ix)
+            rows, known = self._rows(cmd.targets)
+            given = np.fromiter((table.setdefault(sp, len(table)) for sp in cmd.targets.values()),
+                                dtype=np.intp)
+            code[rows] = given[known]
+        return self._apply_codes(code, list(table), cmd.seq, now)
 
-    def _apply_group(self, group: str, cmd: GroupCommand, now: float) -> None:
+    def _apply_codes(self, code: npt.NDArray[np.intp], table: list[Setpoint], seq: int,
+                     now: float) -> int:
+        """Apply table[code[i]] to every miner i with a code; the number of miners set."""
+        applied = 0
+        for k, setpoint in enumerate(table):
+            idx = np.flatnonzero(code == k)
+            if idx.size:
+                applied += self.fleet.apply(idx, setpoint, seq, now)
+        return applied
+
+    def _rows(self, ids: Iterable[str]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Rows of the miners of `ids` this process simulates, and which of `ids` those are.
+
+        Another process's miner is not an error: it is left out.
+        """
+        index = self.fleet.index
+        found = np.fromiter((index.get(m, -1) for m in ids), dtype=np.intp)
+        known = found >= 0
+        return found[known], known
+
+    def _apply_group(self, group: str, cmd: GroupCommand, now: float) -> int:
         members = self.groups.get(group)
         if members is None:
             raise PayloadError("unknown_group", group)
+        code = np.full(len(self.fleet.ids), -1, dtype=np.intp)
+        table: dict[Setpoint, int] = {}
         if cmd.all is not None:
-            self.fleet.apply(members, cmd.all, cmd.seq, now)
-            self.commands_applied += len(members)
+            code[members] = table.setdefault(cmd.all, 0)
         for miner_id, setpoint in (cmd.targets or {}).items():
             i = self.fleet.index.get(miner_id)
             if i is None:  # the rest of the batch is still good
                 self.rejected["unknown_miner"] += 1
                 continue
-            self.fleet.apply(np.array([i], dtype=np.intp), setpoint, cmd.seq, now)
-            self.commands_applied += 1
+            code[i] = table.setdefault(setpoint, len(table))
+        return self._apply_codes(code, list(table), cmd.seq, now)
 
     # -- loops --------------------------------------------------------------------
 
