@@ -1,9 +1,10 @@
 """A simulated mine site on MQTT: the fleet, a site meter and a price replay, one connection.
 
 Telemetry goes out a rack per message (`group/<g>/telemetry`), so thousands of
-miners cost tens of messages a second, not thousands. Commands arrive per miner
-or per group. The meter sees the fleet's power plus auxiliary (cooling) load,
-with noise, and reports grid frequency.
+miners cost tens of messages a second, not thousands, or a message per miner
+(`telemetry_mode="per-miner"`), at a fixed period. Commands arrive per miner, per
+group or site-wide, and are applied with array operations. The meter sees the
+fleet's power plus auxiliary (cooling) load, with noise, and reports grid frequency.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +28,8 @@ from controller.protocol.payloads import (
     GroupTelemetry,
     MeterTelemetry,
     MinerCommand,
+    MinerReading,
+    MinerTelemetry,
     PayloadError,
     PriceSignal,
     Setpoint,
@@ -37,6 +41,31 @@ from drivers.prices import PriceSeries
 from simulators.fleet import SimulatedFleet
 
 log = structlog.get_logger("mineops.simulator")
+
+# racked: a GroupTelemetry message per rack, as a bridge or rack controller sends;
+# per-miner: a MinerTelemetry message per miner, as miners that speak MQTT do.
+TelemetryMode = Literal["racked", "per-miner"]
+
+
+class FixedPeriod:
+    """Start times of a job that keeps its period whatever each run takes.
+
+    A run that ends after the next start was due is an overrun: the next run starts at
+    once and the schedule continues from there (missed starts are not made up).
+    """
+
+    def __init__(self, period_s: float, start_s: float) -> None:
+        self.period_s = period_s
+        self.due_s = start_s
+        self.overruns = 0
+
+    def wait_s(self, now_s: float) -> float:
+        """A run has ended at `now_s`: how long to wait before the next, s."""
+        self.due_s += self.period_s
+        if self.due_s < now_s:
+            self.overruns += 1
+            self.due_s = now_s
+        return self.due_s - now_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +89,7 @@ class SimulatedSite:
         speed: float = 1.0,
         prices: PriceSeries | None = None,
         telemetry_interval_s: float = 1.0,
+        telemetry_mode: TelemetryMode = "racked",
         meter_interval_s: float = 1.0,
         seed: int = 0,
         miner_mqtt: bool = True,
@@ -92,6 +122,10 @@ class SimulatedSite:
         self.speed = speed
         self.prices = prices
         self.telemetry_interval_s = telemetry_interval_s
+        self.telemetry_mode = telemetry_mode
+        self.telemetry_rounds = 0
+        self.telemetry_overruns = 0  # rounds that took longer than the period
+        self.telemetry_round_s = 0.0  # how long the last round took to publish
         self.meter_interval_s = meter_interval_s
         # The simulator speaks the project's meter format: it plays the first such site
         # meter (vendor-format meters are real devices, or `mineops decode` fixtures).
@@ -249,17 +283,48 @@ class SimulatedSite:
             await asyncio.sleep(0.1)
 
     async def _telemetry(self) -> None:
+        """A telemetry round every `telemetry_interval_s`, on a fixed schedule.
+
+        The time a round takes to publish is not added to the period; a round that
+        overruns its period is counted (`telemetry_overruns`) and the next starts at once.
+        Within a round the loop is given back after every message or few, so commands
+        are applied while a large fleet reports.
+        """
+        schedule = FixedPeriod(self.telemetry_interval_s, time.monotonic())
         while True:
             await self.transport.connected.wait()
-            hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
-            ts = time.time()
-            for g, idx in self.groups.items():
-                readings = self.fleet.readings(idx, hashrate, fans)
-                if readings:
-                    payload = GroupTelemetry.model_construct(v=1, ts=ts, miners=readings)
-                    await self.transport.publish(self.topics.group(g, "telemetry"),
-                                                 payload.encode())
-            await asyncio.sleep(self.telemetry_interval_s)
+            started = time.monotonic()
+            if self.telemetry_mode == "per-miner":
+                await self._publish_per_miner()
+            else:
+                await self._publish_racked()
+            self.telemetry_rounds += 1
+            self.telemetry_round_s = time.monotonic() - started
+            await asyncio.sleep(schedule.wait_s(time.monotonic()))
+            self.telemetry_overruns = schedule.overruns
+
+    async def _publish_racked(self) -> None:
+        hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
+        ts = time.time()
+        for g, idx in self.groups.items():
+            readings = self.fleet.readings(idx, hashrate, fans)
+            if readings:
+                payload = GroupTelemetry.model_construct(v=1, ts=ts, miners=readings)
+                await self.transport.publish(self.topics.group(g, "telemetry"),
+                                             payload.encode())
+            await asyncio.sleep(0)
+
+    async def _publish_per_miner(self) -> None:
+        """A `MinerTelemetry` message per miner, as miners that speak MQTT themselves do."""
+        hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
+        ts = time.time()
+        for idx in self.groups.values():
+            for r in self.fleet.readings(idx, hashrate, fans):
+                fields = {k: getattr(r, k) for k in MinerReading.model_fields}
+                payload = MinerTelemetry.model_construct(v=1, ts=ts, **fields)
+                await self.transport.publish(self.topics.miner(r.id, "telemetry"),
+                                             payload.encode())
+            await asyncio.sleep(0)
 
     def site_power_w(self) -> float:
         """What the site meter sees: miners plus aux load, with 0.2 % noise."""

@@ -7,15 +7,20 @@ the reference semantics applied one miner at a time to an identical fleet.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.core.actuation import Actuator
+from controller.daemon.loop import Controller
+from controller.protocol.broker import LocalBroker
 from controller.protocol.payloads import FleetCommand, GroupCommand, Setpoint
 from simulators.fleet import SimulatedFleet
-from simulators.site import AppliedCommand, SimulatedSite
+from simulators.site import AppliedCommand, FixedPeriod, SimulatedSite
+from tests.conftest import make_site, wait_for
 
 SLEEP = Setpoint(action="sleep")
 
@@ -107,3 +112,34 @@ def test_rack_commands_and_bad_ones_are_counted() -> None:
     sim.on_message(sim.topics.fleet_cmd, b'{"v":1,"seq":1,"ts":0,"miner_setpoints":{"a":0}}')
     assert sim.rejected["unknown_group"] == 1 and sim.rejected["bad_value"] == 1
     assert sim.commands_applied == 3
+
+
+def test_fixed_period_keeps_the_period_whatever_a_round_takes() -> None:
+    schedule = FixedPeriod(1.0, start_s=10.0)
+    starts = [10.0]
+    for took in (0.3, 0.9, 0.05, 0.5):  # each round ends `took` after it started
+        starts.append(starts[-1] + took + schedule.wait_s(starts[-1] + took))
+    assert starts == [10.0, 11.0, 12.0, 13.0, 14.0] and schedule.overruns == 0
+    # A 2.5 s round overruns: the next starts at once, then the period resumes from there.
+    after = 14.0 + 2.5
+    assert schedule.wait_s(after) == 0.0 and schedule.overruns == 1
+    assert schedule.wait_s(after + 0.2) == pytest.approx(0.8)
+
+
+async def test_per_miner_telemetry_reaches_the_controller(broker: LocalBroker,
+                                                          tasks: Any) -> None:
+    cfg = make_site(broker, [("a", "s21", 30), ("b", "s19j_pro", 20)])
+    sim = SimulatedSite(cfg, telemetry_interval_s=0.2, telemetry_mode="per-miner",
+                        meter_interval_s=0.2)
+    controller = Controller(cfg)
+    tasks(sim.run(), "sim")
+    tasks(controller.run(), "controller")
+    await wait_for(lambda: bool(np.isfinite(controller.fleet.last_seen).all()),
+                   what="telemetry from every miner")
+    messages = controller.ingest.metrics.messages
+    assert messages.labels("miner_telemetry")._value.get() >= 50
+    assert messages.labels("group_telemetry")._value.get() == 0
+    assert not controller.ingest.invalid, dict(controller.ingest.invalid)
+    assert (controller.fleet.state > 0).all(), "every miner's reported state is known"
+    await wait_for(lambda: sim.telemetry_rounds >= 5, what="five rounds")
+    assert sim.telemetry_overruns == 0 and sim.telemetry_round_s < 0.2
