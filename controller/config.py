@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
     Field,
@@ -186,6 +187,10 @@ class MetricsConfig(StrictModel):
     host: str = Field(default="127.0.0.1", description="Listen address")
     port: int = Field(default=9108, ge=0, le=65535, description="Listen port (0: any free)")
     per_miner: bool = Field(default=False, description="Also export per-miner series")
+    per_group: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Per-group series: auto exports them up to 10,000 groups (~100,000 "
+        "series), always and never regardless of the fleet")
 
 
 class SiteConfig(BaseSettings):

@@ -13,6 +13,7 @@ import numpy.typing as npt
 import pytest
 
 from controller.core.actuation import (
+    FLEET_BATCH_BYTES,
     FLEET_BATCH_MIN_GROUPS,
     FLEET_BATCH_TARGETS,
     Actuator,
@@ -38,13 +39,14 @@ def power(w: float) -> Setpoint:
 class Fleet:
     """An actuator over racks of the given sizes, and the reference reading of its output."""
 
-    def __init__(self, sizes: list[int], *, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(self, sizes: list[int], *, shuffle: bool = False, seed: int = 0,
+                 id_prefix: str = "m") -> None:
         group_idx = np.repeat(np.arange(len(sizes)), sizes)
         if shuffle:  # racks need not be contiguous in the inventory
             np.random.default_rng(seed).shuffle(group_idx)
         self.n = int(group_idx.size)
         self.group_idx = group_idx
-        self.ids = [f"m{i}" for i in range(self.n)]
+        self.ids = [f"{id_prefix}{i}" for i in range(self.n)]
         self.groups = [f"r{g}" for g in range(len(sizes))]
         self.members = {g: [self.ids[i] for i in np.flatnonzero(group_idx == k)]
                         for k, g in enumerate(self.groups)}
@@ -222,6 +224,7 @@ def test_any_plan_is_carried_exactly_within_the_message_limits(seed: int) -> Non
         assert got == f.want(sent, level, pw), step
         assert all(ok[i] for i in sent)
         for group, raw in cmds:  # decode() already enforced MAX_BYTES and field limits
+            assert len(raw) <= FLEET_BATCH_BYTES + 2048, "under the brokers' packet limit"
             if group is None:
                 cmd = decode(FleetCommand, raw)
                 entries = len(cmd.miner_setpoints or {}) + len(cmd.except_miners or [])
@@ -255,3 +258,23 @@ def test_few_racks_go_to_their_own_topics() -> None:
     assert [g for g, _ in cmds] == [f"r{i}" for i in range(FLEET_BATCH_MIN_GROUPS - 1)]
     assert all(decode(GroupCommand, raw).all == SLEEP for _, raw in cmds)
     assert got == f.want(sent, level2, pw)
+
+
+def test_long_ids_keep_every_message_under_the_packet_limit() -> None:
+    # 63-character ids (the longest the id pattern allows is 64): a mixed plan of 60,000
+    # miners is cut by bytes, not only by count, so no message exceeds the broker limit
+    # (deploy/mosquitto: max_packet_size 600000).
+    f = Fleet([30_000, 20_000, 10_000], id_prefix="x" * 58)
+    rng = np.random.default_rng(3)
+    level = rng.integers(0, 3, f.n)
+    pw = np.array([0.0, 2000.0, 3000.0])[level]
+    cmds, sent, got = f.plan(level, pw)
+    assert got == f.want(sent, level, pw)
+    assert len(cmds) > 12 and max(len(raw) for _, raw in cmds) <= FLEET_BATCH_BYTES + 2048
+    # A few racks of long ids whose targets would not fit a rack message go site-wide too.
+    g = Fleet([3000, 3000], id_prefix="y" * 58)
+    level = np.where(np.arange(g.n) % 2 == 0, 0, 2)
+    cmds, sent, got = g.plan(level, np.full(g.n, 3000.0))
+    assert {name for name, _ in cmds} == {None} and got == g.want(sent, level,
+                                                                     np.full(g.n, 3000.0))
+    assert max(len(raw) for _, raw in cmds) <= FLEET_BATCH_BYTES + 2048

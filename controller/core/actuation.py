@@ -18,6 +18,7 @@ What goes out depends on how much changed:
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -35,10 +36,16 @@ _UNKNOWN = -1
 # Above this many racks touched, setpoints go site-wide on the fleet topic: a publish
 # costs ~1 ms in the client, so 1,000 rack messages would take a second.
 FLEET_BATCH_MIN_GROUPS = 32
-# Per fleet message: per-miner entries (except_miners + miner_setpoints) and racks. Both
-# keep a message well under FleetCommand.MAX_BYTES and a receiver's decode to a few ms.
+# Per fleet message: per-miner entries (except_miners + miner_setpoints), rack entries and
+# bytes. They keep a message under the brokers' packet limit (deploy/mosquitto sets
+# max_packet_size 600000), within FleetCommand's limits, and a receiver's decode to ms.
 FLEET_BATCH_TARGETS = 10_000
 FLEET_BATCH_GROUPS = 10_000
+FLEET_BATCH_BYTES = 256 * 1024
+# A per-miner or rack entry's bytes besides its id: quotes, colon, a table index, comma.
+_ENTRY_BYTES = 8
+# A rack message's per-miner target besides its id: {"action":"set_power","power_w":...}.
+_TARGET_BYTES = 64
 # A setpoint key: the power target in W, or this for sleep (targets are never negative).
 _SLEEP_KEY = -1.0
 
@@ -86,6 +93,13 @@ class Actuator:
         self._by_rack = np.argsort(group_idx, kind="stable")
         self._rack_of_sorted = group_idx[self._by_rack]
         self._rack_size = np.bincount(group_idx, minlength=len(groups))
+        # What a miner's and a rack's entry costs in a message, bytes.
+        self._id_bytes = np.array([len(i) for i in ids], dtype=np.int64)
+        self._rack_bytes = np.array([len(g) + _ENTRY_BYTES for g in groups], dtype=np.int64)
+        # A rack entry's exceptions travel in its message: at most this many.
+        self._max_exceptions = min(
+            FLEET_BATCH_TARGETS,
+            FLEET_BATCH_BYTES // (int(self._id_bytes.max(initial=0)) + _ENTRY_BYTES) // 2)
         self.level = np.full(n, _UNKNOWN, dtype=np.intp)
         self.power_w = np.full(n, np.nan)
         self.seq = np.full(n, -1, dtype=np.int64)
@@ -138,8 +152,13 @@ class Actuator:
         ts = time.time()
         key = np.where(level == 0, _SLEEP_KEY, power_w)
         racks = self._racks(send_mask, key)
+        # A rack message holds at most GROUP_TARGETS_MAX targets and FLEET_BATCH_BYTES.
+        rack_bytes = np.bincount(self._group_idx[send],
+                                 weights=self._id_bytes[send] + _TARGET_BYTES,
+                                 minlength=len(self._groups))
         if (racks.group.size < FLEET_BATCH_MIN_GROUPS
-                and int(racks.sent.max()) <= GROUP_TARGETS_MAX):
+                and int(racks.sent.max()) <= GROUP_TARGETS_MAX
+                and float(rack_bytes.max()) <= FLEET_BATCH_BYTES):
             commands = self._rack_messages(seq, ts, racks, send, key)
         else:
             commands = [(None, p) for p in self._fleet_messages(seq, ts, racks, send_mask, key)]
@@ -175,7 +194,7 @@ class Actuator:
         # A rack entry costs one entry plus the members left alone plus those that differ;
         # its exceptions travel in its message, so they must fit in one.
         exceptions = (self._rack_size[group] - sent) + (sent - matching)
-        compact = (1 + exceptions < sent) & (exceptions <= FLEET_BATCH_TARGETS)
+        compact = (1 + exceptions < sent) & (exceptions <= self._max_exceptions)
         return _Racks(group=group, sent=sent, key=np.where(use_last, last, first),
                       matching=matching, compact=compact)
 
@@ -212,22 +231,23 @@ class Actuator:
         # compact rack's setpoint, or its rack is written per miner).
         alone = in_compact & ~send_mask
         own = send_mask & ~(in_compact & (key == rack_key[self._group_idx]))
-        per_miner = np.bincount(self._group_idx, weights=alone | own, minlength=n_racks)
+        listed = alone | own
+        entries = np.bincount(self._group_idx, weights=listed, minlength=n_racks)
+        size = np.bincount(self._group_idx, weights=listed * (self._id_bytes + _ENTRY_BYTES),
+                           minlength=n_racks) + np.where(compact_rack, self._rack_bytes, 0)
         form = _FleetForm(compact_rack=compact_rack, rack_key=rack_key, alone=alone, own=own,
                           key=key)
-        # Racks in order, cut greedily into messages of at most FLEET_BATCH_TARGETS
-        # per-miner entries and FLEET_BATCH_GROUPS rack entries (a rack written per miner
-        # may exceed it alone: its miners are then split, see _encode_fleet).
+        # Racks in order, cut greedily into messages within the batch limits. A rack over
+        # a limit by itself (only one written per miner can be) has its miners split.
         touched = racks.group
-        load = np.cumsum(per_miner[touched])
-        entries = np.cumsum(compact_rack[touched])
+        limits = ((np.cumsum(entries[touched]), FLEET_BATCH_TARGETS),
+                  (np.cumsum(compact_rack[touched]), FLEET_BATCH_GROUPS),
+                  (np.cumsum(size[touched]), FLEET_BATCH_BYTES))
         messages: list[bytes] = []
         start = 0
         while start < touched.size:
-            base_load = load[start - 1] if start else 0.0
-            base_entries = entries[start - 1] if start else 0
-            stop = min(int(np.searchsorted(load, base_load + FLEET_BATCH_TARGETS, "right")),
-                       int(np.searchsorted(entries, base_entries + FLEET_BATCH_GROUPS, "right")))
+            stop = min(int(np.searchsorted(total, (total[start - 1] if start else 0) + limit,
+                                           "right")) for total, limit in limits)
             stop = max(stop, start + 1)
             messages.extend(self._encode_fleet(seq, ts, touched[start:stop], form))
             start = stop
@@ -246,14 +266,26 @@ class Actuator:
         table, codes = np.unique(np.concatenate([rack_key[g_entries], key[miner_idx]]),
                                  return_inverse=True)
         g_codes, m_codes = codes[:g_entries.size], codes[g_entries.size:]
+        # Where the miner entries are cut: the racks and their exceptions go in the first
+        # message; only a rack written per miner can need more than one.
+        cost = np.cumsum(self._id_bytes[miner_idx] + _ENTRY_BYTES)
+        used_bytes = int(self._rack_bytes[g_entries].sum()
+                         + (self._id_bytes[except_idx] + _ENTRY_BYTES).sum())
+        used_entries = except_idx.size
+        cuts = [0]
+        while cuts[-1] < miner_idx.size:
+            lo = cuts[-1]
+            base = int(cost[lo - 1]) if lo else 0
+            hi = min(int(np.searchsorted(cost, base + FLEET_BATCH_BYTES - used_bytes, "right")),
+                     lo + FLEET_BATCH_TARGETS - used_entries)
+            cuts.append(max(hi, lo + 1))
+            used_bytes = used_entries = 0
         ids = self._ids
         out = []
-        for lo in range(0, max(miner_idx.size, 1), FLEET_BATCH_TARGETS):
-            # The racks and their exceptions go in the first message; only a rack written
-            # per miner can need more than one.
-            first = lo == 0
-            part = slice(lo, lo + FLEET_BATCH_TARGETS)
-            m_idx, m_code = miner_idx[part], m_codes[part]
+        bounds = cuts if len(cuts) > 1 else [0, 0]  # no miner entries: one message still
+        for part, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            first = part == 0
+            m_idx, m_code = miner_idx[lo:hi], m_codes[lo:hi]
             g_code = g_codes if first else g_codes[:0]
             used = np.unique(np.concatenate([g_code, m_code]))
             remap = np.zeros(table.size, dtype=np.intp)
