@@ -266,17 +266,20 @@ class SiteConfig(BaseSettings):
     @cached_property
     def inventory(self) -> list[MinerEntry]:
         """Every miner, groups expanded, in a stable order (the fleet arrays' index)."""
-        out = [
-            MinerEntry(
-                id=f"{g.id_prefix or g.name}-{i:04d}",
-                model=g.model,
-                group=g.name,
-                never_curtail=g.never_curtail,
-                priority=g.priority,
-            )
-            for g in self.fleet.groups
-            for i in range(1, g.count + 1)
-        ]
+        out: list[MinerEntry] = []
+        for g in self.fleet.groups:
+            prefix = g.id_prefix or g.name
+            # The group's longest id is validated (ids differ only in their number, so
+            # the others are valid too); the rest are built without validating each and
+            # share one set of field names. At 300,000 miners a validated entry each
+            # cost ~1.1 KB and ~1 s; these cost ~0.4 KB.
+            last = MinerEntry(id=f"{prefix}-{g.count:04d}", model=g.model, group=g.name,
+                              never_curtail=g.never_curtail, priority=g.priority)
+            names = last.__pydantic_fields_set__
+            out.extend(MinerEntry.model_construct(
+                names, id=f"{prefix}-{i:04d}", model=g.model, group=g.name,
+                never_curtail=g.never_curtail, priority=g.priority) for i in range(1, g.count))
+            out.append(last)
         return out + list(self.fleet.miners)
 
     def cap_review(self) -> CapReview:

@@ -93,6 +93,10 @@ async def test_telemetry_reaches_fleet_state(broker: LocalBroker, tasks: Any) ->
                    what="fleet state power to match the simulated miners")
     assert controller.fleet.hashrate_ths.sum() > 0.9 * sim.fleet.hashrate_ths().sum()
     await wait_for(lambda: not np.isnan(controller.fleet.site.meter_power_w), what="meter")
+    # Metrics show a decision's view: wait for one made with the meter's reading.
+    await wait_for(lambda: controller.snapshot is not None
+                   and controller.snapshot.measured_site_power_w is not None,
+                   what="a decision that saw the meter")
     text = scrape(controller)
     assert metric(text, "mineops_fleet_hashrate_hashes_per_second") > 1e15
     assert metric(text, "mineops_site_power_watts") > 100_000

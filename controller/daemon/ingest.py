@@ -151,6 +151,7 @@ class Ingest:
         return i
 
     def _group_telemetry(self, group: str, msg: GroupTelemetry) -> None:
+        self.metrics.telemetry_lag.observe(time.time() - msg.ts)
         index = self.fleet.index
         found = [(index.get(r.id), r) for r in msg.miners]
         known = [(i, r) for i, r in found if i is not None]
@@ -162,6 +163,7 @@ class Ingest:
             raise PayloadError("unknown_miner", f"{unknown} unknown miner id(s) in {group}")
 
     def _miner_telemetry(self, miner_id: str, msg: MinerTelemetry) -> None:
+        self.metrics.telemetry_lag.observe(time.time() - msg.ts)
         self.fleet.update(self._miner(miner_id), msg, time.monotonic())
 
     def _miner_availability(self, miner_id: str, online: bool) -> None:
