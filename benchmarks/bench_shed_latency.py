@@ -80,6 +80,8 @@ class Completion:
     apply_ms: float  # the simulator's decode and apply, summed over its messages
     messages: int
     miners: int
+    queued_ms: float = float("nan")  # t0 -> the decision began (broker, queue, journal)
+    decide_ms: float = float("nan")  # the decision: decide, encode, publish
 
 
 class Trials:
@@ -121,7 +123,8 @@ class Trials:
             apply_ms=sum(e["applied_s"] - e["received_s"] for e in mine) * 1e3,
             messages=len(mine), miners=got)
 
-    async def decision_applied(self, t0: float, trigger: str) -> Completion:
+    async def decision_applied(self, t0: float, trigger: str
+                               ) -> tuple[Completion, DecisionSummary]:
         """The first decision by `trigger` after t0 that sends setpoints, once all are applied."""
         d = await self.wait(lambda: next(
             (d for at, d in self.client.decisions
@@ -131,7 +134,7 @@ class Trials:
         done = await self.wait(lambda: self.applied(t0, d.commands_sent),
                                f"{d.commands_sent} setpoints of the {trigger} decision applied")
         assert isinstance(done, Completion)
-        return done
+        return done, d
 
     def sync(self) -> None:
         """Everything applied so far is not the next trial's."""
@@ -162,9 +165,11 @@ class Trials:
         ev = GridEvent(id=f"bench-{self.n}-{i}", kind="target_kw",
                        value_kw=round(planned_w * 0.5 / 1000, 1), start_ts=time.time() - 1,
                        end_ts=time.time() + 3600, source="bench")
-        t0 = time.monotonic()
+        t0, t0_unix = time.monotonic(), time.time()
         await pub.publish(T.grid, ev.encode(), qos=1)
-        done = await self.decision_applied(t0, "grid")
+        done, d = await self.decision_applied(t0, "grid")
+        done.queued_ms = (d.ts - t0_unix) * 1e3
+        done.decide_ms = d.duration_s * 1e3
         t1 = time.monotonic()
         await pub.publish(T.grid, ev.model_copy(update={"cancelled": True}).encode(), qos=1)
         await self.decision_applied(t1, "grid")  # back to full power
@@ -215,6 +220,8 @@ async def measure(n: int, trials: int, rack: int) -> dict[str, object]:
     return {
         "event": percentiles([c.latency_ms for c in event]),
         "event_controller": percentiles([c.received_ms for c in event]),
+        "event_queued": percentiles([c.queued_ms for c in event]),
+        "event_decide": percentiles([c.decide_ms for c in event]),
         "event_simulator": percentiles([c.apply_ms for c in event]),
         "frequency": percentiles([c.latency_ms for c in freq]),
         "event_messages": max((c.messages for c in event), default=0),
@@ -236,7 +243,8 @@ def main() -> None:
         r = asyncio.run(measure(n, args.trials, args.rack))
         rows.append((n, r))
         key = f"{n // 1000}k"
-        for name in ("event", "event_controller", "event_simulator", "frequency"):
+        for name in ("event", "event_controller", "event_queued", "event_decide",
+                     "event_simulator", "frequency"):
             for q, v in r[name].items():  # type: ignore[attr-defined]
                 results[f"{name}_{key}_{q}_ms"] = round(v, 1)
         results[f"trials_{key}"] = r["trials"]  # type: ignore[assignment]
@@ -245,6 +253,8 @@ def main() -> None:
     for n, r in rows:
         for name, what in (("event", "grid event -> all applied"),
                            ("event_controller", "  publish -> sim receives"),
+                           ("event_queued", "    publish -> decision starts"),
+                           ("event_decide", "    decide + send"),
                            ("event_simulator", "  sim decode + apply"),
                            ("frequency", "59.5 Hz -> all applied")):
             p = r[name]

@@ -2,7 +2,7 @@
 
 Telemetry goes out a rack per message (`group/<g>/telemetry`), so thousands of
 miners cost tens of messages a second, not thousands, or a message per miner
-(`telemetry_mode="per-miner"`), at a fixed period. Commands arrive per miner, per
+(`telemetry_format="miner"`), at a fixed period. Commands arrive per miner, per
 group or site-wide, and are applied with array operations. The meter sees the
 fleet's power plus auxiliary (cooling) load, with noise, and reports grid frequency.
 """
@@ -42,9 +42,9 @@ from simulators.fleet import SimulatedFleet
 
 log = structlog.get_logger("mineops.simulator")
 
-# racked: a GroupTelemetry message per rack, as a bridge or rack controller sends;
-# per-miner: a MinerTelemetry message per miner, as miners that speak MQTT do.
-TelemetryMode = Literal["racked", "per-miner"]
+# "group": a rack per message (GroupTelemetry), as a bridge or rack controller sends;
+# "miner": a message per miner (MinerTelemetry), as miners that speak MQTT do.
+TelemetryFormat = Literal["group", "miner"]
 
 
 class FixedPeriod:
@@ -89,7 +89,7 @@ class SimulatedSite:
         speed: float = 1.0,
         prices: PriceSeries | None = None,
         telemetry_interval_s: float = 1.0,
-        telemetry_mode: TelemetryMode = "racked",
+        telemetry_format: TelemetryFormat = "group",
         meter_interval_s: float = 1.0,
         seed: int = 0,
         miner_mqtt: bool = True,
@@ -122,7 +122,7 @@ class SimulatedSite:
         self.speed = speed
         self.prices = prices
         self.telemetry_interval_s = telemetry_interval_s
-        self.telemetry_mode = telemetry_mode
+        self.telemetry_format = telemetry_format
         self.telemetry_rounds = 0
         self.telemetry_overruns = 0  # rounds that took longer than the period
         self.telemetry_round_s = 0.0  # how long the last round took to publish
@@ -294,36 +294,33 @@ class SimulatedSite:
         while True:
             await self.transport.connected.wait()
             started = time.monotonic()
-            if self.telemetry_mode == "per-miner":
-                await self._publish_per_miner()
-            else:
-                await self._publish_racked()
+            await self.publish_telemetry()
             self.telemetry_rounds += 1
             self.telemetry_round_s = time.monotonic() - started
             await asyncio.sleep(schedule.wait_s(time.monotonic()))
             self.telemetry_overruns = schedule.overruns
 
-    async def _publish_racked(self) -> None:
+    async def publish_telemetry(self) -> None:
+        """Every reachable miner's reading now, in `telemetry_format`.
+
+        The loop is given back after every rack, so commands apply while a large fleet
+        reports.
+        """
         hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
         ts = time.time()
         for g, idx in self.groups.items():
             readings = self.fleet.readings(idx, hashrate, fans)
-            if readings:
-                payload = GroupTelemetry.model_construct(v=1, ts=ts, miners=readings)
-                await self.transport.publish(self.topics.group(g, "telemetry"),
-                                             payload.encode())
-            await asyncio.sleep(0)
-
-    async def _publish_per_miner(self) -> None:
-        """A `MinerTelemetry` message per miner, as miners that speak MQTT themselves do."""
-        hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
-        ts = time.time()
-        for idx in self.groups.values():
-            for r in self.fleet.readings(idx, hashrate, fans):
-                fields = {k: getattr(r, k) for k in MinerReading.model_fields}
-                payload = MinerTelemetry.model_construct(v=1, ts=ts, **fields)
-                await self.transport.publish(self.topics.miner(r.id, "telemetry"),
-                                             payload.encode())
+            if self.telemetry_format == "group":
+                if readings:
+                    payload = GroupTelemetry.model_construct(v=1, ts=ts, miners=readings)
+                    await self.transport.publish(self.topics.group(g, "telemetry"),
+                                                 payload.encode())
+            else:
+                for r in readings:
+                    fields = {k: getattr(r, k) for k in MinerReading.model_fields}
+                    one = MinerTelemetry.model_construct(v=1, ts=ts, **fields)
+                    await self.transport.publish(self.topics.miner(r.id, "telemetry"),
+                                                 one.encode())
             await asyncio.sleep(0)
 
     def site_power_w(self) -> float:

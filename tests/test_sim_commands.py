@@ -129,7 +129,7 @@ def test_fixed_period_keeps_the_period_whatever_a_round_takes() -> None:
 async def test_per_miner_telemetry_reaches_the_controller(broker: LocalBroker,
                                                           tasks: Any) -> None:
     cfg = make_site(broker, [("a", "s21", 30), ("b", "s19j_pro", 20)])
-    sim = SimulatedSite(cfg, telemetry_interval_s=0.2, telemetry_mode="per-miner",
+    sim = SimulatedSite(cfg, telemetry_interval_s=0.2, telemetry_format="miner",
                         meter_interval_s=0.2)
     controller = Controller(cfg)
     tasks(sim.run(), "sim")

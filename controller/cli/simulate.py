@@ -78,7 +78,8 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     luxos = args.luxos_api or args.luxos_only
     site = SimulatedSite(cfg, speed=args.speed, prices=prices,
                          telemetry_interval_s=args.telemetry_interval,
-                         telemetry_mode=args.telemetry, miner_mqtt=not args.luxos_only)
+                         telemetry_format="miner" if args.telemetry == "per-miner" else "group",
+                         miner_mqtt=not args.luxos_only)
     with contextlib.ExitStack() as stack:
         if args.apply_log is not None:
             out = stack.enter_context(args.apply_log.open("a", buffering=1))
