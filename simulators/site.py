@@ -312,7 +312,6 @@ class SimulatedSite:
         back after every rack, so commands apply while a large fleet reports.
         """
         hashrate, fans = self.fleet.hashrate_ths(), self.fleet.fan_rpm()
-        ts = time.time()
         queued = 0
 
         async def send(topic: str, payload: bytes) -> None:
@@ -323,6 +322,7 @@ class SimulatedSite:
             await self.transport.publish(topic, payload)
 
         for g, idx in self.groups.items():
+            ts = time.time()  # each rack (or miner) stamps its own message as it sends it
             readings = self.fleet.readings(idx, hashrate, fans)
             if self.telemetry_format == "group":
                 if readings:
