@@ -5,11 +5,14 @@ racked or per miner) and `mineops run` (decisions every 5 s) as their own proces
 and a price feed here that moves every 30 s (so decisions send commands, as prices do).
 After every miner has reported, it measures for `--seconds`:
 
-- lag: handling time minus each reading's timestamp, from the controller's
+- lag: handling time minus each reading's timestamp (the simulator stamps each rack's
+  or miner's message as it sends it), from the controller's
   `mineops_telemetry_lag_seconds` histogram (p50/p99 interpolated in its buckets, as
   Prometheus' histogram_quantile does), and the largest incoming queue seen;
-- telemetry handled per second against what the simulator sends, and miners the
-  decisions saw as offline (stale telemetry): keeping up means all handled, none stale;
+- telemetry handled per second against the nominal rate (miners / period, or racks /
+  period), and miners the decisions saw as offline (stale telemetry). The controller
+  keeps up when no miner goes stale and the lag's p99 stays under the period; a rate
+  below the nominal one with no lag is the simulator (on the same cores) falling short;
 - decision latency: every decision's `duration_s` (decide, encode, send), p50/p99;
 - CPU (% of one core) and RSS of each process, sampled every second; the controller's
   RSS per miner (target <= 2 KB).
@@ -201,12 +204,15 @@ def main() -> None:
         for k, v in r.items():
             results[f"{sc.name}_{k}"] = round(v, 3 if k.endswith("_s") else 1)
     for sc, r in rows:
-        keeps_up = (r["handled_per_s"] >= 0.97 * r["sent_per_s"] and r["offline_max"] == 0
-                    and r["lag_p99_s"] < sc.period_s)
+        # The controller keeps up when what arrives is handled at once and no miner goes
+        # stale; the rate handled against the nominal one says whether the simulator (on
+        # the same two cores) sent it all.
+        keeps_up = r["offline_max"] == 0 and r["lag_p99_s"] < sc.period_s
         print(f"\n{sc.mode} telemetry, {sc.miners:,} miners every {sc.period_s:g} s: "
-              f"{'keeps up' if keeps_up else 'does NOT keep up'}")
-        print(f"  telemetry handled {r['handled_per_s']:,.0f}/s of {r['sent_per_s']:,.0f}/s "
-              f"sent; lag p50 {r['lag_p50_s'] * 1e3:,.0f} ms, p99 {r['lag_p99_s'] * 1e3:,.0f} ms; "
+              f"controller {'keeps up' if keeps_up else 'does NOT keep up'}")
+        print(f"  telemetry handled {r['handled_per_s']:,.0f}/s of a nominal "
+              f"{r['sent_per_s']:,.0f}/s ({r['handled_per_s'] / r['sent_per_s']:.0%}); lag p50 "
+              f"{r['lag_p50_s'] * 1e3:,.0f} ms, p99 {r['lag_p99_s'] * 1e3:,.0f} ms; "
               f"queue max {r['queue_max']:,.0f}; miners seen offline max {r['offline_max']:,.0f}")
         print(f"  decisions {r['decisions']:.0f}: p50 {r['decision_p50_ms']:.0f} ms, "
               f"p99 {r['decision_p99_ms']:.0f} ms; setpoints sent {r['commands_sent']:,.0f}")
