@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     Field,
@@ -215,6 +215,10 @@ class MetricsConfig(StrictModel):
     host: str = Field(default="127.0.0.1", description="Listen address")
     port: int = Field(default=9108, ge=0, le=65535, description="Listen port (0: any free)")
     per_miner: bool = Field(default=False, description="Also export per-miner series")
+    per_group: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Per-group series: auto exports them up to 10,000 groups (~100,000 "
+        "series), always and never regardless of the fleet")
 
 
 class SiteConfig(BaseSettings):
@@ -290,17 +294,20 @@ class SiteConfig(BaseSettings):
     @cached_property
     def inventory(self) -> list[MinerEntry]:
         """Every miner, groups expanded, in a stable order (the fleet arrays' index)."""
-        out = [
-            MinerEntry(
-                id=f"{g.id_prefix or g.name}-{i:04d}",
-                model=g.model,
-                group=g.name,
-                never_curtail=g.never_curtail,
-                priority=g.priority,
-            )
-            for g in self.fleet.groups
-            for i in range(1, g.count + 1)
-        ]
+        out: list[MinerEntry] = []
+        for g in self.fleet.groups:
+            prefix = g.id_prefix or g.name
+            # The group's longest id is validated (ids differ only in their number, so
+            # the others are valid too); the rest are built without validating each and
+            # share one set of field names. At 300,000 miners a validated entry each
+            # cost ~1.1 KB and ~1 s; these cost ~0.4 KB.
+            last = MinerEntry(id=f"{prefix}-{g.count:04d}", model=g.model, group=g.name,
+                              never_curtail=g.never_curtail, priority=g.priority)
+            names = last.__pydantic_fields_set__
+            out.extend(MinerEntry.model_construct(
+                names, id=f"{prefix}-{i:04d}", model=g.model, group=g.name,
+                never_curtail=g.never_curtail, priority=g.priority) for i in range(1, g.count))
+            out.append(last)
         return out + list(self.fleet.miners)
 
     def cap_review(self) -> CapReview:

@@ -82,15 +82,18 @@ class SimulatedFleet:
 
     # -- commands ---------------------------------------------------------------
 
-    def apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> None:
-        """Apply one setpoint to the miners at `idx` (offline miners never hear it)."""
-        with self.lock:
-            self._apply(idx, cmd, seq, now)
+    def apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> int:
+        """Apply one setpoint to the miners at `idx`; the number that applied it.
 
-    def _apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> None:
+        Offline miners never hear it; deaf ones acknowledge it without applying it.
+        """
+        with self.lock:
+            return self._apply(idx, cmd, seq, now)
+
+    def _apply(self, idx: npt.NDArray[np.intp], cmd: Setpoint, seq: int, now: float) -> int:
         idx = idx[~self.offline[idx]]
         if idx.size == 0:
-            return
+            return 0
         self.step(now)
         self.ack_seq[idx[self.deaf[idx]]] = seq  # acknowledged, never applied
         idx = idx[~self.deaf[idx]]
@@ -108,6 +111,7 @@ class SimulatedFleet:
             self.mode[waking] = Mode.WAKING
             self.until[waking] = now + self.wake_s[waking] / self.speed
         self.ack_seq[idx] = seq
+        return int(idx.size)
 
     # -- faults -----------------------------------------------------------------
 

@@ -7,23 +7,26 @@ Gauges come from the latest decision snapshot, so each test makes a decision
 from __future__ import annotations
 
 import asyncio
+import gzip
 import math
+import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.config import SiteConfig
 from controller.core.fleet_state import VIEW_STATES
 from controller.daemon.loop import Controller
-from controller.daemon.metrics import EnergyCounter
+from controller.daemon.metrics import PER_GROUP_AUTO_MAX, EnergyCounter
 from controller.daemon.snapshot import DecisionSnapshot
 from controller.protocol.payloads import GridEvent
+from tests.test_deploy_support import need
 
 STATE_CODES = {"running": 1, "sleeping": 2, "waking": 3, "stopping": 4, "error": 5}
 
@@ -47,7 +50,7 @@ def decide(c: Controller) -> DecisionSnapshot:
 
 
 def samples(c: Controller) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(c.metrics.registry).decode()
+    text = c.metrics.render().decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -187,7 +190,7 @@ def test_names_follow_prometheus_conventions() -> None:
                                           start_ts=now - 1, end_ts=now + 600).encode())
     decide(c)
     assert "mineops_grid_event_on_track" in names(c)
-    text = generate_latest(c.metrics.registry).decode()
+    text = c.metrics.render().decode()
     units = ("_watts", "_hertz", "_seconds", "_joules_total", "_usd_per_mwh", "_usd_per_ph_day",
              "_usd_per_hour", "_hashes_per_second", "_joules_per_terahash", "_celsius")
     for family in text_string_to_metric_families(text):
@@ -235,8 +238,108 @@ def test_scrape_series_grow_with_groups_not_miners() -> None:
     f.hashrate_ths[:] = rng.uniform(0, 200, f.n)
     f.last_seen[:] = time.monotonic()
     decide(c)
-    text = generate_latest(c.metrics.registry).decode()
+    text = c.metrics.render().decode()
     lines = sum(1 for line in text.splitlines() if not line.startswith("#"))
     # Series grow with groups (2,500 here), never with miners: ~10 per group plus a few hundred.
     assert lines < 11 * 2500 + 500, lines
     # How long a scrape takes is measured by benchmarks/, not asserted here.
+
+
+def fill(c: Controller, seed: int = 1) -> None:
+    """Every miner reporting something (random states, power, hashrate)."""
+    f = c.fleet
+    rng = np.random.default_rng(seed)
+    f.state[:] = rng.integers(1, 6, f.n)
+    f.power_w[:] = rng.uniform(0, 3500, f.n)
+    f.hashrate_ths[:] = rng.uniform(0, 200, f.n)
+    f.target_w[:] = rng.uniform(2000, 3600, f.n)
+    f.temp_c[:] = rng.uniform(30, 90, f.n)
+    f.last_seen[:] = time.monotonic()
+
+
+def test_the_text_passes_promtool_and_is_rendered_once_per_decision() -> None:
+    c = Controller(site([("a", "s21", 30), ("b", "s19j_pro", 20)], per_miner=True))
+    fill(c)
+    c.on_message(c.topics.grid, GridEvent(id="dr-1", kind="target_kw", value_kw=60.0,
+                                          start_ts=time.time() - 1,
+                                          end_ts=time.time() + 600).encode())
+    c.fleet.site.meter_power_w, c.fleet.site.meter_at = 90_000.0, time.monotonic()
+    decide(c)
+    text = c.metrics.render()
+    check = subprocess.run([need("promtool"), "check", "metrics"], input=text,
+                           capture_output=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    # The decision's part is rendered once: the same bytes until the next decision.
+    assert c.metrics.site is not None
+    seq, first = c.metrics.site.snapshot_text()
+    assert c.metrics.site.snapshot_text()[1] is first
+    c.fleet.power_w[:] = 0.0  # working state changes do not leak into the snapshot's part
+    assert c.metrics.site.snapshot_text() == (seq, first)
+    assert decide(c).seq == seq + 1
+    assert c.metrics.site.snapshot_text()[1] is not first
+    assert value(c, "mineops_group_power_watts", group="a") == 0.0
+
+
+def test_gzip_scrapes_carry_the_same_series() -> None:
+    c = Controller(site([(f"r{i}", "s21", 5) for i in range(40)]))
+    fill(c)
+    decide(c)
+    server = c.metrics.serve("127.0.0.1", 0)
+    try:
+        def get(gz: bool) -> tuple[str | None, str]:
+            req = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
+                                         headers={"Accept-Encoding": "gzip"} if gz else {})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                body = r.read()
+                return r.headers.get("Content-Encoding"), (
+                    gzip.decompress(body) if gz else body).decode()
+
+        scrapes = [get(True), get(False), get(True)]  # the second gzip reuses the first part
+        decide(c)
+        scrapes.append(get(True))
+    finally:
+        server.close()
+    assert [enc for enc, _ in scrapes] == ["gzip", None, "gzip", "gzip"]
+
+    def gauges(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) if f.type == "gauge"
+                and not f.name.startswith(("process_", "mineops_mqtt", "mineops_last_decision"))
+                for s in f.samples}
+
+    base = gauges(scrapes[1][1])
+    assert len([k for k in base if k[0] == "mineops_group_miners"]) == 40 * len(VIEW_STATES)
+    assert all(gauges(text) == base for _, text in scrapes)
+
+
+@pytest.mark.parametrize(("groups", "per_group", "exported"), [
+    (3, "auto", True), (3, "never", False), (PER_GROUP_AUTO_MAX + 1, "auto", False),
+    (PER_GROUP_AUTO_MAX + 1, "always", True)])
+def test_per_group_series_are_bounded(groups: int, per_group: str, exported: bool) -> None:
+    c = Controller(site([(f"g{i}", "s21", 1) for i in range(groups)], per_group=per_group))
+    fill(c)
+    decide(c)
+    got = samples(c)  # parsed once: 60,000 series take the parser a few seconds
+    families = {name for name, _ in got}
+    per_group_names = {"mineops_group_info", "mineops_group_power_watts",
+                       "mineops_group_hashrate_hashes_per_second",
+                       "mineops_group_power_planned_watts", "mineops_group_miners"}
+    assert (per_group_names <= families) is exported
+    assert bool(per_group_names & families) is exported
+    assert got[("mineops_miners_configured", ())] == groups
+    assert sum(got[("mineops_miners", (("state", s),))] for s in VIEW_STATES) == groups
+    if exported:
+        assert sum(v for (name, _), v in got.items() if name == "mineops_group_miners") == groups
+
+
+def test_telemetry_lag_is_measured_from_the_readings_own_time() -> None:
+    c = Controller(site([("a", "s21", 2)]))
+    reading = '{"id":"a-0001","state":"running","power_w":3000,"hashrate_ths":200}'
+    for age_s in (0.2, 3.0, 20.0):
+        raw = f'{{"v":1,"ts":{time.time() - age_s},"miners":[{reading}]}}'
+        c.on_message(c.topics.group("a", "telemetry"), raw.encode())
+    buckets = {s.labels["le"]: s.value for f in text_string_to_metric_families(
+        c.metrics.render().decode()) if f.name == "mineops_telemetry_lag_seconds"
+        for s in f.samples if s.name.endswith("_bucket")}
+    assert (buckets["0.1"], buckets["0.25"], buckets["2.5"], buckets["5.0"], buckets["30.0"]) == (
+        0, 1, 1, 2, 3)

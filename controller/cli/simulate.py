@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -20,6 +24,9 @@ from controller.config import SiteConfig
 from controller.site_file import ConfigError, describe_validation_error, load_config
 from drivers.prices import load_prices
 
+if TYPE_CHECKING:
+    from simulators.site import AppliedCommand, SimulatedSite
+
 
 def add_parser(sub: Subparsers) -> None:
     """Register `simulate`."""
@@ -30,7 +37,14 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument("--no-prices", action="store_true",
                    help="publish no prices (another feed does)")
     p.add_argument("--telemetry-interval", type=positive, default=1.0, metavar="SECONDS",
-                   help="seconds between telemetry rounds, a message per rack (default 1)")
+                   help="period of the telemetry rounds, kept whatever a round takes to "
+                   "publish (default 1)")
+    p.add_argument("--telemetry", choices=("racked", "per-miner"), default="racked",
+                   help="racked: a message per rack, as a bridge sends (default); per-miner: "
+                   "a message per miner, as miners that speak MQTT do")
+    p.add_argument("--apply-log", type=Path, metavar="FILE",
+                   help="append a JSON line per command message applied (kind, seq, miners, "
+                   "monotonic received_s and applied_s): for latency measurements")
     p.add_argument("--speed", type=positive, default=1.0,
                    help="simulated seconds per real second (default 1)")
     p.add_argument("--miners", type=count, metavar="N",
@@ -65,10 +79,25 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
     luxos = args.luxos_api or args.luxos_only
     site = SimulatedSite(cfg, speed=args.speed, prices=prices,
                          telemetry_interval_s=args.telemetry_interval,
+                         telemetry_format="miner" if args.telemetry == "per-miner" else "group",
                          miner_mqtt=not args.luxos_only)
-    if not luxos:
-        await site.run()
-        return EXIT_OK
+    with contextlib.ExitStack() as stack:
+        if args.apply_log is not None:
+            out = stack.enter_context(args.apply_log.open("a", buffering=1))
+
+            def record(applied: AppliedCommand) -> None:
+                out.write(json.dumps(dataclasses.asdict(applied)) + "\n")
+
+            site.on_applied = record
+        if not luxos:
+            await site.run()
+            return EXIT_OK
+        await _with_luxos(site, cfg)
+    return EXIT_OK
+
+
+async def _with_luxos(site: SimulatedSite, cfg: SiteConfig) -> None:
+    """Run the site with a LuxOS API per simulated miner (prints the address map)."""
     from simulators.luxos_api import LuxosApiServer, address_map_lines  # noqa: PLC0415
 
     catalogue = load_catalogue()
@@ -84,7 +113,6 @@ async def _simulate(cfg: SiteConfig, args: argparse.Namespace) -> int:
         await site.run()
     finally:
         await api.close()
-    return EXIT_OK
 
 
 def first_miners(cfg: SiteConfig, n: int) -> SiteConfig:

@@ -257,7 +257,9 @@ class Ingest:
     def _taken_at(self, ts: float, what: str) -> float:
         """A reading's time on the monotonic clock: the older of its own and its arrival."""
         now_mono, now_unix = time.monotonic(), time.time()
-        return now_mono - self._age_s(ts, now_unix, self.limits.telemetry_stale_s, what)
+        age = self._age_s(ts, now_unix, self.limits.telemetry_stale_s, what)
+        self.metrics.telemetry_lag.observe(age)
+        return now_mono - age
 
     # -- miners -------------------------------------------------------------------
 

@@ -87,6 +87,8 @@ class LocalBroker:
                 "allow_anonymous true\n"
                 f"{persistence}"
                 "max_queued_messages 100000\n"
+                # Nagle's algorithm would hold small messages ~40 ms for a delayed ACK.
+                "set_tcp_nodelay true\n"
                 "log_dest stderr\n"
                 "log_type error\n"
                 "log_type warning\n"

@@ -15,7 +15,7 @@ producers that build one reading at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, TypeVar
 
@@ -469,6 +469,14 @@ class MinerCommand(Payload, Setpoint):
     ts: float = Field(ge=0)
 
 
+# Limits of one message, so that a receiver's decode stays bounded (a few ms); the
+# actuator splits larger commands into several messages.
+GROUP_TARGETS_MAX = 5000
+FLEET_GROUPS_MAX = 20_000
+FLEET_MINERS_MAX = 20_000
+FLEET_SETPOINTS_MAX = 4096
+
+
 class GroupCommand(Payload):
     """mineops/<site>/group/<g>/cmd: one broadcast setpoint for all, or per-miner setpoints."""
 
@@ -477,32 +485,50 @@ class GroupCommand(Payload):
     seq: int = Field(ge=0)
     ts: float = Field(ge=0)
     all: Setpoint | None = Field(default=None, description="Applies to every group member")
-    targets: dict[str, Setpoint] | None = Field(default=None, max_length=5000)
+    targets: dict[str, Setpoint] | None = Field(default=None, max_length=GROUP_TARGETS_MAX)
+
+
+def _setpoint_json(sleep: bool, power_w: float) -> str:
+    return '{"action":"sleep"}' if sleep else \
+        f'{{"action":"set_power","power_w":{float(power_w)!r}}}'
 
 
 def encode_targets(seq: int, ts: float, ids: Sequence[str],
-                         sleep: Sequence[bool] | npt.NDArray[np.bool_],
-                         power_w: Sequence[float] | npt.NDArray[np.float64]) -> bytes:
+                   sleep: Sequence[bool] | npt.NDArray[np.bool_],
+                   power_w: Sequence[float] | npt.NDArray[np.float64]) -> bytes:
     """The JSON of a Group/FleetCommand(seq, ts, targets={id: sleep or set_power}), built directly.
 
-    The hot path of a fleet-wide shed. Miner ids match the config's id pattern (no
-    quotes or escapes), so they are written as they are; a test checks that the
-    result decodes to the same GroupCommand as the model would build.
+    For a few racks' changes. Miner ids match the config's id pattern (no quotes or
+    escapes), so they are written as they are; a test checks that the result decodes to
+    the same GroupCommand as the model would build.
     """
-    parts = [
-        f'"{i}":{{"action":"sleep"}}' if s else
-        f'"{i}":{{"action":"set_power","power_w":{float(p)!r}}}'
-        for i, s, p in zip(ids, sleep, power_w, strict=True)
-    ]
+    parts = [f'"{i}":{_setpoint_json(bool(s), float(p))}'
+             for i, s, p in zip(ids, sleep, power_w, strict=True)]
     return f'{{"v":1,"seq":{int(seq)},"ts":{float(ts)!r},"targets":{{{",".join(parts)}}}}}'.encode()
 
 
-class FleetCommand(Payload):
-    """mineops/<site>/fleet/cmd: site-wide, for shedding fast (a message per rack is too many).
+def encode_group_all(seq: int, ts: float, sleep: bool, power_w: float) -> bytes:
+    """The JSON of GroupCommand(seq, ts, all=sleep or set_power at `power_w` W)."""
+    return (f'{{"v":1,"seq":{int(seq)},"ts":{float(ts)!r},'
+            f'"all":{_setpoint_json(sleep, power_w)}}}').encode()
 
-    `all` applies to every miner of the listed `groups` (every group when omitted);
-    `targets` carries per-miner setpoints for any group. Every simulator and bridge
-    process reads it and applies what concerns its own miners.
+
+class FleetCommand(Payload):
+    """mineops/<site>/fleet/cmd: site-wide setpoints, compact enough for a fleet-wide shed.
+
+    Setpoints apply in this order, a later one winning for a miner:
+
+    1. `all` to every miner of `groups` (of every group when omitted): the broadcast shed.
+    2. `group_setpoints`, group -> index into `setpoints`: every member of the group gets
+       that setpoint, except the miners listed in `except_miners` (left as they are).
+    3. `miner_setpoints`, miner id -> index into `setpoints`, and `targets`, miner id ->
+       setpoint: one miner each.
+
+    A shed that sleeps 50,000 miners and underclocks 50,000 in 2,500 uniform racks is
+    2,500 group entries (~40 KB), not 100,000 per-miner setpoints (~4 MB). Indices and
+    the lists they index stay within one message. Every simulator and bridge process
+    reads the topic and applies what concerns its own miners: another process's groups
+    and miners are not errors.
     """
 
     MAX_BYTES: ClassVar[int] = 1024 * 1024
@@ -511,7 +537,93 @@ class FleetCommand(Payload):
     ts: float = Field(ge=0)
     all: Setpoint | None = None
     groups: list[str] | None = Field(default=None, max_length=100_000)
-    targets: dict[str, Setpoint] | None = Field(default=None, max_length=20_000)
+    targets: dict[str, Setpoint] | None = Field(default=None, max_length=FLEET_MINERS_MAX)
+    setpoints: list[Setpoint] | None = Field(
+        default=None, max_length=FLEET_SETPOINTS_MAX,
+        description="The distinct setpoints that group_setpoints and miner_setpoints index")
+    group_setpoints: dict[str, Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=FLEET_GROUPS_MAX)
+    except_miners: list[str] | None = Field(
+        default=None, max_length=FLEET_MINERS_MAX,
+        description="Members of group_setpoints' groups that this message leaves alone")
+    miner_setpoints: dict[str, Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=FLEET_MINERS_MAX)
+
+    @model_validator(mode="after")
+    def _check(self) -> FleetCommand:
+        n = len(self.setpoints or ())
+        for name, table in (("group_setpoints", self.group_setpoints),
+                            ("miner_setpoints", self.miner_setpoints)):
+            if table and max(table.values()) >= n:
+                raise ValueError(f"{name}: index {max(table.values())} with {n} setpoints")
+        if self.except_miners and not self.group_setpoints:
+            raise ValueError("except_miners without group_setpoints")
+        return self
+
+    def setpoints_for(self, members: Mapping[str, Iterable[str]]) -> dict[str, Setpoint]:
+        """What this message tells each of the receiver's miners (the reference semantics).
+
+        Args:
+            members: The receiver's groups, each with its miner ids.
+
+        Returns:
+            miner id -> setpoint, for every miner of `members` the message sets; the
+            others are absent. Ids in `targets`/`miner_setpoints` outside `members` count
+            as the receiver's too (a miner listed by itself in no known group).
+        """
+        out: dict[str, Setpoint] = {}
+        if self.all is not None:
+            for g in members if self.groups is None else self.groups:
+                for m in members.get(g, ()):
+                    out[m] = self.all
+        table = self.setpoints or []
+        if self.group_setpoints:
+            skip = set(self.except_miners or ())
+            for g, k in self.group_setpoints.items():
+                for m in members.get(g, ()):
+                    if m not in skip:
+                        out[m] = table[k]
+        for m, k in (self.miner_setpoints or {}).items():
+            out[m] = table[k]
+        out.update(self.targets or {})
+        return out
+
+
+def encode_fleet(seq: int, ts: float, *, table_sleep: Sequence[bool],
+                 table_power_w: Sequence[float], group_names: Sequence[str],
+                 group_codes: Sequence[int], except_ids: Sequence[str],
+                 miner_ids: Sequence[str], miner_codes: Sequence[int]) -> bytes:
+    """The JSON of a compact FleetCommand, built directly (the hot path of a fleet-wide shed).
+
+    Args:
+        seq, ts: Sequence number and Unix time of the command.
+        table_sleep, table_power_w: The setpoint table, (k,): entry j is sleep where
+            table_sleep[j], else set_power at table_power_w[j] W.
+        group_names, group_codes: group_setpoints, (g,): each group's table index.
+        except_ids: Members of those groups the message leaves alone.
+        miner_ids, miner_codes: miner_setpoints, (m,): each miner's table index.
+
+    Ids match the config's id pattern (no quotes or escapes), so they are written as they
+    are; a test checks that the result decodes to the FleetCommand the model builds.
+    Empty parts are left out.
+    """
+    parts = [f'"v":1,"seq":{int(seq)},"ts":{float(ts)!r}']
+    if len(table_sleep):
+        table = ",".join(_setpoint_json(bool(s), float(p))
+                         for s, p in zip(table_sleep, table_power_w, strict=True))
+        parts.append(f'"setpoints":[{table}]')
+    if len(group_names):
+        body = ",".join([f'"{g}":{int(k)}' for g, k in zip(group_names, group_codes,
+                                                          strict=True)])
+        parts.append(f'"group_setpoints":{{{body}}}')
+    if len(except_ids):
+        quoted = ",".join([f'"{i}"' for i in except_ids])
+        parts.append(f'"except_miners":[{quoted}]')
+    if len(miner_ids):
+        body = ",".join([f'"{m}":{int(k)}' for m, k in zip(miner_ids, miner_codes,
+                                                          strict=True)])
+        parts.append(f'"miner_setpoints":{{{body}}}')
+    return ("{" + ",".join(parts) + "}").encode()
 
 
 class PowerControlSet(BaseModel):

@@ -220,10 +220,8 @@ class MinerBridge:
                 self._queue_group(parsed.device, gcmd.all, gcmd.targets, gcmd.seq)
             elif parsed.kind is Kind.FLEET_CMD:
                 fcmd = decode(FleetCommand, raw)
-                if fcmd.all is not None:
-                    for g in (self.groups if fcmd.groups is None else fcmd.groups):
-                        self._queue_group(g, fcmd.all, None, fcmd.seq)
-                self._queue_group(None, None, fcmd.targets, fcmd.seq)
+                members = {g: [d.id for d in ds] for g, ds in self.groups.items()}
+                self._queue_group(None, None, fcmd.setpoints_for(members), fcmd.seq)
         except PayloadError as e:
             self.rejected[e.reason] += 1
             log.warning("bridge_command_rejected", topic=topic, reason=e.reason, detail=e.detail)
