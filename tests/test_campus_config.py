@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from controller.campus_config import CampusConfig, campus_review
 from controller.config import SiteConfig
-from controller.site_file import describe_validation_error
+from controller.site_file import describe_validation_error, load_config
 from drivers.meters.mineops import MineopsMeter
 from drivers.modbus.config import ModbusDeviceConfig
 
@@ -365,3 +366,20 @@ def test_hook_accepts_a_good_campus_and_rejects_a_bad_one() -> None:
     with pytest.raises(ValidationError) as e:
         CampusSite.model_validate(site(bad))
     assert "campus.poi.meter: no meter 'poi-meter'" in describe_validation_error(e.value)
+
+
+def test_the_example_site_file_s_campus_section_uncommented_is_valid(tmp_path: Any) -> None:
+    """deploy/site.example.toml carries a commented [campus]: uncommented, the site loads
+    and its campus is the one the comments describe (an example that drifted would fail)."""
+    example = Path(__file__).resolve().parents[1] / "deploy" / "site.example.toml"
+    text = example.read_text()
+    start = text.index("# [campus.poi]")
+    body = "\n".join(line[2:] if line.startswith("# ") else line
+                     for line in text[start:].splitlines())
+    path = tmp_path / "site.toml"
+    path.write_text(text[:start] + body + "\n")
+    cfg = load_config(path)
+    assert cfg.campus is not None
+    assert cfg.campus.poi.import_limit_kw == 50000
+    assert [g.id for g in cfg.campus.generators] == ["solar-1"]
+    assert {d.id for d in cfg.campus.modbus} == {"gpu1", "pv"}
