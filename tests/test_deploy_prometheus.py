@@ -189,7 +189,8 @@ def test_the_checked_expressions_cover_dashboard_and_alerts() -> None:
                       "MineopsMeterTelemetryStale", "MineopsMinersOffline",
                       "MineopsMqttDisconnected", "MineopsControllerRestarted",
                       "MineopsControllerCrashLooping", "MineopsDecisionLoopStuck",
-                      "MineopsCampusOverImportLimit"}
+                      "MineopsCampusOverImportLimit", "MineopsGridJournalNotDurable",
+                      "MineopsWallClockStepped"}
 
 
 def test_the_controller_exports_process_metrics_and_no_created_series() -> None:
