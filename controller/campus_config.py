@@ -1,5 +1,6 @@
-"""The site as an energy campus: the interconnect, firm loads, generation, a battery, and the
-meters that measure each (the `[campus]` table of the site file).
+"""The `[campus]` table of the site file: the site as an energy campus.
+
+The interconnect, firm loads, generation, a battery, and the meters that measure each.
 
 Miners are the only load that moves in seconds, so they fill whatever headroom the firm
 loads (GPU halls, offices: metered, never curtailed by mineops) and the on-site
@@ -165,8 +166,11 @@ class Generator(StrictModel):
 
     @property
     def firm_kw(self) -> float:
-        """What it can be counted on for when running, kW: a genset's rating less its
-        reserve; 0 for solar and wind (the sun sets and the wind drops)."""
+        """What it can be counted on for when running, kW.
+
+        A genset's rating less its reserve; 0 for solar and wind (the sun sets and the
+        wind drops).
+        """
         if self.kind == "genset" and self.reserve_kw is not None:
             return self.rating_kw - self.reserve_kw
         return 0.0
@@ -272,10 +276,14 @@ class MqttMeter(Protocol):
     """What the review needs of a `[[meters]]` entry (controller/config.py MeterConfig)."""
 
     @property
-    def id(self) -> str: ...
+    def id(self) -> str:
+        """The meter's id, as campus entries name it."""
+        ...
 
     @property
-    def role(self) -> str: ...
+    def role(self) -> str:
+        """Its role: "site" (the meter the controller plans against) or "aux"."""
+        ...
 
 
 @dataclass(slots=True)

@@ -371,6 +371,7 @@ class SiteConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Where values come from, first wins: MINEOPS_* variables, then the file's."""
         # The TOML file is passed per load (see load_config); the environment wins over it.
         return (env_settings, init_settings)
 

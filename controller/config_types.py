@@ -43,8 +43,11 @@ class StrictModel(BaseModel):
 
 
 class MinerEntry(StrictModel):
-    """One miner: listed by itself in [fleet] (odd machines outside any uniform rack), and
-    the inventory's record of every miner once groups are expanded."""
+    """One miner: an entry of [fleet] miners, and the inventory's record of every miner.
+
+    Listed by itself in [fleet] for odd machines outside any uniform rack; the inventory
+    (`SiteConfig.inventory`) holds one for every miner once groups are expanded.
+    """
 
     id: str = Field(pattern=ID_PATTERN, description="Miner id, used in topics and metrics")
     model: ModelKey = Field(description="Catalogue key, e.g. 's21' (see `mineops models`)")

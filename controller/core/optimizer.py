@@ -122,14 +122,17 @@ class PreparedFleet:
 
     @property
     def n(self) -> int:
+        """How many miners (rows)."""
         return int(self.kind.size)
 
     @property
     def k(self) -> int:
+        """Levels per kind, sleep and padding included (the tables' width)."""
         return int(self.kind_power_w.shape[1])
 
     @property
     def kinds(self) -> int:
+        """How many kinds (distinct operating-point tables), K."""
         return int(self.kind_power_w.shape[0])
 
     @property
@@ -761,8 +764,11 @@ class _Waiting:
 
 
 def _waiting(ctx: _Context, level: LevelArray, c: int) -> _Waiting:
-    """Class c's miners at their next entry: a running miner below its maximum at its
-    next step, a sleeping one that may wake at its wake chord. Two histograms."""
+    """Class c's miners at their next entry, as two histograms.
+
+    A running miner below its maximum waits at its next step, a sleeping one that may
+    wake at its wake chord.
+    """
     fleet, b = ctx.fleet, ctx.b
     n_kinds, k = fleet.kind_power_w.shape
     mine = ctx.in_class(c)
@@ -1328,12 +1334,14 @@ def stepped_choice(
     order who sheds under the cap, not what power costs).
 
     Args:
-        fleet, bounds: As for :func:`solve`.
+        fleet: As for :func:`solve`.
         steps: The cost of the miners' site power.
         hashprice_usd_per_ph_day: Revenue of hashrate.
         cap_w: The hard limit, site W incl. aux; the steps are cut there.
-        aux_fraction, aux_in_cost: As for :func:`solve`.
+        bounds: As for :func:`solve`.
+        aux_fraction: As for :func:`solve`.
         floor_w: Site power the plan keeps at least (ramp-down limit), W.
+        aux_in_cost: As for :func:`solve`.
     """
     aux1 = 1.0 + aux_fraction
     paid = aux1 if aux_in_cost else 1.0

@@ -28,7 +28,13 @@ SCHEMA_VERSION = 1
 
 
 class PayloadError(Exception):
-    """A payload that cannot be accepted; `reason` is a fixed metric label."""
+    """A payload that cannot be accepted.
+
+    Args:
+        reason: A fixed metric label (the `reason` of mineops_mqtt_messages_invalid_total),
+            e.g. "bad_json", "out_of_range".
+        detail: What was wrong, for the log.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
