@@ -68,6 +68,15 @@ class MeterBase(StrictModel):
         default="site",
         description="site: the power the controller plans against; aux: decoded only")
 
+    @property
+    def source(self) -> str:
+        """The device this entry reads, so that two entries cannot read one (the registry).
+
+        The id by default (the project's own meters: their topic holds it); a device
+        format's table names the device's topic.
+        """
+        return self.id
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyKnobs:

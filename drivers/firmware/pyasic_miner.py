@@ -216,7 +216,7 @@ def pyasic_model_keys(model: MinerModel) -> list[str]:
 
 
 def pyasic_class(firmware: str, model: MinerModel) -> type | None:
-    """pyasic's own class for `model` under a named firmware; None when it has only a generic one.
+    """The pyasic class for `model` under a named firmware; None when it has only a generic one.
 
     With the generic class pyasic reads what the firmware's API gives without a model
     (LuxOS: power, but no hashboards, so no hashrate; stock: boards in H/s).
@@ -239,6 +239,11 @@ class FirmwareMiner:
 
     pyasic caches a LuxOS session id for the life of its object and never logs on again,
     so the bridge drops this object when the miner restarts or stops answering.
+
+    Args:
+        endpoint: Where the miner is and its firmware (`BridgeConfig.endpoints`).
+        model: Its catalogue model (targets, stock point).
+        timeout_s: The longest a firmware call may take, s (`bridge.timeout_s`).
     """
 
     def __init__(self, endpoint: BridgeEndpoint, model: MinerModel, timeout_s: float) -> None:
@@ -253,6 +258,7 @@ class FirmwareMiner:
 
     @property
     def firmware(self) -> str:
+        """The firmware pyasic identified (e.g. "LuxOS"), else the configured name."""
         fw = getattr(self._miner, "firmware", None)
         return str(getattr(fw, "value", fw) or self.endpoint.firmware)
 
@@ -326,10 +332,20 @@ class FirmwareMiner:
     # -- control ----------------------------------------------------------------------
 
     async def sleep(self) -> None:
+        """Stop hashing (pyasic stop_mining).
+
+        Raises:
+            FirmwareError: the firmware refused, or the call failed or timed out.
+        """
         if not await self._call(self._miner.stop_mining()):
             raise FirmwareError("stop_mining refused")
 
     async def wake(self) -> None:
+        """Resume hashing (pyasic resume_mining).
+
+        Raises:
+            FirmwareError: the firmware refused, or the call failed or timed out.
+        """
         if not await self._call(self._miner.resume_mining()):
             raise FirmwareError("resume_mining refused")
 
