@@ -149,6 +149,15 @@ class SunSpecPoller:
             scale factor was not implemented, by model point (e.g. "203 Hz").
         chain: The model chain of the last discovery (None before, and after a failure
             that calls for a new one).
+
+    Args:
+        config: The device's `[[campus.modbus]]` entry.
+        role: The campus role it measures (CAMPUS_ROLES): sets the sign of its power and
+            the models read.
+        clock: Unix time source for the readings' timestamps (tests pass their own).
+
+    Raises:
+        ValueError: an unknown role, or soc_model on a device that is not a battery.
     """
 
     def __init__(self, config: ModbusDeviceConfig, role: CampusRole, *,

@@ -54,7 +54,11 @@ SUPPORTED_MODELS = frozenset(METER_MODELS + INVERTER_MODELS + STORAGE_MODELS)
 
 
 class SunSpecError(Exception):
-    """A device whose SunSpec map cannot be used; `reason` is a fixed label for metrics.
+    """A device whose SunSpec map cannot be used.
+
+    Args:
+        reason: A fixed label for metrics (below).
+        detail: What was found, for the log.
 
     Reasons: no_sunspec (no marker at any base address), model_missing (the chain lacks
     the model to read), truncated_model (a model's registers end before its length),
