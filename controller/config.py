@@ -32,7 +32,15 @@ from pydantic_settings import (
 
 from controller.campus_config import CampusConfig, campus_review
 from controller.catalogue import load_catalogue
-from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, PolicyKnobs, StrictModel
+from controller.config_types import (
+    ID_PATTERN,
+    MinerEntry,
+    ModelKey,
+    PolicyKnobs,
+    StrictModel,
+    format_kw,
+    unit_slip,
+)
 from drivers.firmware.config import BridgeConfig
 from drivers.meters import MeterList
 from drivers.openadr.config import OpenAdrConfig
@@ -337,12 +345,9 @@ class SiteConfig(BaseSettings):
         fleet = f"the fleet's stock draw ({format_kw(fleet_kw)} kW incl. {aux} aux)"
         got = f"power_cap_kw: {format_kw(cap)} kW"
         ratio = cap / fleet_kw
-        if ratio > CAP_UNIT_RATIO:
-            review.errors.append(f"{got} is {ratio:.0f} times {fleet}: looks like W typed as kW "
-                                 f"({format_kw(cap)} W = {format_kw(cap / 1000)} kW)")
-        elif ratio < 1 / CAP_UNIT_RATIO:
-            review.errors.append(f"{got} is 1/{1 / ratio:.0f} of {fleet}: looks like MW typed as "
-                                 f"kW ({format_kw(cap)} MW = {format_kw(cap * 1000)} kW)")
+        slip = unit_slip("power_cap_kw", cap, fleet, fleet_kw)
+        if slip:
+            review.errors.append(slip)
         elif ratio > CAP_FAR_ABOVE_RATIO:
             review.warnings.append(f"{got} is {ratio:.1f} times {fleet}: the cap never binds; "
                                    "is it the site's import limit in kW?")
@@ -376,11 +381,9 @@ class SiteConfig(BaseSettings):
         return (env_settings, init_settings)
 
 
-# A cap typed in the wrong unit is off by a factor of 1000 from the one meant, and the cap
-# meant lies within a few times the fleet's stock draw (a site is built for its
-# connection). So a cap more than 100 times the fleet, or below 1/100 of it, is a unit
-# typo; and one more than 3 times the fleet never binds, which deserves a second look.
-CAP_UNIT_RATIO = 100.0
+# A cap more than UNIT_SLIP_RATIO times the fleet's stock draw, or under 1/UNIT_SLIP_RATIO
+# of it, is a unit typo (config_types.unit_slip); one more than 3 times the fleet never
+# binds, which deserves a second look.
 CAP_FAR_ABOVE_RATIO = 3.0
 
 
@@ -395,11 +398,6 @@ class CapReview:
     errors: list[str] = field(default_factory=list)  # "power_cap_kw: why"
     warnings: list[str] = field(default_factory=list)
     cannot_hold: bool = False  # never-curtail load above the cap: the model refuses it
-
-
-def format_kw(value: float) -> str:
-    """A power in kW for messages: whole kW from 100 up, three figures below."""
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _pct(fraction: float) -> str:

@@ -30,6 +30,46 @@ def _known_model(key: str) -> str:
     return key
 
 
+# A power typed in the wrong unit is off by a factor of 1000 from the one meant, and what
+# a site is built for lies within a few times its reference (the fleet's stock draw, the
+# interconnect): a value more than 100 times its reference, or under 1/100 of it, is a
+# unit typo.
+UNIT_SLIP_RATIO = 100.0
+
+
+def format_kw(value: float) -> str:
+    """A power in kW for messages: whole kW from 100 up, three figures below."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def unit_slip(field: str, value_kw: float, reference: str, reference_kw: float, *,
+              below: bool = True) -> str | None:
+    """The error for a power that looks typed in W or MW where kW was meant, else None.
+
+    Args:
+        field: The key the value is in, e.g. "power_cap_kw"; the message starts with it.
+        value_kw: The value as typed, kW.
+        reference: What it is compared with, in words, e.g. "the fleet's stock draw
+            (3600 kW incl. 5 % aux)".
+        reference_kw: That reference, kW (above 0).
+        below: Also report a value under 1/UNIT_SLIP_RATIO of the reference (MW typed as
+            kW); False where a small value is plausible.
+
+    Returns:
+        "<field>: <value> kW is <n> times <reference>: looks like W typed as kW (<value> W
+        = <value / 1000> kW)", its MW counterpart, or None for a plausible value.
+    """
+    ratio = value_kw / reference_kw
+    got, v = f"{field}: {format_kw(value_kw)} kW", format_kw(value_kw)
+    if ratio > UNIT_SLIP_RATIO:
+        return (f"{got} is {ratio:.0f} times {reference}: looks like W typed as kW "
+                f"({v} W = {format_kw(value_kw / 1000)} kW)")
+    if below and ratio < 1 / UNIT_SLIP_RATIO:
+        return (f"{got} is 1/{1 / ratio:.0f} of {reference}: looks like MW typed as kW "
+                f"({v} MW = {format_kw(value_kw * 1000)} kW)")
+    return None
+
+
 # A key of the miner-model catalogue (`mineops models` lists them).
 ModelKey = Annotated[str, AfterValidator(_known_model)]
 

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from controller.campus_config import CampusConfig, campus_review
 from controller.config import SiteConfig
+from controller.config_types import unit_slip
 from controller.site_file import describe_validation_error
 from drivers.meters.mineops import MineopsMeter
 from drivers.modbus.config import ModbusDeviceConfig
@@ -294,8 +295,9 @@ def test_battery_units() -> None:
     data = campus_data()
     data["battery"]["max_charge_kw"] = 40_000_000
     errors, _ = review_of(data)
-    assert any(e.startswith("campus.battery.max_charge_kw: 40000000 kW is 800 times") for e in
-               errors)
+    assert ("campus.battery.max_charge_kw: 40000000 kW is 800 times the import limit "
+            "(campus.poi.import_limit_kw 50000 kW): looks like W typed as kW (40000000 W = "
+            "40000 kW)") in errors
 
 
 def test_export_limit_checks() -> None:
@@ -306,7 +308,8 @@ def test_export_limit_checks() -> None:
     data["generators"][0]["rating_kw"] = 4_000
     errors, _ = review_of(data)
     assert errors == ["campus.poi.export_limit_kw: 5000000 kW is 1000 times the import limit "
-                      "(campus.poi.import_limit_kw 5000 kW): looks like W typed as kW"]
+                      "(campus.poi.import_limit_kw 5000 kW): looks like W typed as kW "
+                      "(5000000 W = 5000 kW)"]
     data = {"poi": {"import_limit_kw": 1000, "export_limit_kw": 500, "meter": "poi"}}
     errors, warnings = review_of(data)
     assert errors == []
@@ -365,3 +368,17 @@ def test_hook_accepts_a_good_campus_and_rejects_a_bad_one() -> None:
     with pytest.raises(ValidationError) as e:
         CampusSite.model_validate(site(bad))
     assert "campus.poi.meter: no meter 'poi-meter'" in describe_validation_error(e.value)
+
+
+def test_unit_slip_names_the_unit_meant() -> None:
+    # One check serves the site cap and every campus part (controller/config_types.py).
+    assert unit_slip("x_kw", 3_600_000, "the fleet (3600 kW)", 3600) == (
+        "x_kw: 3600000 kW is 1000 times the fleet (3600 kW): looks like W typed as kW "
+        "(3600000 W = 3600 kW)")
+    assert unit_slip("x_kw", 3.6, "the fleet (3600 kW)", 3600) == (
+        "x_kw: 3.6 kW is 1/1000 of the fleet (3600 kW): looks like MW typed as kW "
+        "(3.6 MW = 3600 kW)")
+    assert unit_slip("x_kw", 3.6, "the fleet (3600 kW)", 3600, below=False) is None
+    # Within a factor of 100 either way a value is plausible: no slip.
+    assert unit_slip("x_kw", 359_000, "the fleet (3600 kW)", 3600) is None
+    assert unit_slip("x_kw", 37, "the fleet (3600 kW)", 3600) is None
