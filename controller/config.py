@@ -15,13 +15,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
     SecretStr,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -38,6 +36,7 @@ from controller.config_types import (
     ModelKey,
     PolicyKnobs,
     StrictModel,
+    above,
     format_kw,
     unit_slip,
 )
@@ -138,8 +137,10 @@ class PolicyConfig(StrictModel):
     )
     derate_start_c: float = Field(default=_KNOB["derate_start_c"], ge=0, le=150,
                                   description="Above this, lower the max target, deg C")
-    critical_c: float = Field(default=_KNOB["critical_c"], ge=0, le=150,
-                              description="At or above this, the miner sleeps, deg C")
+    critical_c: Annotated[float, above(
+        "derate_start_c", "C", "the derating ramp runs from derate_start_c up to critical_c",
+    )] = Field(default=_KNOB["critical_c"], ge=0, le=150,
+               description="At or above this, the miner sleeps, deg C")
     cap_headroom_fraction: float = Field(
         default=0.01, ge=0, le=0.5,
         description="Plan this far below the cap, so meter noise and settling stay under it",
@@ -158,36 +159,20 @@ class PolicyConfig(StrictModel):
         mine = {name: getattr(self, name) for name in _KNOB if name in type(self).model_fields}
         return PolicyKnobs(**{**mine, **overrides})
 
-    @field_validator("critical_c")
-    @classmethod
-    def _critical_above_derate(cls, value: float, info: ValidationInfo) -> float:
-        start = info.data.get("derate_start_c")  # absent when it failed its own check
-        if start is not None and value <= start:
-            raise ValueError(f"must be above derate_start_c ({start:g} C): the derating "
-                             "ramp runs from derate_start_c up to critical_c")
-        return value
-
 
 class FrequencyConfig(StrictModel):
     """Under-frequency response: shed at once, restore after the grid recovers."""
 
     shed_below_hz: float = Field(default=59.7, ge=40, le=70,
                                  description="Shed when the meter reads below this")
-    restore_above_hz: float = Field(default=59.9, ge=40, le=70,
-                                    description="Restore after this long above this")
+    restore_above_hz: Annotated[float, above(
+        "shed_below_hz", "Hz", "at or below it the site would restore while the grid is "
+        "still low enough to shed",
+    )] = Field(default=59.9, ge=40, le=70, description="Restore after this long above this")
     restore_hold_s: float = Field(default=30.0, ge=0, description="Hold time before restoring, s")
     shed_groups: list[str] = Field(
         default_factory=list, description="Groups slept at once (empty: every group)"
     )
-
-    @field_validator("restore_above_hz")
-    @classmethod
-    def _restore_above_shed(cls, value: float, info: ValidationInfo) -> float:
-        shed = info.data.get("shed_below_hz")  # absent when it failed its own check
-        if shed is not None and value <= shed:
-            raise ValueError(f"must be above shed_below_hz ({shed:g} Hz): at or below it the "
-                             "site would restore while the grid is still low enough to shed")
-        return value
 
 
 class GridConfig(StrictModel):

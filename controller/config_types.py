@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 from controller.catalogue import load_catalogue
 
@@ -68,6 +68,30 @@ def unit_slip(field: str, value_kw: float, reference: str, reference_kw: float, 
         return (f"{got} is 1/{1 / ratio:.0f} of {reference}: looks like MW typed as kW "
                 f"({v} MW = {format_kw(value_kw * 1000)} kW)")
     return None
+
+
+def above(lower: str, unit: str, why: str) -> AfterValidator:
+    """A field's check that it is above the field `lower` of its table, listed before it.
+
+    Use as `Annotated[float, above("shed_below_hz", "Hz", "...")]`. When `lower` failed
+    its own check it is absent, and this one says nothing (that error is reported).
+
+    Args:
+        lower: The other field's name; pydantic validates fields in order, so it must
+            come first in the table.
+        unit: Its unit, for the message, e.g. "Hz".
+        why: Why the order matters, in the operator's terms: the message's end.
+
+    Returns:
+        The validator; it raises ValueError "must be above <lower> (<value> <unit>): <why>".
+    """
+    def check(value: float, info: ValidationInfo) -> float:
+        low = info.data.get(lower)
+        if low is not None and value <= low:
+            raise ValueError(f"must be above {lower} ({low:g} {unit}): {why}")
+        return value
+
+    return AfterValidator(check)
 
 
 # A key of the miner-model catalogue (`mineops models` lists them).

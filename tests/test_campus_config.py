@@ -16,7 +16,6 @@ from pydantic import Field, ValidationError, model_validator
 
 from controller.campus_config import CampusConfig, campus_review
 from controller.config import SiteConfig
-from controller.config_types import unit_slip
 from controller.site_file import describe_validation_error
 from drivers.meters.mineops import MineopsMeter
 from drivers.modbus.config import ModbusDeviceConfig
@@ -369,16 +368,3 @@ def test_hook_accepts_a_good_campus_and_rejects_a_bad_one() -> None:
         CampusSite.model_validate(site(bad))
     assert "campus.poi.meter: no meter 'poi-meter'" in describe_validation_error(e.value)
 
-
-def test_unit_slip_names_the_unit_meant() -> None:
-    # One check serves the site cap and every campus part (controller/config_types.py).
-    assert unit_slip("x_kw", 3_600_000, "the fleet (3600 kW)", 3600) == (
-        "x_kw: 3600000 kW is 1000 times the fleet (3600 kW): looks like W typed as kW "
-        "(3600000 W = 3600 kW)")
-    assert unit_slip("x_kw", 3.6, "the fleet (3600 kW)", 3600) == (
-        "x_kw: 3.6 kW is 1/1000 of the fleet (3600 kW): looks like MW typed as kW "
-        "(3.6 MW = 3600 kW)")
-    assert unit_slip("x_kw", 3.6, "the fleet (3600 kW)", 3600, below=False) is None
-    # Within a factor of 100 either way a value is plausible: no slip.
-    assert unit_slip("x_kw", 359_000, "the fleet (3600 kW)", 3600) is None
-    assert unit_slip("x_kw", 37, "the fleet (3600 kW)", 3600) is None
