@@ -121,6 +121,11 @@ class MinerEntry(StrictModel):
                           description="Higher sheds later when the cap binds")
 
 
+# A device read by polling (a miner's firmware API, a Modbus device): how often, s, and
+# how many failed polls in a row before it counts as gone (its worst case then holds).
+PollIntervalS = Annotated[float, Field(ge=0.1, le=3600)]
+FailedPolls = Annotated[int, Field(ge=1, le=1000)]
+
 MeterRole = Literal["site", "aux"]
 
 
