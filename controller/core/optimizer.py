@@ -1191,6 +1191,18 @@ def solve(
     eco = _economics(fleet, price_usd_per_mwh, hashprice_usd_per_ph_day,
                      aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
                      aux_in_cost=aux_in_cost)
+    return _solve_at_price(fleet, b, eco, cap_w=cap_w, floor_w=floor_w, aux1=aux1,
+                           priority=priority)
+
+
+def _solve_at_price(fleet: PreparedFleet, b: Bounds, eco: _Economics, *, cap_w: float,
+                    floor_w: float, aux1: float,
+                    priority: npt.NDArray[np.integer] | None) -> Plan:
+    """:func:`solve` at one price, its economics `eco` known.
+
+    The economic plan if the cap and the floor allow it, else the search under them (by
+    priority class).
+    """
     budget = cap_w / aux1
     econ = levels_at(fleet, b, eco.r0)
     econ_w = fleet.power_at(econ)
