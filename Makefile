@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# The in-process benchmarks (a minute or two each); the end-to-end ones start mosquitto and
+# the daemons as processes and run for minutes: name them, e.g. BENCH="shed_latency".
+BENCH ?= decision optimizer
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-list clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mineops needs Python 3.11 or newer (set PYTHON=python3.12 or similar)")'
@@ -20,12 +23,21 @@ demo: $(BIN)/.installed  ## a simulated 1,000-miner site with its controller (Ct
 test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest $(ARGS)
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed  ## ruff (docstrings too: D, Google style) and mypy --strict
 	$(BIN)/ruff check controller drivers simulators tests benchmarks
 	$(BIN)/mypy controller drivers simulators
 
-bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_optimizer.py
+bench: $(BIN)/.installed  ## benchmarks/bench_<name>.py for each name in BENCH, ARGS to each
+	@for b in $(BENCH); do \
+		echo "== benchmarks/bench_$$b.py $(ARGS)"; \
+		$(BIN)/python benchmarks/bench_$$b.py $(ARGS) || exit 1; \
+	done
+
+bench-list:  ## every benchmark (a BENCH name) and what it measures
+	@for f in benchmarks/bench_*.py; do \
+		name=$${f#benchmarks/bench_}; \
+		printf '%-14s %s\n' "$${name%.py}" "$$(head -1 $$f | sed 's/^"""//')"; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

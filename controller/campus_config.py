@@ -1,5 +1,6 @@
-"""The site as an energy campus: the interconnect, firm loads, generation, a battery, and the
-meters that measure each (the `[campus]` table of the site file).
+"""The `[campus]` table of the site file: the site as an energy campus.
+
+The interconnect, firm loads, generation, a battery, and the meters that measure each.
 
 Miners are the only load that moves in seconds, so they fill whatever headroom the firm
 loads (GPU halls, offices: metered, never curtailed by mineops) and the on-site
@@ -29,12 +30,17 @@ from typing import Annotated, Literal, Protocol
 
 from pydantic import AfterValidator, Field, model_validator
 
-from controller.config_types import ID_PATTERN, StrictModel
+from controller.config_types import (
+    ID_PATTERN,
+    UNIT_SLIP_RATIO,
+    StrictModel,
+    format_kw,
+    unit_slip,
+)
 from drivers.modbus.config import ModbusDeviceConfig
 
-# A quantity typed in the wrong unit is off by 1000 from the one meant; the parts of a
-# campus are built for its interconnect, so a part 100 times the interconnect is a typo.
-UNIT_RATIO = 100.0
+# The parts of a campus are built for its interconnect, so a part UNIT_SLIP_RATIO times the
+# interconnect is a unit typo (controller/config_types.py, unit_slip).
 # The interconnect's limits are bounded like the site's power cap (10 GW); a part may be
 # typed up to 1 TW so that the review, not a bare bound, says which unit was meant.
 PART_LIMIT_KW = 1e9
@@ -165,8 +171,11 @@ class Generator(StrictModel):
 
     @property
     def firm_kw(self) -> float:
-        """What it can be counted on for when running, kW: a genset's rating less its
-        reserve; 0 for solar and wind (the sun sets and the wind drops)."""
+        """What it can be counted on for when running, kW.
+
+        A genset's rating less its reserve; 0 for solar and wind (the sun sets and the
+        wind drops).
+        """
         if self.kind == "genset" and self.reserve_kw is not None:
             return self.rating_kw - self.reserve_kw
         return 0.0
@@ -272,10 +281,14 @@ class MqttMeter(Protocol):
     """What the review needs of a `[[meters]]` entry (controller/config.py MeterConfig)."""
 
     @property
-    def id(self) -> str: ...
+    def id(self) -> str:
+        """The meter's id, as campus entries name it."""
+        ...
 
     @property
-    def role(self) -> str: ...
+    def role(self) -> str:
+        """Its role: "site" (the meter the controller plans against) or "aux"."""
+        ...
 
 
 @dataclass(slots=True)
@@ -302,94 +315,123 @@ def campus_review(campus: CampusConfig, meters: Sequence[MqttMeter] = (),
         meters: The site's `[[meters]]` (MQTT meters), for the ids the campus names.
         power_cap_kw: The site's `power_cap_kw`, compared with the import limit.
     """
-    poi = campus.poi
     gensets = [g for g in campus.generators if g.kind == "genset"]
     review = CampusReview(
         firm_max_kw=campus.firm_max_kw,
         generation_rating_kw=sum(g.rating_kw for g in campus.generators),
         genset_firm_kw=sum(g.firm_kw for g in gensets),
     )
-    err, warn = review.errors.append, review.warnings.append
     _review_meters(campus, meters, review)
+    _review_poi(campus, review)
+    _review_firm_loads(campus, review)
+    for g in campus.generators:
+        _review_generator(g, campus.poi, review)
+    if campus.battery is not None:
+        _review_battery(campus.battery, campus.poi, review)
+    if power_cap_kw is not None:
+        _review_power_cap(power_cap_kw, campus.poi, review)
+    return review
 
-    limit = f"the import limit (campus.poi.import_limit_kw {_kw(poi.import_limit_kw)} kW)"
-    if poi.export_limit_kw > poi.import_limit_kw * UNIT_RATIO:
-        err(f"campus.poi.export_limit_kw: {_kw(poi.export_limit_kw)} kW is "
-            f"{poi.export_limit_kw / poi.import_limit_kw:.0f} times {limit}: looks like W typed "
-            "as kW")
-    if poi.islanded and not gensets:
-        err("campus.poi.islanded: no genset (campus.generators with kind 'genset') to carry "
-            "the load without the grid")
+
+def _import_limit(poi: PoiConfig) -> str:
+    return f"the import limit (campus.poi.import_limit_kw {format_kw(poi.import_limit_kw)} kW)"
+
+
+def _review_poi(campus: CampusConfig, review: CampusReview) -> None:
+    poi = campus.poi
+    slip = unit_slip("campus.poi.export_limit_kw", poi.export_limit_kw, _import_limit(poi),
+                     poi.import_limit_kw, below=False)
+    if slip:
+        review.errors.append(slip)
+    if poi.islanded and not any(g.kind == "genset" for g in campus.generators):
+        review.errors.append("campus.poi.islanded: no genset (campus.generators with kind "
+                             "'genset') to carry the load without the grid")
     if poi.export_limit_kw > 0 and not campus.generators and campus.battery is None:
-        warn(f"campus.poi.export_limit_kw: {_kw(poi.export_limit_kw)} kW, but nothing on the "
-             "campus generates: the site can never export")
+        review.warnings.append(
+            f"campus.poi.export_limit_kw: {format_kw(poi.export_limit_kw)} kW, but nothing "
+            "on the campus generates: the site can never export")
 
+
+def _review_firm_loads(campus: CampusConfig, review: CampusReview) -> None:
+    poi, limit = campus.poi, _import_limit(campus.poi)
     for f in campus.firm_loads:
-        ratio = f.max_kw / poi.import_limit_kw
-        if ratio > UNIT_RATIO:
-            err(f"campus.firm_loads[{f.id}].max_kw: {_kw(f.max_kw)} kW is {ratio:.0f} times "
-                f"{limit}: looks like W typed as kW ({_kw(f.max_kw)} W = "
-                f"{_kw(f.max_kw / 1000)} kW)")
+        slip = unit_slip(f"campus.firm_loads[{f.id}].max_kw", f.max_kw, limit,
+                         poi.import_limit_kw, below=False)
+        if slip:
+            review.errors.append(slip)
     firm = review.firm_max_kw
     if firm > poi.import_limit_kw + review.genset_firm_kw:
-        genset = (f" plus the gensets' {_kw(review.genset_firm_kw)} kW (rating less reserve)"
-                  if gensets else "")
-        err(f"campus.firm_loads: together up to {_kw(firm)} kW (max_kw), above {limit}"
+        genset = (f" plus the gensets' {format_kw(review.genset_firm_kw)} kW (rating less "
+                  "reserve)" if review.genset_firm_kw > 0 else "")
+        review.errors.append(
+            f"campus.firm_loads: together up to {format_kw(firm)} kW (max_kw), above {limit}"
             f"{genset}: the firm loads alone could overload the interconnect, with every "
             "miner asleep")
     elif firm > poi.import_limit_kw:
-        warn(f"campus.firm_loads: together up to {_kw(firm)} kW (max_kw), above {limit}: "
-             "held only while the gensets run")
+        review.warnings.append(
+            f"campus.firm_loads: together up to {format_kw(firm)} kW (max_kw), above {limit}: "
+            "held only while the gensets run")
 
-    for g in campus.generators:
-        where = f"campus.generators[{g.id}]"
-        connection = max(poi.import_limit_kw, poi.export_limit_kw)
-        ratio = g.rating_kw / connection
-        if ratio > UNIT_RATIO:
-            err(f"{where}.rating_kw: {_kw(g.rating_kw)} kW is {ratio:.0f} times the "
-                f"interconnect ({_kw(connection)} kW): looks like W typed as kW "
-                f"({_kw(g.rating_kw)} W = {_kw(g.rating_kw / 1000)} kW)")
-        elif ratio > GENERATION_FAR_ABOVE_RATIO:
-            warn(f"{where}.rating_kw: {_kw(g.rating_kw)} kW is {ratio:.0f} times the "
-                 f"interconnect ({_kw(connection)} kW): right for generation behind a small "
-                 "connection, a unit slip otherwise")
-        elif ratio < 1 / (UNIT_RATIO * 10):
-            warn(f"{where}.rating_kw: {_kw(g.rating_kw)} kW is 1/{1 / ratio:.0f} of the "
-                 f"interconnect ({_kw(connection)} kW): is it in MW? "
-                 f"({_kw(g.rating_kw)} MW = {_kw(g.rating_kw * 1000)} kW)")
-        if g.kind == "genset" and g.marginal_cost_usd_per_mwh <= 0:
-            warn(f"{where}.marginal_cost_usd_per_mwh: {g.marginal_cost_usd_per_mwh:g} $/MWh "
-                 "for a genset: its fuel is free? (flare gas may be; pipeline gas and diesel "
-                 "are not)")
-        if g.max_load_step_kw is not None and g.max_load_step_kw < g.rating_kw / 1000:
-            warn(f"{where}.max_load_step_kw: {_kw(g.max_load_step_kw)} kW is under 0.1 % of "
-                 f"its rating ({_kw(g.rating_kw)} kW): is it in MW?")
 
-    b = campus.battery
-    if b is not None:
-        for name, value in (("max_charge_kw", b.max_charge_kw),
-                            ("max_discharge_kw", b.max_discharge_kw)):
-            ratio = value / poi.import_limit_kw
-            if ratio > UNIT_RATIO:
-                err(f"campus.battery.{name}: {_kw(value)} kW is {ratio:.0f} times {limit}: "
-                    "looks like W typed as kW")
-        hours = b.capacity_kwh / b.max_discharge_kw
-        if not BATTERY_HOURS[0] <= hours <= BATTERY_HOURS[1]:
-            err(f"campus.battery.capacity_kwh: {_kw(b.capacity_kwh)} kWh empties in "
-                f"{hours:.3g} h at max_discharge_kw ({_kw(b.max_discharge_kw)} kW): batteries "
-                f"run {BATTERY_HOURS[0] * 60:.0f} min to {BATTERY_HOURS[1]:.0f} h; kWh and MWh "
-                "(or kW and MW) mixed up?")
+def _review_generator(g: Generator, poi: PoiConfig, review: CampusReview) -> None:
+    where = f"campus.generators[{g.id}]"
+    connection = max(poi.import_limit_kw, poi.export_limit_kw)
+    interconnect = f"the interconnect ({format_kw(connection)} kW)"
+    ratio = g.rating_kw / connection
+    slip = unit_slip(f"{where}.rating_kw", g.rating_kw, interconnect, connection, below=False)
+    if slip:
+        review.errors.append(slip)
+    elif ratio > GENERATION_FAR_ABOVE_RATIO:
+        review.warnings.append(
+            f"{where}.rating_kw: {format_kw(g.rating_kw)} kW is {ratio:.0f} times "
+            f"{interconnect}: right for generation behind a small connection, a unit slip "
+            "otherwise")
+    elif ratio < 1 / (UNIT_SLIP_RATIO * 10):
+        # Only a warning, and only far below: a small solar roof on a large site is real.
+        review.warnings.append(
+            f"{where}.rating_kw: {format_kw(g.rating_kw)} kW is 1/{1 / ratio:.0f} of "
+            f"{interconnect}: is it in MW? ({format_kw(g.rating_kw)} MW = "
+            f"{format_kw(g.rating_kw * 1000)} kW)")
+    if g.kind == "genset" and g.marginal_cost_usd_per_mwh <= 0:
+        review.warnings.append(
+            f"{where}.marginal_cost_usd_per_mwh: {g.marginal_cost_usd_per_mwh:g} $/MWh for a "
+            "genset: its fuel is free? (flare gas may be; pipeline gas and diesel are not)")
+    if g.max_load_step_kw is not None and g.max_load_step_kw < g.rating_kw / 1000:
+        review.warnings.append(
+            f"{where}.max_load_step_kw: {format_kw(g.max_load_step_kw)} kW is under 0.1 % of "
+            f"its rating ({format_kw(g.rating_kw)} kW): is it in MW?")
 
-    if power_cap_kw is not None:
-        ratio = power_cap_kw / poi.import_limit_kw
-        got = f"power_cap_kw: {_kw(power_cap_kw)} kW"
-        if ratio > UNIT_RATIO:
-            err(f"{got} is {ratio:.0f} times {limit}: one of them is in the wrong unit")
-        elif ratio < 1 / UNIT_RATIO:
-            err(f"{got} is 1/{1 / ratio:.0f} of {limit}: one of them is in the wrong unit")
-        elif power_cap_kw > poi.import_limit_kw:
-            warn(f"{got} is above {limit}: the interconnect binds before the cap does")
-    return review
+
+def _review_battery(b: BatteryConfig, poi: PoiConfig, review: CampusReview) -> None:
+    for name, value in (("max_charge_kw", b.max_charge_kw),
+                        ("max_discharge_kw", b.max_discharge_kw)):
+        slip = unit_slip(f"campus.battery.{name}", value, _import_limit(poi),
+                         poi.import_limit_kw, below=False)
+        if slip:
+            review.errors.append(slip)
+    hours = b.capacity_kwh / b.max_discharge_kw
+    if not BATTERY_HOURS[0] <= hours <= BATTERY_HOURS[1]:
+        review.errors.append(
+            f"campus.battery.capacity_kwh: {format_kw(b.capacity_kwh)} kWh empties in "
+            f"{hours:.3g} h at max_discharge_kw ({format_kw(b.max_discharge_kw)} kW): "
+            f"batteries run {BATTERY_HOURS[0] * 60:.0f} min to {BATTERY_HOURS[1]:.0f} h; kWh "
+            "and MWh (or kW and MW) mixed up?")
+
+
+def _review_power_cap(power_cap_kw: float, poi: PoiConfig, review: CampusReview) -> None:
+    # Either may be the one in the wrong unit, so the message does not guess which.
+    limit = _import_limit(poi)
+    ratio = power_cap_kw / poi.import_limit_kw
+    got = f"power_cap_kw: {format_kw(power_cap_kw)} kW"
+    if ratio > UNIT_SLIP_RATIO:
+        review.errors.append(f"{got} is {ratio:.0f} times {limit}: one of them is in the "
+                             "wrong unit")
+    elif ratio < 1 / UNIT_SLIP_RATIO:
+        review.errors.append(f"{got} is 1/{1 / ratio:.0f} of {limit}: one of them is in the "
+                             "wrong unit")
+    elif power_cap_kw > poi.import_limit_kw:
+        review.warnings.append(f"{got} is above {limit}: the interconnect binds before the "
+                               "cap does")
 
 
 def _review_meters(campus: CampusConfig, meters: Sequence[MqttMeter],
@@ -430,7 +472,3 @@ def _review_meters(campus: CampusConfig, meters: Sequence[MqttMeter],
             f"campus.poi.meter: {campus.poi.meter!r} is a Modbus device, and "
             f"[[meters]] {', '.join(map(repr, site_meters))} has role 'site': two meters "
             "for the POI; the campus reads the Modbus one")
-
-
-def _kw(value: float) -> str:
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"

@@ -57,6 +57,7 @@ class MinerModel(BaseModel):
 
     @property
     def efficiency_j_per_th(self) -> float:
+        """Energy per hash at the stock point, J/TH (W per TH/s)."""
         return self.nominal_w / self.nominal_ths
 
     def targets_w(self) -> npt.NDArray[np.float64]:
@@ -86,6 +87,11 @@ class Catalogue(BaseModel):
     models: dict[str, MinerModel]
 
     def get(self, key: str) -> MinerModel:
+        """The model with this key.
+
+        Raises:
+            KeyError: an unknown key; the message lists the known ones.
+        """
         try:
             return self.models[key]
         except KeyError:

@@ -15,13 +15,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
     SecretStr,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -32,7 +30,16 @@ from pydantic_settings import (
 
 from controller.campus_config import CampusConfig, campus_review
 from controller.catalogue import load_catalogue
-from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, PolicyKnobs, StrictModel
+from controller.config_types import (
+    ID_PATTERN,
+    MinerEntry,
+    ModelKey,
+    PolicyKnobs,
+    StrictModel,
+    above,
+    format_kw,
+    unit_slip,
+)
 from drivers.firmware.config import BridgeConfig
 from drivers.meters import MeterList
 from drivers.openadr.config import OpenAdrConfig
@@ -130,8 +137,10 @@ class PolicyConfig(StrictModel):
     )
     derate_start_c: float = Field(default=_KNOB["derate_start_c"], ge=0, le=150,
                                   description="Above this, lower the max target, deg C")
-    critical_c: float = Field(default=_KNOB["critical_c"], ge=0, le=150,
-                              description="At or above this, the miner sleeps, deg C")
+    critical_c: Annotated[float, above(
+        "derate_start_c", "C", "the derating ramp runs from derate_start_c up to critical_c",
+    )] = Field(default=_KNOB["critical_c"], ge=0, le=150,
+               description="At or above this, the miner sleeps, deg C")
     cap_headroom_fraction: float = Field(
         default=0.01, ge=0, le=0.5,
         description="Plan this far below the cap, so meter noise and settling stay under it",
@@ -150,36 +159,20 @@ class PolicyConfig(StrictModel):
         mine = {name: getattr(self, name) for name in _KNOB if name in type(self).model_fields}
         return PolicyKnobs(**{**mine, **overrides})
 
-    @field_validator("critical_c")
-    @classmethod
-    def _critical_above_derate(cls, value: float, info: ValidationInfo) -> float:
-        start = info.data.get("derate_start_c")  # absent when it failed its own check
-        if start is not None and value <= start:
-            raise ValueError(f"must be above derate_start_c ({start:g} C): the derating "
-                             "ramp runs from derate_start_c up to critical_c")
-        return value
-
 
 class FrequencyConfig(StrictModel):
     """Under-frequency response: shed at once, restore after the grid recovers."""
 
     shed_below_hz: float = Field(default=59.7, ge=40, le=70,
                                  description="Shed when the meter reads below this")
-    restore_above_hz: float = Field(default=59.9, ge=40, le=70,
-                                    description="Restore after this long above this")
+    restore_above_hz: Annotated[float, above(
+        "shed_below_hz", "Hz", "at or below it the site would restore while the grid is "
+        "still low enough to shed",
+    )] = Field(default=59.9, ge=40, le=70, description="Restore after this long above this")
     restore_hold_s: float = Field(default=30.0, ge=0, description="Hold time before restoring, s")
     shed_groups: list[str] = Field(
         default_factory=list, description="Groups slept at once (empty: every group)"
     )
-
-    @field_validator("restore_above_hz")
-    @classmethod
-    def _restore_above_shed(cls, value: float, info: ValidationInfo) -> float:
-        shed = info.data.get("shed_below_hz")  # absent when it failed its own check
-        if shed is not None and value <= shed:
-            raise ValueError(f"must be above shed_below_hz ({shed:g} Hz): at or below it the "
-                             "site would restore while the grid is still low enough to shed")
-        return value
 
 
 class GridConfig(StrictModel):
@@ -337,12 +330,9 @@ class SiteConfig(BaseSettings):
         fleet = f"the fleet's stock draw ({format_kw(fleet_kw)} kW incl. {aux} aux)"
         got = f"power_cap_kw: {format_kw(cap)} kW"
         ratio = cap / fleet_kw
-        if ratio > CAP_UNIT_RATIO:
-            review.errors.append(f"{got} is {ratio:.0f} times {fleet}: looks like W typed as kW "
-                                 f"({format_kw(cap)} W = {format_kw(cap / 1000)} kW)")
-        elif ratio < 1 / CAP_UNIT_RATIO:
-            review.errors.append(f"{got} is 1/{1 / ratio:.0f} of {fleet}: looks like MW typed as "
-                                 f"kW ({format_kw(cap)} MW = {format_kw(cap * 1000)} kW)")
+        slip = unit_slip("power_cap_kw", cap, fleet, fleet_kw)
+        if slip:
+            review.errors.append(slip)
         elif ratio > CAP_FAR_ABOVE_RATIO:
             review.warnings.append(f"{got} is {ratio:.1f} times {fleet}: the cap never binds; "
                                    "is it the site's import limit in kW?")
@@ -371,15 +361,14 @@ class SiteConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Where values come from, first wins: MINEOPS_* variables, then the file's."""
         # The TOML file is passed per load (see load_config); the environment wins over it.
         return (env_settings, init_settings)
 
 
-# A cap typed in the wrong unit is off by a factor of 1000 from the one meant, and the cap
-# meant lies within a few times the fleet's stock draw (a site is built for its
-# connection). So a cap more than 100 times the fleet, or below 1/100 of it, is a unit
-# typo; and one more than 3 times the fleet never binds, which deserves a second look.
-CAP_UNIT_RATIO = 100.0
+# A cap more than UNIT_SLIP_RATIO times the fleet's stock draw, or under 1/UNIT_SLIP_RATIO
+# of it, is a unit typo (config_types.unit_slip); one more than 3 times the fleet never
+# binds, which deserves a second look.
 CAP_FAR_ABOVE_RATIO = 3.0
 
 
@@ -394,11 +383,6 @@ class CapReview:
     errors: list[str] = field(default_factory=list)  # "power_cap_kw: why"
     warnings: list[str] = field(default_factory=list)
     cannot_hold: bool = False  # never-curtail load above the cap: the model refuses it
-
-
-def format_kw(value: float) -> str:
-    """A power in kW for messages: whole kW from 100 up, three figures below."""
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _pct(fraction: float) -> str:

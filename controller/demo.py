@@ -240,6 +240,8 @@ class DemoEvent:
 
 @dataclass
 class DemoResult:
+    """How a demo run went: `ok` when the site worked, else `why` says what failed."""
+
     ok: bool
     why: str
 
@@ -261,7 +263,6 @@ def _view(c: Controller, sim: SimulatedSite, tz: ZoneInfo) -> SiteView:
 
 def _events_text(c: Controller, view: SiteView) -> list[str]:
     """One line per grid event of the run: its terms on the site clock, and its standing."""
-
     now = time.time()
     lines = []
     for r in c.grid.journal.rows():

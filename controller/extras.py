@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Extra:
+    """One optional extra: its name, the import that proves it installed, what it is for."""
+
     name: str  # as in pyproject.toml's [project.optional-dependencies]
     module: str  # the import that proves it is installed
     what: str  # what it is for, in the error message
@@ -30,7 +32,13 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
 
 
 class MissingExtra(ImportError):
-    """An optional extra that a command needs is not installed; the message says how to."""
+    """An optional extra that a command needs is not installed; the message says how to.
+
+    Args:
+        extra: The extra's name, a key of EXTRAS (e.g. "bridge").
+        feature: What needs it, as the operator knows it (e.g. "mineops bridge").
+        detail: Added in parentheses, e.g. the import error of a broken install.
+    """
 
     def __init__(self, extra: str, feature: str, detail: str = "") -> None:
         e = EXTRAS[extra]

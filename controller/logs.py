@@ -66,7 +66,11 @@ class _CurrentStderr:
 
 
 class LogLimiter:
-    """Lets a repeated message through once per `interval_s` per key, counting the rest."""
+    """Lets a repeated message through once per `interval_s` per key, counting the rest.
+
+    Args:
+        interval_s: The shortest time between two messages of one key, s (monotonic).
+    """
 
     def __init__(self, interval_s: float = 60.0) -> None:
         self.interval_s = interval_s

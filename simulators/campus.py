@@ -75,7 +75,12 @@ class GpuHallSpec:
 
 
 class GpuHall:
-    """A GPU hall: `power_kw(t_s)` is its draw at simulation time t_s, kW."""
+    """A GPU hall: `power_kw(t_s)` is its draw at simulation time t_s, kW.
+
+    Args:
+        spec: Its size and job pattern; None: GpuHallSpec's defaults.
+        seed: Seeds the job arrivals, so that a run can be repeated.
+    """
 
     def __init__(self, spec: GpuHallSpec | None = None, *, seed: int = 0) -> None:
         self.spec = spec or GpuHallSpec()
@@ -113,8 +118,11 @@ class GpuHall:
 
 @dataclass(frozen=True, slots=True)
 class Cloud:
-    """One passing cloud: when it starts and ends covering the field, how much it takes
-    away at its thickest (fraction of the clear-sky output) and how long its edges are."""
+    """One passing cloud over the solar field.
+
+    When it starts and ends covering the field (simulation s), how much it takes away at
+    its thickest (a fraction of the clear-sky output) and how long its edges are, s.
+    """
 
     start_s: float
     end_s: float
@@ -157,7 +165,13 @@ class SolarSpec:
 
 
 class SolarField:
-    """A solar field: `power_kw(t_s)`; t_s = 0 is `start_hour` local solar time."""
+    """A solar field: `power_kw(t_s)`; t_s = 0 is `start_hour` local solar time.
+
+    Args:
+        spec: Its rating, day and clouds; None: SolarSpec's defaults.
+        seed: Seeds the clouds, so that a run can be repeated.
+        start_hour: Local solar time at simulation time 0, h (0..24).
+    """
 
     def __init__(self, spec: SolarSpec | None = None, *, seed: int = 0,
                  start_hour: float = 12.0) -> None:
@@ -242,7 +256,11 @@ class GensetSpec:
 
 
 class Genset:
-    """A genset following the load it is given; `frequency_hz(t_s)` shows its load steps."""
+    """A genset following the load it is given; `frequency_hz(t_s)` shows its load steps.
+
+    Args:
+        spec: Its rating and load-step response; None: GensetSpec's defaults.
+    """
 
     def __init__(self, spec: GensetSpec | None = None) -> None:
         self.spec = spec or GensetSpec()
@@ -314,7 +332,12 @@ class BatterySpec:
 
 
 class Battery:
-    """A battery: `command_kw` sets its power (discharge positive), `advance` integrates it."""
+    """A battery: `command_kw` sets its power (discharge positive), `advance` integrates it.
+
+    Args:
+        spec: Its capacity, limits and efficiency; None: BatterySpec's defaults.
+        soc_fraction: Its state of charge at the start, 0..1.
+    """
 
     def __init__(self, spec: BatterySpec | None = None, *, soc_fraction: float = 0.5) -> None:
         self.spec = spec or BatterySpec()
@@ -390,6 +413,20 @@ class CampusSimulation:
     steps. `islanded`: there is no grid; the genset carries every load (miners and GPU
     hall less solar and battery), the POI reads 0 and the site's frequency is the
     genset's. The battery does what `battery.command_kw` last asked.
+
+    Args:
+        seed: Seeds the GPU jobs and the clouds.
+        gpu: The GPU hall, or None for none; likewise `solar`, `genset`, `battery`.
+        solar: The solar field.
+        genset: The genset.
+        battery: The battery.
+        start_hour: Local solar time at simulation time 0, h.
+        genset_share: The fraction of the GPU hall's draw the genset carries (grid-tied).
+        grid_hz: The grid's frequency while grid-tied, Hz.
+        islanded: No grid: the genset carries every load.
+
+    Raises:
+        ValueError: islanded without a genset.
     """
 
     def __init__(self, *, seed: int = 0, gpu: GpuHallSpec | None = None,

@@ -69,6 +69,7 @@ class SimulatedSunSpecDevice:
         self.registers = list(registers)
 
     def set_silent(self, silent: bool) -> None:
+        """Stop answering requests (a device gone quiet), or answer again, held ones too."""
         self.silent = silent
         if not silent:
             self._awake.set()
@@ -80,8 +81,18 @@ class SimulatedSunSpecDevice:
 
 
 class SunSpecModbusServer:
-    """pymodbus' Modbus TCP server for some simulated SunSpec devices; an async context
-    manager (started on enter, stopped on exit)."""
+    """A pymodbus Modbus TCP server for some simulated SunSpec devices.
+
+    An async context manager: started on enter, stopped on exit.
+
+    Args:
+        devices: The devices, one per unit id.
+        host: The address to listen on.
+        port: The port; 0: a free one (`port` then holds it once started).
+
+    Raises:
+        ValueError: two devices with one unit id.
+    """
 
     def __init__(self, devices: Sequence[SimulatedSunSpecDevice], *, host: str = "127.0.0.1",
                  port: int = 0) -> None:
@@ -112,6 +123,7 @@ class SunSpecModbusServer:
         return int(transport.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
     async def start(self) -> None:
+        """Listen and serve in the background; returns once listening."""
         await self._server.serve_forever(background=True)
         self._started = True
 
@@ -204,8 +216,10 @@ def inverter_models(kw: float | None, *, rating_kw: float, hz: float, kwh: float
 def battery_models(kw: float, soc_fraction: float, *, capacity_kwh: float, max_charge_kw: float,
                    max_discharge_kw: float, hz: float, charged_kwh: float, discharged_kwh: float
                    ) -> tuple[list[int], list[int], list[int]]:
-    """Models 701 (AC side), 124 (storage) and 802 (battery) for one battery system;
-    `kw` is discharge positive."""
+    """Models 701 (AC side), 124 (storage) and 802 (battery) for one battery system.
+
+    `kw` is its power, discharge positive.
+    """
     limit_w = max(max_charge_kw, max_discharge_kw, capacity_kwh) * 1000.0
     w_sf = scale_factor_for(limit_w * 1.2)
     status = 4 if kw < 0 else 3 if kw > 0 else 6  # CHARGING, DISCHARGING, HOLDING
@@ -232,7 +246,12 @@ def battery_models(kw: float, soc_fraction: float, *, capacity_kwh: float, max_c
 
 
 class CampusModbus:
-    """The campus's devices on a `SunSpecModbusServer`; see the module docstring."""
+    """The campus's devices on a `SunSpecModbusServer`; see the module docstring.
+
+    Args:
+        sim: The simulation whose devices it serves.
+        poi_rating_kw: The POI meter's rating, kW (sets its scale factors).
+    """
 
     def __init__(self, sim: CampusSimulation, *, poi_rating_kw: float) -> None:
         self.sim = sim
@@ -286,8 +305,11 @@ class CampusModbus:
 
     async def run(self, *, speed: float = 1.0, interval_s: float = 0.5,
                   miners_kw: Callable[[], float] = lambda: 0.0) -> None:
-        """Serve until cancelled, stepping the simulation every `interval_s` of wall time
-        on the site simulator's clock (simulation time = wall time since start x `speed`)."""
+        """Serve until cancelled, stepping the simulation every `interval_s` of wall time.
+
+        Simulation time is wall time since the start times `speed`, the site simulator's
+        clock.
+        """
         start = time.monotonic()
         async with self.server:
             while True:

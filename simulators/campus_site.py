@@ -1,5 +1,7 @@
-"""A simulated site on an energy campus: the miners behind one point of interconnection with
-a GPU hall, solar, a genset and a battery (simulators/campus.py).
+"""A simulated site on an energy campus (simulators/campus.py).
+
+The miners share one point of interconnection with a GPU hall, solar, a genset and a
+battery.
 
 `SimulatedCampus` is a `SimulatedSite` whose site meter sees the whole campus at the POI:
 miners (with their aux load) + GPU hall - solar - genset - battery discharge, i.e. the
@@ -37,7 +39,20 @@ from simulators.site import SimulatedSite
 
 
 class SimulatedCampus(SimulatedSite):
-    """A `SimulatedSite` on an energy campus; see the module docstring."""
+    """A `SimulatedSite` on an energy campus; see the module docstring.
+
+    Args:
+        cfg: The site file; it must have a [campus] table.
+        campus: The campus simulation.
+        modbus: The SunSpec devices serving `campus`, refreshed every step; None: none.
+        campus_speed: The campus clock's speed against wall time; None: the fleet's.
+        step_interval_s: Wall time between campus steps, s.
+        meter_noise: Relative noise on the MQTT meters' readings (0.002: 0.2 %).
+        **site: SimulatedSite's keyword arguments.
+
+    Raises:
+        ValueError: no [campus] table, or `modbus` serves another simulation.
+    """
 
     def __init__(self, cfg: SiteConfig, campus: CampusSimulation, *,
                  modbus: CampusModbus | None = None, campus_speed: float | None = None,

@@ -97,6 +97,10 @@ class TcpProxy:
 
     Point a client's broker port at `port`. `cut()` drops every connection through it
     and refuses new ones (the client sees the broker go away) until `restore()`.
+
+    Args:
+        host: The broker's address.
+        port: The broker's port.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -108,11 +112,13 @@ class TcpProxy:
         self.port = 0
 
     async def start(self) -> TcpProxy:
+        """Listen on 127.0.0.1 at a free port (`port`)."""
         self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 
     async def close(self) -> None:
+        """Drop every connection and stop listening."""
         self.cut()
         if self._server is not None:
             self._server.close()
@@ -166,9 +172,11 @@ class SteppedClock:
         self.offset_s = 0.0
 
     def __call__(self) -> float:
+        """The stepped wall clock now, Unix s."""
         return time.time() + self.offset_s
 
     def step(self, seconds: float) -> None:
+        """Step the clock by `seconds` (negative: back), as NTP or an operator would."""
         self.offset_s += seconds
 
 

@@ -26,6 +26,8 @@ BOARDS = 3
 
 
 class Mode(IntEnum):
+    """A simulated miner's mode; `MODE_NAMES` are the telemetry states they report."""
+
     RUNNING = 0
     SLEEPING = 1
     WAKING = 2
@@ -36,7 +38,16 @@ MODE_NAMES = ("running", "sleeping", "waking", "stopping")
 
 
 class SimulatedFleet:
-    """Vectorised miner physics; `step(now)` advances everything to `now` (real seconds)."""
+    """Vectorised miner physics; `step(now)` advances everything to `now` (real seconds).
+
+    Args:
+        ids: The miners' ids, in the arrays' order.
+        models: Each miner's catalogue model.
+        speed: Simulated seconds per real second (wake and ramp times run this much faster).
+        ambient_c: Intake air temperature, deg C.
+        start_now: The monotonic time the simulation starts at, s.
+        seed: Seeds the fleet's random generator (the physics itself is deterministic).
+    """
 
     def __init__(
         self,
@@ -116,9 +127,11 @@ class SimulatedFleet:
     # -- faults -----------------------------------------------------------------
 
     def set_offline(self, idx: npt.NDArray[np.intp], offline: bool = True) -> None:
+        """Take the miners off the network (no telemetry, no commands), or bring them back."""
         self.offline[idx] = offline
 
     def lose_hashboard(self, idx: npt.NDArray[np.intp]) -> None:
+        """One hashboard of each of the miners fails (hashrate falls by its share)."""
         self.boards[idx] = np.maximum(self.boards[idx] - 1, 0)
 
     # -- physics ----------------------------------------------------------------
@@ -161,10 +174,12 @@ class SimulatedFleet:
         return out
 
     def fan_rpm(self) -> npt.NDArray[np.int64]:
+        """Each miner's fan speed, rpm, (n,): by temperature, 0 asleep."""
         duty = np.clip((self.temp_c - 35.0) / 40.0, 0.15, 1.0)
         return np.where(self.mode == Mode.SLEEPING, 0, 6000 * duty).astype(np.int64)
 
     def total_power_w(self) -> float:
+        """The fleet's draw, W (without aux)."""
         return float(self.power_w.sum())
 
     def readings(
@@ -197,8 +212,11 @@ class SimulatedFleet:
         hashrate_ths: npt.NDArray[np.float64],
         fan_rpm: npt.NDArray[np.int64],
     ) -> dict[str, Any]:
-        """Telemetry of the reachable miners among `idx` as v2 columns (encode_group_telemetry's
-        keyword arguments, with `ids` and `state`), built a column at a time."""
+        """Telemetry of the reachable miners among `idx` as v2 columns.
+
+        The columns are encode_group_telemetry's keyword arguments with `ids` and
+        `state`, built a column at a time.
+        """
         idx = idx[~self.offline[idx]]
         return {
             "ids": [self.ids[i] for i in idx],

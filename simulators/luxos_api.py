@@ -126,6 +126,13 @@ class LuxosApiServer:
     id to its host (port LUXOS_PORT unless given). Offline miners (fleet.offline) reset
     every connection, as a machine whose network dropped does; `restart(idx)` models a
     reboot: new uptime, sessions forgotten, sleep kept.
+
+    Args:
+        fleet: The simulated fleet whose miners it serves.
+        models: Each miner's model; only models LuxOS runs on are served (`skipped`).
+        first_address: The first miner's loopback address; the others follow it.
+        port: The API port on every address.
+        clock: Monotonic time source (uptime, sessions).
     """
 
     def __init__(
@@ -157,6 +164,7 @@ class LuxosApiServer:
 
     @property
     def addresses(self) -> dict[str, str]:
+        """Miner id -> the host its API listens on (at `port`)."""
         return {m.miner_id: m.host for m in self.miners.values()}
 
     async def start(self, progress: Callable[[int], None] | None = None) -> None:
@@ -179,6 +187,7 @@ class LuxosApiServer:
                  first=next(iter(self.addresses.values()), None), skipped=len(self.skipped))
 
     async def close(self) -> None:
+        """Stop every miner's server (each given up to 2 s to close)."""
         servers, self._servers = self._servers, []
         for s in servers:
             s.close()

@@ -56,6 +56,10 @@ class FixedPeriod:
 
     A run that ends after the next start was due is an overrun: the next run starts at
     once and the schedule continues from there (missed starts are not made up).
+
+    Args:
+        period_s: Time between starts, s.
+        start_s: When the first run starts, s (on the caller's clock).
     """
 
     def __init__(self, period_s: float, start_s: float) -> None:
@@ -84,7 +88,20 @@ class AppliedCommand:
 
 
 class SimulatedSite:
-    """Everything a real site would put on the broker, simulated."""
+    """Everything a real site would put on the broker, simulated.
+
+    Args:
+        cfg: The site file: fleet, meters, broker.
+        speed: Simulated seconds per real second.
+        prices: A price trace to replay on the price topic; None: no prices.
+        telemetry_interval_s: Real time between telemetry rounds, s.
+        telemetry_format: "group" (a message per rack, v2 columns), "group-v1" (rows)
+            or "miner" (a message per miner).
+        meter_interval_s: Real time between site-meter readings, s.
+        seed: Seeds the fleet and the site meter's 0.2 % noise.
+        miner_mqtt: Whether the miners speak MQTT; False when they speak only another
+            API (LuxOS for the bridge): then the site publishes the meter and prices only.
+    """
 
     def __init__(
         self,

@@ -10,11 +10,16 @@ away is reconnected to. The standard library only: it starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 KEEPALIVE_S = 60  # a flood never goes quiet for that long, so no PINGREQ is needed
 
 
@@ -81,6 +86,21 @@ def flood(host: str, port: int, site: str, racks: list[tuple[str, int]],
                         time.sleep(due - time.monotonic())
         except OSError:
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def flooding(host: str, port: int, site: str, racks: Sequence[tuple[str, int]],
+             rate_per_s: float) -> Iterator[None]:
+    """This flood in another process (python -m tests.mqtt_flood) while the block runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.mqtt_flood", host, str(port), site, str(rate_per_s),
+         *(f"{g}:{n}" for g, n in racks)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 if __name__ == "__main__":

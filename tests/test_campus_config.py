@@ -295,8 +295,9 @@ def test_battery_units() -> None:
     data = campus_data()
     data["battery"]["max_charge_kw"] = 40_000_000
     errors, _ = review_of(data)
-    assert any(e.startswith("campus.battery.max_charge_kw: 40000000 kW is 800 times") for e in
-               errors)
+    assert ("campus.battery.max_charge_kw: 40000000 kW is 800 times the import limit "
+            "(campus.poi.import_limit_kw 50000 kW): looks like W typed as kW (40000000 W = "
+            "40000 kW)") in errors
 
 
 def test_export_limit_checks() -> None:
@@ -307,7 +308,8 @@ def test_export_limit_checks() -> None:
     data["generators"][0]["rating_kw"] = 4_000
     errors, _ = review_of(data)
     assert errors == ["campus.poi.export_limit_kw: 5000000 kW is 1000 times the import limit "
-                      "(campus.poi.import_limit_kw 5000 kW): looks like W typed as kW"]
+                      "(campus.poi.import_limit_kw 5000 kW): looks like W typed as kW "
+                      "(5000000 W = 5000 kW)"]
     data = {"poi": {"import_limit_kw": 1000, "export_limit_kw": 500, "meter": "poi"}}
     errors, warnings = review_of(data)
     assert errors == []

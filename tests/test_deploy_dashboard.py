@@ -21,8 +21,8 @@ import yaml
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from controller.protocol.broker import free_port
-from tests.test_deploy_prometheus import DASHBOARD, FLEET_ROW, query
-from tests.test_deploy_support import need, process, run, wait_http
+from tests.test_deploy_prometheus import DASHBOARD, FLEET_ROW
+from tests.test_deploy_support import need, process, query, run, wait_http
 
 
 def panels() -> list[dict[str, Any]]:

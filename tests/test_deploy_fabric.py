@@ -14,13 +14,10 @@ a central one (the shipped central.yml) federates both.
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -32,7 +29,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from controller.protocol.broker import free_port
-from tests.test_deploy_mosquitto import shipped_config
+from tests.test_deploy_mosquitto import moved_paths, shipped_config
 from tests.test_deploy_support import (
     DEPLOY,
     Subscriber,
@@ -44,6 +41,7 @@ from tests.test_deploy_support import (
     mqtt_pub,
     need,
     process,
+    query,
     run,
     wait_http,
 )
@@ -153,16 +151,8 @@ def start_centre(stack: ExitStack, d: Path) -> tuple[int, int, dict[str, str]]:
     passwords = hash_passwords(plain, d / "passwd")
     (d / "acl").write_text(tool("make_fabric.py", "centre-acl", *SITES))
     port, tls_port = free_port(), free_port()
-    conf = moved_config((MOSQUITTO / "centre.conf").read_text(), {
-        r"listener 1883 127\.0\.0\.1": f"listener {port} 127.0.0.1",
-        r"listener 8883": f"listener {tls_port} 127.0.0.1",
-        r"password_file .+": f"password_file {d / 'passwd'}",
-        r"acl_file .+": f"acl_file {d / 'acl'}",
-        r"cafile .+": f"cafile {d / 'ca.crt'}",
-        r"certfile .+": f"certfile {d / 'server.crt'}",
-        r"keyfile .+": f"keyfile {d / 'server.key'}",
-        r"persistence_location .+": f"persistence_location {d}/",
-    }, "centre.conf")
+    conf = moved_config((MOSQUITTO / "centre.conf").read_text(), moved_paths(d, port, tls_port),
+                        "centre.conf")
     (d / "mosquitto.conf").write_text(conf)
     stack.enter_context(mosquitto(d / "mosquitto.conf", [port, tls_port],
                                   d / "mosquitto.log"))
@@ -305,15 +295,6 @@ def exporter(site: str, power_w: float) -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-
-
-def query(base: str, expr: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as r:
-        body = json.load(r)
-    assert body["status"] == "success", (expr, body)
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
 
 
 @contextmanager

@@ -55,10 +55,9 @@ CONTROLLER_CLIENT_ID = "mineops-controller-pecos-1"
 pytestmark = pytest.mark.integration
 
 
-def shipped_config(d: Path, port: int, tls_port: int) -> str:
-    """deploy/mosquitto/mosquitto.conf with its ports and paths moved into `d`."""
-    (d / "conf.d").mkdir(exist_ok=True)
-    return moved_config((MOSQUITTO / "mosquitto.conf").read_text(), {
+def moved_paths(d: Path, port: int, tls_port: int) -> dict[str, str]:
+    """What moves a shipped mosquitto config's listeners to free ports and its files into `d`."""
+    return {
         r"listener 1883 127\.0\.0\.1": f"listener {port} 127.0.0.1",
         r"listener 8883": f"listener {tls_port} 127.0.0.1",
         r"password_file .+": f"password_file {d / 'passwd'}",
@@ -67,7 +66,14 @@ def shipped_config(d: Path, port: int, tls_port: int) -> str:
         r"certfile .+": f"certfile {d / 'server.crt'}",
         r"keyfile .+": f"keyfile {d / 'server.key'}",
         r"persistence_location .+": f"persistence_location {d}/",
-        r"include_dir .+": f"include_dir {d / 'conf.d'}",
+    }
+
+
+def shipped_config(d: Path, port: int, tls_port: int) -> str:
+    """deploy/mosquitto/mosquitto.conf with its ports and paths moved into `d`."""
+    (d / "conf.d").mkdir(exist_ok=True)
+    return moved_config((MOSQUITTO / "mosquitto.conf").read_text(), {
+        **moved_paths(d, port, tls_port), r"include_dir .+": f"include_dir {d / 'conf.d'}",
     }, "mosquitto.conf")
 
 

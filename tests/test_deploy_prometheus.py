@@ -36,7 +36,16 @@ from controller.protocol.broker import LocalBroker, free_port
 from controller.protocol.payloads import GridEvent
 from controller.protocol.topics import SiteTopics
 from controller.protocol.transport import Transport
-from tests.test_deploy_support import DEPLOY, REPO, log_tail, need, process, run, wait_http
+from tests.test_deploy_support import (
+    DEPLOY,
+    REPO,
+    log_tail,
+    need,
+    process,
+    query,
+    run,
+    wait_http,
+)
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULES = PROMETHEUS / "rules" / "mineops.rules.yml"
@@ -208,15 +217,6 @@ def test_the_controller_exports_process_metrics_and_no_created_series() -> None:
     # Counters and the histogram without their _created companions.
     assert "mineops_decisions_total" in text and "mineops_decision_duration_seconds_bucket" in text
     assert "_created" not in text
-
-
-def query(base: str, expr: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as r:
-        body = json.load(r)
-    assert body["status"] == "success", (expr, body)
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
 
 
 def send_grid_event_and_invalid_message(broker: LocalBroker, metrics_port: int) -> None:

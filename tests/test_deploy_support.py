@@ -9,16 +9,19 @@ MINEOPS_REQUIRE_MOSQUITTO=1 does the same for the mosquitto tools only.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -231,3 +234,13 @@ class Subscriber:
         while line not in self.lines():
             assert time.monotonic() < deadline, f"{line!r} never arrived; got {self.lines()}"
             time.sleep(0.05)
+
+
+def query(base: str, expr: str) -> list[dict[str, Any]]:
+    """The result of an instant PromQL query against the Prometheus at `base`."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = json.load(r)
+    assert body["status"] == "success", (expr, body)
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result

@@ -11,21 +11,18 @@ test is the fault matrix's check of it, judged by the simulator's true power.
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controller.protocol.broker import LocalBroker
 from controller.protocol.payloads import GridEvent
+from tests import mqtt_flood
 from tests.conftest import wait_for
 from tests.test_faults_site import RACKS, start_fault_site, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FLOOD_RATE_PER_S = 25_000
@@ -34,15 +31,9 @@ QUEUE_BOUND = 50_000  # messages waiting in the controller: far below the issue'
 
 @contextlib.contextmanager
 def flooding(broker: LocalBroker, rate_per_s: int) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.mqtt_flood", broker.host, str(broker.port), "test",
-         str(rate_per_s), *(f"{g}:{n}" for g, _, n in RACKS)],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with mqtt_flood.flooding(broker.host, broker.port, "test",
+                             [(g, n) for g, _, n in RACKS], rate_per_s):
         yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 async def test_a_grid_event_is_obeyed_through_a_flood(broker: LocalBroker, tasks: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from controller.config import SiteConfig
 from controller.daemon.loop import Controller
 from controller.protocol.broker import LocalBroker
 from controller.protocol.payloads import PriceSignal
@@ -36,18 +37,24 @@ def rpc(method: str, **params: Any) -> bytes:
                        "method": method, "params": {"ts": time.time(), **params}}).encode()
 
 
-async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
-        broker: LocalBroker, tasks: Any) -> None:
-    cfg = make_site(broker, [("a", "s21", 4)], meters=[
-        {"type": "tasmota", "id": "pow", "topic": "pow-r2"},
-        {"type": "shelly_gen2", "id": "pro3em", "prefix": PREFIX},
-    ])
+async def started(cfg: SiteConfig, tasks: Any) -> tuple[Controller, Peer]:
+    """The site's controller and a peer publishing for the meters, both connected."""
     controller = Controller(cfg)
     peer = Peer(cfg)
     tasks(controller.run(), "controller")
     tasks(peer.run(), "peer")
     await wait_for(lambda: controller.transport.connected.is_set()
                    and peer.transport.connected.is_set(), what="both connected")
+    return controller, peer
+
+
+async def test_vendor_meters_update_site_power_and_bad_payloads_are_counted(
+        broker: LocalBroker, tasks: Any) -> None:
+    cfg = make_site(broker, [("a", "s21", 4)], meters=[
+        {"type": "tasmota", "id": "pow", "topic": "pow-r2"},
+        {"type": "shelly_gen2", "id": "pro3em", "prefix": PREFIX},
+    ])
+    controller, peer = await started(cfg, tasks)
     await peer.publish(controller.topics.price,
                        PriceSignal(ts=time.time(), price_usd_per_mwh=20.0).encode(), qos=1)
     invalid = controller.ingest.invalid
@@ -113,12 +120,7 @@ async def test_tasmota_dead_phase_sheds_nothing_through_the_controller(
         broker: LocalBroker, tasks: Any) -> None:
     cfg = make_site(broker, [("a", "s21", 4)], meters=[
         {"type": "tasmota", "id": "pow", "topic": "shelly3em-tasmota"}])
-    controller = Controller(cfg)
-    peer = Peer(cfg)
-    tasks(controller.run(), "controller")
-    tasks(peer.run(), "peer")
-    await wait_for(lambda: controller.transport.connected.is_set()
-                   and peer.transport.connected.is_set(), what="both connected")
+    controller, peer = await started(cfg, tasks)
     site = controller.fleet.site
 
     # 60 Hz split phase, one input floating at "48.85 Hz": 15,841.7 W, no shed.
@@ -166,12 +168,7 @@ async def test_shelly_em1_is_read_or_counted_through_the_controller(
         {"type": "shelly_gen2", "id": "proem", "prefix": em1_prefix, "em1_channels": [1]},
         {"type": "shelly_gen2", "id": "pro3em", "prefix": PREFIX, "role": "aux"},
     ], grid={"frequency": {"shed_below_hz": 49.7, "restore_above_hz": 49.9}})
-    controller = Controller(cfg)
-    peer = Peer(cfg)
-    tasks(controller.run(), "controller")
-    tasks(peer.run(), "peer")
-    await wait_for(lambda: controller.transport.connected.is_set()
-                   and peer.transport.connected.is_set(), what="both connected")
+    controller, peer = await started(cfg, tasks)
     site = controller.fleet.site
     rpc = (EM1_CASE / "rpc_notifystatus_em1.json").read_bytes()
 

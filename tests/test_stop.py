@@ -31,6 +31,7 @@ from controller.config import BrokerConfig, SiteConfig
 from controller.daemon.loop import Controller
 from controller.protocol.broker import LocalBroker
 from controller.protocol.transport import DISCONNECT_TIMEOUT_S, GOODBYE_TIMEOUT_S, Transport
+from tests import mqtt_flood
 from tests.conftest import make_site, task_stacks, wait_for
 from tests.test_grid import toml_of
 from tests.test_luxos_pyasic import free_loopback_base
@@ -55,15 +56,8 @@ def flood_site(broker: LocalBroker) -> SiteConfig:
 @contextlib.contextmanager
 def flooding(broker: LocalBroker) -> Iterator[None]:
     """Another process publishing every rack's telemetry, FLOOD_RATE_PER_S messages a second."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.mqtt_flood", broker.host, str(broker.port), "test",
-         str(FLOOD_RATE_PER_S), *(f"{g}:{n}" for g, n in RACKS)],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with mqtt_flood.flooding(broker.host, broker.port, "test", RACKS, FLOOD_RATE_PER_S):
         yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager

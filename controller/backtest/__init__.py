@@ -1,5 +1,4 @@
-"""The backtest: the daemon's own optimizer and policy over historical prices, the baselines,
-and its reports.
+"""The backtest: the daemon's own optimizer and policy over price history, and baselines.
 
 `engine.py` runs the strategies, `classes.py` groups the fleet into classes of identical
 miners, `windows.py` reads grid windows, `result.py` holds the settings and what a run

@@ -68,8 +68,11 @@ CAMPUS_STRATEGIES = ("mineops", "mineops_grid_price", "optimum")
 
 @dataclass(frozen=True)
 class CampusTraces:
-    """Each traced part's power per price interval, W in its own sign (firm load drawn,
-    generator generated); `missing`: parts without a column (at their worst case)."""
+    """Each traced part's power per price interval, W, and the parts without a trace.
+
+    Each part's power is in its own sign (a firm load's draw, a generator's output);
+    `missing` names the parts without a column, counted at their worst case.
+    """
 
     part_w: dict[str, FloatArray]
     missing: tuple[str, ...] = ()
@@ -78,8 +81,10 @@ class CampusTraces:
 
 def resample(trace_start_s: FloatArray, trace_interval_s: float, values: FloatArray,
              start_s: FloatArray, interval_s: float) -> FloatArray | None:
-    """The time-weighted mean of a regular step trace over each interval; None when the
-    trace does not cover every interval."""
+    """The time-weighted mean of a regular step trace over each interval.
+
+    None when the trace does not cover every interval.
+    """
     t0 = float(trace_start_s[0])
     end = t0 + trace_interval_s * values.size
     if float(start_s[0]) < t0 - 1e-6 or float(start_s[-1]) + interval_s > end + 1e-6:
@@ -146,6 +151,7 @@ class CampusSeries:
 
     @property
     def profit_usd(self) -> FloatArray:
+        """Revenue less energy cost per interval, $ (on the campus's own cost curve)."""
         out: FloatArray = self.revenue_usd - self.energy_cost_usd
         return out
 
@@ -170,6 +176,7 @@ class CampusBacktestResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        """The run's totals as JSON-ready values: $, MWh, hours, per strategy and overall."""
         dt_h = self.interval_s / 3600.0
         strategies: dict[str, dict[str, float]] = {}
         for name, x in self.series.items():

@@ -37,6 +37,7 @@ class FleetClasses:
 
     @classmethod
     def from_config(cls, cfg: SiteConfig) -> FleetClasses:
+        """The site's fleet by (model, priority, never_curtail), classes in config order."""
         fs = FleetState(cfg.inventory)
         keys = np.stack([fs.model_idx, fs.priority.astype(np.intp), fs.never_curtail], axis=1)
         _, first, member = np.unique(keys, axis=0, return_index=True, return_inverse=True)
@@ -69,6 +70,7 @@ class FleetClasses:
 
     @property
     def n_classes(self) -> int:
+        """How many classes (the length of every per-class array)."""
         return len(self.model_keys)
 
     def stock_points(self) -> tuple[FloatArray, FloatArray]:

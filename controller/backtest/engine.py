@@ -215,9 +215,11 @@ class _Engine:
         self, rows: _Rows, level: IntArray, cols: dict[str, npt.NDArray[Any]],
         scalars: dict[str, Any], now: float,
     ) -> _Cohorts:
-        """Rows back to cohorts: neighbouring rows of one class with an equivalent history
-        merge. Only neighbours: a merge across a row with another history would reorder
-        the miners, and the per-miner plan gives an entry by miner index."""
+        """Rows back to cohorts: neighbouring rows of one class with an equal history merge.
+
+        Only neighbours: a merge across a row with another history would reorder the
+        miners, and the per-miner plan gives an entry by miner index.
+        """
         n = rows.cls.size
         if not self.aggregate or n < 2:
             return _Cohorts(rows.cls.copy(), rows.weight.copy(), level.copy(), cols, scalars)

@@ -34,6 +34,7 @@ class Settings:
         cls, cfg: SiteConfig, *, hashprice: float | None = None, adder: float | None = None,
         knob_overrides: dict[str, Any] | None = None,
     ) -> Settings:
+        """The site file's economics and limits; `hashprice`, `adder` and knobs override."""
         knobs = cfg.policy.knobs(**(knob_overrides or {}))
         return cls(
             hashprice_usd_per_ph_day=cfg.hashprice_usd_per_ph_day if hashprice is None
@@ -82,9 +83,11 @@ class BacktestResult:
 
     @property
     def intervals(self) -> int:
+        """How many price intervals the run covered."""
         return int(self.start_s.size)
 
     def summary(self) -> dict[str, Any]:
+        """The run's totals as JSON-ready values ($, MWh, hours), the CLI's JSON line."""
         s = self.series
         mo, opt = s["mineops"], s["optimum"]
         dt_h = self.interval_s / 3600.0

@@ -77,7 +77,12 @@ def _knobs(items: list[str]) -> dict[str, Any]:
 
 
 class ProgressBar:
-    """A one-line progress bar on a stream, redrawn at most a few times a second."""
+    """A one-line progress bar on a stream, redrawn at most a few times a second.
+
+    Args:
+        stream: Where it is drawn (a terminal: it redraws with a carriage return).
+        label: The word before the bar.
+    """
 
     def __init__(self, stream: TextIO, label: str = "backtest") -> None:
         self.stream, self.label = stream, label
@@ -85,6 +90,7 @@ class ProgressBar:
         self.last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
+        """Report `done` of `total` decisions; redrawn at most every 0.2 s, and at the end."""
         now = time.monotonic()
         if done < total and now - self.last < 0.2:
             return

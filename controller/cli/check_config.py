@@ -7,7 +7,7 @@ from pathlib import Path
 
 from controller.campus_config import campus_review
 from controller.cli.common import EXIT_OK, Subparsers
-from controller.config import format_kw
+from controller.config_types import format_kw
 from controller.site_file import load_config
 
 

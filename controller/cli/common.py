@@ -46,7 +46,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def port(text: str) -> int:
-    """argparse type: a TCP port, 0 (any free) to 65535."""
+    """A TCP port, 0 (any free) to 65535 (an argparse type)."""
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0-65535, got {text}")
@@ -54,7 +54,7 @@ def port(text: str) -> int:
 
 
 def positive(text: str) -> float:
-    """argparse type: a number above 0."""
+    """A number above 0 (an argparse type)."""
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
@@ -62,7 +62,7 @@ def positive(text: str) -> float:
 
 
 def count(text: str) -> int:
-    """argparse type: a whole number, at least 1."""
+    """A whole number, at least 1 (an argparse type)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
@@ -71,10 +71,10 @@ def count(text: str) -> int:
 
 def add_price_args(p: argparse.ArgumentParser, *, default: str | None = "a synthetic week"
                    ) -> None:
-    """The price-file options (`--prices`, `--price-column`, `--timezone`, `--settlement-point`,
-    `--price-unit`).
+    """Add the price-file options to `p`.
 
-    `default` says what runs without `--prices`; None makes `--prices` required.
+    They are `--prices`, `--price-column`, `--timezone`, `--settlement-point` and
+    `--price-unit`. `default` says what runs without `--prices`; None makes `--prices` required.
     """
     p.add_argument("--prices", metavar="NAME|FILE", required=default is None,
                    help="a built-in price trace or a price file" +

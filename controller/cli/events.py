@@ -196,6 +196,7 @@ def _export(journal: GridJournal | None, rows: list[EventRow], out: TextIO,
 
 
 def run(args: argparse.Namespace) -> int:
+    """`mineops events ACTION`: send or cancel an event, or list or export the journal."""
     cfg = load_config(args.config)
     if args.action in ("send", "cancel"):
         return _send(cfg, args)

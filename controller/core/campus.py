@@ -273,40 +273,10 @@ def campus_picture(
         miners_planned_w: The last plan's site W (islanded: the ceiling when a genset's
             output is unknown).
     """
-    parts: list[PartCount] = []
-    for f in campus.firm_loads:
-        measured = _reading(readings, f.meter, now_unix_s, stale_s)
-        announced = scheduled_w(f, now_unix_s)
-        if measured is None:
-            counted = f.max_kw * 1000.0
-        else:
-            ahead = min(measured + _rising(readings, f.meter), f.max_kw * 1000.0)
-            counted = max(measured, ahead, announced, 0.0)
-        parts.append(PartCount(f.id, "firm_load", "firm_load", counted, measured,
-                               measured is None))
-    gens: list[tuple[float, float, str, str]] = []  # (marginal cost, W counted, id, kind)
-    genset_out: list[float | None] = []
-    for g in campus.generators:
-        measured = _reading(readings, g.meter, now_unix_s, stale_s)
-        counted = 0.0 if measured is None else min(
-            max(measured - _falling(readings, g.meter), 0.0), g.rating_kw * 1000.0)
-        parts.append(PartCount(g.id, "generator", g.kind, counted, measured, measured is None))
-        if g.kind == "genset":
-            genset_out.append(counted if measured is not None else None)
-        gens.append((g.marginal_cost_usd_per_mwh, counted, g.id, g.kind))
-    battery_w, soc = 0.0, None
-    b = campus.battery
-    if b is not None:
-        r = readings.get(b.meter)
-        measured = _reading(readings, b.meter, now_unix_s, stale_s)
-        battery_w = (-b.max_charge_kw * 1000.0 if measured is None else
-                     min(max(measured, -b.max_charge_kw * 1000.0), b.max_discharge_kw * 1000.0))
-        if measured is not None and r is not None and r.soc_fraction is not None:
-            soc = r.soc_fraction
-        parts.append(PartCount("battery", "battery", "battery", battery_w, measured,
-                               measured is None))
+    parts = _firm_load_counts(campus, readings, now_unix_s, stale_s)
+    gens, genset_out = _generator_counts(campus, readings, now_unix_s, stale_s, parts)
+    battery_w, soc = _battery_count(campus, readings, now_unix_s, stale_s, parts)
     firm = sum(p.counted_w for p in parts if p.role == "firm_load")
-    poi = _reading(readings, campus.poi.meter, now_unix_s, stale_s)
     import_w = campus.poi.import_limit_kw * 1000.0
     if campus.poi.islanded:
         hz = [r.frequency_hz for g in campus.generators if g.kind == "genset"
@@ -335,8 +305,74 @@ def campus_picture(
     return CampusPicture(
         islanded=False, poi_limit_w=limit_poi, import_limit_w=import_w, limit_w=limit,
         margin_w=margin, headroom_w=headroom, firm_load_w=firm, generation_w=generation,
-        battery_w=battery_w, net_import_w=poi, soc_fraction=soc, ramp_limit_w=None,
-        parts=tuple(parts), curve=CostCurve(tuple(_trim(segments, headroom))))
+        battery_w=battery_w, soc_fraction=soc, ramp_limit_w=None, parts=tuple(parts),
+        net_import_w=_reading(readings, campus.poi.meter, now_unix_s, stale_s),
+        curve=CostCurve(tuple(_trim(segments, headroom))))
+
+
+def _firm_load_counts(campus: CampusConfig, readings: Mapping[str, PartReading],
+                      now_unix_s: float, stale_s: float) -> list[PartCount]:
+    """Each firm load at what the headroom must leave it, W; max_kw when unknown.
+
+    That is the most of its reading, the reading plus its rise (capped at max_kw) and its
+    schedule.
+    """
+    parts: list[PartCount] = []
+    for f in campus.firm_loads:
+        measured = _reading(readings, f.meter, now_unix_s, stale_s)
+        announced = scheduled_w(f, now_unix_s)
+        if measured is None:
+            counted = f.max_kw * 1000.0
+        else:
+            ahead = min(measured + _rising(readings, f.meter), f.max_kw * 1000.0)
+            counted = max(measured, ahead, announced, 0.0)
+        parts.append(PartCount(f.id, "firm_load", "firm_load", counted, measured,
+                               measured is None))
+    return parts
+
+
+def _generator_counts(campus: CampusConfig, readings: Mapping[str, PartReading],
+                      now_unix_s: float, stale_s: float, parts: list[PartCount],
+                      ) -> tuple[list[tuple[float, float, str, str]], list[float | None]]:
+    """Each generator at what it can be counted on for, W (appended to `parts`).
+
+    Its reading less its fall, within 0..rating; 0 when unknown. Returns (marginal cost,
+    W counted, id, kind) per generator, and each genset's output (None: unknown).
+    """
+    gens: list[tuple[float, float, str, str]] = []
+    genset_out: list[float | None] = []
+    for g in campus.generators:
+        measured = _reading(readings, g.meter, now_unix_s, stale_s)
+        counted = 0.0 if measured is None else min(
+            max(measured - _falling(readings, g.meter), 0.0), g.rating_kw * 1000.0)
+        parts.append(PartCount(g.id, "generator", g.kind, counted, measured, measured is None))
+        if g.kind == "genset":
+            genset_out.append(counted if measured is not None else None)
+        gens.append((g.marginal_cost_usd_per_mwh, counted, g.id, g.kind))
+    return gens, genset_out
+
+
+def _battery_count(campus: CampusConfig, readings: Mapping[str, PartReading],
+                   now_unix_s: float, stale_s: float,
+                   parts: list[PartCount]) -> tuple[float, float | None]:
+    """The battery's power, W, discharge positive (appended to `parts`), and its SoC.
+
+    Unknown power counts as charging at full power (one more load); (0, None) without
+    a battery.
+    """
+    b = campus.battery
+    if b is None:
+        return 0.0, None
+    r = readings.get(b.meter)
+    measured = _reading(readings, b.meter, now_unix_s, stale_s)
+    battery_w = (-b.max_charge_kw * 1000.0 if measured is None else
+                 min(max(measured, -b.max_charge_kw * 1000.0), b.max_discharge_kw * 1000.0))
+    soc = None
+    if measured is not None and r is not None and r.soc_fraction is not None:
+        soc = r.soc_fraction
+    parts.append(PartCount("battery", "battery", "battery", battery_w, measured,
+                           measured is None))
+    return battery_w, soc
 
 
 def _islanded(campus: CampusConfig, parts: list[PartCount],

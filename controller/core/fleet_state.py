@@ -46,7 +46,14 @@ class SiteReadings:
 
 
 class FleetState:
-    """Per-miner arrays; `index` maps miner id to row."""
+    """Per-miner arrays; `index` maps miner id to row.
+
+    Args:
+        inventory: Every miner, in the order of the arrays (`SiteConfig.inventory`).
+
+    Raises:
+        KeyError: a miner of a model not in the catalogue.
+    """
 
     def __init__(self, inventory: list[MinerEntry]) -> None:
         catalogue = load_catalogue()
@@ -118,9 +125,15 @@ class FleetState:
 
     @property
     def n(self) -> int:
+        """How many miners (the length of every per-miner array)."""
         return len(self.ids)
 
     def members(self, group: str) -> npt.NDArray[np.intp]:
+        """Indices of the group's miners, ascending.
+
+        Raises:
+            ValueError: no such group.
+        """
         return np.flatnonzero(self.group_idx == self.groups.index(group))
 
     def apply(self, idx: npt.NDArray[np.intp], *, state: npt.NDArray[np.int8],
@@ -176,6 +189,7 @@ class FleetState:
         return idx
 
     def set_available(self, idx: npt.NDArray[np.intp] | int, online: bool) -> None:
+        """Record the miners' announced availability (offline counts them as stale)."""
         self.announced_offline[idx] = not online
 
     def stale(self, now: float, stale_after_s: float) -> npt.NDArray[np.bool_]:

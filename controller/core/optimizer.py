@@ -122,14 +122,17 @@ class PreparedFleet:
 
     @property
     def n(self) -> int:
+        """How many miners (rows)."""
         return int(self.kind.size)
 
     @property
     def k(self) -> int:
+        """Levels per kind, sleep and padding included (the tables' width)."""
         return int(self.kind_power_w.shape[1])
 
     @property
     def kinds(self) -> int:
+        """How many kinds (distinct operating-point tables), K."""
         return int(self.kind_power_w.shape[0])
 
     @property
@@ -360,27 +363,10 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray, *,
     chord_slope, wake = _wake_chords(p, h, top) if kf else (np.empty((n_kinds, 0)),
                                                             np.empty((n_kinds, 0), np.intp))
     curve_slope = _chain_slopes(_strictly_concave_slopes(p, h, top), chord_slope, wake)
-
-    # Entry ids are level-major: chord (f, kind) -> f*K + kind, step (e, kind) ->
-    # K*kf + e*K + kind. A stable sort then breaks slope ties chord first, then by
-    # level, then by kind.
-    keys = np.concatenate([chord_slope.T.ravel(), curve_slope.T.ravel()])
-    total = keys.size
-    pos_dtype = np.int32 if total < 2**31 - 1 else np.int64
-    order = np.argsort(-keys, kind="stable")
-    pos = np.empty(total, dtype=pos_dtype)
-    pos[order] = np.arange(total, dtype=pos_dtype)
     rows = np.arange(n_kinds)
     wake_w = p[rows[:, None], wake] - p[:, :1] if kf else np.empty((n_kinds, 0))
     step_w = p[:, 2:] - p[:, 1:-1] if kc else np.empty((n_kinds, 0))
-    chord_pos = pos[: n_kinds * kf].reshape(kf, n_kinds).T
-    curve_pos = pos[n_kinds * kf :].reshape(kc, n_kinds).T
-    is_chord = order < n_kinds * kf
-    step_id = order - n_kinds * kf
-    entry_kind = np.where(is_chord, order % max(n_kinds, 1), step_id % max(n_kinds, 1))
-    entry_level = np.where(is_chord, -(order // max(n_kinds, 1)) - 1, step_id // n_kinds + 1)
-    entry_w = np.where(is_chord, wake_w.T.ravel()[np.where(is_chord, order, 0)],
-                       step_w.T.ravel()[np.where(is_chord, 0, step_id)] if kc else 0.0)
+    o = _entry_order(chord_slope, curve_slope, wake_w, step_w)
     usable = np.concatenate([wake_w[wake_w > 0], step_w[step_w > 0],
                              (p[:, 1:] - p[:, :1])[real[:, 1:]]])
     runs_kind, runs_len = _runs(kind)
@@ -392,7 +378,8 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray, *,
         top=top[kind].astype(LEVEL),
         top_chord_idx=top_chord,
         top_wake=(wake.ravel()[top_chord] if kf else np.zeros(kind.size)).astype(LEVEL),
-        top_chord_pos=(chord_pos.ravel()[top_chord] if kf else np.zeros(kind.size, pos_dtype)),
+        top_chord_pos=(o.chord_pos.ravel()[top_chord] if kf
+                       else np.zeros(kind.size, o.chord_pos.dtype)),
         runs_kind=runs_kind,
         runs_len=runs_len,
         kind_power_w=p,
@@ -400,16 +387,58 @@ def prepare(power_w: FloatArray, hashrate_ths: FloatArray, *,
         kind_top=top,
         wake_level=np.ascontiguousarray(wake, dtype=LEVEL),
         wake_w=np.ascontiguousarray(wake_w),
-        chord_pos=np.ascontiguousarray(chord_pos),
+        chord_pos=np.ascontiguousarray(o.chord_pos),
         step_w=np.ascontiguousarray(step_w),
-        curve_pos=np.ascontiguousarray(curve_pos),
+        curve_pos=np.ascontiguousarray(o.curve_pos),
+        neg_slope=o.neg_slope,
+        entry_kind=o.entry_kind,
+        entry_level=o.entry_level,
+        entry_w=o.entry_w,
+        min_entry_w=float(usable.min(initial=math.inf)),
+        wakes_below_vertex=bool(kf and np.any((wake >= 2) & (np.arange(kf) < top[:, None]))),
+        units=units,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    """Every kind's entries in descending slope order: PreparedFleet's fields of that name."""
+
+    chord_pos: PosArray  # (K, k - 1)
+    curve_pos: PosArray  # (K, k - 2)
+    neg_slope: FloatArray  # (M,)
+    entry_kind: IntArray  # (M,)
+    entry_level: IntArray  # (M,)
+    entry_w: FloatArray  # (M,)
+
+
+def _entry_order(chord_slope: FloatArray, curve_slope: FloatArray, wake_w: FloatArray,
+                 step_w: FloatArray) -> _Order:
+    """The wake chords (K, k - 1) and curve steps (K, k - 2) of K kinds, by slope."""
+    n_kinds, kf = chord_slope.shape
+    kc = curve_slope.shape[1]
+    # Entry ids are level-major: chord (f, kind) -> f*K + kind, step (e, kind) ->
+    # K*kf + e*K + kind. A stable sort then breaks slope ties chord first, then by
+    # level, then by kind.
+    keys = np.concatenate([chord_slope.T.ravel(), curve_slope.T.ravel()])
+    total = keys.size
+    pos_dtype = np.int32 if total < 2**31 - 1 else np.int64
+    order = np.argsort(-keys, kind="stable")
+    pos: PosArray = np.empty(total, dtype=pos_dtype)
+    pos[order] = np.arange(total, dtype=pos_dtype)
+    is_chord = order < n_kinds * kf
+    step_id = order - n_kinds * kf
+    entry_kind = np.where(is_chord, order % max(n_kinds, 1), step_id % max(n_kinds, 1))
+    entry_level = np.where(is_chord, -(order // max(n_kinds, 1)) - 1, step_id // n_kinds + 1)
+    entry_w = np.where(is_chord, wake_w.T.ravel()[np.where(is_chord, order, 0)],
+                       step_w.T.ravel()[np.where(is_chord, 0, step_id)] if kc else 0.0)
+    return _Order(
+        chord_pos=pos[: n_kinds * kf].reshape(kf, n_kinds).T,
+        curve_pos=pos[n_kinds * kf :].reshape(kc, n_kinds).T,
         neg_slope=-keys[order],
         entry_kind=entry_kind.astype(np.intp),
         entry_level=entry_level.astype(np.intp),
         entry_w=entry_w.astype(np.float64),
-        min_entry_w=float(usable.min(initial=math.inf)),
-        wakes_below_vertex=bool(kf and np.any((wake >= 2) & (np.arange(kf) < top[:, None]))),
-        units=units,
     )
 
 
@@ -761,8 +790,11 @@ class _Waiting:
 
 
 def _waiting(ctx: _Context, level: LevelArray, c: int) -> _Waiting:
-    """Class c's miners at their next entry: a running miner below its maximum at its
-    next step, a sleeping one that may wake at its wake chord. Two histograms."""
+    """Class c's miners at their next entry, as two histograms.
+
+    A running miner below its maximum waits at its next step, a sleeping one that may
+    wake at its wake chord.
+    """
     fleet, b = ctx.fleet, ctx.b
     n_kinds, k = fleet.kind_power_w.shape
     mine = ctx.in_class(c)
@@ -1159,6 +1191,18 @@ def solve(
     eco = _economics(fleet, price_usd_per_mwh, hashprice_usd_per_ph_day,
                      aux_fraction=aux_fraction, adder_usd_per_mwh=adder_usd_per_mwh,
                      aux_in_cost=aux_in_cost)
+    return _solve_at_price(fleet, b, eco, cap_w=cap_w, floor_w=floor_w, aux1=aux1,
+                           priority=priority)
+
+
+def _solve_at_price(fleet: PreparedFleet, b: Bounds, eco: _Economics, *, cap_w: float,
+                    floor_w: float, aux1: float,
+                    priority: npt.NDArray[np.integer] | None) -> Plan:
+    """:func:`solve` at one price, its economics `eco` known.
+
+    The economic plan if the cap and the floor allow it, else the search under them (by
+    priority class).
+    """
     budget = cap_w / aux1
     econ = levels_at(fleet, b, eco.r0)
     econ_w = fleet.power_at(econ)
@@ -1328,12 +1372,14 @@ def stepped_choice(
     order who sheds under the cap, not what power costs).
 
     Args:
-        fleet, bounds: As for :func:`solve`.
+        fleet: As for :func:`solve`.
         steps: The cost of the miners' site power.
         hashprice_usd_per_ph_day: Revenue of hashrate.
         cap_w: The hard limit, site W incl. aux; the steps are cut there.
-        aux_fraction, aux_in_cost: As for :func:`solve`.
+        bounds: As for :func:`solve`.
+        aux_fraction: As for :func:`solve`.
         floor_w: Site power the plan keeps at least (ramp-down limit), W.
+        aux_in_cost: As for :func:`solve`.
     """
     aux1 = 1.0 + aux_fraction
     paid = aux1 if aux_in_cost else 1.0

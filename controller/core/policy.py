@@ -111,6 +111,7 @@ class PolicyState:
 
     @classmethod
     def initial(cls, n: int, start_level: npt.NDArray[np.integer]) -> PolicyState:
+        """The memory before the first decision: n miners at `start_level`, (n,)."""
         # -inf: nothing has switched yet, so no dwell holds a miner at start.
         return cls(
             level=np.asarray(start_level, dtype=np.intp).copy(),
@@ -453,10 +454,10 @@ def remember(state: PolicyState, plan: Plan, hard: _Hard, cheap_since_s: FloatAr
 
 def stepped_price(fleet: PreparedFleet, market: MarketInputs, hard: _Hard, limits: _Limits,
                   knobs: PolicyKnobs) -> tuple[MarketInputs, tuple[float, float] | None]:
-    """With cost steps: the market at the price of the step the plan belongs on, and that
-    step's site W; the rules that read one price (wake latency, hysteresis) read that one.
+    """The market at the price of the cost step the plan belongs on, and that step's site W.
 
-    Without cost steps the market as it is, and None.
+    The rules that read one price (wake latency, hysteresis) read that one. Without cost
+    steps: the market as it is, and None.
     """
     if market.cost_steps is None:
         return market, None

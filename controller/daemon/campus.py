@@ -189,8 +189,10 @@ class CampusLink:
     def decided(self, picture: CampusPicture, *, market_usd_per_mwh: float,
                 adders_usd_per_mwh: float, poi_limit_w: float | None,
                 planned_w: float) -> None:
-        """Remember a decision's inputs and plan: the readings that follow are weighed
-        against them (a decision at once when the plan no longer fits)."""
+        """Remember a decision's inputs and plan, to weigh the readings that follow against.
+
+        A reading after which the plan no longer fits asks for a decision at once.
+        """
         self._basis = _Basis(market_usd_per_mwh, adders_usd_per_mwh, poi_limit_w, planned_w,
                              picture.cap_w, picture.margin_w)
 

@@ -459,9 +459,12 @@ class Metrics:
         self._gzip: tuple[int, bytes, zlib._Compress] | None = None
 
     def attach(self, collector: SiteCollector | Collector) -> None:
-        """Add a collector: the `SiteCollector` (the snapshot's gauges, rendered once per
-        decision), or another prometheus_client `Collector` with a few series (campus,
-        closed loop), rendered at every scrape with the registry."""
+        """Add a collector to the exposition.
+
+        The `SiteCollector` (the snapshot's gauges) is rendered once per decision; another
+        prometheus_client `Collector` with a few series (campus, closed loop) is rendered
+        at every scrape with the registry.
+        """
         if isinstance(collector, SiteCollector):
             self.site = collector
         else:
@@ -533,9 +536,11 @@ class MetricsServer:
 
     @property
     def port(self) -> int:
+        """The TCP port the endpoint listens on."""
         return int(self.server.server_address[1])
 
     def close(self) -> None:
+        """Stop serving and wait (up to 5 s) for the server thread."""
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)

@@ -21,7 +21,11 @@ log = structlog.get_logger("mineops.systemd")
 
 
 class Notifier:
-    """A datagram socket to systemd's notification socket; sending never raises."""
+    """A datagram socket to systemd's notification socket; sending never raises.
+
+    Args:
+        address: $NOTIFY_SOCKET: a path, or "@name" for the abstract namespace (Linux).
+    """
 
     def __init__(self, address: str) -> None:
         # A leading '@' names a socket in the abstract namespace (Linux).
@@ -47,6 +51,7 @@ class Notifier:
         return True
 
     def close(self) -> None:
+        """Close the notification socket."""
         self._sock.close()
 
 

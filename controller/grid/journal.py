@@ -162,6 +162,9 @@ def journal_problem(path: Path | str) -> str | None:
 class GridJournal:
     """The journal file: queued writes, flushed at once and retried until durable.
 
+    Args:
+        path: The SQLite file (`grid.journal_path`), created with its tables if absent.
+
     Raises:
         JournalError: the file cannot be opened for writing (see `journal_problem`).
     """
@@ -188,6 +191,7 @@ class GridJournal:
         self._logged_at = -float("inf")
 
     def close(self) -> None:
+        """Write what is pending (`flush`), then close the database."""
         self.flush()
         self._db.close()
 

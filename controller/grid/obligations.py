@@ -76,14 +76,17 @@ class GridRules:
 class WallClockGuard:
     """Detects wall-clock steps against the monotonic clock; two views of "now" meanwhile.
 
-    `observe()` returns (wall, carried): the wall clock as read, and the wall clock
-    carried on along the monotonic clock from the last reading before a step (equal to
-    the wall clock when there is none). Which one is right, the controller cannot know
+    `observe()` returns the views: the wall clock as read and, while a step is unresolved,
+    the wall clock carried on along the monotonic clock from the last reading before the
+    step. Which one is right, the controller cannot know
     (NTP correcting a wrong clock, or an operator's mistake), so both are kept until the
     wall clock agrees with the carried one again: an event is in force when either view
     says so and over when both do. A wrong clock then costs curtailment (an event can be
     in force in both timelines), never a missed event. `offset_s` (a metric) says an
     unresolved step is in force.
+
+    Args:
+        tolerance_s: The largest disagreement between the clocks that is not a step, s.
     """
 
     def __init__(self, tolerance_s: float = 2.0) -> None:
@@ -94,6 +97,10 @@ class WallClockGuard:
         self._anchor: tuple[float, float] | None = None  # the last reading before the step
 
     def observe(self, wall_s: float, mono_s: float) -> tuple[float, ...]:
+        """The views of "now" at this reading of both clocks, Unix s.
+
+        (wall,) when no step is unresolved, else (wall, carried) (see the class).
+        """
         if self._last is not None:
             jump = wall_s - (self._last[0] + (mono_s - self._last[1]))
             if abs(jump) > self.tolerance_s:
@@ -129,8 +136,11 @@ class _Reading:
 
 
 def _clocks(now_ts: float | None, now_mono: float | None) -> tuple[float, float]:
-    """(wall, monotonic) now: both read when neither is given; a caller that passes only
-    a wall time (a replay, a test) gets its durations on that same timeline."""
+    """(wall, monotonic) now, s: both read when neither is given.
+
+    A caller that passes only a wall time (a replay, a test) gets its durations on that
+    same timeline.
+    """
     if now_ts is None:
         return time.time(), time.monotonic() if now_mono is None else now_mono
     return now_ts, now_ts if now_mono is None else now_mono

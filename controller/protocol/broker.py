@@ -35,12 +35,18 @@ def find_mosquitto() -> str | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, as the kernel picks one (another process may take it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    """Block until something accepts TCP connections on `host`:`port`.
+
+    Raises:
+        TimeoutError: nothing accepted within `timeout_s` seconds.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -52,7 +58,19 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
 
 
 class LocalBroker:
-    """A broker child process on 127.0.0.1:`port`; `stop()`/`start()` can be repeated."""
+    """A broker child process on 127.0.0.1:`port`; `stop()`/`start()` can be repeated.
+
+    Args:
+        port: The port to listen on; None: a free one (`free_port`).
+        prefer: "auto" (mosquitto if installed, else amqtt), "mosquitto" or "amqtt".
+        persistence: mosquitto only: keep retained messages and sessions across a clean
+            stop or `save()`, as a site's broker does.
+
+    Raises:
+        ValueError: an unknown `prefer`.
+        RuntimeError: "mosquitto" asked for and not installed.
+        MissingExtra: no mosquitto and no amqtt (`mineops[embedded-broker]`).
+    """
 
     def __init__(self, port: int | None = None, *, prefer: str = "auto",
                  persistence: bool = False) -> None:
@@ -97,6 +115,11 @@ class LocalBroker:
         return [sys.executable, "-m", "controller.protocol.broker", "--port", str(self.port)]
 
     def start(self) -> LocalBroker:
+        """Start the broker unless it runs; return once it accepts connections.
+
+        Raises:
+            RuntimeError: it did not listen within 10 s (the message has its log's tail).
+        """
         if self._proc is not None and self._proc.poll() is None:
             return self
         log = (Path(self._dir.name) / "broker.log").open("ab")
@@ -119,7 +142,7 @@ class LocalBroker:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def save(self, timeout_s: float = 5.0) -> None:
-        """mosquitto with persistence: write retained messages and sessions, and wait for it.
+        """Have mosquitto write its retained messages and sessions (SIGUSR1), and wait for it.
 
         Raises:
             RuntimeError: no persistence, or nothing written within `timeout_s`.
@@ -144,6 +167,7 @@ class LocalBroker:
             proc.wait()
 
     def stop(self) -> None:
+        """Stop the broker cleanly (SIGTERM, SIGKILL after 5 s); `start()` brings it back."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -157,10 +181,12 @@ class LocalBroker:
             proc.wait()
 
     def log_tail(self) -> str:
+        """The last 2,000 characters of the broker's own log, for error messages."""
         path = Path(self._dir.name) / "broker.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def close(self) -> None:
+        """Stop the broker and delete its directory (config, log, persistence)."""
         self.stop()
         self._dir.cleanup()
 

@@ -28,7 +28,13 @@ SCHEMA_VERSION = 1
 
 
 class PayloadError(Exception):
-    """A payload that cannot be accepted; `reason` is a fixed metric label."""
+    """A payload that cannot be accepted.
+
+    Args:
+        reason: A fixed metric label (the `reason` of mineops_mqtt_messages_invalid_total),
+            e.g. "bad_json", "out_of_range".
+        detail: What was wrong, for the log.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -45,6 +51,7 @@ class Payload(BaseModel):
     v: Literal[1] = 1  # SCHEMA_VERSION
 
     def encode(self) -> bytes:
+        """The payload as compact JSON, UTF-8, absent (None) fields left out."""
         return self.model_dump_json(exclude_none=True).encode()
 
 
@@ -76,12 +83,14 @@ class MinerReading(BaseModel):
 
 
 class MinerTelemetry(Payload, MinerReading):
-    """mineops/<site>/miner/<id>/telemetry"""
+    """One miner's reading, on mineops/<site>/miner/<id>/telemetry."""
 
     ts: float = Field(ge=0, description="Unix time of the reading, s")
 
 
 class GroupMinerReading(MinerReading):
+    """One miner's reading within a rack's message (GroupTelemetry v1), named by its id."""
+
     id: str = Field(min_length=1, max_length=64)
 
 
@@ -210,6 +219,7 @@ class TelemetryColumns:
 
     @property
     def n(self) -> int:
+        """How many readings (the length of every column)."""
         return len(self.ids)
 
 
@@ -242,7 +252,7 @@ _ENCODER = msgspec.json.Encoder(enc_hook=_numpy_values)
 
 
 def _payload_error(e: msgspec.MsgspecError) -> PayloadError:
-    """msgspec's error as a fixed reason (the same reasons as `decode`)."""
+    """A msgspec error as a PayloadError with a fixed reason (the same reasons as `decode`)."""
     text = str(e)
     if isinstance(e, msgspec.DecodeError) and not isinstance(e, msgspec.ValidationError):
         return PayloadError("bad_json", text)
@@ -373,6 +383,8 @@ class PriceSignal(Payload):
 
 
 class ScheduledPrice(BaseModel):
+    """One interval of a PriceSchedule: its start (Unix time, s) and price, $/MWh."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     start_ts: float = Field(ge=0)
@@ -393,6 +405,7 @@ class PriceSchedule(Payload):
     source: str | None = Field(default=None, max_length=64)
 
     def price_at(self, ts: float) -> float | None:
+        """The price, $/MWh, of the interval holding Unix time `ts`; None outside them all."""
         for p in self.prices:
             if p.start_ts <= ts < p.start_ts + self.interval_s:
                 return p.price_usd_per_mwh
@@ -400,7 +413,7 @@ class PriceSchedule(Payload):
 
 
 class HashpriceSignal(Payload):
-    """mineops/<site>/signal/hashprice"""
+    """Revenue per PH/s per day, $, on mineops/<site>/signal/hashprice (retained)."""
 
     ts: float = Field(ge=0)
     hashprice_usd_per_ph_day: float = Field(gt=0, le=10_000)
@@ -447,6 +460,7 @@ class GridEvent(Payload):
 
     @property
     def met_by_ts(self) -> float:
+        """Unix time, s, by which the target must be met: the deadline, else the start."""
         return self.start_ts if self.deadline_ts is None else self.deadline_ts
 
 
@@ -463,7 +477,7 @@ class Setpoint(BaseModel):
 
 
 class MinerCommand(Payload, Setpoint):
-    """mineops/<site>/miner/<id>/cmd"""
+    """A command to one miner, on mineops/<site>/miner/<id>/cmd (QoS 1, numbered by seq)."""
 
     seq: int = Field(ge=0)
     ts: float = Field(ge=0)
@@ -596,12 +610,16 @@ def encode_fleet(seq: int, ts: float, *, table_sleep: Sequence[bool],
     """The JSON of a compact FleetCommand, built directly (the hot path of a fleet-wide shed).
 
     Args:
-        seq, ts: Sequence number and Unix time of the command.
-        table_sleep, table_power_w: The setpoint table, (k,): entry j is sleep where
-            table_sleep[j], else set_power at table_power_w[j] W.
-        group_names, group_codes: group_setpoints, (g,): each group's table index.
+        seq: Sequence number of the command.
+        ts: Unix time of the command, s.
+        table_sleep: The setpoint table's sleep flags, (k,): entry j is sleep where
+            table_sleep[j], else set_power at table_power_w[j].
+        table_power_w: The setpoint table's power targets, (k,), W.
+        group_names: Groups with one setpoint for all their members, (g,).
+        group_codes: Each of those groups' index into the table, (g,).
         except_ids: Members of those groups the message leaves alone.
-        miner_ids, miner_codes: miner_setpoints, (m,): each miner's table index.
+        miner_ids: Miners with a setpoint of their own, (m,).
+        miner_codes: Each of those miners' index into the table, (m,).
 
     Ids match the config's id pattern (no quotes or escapes), so they are written as they
     are; a test checks that the result decodes to the FleetCommand the model builds.

@@ -1,5 +1,7 @@
 """Every MQTT topic of a site, built and parsed in one place.
 
+Topic, publisher -> subscribers, delivery:
+
     mineops/<site>/miner/<id>/telemetry     miner -> controller     QoS 0
     mineops/<site>/miner/<id>/availability  miner -> all            retained, last will
     mineops/<site>/miner/<id>/cmd           controller -> miner     QoS 1, sequence number
@@ -166,43 +168,54 @@ class SiteTopics:
 
     @property
     def base(self) -> str:
+        """mineops/<site>: the prefix of every topic of the site."""
         return f"{ROOT}/{self.site}"
 
     def miner(self, miner_id: str, leaf: str) -> str:
+        """mineops/<site>/miner/<id>/<leaf>; leaf telemetry, availability or cmd."""
         return f"{self.base}/miner/{miner_id}/{leaf}"
 
     def group(self, group: str, leaf: str) -> str:
+        """mineops/<site>/group/<g>/<leaf>; leaf telemetry, availability, cmd or capabilities."""
         return f"{self.base}/group/{group}/{leaf}"
 
     def meter(self, meter_id: str) -> str:
+        """mineops/<site>/meter/<id>/telemetry: a meter in the project's own format."""
         return f"{self.base}/meter/{meter_id}/telemetry"
 
     @property
     def fleet_cmd(self) -> str:
+        """mineops/<site>/fleet/cmd: site-wide commands (FleetCommand), QoS 1."""
         return f"{self.base}/fleet/cmd"
 
     @property
     def price(self) -> str:
+        """mineops/<site>/signal/price: the real-time price (PriceSignal), retained."""
         return f"{self.base}/signal/price"
 
     @property
     def price_schedule(self) -> str:
+        """mineops/<site>/signal/price_schedule: day-ahead prices (PriceSchedule), retained."""
         return f"{self.base}/signal/price_schedule"
 
     @property
     def hashprice(self) -> str:
+        """mineops/<site>/signal/hashprice: HashpriceSignal, retained."""
         return f"{self.base}/signal/hashprice"
 
     @property
     def grid(self) -> str:
+        """mineops/<site>/signal/grid: grid events (GridEvent), QoS 1, retained."""
         return f"{self.base}/signal/grid"
 
     @property
     def controller_availability(self) -> str:
+        """mineops/<site>/controller/availability: online/offline, retained, the last will."""
         return f"{self.base}/controller/availability"
 
     @property
     def decision(self) -> str:
+        """mineops/<site>/controller/decision: the latest DecisionSummary, retained."""
         return f"{self.base}/controller/decision"
 
     def simulator_subscriptions(self) -> list[str]:

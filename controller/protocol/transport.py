@@ -106,6 +106,7 @@ class IncomingQueue(asyncio.Queue[Incoming]):
         return self.count
 
     def lane_sizes(self) -> list[int]:
+        """Messages queued per lane, most urgent lane first (for metrics and tests)."""
         return [len(lane) for lane in self._lanes]
 
     def _put(self, item: Incoming) -> None:
@@ -251,8 +252,10 @@ class _BufferedSocket:
 
 
 def _tune_client(client: aiomqtt.Client, queue: IncomingQueue) -> bool:
-    """Give the paho client under `client` our reads: a `_BufferedSocket` once it opens a
-    plain TCP socket, and its messages straight into `queue` as (topic, payload).
+    """Give the paho client under `client` our reads and our queue; True if it took.
+
+    paho gets a `_BufferedSocket` once it opens a plain TCP socket, and puts its messages
+    straight into `queue` as (topic, payload).
 
     It reaches into aiomqtt (2.x) and paho (2.x) internals, pinned in pyproject.toml;
     if they are not as expected, nothing changes (a log line says so) and aiomqtt
@@ -291,6 +294,8 @@ def _tune_client(client: aiomqtt.Client, queue: IncomingQueue) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class LastWill:
+    """What the broker publishes for a client that drops without a DISCONNECT (MQTT 3.1.1)."""
+
     topic: str
     payload: bytes
     retain: bool = True
@@ -309,7 +314,21 @@ class LinkStatus:
 
 
 class Transport:
-    """A reconnecting MQTT client; `run()` delivers every message to `handler` until cancelled."""
+    """A reconnecting MQTT client; `run()` delivers every message to `handler` until cancelled.
+
+    Args:
+        broker: Where the broker is and how to log in (`[broker]` of the site file).
+        client_id: The MQTT client id (fixed, for a persistent session).
+        subscriptions: Topic filters subscribed on every connect (QoS 1).
+        will: The last will, set on every connect.
+        on_connect: Awaited after each connect and subscribe (republish retained state).
+        on_disconnect: Called when a connection is lost.
+        on_close: Awaited on a clean stop while still connected (publish "offline").
+        max_queued_messages: Bound of the incoming queue, messages (IncomingQueue).
+        max_queued_bytes: Bound of the incoming queue, payload bytes.
+        persistent_session: Keep the session (subscriptions, QoS 1 messages queued while
+            away) on the broker across reconnects: clean_session false.
+    """
 
     def __init__(
         self,
@@ -380,7 +399,7 @@ class Transport:
         return client
 
     def _new_queue(self, maxsize: int = 0) -> IncomingQueue:
-        """aiomqtt's queue_type: a fresh queue per session, kept for draining and counts."""
+        """A fresh IncomingQueue per session (aiomqtt's queue_type), kept to drain and count."""
         if self._queue is not None:
             self._dropped_before.update(self._queue.dropped)
         self._queue = IncomingQueue(maxsize, max_bytes=self._max_queued_bytes)

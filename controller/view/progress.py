@@ -38,8 +38,14 @@ class JobProgress:
     """A bar for `total` steps: call it with the steps done; it ends itself at `total`.
 
     For a job whose end is reached inside other code (the bridge's first poll): no
-    context to hold open. `enabled` None shows it when `stream` (default stderr) is a
-    terminal; disabled, calling it does nothing.
+    context to hold open.
+
+    Args:
+        label: The text before the bar.
+        total: The steps of the job (negative counts as 0).
+        enabled: Show the bar; None: when `stream` is a terminal. Disabled, calling it
+            does nothing.
+        stream: Where it is drawn; None: stderr.
     """
 
     def __init__(self, label: str, total: int, *, enabled: bool | None = None,
@@ -60,6 +66,7 @@ class JobProgress:
         self._bar.start()
 
     def __call__(self, done: int) -> None:
+        """Show `done` of the total; at the total the bar stops (`close`)."""
         if self._bar is None or self._task is None:
             return
         self._bar.update(self._task, completed=min(done, self.total))

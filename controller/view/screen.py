@@ -24,7 +24,12 @@ from controller.view.site import SiteView
 
 
 class Screen:
-    """The view's output on `out`; a context manager around the live display."""
+    """The view's output on `out`; a context manager around the live display.
+
+    Args:
+        out: Where the view goes: redrawn in place on a terminal, else a line per change.
+        force_terminal: Treat `out` as a terminal (True) or not (False); None: ask it.
+    """
 
     def __init__(self, out: TextIO, *, force_terminal: bool | None = None) -> None:
         self.out = out

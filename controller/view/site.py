@@ -62,10 +62,12 @@ def read_summary(raw: bytes) -> tuple[DecisionSummary, list[str]]:
 
 
 def format_mw(w: float | None) -> str:
+    """A power in W as MW for the view, e.g. "3.54 MW"; None: "unknown"."""
     return "unknown" if w is None else f"{w / 1e6:,.2f} MW"
 
 
 def format_price(usd_per_mwh: float | None) -> str:
+    """A price in $/MWh for the view, e.g. "-$12.50/MWh"; None: "unknown"."""
     if usd_per_mwh is None:
         return "unknown"
     sign = "-" if usd_per_mwh < 0 else ""
@@ -73,6 +75,7 @@ def format_price(usd_per_mwh: float | None) -> str:
 
 
 def format_ago(seconds: float) -> str:
+    """A duration for "... ago": seconds under 90 s, minutes under 90 min, else hours."""
     s = max(0.0, seconds)
     if s < 90:
         return f"{s:.0f} s"
@@ -123,6 +126,7 @@ class SiteView:
         return None if self.summary is None else self.now_wall_s - self.summary.ts
 
     def cap_in_force_w(self) -> float:
+        """The cap in force, W (the site cap where the summary has no other)."""
         s = self.summary
         assert s is not None
         return s.cap_in_force_w if s.cap_in_force_w is not None else s.cap_w
@@ -199,6 +203,7 @@ class SiteView:
                 f"+ adders {format_price(adders)}")
 
     def hashrate_text(self) -> str:
+        """The fleet's hashrate and who reports it, e.g. "12.3 PH/s from 980 reporting ..."."""
         s = self.summary
         assert s is not None
         if s.fleet_hashrate_ths is None:

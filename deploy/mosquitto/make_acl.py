@@ -33,6 +33,10 @@ SERVICE_ACCOUNTS = ("controller", "bridge", "ven", "grid-source", "price-feed", 
 # Above this many per-miner accounts, mosquitto takes seconds to load the file (measured with
 # mosquitto 2.0.11: 5,000 accounts 0.2 s, 20,000 4 s, 100,000 over 3 minutes).
 LARGE_ACL_MINERS = 5000
+# What the fleet's side publishes (miners, or a bridge for them), and the commands it reads.
+FLEET_STATE = ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
+               "group/+/availability", "group/+/capabilities")
+COMMANDS = ("miner/+/cmd", "group/+/cmd", "fleet/cmd")
 
 
 class AclError(ValueError):
@@ -51,6 +55,14 @@ def _group_rights(base: str, groups: Iterable[str],
             yield f"topic read {base}/miner/{m}/cmd"
     # Fleet-wide sheds and large batches go out on this topic alone (controller/actuation.py).
     yield f"topic read {base}/fleet/cmd"
+
+
+def _fleet_side(base: str, writes: Iterable[str]) -> Iterator[str]:
+    """An account that speaks for the fleet: writes `writes`, reads every command topic."""
+    for leaf in writes:
+        yield f"topic write {base}/{leaf}"
+    for leaf in COMMANDS:
+        yield f"topic read {base}/{leaf}"
 
 
 def members_by_group(cfg: SiteConfig) -> dict[str, list[str]]:
@@ -102,27 +114,19 @@ def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False, miners: 
     yield ""
     yield "# The controller: reads the site, alone commands miners and publishes decisions."
     yield "user controller"
-    for leaf in ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
-                 "group/+/availability", "group/+/capabilities", "meter/+/telemetry",
-                 "signal/#"):
+    for leaf in (*FLEET_STATE, "meter/+/telemetry", "signal/#"):
         yield f"topic read {b}/{leaf}"
     for d in vendor:
         for topic in d.subscriptions():
             yield f"topic read {topic}"
-    yield f"topic write {b}/miner/+/cmd"
-    yield f"topic write {b}/group/+/cmd"
-    yield f"topic write {b}/fleet/cmd"
+    for leaf in COMMANDS:
+        yield f"topic write {b}/{leaf}"
     yield f"topic readwrite {b}/controller/#"
     yield ""
     yield "# The site-wide firmware bridge (`mineops bridge`): every group's telemetry and"
     yield "# availability, every command topic, and the fleet topic for fast sheds."
     yield "user bridge"
-    for leaf in ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
-                 "group/+/availability", "group/+/capabilities"):
-        yield f"topic write {b}/{leaf}"
-    yield f"topic read {b}/miner/+/cmd"
-    yield f"topic read {b}/group/+/cmd"
-    yield f"topic read {b}/fleet/cmd"
+    yield from _fleet_side(b, FLEET_STATE)
     for name, served in bridges.items():
         yield ""
         yield f"# Firmware bridge {name!r} (`mineops bridge --groups {','.join(served)}`)."
@@ -161,13 +165,8 @@ def acl_lines(cfg: SiteConfig, *, source: str, simulator: bool = False, miners: 
         yield "# DEMO/TEST ONLY: the simulator plays every miner, meter and the price feed."
         yield "# Never give this account to anything on a real site."
         yield "user simulator"
-        for leaf in ("miner/+/telemetry", "miner/+/availability", "group/+/telemetry",
-                     "group/+/availability", "meter/+/telemetry", "signal/price",
-                     "signal/hashprice"):
-            yield f"topic write {b}/{leaf}"
-        yield f"topic read {b}/miner/+/cmd"
-        yield f"topic read {b}/group/+/cmd"
-        yield f"topic read {b}/fleet/cmd"
+        yield from _fleet_side(b, (*FLEET_STATE[:4], "meter/+/telemetry", "signal/price",
+                                   "signal/hashprice"))
     if racks:
         yield ""
         yield "# Rack bridges log in with user name = group name: their own group only."

@@ -208,6 +208,10 @@ class MinerBridge:
         ))
 
     def on_message(self, topic: str, raw: bytes) -> None:
+        """Queue a command for the bridged miner or group it names (the transport's handler).
+
+        A malformed command is counted and logged, never raised: the bridge keeps running.
+        """
         parsed = self.topics.parse(topic)
         try:
             if parsed.kind is Kind.MINER_CMD:
@@ -438,8 +442,11 @@ class MinerBridge:
         return None
 
     async def _publish_telemetry(self, ts: float) -> None:
-        """Each group's readings as v2 columns; `ts` is when the poll began (the oldest any
-        reading can be: the controller judges staleness by it)."""
+        """Publish each group's readings as v2 columns, in chunks of _TELEMETRY_CHUNK.
+
+        `ts` is when the poll began (the oldest any reading can be: the controller judges
+        staleness by it).
+        """
         for g in self.groups:
             readings = self.telemetry(g)
             for k in range(0, len(readings), _TELEMETRY_CHUNK):

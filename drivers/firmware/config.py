@@ -8,7 +8,14 @@ from typing import Literal
 
 from pydantic import Field, IPvAnyAddress
 
-from controller.config_types import ID_PATTERN, MinerEntry, ModelKey, StrictModel
+from controller.config_types import (
+    ID_PATTERN,
+    FailedPolls,
+    MinerEntry,
+    ModelKey,
+    PollIntervalS,
+    StrictModel,
+)
 
 Firmware = Literal["auto", "luxos", "braiins", "antminer", "whatsminer", "vnish"]
 
@@ -56,14 +63,14 @@ class BridgeConfig(StrictModel):
     miners: list[BridgeMiner | BridgeRange] = Field(
         min_length=1, description="Miners by address ({id, host}) or by group range "
         "({group, first_host})")
-    poll_interval_s: float = Field(default=10.0, ge=0.1, le=3600,
-                                   description="Every miner is read this often, s")
+    poll_interval_s: PollIntervalS = Field(default=10.0,
+                                           description="Every miner is read this often, s")
     concurrency: int = Field(default=256, ge=1, le=10_000,
                              description="Most firmware requests in flight at once")
     timeout_s: float = Field(default=5.0, gt=0, le=120,
                              description="A read or command taking longer has failed, s")
-    offline_after_polls: int = Field(
-        default=3, ge=1, le=1000,
+    offline_after_polls: FailedPolls = Field(
+        default=3,
         description="Failed polls in a row before a miner is announced offline (the "
         "controller then counts it at its maximum power)")
     command_retries: int = Field(default=2, ge=0, le=10,

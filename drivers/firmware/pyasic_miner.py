@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Literal
 
@@ -130,70 +130,26 @@ def reading_from_data(data: MinerData, model: MinerModel) -> FirmwareReading:
         The reading; it never raises for bad values (each becomes None and a `problems`
         entry), so one miner's nonsense never costs its rack-mates their telemetry.
     """
-    problems: list[tuple[str, str]] = []
+    c = _Checks(max_ths=_ABSURD_FACTOR * float(model.hashrate_ths(model.max_w)))
     max_w = _ABSURD_FACTOR * model.max_w
-    max_ths = _ABSURD_FACTOR * float(model.hashrate_ths(model.max_w))
-
-    def number(name: str, value: object, lo: float, hi: float, *,
-               report_missing: bool) -> float | None:
-        if value is None:
-            if report_missing:
-                problems.append((name, "missing"))
-            return None
-        try:
-            x = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            problems.append((name, "out_of_range"))
-            return None
-        if not (math.isfinite(x) and lo <= x <= hi):
-            problems.append((name, "out_of_range"))
-            return None
-        return x
-
-    def ths(name: str, value: object, *, report_missing: bool) -> float | None:
-        try:
-            converted = hashrate_to_ths(value)
-        except (TypeError, ValueError, AttributeError):
-            problems.append((name, "no_unit"))
-            return None
-        return number(name, converted, 0.0, max_ths, report_missing=report_missing)
-
     try:
         total: object = data.hashrate
     except (TypeError, ValueError, AttributeError):  # pyasic's own sum failed on its boards
-        problems.append(("hashrate_ths", "unreadable"))
+        c.problems.append(("hashrate_ths", "unreadable"))
         hashrate = None
     else:
-        hashrate = ths("hashrate_ths", total, report_missing=True)
-
-    # pyasic sets MinerData's fields without validation: expect anything in the lists.
-    boards = list(data.hashboards or [])
-    board_ths = [ths("hashrate_ths", getattr(b, "hashrate", None), report_missing=False)
-                 for b in boards]
-    known_boards = [h for h in board_ths if h is not None]
-    hashboards = sum(1 for h in known_boards if h > 0) if known_boards else None
-    if hashboards is not None and hashboards > MAX_HASHBOARDS:
-        problems.append(("hashboards", "out_of_range"))
-        hashboards = None
-
-    temps = [number("temp_c", getattr(b, "temp", None), *TEMP_RANGE_C, report_missing=False)
-             for b in boards]
-    known_temps = [t for t in temps if t is not None]
-    temp_c = max(known_temps) if known_temps else None
-    if temp_c is None and not any(p[0] == "temp_c" for p in problems):
-        problems.append(("temp_c", "missing"))
-
-    power_w = number("power_w", data.wattage, 0.0, max_w, report_missing=True)
+        hashrate = c.ths("hashrate_ths", total, report_missing=True)
+    hashboards, temp_c = _boards(c, data)
+    power_w = c.number("power_w", data.wattage, 0.0, max_w, report_missing=True)
     if power_w is not None and hashrate and power_w <= sleep_threshold_w(model):
-        problems.append(("power_w", "zero_while_hashing"))
+        c.problems.append(("power_w", "zero_while_hashing"))
         power_w = None
-
-    limit = number("target_w", data.wattage_limit, 0.0, max_w, report_missing=False)
-    speeds = [number("fan_rpm", getattr(f, "speed", None), 0, FAN_MAX_RPM,
-                     report_missing=False)
+    limit = c.number("target_w", data.wattage_limit, 0.0, max_w, report_missing=False)
+    speeds = [c.number("fan_rpm", getattr(f, "speed", None), 0, FAN_MAX_RPM,
+                       report_missing=False)
               for f in data.fans or []]
     known_speeds = [v for v in speeds if v is not None]
-    uptime = number("uptime_s", data.uptime, 0, math.inf, report_missing=False)
+    uptime = c.number("uptime_s", data.uptime, 0, math.inf, report_missing=False)
     return FirmwareReading(
         power_w=power_w,
         hashrate_ths=hashrate,
@@ -202,8 +158,62 @@ def reading_from_data(data: MinerData, model: MinerModel) -> FirmwareReading:
         fan_rpm=round(sum(known_speeds) / len(known_speeds)) if known_speeds else None,
         hashboards=hashboards,
         uptime_s=None if uptime is None else int(uptime),
-        problems=tuple(dict.fromkeys(problems)),
+        problems=tuple(dict.fromkeys(c.problems)),
     )
+
+
+@dataclass(slots=True)
+class _Checks:
+    """One reply's values checked against their bounds; what failed, as (field, reason)."""
+
+    max_ths: float  # the most hashrate that is not absurd, TH/s
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def number(self, name: str, value: object, lo: float, hi: float, *,
+               report_missing: bool) -> float | None:
+        """`value` as a finite float within lo..hi, else None (and a problem)."""
+        if value is None:
+            if report_missing:
+                self.problems.append((name, "missing"))
+            return None
+        try:
+            x = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.problems.append((name, "out_of_range"))
+            return None
+        if not (math.isfinite(x) and lo <= x <= hi):
+            self.problems.append((name, "out_of_range"))
+            return None
+        return x
+
+    def ths(self, name: str, value: object, *, report_missing: bool) -> float | None:
+        """A pyasic hashrate in TH/s within 0..max_ths, else None (and a problem)."""
+        try:
+            converted = hashrate_to_ths(value)
+        except (TypeError, ValueError, AttributeError):
+            self.problems.append((name, "no_unit"))
+            return None
+        return self.number(name, converted, 0.0, self.max_ths, report_missing=report_missing)
+
+
+def _boards(c: _Checks, data: MinerData) -> tuple[int | None, float | None]:
+    """Boards hashing, and the hottest board's temperature, deg C; None: unknown."""
+    # pyasic sets MinerData's fields without validation: expect anything in the lists.
+    boards = list(data.hashboards or [])
+    board_ths = [c.ths("hashrate_ths", getattr(b, "hashrate", None), report_missing=False)
+                 for b in boards]
+    known_boards = [h for h in board_ths if h is not None]
+    hashboards = sum(1 for h in known_boards if h > 0) if known_boards else None
+    if hashboards is not None and hashboards > MAX_HASHBOARDS:
+        c.problems.append(("hashboards", "out_of_range"))
+        hashboards = None
+    temps = [c.number("temp_c", getattr(b, "temp", None), *TEMP_RANGE_C, report_missing=False)
+             for b in boards]
+    known_temps = [t for t in temps if t is not None]
+    temp_c = max(known_temps) if known_temps else None
+    if temp_c is None and not any(p[0] == "temp_c" for p in c.problems):
+        c.problems.append(("temp_c", "missing"))
+    return hashboards, temp_c
 
 
 def pyasic_model_keys(model: MinerModel) -> list[str]:
@@ -216,7 +226,7 @@ def pyasic_model_keys(model: MinerModel) -> list[str]:
 
 
 def pyasic_class(firmware: str, model: MinerModel) -> type | None:
-    """pyasic's own class for `model` under a named firmware; None when it has only a generic one.
+    """The pyasic class for `model` under a named firmware; None when it has only a generic one.
 
     With the generic class pyasic reads what the firmware's API gives without a model
     (LuxOS: power, but no hashboards, so no hashrate; stock: boards in H/s).
@@ -239,6 +249,11 @@ class FirmwareMiner:
 
     pyasic caches a LuxOS session id for the life of its object and never logs on again,
     so the bridge drops this object when the miner restarts or stops answering.
+
+    Args:
+        endpoint: Where the miner is and its firmware (`BridgeConfig.endpoints`).
+        model: Its catalogue model (targets, stock point).
+        timeout_s: The longest a firmware call may take, s (`bridge.timeout_s`).
     """
 
     def __init__(self, endpoint: BridgeEndpoint, model: MinerModel, timeout_s: float) -> None:
@@ -253,6 +268,7 @@ class FirmwareMiner:
 
     @property
     def firmware(self) -> str:
+        """The firmware pyasic identified (e.g. "LuxOS"), else the configured name."""
         fw = getattr(self._miner, "firmware", None)
         return str(getattr(fw, "value", fw) or self.endpoint.firmware)
 
@@ -326,10 +342,20 @@ class FirmwareMiner:
     # -- control ----------------------------------------------------------------------
 
     async def sleep(self) -> None:
+        """Stop hashing (pyasic stop_mining).
+
+        Raises:
+            FirmwareError: the firmware refused, or the call failed or timed out.
+        """
         if not await self._call(self._miner.stop_mining()):
             raise FirmwareError("stop_mining refused")
 
     async def wake(self) -> None:
+        """Resume hashing (pyasic resume_mining).
+
+        Raises:
+            FirmwareError: the firmware refused, or the call failed or timed out.
+        """
         if not await self._call(self._miner.resume_mining()):
             raise FirmwareError("resume_mining refused")
 

@@ -180,6 +180,9 @@ class MeterDriver(ABC, Generic[C]):
     """One meter's driver: which topics it reads, and how a payload becomes a reading.
 
     `C` is the driver's own config table (defined beside it, e.g. `TasmotaMeter`).
+
+    Args:
+        config: The meter's `[[meters]]` table.
     """
 
     name: ClassVar[str]
@@ -249,7 +252,19 @@ def as_number(value: Any, where: str) -> float | None:
     return out
 
 
+def distinct_channels(channels: list[int]) -> list[int]:
+    """A table's channel numbers, sorted (a pydantic validator's body).
+
+    Raises:
+        ValueError: a channel is listed twice.
+    """
+    if len(set(channels)) != len(channels):
+        raise ValueError("a channel is listed twice")
+    return sorted(channels)
+
+
 def mean(values: Sequence[float]) -> float | None:
+    """The arithmetic mean; None for no values (unknown, not zero)."""
     return sum(values) / len(values) if values else None
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from typing_extensions import override
+
 from controller.config_types import MeterBase
 from controller.protocol.payloads import MeterTelemetry, PayloadError, decode
 from controller.protocol.topics import ROOT
@@ -27,15 +29,15 @@ class MineopsDriver(MeterDriver[MineopsMeter]):
 
     name = "mineops"
 
-    def __init__(self, config: MineopsMeter) -> None:
-        super().__init__(config)
-
+    @override
     def subscriptions(self) -> list[str]:
         return []
 
+    @override
     def exact_topics(self) -> list[str]:
         return []
 
+    @override
     def decode(self, topic: str, raw: bytes) -> MeterReading | None:
         msg = decode(MeterTelemetry, raw)
         return MeterReading(
@@ -45,6 +47,7 @@ class MineopsDriver(MeterDriver[MineopsMeter]):
         )
 
     @classmethod
+    @override
     def config_from_topics(cls, topics: Sequence[str]) -> MineopsMeter:
         ids = set()
         for topic in topics:

@@ -35,7 +35,7 @@ def _distinct_meters(meters: list[MeterConfig]) -> list[MeterConfig]:
         if m.id in ids:
             raise ValueError(f"meter id {m.id!r} appears twice")
         ids.add(m.id)
-        source = m.id if isinstance(m, MineopsMeter) else m.source
+        source = m.source
         if source in sources:
             raise ValueError(f"meters {sources[source]!r} and {m.id!r} read the same device "
                              f"({source})")

@@ -39,6 +39,9 @@ class MeterRouter:
     Meters of type `mineops` are left out: the controller reads those on its own
     topic. `claims` runs on every message the controller gets, so it is one dict
     lookup and, for per-value formats (Shelly Gen1), one `str.startswith`.
+
+    Args:
+        meters: The site file's `[[meters]]`.
     """
 
     def __init__(self, meters: Sequence[MeterConfig]) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
+from typing_extensions import override
 
 from controller.config_types import TOPIC_LEVEL_PATTERN, MeterBase
 from controller.protocol.payloads import PayloadError
@@ -32,6 +33,7 @@ from drivers.meters.base import (
     MeterDriver,
     MeterReading,
     combined_power_factor,
+    distinct_channels,
     grid_voltage_frequency,
 )
 
@@ -64,17 +66,20 @@ class ShellyGen1Meter(MeterBase):
     @field_validator("channels")
     @classmethod
     def _distinct_channels(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("a channel is listed twice")
-        return sorted(value)
+        return distinct_channels(value)
 
     @property
+    @override
     def source(self) -> str:
         return f"shellies/{self.device_id}"
 
 
 class ShellyGen1Driver(MeterDriver[ShellyGen1Meter]):
-    """One Shelly Gen1 EM/3EM; merges the per-topic values of its configured channels."""
+    """One Shelly Gen1 EM/3EM; merges the per-topic values of its configured channels.
+
+    Args:
+        config: Its `[[meters]]` table.
+    """
 
     name = "shelly_gen1"
 
@@ -84,15 +89,19 @@ class ShellyGen1Driver(MeterDriver[ShellyGen1Meter]):
         self.channels: tuple[int, ...] = tuple(config.channels)
         self.values: dict[int, dict[str, float]] = {c: {} for c in self.channels}
 
+    @override
     def subscriptions(self) -> list[str]:
         return [f"{self.prefix}+/+"]
 
+    @override
     def exact_topics(self) -> list[str]:
         return []
 
+    @override
     def topic_prefixes(self) -> list[str]:
         return [self.prefix]
 
+    @override
     def decode(self, topic: str, raw: bytes) -> MeterReading | None:
         if not topic.startswith(self.prefix):
             raise PayloadError("unknown_topic", f"not a topic of Shelly {self.config.id}")
@@ -133,6 +142,7 @@ class ShellyGen1Driver(MeterDriver[ShellyGen1Meter]):
         )
 
     @classmethod
+    @override
     def config_from_topics(cls, topics: Sequence[str]) -> ShellyGen1Meter:
         devices, channels = set(), set()
         for topic in topics:

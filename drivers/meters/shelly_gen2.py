@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
+from typing_extensions import override
 
 from controller.config_types import TOPIC_PREFIX_PATTERN, MeterBase
 from controller.protocol.payloads import PayloadError
@@ -49,6 +50,7 @@ from drivers.meters.base import (
     UnknownValue,
     as_number,
     combined_power_factor,
+    distinct_channels,
     grid_voltage_frequency,
     load_json,
     register_sum,
@@ -94,8 +96,11 @@ KINDS = {
 
 
 class ShellyGen2Meter(MeterBase):
-    """A Shelly Gen2/Gen3 meter: em:0 (Pro 3EM, 3EM Gen3 triphase) or em1:N (Pro EM, EM Gen3,
-    3EM monophase)."""
+    """A Shelly Gen2/Gen3 meter: em:0, or em1:N channels.
+
+    em:0 on the Pro 3EM and the 3EM Gen3 (triphase profile); em1:N on the Pro EM, the EM
+    Gen3 and the 3EM in its monophase profile.
+    """
 
     type: Literal["shelly_gen2"]
     prefix: str = Field(
@@ -112,17 +117,20 @@ class ShellyGen2Meter(MeterBase):
     @field_validator("em1_channels")
     @classmethod
     def _distinct_em1_channels(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("a channel is listed twice")
-        return None if value is None else sorted(value)
+        return None if value is None else distinct_channels(value)
 
     @property
+    @override
     def source(self) -> str:
         return f"shelly {self.prefix}"
 
 
 class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
-    """One Shelly Gen2/Gen3 EM device; keeps the last full status of each component it reads."""
+    """One Shelly Gen2/Gen3 EM device; keeps the last full status of each component it reads.
+
+    Args:
+        config: Its `[[meters]]` table.
+    """
 
     name = "shelly_gen2"
 
@@ -139,15 +147,19 @@ class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
         self.rpc_topic = f"{config.prefix}/events/rpc"
         self.status: dict[str, dict[str, float]] = {}
 
+    @override
     def subscriptions(self) -> list[str]:
         return [f"{self.status_prefix}+", self.rpc_topic]
 
+    @override
     def exact_topics(self) -> list[str]:
         return [self.rpc_topic]
 
+    @override
     def topic_prefixes(self) -> list[str]:
         return [self.status_prefix]
 
+    @override
     def decode(self, topic: str, raw: bytes) -> MeterReading | None:
         notes: list[UnknownValue] = []  # malformed fields other than power, left unknown
         if topic == self.rpc_topic:
@@ -242,6 +254,7 @@ class ShellyGen2Driver(MeterDriver[ShellyGen2Meter]):
                             [status.get(f"em1data:{n}") for n in self.em1_channels])
 
     @classmethod
+    @override
     def config_from_topics(cls, topics: Sequence[str]) -> ShellyGen2Meter:
         prefixes, channels = set(), set()
         for topic in topics:

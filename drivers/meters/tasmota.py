@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
+from typing_extensions import override
 
 from controller.config_types import TOPIC_LEVEL_PATTERN, MeterBase
 from controller.protocol.payloads import PayloadError
@@ -79,17 +80,25 @@ class TasmotaMeter(MeterBase):
         return value
 
     def device_topic(self, prefix: str, leaf: str) -> str:
-        """A topic of this device, e.g. device_topic("tele", "SENSOR")."""
+        """A topic of this device: `prefix` (tele, stat, cmnd) and `leaf` in its FullTopic.
+
+        For example ("tele", "SENSOR") gives tele/<topic>/SENSOR with the default FullTopic.
+        """
         full = self.full_topic.replace("%prefix%", prefix).replace("%topic%", self.topic)
         return f"{full.rstrip('/')}/{leaf}"
 
     @property
+    @override
     def source(self) -> str:
         return self.device_topic("tele", "SENSOR")
 
 
 class TasmotaDriver(MeterDriver[TasmotaMeter]):
-    """One Tasmota device."""
+    """One Tasmota device.
+
+    Args:
+        config: Its `[[meters]]` table.
+    """
 
     name = "tasmota"
 
@@ -98,12 +107,15 @@ class TasmotaDriver(MeterDriver[TasmotaMeter]):
         self.sensor_topic = config.device_topic("tele", "SENSOR")
         self.status_topics = tuple(config.device_topic("stat", leaf) for leaf in STATUS_LEAVES)
 
+    @override
     def subscriptions(self) -> list[str]:
         return [self.sensor_topic, *self.status_topics]
 
+    @override
     def exact_topics(self) -> list[str]:
         return self.subscriptions()
 
+    @override
     def decode(self, topic: str, raw: bytes) -> MeterReading | None:
         data = load_json(raw, MAX_BYTES)
         if topic == self.sensor_topic:
@@ -149,6 +161,7 @@ class TasmotaDriver(MeterDriver[TasmotaMeter]):
         ).checked()
 
     @classmethod
+    @override
     def config_from_topics(cls, topics: Sequence[str]) -> TasmotaMeter:
         names = set()
         for topic in topics:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from controller.config_types import ID_PATTERN, StrictModel
+from controller.config_types import ID_PATTERN, FailedPolls, PollIntervalS, StrictModel
 
 # The SunSpec models this driver decodes (drivers/modbus/sunspec.py): AC meters, inverters
 # (the 1xx integer models and the DER AC measurement model of IEEE 1547-2018), storage.
@@ -52,12 +52,12 @@ class ModbusDeviceConfig(StrictModel):
         default=False,
         description="The device's power is signed against its model's convention (a current "
         "transformer mounted backwards; meters that count export as positive)")
-    poll_interval_s: float = Field(default=1.0, ge=0.1, le=3600,
-                                   description="The device is read this often, s")
+    poll_interval_s: PollIntervalS = Field(default=1.0,
+                                           description="The device is read this often, s")
     timeout_s: float = Field(default=1.0, gt=0, le=60,
                              description="A request taking longer has failed, s")
-    unavailable_after_polls: int = Field(
-        default=3, ge=1, le=1000,
+    unavailable_after_polls: FailedPolls = Field(
+        default=3,
         description="Failed polls in a row before the device is reported unavailable (its "
         "role then counts at its worst case)")
 

@@ -123,7 +123,12 @@ class DeviceReading:
 
 
 class PollFailure(Exception):
-    """One failed poll: `reason` is a fixed label (module docstring), `detail` says more."""
+    """One failed poll.
+
+    Args:
+        reason: A fixed label for metrics (listed in the module docstring).
+        detail: What went wrong, for the log.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -144,6 +149,15 @@ class SunSpecPoller:
             scale factor was not implemented, by model point (e.g. "203 Hz").
         chain: The model chain of the last discovery (None before, and after a failure
             that calls for a new one).
+
+    Args:
+        config: The device's `[[campus.modbus]]` entry.
+        role: The campus role it measures (CAMPUS_ROLES): sets the sign of its power and
+            the models read.
+        clock: Unix time source for the readings' timestamps (tests pass their own).
+
+    Raises:
+        ValueError: an unknown role, or soc_model on a device that is not a battery.
     """
 
     def __init__(self, config: ModbusDeviceConfig, role: CampusRole, *,
@@ -197,8 +211,11 @@ class SunSpecPoller:
         return reading
 
     async def readings(self) -> AsyncIterator[DeviceReading]:
-        """Poll every `poll_interval_s` (from the start of one poll to the next) forever,
-        yielding what each poll returns; the connection is closed when the iteration ends."""
+        """Poll every `poll_interval_s` forever, yielding what each poll returns.
+
+        The period runs from the start of one poll to the next; the connection is closed
+        when the iteration ends.
+        """
         loop = asyncio.get_running_loop()
         try:
             while True:

@@ -54,7 +54,11 @@ SUPPORTED_MODELS = frozenset(METER_MODELS + INVERTER_MODELS + STORAGE_MODELS)
 
 
 class SunSpecError(Exception):
-    """A device whose SunSpec map cannot be used; `reason` is a fixed label for metrics.
+    """A device whose SunSpec map cannot be used.
+
+    Args:
+        reason: A fixed label for metrics (below).
+        detail: What was found, for the log.
 
     Reasons: no_sunspec (no marker at any base address), model_missing (the chain lacks
     the model to read), truncated_model (a model's registers end before its length),
@@ -107,6 +111,7 @@ class ModelChain:
         return next((m for m in self.models if m.model_id == model_id), None)
 
     def ids(self) -> list[int]:
+        """The model ids in chain order (a device may repeat one)."""
         return [m.model_id for m in self.models]
 
 
@@ -162,7 +167,7 @@ async def discover(read: RegisterReader, base_addresses: Sequence[int] = BASE_AD
 
 @cache
 def _scale_factor_names(model_id: int) -> Mapping[str, str | int]:
-    """point name -> its scale factor (a sunssf point's name, or a fixed power of ten)."""
+    """Each scaled point's scale factor: a sunssf point's name, or a fixed power of ten."""
     mdef = ss_device.get_model_def(model_id)
     out: dict[str, str | int] = {}
     for p in mdef["group"].get("points", []):
@@ -178,7 +183,7 @@ def _scale_factor_names(model_id: int) -> Mapping[str, str | int]:
 
 @cache
 def _symbols(model_id: int) -> Mapping[str, Mapping[int, str]]:
-    """enum point name -> {value: symbol name} from the model definition."""
+    """Each enum point's {value: symbol name}, from the model definition."""
     mdef = ss_device.get_model_def(model_id)
     return {p["name"]: {int(s["value"]): str(s["name"]) for s in p["symbols"]}
             for p in mdef["group"].get("points", []) if p.get("symbols")}
@@ -205,8 +210,11 @@ class ModelBlock:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def value(self, name: str) -> float | None:
-        """A point's value in its unit (scale factor applied); None if it, or its scale
-        factor, is not implemented, or the scale factor is outside -10..10."""
+        """A point's value in its unit, its scale factor applied.
+
+        None if it, or its scale factor, is not implemented, or the scale factor is
+        outside -10..10.
+        """
         v = self.raw.get(name)
         if v is None or isinstance(v, str):
             return None
@@ -287,8 +295,10 @@ class Measurement:
 
 
 def measurement(block: ModelBlock) -> Measurement:
-    """The quantities mineops uses from one decoded model; implausible values become unknown
-    with a line in `block.problems`."""
+    """The quantities mineops uses from one decoded model.
+
+    Implausible values become unknown, with a line in `block.problems`.
+    """
     b, mid = block, block.model_id
     if mid in METER_MODELS:
         into = b.value("W")

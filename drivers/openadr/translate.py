@@ -225,6 +225,83 @@ def _interval_uids(intervals: list[Any]) -> list[int | str]:
     return [u if isinstance(u, int) else str(u) for u in uids]
 
 
+@dataclass(frozen=True, slots=True)
+class _Event:
+    """What every interval of one event shares."""
+
+    cfg: OpenAdrConfig
+    event_id: str
+    modification: int
+    start_ts: float | None  # the active period's dtstart, Unix s
+    ramp_s: float | None  # x-eiRampUp, s, when usable (0 < ramp <= 1 day)
+    source: str  # GridEvent.source: openadr:<vtn id>
+    now_ts: float
+
+
+def _interval_end(placed: list[_Placed | Skipped], k: int, now_ts: float) -> tuple[float, bool]:
+    """Interval k's end, Unix s, and whether it lasts until cancelled (duration 0)."""
+    where = placed[k]
+    assert isinstance(where, _Placed)
+    if where.duration_s > 0:
+        return where.start_ts + where.duration_s, False
+    # "Until cancelled": up to the next interval when that one has its own start.
+    following = placed[k + 1] if k + 1 < len(placed) else None
+    if isinstance(following, _Placed) and following.own_start \
+            and following.start_ts > where.start_ts:
+        return following.start_ts, False
+    return open_ended_end_ts(where.start_ts, now_ts), True
+
+
+def _interval_event(ctx: _Event, signal: Mapping[str, Any], j: int, k: int, *,
+                    placed: list[_Placed | Skipped], uid: int | str,
+                    skipped: list[Skipped]) -> tuple[GridEvent, bool] | None:
+    """Interval k of signal j as a GridEvent, and whether it lasts until cancelled.
+
+    None when there is nothing to send: it is over already, it sets no obligation
+    (SIMPLE 0, delta 0), or it cannot be translated (the reason is added to `skipped`).
+    A target below `min_target_kw` is noted in `skipped`, and sent only under opt_in
+    "always".
+    """
+    where = placed[k]
+    if isinstance(where, Skipped):
+        skipped.append(Skipped(where.reason, where.detail, j, k))
+        return None
+    start = where.start_ts
+    end, until_cancelled = _interval_end(placed, k, ctx.now_ts)
+    if end <= ctx.now_ts:
+        return None  # over already: nothing to do, nothing wrong
+    interval = signal["intervals"][k]
+    value = _number(interval.get("signal_payload"))
+    if value is None:
+        skipped.append(Skipped("bad_value", f"payload {interval.get('signal_payload')!r}",
+                               j, k))
+        return None
+    target = _interval_target(ctx.cfg, signal, value)
+    if isinstance(target, Skipped):
+        skipped.append(Skipped(target.reason, target.detail, j, k))
+        return None
+    if target is None:
+        return None  # no obligation (SIMPLE 0, delta 0)
+    kind, kw = target
+    if kind == "target_kw" and kw < ctx.cfg.min_target_kw:
+        skipped.append(Skipped("below_min_target",
+                               f"{kw:g} kW < min_target_kw {ctx.cfg.min_target_kw:g}", j, k))
+        if ctx.cfg.opt_in != "always":
+            return None
+    deadline = start
+    if ctx.cfg.deadline_from_ramp_up and ctx.ramp_s is not None and start == ctx.start_ts:
+        deadline = start + min(ctx.ramp_s, end - start)
+    try:
+        event = GridEvent(
+            id=grid_event_id(ctx.event_id, ctx.modification, j, uid), kind=kind, value_kw=kw,
+            start_ts=start, end_ts=end, deadline_ts=deadline, source=ctx.source,
+            version=ctx.modification)
+    except ValidationError as e:
+        skipped.append(Skipped("bad_value", str(e.errors()[0]["msg"]), j, k))
+        return None
+    return event, until_cancelled
+
+
 def translate_event(event: Mapping[str, Any], cfg: OpenAdrConfig, *, vtn_id: str,
                     now_ts: float) -> Translation:
     """Turn one parsed OpenADR event (openleadr's dict) into GridEvents and an opt decision.
@@ -246,9 +323,9 @@ def translate_event(event: Mapping[str, Any], cfg: OpenAdrConfig, *, vtn_id: str
 
     active = event.get("active_period") or {}
     ramp_s = _seconds(active.get("ramp_up", active.get("ramp_up_period")))
-    ramp_s = ramp_s if ramp_s is not None and 0 < ramp_s <= 86_400 else None
-    event_start = _ts(active.get("dtstart"))
-    source = f"openadr:{vtn_id}"[:128]
+    ctx = _Event(cfg, event_id, modification, _ts(active.get("dtstart")),
+                 ramp_s if ramp_s is not None and 0 < ramp_s <= 86_400 else None,
+                 f"openadr:{vtn_id}"[:128], now_ts)
     out: list[GridEvent] = []
     open_ended: set[str] = set()
     skipped: list[Skipped] = []
@@ -261,57 +338,15 @@ def translate_event(event: Mapping[str, Any], cfg: OpenAdrConfig, *, vtn_id: str
         if not isinstance(intervals, list) or not intervals:
             skipped.append(Skipped("bad_signal", "no intervals", j))
             continue
-        placed = _place_intervals(intervals, event_start)
+        placed = _place_intervals(intervals, ctx.start_ts)
         uids = _interval_uids(intervals)
-        for k, (interval, where) in enumerate(zip(intervals, placed, strict=True)):
-            if isinstance(where, Skipped):
-                skipped.append(Skipped(where.reason, where.detail, j, k))
-                continue
-            start = where.start_ts
-            until_cancelled = False
-            if where.duration_s > 0:
-                end = start + where.duration_s
-            else:
-                # "Until cancelled": up to the next interval when that one has its own start.
-                following = placed[k + 1] if k + 1 < len(placed) else None
-                if isinstance(following, _Placed) and following.own_start \
-                        and following.start_ts > start:
-                    end = following.start_ts
-                else:
-                    end, until_cancelled = open_ended_end_ts(start, now_ts), True
-            if end <= now_ts:
-                continue  # over already: nothing to do, nothing wrong
-            value = _number(interval.get("signal_payload"))
-            if value is None:
-                skipped.append(Skipped("bad_value", f"payload {interval.get('signal_payload')!r}",
-                                       j, k))
-                continue
-            target = _interval_target(cfg, signal, value)
-            if isinstance(target, Skipped):
-                skipped.append(Skipped(target.reason, target.detail, j, k))
-                continue
-            if target is None:
-                continue  # no obligation (SIMPLE 0, delta 0)
-            kind, kw = target
-            if kind == "target_kw" and kw < cfg.min_target_kw:
-                skipped.append(Skipped("below_min_target",
-                                       f"{kw:g} kW < min_target_kw {cfg.min_target_kw:g}", j, k))
-                if cfg.opt_in != "always":
-                    continue
-            deadline = start
-            if cfg.deadline_from_ramp_up and ramp_s is not None and start == event_start:
-                deadline = start + min(ramp_s, end - start)
-            try:
-                ge = GridEvent(
-                    id=grid_event_id(event_id, modification, j, uids[k]), kind=kind, value_kw=kw,
-                    start_ts=start, end_ts=end, deadline_ts=deadline, source=source,
-                    version=modification)
-            except ValidationError as e:
-                skipped.append(Skipped("bad_value", str(e.errors()[0]["msg"]), j, k))
-                continue
-            out.append(ge)
-            if until_cancelled:
-                open_ended.add(ge.id)
+        for k in range(len(intervals)):
+            got = _interval_event(ctx, signal, j, k, placed=placed, uid=uids[k],
+                                  skipped=skipped)
+            if got is not None:
+                out.append(got[0])
+                if got[1]:
+                    open_ended.add(got[0].id)
     if cfg.opt_in == "never":
         opt = OPT_OUT
     elif cfg.opt_in == "always":

@@ -60,7 +60,12 @@ log = structlog.get_logger("mineops.openadr")
 
 
 class SitePower:
-    """The latest readings of the site meters; their sum is what the VEN reports."""
+    """The latest readings of the site meters; their sum is what the VEN reports.
+
+    Args:
+        meter_ids: The site meters whose readings count; empty: every meter seen.
+        stale_s: A reading older than this is not reported, s (`openadr.report_stale_s`).
+    """
 
     def __init__(self, meter_ids: list[str], stale_s: float) -> None:
         self.meter_ids = meter_ids  # empty: every meter seen on the topic
@@ -68,6 +73,7 @@ class SitePower:
         self.readings: dict[str, MeterTelemetry] = {}
 
     def update(self, meter_id: str, reading: MeterTelemetry) -> None:
+        """Keep the reading if the meter counts and it is not older than the one held."""
         if self.meter_ids and meter_id not in self.meter_ids:
             return
         last = self.readings.get(meter_id)
@@ -219,9 +225,10 @@ class OpenAdrVen:
         self._cancel([e for e in previous or [] if e.id not in kept], now_ts)
 
     async def on_event(self, event: dict[str, Any]) -> Opt:
-        """openleadr's on_event and on_update_event: translate, publish, answer optIn/optOut.
+        """Handle an event from the VTN: translate, publish, answer optIn/optOut.
 
-        `event` is one parsed event of an oadrDistributeEvent (openleadr's dict).
+        openleadr calls it as on_event and on_update_event; `event` is one parsed event
+        of an oadrDistributeEvent (openleadr's dict).
         """
         now_ts = self.clock()
         try:
@@ -299,7 +306,7 @@ class OpenAdrVen:
 
     async def _after_parse(self, client: _Client, message_type: str,
                            payload: dict[str, Any]) -> None:
-        """openleadr's after_parse_xml hook: every message the VTN sent, before it is acted on.
+        """See every message the VTN sent before it is acted on (after_parse_xml hook).
 
         openleadr logs and swallows what a hook raises; this one logs it under our name.
         """

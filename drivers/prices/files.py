@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from drivers.prices.layouts import Layout, detect
@@ -166,79 +168,28 @@ def load_price_csv(
     """
     zone = get_zone(timezone) if timezone else None
     factor = _unit_factor(unit)
-    wanted = settlement_point.strip().upper() if settlement_point else None
     with open_table(path) as table:
         layout = detect(table)
         pi = _price_column(table, layout, column)
         price_name = table.columns[pi]
         if unit is None:
             _named_unit(table, price_name)
-        point_cols = [i for k in layout.point_keys if (i := table.col(k)) is not None]
-        market_i = table.col(*layout.market_keys) if layout.market_keys else None
-        if wanted is not None and not point_cols:
-            raise PriceFileError(
-                f"{table.where(table.header_line)}: --settlement-point {settlement_point} "
-                f"given but the file has no settlement point or node column "
-                f"(columns: {table.found()})")
-        time_of = layout.time_reader(table)
-        keep = layout.row_filter(table)
-        numbers = NumberReader(table.delimiter)
-        points: Counter[str] = Counter()
-        markets: Counter[str] = Counter()
-        chosen: str | None = None
-        filtered = 0
-        stamps: list[Stamp] = []
-        prices: list[float] = []
-        for row in table.rows():
-            if keep is not None and not keep(row):
-                filtered += 1
-                continue
-            if point_cols:
-                point = row.get(point_cols[0])
-                points[point] += 1
-                if wanted is not None:
-                    if all(row.get(i).upper() != wanted for i in point_cols):
-                        continue
-                    chosen = chosen or point
-                elif chosen is None:
-                    chosen = point
-                elif point != chosen:
-                    continue
-            if market_i is not None:
-                markets[row.get(market_i)] += 1
-            stamps.append(time_of(row))
-            prices.append(numbers.read(row.get(pi), row.line, price_name, str(table.path)))
+        rows = _read_rows(table, layout, pi, settlement_point)
         where = str(table.path)
-        if wanted is not None and not stamps:
-            raise PriceFileError(f"{where}: no rows for settlement point {settlement_point!r}; "
-                                 f"the file has {_listing(points)}")
-        if wanted is None and len(points) > 1:
-            raise PriceFileError(
-                f"{where}: prices for {len(points)} settlement points or nodes "
-                f"({_listing(points)}); choose one with --settlement-point")
-        if len(markets) > 1:
-            raise PriceFileError(f"{where}: rows of {len(markets)} markets ({_listing(markets)})"
-                                 "; split the file, one market (one interval length) each")
         naive_zone_name = zone.key if zone else layout.naive_zone(table)
         by_convention = layout.utc_by_convention(table)
         market_zone = layout.market_zone(table)
-        shown_zone = (zone.key if zone else layout.market_zone(table)
-                      or zone_of_offsets([s.when for s in stamps]) or "UTC")
+        shown_zone = (zone.key if zone else market_zone
+                      or zone_of_offsets([s.when for s in rows.stamps]) or "UTC")
+    stamps = rows.stamps
     if len(stamps) < 2:
         raise PriceFileError(f"{where}: needs at least two intervals, found {len(stamps)}")
     if unit is None:
-        _check_magnitude(prices, [s.line for s in stamps], where)
+        _check_magnitude(rows.prices, [s.line for s in stamps], where)
     assumed_utc = (zone is None and by_convention
                    and any(s.when.tzinfo is None for s in stamps))
     if assumed_utc and market_zone is not None:
-        # mineops' `timestamp` is UTC, the market's own clock is local: either reading is
-        # hours off half the time, so the file has to say which.
-        naive = next(s for s in stamps if s.when.tzinfo is None)
-        raise PriceFileError(
-            f"{where}:{naive.line}: {naive.when:%Y-%m-%d %H:%M} has no UTC offset, and the "
-            f"columns name a market whose clock is {market_zone} (mineops reads a naive "
-            "timestamp as UTC, the market writes its local time): name the times' zone with "
-            f"--timezone ({market_zone} or UTC), or write them with their offset")
+        raise _naive_beside_market(stamps, market_zone, where)
     hint = (" (naive times were read as UTC; if the file is in local time, name its zone "
             "with --timezone)") if assumed_utc else ""
     utc = to_utc_s(stamps, get_zone(naive_zone_name) if naive_zone_name else None, where,
@@ -246,9 +197,105 @@ def load_price_csv(
     start = np.array(utc, dtype=np.float64)
     order = np.argsort(start, kind="stable")
     start = start[order]
-    price = np.array(prices, dtype=np.float64)[order] * factor
+    price = np.array(rows.prices, dtype=np.float64)[order] * factor
     lines = np.array([s.line for s in stamps])[order]
-    shown = ZoneInfo(shown_zone)
+    interval = _regular_interval(start, lines, where, ZoneInfo(shown_zone), hint)
+    if assumed_utc:
+        log.warning("prices_naive_times_read_as_utc", path=where,
+                    why="no --timezone; the generic layout's naive times are UTC")
+    log.info("prices_loaded", path=where, layout=layout.name, column=price_name,
+             location=rows.chosen, intervals=len(start), interval_s=interval,
+             timezone=shown_zone, rows_not_prices=rows.filtered,
+             unit=unit or "usd_per_mwh (checked)")
+    return PriceSeries(start, price, interval, price_name, timezone=shown_zone,
+                       location=rows.chosen)
+
+
+@dataclass(slots=True)
+class _Rows:
+    """The price rows of one settlement point: times and prices as written, file order."""
+
+    stamps: list[Stamp] = field(default_factory=list)
+    prices: list[float] = field(default_factory=list)  # in the file's unit
+    chosen: str | None = None  # the settlement point or node kept (None: no such column)
+    filtered: int = 0  # rows the layout says are not prices (e.g. CAISO's LMP components)
+
+
+def _read_rows(table: Table, layout: Layout, pi: int, settlement_point: str | None) -> _Rows:
+    """Every price row of the settlement point asked for (or of the only one).
+
+    Raises:
+        PriceFileError: a settlement point asked for and no such column or no such rows;
+            several points and none asked for; rows of several markets; a value that
+            cannot be read.
+    """
+    wanted = settlement_point.strip().upper() if settlement_point else None
+    point_cols = [i for k in layout.point_keys if (i := table.col(k)) is not None]
+    market_i = table.col(*layout.market_keys) if layout.market_keys else None
+    if wanted is not None and not point_cols:
+        raise PriceFileError(
+            f"{table.where(table.header_line)}: --settlement-point {settlement_point} "
+            f"given but the file has no settlement point or node column "
+            f"(columns: {table.found()})")
+    time_of = layout.time_reader(table)
+    keep = layout.row_filter(table)
+    numbers = NumberReader(table.delimiter)
+    price_name, where = table.columns[pi], str(table.path)
+    points: Counter[str] = Counter()
+    markets: Counter[str] = Counter()
+    out = _Rows()
+    for row in table.rows():
+        if keep is not None and not keep(row):
+            out.filtered += 1
+            continue
+        if point_cols:
+            point = row.get(point_cols[0])
+            points[point] += 1
+            if wanted is not None:
+                if all(row.get(i).upper() != wanted for i in point_cols):
+                    continue
+                out.chosen = out.chosen or point
+            elif out.chosen is None:
+                out.chosen = point
+            elif point != out.chosen:
+                continue
+        if market_i is not None:
+            markets[row.get(market_i)] += 1
+        out.stamps.append(time_of(row))
+        out.prices.append(numbers.read(row.get(pi), row.line, price_name, where))
+    if wanted is not None and not out.stamps:
+        raise PriceFileError(f"{where}: no rows for settlement point {settlement_point!r}; "
+                             f"the file has {_listing(points)}")
+    if wanted is None and len(points) > 1:
+        raise PriceFileError(
+            f"{where}: prices for {len(points)} settlement points or nodes "
+            f"({_listing(points)}); choose one with --settlement-point")
+    if len(markets) > 1:
+        raise PriceFileError(f"{where}: rows of {len(markets)} markets ({_listing(markets)})"
+                             "; split the file, one market (one interval length) each")
+    return out
+
+
+def _naive_beside_market(stamps: list[Stamp], market_zone: str, where: str) -> PriceFileError:
+    """The error for naive times UTC by convention in a file whose columns name a market."""
+    # mineops' `timestamp` is UTC, the market's own clock is local: either reading is
+    # hours off half the time, so the file has to say which.
+    naive = next(s for s in stamps if s.when.tzinfo is None)
+    return PriceFileError(
+        f"{where}:{naive.line}: {naive.when:%Y-%m-%d %H:%M} has no UTC offset, and the "
+        f"columns name a market whose clock is {market_zone} (mineops reads a naive "
+        "timestamp as UTC, the market writes its local time): name the times' zone with "
+        f"--timezone ({market_zone} or UTC), or write them with their offset")
+
+
+def _regular_interval(start: npt.NDArray[np.float64], lines: npt.NDArray[np.int_],
+                      where: str, shown: ZoneInfo, hint: str) -> float:
+    """The interval of sorted start times (Unix s) on one regular grid, s.
+
+    Raises:
+        PriceFileError: a duplicate start, a gap or a shorter step, naming both lines
+            and the time in `shown`'s zone; `hint` is added to the message.
+    """
     steps = np.diff(start)
     dup = np.flatnonzero(steps == 0)
     if dup.size:
@@ -263,11 +310,4 @@ def load_price_csv(
         raise PriceFileError(
             f"{where}:{lines[i + 1]}: {kind} after {_local(start[i], shown)} (line "
             f"{lines[i]}): step {steps[i]:g} s, expected {interval:g} s{hint}")
-    if assumed_utc:
-        log.warning("prices_naive_times_read_as_utc", path=where,
-                    why="no --timezone; the generic layout's naive times are UTC")
-    log.info("prices_loaded", path=where, layout=layout.name, column=price_name,
-             location=chosen, intervals=len(start), interval_s=interval, timezone=shown_zone,
-             rows_not_prices=filtered, unit=unit or "usd_per_mwh (checked)")
-    return PriceSeries(start, price, interval, price_name, timezone=shown_zone,
-                       location=chosen)
+    return interval

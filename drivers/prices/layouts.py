@@ -12,6 +12,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
+from typing_extensions import override
+
 from drivers.prices.reader import Row, Table
 from drivers.prices.series import PriceFileError
 from drivers.prices.timezones import Stamp, parse_datetime, parse_flag
@@ -77,28 +79,46 @@ def _datetime_reader(table: Table, ti: int, unix_seconds: bool = False) -> TimeR
 
 
 class Layout:
-    """A file layout: subclasses say how to recognise and read it."""
+    """A file layout: subclasses say how to recognise and read it.
+
+    Column keys are normalised names (`Table.keys`: lower case, letters and digits). By
+    default a layout is recognised by its time column, the first of `time_keys` the
+    header has, and reads it as a date and time (`unix_seconds`: or Unix seconds); its
+    naive times are in `naive_tz` and its market's clock is `market_tz`. A layout that
+    needs more overrides the methods.
+    """
 
     name = ""
     title = ""
     price_keys: tuple[str, ...] = ()
     point_keys: tuple[str, ...] = ()
     market_keys: tuple[str, ...] = ()
+    time_keys: tuple[str, ...] = ()  # the time column, in order of preference
+    unix_seconds = False  # the time column may hold Unix seconds as well as dates
+    naive_tz: str | None = None  # the zone of naive times (IANA name); None: unknown
+    market_tz: str | None = None  # the market's own zone (IANA name), for showing times
     expects = ""  # the identifying columns, for the "no time column" error
 
     def matches(self, table: Table) -> bool:
-        raise NotImplementedError
+        """Whether the header has this layout's identifying columns."""
+        return table.col(*self.time_keys) is not None
 
     def time_reader(self, table: Table) -> TimeReader:
-        raise NotImplementedError
+        """A function from a row to its interval's start (`Stamp`), for a matching table.
+
+        The function raises PriceFileError naming the row, column and value it cannot read.
+        """
+        ti = table.col(*self.time_keys)
+        assert ti is not None  # `matches` said so
+        return _datetime_reader(table, ti, unix_seconds=self.unix_seconds)
 
     def naive_zone(self, table: Table) -> str | None:
         """The zone of naive times when the user names none; None: unknown (an error)."""
-        return None
+        return self.naive_tz
 
     def market_zone(self, table: Table) -> str | None:
         """The market's local zone for showing times, when the layout identifies it."""
-        return None
+        return self.market_tz
 
     def utc_by_convention(self, table: Table) -> bool:
         """Whether naive times are UTC by mineops' convention rather than by the file."""
@@ -125,18 +145,15 @@ class ErcotReport(Layout):
     title = "ERCOT settlement point prices (NP6-905-CD real-time, NP4-190-CD day-ahead)"
     price_keys = ("settlementpointprice", "lmp")
     point_keys = ("settlementpointname", "settlementpoint", "busname")
+    naive_tz = market_tz = "America/Chicago"
     expects = "DeliveryDate + DeliveryHour/HourEnding [+ DeliveryInterval]"
 
+    @override
     def matches(self, table: Table) -> bool:
         return (table.col("deliverydate") is not None
                 and table.col("deliveryhour", "hourending") is not None)
 
-    def naive_zone(self, table: Table) -> str | None:
-        return "America/Chicago"
-
-    def market_zone(self, table: Table) -> str | None:
-        return "America/Chicago"
-
+    @override
     def time_reader(self, table: Table) -> TimeReader:
         di = table.col("deliverydate")
         hi = table.col("deliveryhour", "hourending")
@@ -182,22 +199,12 @@ class CaisoOasis(Layout):
     price_keys = ("mw", "value")
     point_keys = ("node", "nodeid", "nodeidxml")
     market_keys = ("marketrunid",)
+    time_keys = ("intervalstarttimegmt",)
+    naive_tz = "UTC"
+    market_tz = "America/Los_Angeles"
     expects = "INTERVALSTARTTIME_GMT"
 
-    def matches(self, table: Table) -> bool:
-        return table.col("intervalstarttimegmt") is not None
-
-    def naive_zone(self, table: Table) -> str | None:
-        return "UTC"
-
-    def market_zone(self, table: Table) -> str | None:
-        return "America/Los_Angeles"
-
-    def time_reader(self, table: Table) -> TimeReader:
-        ti = table.col("intervalstarttimegmt")
-        assert ti is not None
-        return _datetime_reader(table, ti)
-
+    @override
     def row_filter(self, table: Table) -> RowFilter | None:
         ki = table.col("lmptype")
         if ki is not None:
@@ -222,25 +229,16 @@ class PjmDataMiner(Layout):
     title = "PJM Data Miner LMPs (da_hrl_lmps, rt_hrl_lmps, rt_fivemin_hrl_lmps)"
     price_keys = ("totallmprt", "totallmpda", "totallmp")
     point_keys = ("pnodename", "pnodeid")
+    time_keys = ("datetimebeginningutc", "datetimebeginningept")
+    market_tz = "America/New_York"
     expects = "datetime_beginning_utc or datetime_beginning_ept"
 
-    def matches(self, table: Table) -> bool:
-        return table.col("datetimebeginningutc", "datetimebeginningept") is not None
-
-    def _utc(self, table: Table) -> bool:
-        return table.col("datetimebeginningutc") is not None
-
+    @override
     def naive_zone(self, table: Table) -> str | None:
-        return "UTC" if self._utc(table) else "America/New_York"
+        utc = table.col("datetimebeginningutc") is not None
+        return "UTC" if utc else self.market_tz
 
-    def market_zone(self, table: Table) -> str | None:
-        return "America/New_York"
-
-    def time_reader(self, table: Table) -> TimeReader:
-        ti = table.col("datetimebeginningutc", "datetimebeginningept")
-        assert ti is not None
-        return _datetime_reader(table, ti)
-
+    @override
     def row_filter(self, table: Table) -> RowFilter | None:
         ci = table.col("rowiscurrent")
         if ci is None:
@@ -269,15 +267,8 @@ class Gridstatus(Layout):
     price_keys = ("spp", "lmp")
     point_keys = ("location",)
     market_keys = ("market",)
+    time_keys = ("intervalstart",)
     expects = "Interval Start"
-
-    def matches(self, table: Table) -> bool:
-        return table.col("intervalstart") is not None
-
-    def time_reader(self, table: Table) -> TimeReader:
-        ti = table.col("intervalstart")
-        assert ti is not None
-        return _datetime_reader(table, ti)
 
 
 class Generic(Layout):
@@ -298,36 +289,32 @@ class Generic(Layout):
     price_keys = ("priceusdpermwh", "hbsouthrtmsppusdmwh")
     time_keys = ("timestamp", "intervalstartutc", "intervalstartlocal", "time", "datetime",
                  "datetimeutc")
+    unix_seconds = True
     expects = "timestamp (or time, datetime, interval_start_utc, interval_start_local)"
-
-    def matches(self, table: Table) -> bool:
-        return table.col(*self.time_keys) is not None
 
     def _time_key(self, table: Table) -> str:
         ti = table.col(*self.time_keys)
         assert ti is not None
         return table.keys[ti]
 
+    @override
     def naive_zone(self, table: Table) -> str | None:
         key = self._time_key(table)
         if "local" in key:
             return self.market_zone(table)
         return "UTC"
 
+    @override
     def utc_by_convention(self, table: Table) -> bool:
         key = self._time_key(table)
         return "local" not in key and "utc" not in key
 
+    @override
     def market_zone(self, table: Table) -> str | None:
         for pattern, zone in _MARKET_COLUMNS:
             if any(pattern.search(c) for c in table.columns):
                 return zone
         return None
-
-    def time_reader(self, table: Table) -> TimeReader:
-        ti = table.col(*self.time_keys)
-        assert ti is not None
-        return _datetime_reader(table, ti, unix_seconds=True)
 
 
 LAYOUTS: tuple[Layout, ...] = (ErcotReport(), CaisoOasis(), PjmDataMiner(), Gridstatus(),

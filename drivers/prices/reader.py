@@ -69,6 +69,7 @@ class Table:
 
     @property
     def keys(self) -> list[str]:
+        """The columns' normalised names (`normalise`), as layouts look them up."""
         return [normalise(c) for c in self.columns]
 
     def col(self, *keys: str) -> int | None:
@@ -84,9 +85,14 @@ class Table:
         return ", ".join(repr(c) for c in self.columns if c) or "none"
 
     def where(self, line: int | None = None) -> str:
+        """The file, or a line of it, for messages: "prices.csv:12"."""
         return f"{self.path}:{line}" if line is not None else str(self.path)
 
     def rows(self) -> Iterator[Row]:
+        """The data rows, read as iterated (once).
+
+        The iteration raises PriceFileError for bytes or CSV it cannot read.
+        """
         return self._rows
 
 
@@ -221,6 +227,10 @@ class NumberReader:
 
     The first price written with a separator fixes it; a later price that uses the other
     one is an error naming both lines, since "4.857" may be 4.857 or 4,857.
+
+    Args:
+        delimiter: The file's field delimiter: in a comma-separated file a number with a
+            comma alone is refused (thousands or decimal separator, no telling).
     """
 
     def __init__(self, delimiter: str) -> None:
