@@ -89,12 +89,15 @@ class EnergyConfig(StrictModel):
         default=1000.0, ge=-1000, le=100_000,
         description="Price assumed before any price arrives (high: run nothing risky)",
     )
-    # The market's own rules bound what a price feed may say (ERCOT: offer cap $5,000/MWh,
-    # floor -$250/MWh); a price outside is a feed fault, dropped with reason out_of_range.
+    # The market's own rules bound its prices (ERCOT: offer cap $5,000/MWh, floor
+    # -$250/MWh), but settled prices have gone beyond them ($9,000 in February 2021): a
+    # price outside is planned with at the bound (controller.core.prices.PriceBounds).
     price_floor_usd_per_mwh: float = Field(
-        default=-250.0, ge=-100_000, le=0, description="Lowest price accepted from a feed")
+        default=-250.0, ge=-100_000, le=0,
+        description="A lower market price is planned with at this floor")
     price_cap_usd_per_mwh: float = Field(
-        default=5000.0, gt=0, le=100_000, description="Highest price accepted from a feed")
+        default=5000.0, gt=0, le=100_000,
+        description="A higher market price is planned with at this cap (the fleet sleeps)")
 
 
 # The policy's own defaults (PolicyKnobs) are the site file's defaults.

@@ -47,6 +47,7 @@ from drivers.prices import PriceFileError, PriceSeries, load_prices
 from simulators.prices import synthetic_prices
 
 if TYPE_CHECKING:  # the CLI imports this module for add_arguments: the rest when it runs
+    from controller.core.prices import PriceBound
     from controller.daemon.loop import Controller
     from controller.view import SiteView
     from controller.view.screen import Screen
@@ -291,6 +292,16 @@ def _final(c: Controller, sim: SimulatedSite, screen: Screen, *, seconds: float,
         f"miners reporting {seen}/{c.fleet.n}, meter over cap in {over_cap_samples} of "
         f"{samples} samples after settling"
     )
+    energy = c.cfg.energy
+    bounds: tuple[tuple[PriceBound, str, float], ...] = (
+        ("cap", "above", energy.price_cap_usd_per_mwh),
+        ("floor", "below", energy.price_floor_usd_per_mwh))
+    for bound, side, at in bounds:
+        n = c.ingest.prices_clamped.get(bound, 0)
+        if n:
+            screen.write(f"{n} price{'s' if n != 1 else ''} {side} the site's price {bound} "
+                         f"(${at:,.0f}/MWh, [energy] price_{bound}_usd_per_mwh): planned with "
+                         f"at the {bound}")
     if seen < 0.95 * c.fleet.n:
         return DemoResult(False, f"only {seen} of {c.fleet.n} miners reported telemetry")
     if c.decisions == 0:

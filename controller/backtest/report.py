@@ -55,6 +55,7 @@ def text_report(result: BacktestResult) -> str:
         f"value of underclocking ${s['underclocking_value_usd']:,.0f} "
         "(hindsight optimum with power targets minus with on/off only)",
     ]
+    lines += clamped_text(result.prices_clamped, result.price_bounds_usd_per_mwh)
     if "grid_window_cost_usd" in s:
         lines.append(f"grid windows          {s['grid_window_intervals']} intervals, cost "
                      f"${s['grid_window_cost_usd']:,.0f} of mineops profit")
@@ -65,6 +66,27 @@ def text_report(result: BacktestResult) -> str:
                      f"{m['profit_usd']:>14,.0f}{s['strike_usd_per_mwh'][key]:>14,.2f}")
     lines += ["", f"elapsed {s['elapsed_s']:.2f} s ({s['decisions']:,} policy decisions)"]
     return "\n".join(lines)
+
+
+def clamped_text(clamped: dict[str, int], bounds: tuple[float, float] | None, *,
+                 deciders: str = "mineops and on/off") -> list[str]:
+    """A line per bound that prices went beyond (none when every price was within).
+
+    `bounds` is the site's (floor, cap) in $/MWh; `deciders` the strategies that decided
+    on the bounded price.
+    """
+    out = []
+    for bound, i, setting in (("cap", 1, "price_cap"), ("floor", 0, "price_floor")):
+        n = clamped.get(bound, 0)
+        if not n:
+            continue
+        at = "" if bounds is None else f" {usd_text(bounds[i])}/MWh"
+        side = "above" if bound == "cap" else "below"
+        out.append(f"prices {side} the site's {bound}{at} ([energy] {setting}_usd_per_mwh): "
+                   f"{n:,} interval{'s' if n != 1 else ''}; {deciders} decided on "
+                   f"{'them' if n != 1 else 'it'} at the {bound}, as the controller does; "
+                   "every strategy settled at the file's price")
+    return out
 
 
 def write_csv(result: BacktestResult, path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,10 @@ class BacktestResult:
     decisions: int
     elapsed_s: float
     no_window_profit_usd: float | None = None
+    # Intervals whose price was beyond [energy] price_cap/floor_usd_per_mwh: decided on
+    # at that bound, settled at the file's price. {"cap": n, "floor": m}
+    prices_clamped: dict[str, int] = field(default_factory=dict)
+    price_bounds_usd_per_mwh: tuple[float, float] | None = None  # (floor, cap)
 
     @property
     def intervals(self) -> int:
@@ -131,6 +135,8 @@ class BacktestResult:
             },
             "models": self.by_model(),
             "strike_usd_per_mwh": {k: round(v, 2) for k, v in self.strike_usd_per_mwh.items()},
+            "prices_clamped": {"cap": self.prices_clamped.get("cap", 0),
+                               "floor": self.prices_clamped.get("floor", 0)},
         }
         if self.no_window_profit_usd is not None:
             out["grid_window_cost_usd"] = round(

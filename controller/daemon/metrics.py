@@ -441,6 +441,12 @@ class Metrics:
             "Values a vendor meter sent that its applied reading leaves unknown (reason "
             "out_of_range: not physical; channels_disagree: live channels' frequencies "
             "disagree); docs/meters.md", ["meter", "value", "reason"], registry=r)
+        self.price_clamped = Counter(
+            "mineops_price_clamped",
+            "Market prices beyond [energy] price_floor/cap_usd_per_mwh, planned with at that "
+            "bound (bound: cap or floor)", ["bound"], registry=r)
+        for bound in ("cap", "floor"):
+            self.price_clamped.labels(bound)
         self.commands = Counter("mineops_commands_sent", "Miner setpoints sent", registry=r)
         self.command_messages = Counter("mineops_command_messages_sent",
                                         "Command messages published (one per group batch)",
