@@ -340,16 +340,14 @@ class SiteConfig(BaseSettings):
         fleet = f"the fleet's stock draw ({format_kw(fleet_kw)} kW incl. {aux} aux)"
         got = f"power_cap_kw: {format_kw(cap)} kW"
         ratio = cap / fleet_kw
-        if ratio > CAP_UNIT_RATIO:
-            review.errors.append(f"{got} is {ratio:.0f} times {fleet}: looks like W typed as kW "
-                                 f"({format_kw(cap)} W = {format_kw(cap / 1000)} kW)")
-        elif ratio < 1 / CAP_UNIT_RATIO:
-            review.errors.append(f"{got} is 1/{1 / ratio:.0f} of {fleet}: looks like MW typed as "
-                                 f"kW ({format_kw(cap)} MW = {format_kw(cap * 1000)} kW)")
+        slip = unit_slip("power_cap_kw", cap, fleet_kw, fleet)
+        if slip is not None:
+            review.errors.append(slip)
         elif ratio > CAP_FAR_ABOVE_RATIO:
             review.warnings.append(f"{got} is {ratio:.1f} times {fleet}: the cap never binds; "
                                    "is it the site's import limit in kW?")
         smallest_kw = smallest.nominal_w * aux1 / 1000.0
+        review.smallest_miner_kw, review.smallest_model = smallest_kw, smallest.name
         if not review.errors and cap < smallest_kw:
             review.warnings.append(
                 f"{got} is below the smallest miner's stock draw ({format_kw(smallest_kw)} kW "
@@ -397,6 +395,29 @@ class CapReview:
     errors: list[str] = field(default_factory=list)  # "power_cap_kw: why"
     warnings: list[str] = field(default_factory=list)
     cannot_hold: bool = False  # never-curtail load above the cap: the model refuses it
+    smallest_miner_kw: float = 0.0  # the smallest model's stock draw, plus aux
+    smallest_model: str = ""  # its name
+
+
+def unit_slip(name: str, value_kw: float, reference_kw: float, reference: str) -> str | None:
+    """Why a power in kW looks typed in W or MW, or None: more than CAP_UNIT_RATIO times
+    `reference_kw` (W typed as kW) or less than 1/CAP_UNIT_RATIO of it (MW typed as kW).
+
+    `name` is the field or option ("power_cap_kw", "--value-kw"); `reference` says what
+    `reference_kw` is, e.g. "the fleet's stock draw (3860 kW incl. 5 % aux)". A value of
+    0 or less is not judged here (its own check says why).
+    """
+    if value_kw <= 0 or reference_kw <= 0:
+        return None
+    got = f"{name}: {format_kw(value_kw)} kW"
+    ratio = value_kw / reference_kw
+    if ratio > CAP_UNIT_RATIO:
+        return (f"{got} is {ratio:.0f} times {reference}: looks like W typed as kW "
+                f"({format_kw(value_kw)} W = {format_kw(value_kw / 1000)} kW)")
+    if ratio < 1 / CAP_UNIT_RATIO:
+        return (f"{got} is 1/{1 / ratio:.0f} of {reference}: looks like MW typed as kW "
+                f"({format_kw(value_kw)} MW = {format_kw(value_kw * 1000)} kW)")
+    return None
 
 
 def format_kw(value: float) -> str:

@@ -18,9 +18,12 @@ import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
+from controller.site_file import validation_problem
 from drivers.prices import PRICE_UNITS, dataset_help
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -36,6 +39,23 @@ Subparsers = Any  # argparse's _SubParsersAction is private; its add_parser is w
 
 class UsageError(Exception):
     """Something the operator can fix in the command or its configuration (exit 2)."""
+
+
+def invalid_input(e: ValidationError, options: Mapping[str, str] | None = None) -> str:
+    """A pydantic error as one line for an operator: "--value-kw: must be >= 0 (got -5)".
+
+    `options` maps a model's field names to the command-line options that set them
+    (value_kw -> --value-kw), so the message names what the operator typed. Several
+    errors are joined with "; ". The one place the CLI turns a ValidationError into words.
+    """
+    names = options or {}
+    parts = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        named = {**err, "loc": (names[str(loc[0])], *loc[1:])} \
+            if loc and str(loc[0]) in names else err
+        parts.append(validation_problem(named))
+    return "; ".join(parts)
 
 
 class HelpFormatter(argparse.HelpFormatter):
