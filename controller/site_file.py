@@ -198,7 +198,9 @@ def journal_path_problem(path: Path) -> str | None:
 
     The daemon creates missing directories, and SQLite in WAL mode writes `-wal` and `-shm`
     files beside the journal, so the directory must be writable as well as the file.
-    Nothing is created here: check-config must not change the machine it checks.
+    Nothing is left behind: check-config must not change the machine it checks (a missing
+    journal is created as the daemon would create it, then removed with its directories,
+    by `controller.grid.journal.journal_problem`).
     """
     try:
         if path.is_dir():

@@ -325,3 +325,55 @@ def test_run_logs_cap_warnings_at_start(tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 2
     assert '"event": "config_warning"' in err and "12000 kW is 3.1 times" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/proc/self").is_dir(),
+                    reason="needs root on Linux: /proc refuses new files even to root")
+@pytest.mark.parametrize(("journal", "why"), [
+    ("/proc/grid.sqlite3", "/proc/grid.sqlite3: cannot be created here: unable to open "
+                           "database file"),
+    ("/proc/mineops/grid.sqlite3", "/proc/mineops/grid.sqlite3: cannot be created: no such "
+                                   "file or directory (/proc/mineops)"),
+    ("/sys/grid.sqlite3", "/sys/grid.sqlite3: cannot be created here: unable to open database "
+                          "file"),
+])
+def test_a_journal_root_cannot_create_fails_check_config_as_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], journal: str, why: str) -> None:
+    """The reviewer's: /proc passes every permission check for root, yet SQLite cannot
+    create a file there: check-config said ok and `run` stopped at start."""
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), journal))
+    code, out, err = check(f, capsys)
+    assert code == 2 and out == ""
+    assert err == f"mineops: {f}: grid.journal_path: {why}\n"
+    assert main(["run", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mineops: {f}: grid.journal_path: {why}\n" and "Traceback" not in err
+
+
+def test_a_new_journal_is_tried_where_run_creates_it_and_nothing_is_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "state" / "mineops" / "grid.sqlite3"
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), str(journal)))
+    stale_wal = tmp_path / "grid.sqlite3-wal"  # not the checked journal's: left alone
+    stale_wal.write_text("x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, _ = check(f, capsys)
+    assert code == 0 and ": ok: " in out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "check-config left files"
+
+
+def test_a_file_that_is_not_a_journal_fails_check_config_as_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), str(notes)))
+    why = (f"grid.journal_path: {notes}: file is not a database (not an SQLite journal: "
+           "point grid.journal_path at a new file)")
+    code, _, err = check(f, capsys)
+    assert code == 2 and err == f"mineops: {f}: {why}\n"
+    assert main(["run", "--config", str(f)]) == 2
+    assert capsys.readouterr().err == f"mineops: {f}: {why}\n"
+    assert notes.read_text() == "not a database\n" * 100
