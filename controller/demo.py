@@ -245,18 +245,15 @@ class DemoResult:
     why: str
 
 
-def _view(c: Controller, sim: SimulatedSite, tz: ZoneInfo) -> SiteView:
+def _view(c: Controller, tz: ZoneInfo) -> SiteView:
+    """The live view of the summary the controller published, as `mineops top` shows it:
+    the site clock is the one the summary carries (`SiteClock.of_summary`)."""
     from controller.view import SiteClock, SiteView  # noqa: PLC0415
 
-    snap = c.snapshot
-    now = time.time()
-    site_s = sim.site_time_s()
-    clock = (SiteClock.wall(tz) if site_s is None else
-             SiteClock.simulated_at(site_s=site_s, wall_s=now, speed=sim.speed, tz=tz))
     catalogue = load_catalogue()
     return SiteView(
-        site_id=c.cfg.site_id, summary=None if snap is None else snap.summary(), clock=clock,
-        now_wall_s=now, models={k: catalogue.get(k) for k in c.fleet.model_keys},
+        site_id=c.cfg.site_id, summary=c.summary, clock=SiteClock.of_summary(c.summary, tz),
+        now_wall_s=time.time(), models={k: catalogue.get(k) for k in c.fleet.model_keys},
         controller_online=c.transport.connected.is_set() or None)
 
 
@@ -280,7 +277,7 @@ def _final(c: Controller, sim: SimulatedSite, screen: Screen, *, seconds: float,
            over_cap_samples: int, samples: int, interrupted: bool) -> DemoResult:
     now = time.monotonic()
     seen = int((now - c.fleet.last_seen < c.cfg.policy.telemetry_stale_s).sum())
-    view = _view(c, sim, tz)
+    view = _view(c, tz)
     how = "interrupted by Ctrl-C" if interrupted else f"after {seconds:.0f} s"
     screen.final(f"mineops demo: final summary, {how}", view)
     for line in _events_text(c, view):
@@ -353,7 +350,7 @@ async def run_demo(
         PriceFileError: the prices or `start` cannot be used.
         MissingExtra: no mosquitto and no embedded broker installed.
     """
-    from controller.daemon.loop import Controller  # noqa: PLC0415 - see TYPE_CHECKING
+    from controller.daemon.loop import Controller, SiteTime  # noqa: PLC0415 - see TYPE_CHECKING
     from controller.protocol.broker import LocalBroker  # noqa: PLC0415
     from controller.view.screen import Screen  # noqa: PLC0415
     from simulators.campus_modbus import CampusModbus  # noqa: PLC0415
@@ -391,7 +388,8 @@ async def run_demo(
             sim = SimulatedCampus(cfg, campus_sim, modbus=modbus, speed=speed, prices=prices)
         else:
             sim = SimulatedSite(cfg, speed=speed, prices=prices)
-        controller = Controller(cfg)
+        controller = Controller(cfg, site_clock=lambda: SiteTime(
+            sim.site_time_s(), sim.speed, prices.timezone))
         server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         first = prices.local_time(float(prices.start_s[0]))
         screen.write(
@@ -446,7 +444,7 @@ async def run_demo(
 
         async def show() -> None:
             while True:
-                screen.show(_view(controller, sim, tz))
+                screen.show(_view(controller, tz))
                 await asyncio.sleep(0.5 if screen.tty else 1.0)
 
         interrupted = False

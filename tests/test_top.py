@@ -144,3 +144,36 @@ def test_usage_errors() -> None:
     assert r.returncode == 2 and "expected HOST:PORT" in r.stderr
     r = top("--broker", "127.0.0.1:1883", "--site", "x", "--timezone", "Nowhere/Town")
     assert r.returncode == 2 and "unknown time zone 'Nowhere/Town'" in r.stderr
+
+
+async def test_top_of_a_demo_shows_the_demos_site_clock(broker: LocalBroker) -> None:
+    """The reviewer's: the demo showed 2024-08-20 18:08 CDT, `top` of it 2026-11-29 22:23
+    UTC. Both now read the site clock the demo's controller puts in its summary."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller.cli", "demo", "--broker",
+        f"{broker.host}:{broker.port}", "--duration", "30", "--miners", "80",
+        "--metrics-port", "0", "--event-at", "1", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "TZ": "UTC"})
+    try:
+        deadline = time.monotonic() + 40
+        r = None
+        while time.monotonic() < deadline:
+            r = await asyncio.to_thread(top, "--broker", f"{broker.host}:{broker.port}",
+                                        "--site", "demo", "--once", "--wait", "3")
+            if "grid event demo-drill" in r.stdout:
+                break
+            await asyncio.sleep(1.0)
+    finally:
+        async with asyncio.timeout(60):
+            raw_out, raw_err = await proc.communicate()
+    assert r is not None and "grid event demo-drill" in r.stdout, (r and r.stdout + r.stderr)
+    demo_views = [line for line in raw_out.decode().splitlines()
+                  if line.startswith("2024-08-20 ")]
+    assert proc.returncode == 0, raw_err.decode()[-2000:]
+    (line,) = r.stdout.splitlines()
+    # The demo's clock and zone, not this machine's wall clock in UTC.
+    assert line.startswith("2024-08-20 1") and " CDT | site " in line, line
+    shown = line[:19]
+    assert demo_views[0][:19] <= shown <= demo_views[-1][:19], (shown, demo_views)
+    when = line.split("target ", 1)[1]
+    assert " CDT, until " in when and when.split(" by ", 1)[1][:2] in ("17", "18")

@@ -2,7 +2,8 @@
 
 Subscribes to `mineops/<site>/controller/decision` (the `DecisionSummary` the daemon
 retains after every decision) and `mineops/<site>/controller/availability`, and renders
-the same view as `mineops demo` (`controller.view`): the site clock, power against the cap
+the same view as `mineops demo` (`controller.view`): the site clock (the controller's:
+a demo's simulated clock when the summary carries it), power against the cap
 in force and why, the price in force and its parts, hashrate, miners by state and reason.
 Needs only read access to those two topics, so an operator on site can watch
 `mineops run` from a laptop. `--once` prints the current decision and exits.
@@ -52,7 +53,8 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument("--site", metavar="ID", help="site id, with --broker")
     p.add_argument("--timezone", metavar="ZONE",
                    help="show the site clock in this IANA zone, e.g. America/Chicago "
-                   "(default: this machine's)")
+                   "(default: the zone the controller names, a demo's price zone, else this "
+                   "machine's)")
     p.add_argument("--once", action="store_true",
                    help="print the current decision and exit (1 if none arrives in --wait)")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
@@ -113,8 +115,12 @@ def _models(cfg_models: list[str]) -> dict[str, MinerModel]:
 
 async def watch(broker: BrokerConfig, site_id: str, *, tz: tzinfo, out: TextIO,
                 models: dict[str, MinerModel], once: bool = False, wait_s: float = 10.0,
-                stop: asyncio.Event | None = None) -> int:
-    """Show the site's live view on `out` until `stop` is set (or, `once`, one decision)."""
+                stop: asyncio.Event | None = None, tz_given: bool = False) -> int:
+    """Show the site's live view on `out` until `stop` is set (or, `once`, one decision).
+
+    Times are on the controller's site clock (a demo's is simulated), in the zone the
+    summary names unless `tz_given` (--timezone), else in `tz`.
+    """
     from controller.protocol.transport import Transport  # noqa: PLC0415 - aiomqtt when used
     from controller.view.screen import Screen  # noqa: PLC0415
 
@@ -126,7 +132,9 @@ async def watch(broker: BrokerConfig, site_id: str, *, tz: tzinfo, out: TextIO,
     stopping = stop or asyncio.Event()
 
     def view() -> SiteView:
-        return SiteView(site_id, state.summary, SiteClock.wall(tz), time.time(), models=models,
+        # The controller's own site clock (a demo's simulated one), not this machine's.
+        clock = SiteClock.of_summary(state.summary, tz, tz_given=tz_given)
+        return SiteView(site_id, state.summary, clock, time.time(), models=models,
                         controller_online=state.controller_online, source=source)
 
     task = asyncio.create_task(transport.run(make_handler(topics, state)), name="top-mqtt")
@@ -200,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         return await watch(broker, site_id, tz=tz, out=sys.stdout, models=models,
-                           once=args.once, wait_s=args.wait, stop=stop)
+                           once=args.once, wait_s=args.wait, stop=stop,
+                           tz_given=args.timezone is not None)
 
     return asyncio.run(main())
