@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -239,6 +240,14 @@ class DemoEvent:
     id: str = "demo-drill"
 
 
+class MetricsEndpointError(OSError):
+    """The demo's metrics endpoint could not be bound (`host`, `port`; `error` says why)."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.host, self.port, self.error = host, port, error
+
+
 @dataclass
 class DemoResult:
     ok: bool
@@ -254,7 +263,8 @@ def _view(c: Controller, tz: ZoneInfo) -> SiteView:
     return SiteView(
         site_id=c.cfg.site_id, summary=c.summary, clock=SiteClock.of_summary(c.summary, tz),
         now_wall_s=time.time(), models={k: catalogue.get(k) for k in c.fleet.model_keys},
-        controller_online=c.transport.connected.is_set() or None)
+        controller_online=c.transport.connected.is_set() or None,
+        aux_fraction=c.cfg.energy.aux_fraction)
 
 
 def _events_text(c: Controller, view: SiteView) -> list[str]:
@@ -306,6 +316,45 @@ def _final(c: Controller, sim: SimulatedSite, screen: Screen, *, seconds: float,
     return DemoResult(True, "ok")
 
 
+def retained_topics(cfg: SiteConfig) -> list[str]:
+    """What a demo leaves retained on its broker: its racks' availability, the price, the
+    controller's availability and its last decision summary."""
+    from controller.protocol.topics import SiteTopics  # noqa: PLC0415
+
+    t = SiteTopics(cfg.site_id)
+    return [*(t.group(g.name, "availability") for g in cfg.fleet.groups), t.price,
+            t.controller_availability, t.decision]
+
+
+# Clearing is best effort and must fit in the stop's budget (cli.common.STOP_BACKSTOP_S).
+CLEAR_TIMEOUT_S = 3.0
+
+
+async def clear_retained(cfg: SiteConfig, topics: list[str]) -> bool:
+    """Delete the retained messages on `topics` (an empty retained message each, QoS 1).
+
+    On a broker the demo does not own (`--broker`), they would outlive it: a later demo
+    counts another fleet's racks as invalid, `top` shows a site that is gone. Returns
+    whether every topic was cleared within CLEAR_TIMEOUT_S.
+    """
+    from controller.protocol.transport import Transport  # noqa: PLC0415
+
+    transport = Transport(cfg.broker, client_id=f"mineops-demo-clear-{os.getpid()}",
+                          subscriptions=[])
+    task = asyncio.create_task(transport.run(lambda *_: None), name="demo-clear")
+    try:
+        async with asyncio.timeout(CLEAR_TIMEOUT_S):
+            await transport.connected.wait()
+            done = await asyncio.gather(*(transport.publish(t, b"", qos=1, retain=True)
+                                          for t in topics))
+            return all(done)
+    except TimeoutError:
+        return False
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _send_event(c: Controller, sim: SimulatedSite, ev: DemoEvent) -> None:
     """Publish the demo grid event, as a utility's or an operator's would arrive."""
     from controller.protocol.payloads import GridEvent  # noqa: PLC0415
@@ -349,6 +398,7 @@ async def run_demo(
     Raises:
         PriceFileError: the prices or `start` cannot be used.
         MissingExtra: no mosquitto and no embedded broker installed.
+        MetricsEndpointError: the metrics port cannot be bound (in use, mostly).
     """
     from controller.daemon.loop import Controller, SiteTime  # noqa: PLC0415 - see TYPE_CHECKING
     from controller.protocol.broker import LocalBroker  # noqa: PLC0415
@@ -390,7 +440,10 @@ async def run_demo(
             sim = SimulatedSite(cfg, speed=speed, prices=prices)
         controller = Controller(cfg, site_clock=lambda: SiteTime(
             sim.site_time_s(), sim.speed, prices.timezone))
-        server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        try:
+            server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        except OSError as e:  # port in use, mostly: another demo or a daemon on 9108
+            raise MetricsEndpointError(cfg.metrics.host, cfg.metrics.port, e) from None
         first = prices.local_time(float(prices.start_s[0]))
         screen.write(
             f"site: {controller.fleet.n} miners in {len(controller.fleet.groups)} racks, "
@@ -467,6 +520,9 @@ async def run_demo(
             server.close()
             if modbus is not None:
                 await modbus.server.stop()
+            if broker and not await clear_retained(cfg, retained_topics(cfg)):
+                screen.write(f"could not clear the demo's retained messages on {host}:{port_n} "
+                             f"(mineops/{cfg.site_id}/#)")
         return _final(controller, sim, screen, seconds=time.monotonic() - started, tz=tz,
                       over_cap_samples=over_cap, samples=samples, interrupted=interrupted)
     finally:

@@ -155,7 +155,8 @@ def test_demo_shows_the_controller_at_work_and_prints_only_changes() -> None:
 
     assert all(news(a) != news(b) for a, b in itertools.pairwise(views))
     assert len(views) < 24 * 2, "a line per change, not per tick"
-    assert sum(line.startswith("break-even price at stock") for line in out) == 1
+    assert sum(line.startswith("break-even all-in price (market + adders) at stock incl. 5 % "
+                               "aux, at $42.00/PH/day: s19j_pro $56/MWh") for line in out) == 1
     # The grid event: its target and why the cap is there, then the recovery ramp.
     assert any("grid event demo-drill: power target, target" in line for line in views)
     assert any("recovery ramp after a grid obligation ended" in line for line in views)
@@ -244,3 +245,20 @@ def test_demo_plans_with_a_price_beyond_the_cap_at_the_cap(tmp_path: Path) -> No
     assert "0 invalid messages" in r.stdout
     assert ("2 prices above the site's price cap ($5,000/MWh, [energy] "
             "price_cap_usd_per_mwh): planned with at the cap") in r.stdout
+
+
+def test_demo_with_its_metrics_port_taken_names_the_address_and_the_option() -> None:
+    """Was "mineops: [Errno 98] Address already in use", naming neither."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = mineops("demo", "--duration", "5", "--miners", "40", "--metrics-port", str(port),
+                    timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"mineops: metrics endpoint 127.0.0.1:{port}: address already in use (--metrics-port "
+        "PORT for another, 0 for any free one)")
+    assert "Traceback" not in r.stderr

@@ -152,6 +152,23 @@ async def test_a_simulated_controller_publishes_its_site_clock(tmp_path: Path) -
     assert plain.summary is not None and plain.summary.site_ts is None
 
 
+def test_a_broker_out_of_reach_is_said_in_place_of_waiting() -> None:
+    why = "cannot reach the broker: 10.0.0.5:1883: connection refused; retrying"
+    text = render(view(None, link=why))
+    assert why in text and "waiting" not in text
+    assert view(None, link=why).line() == f"demo: {why}"
+    assert "waiting for the first decision on broker" in render(view(None, source="broker x"))
+    # With figures on screen: they are said to be old.
+    assert f"! {why}: figures are old" in render(view(summary(), link=why))
+    out = io.StringIO()
+    screen = Screen(out, force_terminal=False)
+    screen.show(view(None))
+    assert out.getvalue() == "", "nothing to say before the first decision"
+    screen.show(view(None, link=why))
+    screen.show(view(None, link=why))
+    assert out.getvalue() == f"demo: {why}\n", "said once, while it holds"
+
+
 @pytest.mark.parametrize(("source", "why"), [
     ("site", "3.59 MW in force: the site cap"),
     ("recovery", "in force: recovery ramp after a grid obligation ended, rising to the site "
@@ -227,7 +244,8 @@ def test_pipe_gets_a_line_only_when_something_changed() -> None:
                                  market_price_usd_per_mwh=232.0), now_wall_s=T + 7.5))
     lines = out.getvalue().splitlines()
     assert len(lines) == 3, lines
-    assert lines[0].startswith("break-even price at stock"), "once, not every 5 s"
+    assert lines[0].startswith("break-even all-in price (market + adders) at stock"), \
+        "once, not every 5 s"
     assert lines[1].startswith("2024-08-20 18:05:00 CDT | site 2.13 MW / cap 2.15 MW")
     assert "price $240.00/MWh = market $232.00/MWh" in lines[2]
     assert "\x1b" not in out.getvalue(), "no cursor control on a pipe"

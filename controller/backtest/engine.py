@@ -66,6 +66,7 @@ import numpy.typing as npt
 from controller.backtest.classes import FleetClasses
 from controller.backtest.result import BacktestResult, Series, Settings
 from controller.backtest.windows import Window, window_caps
+from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.config_types import PolicyKnobs
 from controller.core.optimizer import (
@@ -378,7 +379,7 @@ def run_backtest(
             progress=None)
         no_window = float(_settle(nw, price, interval_s, settings).profit_usd.sum())
 
-    strike = _strikes(stock, settings)
+    strike = _strikes(classes, settings)
     return BacktestResult(
         settings=settings, classes=classes, start_s=start_s, interval_s=interval_s,
         price_usd_per_mwh=price, decision_price_usd_per_mwh=decision_price, cap_w=cap,
@@ -463,17 +464,14 @@ def _settle(x: _Totals, price: FloatArray, interval_s: float, st: Settings) -> S
     )
 
 
-def _strikes(stock: _Table, st: Settings) -> dict[str, float]:
-    """Market price below which each model's stock operation pays (the on/off rule)."""
-    c = stock.classes
-    value = usd_per_ths_hour(st.hashprice_usd_per_ph_day)
-    aux1 = 1.0 + st.aux_fraction if st.knobs.aux_in_energy_cost else 1.0
-    out: dict[str, float] = {}
-    for j, key in enumerate(c.model_keys):
-        dh = stock.points_ths[j, 1] - stock.points_ths[j, 0]
-        dp = stock.points_w[j, 1] - stock.points_w[j, 0]
-        out[key] = value * dh / dp * 1e6 / aux1 - st.adder_usd_per_mwh
-    return out
+def _strikes(classes: FleetClasses, st: Settings) -> dict[str, float]:
+    """Each model's break-even as a market price (the on/off rule's strike): the
+    catalogue's all-in break-even at stock (`MinerModel.breakeven_usd_per_mwh`, the one
+    every view shows) less the adders."""
+    catalogue = load_catalogue()
+    return {key: catalogue.get(key).breakeven_usd_per_mwh(
+        st.hashprice_usd_per_ph_day, aux_fraction=st.paid_aux_fraction)
+        - st.adder_usd_per_mwh for key in dict.fromkeys(classes.model_keys)}
 
 
 # -- mineops: decide() through time --------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.backtest.result import STRATEGIES, BacktestResult
+from controller.catalogue import breakeven_label
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -60,10 +61,15 @@ def text_report(result: BacktestResult) -> str:
         lines.append(f"grid windows          {s['grid_window_intervals']} intervals, cost "
                      f"${s['grid_window_cost_usd']:,.0f} of mineops profit")
     lines += ["", f"{'model (mineops)':<16}{'miners':>8}{'MWh':>11}{'profit $':>14}"
-              f"{'strike $/MWh':>14}"]
+              f"{'break-even $/MWh':>18}{'on/off strike':>15}"]
     for key, m in s["models"].items():
         lines.append(f"{key:<16}{m['miners']:>8,}{m['energy_mwh']:>11,.1f}"
-                     f"{m['profit_usd']:>14,.0f}{s['strike_usd_per_mwh'][key]:>14,.2f}")
+                     f"{m['profit_usd']:>14,.0f}{s['breakeven_usd_per_mwh'][key]:>18,.2f}"
+                     f"{s['strike_usd_per_mwh'][key]:>15,.2f}")
+    st = result.settings
+    lines += [f"{breakeven_label(st.hashprice_usd_per_ph_day, st.paid_aux_fraction)}; "
+              f"on/off strike: that less the {usd_text(st.adder_usd_per_mwh)}/MWh adders, the "
+              "market price the on/off rule switches at"]
     lines += ["", f"elapsed {s['elapsed_s']:.2f} s ({s['decisions']:,} policy decisions)"]
     return "\n".join(lines)
 
@@ -228,9 +234,12 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     # dashed lines within a factor of three of each other hide the prices.
     band = (strikes[0][1], strikes[-1][1]) if strikes else None
     if band is not None:
+        st = result.settings
+        named = breakeven_label(st.hashprice_usd_per_ph_day, st.paid_aux_fraction,
+                                less_adders_usd_per_mwh=st.adder_usd_per_mwh)
         ax_p.axhspan(*band, color="C2", alpha=0.15, lw=0,
-                     label=_tex(f"break-even market prices, {usd_text(band[0])} "
-                                f"({strikes[0][0]}) to {usd_text(band[1])} ({strikes[-1][0]})"))
+                     label=_tex(f"{usd_text(band[0])} ({strikes[0][0]}) to "
+                                f"{usd_text(band[1])} ({strikes[-1][0]}): {named}"))
     ax_p.set_yscale("symlog", linthresh=100.0)
     ax_p.set_ylim(bottom=min(0.0, min(day_mean, default=0.0)))
     ax_p.yaxis.set_major_formatter(dollars)

@@ -29,6 +29,11 @@ class Settings:
     headroom_fraction: float
     knobs: PolicyKnobs
 
+    @property
+    def paid_aux_fraction(self) -> float:
+        """The aux fraction the energy cost counts (0 when the knobs leave aux unpaid)."""
+        return self.aux_fraction if self.knobs.aux_in_energy_cost else 0.0
+
     @classmethod
     def from_config(
         cls, cfg: SiteConfig, *, hashprice: float | None = None, adder: float | None = None,
@@ -75,7 +80,9 @@ class BacktestResult:
     cap_w: FloatArray  # planning cap per interval (after headroom)
     grid_window: npt.NDArray[np.bool_]
     series: dict[str, Series]
-    strike_usd_per_mwh: dict[str, float]  # on/off break-even market price per model
+    # Per model, the catalogue's break-even all-in price at stock less the adders: the
+    # market price the on/off rule switches at.
+    strike_usd_per_mwh: dict[str, float]
     decisions: int
     elapsed_s: float
     no_window_profit_usd: float | None = None
@@ -135,6 +142,9 @@ class BacktestResult:
             },
             "models": self.by_model(),
             "strike_usd_per_mwh": {k: round(v, 2) for k, v in self.strike_usd_per_mwh.items()},
+            "breakeven_usd_per_mwh": {
+                k: round(v + self.settings.adder_usd_per_mwh, 2)
+                for k, v in self.strike_usd_per_mwh.items()},
             "prices_clamped": {"cap": self.prices_clamped.get("cap", 0),
                                "floor": self.prices_clamped.get("floor", 0)},
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import errno
 import faulthandler
 import os
 import signal
@@ -39,6 +40,20 @@ Subparsers = Any  # argparse's _SubParsersAction is private; its add_parser is w
 
 class UsageError(Exception):
     """Something the operator can fix in the command or its configuration (exit 2)."""
+
+
+def endpoint_problem(e: OSError, host: str, port: int, *, in_use_hint: str,
+                     other_hint: str) -> UsageError:
+    """A listening socket that could not be bound, in one line naming the address and the
+    option that moves it: "metrics endpoint 127.0.0.1:9108: address already in use (...)".
+
+    `in_use_hint` is said when the port is taken, `other_hint` otherwise (not an address
+    of this host, a privileged port, ...).
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    why = (e.strerror or str(e)).lower()
+    hint = in_use_hint if e.errno == errno.EADDRINUSE else other_hint
+    return UsageError(f"metrics endpoint {where}: {why} ({hint})")
 
 
 def invalid_input(e: ValidationError, options: Mapping[str, str] | None = None) -> str:

@@ -181,7 +181,7 @@ class Controller:
             site_id=cfg.site_id, fleet=self.fleet, per_miner=cfg.metrics.per_miner,
             stale_s=pc.telemetry_stale_s, snapshot=lambda: self.snapshot,
             energy=self.metrics.energy, link=self.transport.status,
-            per_group=cfg.metrics.per_group,
+            per_group=cfg.metrics.per_group, aux_fraction=cfg.energy.aux_fraction,
         ))
         if self.campus is not None:
             self.metrics.attach(CampusCollector(link=self.campus, snapshot=lambda: self.snapshot))
