@@ -269,13 +269,14 @@ def _view(c: Controller, tz: ZoneInfo) -> SiteView:
 
 def _events_text(c: Controller, view: SiteView) -> list[str]:
     """One line per grid event of the run: its terms on the site clock, and its standing."""
+    from controller.view.site import event_terms  # noqa: PLC0415
 
     now = time.time()
     lines = []
     for r in c.grid.journal.rows():
         p = r.payload
         value = p.get("value_kw")
-        terms = r.kind if value is None else f"{r.kind} {float(value) / 1000:.2f} MW"
+        terms = event_terms(r.kind, None if value is None else float(value) * 1000.0)
         if "end_ts" in p:
             start, end = view.clock.at(p["start_ts"]), view.clock.at(p["end_ts"])
             terms += f" from {start:%H:%M} to {end:%H:%M %Z}"

@@ -492,3 +492,50 @@ def test_cli_refuses_prices_no_market_has(tmp_path: Path, capsys: pytest.Capture
                  "--progress", "off"])
     err = capsys.readouterr().err
     assert code == 2 and why in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("row", "note"), [
+    # The reviewer's: an hour on the clock, two hours of real time across the fall-back.
+    ("2024-11-03 01:00,2024-11-03 02:00", "line 2: start 2024-11-03 01:00 occurs twice and "
+     "is read as its first pass (CDT); it spans the change from CDT to CST: 2 h of real "
+     "time, not the 1 h its clock times differ by (naive times on America/Chicago's clock"),
+    ("2024-11-03 00:30,2024-11-03 01:30", "line 2: end 2024-11-03 01:30 occurs twice and is "
+     "read as its first pass (CDT) (naive"),
+    ("2024-03-10 01:00,2024-03-10 04:00", "line 2: it spans the change from CST to CDT: 2 h "
+     "of real time, not the 3 h its clock times differ by"),
+    ("2024-03-10 02:30,2024-03-10 04:00", "line 2: start 2024-03-10 02:30 does not exist (the "
+     "clocks skip it) and is read as 03:30 CDT; it spans a daylight-saving change: 0.5 h"),
+    ("2024-11-02 01:00,2024-11-02 02:00", ""),
+    ("2024-11-03T01:00-06:00,2024-11-03T02:00-06:00", ""),
+    ("1730613600,1730617200", ""),
+])
+def test_naive_windows_across_a_clock_change_say_how_they_are_read(
+        tmp_path: Path, row: str, note: str) -> None:
+    f = tmp_path / "w.csv"
+    f.write_text(f"start,end,cap_kw\n{row},100\n")
+    from zoneinfo import ZoneInfo  # noqa: PLC0415
+
+    (w,) = load_windows(f, naive_tz=ZoneInfo("America/Chicago"))
+    if not note:
+        assert w.note == ""
+    else:
+        assert w.note.startswith(f"{f}: {note}"), w.note
+        assert w.note.endswith("write them with their UTC offset, e.g. 2024-11-03T01:00-06:00, "
+                               "to mean otherwise)")
+
+
+def test_cli_reports_a_window_that_spans_a_clock_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prices = tmp_path / "p.csv"
+    rows = [f"{1730437200 + 900 * i},{30 + 10 * math.sin(i / 9):.2f}" for i in range(4 * 96)]
+    prices.write_text("timestamp,price_usd_per_mwh\n" + "\n".join(rows) + "\n")
+    windows = tmp_path / "w.csv"
+    windows.write_text("start,end,cap_kw\n2024-11-03 01:00,2024-11-03 02:00,20\n")
+    code = main(["backtest", "--config", str(write_site(tmp_path)), "--prices", str(prices),
+                 "--timezone", "America/Chicago", "--windows", str(windows),
+                 "--progress", "off"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (f"mineops: warning: --windows {windows}: line 2: start 2024-11-03 01:00 occurs "
+            "twice") in err
+    assert "grid windows          8 intervals" in out, "two real hours: eight intervals"

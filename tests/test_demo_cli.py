@@ -166,7 +166,7 @@ def test_demo_shows_the_controller_at_work_and_prints_only_changes() -> None:
     title = next(i for i, line in enumerate(out)
                  if line.startswith("== mineops demo: final summary, after 2"))
     final = out[title + 1:]
-    assert any(line.startswith("grid event demo-drill (target_kw ") and
+    assert any(line.startswith("grid event demo-drill (target ") and " MW from " in line and
                line.endswith(": complied") for line in final), final
     assert "miners reporting 300/300" in r.stdout
     assert "over cap in 0 of" in r.stdout

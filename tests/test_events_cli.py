@@ -93,7 +93,8 @@ def test_export_and_list_before_the_first_event(tmp_path: Path,
     assert out.splitlines() == [",".join(
         ["id", "kind", "status", "compliance", "source", "received", "start", "end", "deadline",
          "notice_s", "value_kw", "baseline_kw", "target_kw", "reached", "time_to_target_s",
-         "curtailed_kwh", "samples_after_deadline", "violations", "complied"])]
+         "curtailed_kwh", "samples_after_deadline", "samples_without_meter", "violations",
+         "complied"])]
     code, out, _ = cli(capsys, "export", "--config", str(site), "--format", "json")
     assert code == 0 and json.loads(out) == []
     code, out, _ = cli(capsys, "list", "--config", str(site))
@@ -156,6 +157,9 @@ def test_running_event_is_in_progress_not_failed(tmp_path: Path,
     assert lines["running"].endswith(": in progress")
     assert "complied False" not in out
     assert "target 50 kW" in lines["running"]
+    # The standing is said once: not "scheduled ... : scheduled".
+    assert lines["later"].split()[2] == "scheduled" and lines["later"].count("scheduled") == 1
+    assert lines["later"].endswith(f"to {iso(now + 7200)}")
 
 
 def test_times_are_iso_8601_with_their_offset(tmp_path: Path,
@@ -379,3 +383,32 @@ async def test_cancel_resends_the_journaled_event_and_keeps_its_record(
     assert r.returncode == 0
     assert r.stdout == "c-1 is already cancelled; nothing sent\n"
     assert "--kind and --value-kw are not used by cancel" in r.stderr
+
+
+def run_event_unmetered(g: GridObligations, ev: GridEvent, *, received: float,
+                        until: float, step: float = 10.0) -> None:
+    g.accept(ev, received)
+    t = received
+    while t <= until:
+        g.obligation(t, None, CAP_W)
+        t += step
+
+
+def test_export_counts_the_samples_without_a_meter_reading(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "grid.db"
+    g = obligations(journal)
+    run_event_unmetered(g, event("dark", T0 + 600, T0 + 1200), received=T0, until=T0 + 1300)
+    run_event(g, event("lit", T0 + 2000, T0 + 2600), received=T0 + 1300, meter_w=40_000.0,
+              until=T0 + 2700)
+    g.journal.close()
+    site = site_file(tmp_path, journal)
+    rows = export_csv(capsys, site)
+    dark, lit = rows["dark"], rows["lit"]
+    assert int(dark["samples_without_meter"]) > 0
+    assert dark["samples_after_deadline"] == "0"
+    assert dark["compliance"] == "not judged: no meter samples after the deadline"
+    assert lit["samples_without_meter"] == "0" and int(lit["samples_after_deadline"]) > 0
+    code, out, _ = cli(capsys, "export", "--config", str(site), "--format", "json")
+    recs = {r["id"]: r for r in json.loads(out)}
+    assert recs["dark"]["samples_without_meter"] == int(dark["samples_without_meter"])

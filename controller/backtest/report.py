@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,13 @@ def write_png(result: BacktestResult, path: Path, *, timezone: str = "UTC",
     plt.close(fig)
 
 
+def zone_label(timezone: str, when: list[datetime]) -> str:
+    """The zone of an axis: its name and the abbreviations its times are in, in order,
+    e.g. "America/Chicago (CDT/CST)" for a span across the fall-back."""
+    names = list(dict.fromkeys(w.strftime("%Z") for w in when))
+    return f"{timezone} ({'/'.join(names)})" if names else timezone
+
+
 def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) -> Any:
     """A matplotlib Figure: the whole period, and the most expensive days up close.
 
@@ -208,7 +216,7 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     when = [datetime.fromtimestamp(float(x), UTC).astimezone(tz) for x in result.start_s]
     # Matplotlib's date numbers (days): plain floats for every x below.
     t = np.asarray(mdates.date2num(when), dtype=np.float64)  # type: ignore[no-untyped-call]
-    zone_name = f"{timezone} ({when[0]:%Z})" if when else timezone
+    zone_name = zone_label(timezone, when)
     dollars = FuncFormatter(lambda x, _p: _tex(usd_text(x)))
     price = result.price_usd_per_mwh
     ser = result.series
@@ -239,24 +247,30 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
                                 less_adders_usd_per_mwh=st.adder_usd_per_mwh)
         ax_p.axhspan(*band, color="C2", alpha=0.15, lw=0,
                      label=_tex(f"{usd_text(band[0])} ({strikes[0][0]}) to "
-                                f"{usd_text(band[1])} ({strikes[-1][0]}): {named}"))
+                                f"{usd_text(band[1])} ({strikes[-1][0]}):\n"
+                                + textwrap.fill(named, 34, break_on_hyphens=False)))
     ax_p.set_yscale("symlog", linthresh=100.0)
     ax_p.set_ylim(bottom=min(0.0, min(day_mean, default=0.0)))
     ax_p.yaxis.set_major_formatter(dollars)
     zoomed = expensive_days(result, tz, n_zoom)
     shade = ax_p.get_xaxis_transform()
     placed: list[float] = []
+    span_days = max(t[-1] - t[0], 1.0) if t.size else 1.0
     for rank, d in enumerate(zoomed, 1):
         x = day_start[order.index(d)]
         ax_p.axvspan(x, x + 1.0, color="gold", alpha=0.5, lw=0)
-        # Neighbouring days (a heat wave's) get their labels stacked, not overprinted.
-        level = sum(abs(x - other) < 4.0 for other in placed)
+        # Inside the axes, under its top edge: above it they ran into the title. Days
+        # closer than a label's width (a heat wave's) get their labels stacked down.
+        level = sum(abs(x - other) < span_days / 40.0 for other in placed)
         placed.append(x)
-        ax_p.text(x + 0.5, 1.01 + 0.07 * level, f"#{rank}", transform=shade,
-                  fontsize=7, ha="center", va="bottom")
+        ax_p.text(x + 0.5, 0.97 - 0.09 * level, f"#{rank}", transform=shade, fontsize=8,
+                  ha="center", va="top",
+                  bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                        "alpha": 0.8})
     ax_p.set_title(_tex("market price per day, $/MWh (shaded: the most expensive days, "
-                        "shown below)"), fontsize=10, pad=30)
-    ax_p.legend(fontsize=8, ncol=3, loc="upper left")
+                        "shown below)"), fontsize=10)
+    # Beside the axes, not on them: no legend can cover a line it explains.
+    ax_p.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
     # -- the whole period: the gap to the optimum ----------------------------------------
     for name, color in (("mineops", "C0"), ("onoff", "C1"), ("always_on", "C3")):
@@ -272,12 +286,20 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     ax_g.set_title(_tex("cumulative profit below the hindsight optimum, % (log scale, "
                         f"0.01 % = level with it); optimum {usd_text(opt_total)} over the "
                         "period"), fontsize=10)
-    ax_g.legend(fontsize=8, loc="upper right")
+    ax_g.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_g.xaxis_date(tz)
-    ax_g.xaxis.set_major_formatter(
-        mdates.DateFormatter("%b %d", tz=tz))  # type: ignore[no-untyped-call]
+    # matplotlib's concise dates: each date once, then the hours between (a short period
+    # ticked "%b %d" every few hours repeated its dates).
+    locator = mdates.AutoDateLocator(tz=tz)  # type: ignore[no-untyped-call]
+    ax_g.xaxis.set_major_locator(locator)
+    concise = mdates.ConciseDateFormatter(locator, tz=tz)  # type: ignore[no-untyped-call]
+    # The year and month beside the axis; the default's full date under hourly ticks
+    # read as if the period ended that day.
+    concise.offset_formats = ["", "%Y", "%Y", "%Y-%b", "%Y-%b-%d", "%Y-%b-%d %H:%M"]
+    ax_g.xaxis.set_major_formatter(concise)
     ax_g.set_xlabel(f"date, {zone_name}")
     plt.setp(ax_p.get_xticklabels(), visible=False)
+    ax_p.xaxis.get_offset_text().set_visible(False)
 
     # -- the most expensive days up close -----------------------------------------------
     for col, d in enumerate(zoomed):
@@ -308,7 +330,7 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
             mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
         zw.xaxis.set_major_locator(mdates.HourLocator(  # type: ignore[no-untyped-call]
             byhour=range(0, 24, 6), tz=tz))
-        zw.set_xlabel(f"time, {zone_name}")
+        zw.set_xlabel(f"time, {zone_label(timezone, [when[i] for i in np.flatnonzero(sel)])}")
         plt.setp(zp.get_xticklabels(), visible=False)
         if col == 0:
             zp.set_ylabel("price, $/MWh")

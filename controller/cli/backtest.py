@@ -145,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     except (WindowFileError, ValueError) as e:
         print(f"mineops: {e}", file=sys.stderr)
         return EXIT_USAGE
+    for w in windows:
+        if w.note:
+            print(f"mineops: warning: --windows {w.note}", file=sys.stderr)
     settings = Settings.from_config(cfg, hashprice=args.hashprice, adder=args.adder,
                                     knob_overrides=knobs)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())

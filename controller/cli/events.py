@@ -47,8 +47,8 @@ from controller.view.progress import progress, wanted
 
 FIELDS = ("id", "kind", "status", "compliance", "source", "received", "start", "end",
           "deadline", "notice_s", "value_kw", "baseline_kw", "target_kw", "reached",
-          "time_to_target_s", "curtailed_kwh", "samples_after_deadline", "violations",
-          "complied")
+          "time_to_target_s", "curtailed_kwh", "samples_after_deadline",
+          "samples_without_meter", "violations", "complied")
 # `events send` without --start-in: five minutes' notice, more if the site needs more than
 # four to prepare (grid.prepare_s). With none, the deadline passes while the message is
 # on its way and no site can comply.
@@ -119,6 +119,8 @@ def record(row: EventRow, *, tz: tzinfo = UTC, now_ts: float | None = None) -> d
         else round(max(0.0, reached - start), 3),
         "curtailed_kwh": round(row.curtailed_wh / 1e3, 3),
         "samples_after_deadline": row.samples_after_deadline,
+        # Compliance samples taken with no fresh meter reading: not judged, counted apart.
+        "samples_without_meter": row.samples_without_meter,
         "violations": row.violations,
         "complied": complied(row, now),
     }
@@ -324,8 +326,9 @@ def _list(rows: list[EventRow], out: TextIO, tz: tzinfo, now: float) -> None:
         rec = record(r, tz=tz, now_ts=now)
         target = "" if rec["target_kw"] is None else f"target {rec['target_kw']:g} kW "
         span = f"{rec['start']} to {rec['end']}" if rec["end"] else f"from {rec['start']}"
-        out.write(f"{r.id:32} {r.kind:10} {r.status:10} {target}{span}: "
-                  f"{rec['compliance']}\n")
+        # The standing only where it says more than the status ("scheduled: scheduled").
+        standing = "" if rec["compliance"] == r.status else f": {rec['compliance']}"
+        out.write(f"{r.id:32} {r.kind:10} {r.status:10} {target}{span}{standing}\n")
 
 
 def _export(journal: GridJournal | None, rows: list[EventRow], out: TextIO,

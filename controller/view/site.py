@@ -61,6 +61,17 @@ def read_summary(raw: bytes) -> tuple[DecisionSummary, list[str]]:
     return decode(DecisionSummary, json.dumps(kept).encode()), unknown
 
 
+def event_terms(kind: str, value_w: float | None) -> str:
+    """A grid event's terms in words: "target 2.15 MW", "shed 0.50 MW below the baseline"."""
+    if kind == "target_kw" and value_w is not None:
+        return f"target {format_mw(value_w)}"
+    if kind == "shed_kw" and value_w is not None:
+        return f"shed {format_mw(value_w)} below the baseline"
+    if kind == "peak":
+        return "peak alert" + ("" if value_w is None else f", hold {format_mw(value_w)}")
+    return GRID_KINDS.get(kind, kind)
+
+
 def format_mw(w: float | None) -> str:
     return "unknown" if w is None else f"{w / 1e6:,.2f} MW"
 
