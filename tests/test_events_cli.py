@@ -410,5 +410,6 @@ def test_export_counts_the_samples_without_a_meter_reading(
     assert dark["compliance"] == "not judged: no meter samples after the deadline"
     assert lit["samples_without_meter"] == "0" and int(lit["samples_after_deadline"]) > 0
     code, out, _ = cli(capsys, "export", "--config", str(site), "--format", "json")
+    assert code == 0
     recs = {r["id"]: r for r in json.loads(out)}
     assert recs["dark"]["samples_without_meter"] == int(dark["samples_without_meter"])
