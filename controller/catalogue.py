@@ -73,10 +73,37 @@ class MinerModel(BaseModel):
         out: npt.NDArray[np.float64] = np.interp(np.asarray(power_w, dtype=np.float64), p, h)
         return out
 
-    def breakeven_usd_per_mwh(self, hashprice_usd_per_ph_day: float) -> float:
-        """Power price at which stock operation earns exactly nothing."""
+    def breakeven_usd_per_mwh(self, hashprice_usd_per_ph_day: float, *,
+                              aux_fraction: float = 0.0) -> float:
+        """The all-in energy price, $/MWh, at which the model at stock earns exactly nothing.
+
+        All-in: market price plus adders; at stock: its nominal TH/s and W.
+
+        `aux_fraction`: the site's cooling and auxiliary load per W of miner, when the site
+        pays for it at the same price (as the controller decides: `[energy] aux_fraction`);
+        0: the miner's own draw alone. The one break-even of the project: the live view,
+        `mineops models`, the backtest and the metrics all take it from here and name it
+        with `breakeven_label`.
+        """
         usd_per_hour = self.nominal_ths * usd_per_ths_hour(hashprice_usd_per_ph_day)
-        return usd_per_hour / (self.nominal_w / W_PER_MW)
+        return usd_per_hour / (self.nominal_w * (1.0 + aux_fraction) / W_PER_MW)
+
+
+def breakeven_label(hashprice_usd_per_ph_day: float, aux_fraction: float = 0.0, *,
+                    less_adders_usd_per_mwh: float | None = None) -> str:
+    """What a `breakeven_usd_per_mwh` figure is, for every view that shows one.
+
+    E.g. "break-even all-in price (market + adders) at stock incl. 5 % aux, at $42.00/PH/day".
+
+    `less_adders_usd_per_mwh`: the figure is that break-even less these adders, a market
+    price (what the backtest's on/off rule and chart compare with market prices).
+    """
+    aux = f" incl. {aux_fraction * 100:.3g} % aux" if aux_fraction else ""
+    terms = f"at stock{aux}, at ${hashprice_usd_per_ph_day:,.2f}/PH/day"
+    if less_adders_usd_per_mwh is None:
+        return f"break-even all-in price (market + adders) {terms}"
+    return (f"break-even market price: the all-in one {terms}, less "
+            f"${less_adders_usd_per_mwh:,.2f}/MWh adders")
 
 
 class Catalogue(BaseModel):

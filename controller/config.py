@@ -96,12 +96,15 @@ class EnergyConfig(StrictModel):
         default=1000.0, ge=-1000, le=100_000,
         description="Price assumed before any price arrives (high: run nothing risky)",
     )
-    # The market's own rules bound what a price feed may say (ERCOT: offer cap $5,000/MWh,
-    # floor -$250/MWh); a price outside is a feed fault, dropped with reason out_of_range.
+    # The market's own rules bound its prices (ERCOT: offer cap $5,000/MWh, floor
+    # -$250/MWh), but settled prices have gone beyond them ($9,000 in February 2021): a
+    # price outside is planned with at the bound (controller.core.prices.PriceBounds).
     price_floor_usd_per_mwh: float = Field(
-        default=-250.0, ge=-100_000, le=0, description="Lowest price accepted from a feed")
+        default=-250.0, ge=-100_000, le=0,
+        description="A lower market price is planned with at this floor")
     price_cap_usd_per_mwh: float = Field(
-        default=5000.0, gt=0, le=100_000, description="Highest price accepted from a feed")
+        default=5000.0, gt=0, le=100_000,
+        description="A higher market price is planned with at this cap (the fleet sleeps)")
 
 
 # The policy's own defaults (PolicyKnobs) are the site file's defaults.
@@ -337,6 +340,7 @@ class SiteConfig(BaseSettings):
             review.warnings.append(f"{got} is {ratio:.1f} times {fleet}: the cap never binds; "
                                    "is it the site's import limit in kW?")
         smallest_kw = smallest.nominal_w * aux1 / 1000.0
+        review.smallest_miner_kw, review.smallest_model = smallest_kw, smallest.name
         if not review.errors and cap < smallest_kw:
             review.warnings.append(
                 f"{got} is below the smallest miner's stock draw ({format_kw(smallest_kw)} kW "
@@ -383,6 +387,8 @@ class CapReview:
     errors: list[str] = field(default_factory=list)  # "power_cap_kw: why"
     warnings: list[str] = field(default_factory=list)
     cannot_hold: bool = False  # never-curtail load above the cap: the model refuses it
+    smallest_miner_kw: float = 0.0  # the smallest model's stock draw, plus aux
+    smallest_model: str = ""  # its name
 
 
 def _pct(fraction: float) -> str:

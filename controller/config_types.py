@@ -59,6 +59,8 @@ def unit_slip(field: str, value_kw: float, reference: str, reference_kw: float, 
         "<field>: <value> kW is <n> times <reference>: looks like W typed as kW (<value> W
         = <value / 1000> kW)", its MW counterpart, or None for a plausible value.
     """
+    if value_kw <= 0 or reference_kw <= 0:
+        return None  # not a unit question: the value's own check says why
     ratio = value_kw / reference_kw
     got, v = f"{field}: {format_kw(value_kw)} kW", format_kw(value_kw)
     if ratio > UNIT_SLIP_RATIO:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ from drivers.prices import PriceFileError, PriceSeries, load_prices
 from simulators.prices import synthetic_prices
 
 if TYPE_CHECKING:  # the CLI imports this module for add_arguments: the rest when it runs
+    from controller.core.prices import PriceBound
     from controller.daemon.loop import Controller
     from controller.view import SiteView
     from controller.view.screen import Screen
@@ -238,6 +240,14 @@ class DemoEvent:
     id: str = "demo-drill"
 
 
+class MetricsEndpointError(OSError):
+    """The demo's metrics endpoint could not be bound (`host`, `port`; `error` says why)."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.host, self.port, self.error = host, port, error
+
+
 @dataclass
 class DemoResult:
     """How a demo run went: `ok` when the site worked, else `why` says what failed."""
@@ -246,29 +256,31 @@ class DemoResult:
     why: str
 
 
-def _view(c: Controller, sim: SimulatedSite, tz: ZoneInfo) -> SiteView:
+def _view(c: Controller, tz: ZoneInfo) -> SiteView:
+    """The live view of the summary the controller published, as `mineops top` shows it.
+
+    The site clock is the one the summary carries (`SiteClock.of_summary`).
+    """
     from controller.view import SiteClock, SiteView  # noqa: PLC0415
 
-    snap = c.snapshot
-    now = time.time()
-    site_s = sim.site_time_s()
-    clock = (SiteClock.wall(tz) if site_s is None else
-             SiteClock.simulated_at(site_s=site_s, wall_s=now, speed=sim.speed, tz=tz))
     catalogue = load_catalogue()
     return SiteView(
-        site_id=c.cfg.site_id, summary=None if snap is None else snap.summary(), clock=clock,
-        now_wall_s=now, models={k: catalogue.get(k) for k in c.fleet.model_keys},
-        controller_online=c.transport.connected.is_set() or None)
+        site_id=c.cfg.site_id, summary=c.summary, clock=SiteClock.of_summary(c.summary, tz),
+        now_wall_s=time.time(), models={k: catalogue.get(k) for k in c.fleet.model_keys},
+        controller_online=c.transport.connected.is_set() or None,
+        aux_fraction=c.cfg.energy.aux_fraction)
 
 
 def _events_text(c: Controller, view: SiteView) -> list[str]:
     """One line per grid event of the run: its terms on the site clock, and its standing."""
+    from controller.view.site import event_terms  # noqa: PLC0415
+
     now = time.time()
     lines = []
     for r in c.grid.journal.rows():
         p = r.payload
         value = p.get("value_kw")
-        terms = r.kind if value is None else f"{r.kind} {float(value) / 1000:.2f} MW"
+        terms = event_terms(r.kind, None if value is None else float(value) * 1000.0)
         if "end_ts" in p:
             start, end = view.clock.at(p["start_ts"]), view.clock.at(p["end_ts"])
             terms += f" from {start:%H:%M} to {end:%H:%M %Z}"
@@ -280,7 +292,7 @@ def _final(c: Controller, sim: SimulatedSite, screen: Screen, *, seconds: float,
            over_cap_samples: int, samples: int, interrupted: bool) -> DemoResult:
     now = time.monotonic()
     seen = int((now - c.fleet.last_seen < c.cfg.policy.telemetry_stale_s).sum())
-    view = _view(c, sim, tz)
+    view = _view(c, tz)
     how = "interrupted by Ctrl-C" if interrupted else f"after {seconds:.0f} s"
     screen.final(f"mineops demo: final summary, {how}", view)
     for line in _events_text(c, view):
@@ -292,11 +304,62 @@ def _final(c: Controller, sim: SimulatedSite, screen: Screen, *, seconds: float,
         f"miners reporting {seen}/{c.fleet.n}, meter over cap in {over_cap_samples} of "
         f"{samples} samples after settling"
     )
+    energy = c.cfg.energy
+    bounds: tuple[tuple[PriceBound, str, float], ...] = (
+        ("cap", "above", energy.price_cap_usd_per_mwh),
+        ("floor", "below", energy.price_floor_usd_per_mwh))
+    for bound, side, at in bounds:
+        n = c.ingest.prices_clamped.get(bound, 0)
+        if n:
+            screen.write(f"{n} price{'s' if n != 1 else ''} {side} the site's price {bound} "
+                         f"(${at:,.0f}/MWh, [energy] price_{bound}_usd_per_mwh): planned with "
+                         f"at the {bound}")
     if seen < 0.95 * c.fleet.n:
         return DemoResult(False, f"only {seen} of {c.fleet.n} miners reported telemetry")
     if c.decisions == 0:
         return DemoResult(False, "the controller made no decision")
     return DemoResult(True, "ok")
+
+
+def retained_topics(cfg: SiteConfig) -> list[str]:
+    """What a demo leaves retained on its broker.
+
+    Its racks' availability, the price, the controller's availability and its last decision summary.
+    """
+    from controller.protocol.topics import SiteTopics  # noqa: PLC0415
+
+    t = SiteTopics(cfg.site_id)
+    return [*(t.group(g.name, "availability") for g in cfg.fleet.groups), t.price,
+            t.controller_availability, t.decision]
+
+
+# Clearing is best effort and must fit in the stop's budget (cli.common.STOP_BACKSTOP_S).
+CLEAR_TIMEOUT_S = 3.0
+
+
+async def clear_retained(cfg: SiteConfig, topics: list[str]) -> bool:
+    """Delete the retained messages on `topics` (an empty retained message each, QoS 1).
+
+    On a broker the demo does not own (`--broker`), they would outlive it: a later demo
+    counts another fleet's racks as invalid, `top` shows a site that is gone. Returns
+    whether every topic was cleared within CLEAR_TIMEOUT_S.
+    """
+    from controller.protocol.transport import Transport  # noqa: PLC0415
+
+    transport = Transport(cfg.broker, client_id=f"mineops-demo-clear-{os.getpid()}",
+                          subscriptions=[])
+    task = asyncio.create_task(transport.run(lambda *_: None), name="demo-clear")
+    try:
+        async with asyncio.timeout(CLEAR_TIMEOUT_S):
+            await transport.connected.wait()
+            done = await asyncio.gather(*(transport.publish(t, b"", qos=1, retain=True)
+                                          for t in topics))
+            return all(done)
+    except TimeoutError:
+        return False
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _send_event(c: Controller, sim: SimulatedSite, ev: DemoEvent) -> None:
@@ -342,8 +405,9 @@ async def run_demo(
     Raises:
         PriceFileError: the prices or `start` cannot be used.
         MissingExtra: no mosquitto and no embedded broker installed.
+        MetricsEndpointError: the metrics port cannot be bound (in use, mostly).
     """
-    from controller.daemon.loop import Controller  # noqa: PLC0415 - see TYPE_CHECKING
+    from controller.daemon.loop import Controller, SiteTime  # noqa: PLC0415 - see TYPE_CHECKING
     from controller.protocol.broker import LocalBroker  # noqa: PLC0415
     from controller.view.screen import Screen  # noqa: PLC0415
     from simulators.campus_modbus import CampusModbus  # noqa: PLC0415
@@ -381,8 +445,12 @@ async def run_demo(
             sim = SimulatedCampus(cfg, campus_sim, modbus=modbus, speed=speed, prices=prices)
         else:
             sim = SimulatedSite(cfg, speed=speed, prices=prices)
-        controller = Controller(cfg)
-        server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        controller = Controller(cfg, site_clock=lambda: SiteTime(
+            sim.site_time_s(), sim.speed, prices.timezone))
+        try:
+            server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        except OSError as e:  # port in use, mostly: another demo or a daemon on 9108
+            raise MetricsEndpointError(cfg.metrics.host, cfg.metrics.port, e) from None
         first = prices.local_time(float(prices.start_s[0]))
         screen.write(
             f"site: {controller.fleet.n} miners in {len(controller.fleet.groups)} racks, "
@@ -436,7 +504,7 @@ async def run_demo(
 
         async def show() -> None:
             while True:
-                screen.show(_view(controller, sim, tz))
+                screen.show(_view(controller, tz))
                 await asyncio.sleep(0.5 if screen.tty else 1.0)
 
         interrupted = False
@@ -459,6 +527,9 @@ async def run_demo(
             server.close()
             if modbus is not None:
                 await modbus.server.stop()
+            if broker and not await clear_retained(cfg, retained_topics(cfg)):
+                screen.write(f"could not clear the demo's retained messages on {host}:{port_n} "
+                             f"(mineops/{cfg.site_id}/#)")
         return _final(controller, sim, screen, seconds=time.monotonic() - started, tz=tz,
                       over_cap_samples=over_cap, samples=samples, interrupted=interrupted)
     finally:

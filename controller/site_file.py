@@ -10,6 +10,7 @@ field, the value and why.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import types
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import TomlConfigSettingsSource
+from pydantic_settings import EnvSettingsSource, SettingsError, TomlConfigSettingsSource
 
-from controller.config import SiteConfig
+from controller.catalogue import load_catalogue
+from controller.config import EnergyConfig, SiteConfig
+from controller.config_types import format_kw, unit_slip
 
 # MINEOPS_* variables the project reads that are not site-file keys (the tests and CI set
 # them); every other MINEOPS_* variable must name a key of SiteConfig.
@@ -54,6 +57,12 @@ def load_config(path: Path | str, *, check_journal: bool = False, **overrides: A
     env_problems = unknown_environment_variables(os.environ)
     try:
         cfg = SiteConfig(**data)
+    except SettingsError as e:  # a MINEOPS_* variable for a table or list that is not JSON
+        field = re.search(r'field "([^"]+)"', str(e))
+        name = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "a MINEOPS_* variable"
+        raise ConfigError(_lines(path, [*(why for _, why in env_problems),
+                                        f"environment variable {name}: not valid JSON (a "
+                                        "table or a list is set whole, as JSON)"])) from None
     except ValidationError as e:
         # An unknown nested variable (a misspelt MINEOPS_BROKER__PORT, say) also reaches
         # pydantic as an unknown key; the line naming the variable says more, so keep that.
@@ -63,6 +72,10 @@ def load_config(path: Path | str, *, check_journal: bool = False, **overrides: A
         problems += [validation_problem(err) for err in e.errors()
                      if not (err["type"] == "extra_forbidden" and not _in_file(data, err["loc"])
                              and _env_key(err["loc"]) in from_env)]
+        # The cap's unit check runs after the fields' checks pass; with other errors it
+        # would wait for the next run, so it is made here on what could be read.
+        problems += [p for p in cap_unit_problems(_with_environment(data))
+                     if not any(p in known for known in problems)]
         raise ConfigError(_lines(path, problems)) from None
     problems = [why for _, why in env_problems] + cfg.cap_review().errors
     if check_journal:
@@ -72,6 +85,89 @@ def load_config(path: Path | str, *, check_journal: bool = False, **overrides: A
     if problems:
         raise ConfigError(_lines(path, problems))
     return cfg
+
+
+def _with_environment(data: dict[str, Any]) -> dict[str, Any]:
+    """The file's values with the MINEOPS_* variables over them, as SiteConfig reads them."""
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return over
+
+    try:
+        env = EnvSettingsSource(SiteConfig)()
+    except SettingsError:  # a variable that is not JSON: load_config says so
+        env = {}
+    out: dict[str, Any] = merge(data, env)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a file (int, float) or a variable (text); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        return None
+    return n if math.isfinite(n) else None
+
+
+def cap_unit_problems(values: Mapping[str, Any]) -> list[str]:
+    """The cap's unit check (`controller.config_types.unit_slip`) on raw, partly invalid values.
+
+    For a site file that fails other checks: the cap against the fleet's stock draw, on
+    whatever of `power_cap_kw`, the fleet and `energy.aux_fraction` can be read. A
+    missing or invalid cap, or a group without a valid count, gives nothing to judge.
+    Miners of unknown models are counted at the catalogue's largest stock draw for
+    "W typed as kW" and left out for "MW typed as kW", so neither is claimed unless it
+    holds whatever those models are. An invalid aux fraction is taken at its default.
+    """
+    cap = _number(values.get("power_cap_kw"))
+    fleet = values.get("fleet")
+    if cap is None or cap <= 0 or not isinstance(fleet, Mapping):
+        return []
+    catalogue = load_catalogue()
+    largest_w = max(m.nominal_w for m in catalogue.models.values())
+    known_w = unknown = 0.0
+    entries = [*(fleet.get("groups") or []), *(fleet.get("miners") or [])]
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            return []
+        is_group = i < len(fleet.get("groups") or [])
+        n = _number(entry.get("count")) if is_group else 1.0
+        if n is None or n < 1 or n != int(n):
+            return []
+        model = catalogue.models.get(str(entry.get("model")))
+        if model is None:
+            unknown += n
+        else:
+            known_w += model.nominal_w * n
+    energy = values.get("energy")
+    aux = _number(energy.get("aux_fraction")) if isinstance(energy, Mapping) else None
+    if aux is None or not 0 <= aux <= 1:
+        aux = EnergyConfig().aux_fraction
+    aux1 = 1.0 + aux
+    known_kw = known_w * aux1 / 1000.0
+    most_kw = (known_w + unknown * largest_w) * aux1 / 1000.0
+    incl = f"incl. {aux * 100:.3g} % aux"
+    if not unknown:
+        slip = unit_slip("power_cap_kw", cap,
+                         f"the fleet's stock draw ({format_kw(known_kw)} kW {incl})", known_kw)
+        return [] if slip is None else [slip]
+    out = []
+    above = unit_slip("power_cap_kw", cap,
+                      f"the fleet's largest possible stock draw ({format_kw(most_kw)} kW "
+                      f"{incl}, its {unknown:.0f} miners of unknown models counted at the "
+                      "catalogue's largest)", most_kw)
+    if above is not None and cap > most_kw:
+        out.append(above)
+    below = unit_slip("power_cap_kw", cap,
+                      f"the stock draw of its miners of known models ({format_kw(known_kw)} "
+                      f"kW {incl})", known_kw)
+    if below is not None and cap < known_kw:
+        out.append(below)
+    return out
 
 
 def _lines(path: Path, problems: list[str]) -> str:
@@ -198,7 +294,9 @@ def journal_path_problem(path: Path) -> str | None:
 
     The daemon creates missing directories, and SQLite in WAL mode writes `-wal` and `-shm`
     files beside the journal, so the directory must be writable as well as the file.
-    Nothing is created here: check-config must not change the machine it checks.
+    Nothing is left behind: check-config must not change the machine it checks (a missing
+    journal is created as the daemon would create it, then removed with its directories,
+    by `controller.grid.journal.journal_problem`).
     """
     try:
         if path.is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -407,3 +408,134 @@ def test_ercot_six_cases_close_to_optimum_and_beat_onoff() -> None:
         assert s["ratio_to_optimum"] >= 0.985, (case, s["ratio_to_optimum"])
         assert s["profit_usd"] > s["onoff_profit_usd"], case
         assert s["optimum_profit_usd"] >= s["profit_usd"], case
+
+
+# -- prices beyond the site's [energy] bounds ---------------------------------------------
+
+
+def spike_file(tmp_path: Path, spike: float = 9000.0) -> Path:
+    """The reviewer's file: 15-minute prices at $25 with two intervals at `spike`."""
+    rows = [f"2024-06-01T{9 + i // 4:02d}:{15 * (i % 4):02d}:00-05:00,"
+            f"{spike if i in (3, 4) else 25.0:g}" for i in range(8)]
+    path = tmp_path / "spike9k.csv"
+    path.write_text("timestamp,price_usd_per_mwh\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_prices_beyond_the_cap_are_decided_on_at_the_cap_and_settled_as_paid() -> None:
+    cfg = site([("s21", 4), ("s19j_pro", 4)])
+    prices = [25.0] * 4 + [9000.0] * 2 + [25.0] * 4
+    r = run(cfg, prices)
+    assert r.prices_clamped == {"cap": 2, "floor": 0}
+    assert r.summary()["prices_clamped"] == {"cap": 2, "floor": 0}
+    # mineops decides on the previous interval's price, bounded to the cap ...
+    assert r.decision_price_usd_per_mwh.tolist() == [25.0] * 5 + [5000.0] * 2 + [25.0] * 3
+    # ... so it plans exactly as on a file that stopped at the cap ...
+    at_cap = run(cfg, [25.0] * 4 + [5000.0] * 2 + [25.0] * 4)
+    for name in ("mineops", "onoff"):
+        np.testing.assert_array_equal(r.series[name].it_w, at_cap.series[name].it_w)
+    # ... and pays what the file says the site would have paid.
+    assert r.price_usd_per_mwh.tolist() == prices
+    assert r.series["mineops"].profit_usd[4] < at_cap.series["mineops"].profit_usd[4]
+    check_accounts(r)
+    assert run(cfg, [-300.0, 25.0, 25.0]).prices_clamped == {"cap": 0, "floor": 1}
+
+
+def test_backtest_and_controller_plan_with_the_same_bounded_price() -> None:
+    """One function bounds prices for both: the demo's controller and the backtest agree."""
+    from controller.backtest.engine import bounded_prices  # noqa: PLC0415
+    from controller.daemon.loop import Controller  # noqa: PLC0415
+    from controller.protocol.payloads import PriceSignal  # noqa: PLC0415
+
+    energy = {"adders_usd_per_mwh": 0.0, "aux_fraction": 0.05,
+              "price_floor_usd_per_mwh": -150.0, "price_cap_usd_per_mwh": 2000.0}
+    cfg = SiteConfig.model_validate({**site([("s21", 4)]).model_dump(), "energy": energy})
+    prices = [-9000.0, -150.5, -150.0, 0.0, 1999.0, 2000.5, 9000.0]
+    planned, clamped = bounded_prices(cfg, np.array(prices))
+    controller = Controller(cfg)
+    for price, backtest_price in zip(prices, planned, strict=True):
+        controller.on_message(controller.topics.price, PriceSignal(
+            ts=time.time(), price_usd_per_mwh=price).encode())
+        assert controller.price().market_usd_per_mwh == backtest_price
+    assert planned.tolist() == [-150.0, -150.0, -150.0, 0.0, 1999.0, 2000.0, 2000.0]
+    assert clamped == {"cap": 2, "floor": 2}
+    assert dict(controller.ingest.prices_clamped) == {"cap": 2, "floor": 2}
+
+
+def test_cli_reports_prices_clamped_to_the_cap(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["backtest", "--config", str(write_site(tmp_path)), "--prices",
+            str(spike_file(tmp_path)), "--progress", "off"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert ("prices above the site's cap $5,000/MWh ([energy] price_cap_usd_per_mwh): 2 "
+            "intervals; mineops and on/off decided on them at the cap") in text
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prices_clamped"] == {"cap": 2, "floor": 0}
+    assert main(["backtest", "--config", str(write_site(tmp_path)), "--prices",
+                 str(spike_file(tmp_path, 40.0)), "--progress", "off"]) == 0
+    assert "prices above" not in capsys.readouterr().out, "nothing to say without a clamp"
+
+
+@pytest.mark.parametrize(("spike", "why"), [
+    (6000.0, "is not a market price (beyond 100 times [energy] price_floor/cap_usd_per_mwh "
+             "-30..50)"),
+    (1e9, "beyond any market's"),
+])
+def test_cli_refuses_prices_no_market_has(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          spike: float, why: str) -> None:
+    f = write_site(tmp_path)
+    f.write_text(f.read_text().replace(
+        "hashprice_usd_per_ph_day = 45\n", "hashprice_usd_per_ph_day = 45\n[energy]\n"
+        "price_floor_usd_per_mwh = -30\nprice_cap_usd_per_mwh = 50\n"))
+    code = main(["backtest", "--config", str(f), "--prices", str(spike_file(tmp_path, spike)),
+                 "--progress", "off"])
+    err = capsys.readouterr().err
+    assert code == 2 and why in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("row", "note"), [
+    # The reviewer's: an hour on the clock, two hours of real time across the fall-back.
+    ("2024-11-03 01:00,2024-11-03 02:00", "line 2: start 2024-11-03 01:00 occurs twice and "
+     "is read as its first pass (CDT); it spans the change from CDT to CST: 2 h of real "
+     "time, not the 1 h its clock times differ by (naive times on America/Chicago's clock"),
+    ("2024-11-03 00:30,2024-11-03 01:30", "line 2: end 2024-11-03 01:30 occurs twice and is "
+     "read as its first pass (CDT) (naive"),
+    ("2024-03-10 01:00,2024-03-10 04:00", "line 2: it spans the change from CST to CDT: 2 h "
+     "of real time, not the 3 h its clock times differ by"),
+    ("2024-03-10 02:30,2024-03-10 04:00", "line 2: start 2024-03-10 02:30 does not exist (the "
+     "clocks skip it) and is read as 03:30 CDT; it spans a daylight-saving change: 0.5 h"),
+    ("2024-11-02 01:00,2024-11-02 02:00", ""),
+    ("2024-11-03T01:00-06:00,2024-11-03T02:00-06:00", ""),
+    ("1730613600,1730617200", ""),
+])
+def test_naive_windows_across_a_clock_change_say_how_they_are_read(
+        tmp_path: Path, row: str, note: str) -> None:
+    f = tmp_path / "w.csv"
+    f.write_text(f"start,end,cap_kw\n{row},100\n")
+    from zoneinfo import ZoneInfo  # noqa: PLC0415
+
+    (w,) = load_windows(f, naive_tz=ZoneInfo("America/Chicago"))
+    if not note:
+        assert w.note == ""
+    else:
+        assert w.note.startswith(f"{f}: {note}"), w.note
+        assert w.note.endswith("write them with their UTC offset, e.g. 2024-11-03T01:00-06:00, "
+                               "to mean otherwise)")
+
+
+def test_cli_reports_a_window_that_spans_a_clock_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prices = tmp_path / "p.csv"
+    rows = [f"{1730437200 + 900 * i},{30 + 10 * math.sin(i / 9):.2f}" for i in range(4 * 96)]
+    prices.write_text("timestamp,price_usd_per_mwh\n" + "\n".join(rows) + "\n")
+    windows = tmp_path / "w.csv"
+    windows.write_text("start,end,cap_kw\n2024-11-03 01:00,2024-11-03 02:00,20\n")
+    code = main(["backtest", "--config", str(write_site(tmp_path)), "--prices", str(prices),
+                 "--timezone", "America/Chicago", "--windows", str(windows),
+                 "--progress", "off"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (f"mineops: warning: --windows {windows}: line 2: start 2024-11-03 01:00 occurs "
+            "twice") in err
+    assert "grid windows          8 intervals" in out, "two real hours: eight intervals"

@@ -210,6 +210,74 @@ def test_every_error_is_reported_in_one_run(tmp_path: Path,
     assert "grid.frequency.restore_above_hz: must be above shed_below_hz" in err
 
 
+W_CAP = ("power_cap_kw: 3600000 kW is 933 times the fleet's stock draw (3860 kW incl. 5 % "
+         "aux): looks like W typed as kW (3600000 W = 3600 kW)")
+MW_CAP = ("power_cap_kw: 3.6 kW is 1/1072 of the fleet's stock draw (3860 kW incl. 5 % aux): "
+          "looks like MW typed as kW (3.6 MW = 3600 kW)")
+
+
+@pytest.mark.parametrize(("edits", "expected"), [
+    # The reviewer's four: the cap's unit was missing whenever another field failed.
+    ([("power_cap_kw = 3600", "power_cap_kw = 3600000"), ("[broker]", "[broker]\nfoo = 1")],
+     ["broker.foo: unknown key", W_CAP]),
+    ([("power_cap_kw = 3600", "power_cap_kw = 3600000"),
+      ("restore_above_hz = 59.9", "restore_above_hz = 59.6")],
+     ["grid.frequency.restore_above_hz: must be above shed_below_hz", W_CAP]),
+    ([("power_cap_kw = 3600", "power_cap_kw = 3.6"), ("aux_fraction = 0.05 ", "aux_fraction = 5 "),
+      ("restore_above_hz = 59.9", "restore_above_hz = 59.5")],
+     ["energy.aux_fraction: Input should be less than or equal to 1 (got 5)",
+      "grid.frequency.restore_above_hz: must be above shed_below_hz", MW_CAP]),
+    ([("power_cap_kw = 3600", "power_cap_kw = 3600000"),
+      ('model = "s19j_pro"', 'model = "s19j_prox"')],
+     ["fleet.groups.0.model: unknown miner model 's19j_prox'",
+      "power_cap_kw: 3600000 kW is 907 times the fleet's largest possible stock draw (3969 kW "
+      "incl. 5 % aux, its 40 miners of unknown models counted at the catalogue's largest): "
+      "looks like W typed as kW (3600000 W = 3600 kW)"]),
+    ([("power_cap_kw = 3600", "power_cap_kw = 3.6"), ('model = "s19j_pro"', 'model = "s9"')],
+     ["fleet.groups.0.model: unknown miner model 's9'",
+      "power_cap_kw: 3.6 kW is 1/1036 of the stock draw of its miners of known models (3731 kW "
+      "incl. 5 % aux): looks like MW typed as kW (3.6 MW = 3600 kW)"]),
+    # Nothing to judge: the cap itself is the error, or the fleet's size is unknown.
+    ([("power_cap_kw = 3600", "power_cap_kw = -3600"), ("[broker]", "[broker]\nfoo = 1")],
+     ["broker.foo: unknown key", "power_cap_kw: Input should be greater than 0"]),
+    ([("power_cap_kw = 3600", "power_cap_kw = 3600000"), ("count = 40", "count = -40")],
+     ["fleet.groups.0.count: Input should be greater than or equal to 1"]),
+])
+def test_the_cap_unit_is_checked_beside_other_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], edits: list[tuple[str, str]],
+        expected: list[str]) -> None:
+    code, out, err = check(site(tmp_path, *edits), capsys)
+    assert code == 2 and out == ""
+    lines = [line.split(": ", 2)[2] for line in err.splitlines()]
+    assert len(lines) == len(expected), err
+    for line, want in zip(lines, expected, strict=True):
+        assert line.startswith(want), (line, want)
+
+
+def test_unknown_models_never_make_a_unit_claim_that_could_be_wrong(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Left out, 990 miners of an unknown model would make 3600 kW look 100x ten S19j Pros."""
+    f = tmp_path / "site.toml"
+    f.write_text('site_id = "s"\npower_cap_kw = 3600\nhashprice_usd_per_ph_day = 40\n'
+                 '[broker]\nfoo = 1\n[grid]\njournal_path = "' + str(tmp_path / "g.db") + '"\n'
+                 '[[fleet.groups]]\nname = "new"\nmodel = "s99"\ncount = 990\n'
+                 '[[fleet.groups]]\nname = "old"\nmodel = "s19j_pro"\ncount = 10\n')
+    code, _, err = check(f, capsys)
+    assert code == 2 and "power_cap_kw" not in err, err
+    assert len(err.splitlines()) == 2, err
+
+
+def test_the_cap_from_the_environment_is_checked_beside_other_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINEOPS_POWER_CAP_KW", "3.6")
+    code, _, err = check(site(tmp_path, ("[broker]", "[broker]\nfoo = 1")), capsys)
+    assert code == 2
+    assert [line.split(": ", 2)[2][:16] for line in err.splitlines()] == [
+        "broker.foo: unkn", "power_cap_kw: 3."]
+    assert MW_CAP in err
+
+
 def test_unknown_key_in_a_table_suggests_the_closest(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     f = site(tmp_path, ('host = "127.0.0.1"', 'hots = "127.0.0.1"'),
@@ -325,3 +393,66 @@ def test_run_logs_cap_warnings_at_start(tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 2
     assert '"event": "config_warning"' in err and "12000 kW is 3.1 times" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/proc/self").is_dir(),
+                    reason="needs root on Linux: /proc refuses new files even to root")
+@pytest.mark.parametrize(("journal", "why"), [
+    ("/proc/grid.sqlite3", "/proc/grid.sqlite3: cannot be created here: unable to open "
+                           "database file"),
+    ("/proc/mineops/grid.sqlite3", "/proc/mineops/grid.sqlite3: cannot be created: no such "
+                                   "file or directory (/proc/mineops)"),
+    ("/sys/grid.sqlite3", "/sys/grid.sqlite3: cannot be created here: unable to open database "
+                          "file"),
+])
+def test_a_journal_root_cannot_create_fails_check_config_as_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], journal: str, why: str) -> None:
+    """The reviewer's: /proc passes every permission check for root, yet SQLite cannot
+    create a file there: check-config said ok and `run` stopped at start."""
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), journal))
+    code, out, err = check(f, capsys)
+    assert code == 2 and out == ""
+    assert err == f"mineops: {f}: grid.journal_path: {why}\n"
+    assert main(["run", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mineops: {f}: grid.journal_path: {why}\n" and "Traceback" not in err
+
+
+def test_a_new_journal_is_tried_where_run_creates_it_and_nothing_is_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "state" / "mineops" / "grid.sqlite3"
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), str(journal)))
+    stale_wal = tmp_path / "grid.sqlite3-wal"  # not the checked journal's: left alone
+    stale_wal.write_text("x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, _ = check(f, capsys)
+    assert code == 0 and ": ok: " in out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "check-config left files"
+
+
+def test_a_file_that_is_not_a_journal_fails_check_config_as_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), str(notes)))
+    why = (f"grid.journal_path: {notes}: file is not a database (not an SQLite journal: "
+           "point grid.journal_path at a new file)")
+    code, _, err = check(f, capsys)
+    assert code == 2 and err == f"mineops: {f}: {why}\n"
+    assert main(["run", "--config", str(f)]) == 2
+    assert capsys.readouterr().err == f"mineops: {f}: {why}\n"
+    assert notes.read_text() == "not a database\n" * 100
+
+
+def test_a_variable_that_is_not_json_is_one_line(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINEOPS_FLEET", "{groups: oops")
+    f = site(tmp_path)
+    code, _, err = check(f, capsys)
+    assert code == 2
+    assert err == (f"mineops: {f}: environment variable MINEOPS_FLEET: not valid JSON (a table "
+                   "or a list is set whole, as JSON)\n")

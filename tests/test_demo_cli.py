@@ -155,7 +155,8 @@ def test_demo_shows_the_controller_at_work_and_prints_only_changes() -> None:
 
     assert all(news(a) != news(b) for a, b in itertools.pairwise(views))
     assert len(views) < 24 * 2, "a line per change, not per tick"
-    assert sum(line.startswith("break-even price at stock") for line in out) == 1
+    assert sum(line.startswith("break-even all-in price (market + adders) at stock incl. 5 % "
+                               "aux, at $42.00/PH/day: s19j_pro $56/MWh") for line in out) == 1
     # The grid event: its target and why the cap is there, then the recovery ramp.
     assert any("grid event demo-drill: power target, target" in line for line in views)
     assert any("recovery ramp after a grid obligation ended" in line for line in views)
@@ -165,7 +166,7 @@ def test_demo_shows_the_controller_at_work_and_prints_only_changes() -> None:
     title = next(i for i, line in enumerate(out)
                  if line.startswith("== mineops demo: final summary, after 2"))
     final = out[title + 1:]
-    assert any(line.startswith("grid event demo-drill (target_kw ") and
+    assert any(line.startswith("grid event demo-drill (target ") and " MW from " in line and
                line.endswith(": complied") for line in final), final
     assert "miners reporting 300/300" in r.stdout
     assert "over cap in 0 of" in r.stdout
@@ -221,3 +222,43 @@ def test_ctrl_c_in_a_terminal_ends_with_a_clean_final_summary(tmp_path: Path) ->
     assert any(line.startswith("grid event demo-drill") for line in after), screen
     assert not any("Traceback" in line or "ERROR" in line for line in lines), screen
     assert " echo " in (tmp_path / "stty").read_text(), "terminal echo restored"
+
+
+@pytest.mark.integration
+def test_demo_plans_with_a_price_beyond_the_cap_at_the_cap(tmp_path: Path) -> None:
+    """The reviewer's repro: $25 with two $9,000 intervals (ERCOT, February 2021), above
+    the default $5,000 cap. Before, the $9,000 prices were dropped as invalid and the
+    site ran on at $25 through them."""
+    rows = [f"2024-06-01T{9 + i // 4:02d}:{15 * (i % 4):02d}:00-05:00,"
+            f"{9000 if i in (3, 4) else 25}" for i in range(12)]
+    prices = tmp_path / "spike9k.csv"
+    prices.write_text("timestamp,price_usd_per_mwh\n" + "\n".join(rows) + "\n")
+    r = mineops("demo", "--prices", str(prices), "--start", "2024-06-01T09:30", "--no-event",
+                "--duration", "35", "--miners", "80", "--metrics-port", "0", timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    views = [line for line in r.stdout.splitlines() if line.startswith("2024-06-01 ")]
+    at_cap = [line for line in views if "= market $5,000.00/MWh (real-time)" in line]
+    assert at_cap, r.stdout
+    assert any(", sleeping 80 (" in line for line in at_cap), "the fleet sleeps at the cap"
+    assert not any("market $25.00" in line and (" 09:5" in line or " 10:0" in line)
+                   for line in views), "the old price does not stay in force"
+    assert "0 invalid messages" in r.stdout
+    assert ("2 prices above the site's price cap ($5,000/MWh, [energy] "
+            "price_cap_usd_per_mwh): planned with at the cap") in r.stdout
+
+
+def test_demo_with_its_metrics_port_taken_names_the_address_and_the_option() -> None:
+    """Was "mineops: [Errno 98] Address already in use", naming neither."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = mineops("demo", "--duration", "5", "--miners", "40", "--metrics-port", str(port),
+                    timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"mineops: metrics endpoint 127.0.0.1:{port}: address already in use (--metrics-port "
+        "PORT for another, 0 for any free one)")
+    assert "Traceback" not in r.stderr

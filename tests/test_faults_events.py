@@ -207,14 +207,20 @@ async def test_events_send_and_cancel_carry_increasing_versions(broker: LocalBro
                                "--config", str(config)], capture_output=True, text=True,
                               cwd=ROOT, check=False, timeout=60)
 
+    # The controller journals the event: cancel reads its terms from that journal.
+    controller = Controller(cfg)
+    tasks(controller.run(), "controller")
     before_ms = time.time() * 1000
     sent = await asyncio.to_thread(cli, "send", "--id", "op-v", "--value-kw", "100")
     assert sent.returncode == 0, sent.stderr
-    cancelled = await asyncio.to_thread(cli, "cancel", "--id", "op-v", "--value-kw", "100")
+    await wait_for(lambda: "op-v" in controller.grid.known, what="the event journaled")
+    cancelled = await asyncio.to_thread(cli, "cancel", "--id", "op-v")
     assert cancelled.returncode == 0, cancelled.stderr
-    v_sent = json.loads(sent.stdout.splitlines()[0])["version"]
-    v_cancel = json.loads(cancelled.stdout.splitlines()[0])["version"]
+    v_sent = int(sent.stdout.rsplit("version ", 1)[1].rstrip(")\n"))
+    v_cancel = int(cancelled.stdout.rsplit("version ", 1)[1].rstrip(")\n"))
     assert before_ms <= v_sent < v_cancel <= time.time() * 1000
     await wait_for(lambda: len(peer.received) >= 2, what="both on the grid topic")
     versions = [json.loads(raw)["version"] for _, raw in peer.received[-2:]]
     assert versions == [v_sent, v_cancel]
+    await wait_for(lambda: controller.grid.known["op-v"].status == "cancelled",
+                   what="the cancel taken")

@@ -7,6 +7,7 @@ bounded queue, a flood) are in tests/test_ingest_flood.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -340,27 +341,105 @@ def test_meter_bounds_are_relative_to_the_site_cap() -> None:
         assert c.fleet.site.meter_power_w == power
 
 
-@pytest.mark.parametrize(("price", "accepted"), [
-    (-9999.0, False), (-250.01, False), (-250.0, True), (5000.0, True), (5000.5, False),
-    (30.0, True)])
-def test_prices_are_bounded_by_the_markets_rules(price: float, accepted: bool) -> None:
+def price_msg(price: float) -> bytes:
+    return PriceSignal(ts=time.time(), price_usd_per_mwh=price).encode()
+
+
+def clamped(c: Controller, bound: str) -> float:
+    value = c.metrics.registry.get_sample_value("mineops_price_clamped_total", {"bound": bound})
+    assert value is not None
+    return value
+
+
+@pytest.mark.parametrize(("price", "planned", "bound"), [
+    (30.0, 30.0, None), (5000.0, 5000.0, None), (-250.0, -250.0, None),
+    # ERCOT settled at $9,000 in February 2021, above today's $5,000 offer cap.
+    (9000.0, 5000.0, "cap"), (5000.5, 5000.0, "cap"), (-9999.0, -250.0, "floor"),
+    (-250.01, -250.0, "floor")])
+def test_a_price_beyond_the_bounds_is_planned_with_at_the_bound(
+        price: float, planned: float, bound: str | None) -> None:
     c = controller()
-    c.on_message(c.topics.price, PriceSignal(ts=time.time(), price_usd_per_mwh=price).encode())
-    assert (c.fleet.site.market_price_usd_per_mwh == price) is accepted
-    assert bool(c.ingest.invalid) is not accepted
+    c.on_message(c.topics.price, price_msg(price))
+    assert c.fleet.site.market_price_usd_per_mwh == planned
+    assert c.price().market_usd_per_mwh == planned and c.price().source == "real_time"
+    assert not c.ingest.invalid, "a real, extreme price is not an invalid message"
+    assert c.ingest.prices_clamped == ({} if bound is None else {bound: 1})
+    for b in ("cap", "floor"):
+        assert clamped(c, b) == (1.0 if b == bound else 0.0)
     schedule = PriceSchedule(ts=time.time(), interval_s=3600, prices=[
-        ScheduledPrice(start_ts=time.time(), price_usd_per_mwh=price)])
+        ScheduledPrice(start_ts=time.time() - 60, price_usd_per_mwh=price),
+        ScheduledPrice(start_ts=time.time() + 3540, price_usd_per_mwh=40.0)])
     c.on_message(c.topics.price_schedule, schedule.encode())
-    assert (c.fleet.site.price_schedule is not None) is accepted
+    s = c.fleet.site.price_schedule
+    assert s is not None
+    assert [p.price_usd_per_mwh for p in s.prices] == [planned, 40.0]
+    assert s.price_at(time.time()) == planned
+    assert c.ingest.prices_clamped == ({} if bound is None else {bound: 2})
+
+
+def test_the_previous_price_does_not_stay_in_force_after_a_spike_beyond_the_cap() -> None:
+    """The reviewer's demo: $25, then $9,000 twice: the site must not run on at $25."""
+    c = controller()
+    rack(c, "a", v2(["a-0001", "a-0002", "a-0003", "a-0004"]))
+    rack(c, "b", v2(["b-0001", "b-0002"], power_w=[3000.0] * 2, hashrate_ths=[100.0] * 2,
+                    target_w=[3068.0] * 2))
+    c.on_message(c.topics.price, price_msg(25.0))
+    snap = asyncio.run(c.decide_and_act("price"))
+    assert snap.planned_site_power_w > 0.4 * c.site_cap_w(), "at $25 the fleet runs"
+    c.on_message(c.topics.price, price_msg(9000.0))
+    c.on_message(c.topics.price, price_msg(9000.0))
+    snap = asyncio.run(c.decide_and_act("price"))
+    assert snap.price.market_usd_per_mwh == 5000.0
+    assert snap.summary().market_price_usd_per_mwh == 5000.0
+    # At $5,000 no miner earns its power: the whole fleet is told to sleep.
+    assert snap.planned_site_power_w < 0.01 * c.site_cap_w()
+    assert c.ingest.prices_clamped == {"cap": 2}
+    assert clamped(c, "cap") == 2.0
 
 
 def test_price_bounds_are_configurable() -> None:
     """CAISO's hard cap is $2,000/MWh, floor -$150: a site there says so."""
     c = controller(energy={"price_floor_usd_per_mwh": -150.0, "price_cap_usd_per_mwh": 2000.0})
-    for price in (-200.0, 2500.0, 1999.0):
-        c.on_message(c.topics.price, PriceSignal(ts=time.time(), price_usd_per_mwh=price).encode())
-    assert c.fleet.site.market_price_usd_per_mwh == 1999.0
-    assert c.ingest.invalid == {("price", "out_of_range"): 2}
+    for price, planned in ((-200.0, -150.0), (2500.0, 2000.0), (1999.0, 1999.0)):
+        c.on_message(c.topics.price, price_msg(price))
+        assert c.fleet.site.market_price_usd_per_mwh == planned
+    assert c.ingest.prices_clamped == {"floor": 1, "cap": 1}
+    assert not c.ingest.invalid
+
+
+@pytest.mark.parametrize("price", [100_000.0, 5000.5, -6000.0])
+def test_a_price_no_market_has_is_still_dropped(price: float) -> None:
+    """100 times beyond the bounds is a unit slip or a corrupt feed, not a price."""
+    c = controller(energy={"price_floor_usd_per_mwh": -30.0, "price_cap_usd_per_mwh": 50.0})
+    c.on_message(c.topics.price, price_msg(40.0))
+    c.on_message(c.topics.price, price_msg(price))
+    assert c.fleet.site.market_price_usd_per_mwh == 40.0
+    assert c.ingest.invalid == {("price", "out_of_range"): 1}
+    assert not c.ingest.prices_clamped
+    schedule = PriceSchedule(ts=time.time(), interval_s=3600, prices=[
+        ScheduledPrice(start_ts=time.time(), price_usd_per_mwh=price)])
+    c.on_message(c.topics.price_schedule, schedule.encode())
+    assert c.fleet.site.price_schedule is None
+
+
+def test_a_non_finite_price_is_dropped() -> None:
+    c = controller()
+    c.on_message(c.topics.price, b'{"v":1,"ts":%f,"price_usd_per_mwh":NaN}' % time.time())
+    assert c.fleet.site.market_price_usd_per_mwh is None
+    assert sum(c.ingest.invalid.values()) == 1
+
+
+def test_price_clamps_are_logged_with_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from controller import logs  # noqa: PLC0415
+
+    logs.configure("info", json=True)
+    c = controller()
+    c.on_message(c.topics.price, price_msg(9000.0))
+    err = capsys.readouterr().err
+    line = next(json.loads(x) for x in err.splitlines() if "price_clamped" in x)
+    assert line["price_usd_per_mwh"] == 9000.0 and line["planned_usd_per_mwh"] == 5000.0
+    assert line["setting"] == "[energy] price_cap_usd_per_mwh = 5000"
+    assert line["level"] == "warning"
 
 
 def test_ack_seq_above_what_was_sent_is_not_trusted() -> None:

@@ -175,9 +175,11 @@ BAD_PAYLOADS: list[tuple[str, bytes, str]] = [
     ("signal/price", b'{"v":1,"ts":NOW}', "bad_schema"),
     ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":NaN}', "out_of_range"),
     ("signal/hashprice", b'{"v":1,"ts":NOW,"hashprice_usd_per_ph_day":-1}', "out_of_range"),
-    # Strict types, timestamps, the market's price rules, a reading on another group's topic.
+    # Strict types, timestamps, a price no market has (one merely beyond the site's
+    # [energy] cap or floor is planned with at that bound, tests/test_ingest.py), a
+    # reading on another group's topic.
     ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":"12"}', "wrong_type"),
-    ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":-9999}', "out_of_range"),
+    ("signal/price", b'{"v":1,"ts":NOW,"price_usd_per_mwh":-600000}', "out_of_range"),
     ("signal/price", b'{"v":1,"ts":99999999999,"price_usd_per_mwh":30}', "bad_timestamp"),
     ("signal/hashprice", b'{"v":1,"ts":0,"hashprice_usd_per_ph_day":40}', "bad_timestamp"),
     ("meter/poi/telemetry", b'{"v":1,"ts":NOW,"power_w":-2e9}', "out_of_range"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,8 +86,10 @@ async def test_once_shows_the_running_controllers_decision(broker: LocalBroker, 
     controller_task.cancel()
     await asyncio.gather(controller_task, return_exceptions=True)
     r = await asyncio.to_thread(top, "--broker", target, "--site", "test", "--once")
-    assert r.returncode == 0
+    assert r.returncode == 1, "a monitor's check must not pass on an OFFLINE controller"
     assert "controller OFFLINE" in r.stdout
+    assert r.stderr.endswith("mineops: the controller is OFFLINE (its last will, or a clean "
+                             "stop): figures are old\n")
 
 
 async def test_follows_decisions_prints_changes_and_stops_on_ctrl_c(
@@ -144,3 +147,83 @@ def test_usage_errors() -> None:
     assert r.returncode == 2 and "expected HOST:PORT" in r.stderr
     r = top("--broker", "127.0.0.1:1883", "--site", "x", "--timezone", "Nowhere/Town")
     assert r.returncode == 2 and "unknown time zone 'Nowhere/Town'" in r.stderr
+
+
+async def test_top_of_a_demo_shows_its_site_clock_and_the_demo_clears_up(broker: LocalBroker
+                                                                         ) -> None:
+    """The reviewer's: the demo showed 2024-08-20 18:08 CDT, `top` of it 2026-11-29 22:23
+    UTC. Both now read the site clock the demo's controller puts in its summary."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller.cli", "demo", "--broker",
+        f"{broker.host}:{broker.port}", "--duration", "30", "--miners", "80",
+        "--metrics-port", "0", "--event-at", "1", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "TZ": "UTC"})
+    try:
+        deadline = time.monotonic() + 40
+        r = None
+        while time.monotonic() < deadline:
+            r = await asyncio.to_thread(top, "--broker", f"{broker.host}:{broker.port}",
+                                        "--site", "demo", "--once", "--wait", "3")
+            if "grid event demo-drill" in r.stdout:
+                break
+            await asyncio.sleep(1.0)
+    finally:
+        async with asyncio.timeout(60):
+            raw_out, raw_err = await proc.communicate()
+    assert r is not None and "grid event demo-drill" in r.stdout, (r and r.stdout + r.stderr)
+    # The demo cleared what it retained on a broker it does not own: a later demo or
+    # `top` finds no racks, price or decision of a site that is gone.
+    cfg = make_site(broker, [("a", "s21", 1)])
+    peer = Peer(cfg, ["mineops/demo/#"])
+    task = asyncio.create_task(peer.run())
+    try:
+        await wait_for(peer.transport.connected.is_set, what="peer up")
+        await asyncio.sleep(1.0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [t for t, raw in peer.received if raw] == [], "retained messages left behind"
+    demo_views = [line for line in raw_out.decode().splitlines()
+                  if line.startswith("2024-08-20 ")]
+    assert proc.returncode == 0, raw_err.decode()[-2000:]
+    (line,) = r.stdout.splitlines()
+    # The demo's clock and zone, not this machine's wall clock in UTC.
+    assert line.startswith("2024-08-20 1") and " CDT | site " in line, line
+    shown = line[:19]
+    assert demo_views[0][:19] <= shown <= demo_views[-1][:19], (shown, demo_views)
+    when = line.split("target ", 1)[1]
+    assert " CDT, until " in when and when.split(" by ", 1)[1][:2] in ("17", "18")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_an_unreachable_broker_is_said_to_be_one(once: bool) -> None:
+    """Not "is the controller running, is the site id right?", nor "waiting for the first
+    decision" forever: the broker refuses connections, and the view says so."""
+    port = closed_port()
+    if once:
+        r = top("--broker", f"127.0.0.1:{port}", "--site", "x", "--once", "--wait", "2")
+        assert r.returncode == 1
+        assert r.stderr.endswith(f"mineops: cannot reach the broker: 127.0.0.1:{port}: "
+                                 "connection refused (no decision read in 2 s)\n"), r.stderr
+        assert r.stdout == ""
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "top", "--broker",
+                             f"127.0.0.1:{port}", "--site", "x"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(5.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    said = f"x: cannot reach the broker: 127.0.0.1:{port}: connection refused; retrying"
+    assert lines[0] == said, out
+    assert lines.count(said) == 2, "once when it changed, once in the final view"
+    assert "waiting for the first decision" not in out

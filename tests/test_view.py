@@ -109,6 +109,66 @@ def test_simulated_clock_runs_at_speed_on_the_trace_timeline() -> None:
     assert "target 2.15 MW by 18:17 CDT, until 18:37 CDT" in text
 
 
+def test_the_summary_carries_the_site_clock_so_every_viewer_shows_the_same_times() -> None:
+    """The demo's view and `mineops top` on another machine (UTC, no --timezone) read the
+    one published summary: both show the demo's simulated CDT clock, not the wall clock."""
+    wall = 1_800_000_000.0
+    s = summary(ts=wall, site_ts=T, site_speed=60.0, site_timezone="America/Chicago",
+                grid_event_deadline_ts=wall + 2.0, grid_event_end_ts=wall + 22.0)
+    read, unknown = read_summary(s.encode())
+    assert unknown == [] and read.site_ts == T
+    for viewer_zone in (ZoneInfo("UTC"), CHICAGO, ZoneInfo("Asia/Tokyo")):
+        clock = SiteClock.of_summary(read, viewer_zone)
+        text = render(view(read, clock=clock, now_wall_s=wall + 1.0))
+        assert "2024-08-20 18:05:00 CDT (simulated, 60x real time)" in text
+        assert "target 2.15 MW by 18:07 CDT, until 18:27 CDT" in text
+    # An operator's --timezone still wins; a real site's summary has no site clock.
+    utc = SiteClock.of_summary(read, ZoneInfo("UTC"), tz_given=True)
+    assert utc.at(wall).strftime("%H:%M %Z") == "23:05 UTC"
+    real = SiteClock.of_summary(summary(ts=wall), ZoneInfo("UTC"))
+    assert not real.simulated and real.at(wall) == datetime.fromtimestamp(wall, UTC)
+    assert SiteClock.of_summary(summary(ts=wall, site_timezone="Nowhere/Town"),
+                                CHICAGO).tz == CHICAGO
+
+
+async def test_a_simulated_controller_publishes_its_site_clock(tmp_path: Path) -> None:
+    from controller.daemon.loop import SiteTime  # noqa: PLC0415
+    from tests.conftest import make_site  # noqa: PLC0415
+
+    class _NoBroker:
+        host, port = "127.0.0.1", 1
+
+    cfg = make_site(_NoBroker(), [("a", "s21", 4)],  # type: ignore[arg-type]
+                    grid={"journal_path": str(tmp_path / "grid.db")})
+    c = Controller(cfg, site_clock=lambda: SiteTime(T, 60.0, "America/Chicago"))
+    await c.decide_and_act("tick")
+    assert c.summary is not None
+    assert (c.summary.site_ts, c.summary.site_speed, c.summary.site_timezone) == (
+        T, 60.0, "America/Chicago")
+    assert SiteClock.of_summary(c.summary, UTC).at(c.summary.ts) == datetime(
+        2024, 8, 20, 18, 5, tzinfo=CHICAGO)
+    plain = Controller(cfg)
+    await plain.decide_and_act("tick")
+    assert plain.summary is not None and plain.summary.site_ts is None
+
+
+def test_a_broker_out_of_reach_is_said_in_place_of_waiting() -> None:
+    why = "cannot reach the broker: 10.0.0.5:1883: connection refused; retrying"
+    text = render(view(None, link=why))
+    assert why in text and "waiting" not in text
+    assert view(None, link=why).line() == f"demo: {why}"
+    assert "waiting for the first decision on broker" in render(view(None, source="broker x"))
+    # With figures on screen: they are said to be old.
+    assert f"! {why}: figures are old" in render(view(summary(), link=why))
+    out = io.StringIO()
+    screen = Screen(out, force_terminal=False)
+    screen.show(view(None))
+    assert out.getvalue() == "", "nothing to say before the first decision"
+    screen.show(view(None, link=why))
+    screen.show(view(None, link=why))
+    assert out.getvalue() == f"demo: {why}\n", "said once, while it holds"
+
+
 @pytest.mark.parametrize(("source", "why"), [
     ("site", "3.59 MW in force: the site cap"),
     ("recovery", "in force: recovery ramp after a grid obligation ended, rising to the site "
@@ -184,7 +244,8 @@ def test_pipe_gets_a_line_only_when_something_changed() -> None:
                                  market_price_usd_per_mwh=232.0), now_wall_s=T + 7.5))
     lines = out.getvalue().splitlines()
     assert len(lines) == 3, lines
-    assert lines[0].startswith("break-even price at stock"), "once, not every 5 s"
+    assert lines[0].startswith("break-even all-in price (market + adders) at stock"), \
+        "once, not every 5 s"
     assert lines[1].startswith("2024-08-20 18:05:00 CDT | site 2.13 MW / cap 2.15 MW")
     assert "price $240.00/MWh = market $232.00/MWh" in lines[2]
     assert "\x1b" not in out.getvalue(), "no cursor control on a pipe"

@@ -49,7 +49,10 @@ from controller.backtest.engine import (
     _solve_totals,
     _Table,
     _Totals,
+    bounded_prices,
+    price_bounds,
 )
+from controller.backtest.report import clamped_text
 from controller.backtest.result import Settings
 from controller.campus_config import CampusConfig
 from controller.config import SiteConfig
@@ -174,6 +177,9 @@ class CampusBacktestResult:
     missing_parts: tuple[str, ...] = ()
     traces: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Intervals decided on at the site's price cap or floor (engine.bounded_prices).
+    prices_clamped: dict[str, int] = field(default_factory=dict)
+    price_bounds_usd_per_mwh: tuple[float, float] | None = None  # (floor, cap)
 
     def summary(self) -> dict[str, Any]:
         """The run's totals as JSON-ready values: $, MWh, hours, per strategy and overall."""
@@ -205,6 +211,8 @@ class CampusBacktestResult:
             "gain_over_grid_price_usd": round(
                 ours - strategies["mineops_grid_price"]["profit_usd"], 2),
             "missing_parts": list(self.missing_parts),
+            "prices_clamped": {"cap": self.prices_clamped.get("cap", 0),
+                               "floor": self.prices_clamped.get("floor", 0)},
             "strategies": strategies,
             "decisions": self.decisions,
             "elapsed_s": round(self.elapsed_s, 3),
@@ -274,7 +282,8 @@ def run_campus_backtest(  # noqa: PLR0917 - run_backtest's arguments, and the tr
         raise ValueError("start_s and price_usd_per_mwh must be equal, non-empty 1-D arrays")
     if any(w.shape != price.shape for w in traces.part_w.values()):
         raise ValueError("every trace must have one value per price interval")
-    decision_price = np.concatenate([price[:1], price[:-1]])
+    planned, clamped = bounded_prices(cfg, price)
+    decision_price = np.concatenate([planned[:1], planned[:-1]])
     decided = _pictures(cfg.campus, traces, start_s, decision_price, settings)
     actual = _pictures(cfg.campus, traces, start_s, price, settings)
     headroom = np.array([p.headroom_w for p in actual])
@@ -306,7 +315,8 @@ def run_campus_backtest(  # noqa: PLR0917 - run_backtest's arguments, and the tr
         settings=settings, classes=classes, start_s=start_s, interval_s=interval_s,
         price_usd_per_mwh=price, headroom_w=headroom, on_site_w=on_site, cap_w=cap,
         series=series, decisions=decisions, elapsed_s=time.perf_counter() - started,
-        missing_parts=traces.missing, traces=traces.source)
+        missing_parts=traces.missing, traces=traces.source, prices_clamped=clamped,
+        price_bounds_usd_per_mwh=price_bounds(cfg))
 
 
 def _optimum(table: _Table, horizon: float, *, price: FloatArray, cap: FloatArray,
@@ -345,6 +355,8 @@ def campus_text_report(result: CampusBacktestResult) -> str:
     if result.missing_parts:
         lines.append(f"not in the traces, counted at their worst case: "
                      f"{', '.join(result.missing_parts)}")
+    lines += clamped_text(result.prices_clamped, result.price_bounds_usd_per_mwh,
+                          deciders="mineops")
     lines += ["", f"{'strategy':<28}{'profit $':>13}{'energy $':>12}{'surplus MWh':>13}"
               f"{'grid MWh':>11}{'import avoided $':>18}"]
     for name in CAMPUS_STRATEGIES:

@@ -4,7 +4,8 @@ What runs (no MQTT, no sleeping; time is passed in):
 
 * **mineops**: :func:`controller.core.policy.decide` (which calls
   :func:`controller.core.optimizer.solve`) at every interval start on the *previous*
-  interval's price (the last one published before the interval starts), and again
+  interval's price (the last one published before the interval starts), bounded to the
+  site's `[energy]` floor and cap as the daemon bounds it (`bounded_prices`), and again
   inside an interval when a policy hold (dwell, wake latency) expires, as the daemon's
   tick would. Revenue and cost are settled at the interval's *actual* price,
   time-weighted over those segments.
@@ -12,10 +13,14 @@ What runs (no MQTT, no sleeping; time is passed in):
   price, no policy: the hindsight ceiling.
 * **always_on**: every miner at its stock power target (the firmware target nearest the
   vendor's nominal power), shed least-efficient-first only where the cap forces it.
-* **onoff**: the strike-price rule: a miner runs at stock while the previous price is below
-  its model's break-even, else sleeps (solve() on a sleep/stock-only fleet).
+* **onoff**: the strike-price rule: a miner runs at stock while the previous (bounded)
+  price is below its model's break-even, else sleeps (solve() on a sleep/stock-only fleet).
 * **optimum_onoff**: the hindsight optimum on that sleep/stock-only fleet; the difference
   to **optimum** is the value of underclocking.
+
+Every strategy is settled at the file's own prices, bounded or not: a price beyond the
+cap is what the site would have paid. The hindsight strategies plan with them too (the
+best any plan could have done).
 
 All strategies plan against the same cap: the site cap (or a grid window's) less the
 configured headroom, incl. auxiliary load; never-curtail miners are pinned on. Priorities
@@ -61,6 +66,7 @@ import numpy.typing as npt
 from controller.backtest.classes import FleetClasses
 from controller.backtest.result import BacktestResult, Series, Settings
 from controller.backtest.windows import Window, window_caps
+from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
 from controller.config_types import PolicyKnobs
 from controller.core.optimizer import (
@@ -79,6 +85,7 @@ from controller.core.policy import (
     hold_durations_s,
     hold_ends_s,
 )
+from controller.core.prices import PriceBounds
 from controller.units import usd_per_ths_hour
 
 FloatArray = npt.NDArray[np.float64]
@@ -97,6 +104,10 @@ class _Table:
     points_w: FloatArray
     points_ths: FloatArray
     top: IntArray
+
+
+class PriceBoundsError(ValueError):
+    """A price no market has: NaN, infinite, or 100 times beyond the site's bounds."""
 
 
 # -- cohorts: identical miners with one history -------------------------------------------
@@ -333,13 +344,12 @@ def run_backtest(
     price = np.asarray(price_usd_per_mwh, dtype=np.float64)
     if start_s.shape != price.shape or price.size == 0:
         raise ValueError("start_s and price_usd_per_mwh must be equal, non-empty 1-D arrays")
-    if not np.all(np.isfinite(price)):
-        raise ValueError("prices must be finite")
+    planned, clamped = bounded_prices(cfg, price)
     classes = FleetClasses.from_config(cfg)
     headroom = 1.0 - settings.headroom_fraction
     site_cap, grid = window_caps(start_s, interval_s, windows, settings.cap_w)
     cap = site_cap * headroom
-    decision_price = np.concatenate([price[:1], price[:-1]])
+    decision_price = np.concatenate([planned[:1], planned[:-1]])
 
     full = _Table(classes, classes.points_w, classes.points_ths, classes.top)
     sp, sh = classes.stock_points()
@@ -371,13 +381,38 @@ def run_backtest(
             progress=None)
         no_window = float(_settle(nw, price, interval_s, settings).profit_usd.sum())
 
-    strike = _strikes(stock, settings)
+    strike = _strikes(classes, settings)
     return BacktestResult(
         settings=settings, classes=classes, start_s=start_s, interval_s=interval_s,
         price_usd_per_mwh=price, decision_price_usd_per_mwh=decision_price, cap_w=cap,
         grid_window=grid, series=series, strike_usd_per_mwh=strike, decisions=decisions,
         elapsed_s=time.perf_counter() - started, no_window_profit_usd=no_window,
+        prices_clamped=clamped, price_bounds_usd_per_mwh=price_bounds(cfg),
     )
+
+
+def price_bounds(cfg: SiteConfig) -> tuple[float, float]:
+    """The site's (floor, cap) in $/MWh, as the backtest bounds prices."""
+    b = PriceBounds.of_site(cfg)
+    return b.floor_usd_per_mwh, b.cap_usd_per_mwh
+
+
+def bounded_prices(cfg: SiteConfig, price_usd_per_mwh: FloatArray
+                   ) -> tuple[FloatArray, dict[str, int]]:
+    """The prices mineops decides on: within the site's `[energy]` floor and cap.
+
+    The daemon's own bounds (`PriceBounds`, as its ingest applies them), so the backtest
+    plans with the price the daemon would. Returns the bounded prices, shape as given,
+    and how many were clamped to each bound ("cap", "floor").
+
+    Raises:
+        PriceBoundsError: a price is NaN, infinite or absurd (beyond 100 times the bounds).
+    """
+    try:
+        planned, clamped = PriceBounds.of_site(cfg).bound_all(price_usd_per_mwh)
+    except ValueError as e:
+        raise PriceBoundsError(f"prices: {e}") from None
+    return planned, {str(bound): n for bound, n in clamped.items()}
 
 
 def _horizon(knobs: PolicyKnobs, classes: FleetClasses, interval_s: float) -> float:
@@ -431,17 +466,16 @@ def _settle(x: _Totals, price: FloatArray, interval_s: float, st: Settings) -> S
     )
 
 
-def _strikes(stock: _Table, st: Settings) -> dict[str, float]:
-    """Market price below which each model's stock operation pays (the on/off rule)."""
-    c = stock.classes
-    value = usd_per_ths_hour(st.hashprice_usd_per_ph_day)
-    aux1 = 1.0 + st.aux_fraction if st.knobs.aux_in_energy_cost else 1.0
-    out: dict[str, float] = {}
-    for j, key in enumerate(c.model_keys):
-        dh = stock.points_ths[j, 1] - stock.points_ths[j, 0]
-        dp = stock.points_w[j, 1] - stock.points_w[j, 0]
-        out[key] = value * dh / dp * 1e6 / aux1 - st.adder_usd_per_mwh
-    return out
+def _strikes(classes: FleetClasses, st: Settings) -> dict[str, float]:
+    """Each model's break-even as a market price (the on/off rule's strike).
+
+    The catalogue's all-in break-even at stock (`MinerModel.breakeven_usd_per_mwh`, the one
+    every view shows) less the adders.
+    """
+    catalogue = load_catalogue()
+    return {key: catalogue.get(key).breakeven_usd_per_mwh(
+        st.hashprice_usd_per_ph_day, aux_fraction=st.paid_aux_fraction)
+        - st.adder_usd_per_mwh for key in dict.fromkeys(classes.model_keys)}
 
 
 # -- mineops: decide() through time --------------------------------------------------------

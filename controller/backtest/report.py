@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.backtest.result import STRATEGIES, BacktestResult
+from controller.catalogue import breakeven_label
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -55,16 +57,43 @@ def text_report(result: BacktestResult) -> str:
         f"value of underclocking ${s['underclocking_value_usd']:,.0f} "
         "(hindsight optimum with power targets minus with on/off only)",
     ]
+    lines += clamped_text(result.prices_clamped, result.price_bounds_usd_per_mwh)
     if "grid_window_cost_usd" in s:
         lines.append(f"grid windows          {s['grid_window_intervals']} intervals, cost "
                      f"${s['grid_window_cost_usd']:,.0f} of mineops profit")
     lines += ["", f"{'model (mineops)':<16}{'miners':>8}{'MWh':>11}{'profit $':>14}"
-              f"{'strike $/MWh':>14}"]
+              f"{'break-even $/MWh':>18}{'on/off strike':>15}"]
     for key, m in s["models"].items():
         lines.append(f"{key:<16}{m['miners']:>8,}{m['energy_mwh']:>11,.1f}"
-                     f"{m['profit_usd']:>14,.0f}{s['strike_usd_per_mwh'][key]:>14,.2f}")
+                     f"{m['profit_usd']:>14,.0f}{s['breakeven_usd_per_mwh'][key]:>18,.2f}"
+                     f"{s['strike_usd_per_mwh'][key]:>15,.2f}")
+    st = result.settings
+    lines += [f"{breakeven_label(st.hashprice_usd_per_ph_day, st.paid_aux_fraction)}; "
+              f"on/off strike: that less the {usd_text(st.adder_usd_per_mwh)}/MWh adders, the "
+              "market price the on/off rule switches at"]
     lines += ["", f"elapsed {s['elapsed_s']:.2f} s ({s['decisions']:,} policy decisions)"]
     return "\n".join(lines)
+
+
+def clamped_text(clamped: dict[str, int], bounds: tuple[float, float] | None, *,
+                 deciders: str = "mineops and on/off") -> list[str]:
+    """A line per bound that prices went beyond (none when every price was within).
+
+    `bounds` is the site's (floor, cap) in $/MWh; `deciders` the strategies that decided
+    on the bounded price.
+    """
+    out = []
+    for bound, i, setting in (("cap", 1, "price_cap"), ("floor", 0, "price_floor")):
+        n = clamped.get(bound, 0)
+        if not n:
+            continue
+        at = "" if bounds is None else f" {usd_text(bounds[i])}/MWh"
+        side = "above" if bound == "cap" else "below"
+        out.append(f"prices {side} the site's {bound}{at} ([energy] {setting}_usd_per_mwh): "
+                   f"{n:,} interval{'s' if n != 1 else ''}; {deciders} decided on "
+                   f"{'them' if n != 1 else 'it'} at the {bound}, as the controller does; "
+                   "every strategy settled at the file's price")
+    return out
 
 
 def write_csv(result: BacktestResult, path: Path) -> None:
@@ -161,6 +190,15 @@ def write_png(result: BacktestResult, path: Path, *, timezone: str = "UTC",
     plt.close(fig)
 
 
+def zone_label(timezone: str, when: list[datetime]) -> str:
+    """The zone of an axis: its name and the abbreviations its times are in, in order.
+
+    E.g. "America/Chicago (CDT/CST)" for a span across the fall-back.
+    """
+    names = list(dict.fromkeys(w.strftime("%Z") for w in when))
+    return f"{timezone} ({'/'.join(names)})" if names else timezone
+
+
 def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) -> Any:
     """A matplotlib Figure: the whole period, and the most expensive days up close.
 
@@ -180,7 +218,7 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     when = [datetime.fromtimestamp(float(x), UTC).astimezone(tz) for x in result.start_s]
     # Matplotlib's date numbers (days): plain floats for every x below.
     t = np.asarray(mdates.date2num(when), dtype=np.float64)  # type: ignore[no-untyped-call]
-    zone_name = f"{timezone} ({when[0]:%Z})" if when else timezone
+    zone_name = zone_label(timezone, when)
     dollars = FuncFormatter(lambda x, _p: _tex(usd_text(x)))
     price = result.price_usd_per_mwh
     ser = result.series
@@ -206,26 +244,35 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     # dashed lines within a factor of three of each other hide the prices.
     band = (strikes[0][1], strikes[-1][1]) if strikes else None
     if band is not None:
+        st = result.settings
+        named = breakeven_label(st.hashprice_usd_per_ph_day, st.paid_aux_fraction,
+                                less_adders_usd_per_mwh=st.adder_usd_per_mwh)
         ax_p.axhspan(*band, color="C2", alpha=0.15, lw=0,
-                     label=_tex(f"break-even market prices, {usd_text(band[0])} "
-                                f"({strikes[0][0]}) to {usd_text(band[1])} ({strikes[-1][0]})"))
+                     label=_tex(f"{usd_text(band[0])} ({strikes[0][0]}) to "
+                                f"{usd_text(band[1])} ({strikes[-1][0]}):\n"
+                                + textwrap.fill(named, 34, break_on_hyphens=False)))
     ax_p.set_yscale("symlog", linthresh=100.0)
     ax_p.set_ylim(bottom=min(0.0, min(day_mean, default=0.0)))
     ax_p.yaxis.set_major_formatter(dollars)
     zoomed = expensive_days(result, tz, n_zoom)
     shade = ax_p.get_xaxis_transform()
     placed: list[float] = []
+    span_days = max(t[-1] - t[0], 1.0) if t.size else 1.0
     for rank, d in enumerate(zoomed, 1):
         x = day_start[order.index(d)]
         ax_p.axvspan(x, x + 1.0, color="gold", alpha=0.5, lw=0)
-        # Neighbouring days (a heat wave's) get their labels stacked, not overprinted.
-        level = sum(abs(x - other) < 4.0 for other in placed)
+        # Inside the axes, under its top edge: above it they ran into the title. Days
+        # closer than a label's width (a heat wave's) get their labels stacked down.
+        level = sum(abs(x - other) < span_days / 40.0 for other in placed)
         placed.append(x)
-        ax_p.text(x + 0.5, 1.01 + 0.07 * level, f"#{rank}", transform=shade,
-                  fontsize=7, ha="center", va="bottom")
+        ax_p.text(x + 0.5, 0.97 - 0.09 * level, f"#{rank}", transform=shade, fontsize=8,
+                  ha="center", va="top",
+                  bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                        "alpha": 0.8})
     ax_p.set_title(_tex("market price per day, $/MWh (shaded: the most expensive days, "
-                        "shown below)"), fontsize=10, pad=30)
-    ax_p.legend(fontsize=8, ncol=3, loc="upper left")
+                        "shown below)"), fontsize=10)
+    # Beside the axes, not on them: no legend can cover a line it explains.
+    ax_p.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
     # -- the whole period: the gap to the optimum ----------------------------------------
     for name, color in (("mineops", "C0"), ("onoff", "C1"), ("always_on", "C3")):
@@ -241,12 +288,20 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     ax_g.set_title(_tex("cumulative profit below the hindsight optimum, % (log scale, "
                         f"0.01 % = level with it); optimum {usd_text(opt_total)} over the "
                         "period"), fontsize=10)
-    ax_g.legend(fontsize=8, loc="upper right")
+    ax_g.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_g.xaxis_date(tz)
-    ax_g.xaxis.set_major_formatter(
-        mdates.DateFormatter("%b %d", tz=tz))  # type: ignore[no-untyped-call]
+    # matplotlib's concise dates: each date once, then the hours between (a short period
+    # ticked "%b %d" every few hours repeated its dates).
+    locator = mdates.AutoDateLocator(tz=tz)  # type: ignore[no-untyped-call]
+    ax_g.xaxis.set_major_locator(locator)
+    concise = mdates.ConciseDateFormatter(locator, tz=tz)  # type: ignore[no-untyped-call]
+    # The year and month beside the axis; the default's full date under hourly ticks
+    # read as if the period ended that day.
+    concise.offset_formats = ["", "%Y", "%Y", "%Y-%b", "%Y-%b-%d", "%Y-%b-%d %H:%M"]
+    ax_g.xaxis.set_major_formatter(concise)
     ax_g.set_xlabel(f"date, {zone_name}")
     plt.setp(ax_p.get_xticklabels(), visible=False)
+    ax_p.xaxis.get_offset_text().set_visible(False)
 
     # -- the most expensive days up close -----------------------------------------------
     for col, d in enumerate(zoomed):
@@ -277,7 +332,7 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
             mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
         zw.xaxis.set_major_locator(mdates.HourLocator(  # type: ignore[no-untyped-call]
             byhour=range(0, 24, 6), tz=tz))
-        zw.set_xlabel(f"time, {zone_name}")
+        zw.set_xlabel(f"time, {zone_label(timezone, [when[i] for i in np.flatnonzero(sel)])}")
         plt.setp(zp.get_xticklabels(), visible=False)
         if col == 0:
             zp.set_ylabel("price, $/MWh")

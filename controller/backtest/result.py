@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,11 @@ class Settings:
     cap_w: float  # site cap incl. aux
     headroom_fraction: float
     knobs: PolicyKnobs
+
+    @property
+    def paid_aux_fraction(self) -> float:
+        """The aux fraction the energy cost counts (0 when the knobs leave aux unpaid)."""
+        return self.aux_fraction if self.knobs.aux_in_energy_cost else 0.0
 
     @classmethod
     def from_config(
@@ -76,10 +81,17 @@ class BacktestResult:
     cap_w: FloatArray  # planning cap per interval (after headroom)
     grid_window: npt.NDArray[np.bool_]
     series: dict[str, Series]
-    strike_usd_per_mwh: dict[str, float]  # on/off break-even market price per model
+    # Per model, the catalogue's break-even all-in price at stock less the adders: about
+    # the market price the on/off rule switches at (its stock point is the nearest
+    # firmware target, its sleep draw saved: under 1 % above).
+    strike_usd_per_mwh: dict[str, float]
     decisions: int
     elapsed_s: float
     no_window_profit_usd: float | None = None
+    # Intervals whose price was beyond [energy] price_cap/floor_usd_per_mwh: decided on
+    # at that bound, settled at the file's price. {"cap": n, "floor": m}
+    prices_clamped: dict[str, int] = field(default_factory=dict)
+    price_bounds_usd_per_mwh: tuple[float, float] | None = None  # (floor, cap)
 
     @property
     def intervals(self) -> int:
@@ -134,6 +146,11 @@ class BacktestResult:
             },
             "models": self.by_model(),
             "strike_usd_per_mwh": {k: round(v, 2) for k, v in self.strike_usd_per_mwh.items()},
+            "breakeven_usd_per_mwh": {
+                k: round(v + self.settings.adder_usd_per_mwh, 2)
+                for k, v in self.strike_usd_per_mwh.items()},
+            "prices_clamped": {"cap": self.prices_clamped.get("cap", 0),
+                               "floor": self.prices_clamped.get("floor", 0)},
         }
         if self.no_window_profit_usd is not None:
             out["grid_window_cost_usd"] = round(

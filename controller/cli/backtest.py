@@ -16,8 +16,9 @@ from controller.backtest import (
     load_windows,
     run_backtest,
 )
+from controller.backtest.engine import PriceBoundsError
 from controller.backtest.report import text_report, write_csv, write_png
-from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers, add_price_args
+from controller.cli.common import EXIT_OK, EXIT_USAGE, Subparsers, UsageError, add_price_args
 from controller.config import SiteConfig
 from controller.config_types import PolicyKnobs
 from controller.extras import require
@@ -150,15 +151,22 @@ def run(args: argparse.Namespace) -> int:
     except (WindowFileError, ValueError) as e:
         print(f"mineops: {e}", file=sys.stderr)
         return EXIT_USAGE
+    for w in windows:
+        if w.note:
+            print(f"mineops: warning: --windows {w.note}", file=sys.stderr)
     settings = Settings.from_config(cfg, hashprice=args.hashprice, adder=args.adder,
                                     knob_overrides=knobs)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    if args.campus_traces is not None:
-        return _campus(args, cfg, prices, settings, show)
-    result = run_backtest(
-        cfg, prices.start_s, prices.price_usd_per_mwh, prices.interval_s, settings,
-        windows=windows, exact=args.exact, progress=ProgressBar(sys.stderr) if show else None,
-    )
+    try:
+        if args.campus_traces is not None:
+            return _campus(args, cfg, prices, settings, show)
+        result = run_backtest(
+            cfg, prices.start_s, prices.price_usd_per_mwh, prices.interval_s, settings,
+            windows=windows, exact=args.exact,
+            progress=ProgressBar(sys.stderr) if show else None,
+        )
+    except PriceBoundsError as e:
+        raise UsageError(f"{args.prices}: {e}") from None
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(result, args.out / "backtest.csv")

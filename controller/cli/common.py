@@ -12,15 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import errno
 import faulthandler
 import os
 import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
+from controller.site_file import validation_problem
 from drivers.prices import PRICE_UNITS, dataset_help
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -36,6 +40,39 @@ Subparsers = Any  # argparse's _SubParsersAction is private; its add_parser is w
 
 class UsageError(Exception):
     """Something the operator can fix in the command or its configuration (exit 2)."""
+
+
+def endpoint_problem(e: OSError, host: str, port: int, *, in_use_hint: str,
+                     other_hint: str) -> UsageError:
+    """A listening socket that could not be bound, in one line.
+
+    The line names the address and the option that moves it: "metrics endpoint
+    127.0.0.1:9108: address already in use (...)".
+
+    `in_use_hint` is said when the port is taken, `other_hint` otherwise (not an address
+    of this host, a privileged port, ...).
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    why = (e.strerror or str(e)).lower()
+    hint = in_use_hint if e.errno == errno.EADDRINUSE else other_hint
+    return UsageError(f"metrics endpoint {where}: {why} ({hint})")
+
+
+def invalid_input(e: ValidationError, options: Mapping[str, str] | None = None) -> str:
+    """A pydantic error as one line for an operator: "--value-kw: must be >= 0 (got -5)".
+
+    `options` maps a model's field names to the command-line options that set them
+    (value_kw -> --value-kw), so the message names what the operator typed. Several
+    errors are joined with "; ". The one place the CLI turns a ValidationError into words.
+    """
+    names = options or {}
+    parts = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        named = {**err, "loc": (names[str(loc[0])], *loc[1:])} \
+            if loc and str(loc[0]) in names else err
+        parts.append(validation_problem(named))
+    return "; ".join(parts)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -11,6 +11,7 @@ from controller.cli.common import (
     Subparsers,
     add_price_args,
     count,
+    endpoint_problem,
     port,
     positive,
     run_async,
@@ -47,18 +48,28 @@ def add_parser(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 1 if the site did not work (miners silent, no decisions)."""
-    from controller.demo import DemoEvent, run_demo  # noqa: PLC0415 - the simulators load slowly
+    from controller.demo import (  # noqa: PLC0415 - the simulators load slowly
+        DemoEvent,
+        MetricsEndpointError,
+        run_demo,
+    )
 
     async def demo() -> int:
-        result = await run_demo(
-            miners=args.miners, duration_s=args.duration, speed=args.speed,
-            metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
-            prices_file=args.prices, price_column=args.price_column,
-            price_timezone=args.timezone, settlement_point=args.settlement_point,
-            price_unit=args.price_unit,
-            start=args.start, event=None if args.no_event else DemoEvent(at_s=args.event_at),
-            campus=args.campus,
-        )
+        try:
+            result = await run_demo(
+                miners=args.miners, duration_s=args.duration, speed=args.speed,
+                metrics_port=args.metrics_port, broker=args.broker, embedded=args.embedded,
+                prices_file=args.prices, price_column=args.price_column,
+                price_timezone=args.timezone, settlement_point=args.settlement_point,
+                price_unit=args.price_unit, start=args.start,
+                event=None if args.no_event else DemoEvent(at_s=args.event_at),
+                campus=args.campus,
+            )
+        except MetricsEndpointError as e:
+            raise endpoint_problem(
+                e.error, e.host, e.port,
+                in_use_hint="--metrics-port PORT for another, 0 for any free one",
+                other_hint="--metrics-port PORT for another") from None
         if not result.ok:
             print(f"demo failed: {result.why}", file=sys.stderr)
         return EXIT_OK if result.ok else EXIT_FAIL

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from pydantic import ValidationError
+
 from controller import logs
 from controller.cli import (
     backtest,
@@ -23,7 +25,13 @@ from controller.cli import (
     top,
     ven,
 )
-from controller.cli.common import EXIT_FAIL, EXIT_USAGE, HelpFormatter, UsageError
+from controller.cli.common import (
+    EXIT_FAIL,
+    EXIT_USAGE,
+    HelpFormatter,
+    UsageError,
+    invalid_input,
+)
 from controller.extras import MissingExtra
 from controller.site_file import ConfigError
 from drivers.prices import PriceFileError
@@ -81,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PriceFileError, UsageError, MissingExtra) as e:
         for line in str(e).splitlines():  # a ConfigError lists every problem, one per line
             print(f"mineops: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as e:  # input a command passed to a model unchecked
+        print(f"mineops: invalid input: {invalid_input(e)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         print(f"mineops: {e}", file=sys.stderr)

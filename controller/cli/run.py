@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import errno
 from pathlib import Path
 
 import structlog
 
-from controller.cli.common import EXIT_OK, Subparsers, UsageError, port, run_async
+from controller.cli.common import (
+    EXIT_OK,
+    Subparsers,
+    UsageError,
+    endpoint_problem,
+    port,
+    run_async,
+)
 from controller.config import SiteConfig
 from controller.site_file import load_config
 
@@ -48,11 +54,9 @@ async def _daemon(cfg: SiteConfig) -> int:
     try:
         server = controller.metrics.serve(host, port_n)
     except OSError as e:  # in use, not an address of this host, a privileged port, ...
-        where = f"[{host}]:{port_n}" if ":" in host else f"{host}:{port_n}"
-        why = (e.strerror or str(e)).lower()
-        hint = ("set [metrics] port or --metrics-port" if e.errno == errno.EADDRINUSE else
-                "check [metrics] host and port")
-        raise UsageError(f"metrics endpoint {where}: {why} ({hint})") from None
+        raise endpoint_problem(e, host, port_n,
+                               in_use_hint="set [metrics] port or --metrics-port",
+                               other_hint="check [metrics] host and port") from None
     try:
         await controller.run()
     finally:

@@ -2,14 +2,20 @@
 
 "Market price" is the ISO's price alone ($/MWh); the price the optimizer plans with is
 the market price plus the site's adders (delivery charges, fees). The two are named
-apart everywhere: `market_usd_per_mwh` and `total_usd_per_mwh`.
+apart everywhere: `market_usd_per_mwh` and `total_usd_per_mwh`. A market price is
+planned with within the site's `[energy]` floor and cap (`PriceBounds`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
+
+from controller.config import SiteConfig
 from controller.core.fleet_state import SiteReadings
 
 # A real-time price older than this is not trusted (an hour covers a missed 5/15-minute
@@ -43,3 +49,79 @@ def price_in_force(site: SiteReadings, *, now_monotonic_s: float, now_unix_s: fl
     if scheduled is not None:
         return PriceInForce(scheduled, "day_ahead", adders_usd_per_mwh)
     return PriceInForce(default_usd_per_mwh, "default", adders_usd_per_mwh)
+
+
+# A price this many times beyond the configured bounds is no market's (a unit slip, a
+# corrupt feed): rejected, not clamped. Within it, a price beyond a bound is a real,
+# extreme price the site's bounds did not expect (ERCOT settled at $9,000 in February
+# 2021 above a $5,000 cap set from today's rules).
+ABSURD_MULTIPLE = 100.0
+
+PriceBound = Literal["cap", "floor"]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceBounds:
+    """`[energy] price_floor_usd_per_mwh`..`price_cap_usd_per_mwh`: what a decision plans with.
+
+    A market price above the cap is planned with at the cap, below the floor at the
+    floor. For curtailment that is the safe side: at the cap the fleet sleeps, as it would
+    at the higher price. Prices further out than ABSURD_MULTIPLE times the larger bound's
+    magnitude, and NaN or infinite ones, are refused. The controller (ingest) and the
+    backtest both bound prices here, so they plan with the same price.
+    """
+
+    floor_usd_per_mwh: float = -250.0
+    cap_usd_per_mwh: float = 5000.0
+
+    @classmethod
+    def of_site(cls, cfg: SiteConfig) -> PriceBounds:
+        """The site file's `[energy]` bounds."""
+        return cls(cfg.energy.price_floor_usd_per_mwh, cfg.energy.price_cap_usd_per_mwh)
+
+    @property
+    def absurd_beyond_usd_per_mwh(self) -> float:
+        """Magnitude beyond which a price is refused, $/MWh."""
+        return ABSURD_MULTIPLE * max(self.cap_usd_per_mwh, abs(self.floor_usd_per_mwh))
+
+    def bound(self, price_usd_per_mwh: float) -> tuple[float, PriceBound | None]:
+        """The price to plan with and which bound it was clamped to (None: within).
+
+        Raises:
+            ValueError: NaN, infinite, or absurd (see the class docstring); the message
+                names the price and the bounds.
+        """
+        p = price_usd_per_mwh
+        if not math.isfinite(p) or abs(p) > self.absurd_beyond_usd_per_mwh:
+            raise ValueError(
+                f"price {p:g} $/MWh is not a market price (beyond "
+                f"{ABSURD_MULTIPLE:g} times [energy] price_floor/cap_usd_per_mwh "
+                f"{self.floor_usd_per_mwh:g}..{self.cap_usd_per_mwh:g})")
+        if p > self.cap_usd_per_mwh:
+            return self.cap_usd_per_mwh, "cap"
+        if p < self.floor_usd_per_mwh:
+            return self.floor_usd_per_mwh, "floor"
+        return p, None
+
+    def bound_all(self, prices_usd_per_mwh: npt.ArrayLike
+                  ) -> tuple[npt.NDArray[np.float64], dict[PriceBound, int]]:
+        """`bound` over an array (a price file).
+
+        Returns the bounded prices, shape as given, and how many were clamped to each bound.
+
+        Raises:
+            ValueError: any price NaN, infinite or absurd (the first one is named).
+        """
+        p = np.asarray(prices_usd_per_mwh, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(p) | (np.abs(p) > self.absurd_beyond_usd_per_mwh)
+        if bad.any():
+            i = int(np.argmax(bad))
+            try:
+                self.bound(float(p.flat[i]))
+            except ValueError as e:
+                raise ValueError(f"interval {i}: {e}") from None
+        above = p > self.cap_usd_per_mwh
+        below = p < self.floor_usd_per_mwh
+        out = np.clip(p, self.floor_usd_per_mwh, self.cap_usd_per_mwh)
+        return out, {"cap": int(above.sum()), "floor": int(below.sum())}

@@ -24,8 +24,12 @@ Time: each payload's `ts` is checked against the controller's clock. Further ahe
 (FleetState.last_seen, SiteReadings.meter_at, price_at): a reading that waited in a
 queue is as old as it is, and a device clock running ahead cannot make one look younger.
 
-Site bounds: a meter's |power| at most METER_CAP_MULTIPLE times the site cap; prices
-within `[energy] price_floor_usd_per_mwh`..`price_cap_usd_per_mwh` (the market's rules).
+Site bounds: a meter's |power| at most METER_CAP_MULTIPLE times the site cap. A price
+(real-time or scheduled) beyond `[energy] price_floor_usd_per_mwh`..`price_cap_usd_per_mwh`
+is a real, extreme price: it is planned with at that bound (at the cap the fleet sleeps,
+the safe side), counted in `mineops_price_clamped_total{bound}` and logged
+(`price_clamped`, naming the setting); only a price no market has (beyond 100 times the
+bounds, `controller.core.prices.PriceBounds`) is dropped as out_of_range.
 Capabilities are taken set by set: a set that fails (bad shape, unknown or foreign
 miners, presets beyond the model) is counted and skipped, the others apply, and a set
 is applied only if the fleet's operating points can be prepared with it.
@@ -37,7 +41,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +51,7 @@ from pydantic import Field, ValidationError
 
 from controller.config import SiteConfig
 from controller.core.fleet_state import STATE_CODE, FleetState
+from controller.core.prices import PriceBound, PriceBounds
 from controller.daemon.metrics import Metrics
 from controller.grid.obligations import GridObligations
 from controller.logs import LogLimiter
@@ -59,6 +64,7 @@ from controller.protocol.payloads import (
     PowerControlSet,
     PriceSchedule,
     PriceSignal,
+    ScheduledPrice,
     TelemetryColumns,
     decode,
     decode_group_telemetry,
@@ -92,8 +98,7 @@ class IngestLimits:
     clock_skew_s: float = 60.0
     signal_max_age_s: float = 7 * 86_400.0
     meter_max_abs_w: float = math.inf
-    price_floor_usd_per_mwh: float = -250.0
-    price_cap_usd_per_mwh: float = 5000.0
+    price_bounds: PriceBounds = field(default_factory=PriceBounds)
 
     @classmethod
     def for_site(cls, cfg: SiteConfig) -> IngestLimits:
@@ -103,8 +108,7 @@ class IngestLimits:
             clock_skew_s=cfg.policy.clock_skew_s,
             signal_max_age_s=cfg.policy.signal_max_age_s,
             meter_max_abs_w=METER_CAP_MULTIPLE * cfg.power_cap_kw * 1000.0,
-            price_floor_usd_per_mwh=cfg.energy.price_floor_usd_per_mwh,
-            price_cap_usd_per_mwh=cfg.energy.price_cap_usd_per_mwh)
+            price_bounds=PriceBounds.of_site(cfg))
 
 
 class Ingest:
@@ -152,6 +156,7 @@ class Ingest:
         self.on_meter = on_meter
         self.on_online = on_online
         self.invalid: Counter[tuple[str, str]] = Counter()
+        self.prices_clamped: Counter[PriceBound] = Counter()
         self.rejected_readings: Counter[str] = Counter()
         self._quiet = LogLimiter(60.0)
         self._group_index = {g: i for i, g in enumerate(fleet.groups)}
@@ -512,20 +517,36 @@ class Ingest:
         if self.grid.accept(event, time.time(), time.monotonic()):
             self.on_change("grid")
 
-    def _check_price(self, price: float, what: str) -> None:
-        lo, hi = self.limits.price_floor_usd_per_mwh, self.limits.price_cap_usd_per_mwh
-        if not lo <= price <= hi:
-            raise PayloadError("out_of_range", f"{what} {price:g} $/MWh outside the market's "
-                               f"{lo:g}..{hi:g} (energy.price_floor/cap_usd_per_mwh)")
+    def _bounded_price(self, price: float, what: str) -> tuple[float, PriceBound | None]:
+        """The price to plan with: within the site's bounds (PriceBounds); absurd raises."""
+        try:
+            return self.limits.price_bounds.bound(price)
+        except ValueError as e:
+            raise PayloadError("out_of_range", f"{what}: {e}") from None
+
+    def _clamped(self, bound: PriceBound, prices: list[float], what: str) -> None:
+        """Count and log prices planned with at a bound: a real price, not a bad message."""
+        self.prices_clamped[bound] += len(prices)
+        self.metrics.price_clamped.labels(bound).inc(len(prices))
+        suppressed = self._quiet.allow("price_clamped", bound)
+        if suppressed is not None:
+            b = self.limits.price_bounds
+            at = b.cap_usd_per_mwh if bound == "cap" else b.floor_usd_per_mwh
+            log.warning("price_clamped", what=what, price_usd_per_mwh=max(prices, key=abs),
+                        prices=len(prices), bound=bound, planned_usd_per_mwh=at,
+                        setting=f"[energy] price_{bound}_usd_per_mwh = {at:g}",
+                        suppressed_since_last=suppressed)
 
     def _price(self, _device: str, raw: bytes) -> None:
         price = decode(PriceSignal, raw)
         now_unix = time.time()
         age = self._age_s(price.ts, now_unix, math.inf, "price")
-        self._check_price(price.price_usd_per_mwh, "price")
+        market, bound = self._bounded_price(price.price_usd_per_mwh, "price")
+        if bound is not None:
+            self._clamped(bound, [price.price_usd_per_mwh], "price")
         site = self.fleet.site
-        changed = price.price_usd_per_mwh != site.market_price_usd_per_mwh
-        site.market_price_usd_per_mwh = price.price_usd_per_mwh
+        changed = market != site.market_price_usd_per_mwh
+        site.market_price_usd_per_mwh = market
         site.price_at = time.monotonic() - age
         if changed:
             self.on_change("price")
@@ -533,8 +554,19 @@ class Ingest:
     def _price_schedule(self, _device: str, raw: bytes) -> None:
         schedule = decode(PriceSchedule, raw)
         self._age_s(schedule.ts, time.time(), math.inf, "price schedule")
+        bounded: list[ScheduledPrice] = []
+        clamped: dict[PriceBound, list[float]] = {}
         for p in schedule.prices:
-            self._check_price(p.price_usd_per_mwh, f"scheduled price at {p.start_ts:.0f}")
+            market, bound = self._bounded_price(p.price_usd_per_mwh,
+                                                f"scheduled price at {p.start_ts:.0f}")
+            if bound is not None:
+                clamped.setdefault(bound, []).append(p.price_usd_per_mwh)
+            bounded.append(p if bound is None
+                           else p.model_copy(update={"price_usd_per_mwh": market}))
+        for bound, prices in clamped.items():
+            self._clamped(bound, prices, "price schedule")
+        if clamped:
+            schedule = schedule.model_copy(update={"prices": bounded})
         self.fleet.site.price_schedule = schedule
         self.on_change("price_schedule")
 

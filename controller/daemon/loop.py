@@ -23,6 +23,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +51,7 @@ from controller.daemon.snapshot import CapInForce, CapSource, DecisionSnapshot, 
 from controller.daemon.systemd import supervise
 from controller.grid.journal import GridJournal
 from controller.grid.obligations import GridObligations, GridRules, Obligation
-from controller.protocol.payloads import FleetCommand, Setpoint
+from controller.protocol.payloads import DecisionSummary, FleetCommand, Setpoint
 from controller.protocol.topics import OFFLINE, ONLINE, SiteTopics
 from controller.protocol.transport import LastWill, Transport
 from drivers.meters import MeterRouter
@@ -93,6 +94,14 @@ def _cap_source(ob: Obligation, site_cap_w: float, frequency_shed: bool) -> CapS
     return "recovery" if ob.cap_w < site_cap_w else "site"
 
 
+class SiteTime(NamedTuple):
+    """A simulated site's clock at a decision (see Controller's `site_clock`)."""
+
+    site_ts: float | None  # the site's time now, Unix s; None: not running yet
+    speed: float  # site seconds per wall-clock second
+    timezone: str  # IANA zone the site's times are shown in
+
+
 class Controller:
     """A site's controller; `run()` until cancelled. `snapshot` is the latest decision.
 
@@ -100,15 +109,19 @@ class Controller:
         cfg: The site.
         metrics: Where to count (default: a registry of its own).
         wall_clock: Unix time now, s (the tests step it; durations use the monotonic clock).
+        site_clock: A simulated site's clock (the demo): read at each decision, its time
+            goes out in the decision summary for the live views; None on a real site.
 
     Raises:
         JournalError: the grid journal cannot be opened for writing.
     """
 
     def __init__(self, cfg: SiteConfig, *, metrics: Metrics | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 site_clock: Callable[[], SiteTime] | None = None) -> None:
         self.cfg = cfg
         self.wall_clock = wall_clock
+        self.site_clock = site_clock
         self.topics = SiteTopics(cfg.site_id)
         self.fleet = FleetState(cfg.inventory)
         self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
@@ -121,6 +134,7 @@ class Controller:
         self.grid = _grid_obligations(cfg, self.fleet)
         self.metrics = metrics or Metrics()
         self.snapshot: DecisionSnapshot | None = None
+        self.summary: DecisionSummary | None = None  # the latest one published
         self.decisions = 0
         self.campus = None if cfg.campus is None else CampusLink(
             cfg.campus, stale_s=pc.telemetry_stale_s, margin_fraction=pc.cap_headroom_fraction,
@@ -167,7 +181,7 @@ class Controller:
             site_id=cfg.site_id, fleet=self.fleet, per_miner=cfg.metrics.per_miner,
             stale_s=pc.telemetry_stale_s, snapshot=lambda: self.snapshot,
             energy=self.metrics.energy, link=self.transport.status,
-            per_group=cfg.metrics.per_group,
+            per_group=cfg.metrics.per_group, aux_fraction=cfg.energy.aux_fraction,
         ))
         if self.campus is not None:
             self.metrics.attach(CampusCollector(link=self.campus, snapshot=lambda: self.snapshot))
@@ -419,6 +433,11 @@ class Controller:
         self.metrics.decision_seconds.observe(snap.duration_s)
         self.metrics.decisions.labels(why).inc()
         summary = snap.summary()
+        if self.site_clock is not None:
+            t = self.site_clock()
+            summary = summary.model_copy(update={
+                "site_ts": t.site_ts, "site_speed": t.speed, "site_timezone": t.timezone})
+        self.summary = summary
         self._send([(self.topics.decision, summary.encode())], retain=True, commands=False)
         if sent:
             log.info("decision", trigger=why, price_usd_per_mwh=round(price.total_usd_per_mwh, 2),

@@ -182,12 +182,16 @@ class SiteCollector:
         link: Returns the broker connection's status.
         per_group: Per-group series: "auto" (up to PER_GROUP_AUTO_MAX groups), "always",
             "never".
+        aux_fraction: The site's aux fraction, counted in the break-even prices as the
+            controller counts it.
     """
 
     def __init__(self, *, site_id: str, fleet: FleetState, per_miner: bool, stale_s: float,
                  snapshot: Callable[[], DecisionSnapshot | None], energy: EnergyCounter,
-                 link: Callable[[], LinkStatus], per_group: PerGroup = "auto") -> None:
+                 link: Callable[[], LinkStatus], per_group: PerGroup = "auto",
+                 aux_fraction: float = 0.0) -> None:
         self._fleet = fleet
+        self._aux_fraction = aux_fraction
         self._per_miner = per_miner
         self._stale_s = stale_s
         self._snapshot = snapshot
@@ -311,8 +315,10 @@ class SiteCollector:
                    "Market price in force, without adders", price.market_usd_per_mwh),
             _gauge("mineops_hashprice_usd_per_ph_day", "Hashprice in force", hashprice),
             _labelled("mineops_breakeven_price_usd_per_mwh",
-                      "Energy price at which a model at stock earns nothing", ["model"],
-                      (([k], m.breakeven_usd_per_mwh(hashprice))
+                      "All-in energy price (market + adders) at which a model at stock earns "
+                      "nothing, incl. its share of aux (catalogue.breakeven_usd_per_mwh)",
+                      ["model"],
+                      (([k], m.breakeven_usd_per_mwh(hashprice, aux_fraction=self._aux_fraction))
                        for k, m in self._models.items())),
         ]
         power_w, hashrate_ths = snap.fleet_power_w, snap.fleet_hashrate_ths
@@ -441,6 +447,12 @@ class Metrics:
             "Values a vendor meter sent that its applied reading leaves unknown (reason "
             "out_of_range: not physical; channels_disagree: live channels' frequencies "
             "disagree); docs/meters.md", ["meter", "value", "reason"], registry=r)
+        self.price_clamped = Counter(
+            "mineops_price_clamped",
+            "Market prices beyond [energy] price_floor/cap_usd_per_mwh, planned with at that "
+            "bound (bound: cap or floor)", ["bound"], registry=r)
+        for bound in ("cap", "floor"):
+            self.price_clamped.labels(bound)
         self.commands = Counter("mineops_commands_sent", "Miner setpoints sent", registry=r)
         self.command_messages = Counter("mineops_command_messages_sent",
                                         "Command messages published (one per group batch)",

@@ -16,6 +16,7 @@ changing anything (for `check-config`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -135,11 +136,15 @@ def journal_problem(path: Path | str) -> str | None:
     An existing file is opened read-write and a write lock is taken and released, so a
     file that is not an SQLite database, is damaged, or cannot be written (permissions,
     an immutable flag, a read-only mount, unwritable -wal/-shm files) is found here.
-    A missing file is checked by its directory (see `controller.site_file`).
+    A missing file is created as `GridJournal` creates it (directories, the database in
+    WAL mode, a write lock) and removed again with whatever was created for it: places
+    that only refuse the creation itself (/proc or /sys, even to root) are found too.
     """
     path = Path(path)
-    if not path.exists() or path.is_dir():
+    if path.is_dir():
         return None
+    if not path.exists():
+        return _creation_problem(path)
     try:
         db = _connect(path, create=False)
     except (sqlite3.Error, OSError) as e:
@@ -156,6 +161,36 @@ def journal_problem(path: Path | str) -> str | None:
         return f"{path}: {_why(e)}"
     finally:
         db.close()
+    return None
+
+
+def _creation_problem(path: Path) -> str | None:
+    """Why GridJournal could not create `path`, found by creating it and removing it again."""
+    made: list[Path] = []
+    files = [Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal", "")]
+    ours = [f for f in files if not f.exists()]  # leave whatever was there before
+    try:
+        missing = []
+        parent = path.absolute().parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        _connect(path, create=True).close()
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{path}: cannot be created: {(e.strerror or str(e)).lower()}{where}"
+    except sqlite3.Error as e:
+        return f"{path}: cannot be created here: {_why(e)}"
+    finally:
+        for f in ours:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return None
 
 

@@ -735,6 +735,14 @@ class DecisionSummary(Payload):
     campus_islanded: bool | None = None
     campus_stale: list[str] | None = Field(
         default=None, max_length=100, description="Parts counted at their worst case")
+    # The site's clock when it is not the wall clock (a simulated site: `mineops demo`),
+    # so that every view shows the decision at the same site time; None on a real site.
+    site_ts: float | None = Field(
+        default=None, ge=0, description="The decision's time on the site's clock, Unix s")
+    site_speed: float | None = Field(
+        default=None, gt=0, le=1e6, description="Site seconds per wall-clock second")
+    site_timezone: str | None = Field(
+        default=None, max_length=64, description="IANA zone of the site's clock")
 
 
 P = TypeVar("P", bound=Payload)

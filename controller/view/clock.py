@@ -3,7 +3,10 @@
 A real site's clock is the wall clock in the site's zone. The demo's is a simulated
 clock that runs `speed` times faster on the price trace's timeline: at 60x, a decision
 taken 10 real seconds after the anchor is shown 10 simulated minutes later. The
-controller itself only ever sees wall-clock times (payloads carry Unix seconds).
+controller itself only ever sees wall-clock times (payloads carry Unix seconds); a
+simulated site's controller puts its site time in the decision summary (`site_ts`,
+`site_speed`, `site_timezone`), and `SiteClock.of_summary` reads it back, so the demo's
+own view and `mineops top` watching it show the same times.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from controller.protocol.payloads import DecisionSummary
 
 
 def zone(name: str | None) -> tzinfo:
@@ -54,6 +59,29 @@ class SiteClock:
         """A simulated clock that reads `site_s` at wall time `wall_s` and runs at `speed`."""
         return cls(tz, speed=speed, anchor_wall_s=wall_s, anchor_site_s=site_s,
                    simulated=True)
+
+    @classmethod
+    def of_summary(cls, summary: DecisionSummary | None, tz: tzinfo, *,
+                   tz_given: bool = False) -> SiteClock:
+        """The clock of the controller that published `summary`.
+
+        Simulated when the summary carries its site time (anchored at the decision: the
+        summary's `ts` reads `site_ts`), else the wall clock. Shown in the summary's zone
+        when it names one, unless `tz_given` (an operator's --timezone) says to use `tz`;
+        `tz` is also the zone when the summary names none (or one this machine lacks).
+        """
+        if summary is None:
+            return cls.wall(tz)
+        shown = tz
+        if summary.site_timezone is not None and not tz_given:
+            try:
+                shown = ZoneInfo(summary.site_timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                shown = tz
+        if summary.site_ts is None:
+            return cls.wall(shown)
+        return cls.simulated_at(site_s=summary.site_ts, wall_s=summary.ts,
+                                speed=summary.site_speed or 1.0, tz=shown)
 
     def site_s(self, wall_s: float) -> float:
         """The site time (Unix s on the site's timeline) at wall time `wall_s`."""

@@ -87,7 +87,7 @@ class Screen:
         if self.live is not None:
             self.live.update(view.render(), refresh=True)
             return
-        if view.summary is None:
+        if view.summary is None and view.link is None:
             return
         breakevens = view.breakevens()
         if breakevens and breakevens != self._last_breakevens:

@@ -23,7 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from controller.catalogue import MinerModel
+from controller.catalogue import MinerModel, breakeven_label
 from controller.core.fleet_state import VIEW_STATES
 from controller.protocol.payloads import DecisionSummary, PayloadError, decode
 from controller.view.clock import SiteClock
@@ -59,6 +59,17 @@ def read_summary(raw: bytes) -> tuple[DecisionSummary, list[str]]:
     unknown = sorted(k for k in data if k not in known)
     kept = {k: v for k, v in data.items() if k in known}
     return decode(DecisionSummary, json.dumps(kept).encode()), unknown
+
+
+def event_terms(kind: str, value_w: float | None) -> str:
+    """A grid event's terms in words: "target 2.15 MW", "shed 0.50 MW below the baseline"."""
+    if kind == "target_kw" and value_w is not None:
+        return f"target {format_mw(value_w)}"
+    if kind == "shed_kw" and value_w is not None:
+        return f"shed {format_mw(value_w)} below the baseline"
+    if kind == "peak":
+        return "peak alert" + ("" if value_w is None else f", hold {format_mw(value_w)}")
+    return GRID_KINDS.get(kind, kind)
 
 
 def format_mw(w: float | None) -> str:
@@ -103,6 +114,10 @@ class SiteView:
             not known (`mineops top` without a site file).
         controller_online: the controller's retained availability; None when not known.
         source: where the summary comes from, e.g. "broker 10.0.0.5:1883".
+        aux_fraction: the site's `[energy] aux_fraction`, counted in the break-even prices
+            as the controller counts it (0 when not known).
+        link: why the viewer cannot reach the broker, while it cannot (None: reached, or
+            not known yet); said in place of "waiting for the first decision".
     """
 
     site_id: str
@@ -112,6 +127,8 @@ class SiteView:
     models: Mapping[str, MinerModel] = field(default_factory=dict)
     controller_online: bool | None = None
     source: str = ""
+    aux_fraction: float = 0.0
+    link: str | None = None
 
     # -- pieces, shared by the panel and the line ---------------------------------------
 
@@ -220,19 +237,25 @@ class SiteView:
         return ", ".join(f"{r} {n:,}" for r, n in sorted(by.items(), key=lambda kv: -kv[1]))
 
     def breakevens(self) -> str:
-        """Each model's break-even market price at the decision's hashprice."""
+        """Each model's break-even all-in price at the decision's hashprice.
+
+        The hashprice is the site's, or its feed's; each figure is named as every view
+        names it (`catalogue.breakeven_label`).
+        """
         s = self.summary
         if s is None or not self.models:
             return ""
-        hp = s.hashprice_usd_per_ph_day
-        items = sorted(((k, m.breakeven_usd_per_mwh(hp)) for k, m in self.models.items()),
-                       key=lambda kv: kv[1])
-        return (f"break-even price at stock (market + adders) at ${hp:,.2f}/PH/day: "
+        hp, aux = s.hashprice_usd_per_ph_day, self.aux_fraction
+        items = sorted(((k, m.breakeven_usd_per_mwh(hp, aux_fraction=aux))
+                        for k, m in self.models.items()), key=lambda kv: kv[1])
+        return (f"{breakeven_label(hp, aux)}: "
                 + "  ".join(f"{k} ${be:,.0f}/MWh" for k, be in items))
 
     def warnings(self) -> list[str]:
         """What needs the operator's attention now."""
         out: list[str] = []
+        if self.link is not None:
+            out.append(f"{self.link}: figures are old")
         if self.controller_online is False:
             out.append("controller OFFLINE (its last will, or a clean stop): figures are old")
         age = self.age_s()
@@ -253,8 +276,9 @@ class SiteView:
         """The view as a rich renderable (a panel), for a terminal or a recorded console."""
         title = f"mineops · site {self.site_id}"
         if self.summary is None:
-            body = Text("waiting for the first decision" + (
-                f" on {self.source}" if self.source else "") + " ...")
+            body = Text(self.link, style="bold red") if self.link is not None else Text(
+                "waiting for the first decision" + (
+                    f" on {self.source}" if self.source else "") + " ...")
             return Panel(body, title=title, box=box.ROUNDED)
         s = self.summary
         grid = Table.grid(padding=(0, 2))
@@ -321,7 +345,7 @@ class SiteView:
     def line(self) -> str:
         """The view in one line, for output that is not a terminal."""
         if self.summary is None:
-            return f"{self.site_id}: waiting for the first decision"
+            return f"{self.site_id}: {self.link or 'waiting for the first decision'}"
         s = self.summary
         states = ", ".join(
             f"{state} {s.miners_by_state.get(state, 0):,}"
@@ -349,7 +373,7 @@ class SiteView:
         """
         s = self.summary
         if s is None:
-            return (None,)
+            return (None, self.link)
         return (round(self.cap_in_force_w()), s.cap_source, s.grid_event_id,
                 s.grid_event_on_track, round(s.price_usd_per_mwh, 2), s.price_source,
                 tuple(sorted(s.miners_by_state.items())),
