@@ -371,3 +371,17 @@ async def test_preset_only_firmware_plans_over_its_presets(tmp_path: Path) -> No
     planned = (await c.decide_and_act("test")).planned_power_w
     assert set(planned[:3]) <= {15.0, *presets}
     assert planned[3] in (15.0, 3500.0)
+
+
+def test_a_cancel_keeps_the_event_s_terms_in_the_record(tmp_path: Path) -> None:
+    """A cancel carrying other terms (times, target: e.g. a sender's defaults) ends the
+    event; the journal keeps the terms that were agreed, for settlement."""
+    g = obligations(tmp_path)
+    g.accept(event(id="c", value_kw=40.0, start_ts=1200.0, end_ts=1500.0, version=1), 900.0)
+    assert g.accept(event(id="c", value_kw=1.0, start_ts=5000.0, end_ts=9000.0, version=2,
+                          cancelled=True), 1000.0)
+    (row,) = g.journal.rows()
+    assert row.status == "cancelled" and row.version == 2
+    assert (row.payload["value_kw"], row.payload["start_ts"], row.payload["end_ts"]) == (
+        40.0, 1200.0, 1500.0)
+    assert g.obligation(1300.0, 50_000.0, 1e6).cap_w == np.inf, "cancelled: not in force"

@@ -232,6 +232,12 @@ class GridObligations:
             refused = _refusal(event, known)
             if refused is not None:
                 raise PayloadError(*refused)
+            if event.cancelled:
+                # A cancel ends the event that was agreed: its record keeps those terms
+                # (kind, target, times) whatever the cancel message carries, so the
+                # settlement record is never rewritten; only the status and version change.
+                payload = {**known.payload, "cancelled": True, "version": event.version}
+                event = GridEvent.model_validate(payload)
         # Over only by both views while a clock step is unresolved.
         ended = now_ts >= event.end_ts and now_ts - self.clock.offset_s >= event.end_ts
         status = "cancelled" if event.cancelled else ("completed" if ended else "scheduled")
