@@ -46,7 +46,6 @@ class SimulatedFleet:
         speed: Simulated seconds per real second (wake and ramp times run this much faster).
         ambient_c: Intake air temperature, deg C.
         start_now: The monotonic time the simulation starts at, s.
-        seed: Seeds the fleet's random generator (the physics itself is deterministic).
     """
 
     def __init__(
@@ -57,14 +56,12 @@ class SimulatedFleet:
         speed: float = 1.0,
         ambient_c: float = 30.0,
         start_now: float = 0.0,
-        seed: int = 0,
     ) -> None:
         n = len(ids)
         self.ids = list(ids)
         self.index = {m: i for i, m in enumerate(ids)}
         self.speed = speed
         self.ambient_c = ambient_c
-        self._rng = np.random.default_rng(seed)
         distinct = list({id(m): m for m in models}.values())
         self._models = distinct
         self.model_idx = np.array([distinct.index(m) for m in models], dtype=np.intp)

@@ -98,7 +98,7 @@ class SimulatedSite:
         telemetry_format: "group" (a message per rack, v2 columns), "group-v1" (rows)
             or "miner" (a message per miner).
         meter_interval_s: Real time between site-meter readings, s.
-        seed: Seeds the fleet and the site meter's 0.2 % noise.
+        seed: Seeds the site meter's 0.2 % noise (the fleet's physics is deterministic).
         miner_mqtt: Whether the miners speak MQTT; False when they speak only another
             API (LuxOS for the bridge): then the site publishes the meter and prices only.
     """
@@ -127,7 +127,6 @@ class SimulatedSite:
             [catalogue.get(m.model) for m in inventory],
             speed=speed,
             start_now=time.monotonic(),
-            seed=seed,
         )
         groups: dict[str, list[int]] = {}
         for i, m in enumerate(inventory):
