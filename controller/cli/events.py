@@ -88,7 +88,7 @@ def add_parser(sub: Subparsers) -> None:
                       f"{DEFAULT_NOTICE_S:g}, or grid.prepare_s + 60 if more)")
     send.add_argument("--duration", type=float, default=3600.0, metavar="SECONDS",
                       help="lasts this long (default 3600)")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, quiet_logs=True)  # its output is the lines it prints
 
 
 def iso(ts: float | None, tz: tzinfo = UTC) -> str | None:
