@@ -50,9 +50,12 @@ from simulators.prices import synthetic_prices
 if TYPE_CHECKING:  # the CLI imports this module for add_arguments: the rest when it runs
     from controller.core.prices import PriceBound
     from controller.daemon.loop import Controller
+    from controller.daemon.metrics import MetricsServer
+    from controller.protocol.broker import LocalBroker
     from controller.view import SiteView
     from controller.view.screen import Screen
     from simulators.campus import CampusSimulation
+    from simulators.campus_modbus import CampusModbus
     from simulators.site import SimulatedSite
 
 # A plausible 2026 mix: older air-cooled fleet, current air, and some hydro.
@@ -407,132 +410,226 @@ async def run_demo(
         MissingExtra: no mosquitto and no embedded broker installed.
         MetricsEndpointError: the metrics port cannot be bound (in use, mostly).
     """
-    from controller.daemon.loop import Controller, SiteTime  # noqa: PLC0415 - see TYPE_CHECKING
-    from controller.protocol.broker import LocalBroker  # noqa: PLC0415
-    from controller.view.screen import Screen  # noqa: PLC0415
-    from simulators.campus_modbus import CampusModbus  # noqa: PLC0415
-    from simulators.campus_site import SimulatedCampus  # noqa: PLC0415
-    from simulators.site import SimulatedSite  # noqa: PLC0415
+    from controller.view.screen import Screen  # noqa: PLC0415 - see TYPE_CHECKING
 
     prices = demo_prices(prices_file, price_column, timezone=price_timezone,
                          settlement_point=settlement_point, start=start, unit=price_unit)
     tz = ZoneInfo(prices.timezone)
     screen = Screen(out)
-    local: LocalBroker | None = None
-    if broker:
-        host, _, port = broker.rpartition(":")
-        host, port_n = host or "127.0.0.1", int(port)
-    else:
-        local = LocalBroker(prefer=embedded).start()
-        host, port_n = local.host, local.port
-        screen.write(f"broker: embedded {local.kind} on {host}:{port_n}")
-    modbus: CampusModbus | None = None
+    host, port_n, local = _demo_broker(broker, embedded, screen)
     try:
-        state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
-        site_args: dict[str, Any] = {
-            "speed": speed, "broker_host": host, "broker_port": port_n,
-            "metrics_port": metrics_port, "journal_path": f"{state_dir}/grid.sqlite3"}
-        cfg = demo_site(miners, **site_args)
-        sim: SimulatedSite
-        if campus:
-            stock_kw = cfg.cap_review().fleet_stock_kw
-            first_hour = prices.local_time(float(prices.start_s[0]))
-            campus_sim = campus_simulation(
-                stock_kw, start_hour=first_hour.hour + first_hour.minute / 60.0)
-            modbus = CampusModbus(campus_sim, poi_rating_kw=stock_kw * 1.5)
-            await modbus.server.start()
-            cfg = demo_site(miners, campus_port=modbus.server.port, **site_args)
-            sim = SimulatedCampus(cfg, campus_sim, modbus=modbus, speed=speed, prices=prices)
-        else:
-            sim = SimulatedSite(cfg, speed=speed, prices=prices)
-        controller = Controller(cfg, site_clock=lambda: SiteTime(
-            sim.site_time_s(), sim.speed, prices.timezone))
-        try:
-            server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        except OSError as e:  # port in use, mostly: another demo or a daemon on 9108
-            raise MetricsEndpointError(cfg.metrics.host, cfg.metrics.port, e) from None
-        first = prices.local_time(float(prices.start_s[0]))
-        screen.write(
-            f"site: {controller.fleet.n} miners in {len(controller.fleet.groups)} racks, "
-            f"cap {cfg.power_cap_kw / 1000:.2f} MW; prices: {prices.column}"
-            f"{' at ' + prices.location if prices.location else ''} from "
-            f"{first:%Y-%m-%d %H:%M %Z}, {len(prices)} intervals of "
-            f"{prices.interval_s / 60:g} min, one every {prices.interval_s / speed:.1f} s "
-            f"(site clock {speed:g}x real time)")
-        if event is not None:
-            screen.write(
-                f"grid event: {event.id} at +{event.at_s:g} s, a target of "
-                f"{cfg.power_cap_kw * event.target_fraction / 1000:.2f} MW from "
-                f"{event.notice_site_s / 60:g} site minutes later for "
-                f"{event.duration_site_s / 60:g} minutes")
-        if cfg.campus is not None and modbus is not None:
-            c = cfg.campus
-            screen.write(
-                f"campus: interconnect {c.poi.import_limit_kw / 1000:.2f} MW import, "
-                f"{c.poi.export_limit_kw / 1000:.2f} MW export; GPU hall up to "
-                f"{c.firm_loads[0].max_kw / 1000:.2f} MW (jobs start and stop), solar "
-                f"{c.generators[0].rating_kw / 1000:.2f} MW (clouds), genset "
-                f"{c.generators[1].rating_kw / 1000:.2f} MW, battery "
-                f"{c.battery.capacity_kwh / 1000 if c.battery else 0:.2f} MWh; SunSpec on "
-                f"modbus://127.0.0.1:{modbus.server.port} (units 2-5), the POI meter on MQTT")
-        screen.write(f"metrics: http://{cfg.metrics.host}:{server.port}/metrics")
+        site = await _start_site(miners, speed=speed, prices=prices, broker_host=host,
+                                 broker_port=port_n, metrics_port=metrics_port, campus=campus)
+        _say_what_runs(screen, site, prices=prices, speed=speed, event=event)
         started = time.monotonic()
-        over_cap = samples = 0
-
-        async def watch_cap() -> None:
-            nonlocal over_cap, samples
-            settle_s = 3.0 * cfg.policy.decision_interval_s + 30.0 / speed + 5.0
-            while True:
-                await asyncio.sleep(0.5)
-                snap = controller.snapshot
-                if snap is None or time.monotonic() - started <= settle_s:
-                    continue
-                # The cap the site must be under now: a grid target binds from its deadline
-                # (before it, the site is still ramping down to it). On a campus the site
-                # meter is the POI's, and the limit the POI's.
-                limit = snap.cap.in_force_w
-                ev = snap.grid_event
-                if snap.campus is not None and snap.campus.poi_limit_w is not None:
-                    limit = snap.campus.poi_limit_w
-                    if ev is not None and time.time() < ev.deadline_unix_s:
-                        limit = snap.campus.import_limit_w
-                elif ev is not None and time.time() < ev.deadline_unix_s:
-                    limit = snap.cap.site_w
-                samples += 1
-                # 0.5 % headroom: the meter's own noise is 0.2 %.
-                over_cap += sim.site_power_w() > limit * 1.005
-
-        async def show() -> None:
-            while True:
-                screen.show(_view(controller, tz))
-                await asyncio.sleep(0.5 if screen.tty else 1.0)
-
-        interrupted = False
+        cap_watch = _CapWatch(site, started=started, speed=speed)
         try:
-            with screen:
-                try:
-                    async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:
-                        tg.create_task(sim.run(), name="simulator")
-                        tg.create_task(controller.run(), name="controller")
-                        tg.create_task(show(), name="view")
-                        tg.create_task(watch_cap(), name="cap-watch")
-                        if event is not None:
-                            tg.create_task(_send_event(controller, sim, event), name="event")
-                except TimeoutError:
-                    pass
-                except asyncio.CancelledError:
-                    # Ctrl-C or SIGTERM: everything above has stopped; summarise, not crash.
-                    interrupted = True
+            interrupted = await _run_until_stopped(site, screen, duration_s=duration_s,
+                                                   event=event, cap_watch=cap_watch, tz=tz)
         finally:
-            server.close()
-            if modbus is not None:
-                await modbus.server.stop()
-            if broker and not await clear_retained(cfg, retained_topics(cfg)):
-                screen.write(f"could not clear the demo's retained messages on {host}:{port_n} "
-                             f"(mineops/{cfg.site_id}/#)")
-        return _final(controller, sim, screen, seconds=time.monotonic() - started, tz=tz,
-                      over_cap_samples=over_cap, samples=samples, interrupted=interrupted)
+            await _stop_site(site, screen, shared_broker=bool(broker), host=host, port=port_n)
+        return _final(site.controller, site.sim, screen, seconds=time.monotonic() - started,
+                      tz=tz, over_cap_samples=cap_watch.over_cap, samples=cap_watch.samples,
+                      interrupted=interrupted)
     finally:
         if local is not None:
             with contextlib.suppress(Exception):
                 local.close()
+
+
+def _demo_broker(broker: str | None, embedded: str, screen: Screen
+                 ) -> tuple[str, int, LocalBroker | None]:
+    """(host, port, the broker started for the demo or None) of the demo's MQTT broker.
+
+    `broker` "HOST:PORT" is the operator's (`--broker`); None starts one on 127.0.0.1
+    (`embedded`: LocalBroker's `prefer`), which the caller closes, and says which on
+    `screen`.
+
+    Raises:
+        MissingExtra: no mosquitto and no embedded broker installed.
+    """
+    from controller.protocol.broker import LocalBroker  # noqa: PLC0415 - see TYPE_CHECKING
+
+    if broker:
+        host, _, port = broker.rpartition(":")
+        return host or "127.0.0.1", int(port), None
+    local = LocalBroker(prefer=embedded).start()
+    screen.write(f"broker: embedded {local.kind} on {local.host}:{local.port}")
+    return local.host, local.port, local
+
+
+@dataclass(frozen=True, slots=True)
+class _DemoSite:
+    """The demo's parts, started: its site config, simulation, controller and endpoints.
+
+    `metrics` is the controller's /metrics endpoint; `modbus` the campus's SunSpec devices
+    on Modbus TCP, None off a campus.
+    """
+
+    cfg: SiteConfig
+    sim: SimulatedSite
+    controller: Controller
+    metrics: MetricsServer
+    modbus: CampusModbus | None
+
+
+async def _start_site(miners: int, *, speed: float, prices: PriceSeries, broker_host: str,
+                      broker_port: int, metrics_port: int, campus: bool) -> _DemoSite:
+    """The demo site on the broker at broker_host:broker_port, its controller and endpoints.
+
+    On a `campus` its devices are simulated from the first price interval's local hour
+    and served on Modbus TCP (started here). The controller runs on the simulation's clock
+    (`speed` times real time) with its grid journal in a new temporary directory.
+
+    Raises:
+        MetricsEndpointError: the metrics port cannot be bound (in use, mostly).
+    """
+    from controller.daemon.loop import Controller, SiteTime  # noqa: PLC0415 - see TYPE_CHECKING
+    from simulators.campus_modbus import CampusModbus  # noqa: PLC0415
+    from simulators.campus_site import SimulatedCampus  # noqa: PLC0415
+    from simulators.site import SimulatedSite  # noqa: PLC0415
+
+    state_dir = tempfile.mkdtemp(prefix="mineops-demo-")
+    site_args: dict[str, Any] = {
+        "speed": speed, "broker_host": broker_host, "broker_port": broker_port,
+        "metrics_port": metrics_port, "journal_path": f"{state_dir}/grid.sqlite3"}
+    cfg = demo_site(miners, **site_args)
+    sim: SimulatedSite
+    modbus: CampusModbus | None = None
+    if campus:
+        stock_kw = cfg.cap_review().fleet_stock_kw
+        first_hour = prices.local_time(float(prices.start_s[0]))
+        campus_sim = campus_simulation(
+            stock_kw, start_hour=first_hour.hour + first_hour.minute / 60.0)
+        modbus = CampusModbus(campus_sim, poi_rating_kw=stock_kw * 1.5)
+        await modbus.server.start()
+        cfg = demo_site(miners, campus_port=modbus.server.port, **site_args)
+        sim = SimulatedCampus(cfg, campus_sim, modbus=modbus, speed=speed, prices=prices)
+    else:
+        sim = SimulatedSite(cfg, speed=speed, prices=prices)
+    controller = Controller(cfg, site_clock=lambda: SiteTime(
+        sim.site_time_s(), sim.speed, prices.timezone))
+    try:
+        server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+    except OSError as e:  # port in use, mostly: another demo or a daemon on 9108
+        raise MetricsEndpointError(cfg.metrics.host, cfg.metrics.port, e) from None
+    return _DemoSite(cfg, sim, controller, server, modbus)
+
+
+def _say_what_runs(screen: Screen, site: _DemoSite, *, prices: PriceSeries, speed: float,
+                   event: DemoEvent | None) -> None:
+    """The demo's opening lines: the site and its prices, the grid event, the campus, /metrics."""
+    cfg, controller, modbus = site.cfg, site.controller, site.modbus
+    first = prices.local_time(float(prices.start_s[0]))
+    screen.write(
+        f"site: {controller.fleet.n} miners in {len(controller.fleet.groups)} racks, "
+        f"cap {cfg.power_cap_kw / 1000:.2f} MW; prices: {prices.column}"
+        f"{' at ' + prices.location if prices.location else ''} from "
+        f"{first:%Y-%m-%d %H:%M %Z}, {len(prices)} intervals of "
+        f"{prices.interval_s / 60:g} min, one every {prices.interval_s / speed:.1f} s "
+        f"(site clock {speed:g}x real time)")
+    if event is not None:
+        screen.write(
+            f"grid event: {event.id} at +{event.at_s:g} s, a target of "
+            f"{cfg.power_cap_kw * event.target_fraction / 1000:.2f} MW from "
+            f"{event.notice_site_s / 60:g} site minutes later for "
+            f"{event.duration_site_s / 60:g} minutes")
+    if cfg.campus is not None and modbus is not None:
+        c = cfg.campus
+        screen.write(
+            f"campus: interconnect {c.poi.import_limit_kw / 1000:.2f} MW import, "
+            f"{c.poi.export_limit_kw / 1000:.2f} MW export; GPU hall up to "
+            f"{c.firm_loads[0].max_kw / 1000:.2f} MW (jobs start and stop), solar "
+            f"{c.generators[0].rating_kw / 1000:.2f} MW (clouds), genset "
+            f"{c.generators[1].rating_kw / 1000:.2f} MW, battery "
+            f"{c.battery.capacity_kwh / 1000 if c.battery else 0:.2f} MWh; SunSpec on "
+            f"modbus://127.0.0.1:{modbus.server.port} (units 2-5), the POI meter on MQTT")
+    screen.write(f"metrics: http://{cfg.metrics.host}:{site.metrics.port}/metrics")
+
+
+@dataclass
+class _CapWatch:
+    """The site meter sampled against the cap in force, once the controller has settled.
+
+    `started` is when the run began (time.monotonic(), s); `samples` counts the samples
+    taken after the settling time, `over_cap` those above the cap.
+    """
+
+    site: _DemoSite
+    started: float
+    speed: float
+    over_cap: int = 0
+    samples: int = 0
+
+    async def run(self) -> None:
+        """Sample twice a second until cancelled."""
+        controller, sim = self.site.controller, self.site.sim
+        settle_s = 3.0 * self.site.cfg.policy.decision_interval_s + 30.0 / self.speed + 5.0
+        while True:
+            await asyncio.sleep(0.5)
+            snap = controller.snapshot
+            if snap is None or time.monotonic() - self.started <= settle_s:
+                continue
+            # The cap the site must be under now: a grid target binds from its deadline
+            # (before it, the site is still ramping down to it). On a campus the site
+            # meter is the POI's, and the limit the POI's.
+            limit = snap.cap.in_force_w
+            ev = snap.grid_event
+            if snap.campus is not None and snap.campus.poi_limit_w is not None:
+                limit = snap.campus.poi_limit_w
+                if ev is not None and time.time() < ev.deadline_unix_s:
+                    limit = snap.campus.import_limit_w
+            elif ev is not None and time.time() < ev.deadline_unix_s:
+                limit = snap.cap.site_w
+            self.samples += 1
+            # 0.5 % headroom: the meter's own noise is 0.2 %.
+            self.over_cap += sim.site_power_w() > limit * 1.005
+
+
+async def _show_view(screen: Screen, controller: Controller, tz: ZoneInfo) -> None:
+    """Redraw the live view until cancelled: twice a second on a terminal, else every second."""
+    while True:
+        screen.show(_view(controller, tz))
+        await asyncio.sleep(0.5 if screen.tty else 1.0)
+
+
+async def _run_until_stopped(site: _DemoSite, screen: Screen, *, duration_s: float | None,
+                             event: DemoEvent | None, cap_watch: _CapWatch,
+                             tz: ZoneInfo) -> bool:
+    """Run the simulation, the controller, the view, the cap watch and the grid event.
+
+    Until `duration_s` passes (None: forever) or Ctrl-C; returns whether it was
+    interrupted (Ctrl-C or SIGTERM), which ends the run as the duration would.
+    """
+    controller, sim = site.controller, site.sim
+    with screen:
+        try:
+            async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:
+                tg.create_task(sim.run(), name="simulator")
+                tg.create_task(controller.run(), name="controller")
+                tg.create_task(_show_view(screen, controller, tz), name="view")
+                tg.create_task(cap_watch.run(), name="cap-watch")
+                if event is not None:
+                    tg.create_task(_send_event(controller, sim, event), name="event")
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            # Ctrl-C or SIGTERM: everything above has stopped; summarise, not crash.
+            return True
+    return False
+
+
+async def _stop_site(site: _DemoSite, screen: Screen, *, shared_broker: bool, host: str,
+                     port: int) -> None:
+    """Close the metrics endpoint and the campus's Modbus server.
+
+    On a `shared_broker` (`--broker`, at host:port) also clear the demo's retained
+    messages there, or say on `screen` that they could not be.
+    """
+    cfg = site.cfg
+    site.metrics.close()
+    if site.modbus is not None:
+        await site.modbus.server.stop()
+    if shared_broker and not await clear_retained(cfg, retained_topics(cfg)):
+        screen.write(f"could not clear the demo's retained messages on {host}:{port} "
+                     f"(mineops/{cfg.site_id}/#)")

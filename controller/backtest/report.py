@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import textwrap
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,26 @@ def zone_label(timezone: str, when: list[datetime]) -> str:
     return f"{timezone} ({'/'.join(names)})" if names else timezone
 
 
+@dataclass(frozen=True, slots=True)
+class _ChartData:
+    """What every panel of the chart reads: the result and its intervals on the chart's clock.
+
+    `when` is each interval's start in `tz`, `t` the same as matplotlib date numbers
+    (days, shape (intervals,)), `days` its local date (`day_keys`). `band` is the lowest
+    and the highest model break-even market price, (model, $/MWh) each, None without
+    models. `dollars` formats a $ axis.
+    """
+
+    result: BacktestResult
+    timezone: str
+    tz: ZoneInfo
+    when: list[datetime]
+    t: FloatArray
+    days: npt.NDArray[np.str_]
+    band: tuple[tuple[str, float], tuple[str, float]] | None
+    dollars: Any
+
+
 def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) -> Any:
     """A matplotlib Figure: the whole period, and the most expensive days up close.
 
@@ -210,134 +231,23 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     price and the site power of mineops and of the optimum against the cap, interval by
     interval. Money in dollars ($ on every axis), times in `timezone` (named on the axes).
     """
-    import matplotlib.dates as mdates  # noqa: PLC0415
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
 
-    tz = ZoneInfo(timezone)
-    when = [datetime.fromtimestamp(float(x), UTC).astimezone(tz) for x in result.start_s]
-    # Matplotlib's date numbers (days): plain floats for every x below.
-    t = np.asarray(mdates.date2num(when), dtype=np.float64)  # type: ignore[no-untyped-call]
-    zone_name = zone_label(timezone, when)
-    dollars = FuncFormatter(lambda x, _p: _tex(usd_text(x)))
-    price = result.price_usd_per_mwh
-    ser = result.series
+    data = _chart_data(result, timezone)
     s = result.summary()
-
     fig = plt.figure(figsize=(14, 12), constrained_layout=True)
-    n_zoom = max(1, min(zoom_days, len(set(day_keys(result, tz)))))
+    n_zoom = max(1, min(zoom_days, len(set(data.days))))
     grid = fig.add_gridspec(4, n_zoom, height_ratios=[1.0, 1.0, 0.8, 0.8])
     ax_p = fig.add_subplot(grid[0, :])
     ax_g = fig.add_subplot(grid[1, :], sharex=ax_p)
-
-    # -- the whole period: daily peak and mean price --------------------------------------
-    days = day_keys(result, tz)
-    order = list(dict.fromkeys(days))
-    day_start = [float(mdates.date2num(  # type: ignore[no-untyped-call]
-        when[int(np.argmax(days == d))].replace(hour=0, minute=0, second=0))) for d in order]
-    day_peak = [float(price[days == d].max()) for d in order]
-    day_mean = [float(price[days == d].mean()) for d in order]
-    ax_p.step(day_start, day_peak, where="post", lw=0.9, color="black", label="daily peak")
-    ax_p.step(day_start, day_mean, where="post", lw=0.9, color="0.55", label="daily mean")
-    strikes = sorted(result.strike_usd_per_mwh.items(), key=lambda kv: kv[1])
-    # One band from the lowest to the highest break-even, not a line per model: eight
-    # dashed lines within a factor of three of each other hide the prices.
-    band = (strikes[0][1], strikes[-1][1]) if strikes else None
-    if band is not None:
-        st = result.settings
-        named = breakeven_label(st.hashprice_usd_per_ph_day, st.paid_aux_fraction,
-                                less_adders_usd_per_mwh=st.adder_usd_per_mwh)
-        ax_p.axhspan(*band, color="C2", alpha=0.15, lw=0,
-                     label=_tex(f"{usd_text(band[0])} ({strikes[0][0]}) to "
-                                f"{usd_text(band[1])} ({strikes[-1][0]}):\n"
-                                + textwrap.fill(named, 34, break_on_hyphens=False)))
-    ax_p.set_yscale("symlog", linthresh=100.0)
-    ax_p.set_ylim(bottom=min(0.0, min(day_mean, default=0.0)))
-    ax_p.yaxis.set_major_formatter(dollars)
-    zoomed = expensive_days(result, tz, n_zoom)
-    shade = ax_p.get_xaxis_transform()
-    placed: list[float] = []
-    span_days = max(t[-1] - t[0], 1.0) if t.size else 1.0
-    for rank, d in enumerate(zoomed, 1):
-        x = day_start[order.index(d)]
-        ax_p.axvspan(x, x + 1.0, color="gold", alpha=0.5, lw=0)
-        # Inside the axes, under its top edge: above it they ran into the title. Days
-        # closer than a label's width (a heat wave's) get their labels stacked down.
-        level = sum(abs(x - other) < span_days / 40.0 for other in placed)
-        placed.append(x)
-        ax_p.text(x + 0.5, 0.97 - 0.09 * level, f"#{rank}", transform=shade, fontsize=8,
-                  ha="center", va="top",
-                  bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                        "alpha": 0.8})
-    ax_p.set_title(_tex("market price per day, $/MWh (shaded: the most expensive days, "
-                        "shown below)"), fontsize=10)
-    # Beside the axes, not on them: no legend can cover a line it explains.
-    ax_p.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-
-    # -- the whole period: the gap to the optimum ----------------------------------------
-    for name, color in (("mineops", "C0"), ("onoff", "C1"), ("always_on", "C3")):
-        gap = shortfall_pct(result, name)
-        # A log axis needs positive values: a strategy level with the optimum shows at
-        # the axis floor rather than vanishing.
-        ax_g.plot(t, np.clip(gap, 0.01, None), lw=1.2, color=color,
-                  label=f"{LABELS[name]}: {gap[-1]:.2f} % below at the end"
-                  if np.isfinite(gap[-1]) else LABELS[name])
-    ax_g.set_yscale("log")
-    ax_g.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:g} %"))
-    opt_total = s["optimum_profit_usd"]
-    ax_g.set_title(_tex("cumulative profit below the hindsight optimum, % (log scale, "
-                        f"0.01 % = level with it); optimum {usd_text(opt_total)} over the "
-                        "period"), fontsize=10)
-    ax_g.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax_g.xaxis_date(tz)
-    # matplotlib's concise dates: each date once, then the hours between (a short period
-    # ticked "%b %d" every few hours repeated its dates).
-    locator = mdates.AutoDateLocator(tz=tz)  # type: ignore[no-untyped-call]
-    ax_g.xaxis.set_major_locator(locator)
-    concise = mdates.ConciseDateFormatter(locator, tz=tz)  # type: ignore[no-untyped-call]
-    # The year and month beside the axis; the default's full date under hourly ticks
-    # read as if the period ended that day.
-    concise.offset_formats = ["", "%Y", "%Y", "%Y-%b", "%Y-%b-%d", "%Y-%b-%d %H:%M"]
-    ax_g.xaxis.set_major_formatter(concise)
-    ax_g.set_xlabel(f"date, {zone_name}")
+    zoomed = expensive_days(result, data.tz, n_zoom)
+    _daily_price_panel(ax_p, data, zoomed)
+    _gap_panel(ax_g, data, s["optimum_profit_usd"])
+    # The gap panel's dates serve both: the price panel shares its x axis.
     plt.setp(ax_p.get_xticklabels(), visible=False)
     ax_p.xaxis.get_offset_text().set_visible(False)
-
-    # -- the most expensive days up close -----------------------------------------------
     for col, d in enumerate(zoomed):
-        sel = days == d
-        tt = t[sel]
-        zp = fig.add_subplot(grid[2, col])
-        zw = fig.add_subplot(grid[3, col], sharex=zp)
-        zp.step(tt, price[sel], where="post", lw=1.0, color="black")
-        if band is not None:
-            zp.axhspan(*band, color="C2", alpha=0.15, lw=0)
-        zp.set_yscale("symlog", linthresh=100.0)
-        zp.yaxis.set_major_formatter(dollars)
-        day_profit = {n: float(ser[n].profit_usd[sel].sum()) for n in ("mineops", "optimum")}
-        zp.set_title(_tex(f"#{col + 1} {d}: peak {usd_text(float(price[sel].max()))}/MWh\n"
-                          f"profit: mineops {usd_text(day_profit['mineops'])}, optimum "
-                          f"{usd_text(day_profit['optimum'])}"), fontsize=9)
-        # The optimum wide and pale under mineops thin and dark: both stay visible where
-        # they agree, which is most of the time.
-        zw.step(tt, ser["optimum"].site_w[sel] / 1e6, where="post", lw=4.0, color="C2",
-                alpha=0.35, label="hindsight optimum")
-        zw.step(tt, ser["mineops"].site_w[sel] / 1e6, where="post", lw=1.1, color="C0",
-                label="mineops")
-        zw.step(tt, result.cap_w[sel] / 1e6, where="post", lw=0.9, ls="--", color="red",
-                label="planning cap")
-        zw.set_ylim(bottom=0)
-        zw.xaxis_date(tz)
-        zw.xaxis.set_major_formatter(
-            mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
-        zw.xaxis.set_major_locator(mdates.HourLocator(  # type: ignore[no-untyped-call]
-            byhour=range(0, 24, 6), tz=tz))
-        zw.set_xlabel(f"time, {zone_label(timezone, [when[i] for i in np.flatnonzero(sel)])}")
-        plt.setp(zp.get_xticklabels(), visible=False)
-        if col == 0:
-            zp.set_ylabel("price, $/MWh")
-            zw.set_ylabel("site power, MW")
-            zw.legend(fontsize=7, loc="lower left")
+        _zoomed_day_panels(fig, grid[2, col], grid[3, col], data, rank=col + 1, day=d)
     ratio = s["ratio_to_optimum"]
     fig.suptitle(_tex(
         f"{s['miners']:,} miners, hashprice ${s['hashprice_usd_per_ph_day']:g}/PH/day, adder "
@@ -347,3 +257,147 @@ def chart(result: BacktestResult, *, timezone: str = "UTC", zoom_days: int = 3) 
     for ax in fig.axes:
         ax.grid(True, lw=0.3, alpha=0.5)
     return fig
+
+
+def _chart_data(result: BacktestResult, timezone: str) -> _ChartData:
+    """The result's times in `timezone` and its break-even band, for the chart's panels."""
+    import matplotlib.dates as mdates  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+
+    tz = ZoneInfo(timezone)
+    when = [datetime.fromtimestamp(float(x), UTC).astimezone(tz) for x in result.start_s]
+    # Matplotlib's date numbers (days): plain floats for every x of the panels.
+    t = np.asarray(mdates.date2num(when), dtype=np.float64)  # type: ignore[no-untyped-call]
+    strikes = sorted(result.strike_usd_per_mwh.items(), key=lambda kv: kv[1])
+    return _ChartData(
+        result=result, timezone=timezone, tz=tz, when=when, t=t, days=day_keys(result, tz),
+        band=(strikes[0], strikes[-1]) if strikes else None,
+        dollars=FuncFormatter(lambda x, _p: _tex(usd_text(x))))
+
+
+def _daily_price_panel(ax: Any, data: _ChartData, zoomed: list[str]) -> None:
+    """The whole period's daily peak and mean price, the break-even band, the zoomed days."""
+    import matplotlib.dates as mdates  # noqa: PLC0415
+
+    result, price, days, when = data.result, data.result.price_usd_per_mwh, data.days, data.when
+    order = list(dict.fromkeys(days))
+    day_start = [float(mdates.date2num(  # type: ignore[no-untyped-call]
+        when[int(np.argmax(days == d))].replace(hour=0, minute=0, second=0))) for d in order]
+    day_peak = [float(price[days == d].max()) for d in order]
+    day_mean = [float(price[days == d].mean()) for d in order]
+    ax.step(day_start, day_peak, where="post", lw=0.9, color="black", label="daily peak")
+    ax.step(day_start, day_mean, where="post", lw=0.9, color="0.55", label="daily mean")
+    # One band from the lowest to the highest break-even, not a line per model: eight
+    # dashed lines within a factor of three of each other hide the prices.
+    if data.band is not None:
+        (low_model, low), (high_model, high) = data.band
+        st = result.settings
+        named = breakeven_label(st.hashprice_usd_per_ph_day, st.paid_aux_fraction,
+                                less_adders_usd_per_mwh=st.adder_usd_per_mwh)
+        ax.axhspan(low, high, color="C2", alpha=0.15, lw=0,
+                   label=_tex(f"{usd_text(low)} ({low_model}) to "
+                              f"{usd_text(high)} ({high_model}):\n"
+                              + textwrap.fill(named, 34, break_on_hyphens=False)))
+    ax.set_yscale("symlog", linthresh=100.0)
+    ax.set_ylim(bottom=min(0.0, min(day_mean, default=0.0)))
+    ax.yaxis.set_major_formatter(data.dollars)
+    shade = ax.get_xaxis_transform()
+    placed: list[float] = []
+    t = data.t
+    span_days = max(t[-1] - t[0], 1.0) if t.size else 1.0
+    for rank, d in enumerate(zoomed, 1):
+        x = day_start[order.index(d)]
+        ax.axvspan(x, x + 1.0, color="gold", alpha=0.5, lw=0)
+        # Inside the axes, under its top edge: above it they ran into the title. Days
+        # closer than a label's width (a heat wave's) get their labels stacked down.
+        level = sum(abs(x - other) < span_days / 40.0 for other in placed)
+        placed.append(x)
+        ax.text(x + 0.5, 0.97 - 0.09 * level, f"#{rank}", transform=shade, fontsize=8,
+                ha="center", va="top",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                      "alpha": 0.8})
+    ax.set_title(_tex("market price per day, $/MWh (shaded: the most expensive days, "
+                      "shown below)"), fontsize=10)
+    # Beside the axes, not on them: no legend can cover a line it explains.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _gap_panel(ax: Any, data: _ChartData, optimum_profit_usd: float) -> None:
+    """The whole period's cumulative profit of each strategy below the optimum's, dated."""
+    import matplotlib.dates as mdates  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+
+    tz = data.tz
+    for name, color in (("mineops", "C0"), ("onoff", "C1"), ("always_on", "C3")):
+        gap = shortfall_pct(data.result, name)
+        # A log axis needs positive values: a strategy level with the optimum shows at
+        # the axis floor rather than vanishing.
+        ax.plot(data.t, np.clip(gap, 0.01, None), lw=1.2, color=color,
+                label=f"{LABELS[name]}: {gap[-1]:.2f} % below at the end"
+                if np.isfinite(gap[-1]) else LABELS[name])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:g} %"))
+    ax.set_title(_tex("cumulative profit below the hindsight optimum, % (log scale, "
+                      f"0.01 % = level with it); optimum {usd_text(optimum_profit_usd)} over "
+                      "the period"), fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.xaxis_date(tz)
+    # matplotlib's concise dates: each date once, then the hours between (a short period
+    # ticked "%b %d" every few hours repeated its dates).
+    locator = mdates.AutoDateLocator(tz=tz)  # type: ignore[no-untyped-call]
+    ax.xaxis.set_major_locator(locator)
+    concise = mdates.ConciseDateFormatter(locator, tz=tz)  # type: ignore[no-untyped-call]
+    # The year and month beside the axis; the default's full date under hourly ticks
+    # read as if the period ended that day.
+    concise.offset_formats = ["", "%Y", "%Y", "%Y-%b", "%Y-%b-%d", "%Y-%b-%d %H:%M"]
+    ax.xaxis.set_major_formatter(concise)
+    ax.set_xlabel(f"date, {zone_label(data.timezone, data.when)}")
+
+
+def _zoomed_day_panels(fig: Any, price_cell: Any, power_cell: Any, data: _ChartData, *,
+                       rank: int, day: str) -> None:
+    """One of the most expensive days up close: its price, and the site power against the cap.
+
+    `day` (YYYY-MM-DD) is the `rank`-th most expensive, from 1; the first carries the axis
+    names and the legend. `price_cell` and `power_cell` are its two grid cells, one above
+    the other.
+    """
+    import matplotlib.dates as mdates  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    result, tz = data.result, data.tz
+    price, ser = result.price_usd_per_mwh, result.series
+    sel = data.days == day
+    tt = data.t[sel]
+    zp = fig.add_subplot(price_cell)
+    zw = fig.add_subplot(power_cell, sharex=zp)
+    zp.step(tt, price[sel], where="post", lw=1.0, color="black")
+    if data.band is not None:
+        zp.axhspan(data.band[0][1], data.band[1][1], color="C2", alpha=0.15, lw=0)
+    zp.set_yscale("symlog", linthresh=100.0)
+    zp.yaxis.set_major_formatter(data.dollars)
+    day_profit = {n: float(ser[n].profit_usd[sel].sum()) for n in ("mineops", "optimum")}
+    zp.set_title(_tex(f"#{rank} {day}: peak {usd_text(float(price[sel].max()))}/MWh\n"
+                      f"profit: mineops {usd_text(day_profit['mineops'])}, optimum "
+                      f"{usd_text(day_profit['optimum'])}"), fontsize=9)
+    # The optimum wide and pale under mineops thin and dark: both stay visible where
+    # they agree, which is most of the time.
+    zw.step(tt, ser["optimum"].site_w[sel] / 1e6, where="post", lw=4.0, color="C2",
+            alpha=0.35, label="hindsight optimum")
+    zw.step(tt, ser["mineops"].site_w[sel] / 1e6, where="post", lw=1.1, color="C0",
+            label="mineops")
+    zw.step(tt, result.cap_w[sel] / 1e6, where="post", lw=0.9, ls="--", color="red",
+            label="planning cap")
+    zw.set_ylim(bottom=0)
+    zw.xaxis_date(tz)
+    zw.xaxis.set_major_formatter(
+        mdates.DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
+    zw.xaxis.set_major_locator(mdates.HourLocator(  # type: ignore[no-untyped-call]
+        byhour=range(0, 24, 6), tz=tz))
+    zw.set_xlabel(
+        f"time, {zone_label(data.timezone, [data.when[i] for i in np.flatnonzero(sel)])}")
+    plt.setp(zp.get_xticklabels(), visible=False)
+    if rank == 1:
+        zp.set_ylabel("price, $/MWh")
+        zw.set_ylabel("site power, MW")
+        zw.legend(fontsize=7, loc="lower left")

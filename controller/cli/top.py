@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
@@ -35,6 +35,9 @@ from controller.protocol.topics import OFFLINE, ONLINE, SiteTopics
 from controller.site_file import load_config
 from controller.view.clock import SiteClock, zone
 from controller.view.site import STALE_AFTER_S, SiteView, format_ago, read_summary
+
+if TYPE_CHECKING:  # the screen is imported when `top` runs, as the transport is
+    from controller.view.screen import Screen
 
 log = structlog.get_logger("mineops.top")
 
@@ -183,63 +186,19 @@ async def watch(broker: BrokerConfig, site_id: str, *, tz: tzinfo, out: TextIO,
                         controller_online=state.controller_online, source=source,
                         aux_fraction=aux_fraction, link=state.link_problem)
 
-    async def watch_link() -> None:
-        """Keep `state.link_problem` saying why the broker is unreachable, while it is."""
-        await asyncio.sleep(LINK_GRACE_S)
-        while True:
-            problem = None
-            if not transport.connected.is_set():
-                why = await broker_problem(broker.host, broker.port)
-                if not transport.connected.is_set():
-                    problem = f"cannot reach the broker: {why}; retrying"
-            if problem != state.link_problem:
-                state.link_problem = problem
-                state.changed.set()
-            await asyncio.sleep(LINK_PROBE_EVERY_S)
-
     task = asyncio.create_task(transport.run(make_handler(topics, state)), name="top-mqtt")
-    link = asyncio.create_task(watch_link(), name="top-link")
+    link = asyncio.create_task(_watch_link(broker, transport.connected, state), name="top-link")
     screen = Screen(out)
     try:
         if once:
-            try:
-                async with asyncio.timeout(wait_s):
-                    while state.summary is None:
-                        state.changed.clear()
-                        await state.changed.wait()
-            except TimeoutError:
-                if not transport.connected.is_set():
-                    why = await broker_problem(broker.host, broker.port)
-                    print(f"mineops: cannot reach the broker: {why} (no decision read in "
-                          f"{wait_s:g} s)", file=sys.stderr)
-                else:
-                    print(f"mineops: no decision on {topics.decision} within {wait_s:g} s "
-                          f"({source} reached; is the controller running, is the site id "
-                          "right?)", file=sys.stderr)
+            if not await _first_decision(broker, transport.connected, state, wait_s=wait_s,
+                                         topic=topics.decision, source=source):
                 return EXIT_FAIL
             # The availability message is retained too: give it a moment to arrive.
             await asyncio.sleep(0.2)
-            shown = view()
-            if screen.tty:
-                screen.print(shown.render())
-            else:
-                screen.write(shown.line())
-            why_old = not_deciding(shown)
-            if why_old is not None:
-                print(f"mineops: {why_old}", file=sys.stderr)
-                return EXIT_FAIL
-            return EXIT_OK
+            return _show_once(screen, view())
         with screen:
-            while not stopping.is_set():
-                screen.show(view())
-                state.changed.clear()
-                # Redraw on every decision, and every second for the ages on a terminal.
-                waiter = asyncio.ensure_future(state.changed.wait())
-                stopper = asyncio.ensure_future(stopping.wait())
-                await asyncio.wait({waiter, stopper}, timeout=1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+            await _redraw_until(stopping, screen, state, view)
         screen.final(f"mineops top: site {site_id}, stopped", view())
         if state.unreadable:
             screen.write(f"{state.unreadable} unreadable decision summaries were skipped")
@@ -248,6 +207,83 @@ async def watch(broker: BrokerConfig, site_id: str, *, tz: tzinfo, out: TextIO,
         for t in (link, task):
             t.cancel()
         await asyncio.gather(link, task, return_exceptions=True)
+
+
+async def _watch_link(broker: BrokerConfig, connected: asyncio.Event, state: TopState) -> None:
+    """Keep `state.link_problem` saying why the broker is unreachable, while it is.
+
+    `connected` is the transport's: set while its MQTT session is up. Runs until cancelled,
+    probing every LINK_PROBE_EVERY_S after LINK_GRACE_S; sets `state.changed` when the
+    problem changes.
+    """
+    await asyncio.sleep(LINK_GRACE_S)
+    while True:
+        problem = None
+        if not connected.is_set():
+            why = await broker_problem(broker.host, broker.port)
+            if not connected.is_set():
+                problem = f"cannot reach the broker: {why}; retrying"
+        if problem != state.link_problem:
+            state.link_problem = problem
+            state.changed.set()
+        await asyncio.sleep(LINK_PROBE_EVERY_S)
+
+
+async def _first_decision(broker: BrokerConfig, connected: asyncio.Event, state: TopState, *,
+                          wait_s: float, topic: str, source: str) -> bool:
+    """Wait up to `wait_s` for a decision summary in `state`; whether one arrived.
+
+    When none did, says why on stderr: the broker out of reach (`connected` is the
+    transport's), else no decision on `topic` although `source` was reached.
+    """
+    try:
+        async with asyncio.timeout(wait_s):
+            while state.summary is None:
+                state.changed.clear()
+                await state.changed.wait()
+    except TimeoutError:
+        if not connected.is_set():
+            why = await broker_problem(broker.host, broker.port)
+            print(f"mineops: cannot reach the broker: {why} (no decision read in "
+                  f"{wait_s:g} s)", file=sys.stderr)
+        else:
+            print(f"mineops: no decision on {topic} within {wait_s:g} s "
+                  f"({source} reached; is the controller running, is the site id "
+                  "right?)", file=sys.stderr)
+        return False
+    return True
+
+
+def _show_once(screen: Screen, shown: SiteView) -> int:
+    """`--once`: print the view (the panel on a terminal, else its line); the exit code.
+
+    EXIT_OK for a live controller's decision; EXIT_FAIL, with the reason on stderr, when
+    the controller is OFFLINE or not deciding (`not_deciding`).
+    """
+    if screen.tty:
+        screen.print(shown.render())
+    else:
+        screen.write(shown.line())
+    why_old = not_deciding(shown)
+    if why_old is not None:
+        print(f"mineops: {why_old}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+async def _redraw_until(stopping: asyncio.Event, screen: Screen, state: TopState,
+                        view: Callable[[], SiteView]) -> None:
+    """Show `view()` on `screen` on every change of `state`, and every second, until `stopping`."""
+    while not stopping.is_set():
+        screen.show(view())
+        state.changed.clear()
+        # Redraw on every decision, and every second for the ages on a terminal.
+        waiter = asyncio.ensure_future(state.changed.wait())
+        stopper = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({waiter, stopper}, timeout=1.0,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
 
 
 def _target(args: argparse.Namespace
