@@ -512,6 +512,8 @@ async def _start_site(miners: int, *, speed: float, prices: PriceSeries, broker_
     try:
         server = controller.metrics.serve(cfg.metrics.host, cfg.metrics.port)
     except OSError as e:  # port in use, mostly: another demo or a daemon on 9108
+        if modbus is not None:
+            await modbus.server.stop()  # nothing else was started that outlives this
         raise MetricsEndpointError(cfg.metrics.host, cfg.metrics.port, e) from None
     return _DemoSite(cfg, sim, controller, server, modbus)
 

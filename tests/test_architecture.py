@@ -123,3 +123,28 @@ def test_the_layering_check_sees_a_violation() -> None:
     assert layer_of("controller.cli.main") > layer_of("controller.daemon.loop")
     assert layer_of("controller.units") == 0
     assert "controller.units" in graph()["controller.catalogue"]
+
+
+# docs/architecture.md: a function longer than this is split by what it does.
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(tree: ast.AST, where: str) -> list[str]:
+    """Functions (and methods) of `tree` over MAX_FUNCTION_LINES lines, as 'where:line name'."""
+    return [f"{where}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.end_lineno is not None and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_over_80_lines() -> None:
+    found = [f for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py"))
+             for f in long_functions(ast.parse(path.read_text()),
+                                     str(path.relative_to(ROOT)))]
+    assert not found, "split by what they do (docs/architecture.md):\n" + "\n".join(found)
+
+
+def test_the_length_check_sees_a_long_function() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(ast.parse(f"def f():\n{body}\n"), "m.py") == ["m.py:1 f (81 lines)"]
+    assert long_functions(ast.parse("def g():\n    return 1\n"), "m.py") == []
