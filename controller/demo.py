@@ -33,11 +33,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from zoneinfo import ZoneInfo
 
@@ -428,9 +430,16 @@ async def run_demo(
                                                    event=event, cap_watch=cap_watch, tz=tz)
         finally:
             await _stop_site(site, screen, shared_broker=bool(broker), host=host, port=port_n)
-        return _final(site.controller, site.sim, screen, seconds=time.monotonic() - started,
-                      tz=tz, over_cap_samples=cap_watch.over_cap, samples=cap_watch.samples,
-                      interrupted=interrupted)
+        try:
+            return _final(site.controller, site.sim, screen,
+                          seconds=time.monotonic() - started, tz=tz,
+                          over_cap_samples=cap_watch.over_cap, samples=cap_watch.samples,
+                          interrupted=interrupted)
+        finally:
+            # The demo's journal lives in a directory of its own (_start_site): its record
+            # has been shown; nothing else names it, so nothing is left behind.
+            site.controller.grid.journal.close()
+            shutil.rmtree(Path(site.cfg.grid.journal_path).parent, ignore_errors=True)
     finally:
         if local is not None:
             with contextlib.suppress(Exception):

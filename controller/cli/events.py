@@ -187,7 +187,8 @@ def check_value(cfg: SiteConfig, kind: str, value_kw: float | None
     if kind == "shed_kw":
         if value_kw >= cap_kw:
             warnings.append(f"{got} is the whole site cap ({format_kw(cap_kw)} kW) or more: "
-                            "everything that may sleep will")
+                            "every miner sleeps, never-curtail ones too "
+                            "(the grid comes first)")
         return errors, warnings
     if value_kw > cap_kw:
         warnings.append(f"{got} is above the site cap ({format_kw(cap_kw)} kW): the event "
