@@ -166,8 +166,8 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
 def unit_directives(unit: str) -> dict[str, list[str]]:
     """Each `Key=value` of a unit's text, by key, in order (comments and sections left out)."""
     out: dict[str, list[str]] = {}
-    for line in unit.splitlines():
-        line = line.strip()
+    for raw in unit.splitlines():
+        line = raw.strip()
         if line and not line.startswith(("#", ";", "[")) and "=" in line:
             key, value = line.split("=", 1)
             out.setdefault(key.strip(), []).append(value.strip())
