@@ -3,8 +3,12 @@
 `load_config` is the door for files people write: on top of the model's own checks it
 compares the power cap with the fleet (a cap off by orders of magnitude is a unit typo,
 `SiteConfig.cap_review`), checks the environment for unknown variables and, when asked,
-the grid journal's path. It reports every problem at once, one line each, naming the
-field, the value and why.
+the grid journal's path (on the raw value too, when other fields fail). It reports every
+problem at once, one line each, naming the field, the value and why.
+
+A relative `grid.journal_path` is resolved against the current directory, as every
+command resolves it (`run`, `events`); under systemd that is `/`. `journal_path_warnings`
+says so, with the absolute path it means here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import EnvSettingsSource, SettingsError, TomlConfigSettingsSource
 
 from controller.catalogue import load_catalogue
-from controller.config import EnergyConfig, SiteConfig
+from controller.config import EnergyConfig, GridConfig, SiteConfig
 from controller.config_types import format_kw, unit_slip
 
 # MINEOPS_* variables the project reads that are not site-file keys (the tests and CI set
@@ -60,9 +64,12 @@ def load_config(path: Path | str, *, check_journal: bool = False, **overrides: A
     except SettingsError as e:  # a MINEOPS_* variable for a table or list that is not JSON
         field = re.search(r'field "([^"]+)"', str(e))
         name = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "a MINEOPS_* variable"
-        raise ConfigError(_lines(path, [*(why for _, why in env_problems),
-                                        f"environment variable {name}: not valid JSON (a "
-                                        "table or a list is set whole, as JSON)"])) from None
+        problems = [*(why for _, why in env_problems),
+                    f"environment variable {name}: not valid JSON (a table or a list is set "
+                    "whole, as JSON)"]
+        if check_journal:
+            problems += _raw_journal_problems(_with_environment(data))
+        raise ConfigError(_lines(path, problems)) from None
     except ValidationError as e:
         # An unknown nested variable (a misspelt MINEOPS_BROKER__PORT, say) also reaches
         # pydantic as an unknown key; the line naming the variable says more, so keep that.
@@ -76,15 +83,56 @@ def load_config(path: Path | str, *, check_journal: bool = False, **overrides: A
         # would wait for the next run, so it is made here on what could be read.
         problems += [p for p in cap_unit_problems(_with_environment(data))
                      if not any(p in known for known in problems)]
+        if check_journal:  # it is a file on this machine, whatever else is wrong
+            problems += _raw_journal_problems(_with_environment(data))
         raise ConfigError(_lines(path, problems)) from None
     problems = [why for _, why in env_problems] + cfg.cap_review().errors
     if check_journal:
-        why = journal_path_problem(cfg.grid.journal_path)
-        if why is not None:
-            problems.append(f"grid.journal_path: {why}")
+        problems += _journal_problems(cfg.grid.journal_path)
     if problems:
         raise ConfigError(_lines(path, problems))
     return cfg
+
+
+def _raw_journal_problems(values: Mapping[str, Any]) -> list[str]:
+    """The journal path's problems from raw values (file and MINEOPS_* over it).
+
+    The path the model would take: the default when unset; nothing when it is not text
+    (the field's own error says so).
+    """
+    grid = values.get("grid", {})
+    raw = grid.get("journal_path", GridConfig.model_fields["journal_path"].default) \
+        if isinstance(grid, Mapping) else None
+    if not isinstance(raw, str | Path) or not str(raw):
+        return []
+    return _journal_problems(Path(raw))
+
+
+def _journal_problems(path: Path) -> list[str]:
+    """'grid.journal_path: why' if the journal at `path` cannot be written (or nothing).
+
+    For a relative path the line also names the absolute path it means from here.
+    """
+    why = journal_path_problem(path)
+    if why is None:
+        return []
+    if not path.is_absolute():
+        why += f" (the relative path {str(path)!r} means {path.absolute()} in this " \
+               "directory; under systemd the directory is /)"
+    return [f"grid.journal_path: {why}"]
+
+
+def journal_path_warnings(path: Path) -> list[str]:
+    """Doubts about a usable journal path: a relative one depends on the directory.
+
+    Under systemd the current directory is `/`, and `mineops events` run from another
+    directory would read another file: an absolute path says which file is meant.
+    """
+    if path.is_absolute():
+        return []
+    return [f"grid.journal_path: {str(path)!r} is relative: it means {path.absolute()} "
+            "from this directory, another file from another (/ under systemd); set an "
+            "absolute path, e.g. /var/lib/mineops/grid.sqlite3"]
 
 
 def _with_environment(data: dict[str, Any]) -> dict[str, Any]:

@@ -456,3 +456,104 @@ def test_a_variable_that_is_not_json_is_one_line(tmp_path: Path,
     assert code == 2
     assert err == (f"mineops: {f}: environment variable MINEOPS_FLEET: not valid JSON (a table "
                    "or a list is set whole, as JSON)\n")
+
+
+# -- the journal's path beside every other problem ------------------------------------------
+
+
+REVIEWER_FILE = """site_id = "pecos-1"
+power_cap_kw = 3600000
+hashprice_usd_per_ph_day = 42.0
+[broker]
+host = "127.0.0.1"
+[fleet]
+groups = [{name = "a", model = "s21", count = 1000}, {name = "b", model = "s99", count = 10}]
+[grid]
+journal_path = "/proc/nope/grid.sqlite3"
+journal_pth = "x"
+[grid.frequency]
+shed_below_hz = 59.7
+restore_above_hz = 59.5
+"""
+
+
+def test_journal_problem_is_listed_with_the_other_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The reviewer's file: a cap in W, a misspelt key, an unknown model, inverted Hz and a
+    journal no one can create; the journal's line was missing."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the journal's directory should be\n")
+    journal = blocker / "grid.sqlite3"  # /proc/nope for root and others alike
+    f = tmp_path / "site.toml"
+    f.write_text(REVIEWER_FILE.replace("/proc/nope/grid.sqlite3", str(journal)))
+    code, out, err = check(f, capsys)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 5, err
+    for part in ("fleet.groups.1.model: unknown miner model 's99'",
+                 "grid.frequency.restore_above_hz: must be above shed_below_hz",
+                 "grid.journal_pth: unknown key; did you mean journal_path?",
+                 "power_cap_kw: 3600000 kW is ",
+                 f"grid.journal_path: {journal} cannot be created: {blocker} is not a "
+                 "directory"):
+        assert sum(part in line for line in lines) == 1, part
+    # `run` lists the same, and starts nothing.
+    assert main(["run", "--config", str(f)]) == 2
+    assert capsys.readouterr().err.splitlines() == lines
+
+
+def test_journal_path_from_the_environment_is_checked_with_other_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "blocker").write_text("x")
+    journal = tmp_path / "blocker" / "grid.sqlite3"
+    monkeypatch.setenv("MINEOPS_GRID__JOURNAL_PATH", str(journal))
+    f = site(tmp_path, ("power_cap_kw = 3600", "power_cap_kw = -1"))
+    code, _, err = check(f, capsys)
+    assert code == 2
+    assert f"grid.journal_path: {journal} cannot be created: " in err
+    assert "power_cap_kw: " in err and len(err.splitlines()) == 2
+
+
+def test_a_good_journal_adds_no_line_to_other_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = site(tmp_path, ("power_cap_kw = 3600", "power_cap_kw = -1"))
+    code, _, err = check(f, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "power_cap_kw: " in err
+    assert not (tmp_path / "grid.sqlite3").exists()
+
+
+def test_the_default_journal_path_is_checked_with_other_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No journal_path: the default, relative to the current directory, is what run opens."""
+    cwd = tmp_path / "cwd"
+    (cwd / "mineops-grid.sqlite3").mkdir(parents=True)  # the default path is a directory
+    monkeypatch.chdir(cwd)
+    f = site(tmp_path, ("power_cap_kw = 3600", "power_cap_kw = -1"))
+    f.write_text("\n".join(line for line in f.read_text().splitlines()
+                           if not line.startswith("journal_path")))
+    code, _, err = check(f, capsys)
+    assert code == 2
+    assert ("grid.journal_path: mineops-grid.sqlite3 is a directory, not a file (the "
+            f"relative path 'mineops-grid.sqlite3' means {cwd / 'mineops-grid.sqlite3'} in "
+            "this directory; under systemd the directory is /)") in err
+
+
+def test_a_relative_journal_path_is_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    f = site(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "grid.sqlite3"), "state/grid.sqlite3"))
+    code, out, _ = check(f, capsys)
+    assert code == 0
+    warnings = [line for line in out.splitlines() if ": warning: " in line]
+    assert warnings == [f"{f}: warning: grid.journal_path: 'state/grid.sqlite3' is relative: "
+                        f"it means {tmp_path / 'state' / 'grid.sqlite3'} from this directory, "
+                        "another file from another (/ under systemd); set an absolute path, "
+                        "e.g. /var/lib/mineops/grid.sqlite3"]
+    # An absolute path: no warning.
+    f.write_text(f.read_text().replace("state/grid.sqlite3", str(tmp_path / "g.sqlite3")))
+    code, out, _ = check(f, capsys)
+    assert code == 0 and ": warning: " not in out

@@ -7,9 +7,10 @@ import os
 import socket
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -160,3 +161,34 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
 
     args = parser().parse_args(argv)
     assert args.command == "run" and args.log_format == "json"
+
+
+def unit_directives(unit: str) -> dict[str, list[str]]:
+    """Each `Key=value` of a unit's text, by key, in order (comments and sections left out)."""
+    out: dict[str, list[str]] = {}
+    for raw in unit.splitlines():
+        line = raw.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_unit_grants_write_access_to_the_example_journal() -> None:
+    """ProtectSystem=strict makes /var read-only: the example's journal directory is granted.
+
+    systemd makes StateDirectory= entries (under /var/lib) and ReadWritePaths= writable.
+    """
+    unit = unit_directives((DEPLOY / "systemd" / "mineops.service").read_text())
+    assert unit["ProtectSystem"] == ["strict"]
+    site = tomllib.loads((DEPLOY / "site.example.toml").read_text())
+    journal = PurePosixPath(site["grid"]["journal_path"])
+    assert journal.is_absolute()
+    writable = [PurePosixPath("/var/lib") / d for v in unit.get("StateDirectory", [])
+                for d in v.split()]
+    writable += [PurePosixPath(p.lstrip("-+")) for v in unit.get("ReadWritePaths", [])
+                 for p in v.split()]
+    assert any(journal.parent == w or w in journal.parents for w in writable), (
+        f"{journal.parent} (grid.journal_path's directory, and its .lock) is read-only "
+        f"under the unit; writable: {writable}")
+    assert PurePosixPath("/var/lib/mineops") in writable

@@ -8,7 +8,7 @@ from pathlib import Path
 from controller.campus_config import campus_review
 from controller.cli.common import EXIT_OK, Subparsers
 from controller.config_types import format_kw
-from controller.site_file import load_config
+from controller.site_file import journal_path_warnings, load_config
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -17,7 +17,8 @@ def add_parser(sub: Subparsers) -> None:
                        description="Exit 0 if FILE (with the MINEOPS_* environment) is a "
                        "valid site file for this machine, else print every problem, one "
                        "per line, and exit 2. Also checks the power cap against the "
-                       "fleet's draw and that the grid journal can be written; doubtful "
+                       "fleet's draw and that the grid journal can be written (a relative "
+                       "journal path is a warning: it depends on the directory); doubtful "
                        "values are printed as warnings.")
     p.add_argument("file", type=Path, metavar="FILE")
     p.set_defaults(handler=run)
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
           f"{format_kw(cfg.power_cap_kw)} kW (fleet stock draw "
           f"{format_kw(review.fleet_stock_kw)} kW incl. "
           f"{cfg.energy.aux_fraction * 100:.3g} % aux)")
-    warnings = list(review.warnings)
+    warnings = [*review.warnings, *journal_path_warnings(cfg.grid.journal_path)]
     if cfg.campus is not None:
         warnings += campus_review(cfg.campus, cfg.meters, cfg.power_cap_kw).warnings
     for warning in warnings:

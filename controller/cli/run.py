@@ -1,4 +1,10 @@
-"""`mineops run`: the controller daemon for one site, until SIGINT/SIGTERM."""
+"""`mineops run`: the controller daemon for one site, until SIGINT/SIGTERM.
+
+Start order, so that a start that cannot go ahead changes nothing: the site file, then
+the journal's lock (one controller per journal: a second one would fight the first for
+the broker's client id and write the same journal), then the metrics port, then the
+journal's own checks, and only then the controller, which opens and resumes the journal.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,13 @@ from controller.cli.common import (
     run_async,
 )
 from controller.config import SiteConfig
-from controller.site_file import load_config
+from controller.grid.journal import JournalError, JournalLock, JournalLocked, lock_journal
+from controller.site_file import (
+    ConfigError,
+    journal_path_problem,
+    journal_path_warnings,
+    load_config,
+)
 
 log = structlog.get_logger("mineops.cli")
 
@@ -32,32 +44,65 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the site file (and the journal's path), then run the daemon."""
-    cfg = load_config(args.config, check_journal=True)
-    for warning in cfg.cap_review().warnings:
+    """Check the site file, lock its journal, then run the daemon.
+
+    Raises:
+        ConfigError: the site file (or its journal's path) is not good to run.
+        UsageError: another controller holds the journal, or the metrics port cannot
+            be bound.
+    """
+    try:
+        cfg = load_config(args.config)
+    except ConfigError:
+        # Every problem at once, the journal path's among them, as check-config lists them.
+        load_config(args.config, check_journal=True)
+        raise
+    for warning in [*cfg.cap_review().warnings, *journal_path_warnings(cfg.grid.journal_path)]:
         log.warning("config_warning", file=str(args.config), problem=warning)
     if args.metrics_port is not None:
         metrics = cfg.metrics.model_copy(update={"port": args.metrics_port})
         cfg = cfg.model_copy(update={"metrics": metrics})
-    return run_async(_daemon(cfg))
+    lock = _lock(cfg, args.config)
+    try:
+        return run_async(_daemon(cfg, args.config))
+    finally:
+        lock.release()
 
 
-async def _daemon(cfg: SiteConfig) -> int:
+def _lock(cfg: SiteConfig, config: Path) -> JournalLock:
+    """The journal's lock for this process's life, before anything else is opened."""
+    path = cfg.grid.journal_path
+    holder = f"mineops run --config {Path(config).absolute()}, site {cfg.site_id!r}"
+    try:
+        return lock_journal(path, holder=holder)
+    except JournalError as e:
+        if isinstance(e, JournalLocked):
+            raise UsageError(f"grid.journal_path: {e}") from None
+        # A place the lock file cannot go: the path check says why in the operator's terms.
+        why = journal_path_problem(path)
+        raise ConfigError(f"{config}: grid.journal_path: {why or e}") from None
+
+
+async def _daemon(cfg: SiteConfig, config: Path) -> int:
     from controller.daemon.loop import Controller  # noqa: PLC0415 - keep `check-config` fast
-    from controller.grid.journal import JournalError  # noqa: PLC0415
+    from controller.daemon.metrics import Metrics  # noqa: PLC0415
 
-    try:
-        controller = Controller(cfg)
-    except JournalError as e:  # a file SQLite refuses that the path checks could not see
-        raise UsageError(f"grid.journal_path: {e}") from None
     host, port_n = cfg.metrics.host, cfg.metrics.port
+    metrics = Metrics()
     try:
-        server = controller.metrics.serve(host, port_n)
+        server = metrics.serve(host, port_n)
     except OSError as e:  # in use, not an address of this host, a privileged port, ...
         raise endpoint_problem(e, host, port_n,
                                in_use_hint="set [metrics] port or --metrics-port",
                                other_hint="check [metrics] host and port") from None
     try:
+        why = journal_path_problem(cfg.grid.journal_path)
+        if why is not None:
+            raise ConfigError(f"{config}: grid.journal_path: {why}")
+        try:
+            controller = Controller(cfg, metrics=metrics)
+        except JournalError as e:  # a file SQLite refuses that the path checks could not see
+            raise UsageError(f"grid.journal_path: {e}") from None
         await controller.run()
     finally:
         server.close()

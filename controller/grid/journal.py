@@ -12,12 +12,24 @@ are dropped oldest first and counted (`samples_dropped`).
 Events are keyed by id. A journal that cannot be opened raises `JournalError`, one
 line naming the file and the reason; `journal_problem()` finds the same without
 changing anything (for `check-config`).
+
+One controller per journal: `lock_journal()` takes an exclusive `flock` on
+`<journal>.lock`, held until the process exits. A second `mineops run` for the same
+journal gets `JournalLocked`, naming the holder the lock file records. The kernel drops
+the lock when the holder dies, however it dies, so a killed controller never blocks its
+restart; the lock file itself stays (removing it would let two processes each lock a
+different file of the same name).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass, fields, replace
@@ -67,6 +79,92 @@ class JournalError(OSError):
 
     An OSError, so a command that only reads the journal reports it in one line too.
     """
+
+
+class JournalLocked(JournalError):
+    """Another process holds the journal's lock: '<path> is in use by <holder>', one line."""
+
+
+class JournalLock:
+    """An exclusive lock on a journal, held while this object (its open file) lives.
+
+    Attributes:
+        path: The lock file, `<journal>.lock` beside the journal.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlock (closing the file does); the process's exit does the same."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def lock_path(journal_path: Path | str) -> Path:
+    """The lock file of the journal at `journal_path`: the same name plus `.lock`."""
+    return Path(f"{journal_path}.lock")
+
+
+def lock_journal(journal_path: Path | str, *, holder: str = "") -> JournalLock:
+    """Take the journal's exclusive lock for this process, or say who holds it.
+
+    Creates the journal's missing directories and its lock file (as `GridJournal` would
+    create the directories), then `flock(LOCK_EX | LOCK_NB)`: never waits. On success the
+    lock file holds one line naming this process (pid, host, start time in UTC and
+    `holder`, e.g. the command line), for the message a second one prints.
+
+    Raises:
+        JournalLocked: another process (or another lock in this one) holds it; the
+            message names the holder from the lock file.
+        JournalError: the lock file cannot be created or locked (permissions, a
+            read-only or missing place): '<lock file>: <why>'.
+    """
+    path = lock_path(journal_path)
+    if Path(journal_path).is_dir():  # no lock file beside a journal that cannot be
+        raise JournalError(f"{journal_path} is a directory, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise JournalError(f"{path}: cannot create the journal's lock file: "
+                           f"{(e.strerror or str(e)).lower()}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        held = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        who = _holder(fd) if held else ""
+        os.close(fd)
+        if held:
+            raise JournalLocked(
+                f"{journal_path} is in use by another mineops controller "
+                f"({who or 'its lock file names no holder yet'}; lock {path}): stop it "
+                "first, or give this one a site and journal of its own") from None
+        raise JournalError(f"{path}: cannot lock the journal: "
+                           f"{(e.strerror or str(e)).lower()}") from None
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    line = f"pid {os.getpid()} on {socket.gethostname()}, since {started}"
+    line += f", {holder}" if holder else ""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{line}\n".encode(), 0)
+    except OSError as e:  # the lock holds; only the note for the next one is missing
+        log.warning("grid_journal_lock_holder_not_recorded", path=str(path),
+                    error=e.strerror or str(e))
+    return JournalLock(path, fd)
+
+
+def _holder(fd: int) -> str:
+    """The holder's line from a lock file ('' if none yet: it is written just after locking)."""
+    for _ in range(10):
+        with contextlib.suppress(OSError):
+            text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if text:
+                return text.splitlines()[0]
+        time.sleep(0.01)
+    return ""
 
 
 @dataclass(slots=True)
