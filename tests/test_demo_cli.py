@@ -237,7 +237,8 @@ def test_demo_plans_with_a_price_beyond_the_cap_at_the_cap(tmp_path: Path) -> No
                 "--duration", "35", "--miners", "80", "--metrics-port", "0", timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     views = [line for line in r.stdout.splitlines() if line.startswith("2024-06-01 ")]
-    at_cap = [line for line in views if "= market $5,000.00/MWh (real-time)" in line]
+    at_cap = [line for line in views if "= market $9,000.00/MWh (real-time; planned at the "
+              "$5,000 cap)" in line]
     assert at_cap, r.stdout
     assert any(", sleeping 80 (" in line for line in at_cap), "the fleet sleeps at the cap"
     assert not any("market $25.00" in line and (" 09:5" in line or " 10:0" in line)

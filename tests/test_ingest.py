@@ -360,8 +360,10 @@ def test_a_price_beyond_the_bounds_is_planned_with_at_the_bound(
         price: float, planned: float, bound: str | None) -> None:
     c = controller()
     c.on_message(c.topics.price, price_msg(price))
-    assert c.fleet.site.market_price_usd_per_mwh == planned
-    assert c.price().market_usd_per_mwh == planned and c.price().source == "real_time"
+    assert c.fleet.site.market_price_usd_per_mwh == price, "the market's price is kept"
+    p = c.price()
+    assert p.market_usd_per_mwh == planned and p.source == "real_time"
+    assert p.bound == bound and p.real_market_usd_per_mwh == price
     assert not c.ingest.invalid, "a real, extreme price is not an invalid message"
     assert c.ingest.prices_clamped == ({} if bound is None else {bound: 1})
     for b in ("cap", "floor"):
@@ -372,8 +374,11 @@ def test_a_price_beyond_the_bounds_is_planned_with_at_the_bound(
     c.on_message(c.topics.price_schedule, schedule.encode())
     s = c.fleet.site.price_schedule
     assert s is not None
-    assert [p.price_usd_per_mwh for p in s.prices] == [planned, 40.0]
-    assert s.price_at(time.time()) == planned
+    assert [p.price_usd_per_mwh for p in s.prices] == [price, 40.0]
+    c.fleet.site.market_price_usd_per_mwh = None  # the day-ahead price in force
+    p = c.price()
+    assert p.source == "day_ahead" and p.market_usd_per_mwh == planned
+    assert p.bound == bound and p.real_market_usd_per_mwh == price
     assert c.ingest.prices_clamped == ({} if bound is None else {bound: 2})
 
 
@@ -391,6 +396,8 @@ def test_the_previous_price_does_not_stay_in_force_after_a_spike_beyond_the_cap(
     snap = asyncio.run(c.decide_and_act("price"))
     assert snap.price.market_usd_per_mwh == 5000.0
     assert snap.summary().market_price_usd_per_mwh == 5000.0
+    assert snap.summary().real_market_price_usd_per_mwh == 9000.0
+    assert snap.summary().price_bound == "cap"
     # At $5,000 no miner earns its power: the whole fleet is told to sleep.
     assert snap.planned_site_power_w < 0.01 * c.site_cap_w()
     assert c.ingest.prices_clamped == {"cap": 2}
@@ -402,7 +409,8 @@ def test_price_bounds_are_configurable() -> None:
     c = controller(energy={"price_floor_usd_per_mwh": -150.0, "price_cap_usd_per_mwh": 2000.0})
     for price, planned in ((-200.0, -150.0), (2500.0, 2000.0), (1999.0, 1999.0)):
         c.on_message(c.topics.price, price_msg(price))
-        assert c.fleet.site.market_price_usd_per_mwh == planned
+        assert c.price().market_usd_per_mwh == planned, "planned within the site's bounds"
+        assert c.price().real_market_usd_per_mwh == price
     assert c.ingest.prices_clamped == {"floor": 1, "cap": 1}
     assert not c.ingest.invalid
 

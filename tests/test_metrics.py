@@ -25,7 +25,7 @@ from controller.core.fleet_state import VIEW_STATES
 from controller.daemon.loop import Controller
 from controller.daemon.metrics import PER_GROUP_AUTO_MAX, EnergyCounter
 from controller.daemon.snapshot import DecisionSnapshot
-from controller.protocol.payloads import GridEvent
+from controller.protocol.payloads import GridEvent, PriceSignal
 from tests.test_deploy_support import need
 
 STATE_CODES = {"running": 1, "sleeping": 2, "waking": 3, "stopping": 4, "error": 5}
@@ -343,3 +343,27 @@ def test_telemetry_lag_is_measured_from_the_readings_own_time() -> None:
         for s in f.samples if s.name.endswith("_bucket")}
     assert (buckets["0.1"], buckets["0.25"], buckets["2.5"], buckets["5.0"], buckets["30.0"]) == (
         0, 1, 1, 2, 3)
+
+
+@pytest.mark.parametrize(("market", "planned"), [
+    (9000.0, 5000.0),  # ERCOT, February 2021, above the $5,000 cap
+    (-400.0, -250.0),  # below the floor: the site is paid less than planned with
+    (40.0, 40.0),
+])
+def test_cost_and_profit_rates_are_at_the_markets_own_price_not_the_planned_one(
+        market: float, planned: float) -> None:
+    """A spike past [energy] price_cap_usd_per_mwh costs the site the market's price."""
+    c = Controller(site([("a", "s21", 3)]))
+    for i in range(3):
+        report(c, i, "running", 3500.0, 200.0, target_w=float(c.fleet.nominal_w[i]))
+    c.on_message(c.topics.price, PriceSignal(ts=time.time(), price_usd_per_mwh=market).encode())
+    c.fleet.site.meter_power_w = 10_000.0
+    c.fleet.site.meter_at = time.monotonic()
+    decide(c)
+    assert value(c, "mineops_energy_market_price_usd_per_mwh") == market
+    assert value(c, "mineops_energy_price_usd_per_mwh") == market  # no adders on this site
+    assert value(c, "mineops_energy_planned_price_usd_per_mwh") == planned
+    cost = 10_000 / 1e6 * market
+    assert value(c, "mineops_energy_cost_rate_usd_per_hour") == pytest.approx(cost)
+    revenue = value(c, "mineops_revenue_rate_usd_per_hour")
+    assert value(c, "mineops_profit_rate_usd_per_hour") == pytest.approx(revenue - cost)

@@ -9,6 +9,7 @@ in full where a test needs exact figures.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import math
@@ -22,10 +23,19 @@ from zoneinfo import ZoneInfo
 import pytest
 from rich.console import Console
 
+from controller.campus_config import CampusConfig
 from controller.catalogue import load_catalogue
 from controller.config import SiteConfig
+from controller.core.campus import PartReading, campus_picture
 from controller.daemon.loop import Controller
-from controller.protocol.payloads import DecisionSummary, GridEvent, PayloadError, PriceSignal
+from controller.protocol.payloads import (
+    DecisionSummary,
+    GridEvent,
+    PayloadError,
+    PriceSchedule,
+    PriceSignal,
+    ScheduledPrice,
+)
 from controller.view import SiteClock, SiteView, read_summary
 from controller.view.screen import Screen
 
@@ -343,3 +353,135 @@ def test_logs_show_times_as_iso_8601_with_the_zone(capsys: pytest.CaptureFixture
     assert line["stale_ts"] == "Infinity" or math.isinf(line["stale_ts"])
     stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
     assert stamp.tzinfo is not None
+
+
+# -- like with like: a campus's POI meter, a market price beyond the site's bounds --------
+
+# The reviewer's campus (`mineops demo --campus`): the POI imports 2.24 MW, above the
+# miners' 2.09 MW cap (firm load exceeds generation) and under the 2.339 MW import limit.
+CAMPUS = {"cap_source": "campus", "grid_event_id": None, "grid_event_kind": None,
+          "grid_event_target_w": None, "grid_event_deadline_ts": None,
+          "grid_event_end_ts": None, "grid_event_on_track": None,
+          "cap_in_force_w": 2_090_300.0, "cap_w": 2_069_000.0,
+          "measured_site_power_w": 2_238_236.0, "campus_miners_measured_w": 2_051_000.0,
+          "campus_headroom_w": 2_090_300.0, "campus_poi_limit_w": 2_339_000.0,
+          "campus_firm_load_w": 400_000.0, "campus_generation_w": 200_000.0,
+          "campus_on_site_w": 0.0, "campus_islanded": False, "campus_stale": []}
+
+
+def styled(view: SiteView) -> list[str]:
+    """The panel's lines with their styles as ANSI codes (bold red: 1;31)."""
+    console = Console(record=True, width=200, file=io.StringIO(), force_terminal=True,
+                      color_system="standard")
+    console.print(view.render())
+    return console.export_text(styles=True).splitlines()
+
+
+def test_on_a_campus_the_miners_share_meets_the_miners_cap_and_net_import_the_limit() -> None:
+    v = view(summary(**CAMPUS))
+    line = v.line()
+    assert "miners 2.05 MW / miners' cap 2.09 MW (the campus's headroom" in line
+    assert "POI net import 2.24 MW / import limit 2.34 MW" in line
+    assert "site 2.24 MW / cap 2.09 MW" not in line, "net import against the miners' cap"
+    text = render(v)
+    assert ("miners' power  2.05 MW measured (the POI reading less the campus's other "
+            "parts), plan 2.13 MW, planning under 2.07 MW (incl. aux)") in text
+    assert "POI            2.24 MW net import, import limit 2.34 MW" in text
+    assert not [ln for ln in styled(v) if "\x1b[1;31m" in ln], "nothing is over"
+
+
+@pytest.mark.parametrize(("over", "row"), [
+    ({"campus_miners_measured_w": 2_200_000.0}, "miners' power"),
+    ({"measured_site_power_w": 2_400_000.0}, "POI"),
+])
+def test_on_a_campus_what_is_over_its_own_limit_is_marked(over: dict[str, float],
+                                                          row: str) -> None:
+    red = [ln for ln in styled(view(summary(**{**CAMPUS, **over}))) if "\x1b[1;31m" in ln]
+    assert len(red) == 1 and row in red[0], red
+
+
+def test_on_a_campus_without_a_poi_reading_the_miners_share_is_unknown() -> None:
+    v = view(summary(**{**CAMPUS, "measured_site_power_w": None,
+                        "campus_miners_measured_w": None}))
+    assert "miners unknown / miners' cap 2.09 MW" in v.line()
+    assert "POI net import unknown / import limit 2.34 MW" in v.line()
+    islanded = view(summary(**{**CAMPUS, "campus_islanded": True, "campus_poi_limit_w": None}))
+    assert "POI net import 2.24 MW / islanded, no grid" in islanded.line()
+
+
+def test_a_plain_site_still_shows_site_power_against_the_cap() -> None:
+    assert "site 2.13 MW / cap 2.15 MW (grid event drill-1" in view(summary()).line()
+
+
+@pytest.mark.parametrize(("market", "planned", "bound", "said"), [
+    (9000.0, 5000.0, "cap", "$9,008.00/MWh = market $9,000.00/MWh (real-time; planned at "
+     "the $5,000 cap) + adders $8.00/MWh"),
+    (-400.0, -250.0, "floor", "-$392.00/MWh = market -$400.00/MWh (real-time; planned at "
+     "the -$250 floor) + adders $8.00/MWh"),
+])
+def test_a_price_beyond_the_bounds_is_shown_as_the_markets_with_its_bound(
+        market: float, planned: float, bound: str, said: str) -> None:
+    s = summary(price_usd_per_mwh=planned + 8.0, market_price_usd_per_mwh=planned,
+                real_market_price_usd_per_mwh=market, price_bound=bound)
+    assert f"price {said}" in view(s).line()
+    assert said in render(view(s))
+    # The market moving on beyond the bound is a change worth a new line.
+    further = s.model_copy(update={"real_market_price_usd_per_mwh": market * 1.5})
+    assert view(further).change_key() != view(s).change_key()
+
+
+def test_a_controller_decision_beyond_the_cap_says_the_markets_price() -> None:
+    """The reviewer's repro: a $9,000 market under a $5,000 cap, real-time then day-ahead."""
+    cfg = SiteConfig.model_validate({
+        "site_id": "unit", "fleet": {"groups": [{"name": "a", "model": "s21", "count": 4}]},
+        "power_cap_kw": 20, "hashprice_usd_per_ph_day": 42.0,
+        "energy": {"adders_usd_per_mwh": 8.0}, "metrics": {"port": 0},
+        "grid": {"journal_path": str(Path(tempfile.mkdtemp(prefix="mineops-test-")) / "g.db")},
+    })
+    c = Controller(cfg)
+    c.on_message(c.topics.price, PriceSignal(ts=time.time(), price_usd_per_mwh=9000.0).encode())
+    s = asyncio.run(c.decide_and_act("price")).summary()
+    assert (s.price_usd_per_mwh, s.market_price_usd_per_mwh) == (5008.0, 5000.0), "planned"
+    assert (s.real_market_price_usd_per_mwh, s.price_bound) == (9000.0, "cap")
+    assert ("price $9,008.00/MWh = market $9,000.00/MWh (real-time; planned at the $5,000 "
+            "cap)") in view(s).line()
+    # The same spike in the day-ahead schedule, with no real-time price.
+    c.fleet.site.market_price_usd_per_mwh = None
+    c.on_message(c.topics.price_schedule, PriceSchedule(ts=time.time(), interval_s=3600, prices=[
+        ScheduledPrice(start_ts=time.time() - 60, price_usd_per_mwh=12_000.0)]).encode())
+    s = asyncio.run(c.decide_and_act("price_schedule")).summary()
+    assert (s.market_price_usd_per_mwh, s.real_market_price_usd_per_mwh) == (5000.0, 12_000.0)
+    assert ("market $12,000.00/MWh (day-ahead schedule; planned at the $5,000 cap)"
+            in view(s).line())
+    # Within the bounds nothing is said of them.
+    c.on_message(c.topics.price, PriceSignal(ts=time.time(), price_usd_per_mwh=40.0).encode())
+    s = asyncio.run(c.decide_and_act("price")).summary()
+    assert (s.real_market_price_usd_per_mwh, s.price_bound) == (40.0, None)
+    assert "price $48.00/MWh = market $40.00/MWh (real-time) + adders $8.00/MWh" in view(s).line()
+
+
+def test_the_summary_carries_the_miners_measured_share_of_the_poi_reading() -> None:
+    """POI reading less the other parts' fresh readings, as the meter guard counts it."""
+    campus = CampusConfig.model_validate({
+        "poi": {"import_limit_kw": 2339, "meter": "poi"},
+        "firm_loads": [{"id": "hall", "meter": "hall", "max_kw": 600}],
+        "generators": [{"id": "pv", "kind": "solar", "meter": "pv", "rating_kw": 500}]})
+    now = time.time()
+    readings = {"poi": PartReading(2_238_236.0, now), "hall": PartReading(400_000.0, now),
+                "pv": PartReading(200_000.0, now)}
+    picture = campus_picture(campus, readings, now_unix_s=now, stale_s=10.0,
+                             margin_fraction=0.01, market_usd_per_mwh=40.0,
+                             adders_usd_per_mwh=8.0)
+    cfg = SiteConfig.model_validate({
+        "site_id": "unit", "fleet": {"groups": [{"name": "a", "model": "s21", "count": 4}]},
+        "power_cap_kw": 20, "hashprice_usd_per_ph_day": 42.0, "metrics": {"port": 0},
+        "grid": {"journal_path": str(Path(tempfile.mkdtemp(prefix="mineops-test-")) / "g.db")},
+    })
+    snap = asyncio.run(Controller(cfg).decide_and_act("tick"))
+    on_campus = dataclasses.replace(snap, campus=picture, measured_site_power_w=2_238_236.0)
+    # 2.238 MW at the POI, 0.4 MW of it the hall's, 0.2 MW of the hall's supplied by the PV.
+    assert on_campus.summary().campus_miners_measured_w == 2_038_236.0
+    # Unknown POI: the share is unknown, not the other parts' negative.
+    unknown = dataclasses.replace(on_campus, measured_site_power_w=None)
+    assert unknown.summary().campus_miners_measured_w is None
+    assert snap.summary().campus_miners_measured_w is None, "no campus, no share"

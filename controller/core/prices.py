@@ -3,7 +3,10 @@
 "Market price" is the ISO's price alone ($/MWh); the price the optimizer plans with is
 the market price plus the site's adders (delivery charges, fees). The two are named
 apart everywhere: `market_usd_per_mwh` and `total_usd_per_mwh`. A market price is
-planned with within the site's `[energy]` floor and cap (`PriceBounds`).
+planned with within the site's `[energy]` floor and cap (`PriceBounds`), but it is still
+the market's price that the site pays: `PriceInForce` carries both, so that what is shown
+and what is costed (`real_market_usd_per_mwh`, `real_total_usd_per_mwh`) is the market's,
+and only the plan uses the bounded price.
 """
 
 from __future__ import annotations
@@ -23,31 +26,63 @@ from controller.core.fleet_state import SiteReadings
 REAL_TIME_STALE_S = 3600.0
 
 PriceSource = Literal["real_time", "day_ahead", "default"]
+PriceBound = Literal["cap", "floor"]
 
 
 @dataclass(frozen=True, slots=True)
 class PriceInForce:
-    """The price a decision plans with, and its parts."""
+    """The price a decision plans with, its parts, and the market's own price.
+
+    Attributes:
+        market_usd_per_mwh: the market price as planned with, within the site's
+            `[energy]` bounds, $/MWh.
+        source: where the market price came from.
+        adders_usd_per_mwh: the site's adders, $/MWh.
+        bound: the bound the market's price was planned at ("cap": it was above
+            `price_cap_usd_per_mwh`; "floor": below the floor); None: within the bounds.
+        beyond_bound_usd_per_mwh: the market's own price when `bound` is set, $/MWh
+            (None when within the bounds: then `market_usd_per_mwh` is the market's).
+    """
 
     market_usd_per_mwh: float
     source: PriceSource
     adders_usd_per_mwh: float
+    bound: PriceBound | None = None
+    beyond_bound_usd_per_mwh: float | None = None
 
     @property
     def total_usd_per_mwh(self) -> float:
-        """Market price plus adders: what one more MWh costs the site."""
+        """Market price as planned with plus adders: what the optimizer weighs, $/MWh."""
         return self.market_usd_per_mwh + self.adders_usd_per_mwh
+
+    @property
+    def real_market_usd_per_mwh(self) -> float:
+        """The market's own price, bounded or not: what the site is charged, $/MWh."""
+        b = self.beyond_bound_usd_per_mwh
+        return self.market_usd_per_mwh if b is None else b
+
+    @property
+    def real_total_usd_per_mwh(self) -> float:
+        """The market's own price plus adders: what one more MWh costs the site, $/MWh."""
+        return self.real_market_usd_per_mwh + self.adders_usd_per_mwh
 
 
 def price_in_force(site: SiteReadings, *, now_monotonic_s: float, now_unix_s: float,
-                   default_usd_per_mwh: float, adders_usd_per_mwh: float) -> PriceInForce:
-    """Real-time if fresh, else the day-ahead schedule's interval, else the cautious default."""
+                   default_usd_per_mwh: float, adders_usd_per_mwh: float,
+                   bounds: PriceBounds | None = None) -> PriceInForce:
+    """Real-time if fresh, else the day-ahead schedule's interval, else the cautious default.
+
+    `site` holds the market's prices as they came; a price beyond `bounds` (default:
+    `PriceBounds()`) is planned with at the bound, and the market's own price is kept
+    beside it. The default price is the site's own and is taken as it is.
+    """
+    b = PriceBounds() if bounds is None else bounds
     market = site.market_price_usd_per_mwh
     if market is not None and now_monotonic_s - site.price_at < REAL_TIME_STALE_S:
-        return PriceInForce(market, "real_time", adders_usd_per_mwh)
+        return b.in_force(market, "real_time", adders_usd_per_mwh)
     scheduled = None if site.price_schedule is None else site.price_schedule.price_at(now_unix_s)
     if scheduled is not None:
-        return PriceInForce(scheduled, "day_ahead", adders_usd_per_mwh)
+        return b.in_force(scheduled, "day_ahead", adders_usd_per_mwh)
     return PriceInForce(default_usd_per_mwh, "default", adders_usd_per_mwh)
 
 
@@ -56,8 +91,6 @@ def price_in_force(site: SiteReadings, *, now_monotonic_s: float, now_unix_s: fl
 # extreme price the site's bounds did not expect (ERCOT settled at $9,000 in February
 # 2021 above a $5,000 cap set from today's rules).
 ABSURD_MULTIPLE = 100.0
-
-PriceBound = Literal["cap", "floor"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +135,23 @@ class PriceBounds:
         if p < self.floor_usd_per_mwh:
             return self.floor_usd_per_mwh, "floor"
         return p, None
+
+    def in_force(self, market_usd_per_mwh: float, source: PriceSource,
+                 adders_usd_per_mwh: float) -> PriceInForce:
+        """The price in force for a market price: planned within the bounds, kept as it is.
+
+        A price `bound` refuses (ingest drops those, so none should arrive) is planned
+        with at the nearer bound, the market's value kept: never a crash mid-decision.
+        """
+        try:
+            planned, bound = self.bound(market_usd_per_mwh)
+        except ValueError:
+            cap = not market_usd_per_mwh < self.floor_usd_per_mwh  # NaN: the safe side
+            planned = self.cap_usd_per_mwh if cap else self.floor_usd_per_mwh
+            bound = "cap" if cap else "floor"
+        if bound is None:
+            return PriceInForce(planned, source, adders_usd_per_mwh)
+        return PriceInForce(planned, source, adders_usd_per_mwh, bound, market_usd_per_mwh)
 
     def bound_all(self, prices_usd_per_mwh: npt.ArrayLike
                   ) -> tuple[npt.NDArray[np.float64], dict[PriceBound, int]]:

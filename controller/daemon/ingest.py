@@ -64,7 +64,6 @@ from controller.protocol.payloads import (
     PowerControlSet,
     PriceSchedule,
     PriceSignal,
-    ScheduledPrice,
     TelemetryColumns,
     decode,
     decode_group_telemetry,
@@ -541,9 +540,11 @@ class Ingest:
         price = decode(PriceSignal, raw)
         now_unix = time.time()
         age = self._age_s(price.ts, now_unix, math.inf, "price")
-        market, bound = self._bounded_price(price.price_usd_per_mwh, "price")
+        # The market's own price is kept: the price in force bounds it for the plan only.
+        market = price.price_usd_per_mwh
+        _, bound = self._bounded_price(market, "price")
         if bound is not None:
-            self._clamped(bound, [price.price_usd_per_mwh], "price")
+            self._clamped(bound, [market], "price")
         site = self.fleet.site
         changed = market != site.market_price_usd_per_mwh
         site.market_price_usd_per_mwh = market
@@ -554,19 +555,15 @@ class Ingest:
     def _price_schedule(self, _device: str, raw: bytes) -> None:
         schedule = decode(PriceSchedule, raw)
         self._age_s(schedule.ts, time.time(), math.inf, "price schedule")
-        bounded: list[ScheduledPrice] = []
         clamped: dict[PriceBound, list[float]] = {}
         for p in schedule.prices:
-            market, bound = self._bounded_price(p.price_usd_per_mwh,
-                                                f"scheduled price at {p.start_ts:.0f}")
+            _, bound = self._bounded_price(p.price_usd_per_mwh,
+                                           f"scheduled price at {p.start_ts:.0f}")
             if bound is not None:
                 clamped.setdefault(bound, []).append(p.price_usd_per_mwh)
-            bounded.append(p if bound is None
-                           else p.model_copy(update={"price_usd_per_mwh": market}))
         for bound, prices in clamped.items():
             self._clamped(bound, prices, "price schedule")
-        if clamped:
-            schedule = schedule.model_copy(update={"prices": bounded})
+        # Kept as the market's: the price in force bounds it for the plan only.
         self.fleet.site.price_schedule = schedule
         self.on_change("price_schedule")
 

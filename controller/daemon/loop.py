@@ -201,7 +201,8 @@ class Controller:
         return price_in_force(
             self.fleet.site, now_monotonic_s=time.monotonic(), now_unix_s=self.wall_clock(),
             default_usd_per_mwh=self.cfg.energy.default_price_usd_per_mwh,
-            adders_usd_per_mwh=self.cfg.energy.adders_usd_per_mwh)
+            adders_usd_per_mwh=self.cfg.energy.adders_usd_per_mwh,
+            bounds=self.ingest.limits.price_bounds)
 
     def hashprice_usd_per_ph_day(self) -> float:
         """The feed's hashprice, else the site file's."""

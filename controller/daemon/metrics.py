@@ -309,10 +309,15 @@ class SiteCollector:
     def _market(self, snap: DecisionSnapshot) -> str:
         price, hashprice = snap.price, snap.hashprice_usd_per_ph_day
         out = [
-            _gauge("mineops_energy_price_usd_per_mwh", "Energy price in force incl. adders",
-                   price.total_usd_per_mwh),
+            _gauge("mineops_energy_price_usd_per_mwh",
+                   "Energy price in force incl. adders, at the market's own price",
+                   price.real_total_usd_per_mwh),
             _gauge("mineops_energy_market_price_usd_per_mwh",
-                   "Market price in force, without adders", price.market_usd_per_mwh),
+                   "Market price in force, without adders, as the market set it",
+                   price.real_market_usd_per_mwh),
+            _gauge("mineops_energy_planned_price_usd_per_mwh",
+                   "Energy price incl. adders the decision planned with: the market price "
+                   "within [energy] price_floor/cap_usd_per_mwh", price.total_usd_per_mwh),
             _gauge("mineops_hashprice_usd_per_ph_day", "Hashprice in force", hashprice),
             _labelled("mineops_breakeven_price_usd_per_mwh",
                       "All-in energy price (market + adders) at which a model at stock earns "
@@ -336,10 +341,11 @@ class SiteCollector:
         out.append(_gauge("mineops_revenue_rate_usd_per_hour",
                           "Mining revenue at the hashprice in force", revenue))
         if snap.measured_site_power_w is not None:
-            cost = max(0.0, snap.measured_site_power_w) / 1e6 * price.total_usd_per_mwh
+            # At the market's own price: during a spike past the cap the site pays it.
+            cost = max(0.0, snap.measured_site_power_w) / 1e6 * price.real_total_usd_per_mwh
             out += [
                 _gauge("mineops_energy_cost_rate_usd_per_hour",
-                       "Measured site power at the price in force", cost),
+                       "Measured site power at the market's own price plus adders", cost),
                 _gauge("mineops_profit_rate_usd_per_hour",
                        "Revenue minus energy cost (needs a fresh meter reading)", revenue - cost),
             ]

@@ -142,6 +142,8 @@ class DecisionSnapshot:
             frequency_hz=self.frequency_hz,
             infeasible=self.infeasible,
             miners_by_state_reason=self.miners_by_state_reason,
+            price_bound=self.price.bound,
+            real_market_price_usd_per_mwh=self.price.real_market_usd_per_mwh,
             **self._campus_summary(),
         )
 
@@ -153,5 +155,18 @@ class DecisionSnapshot:
                 "campus_firm_load_w": round(c.firm_load_w, 1),
                 "campus_generation_w": round(c.generation_w, 1),
                 "campus_on_site_w": round(c.curve.on_site_w, 1), "campus_islanded": c.islanded,
-                "campus_stale": [s[:64] for s in c.stale[:100]]}  # the payload's bounds
+                "campus_stale": [s[:64] for s in c.stale[:100]],  # the payload's bounds
+                "campus_miners_measured_w": self.campus_miners_measured_w}
+
+    @property
+    def campus_miners_measured_w(self) -> float | None:
+        """On a campus, the miners' measured share of the POI reading, incl. aux, W.
+
+        The POI reading less what the campus's other parts read (`CampusPicture.
+        others_measured_w`): what holds against the miners' cap. None without a campus
+        or a fresh POI reading.
+        """
+        if self.campus is None or self.measured_site_power_w is None:
+            return None
+        return round(self.measured_site_power_w - self.campus.others_measured_w, 1)
 

@@ -735,6 +735,16 @@ class DecisionSummary(Payload):
     campus_islanded: bool | None = None
     campus_stale: list[str] | None = Field(
         default=None, max_length=100, description="Parts counted at their worst case")
+    # The market's own price beside the price planned with (controller/core/prices.py
+    # PriceBounds); None in summaries from before them: then the market's price is
+    # `market_price_usd_per_mwh`.
+    price_bound: Literal["cap", "floor"] | None = Field(
+        default=None, description="The [energy] bound the market price was planned at")
+    real_market_price_usd_per_mwh: float | None = Field(
+        default=None, description="The market's own price, bounded or not, $/MWh")
+    campus_miners_measured_w: float | None = Field(
+        default=None, description="The POI reading less the campus's other parts' readings: "
+        "the miners' measured share, incl. aux, W (None: no fresh POI reading)")
     # The site's clock when it is not the wall clock (a simulated site: `mineops demo`),
     # so that every view shows the decision at the same site time; None on a real site.
     site_ts: float | None = Field(

@@ -1,13 +1,15 @@
 """The site view: one decision summary as a panel (terminal) or a line (pipe).
 
 Shows what an operator asks first: the site clock; site power against the cap in force
-and why the cap is where it is (the site's own cap, a grid event with its target and
-deadline, an under-frequency shed, the recovery ramp after an event); the price in force
-and its parts (market price, where it came from, adders); hashrate; and the miners by
-state, each state with the reasons the decision gave (how many sleep for price, how many
-the grid holds). Units are written next to every figure: MW for site power, PH/s for
-hashrate, $/MWh for energy, $/PH/day for hashprice. A value the controller did not know
-is shown as "unknown", never as zero.
+(on an energy campus like with like: the miners' measured share against the miners' cap,
+the POI's net import against the import limit) and why the cap is where it is (the
+site's own cap, a grid event with its target and deadline, an under-frequency shed, the
+recovery ramp after an event); the price in force and its parts (the market's own price,
+where it came from, the bound it was planned at when beyond the site's `[energy]`
+bounds, adders); hashrate; and the miners by state, each state with the reasons the
+decision gave (how many sleep for price, how many the grid holds). Units are written
+next to every figure: MW for site power, PH/s for hashrate, $/MWh for energy, $/PH/day
+for hashprice. A value the controller did not know is shown as "unknown", never as zero.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def format_price(usd_per_mwh: float | None) -> str:
     return f"{sign}${abs(usd_per_mwh):,.2f}/MWh"
 
 
+def format_bound(usd_per_mwh: float) -> str:
+    """A price bound in whole $/MWh as the site file writes it: "$5,000", "-$250"."""
+    sign = "-" if usd_per_mwh < 0 else ""
+    return f"{sign}${abs(usd_per_mwh):,.0f}"
+
+
 def format_ago(seconds: float) -> str:
     """A duration for "... ago": seconds under 90 s, minutes under 90 min, else hours."""
     s = max(0.0, seconds)
@@ -99,6 +107,11 @@ def _time(t: datetime, ref: datetime) -> str:
     """A time of day, with the date when it is not `ref`'s day."""
     fmt = "%H:%M %Z" if t.date() == ref.date() else "%Y-%m-%d %H:%M %Z"
     return t.strftime(fmt)
+
+
+def _over(power_w: float | None, limit_w: float | None) -> bool:
+    """Beyond the limit by more than the meter's noise (0.5 %); unknown is not shown over."""
+    return power_w is not None and limit_w is not None and power_w > limit_w * 1.005
 
 
 @dataclass(frozen=True)
@@ -207,17 +220,51 @@ class SiteView:
         return text
 
     def price_text(self) -> str:
-        """The price in force and its parts: "$101.00/MWh = market $93.00 (real-time) + ..."."""
+        """The price in force and its parts: "$101.00/MWh = market $93.00 (real-time) + ...".
+
+        A market price beyond the site's `[energy]` bounds is shown as the market set it,
+        with the bound the decision planned at: "$9,008.00/MWh = market $9,000.00/MWh
+        (real-time; planned at the $5,000 cap) + adders $8.00/MWh".
+        """
         s = self.summary
         assert s is not None
-        total = format_price(s.price_usd_per_mwh)
         if s.market_price_usd_per_mwh is None:
-            return total
+            return format_price(s.price_usd_per_mwh)
         src = PRICE_SOURCES.get(s.price_source or "", s.price_source or "source unknown")
         adders = (s.adders_usd_per_mwh if s.adders_usd_per_mwh is not None
                   else s.price_usd_per_mwh - s.market_price_usd_per_mwh)
-        return (f"{total} = market {format_price(s.market_price_usd_per_mwh)} ({src}) "
+        market = (s.real_market_price_usd_per_mwh if s.real_market_price_usd_per_mwh is not None
+                  else s.market_price_usd_per_mwh)
+        if s.price_bound is not None:
+            src += (f"; planned at the {format_bound(s.market_price_usd_per_mwh)} "
+                    f"{s.price_bound}")
+        return (f"{format_price(market + adders)} = market {format_price(market)} ({src}) "
                 f"+ adders {format_price(adders)}")
+
+    def miners_power_text(self) -> str:
+        """Site power against the cap, like with like.
+
+        On a plain site: the site meter against the cap in force. On a campus the site
+        meter is the POI's, its net import: the miners' measured share (the POI reading
+        less the campus's other parts) against the miners' cap, then the net import
+        against the import limit. "2.09 MW / cap 2.09 MW (...)".
+        """
+        s = self.summary
+        assert s is not None
+        if s.campus_headroom_w is None:
+            return (f"site {format_mw(s.measured_site_power_w)} / cap "
+                    f"{format_mw(self.cap_in_force_w())} ({self.cap_why()})")
+        return (f"miners {format_mw(s.campus_miners_measured_w)} / miners' cap "
+                f"{format_mw(self.cap_in_force_w())} ({self.cap_why()}) | POI net import "
+                f"{format_mw(s.measured_site_power_w)} / {self.import_limit_text()}")
+
+    def import_limit_text(self) -> str:
+        """The POI's limit in force: "import limit 2.34 MW", or islanded."""
+        s = self.summary
+        assert s is not None
+        if s.campus_islanded:
+            return "islanded, no grid"
+        return f"import limit {format_mw(s.campus_poi_limit_w)}"
 
     def hashrate_text(self) -> str:
         """The fleet's hashrate and who reports it, e.g. "12.3 PH/s from 980 reporting ..."."""
@@ -288,17 +335,7 @@ class SiteView:
         if self.clock.describe():
             clock += f" ({self.clock.describe()})"
         grid.add_row("site time", clock)
-        # With a campus the site meter is the POI's: its limit is the POI's, not the miners'.
-        limit = (s.campus_poi_limit_w if s.campus_headroom_w is not None
-                 else self.cap_in_force_w())
-        over = (s.measured_site_power_w is not None and limit is not None
-                and s.measured_site_power_w > limit * 1.005)
-        measured = "measured at the POI" if s.campus_headroom_w is not None else "measured"
-        power = Text(f"{format_mw(s.measured_site_power_w)} {measured}",
-                     style="bold red" if over else "")
-        power.append(f", plan {format_mw(s.planned_site_power_w)}, "
-                     f"planning under {format_mw(s.cap_w)} (incl. aux)")
-        grid.add_row("site power", power)
+        self._power_rows(grid)
         cap_style = "" if (s.cap_source or "site") == "site" else "bold yellow"
         cap = Text(format_mw(self.cap_in_force_w()), style=cap_style)
         cap.append(f" in force: {self.cap_why()}")
@@ -340,6 +377,29 @@ class SiteView:
         return Panel(Group(*parts), title=title, subtitle=" · ".join(sub),
                      box=box.ROUNDED, expand=False)
 
+    def _power_rows(self, grid: Table) -> None:
+        """Site power against its cap; on a campus the miners' and the POI's apart.
+
+        The site meter of a campus is the POI's: the miners' measured share is held
+        against the miners' cap, the net import against the import limit.
+        """
+        s = self.summary
+        assert s is not None
+        campus = s.campus_headroom_w is not None
+        miners_w = s.campus_miners_measured_w if campus else s.measured_site_power_w
+        power = Text(f"{format_mw(miners_w)} measured" + (
+            " (the POI reading less the campus's other parts)" if campus else ""),
+            style="bold red" if _over(miners_w, self.cap_in_force_w()) else "")
+        power.append(f", plan {format_mw(s.planned_site_power_w)}, "
+                     f"planning under {format_mw(s.cap_w)} (incl. aux)")
+        grid.add_row("miners' power" if campus else "site power", power)
+        if campus:
+            poi = Text(f"{format_mw(s.measured_site_power_w)} net import",
+                       style="bold red" if _over(s.measured_site_power_w,
+                                                 s.campus_poi_limit_w) else "")
+            poi.append(f", {self.import_limit_text()}")
+            grid.add_row("POI", poi)
+
     # -- the line (pipes, logs) ----------------------------------------------------------
 
     def line(self) -> str:
@@ -353,8 +413,7 @@ class SiteView:
             for state in VIEW_STATES)
         hashrate = ("unknown" if s.fleet_hashrate_ths is None
                     else f"{s.fleet_hashrate_ths / 1000:,.1f} PH/s")
-        text = (f"{self.site_time()} | site {format_mw(s.measured_site_power_w)} / cap "
-                f"{format_mw(self.cap_in_force_w())} ({self.cap_why()}) | price "
+        text = (f"{self.site_time()} | {self.miners_power_text()} | price "
                 f"{self.price_text()} | {hashrate} | {states}")
         campus = self.campus_text()
         if campus is not None:
@@ -376,6 +435,7 @@ class SiteView:
             return (None, self.link)
         return (round(self.cap_in_force_w()), s.cap_source, s.grid_event_id,
                 s.grid_event_on_track, round(s.price_usd_per_mwh, 2), s.price_source,
+                s.real_market_price_usd_per_mwh,
                 tuple(sorted(s.miners_by_state.items())),
                 json.dumps(s.miners_by_state_reason, sort_keys=True),
                 tuple(w for w in self.warnings() if not w.startswith("last decision")),
