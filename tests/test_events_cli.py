@@ -297,8 +297,8 @@ def test_send_warns_about_targets_it_cannot_meet(tmp_path: Path) -> None:
     assert check_value(cfg, "target_kw", 60.0) == ([], [
         "--value-kw: 60 kW is above the site cap (40 kW): the event does not lower it"])
     assert check_value(cfg, "shed_kw", 45.0) == ([], [
-        "--value-kw: 45 kW is the whole site cap (40 kW) or more: everything that may sleep "
-        "will"])
+        "--value-kw: 45 kW is the whole site cap (40 kW) or more: every miner sleeps, "
+        "never-curtail ones too (the grid comes first)"])
     assert check_value(cfg, "target_kw", 20.0) == ([], [])
     assert check_value(cfg, "peak", None) == ([], [])
     assert check_value(cfg, "emergency", 5.0)[1] == [
