@@ -172,6 +172,15 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         handled[0] += 1
 
     controller.on_message = counting  # type: ignore[method-assign]
+    inner_batch = controller.on_telemetry
+
+    def counting_batch(messages: list[tuple[str, bytes]]) -> None:
+        inner_batch(messages)
+        handled[0] += len(messages)
+        batches[0] += 1
+
+    batches = [0]
+    controller.on_telemetry = counting_batch  # type: ignore[method-assign]
     applied = [0]
     apply = controller.fleet.apply
 
@@ -191,7 +200,7 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         while handled[0] == 0:  # noqa: ASYNC110 - once, until the flood arrives
             await asyncio.sleep(0.01)
         await asyncio.sleep(WARMUP_S)
-        m0, r0 = handled[0], applied[0]
+        m0, r0, b0 = handled[0], applied[0], batches[0]
         t0 = time.perf_counter()
         await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - t0
@@ -200,7 +209,8 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         status = controller.transport.status()
         info = {"invalid": {":".join(k): v for k, v in ingest.invalid.items()},
                 "dropped": {":".join(k): v for k, v in status.dropped.items()},
-                "queue": status.incoming_queue_messages}
+                "queue": status.incoming_queue_messages,
+                "messages_per_batch": round(messages / max(batches[0] - b0, 1), 1)}
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -217,6 +217,10 @@ class Controller:
         """Validate and apply one message (see `Ingest.on_message`)."""
         self.ingest.on_message(topic, raw)
 
+    def on_telemetry(self, messages: list[tuple[str, bytes]]) -> None:
+        """Validate and apply queued telemetry together (see `Ingest.on_telemetry`)."""
+        self.ingest.on_telemetry(messages)
+
     def _prepare_again(self) -> None:
         # The step order depends on every row: prepare again (rare: retained, per session).
         self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
@@ -473,7 +477,8 @@ class Controller:
 
     async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.transport.run(self.on_message), name="controller-mqtt")
+            tg.create_task(self.transport.run(self.on_message, self.on_telemetry),
+                           name="controller-mqtt")
             tg.create_task(self._decide_forever(), name="controller-decide")
             if self.campus is not None:
                 tg.create_task(self.campus.run(), name="controller-campus")

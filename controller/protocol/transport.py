@@ -23,7 +23,10 @@ The queue is bounded in messages and bytes; when full, the oldest message of the
 urgent lane goes (in practice always telemetry), counted by kind in `LinkStatus.dropped`.
 Messages are handled in batches without a task per message, yielding to the event loop
 after every urgent or control message and every `YIELD_EVERY_S` of telemetry, so a
-decision a message triggered runs at once and the socket keeps being read.
+decision a message triggered runs at once and the socket keeps being read. An owner that
+gives `run()` a batch handler gets the queued telemetry as lists (`take_telemetry`:
+a few ms of work each, and only while nothing more urgent waits), so it can check and
+apply many small rack messages at once.
 
 paho-mqtt reads a packet with three `recv` calls and aiomqtt reads one packet per event
 loop turn; on a plain TCP connection `_BufferedSocket` reads in large chunks, takes the
@@ -66,12 +69,18 @@ MessageHandler = Callable[[str, bytes], None]
 MAX_QUEUED_MESSAGES = 20_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 YIELD_EVERY_S = 0.010  # of telemetry handled back to back
+# One batch of telemetry for the batch handler: a few ms of work (racks of 40: ~300
+# messages; groups of 1,000: ~10), so YIELD_EVERY_S still bounds what an urgent message waits.
+BATCH_MAX_MESSAGES = 1024
+BATCH_MAX_BYTES = 512 * 1024
 RECV_BYTES = 64 * 1024  # one socket read; paho's packets are then cut from it
 READ_BUDGET_S = 0.020  # of reading per wake-up while handling keeps up
 KEEP_READING_BELOW = 2_000  # queued messages (and a quarter of the byte bound): keeping up
+LANE_CACHE_TOPICS = 100_000  # topics whose lane is remembered (a miner's or a rack's each)
 
 
 Incoming = tuple[str, bytes]  # topic, payload
+BatchHandler = Callable[[list[Incoming]], None]
 
 
 class IncomingQueue(asyncio.Queue[Incoming]):
@@ -97,6 +106,7 @@ class IncomingQueue(asyncio.Queue[Incoming]):
         self.dropped: Counter[tuple[str, str]] = Counter()
         self.last_lane = LANE_TELEMETRY  # of the message `get_nowait` returned last
         self._lanes: list[deque[tuple[Incoming, int, Kind]]] = [deque() for _ in range(LANES)]
+        self._lane_of: dict[str, tuple[int, Kind]] = {}  # by topic
         super().__init__(0)  # unbounded to asyncio: the bound is ours, by lane
 
     def _init(self, maxsize: int) -> None:
@@ -111,7 +121,14 @@ class IncomingQueue(asyncio.Queue[Incoming]):
     def _put(self, item: Incoming) -> None:
         if not isinstance(item, tuple):  # aiomqtt's own Message (untuned client)
             item = _as_incoming(item)
-        lane, kind = incoming_lane(item[0])
+        lanes_of = self._lane_of
+        lane_kind = lanes_of.get(item[0])
+        if lane_kind is None:
+            lane_kind = incoming_lane(item[0])
+            if len(lanes_of) >= LANE_CACHE_TOPICS:
+                lanes_of.clear()  # topics come back: a full cache refills within a round
+            lanes_of[item[0]] = lane_kind
+        lane, kind = lane_kind
         size = len(item[1])
         lanes = self._lanes
         while self.bytes + size > self.max_bytes or self.count >= self.max_messages:
@@ -126,6 +143,31 @@ class IncomingQueue(asyncio.Queue[Incoming]):
         lanes[lane].append((item, size, kind))
         self.bytes += size
         self.count += 1
+
+    def take_telemetry(self, max_messages: int = BATCH_MAX_MESSAGES,
+                       max_bytes: int = BATCH_MAX_BYTES) -> list[Incoming]:
+        """The oldest telemetry messages, if nothing more urgent is queued (else none).
+
+        At most `max_messages`, and no more than `max_bytes` of payloads unless the first
+        message alone is larger.
+        """
+        lanes = self._lanes
+        lane = lanes[LANE_TELEMETRY]
+        if not lane or any(lanes[k] for k in range(LANE_TELEMETRY)):
+            return []
+        out: list[Incoming] = []
+        taken = 0
+        popleft = lane.popleft
+        while lane and len(out) < max_messages:
+            size = lane[0][1]
+            if out and taken + size > max_bytes:
+                break
+            out.append(popleft()[0])
+            taken += size
+        self.bytes -= taken
+        self.count -= len(out)
+        self.last_lane = LANE_TELEMETRY
+        return out
 
     def _get(self) -> Incoming:
         for k, lane in enumerate(self._lanes):
@@ -386,8 +428,15 @@ class Transport:
         self._queue = IncomingQueue(maxsize, max_bytes=self._max_queued_bytes)
         return self._queue
 
-    async def run(self, handler: MessageHandler) -> None:
-        """Connect, subscribe and dispatch forever; reconnect on any broker failure."""
+    async def run(self, handler: MessageHandler, telemetry: BatchHandler | None = None) -> None:
+        """Connect, subscribe and dispatch forever; reconnect on any broker failure.
+
+        Args:
+            handler: Called with each message (topic, payload).
+            telemetry: If given, called instead with telemetry taken from the queue in
+                batches (`IncomingQueue.take_telemetry`: up to BATCH_MAX_MESSAGES and
+                BATCH_MAX_BYTES, in the order received, while nothing more urgent waits).
+        """
         attempt = 0
         while True:
             try:
@@ -404,7 +453,7 @@ class Transport:
                     if self._on_connect:
                         await self._on_connect()
                     try:
-                        await self._dispatch(client, handler)
+                        await self._dispatch(client, handler, telemetry)
                     except asyncio.CancelledError:
                         await self._say_goodbye()
                         raise
@@ -421,8 +470,10 @@ class Transport:
             finally:
                 self._lost()
 
-    async def _dispatch(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
-        """Hand every message to `handler`, by lane, until the connection ends.
+    async def _dispatch(self, client: aiomqtt.Client, handler: MessageHandler,
+                        telemetry: BatchHandler | None) -> None:
+        """Hand every message to `handler` (telemetry in batches to `telemetry`, if given),
+        by lane, until the connection ends.
 
         The first message after a quiet spell is awaited through aiomqtt (it also raises
         MqttError when the connection drops); a backlog is then taken from the queue
@@ -435,13 +486,23 @@ class Transport:
         messages = client.messages
         clock = time.perf_counter
         while True:
-            topic, payload = cast(Incoming, await messages.__anext__())
-            handler(topic, payload)
+            first = cast(Incoming, await messages.__anext__())
+            if telemetry is not None and queue.last_lane == LANE_TELEMETRY:
+                telemetry([first, *queue.take_telemetry()])
+            else:
+                handler(*first)
             started = clock()
             while queue.count:
-                topic, payload = queue.get_nowait()
-                handler(topic, payload)
-                if queue.last_lane < LANE_TELEMETRY or clock() - started > YIELD_EVERY_S:
+                if telemetry is not None and (batch := queue.take_telemetry()):
+                    telemetry(batch)
+                else:
+                    topic, payload = queue.get_nowait()
+                    handler(topic, payload)
+                    if queue.last_lane < LANE_TELEMETRY:
+                        await asyncio.sleep(0)
+                        started = clock()
+                        continue
+                if clock() - started > YIELD_EVERY_S:
                     await asyncio.sleep(0)
                     started = clock()
 
