@@ -343,8 +343,9 @@ class GroupDecoder:
             values = decoder.decode(key)
         except msgspec.MsgspecError as e:
             error = _payload_error(e)
-            raise PayloadError(error.reason, error.detail.replace("at `$", f"at `$.{name}")) \
-                from None
+            where = (error.detail.replace("at `$", f"at `$.{name}") if "at `$" in error.detail
+                     else f"{error.detail} - at `$.{name}`")
+            raise PayloadError(error.reason, where) from None
         if len(seen) >= self.max_lists:
             seen.clear()
         if self.max_lists:
