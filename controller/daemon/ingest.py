@@ -209,7 +209,10 @@ class Ingest:
     def on_message(self, topic: str, raw: bytes) -> None:
         """Validate and apply one message; a bad one is counted and dropped, never raised."""
         vendor = self.meters.claims(topic)
-        parsed = Parsed(Kind.METER_TELEMETRY) if vendor else self.topics.parse(topic)
+        self._handle(topic, raw, Parsed(Kind.METER_TELEMETRY) if vendor
+                     else self.topics.parse(topic), vendor)
+
+    def _handle(self, topic: str, raw: bytes, parsed: Parsed, vendor: bool) -> None:
         kind = parsed.kind
         self._counted[kind].inc()
         try:
@@ -300,13 +303,17 @@ class Ingest:
             for topic, raw in messages:
                 group = racks_of.get(topic)
                 if group is None:
-                    group = self._rack_topic(topic)
-                if not group:
-                    if gathering.racks:
-                        self._apply_racks(gathering)
-                        gathering = _Gathering()
-                    self.on_message(topic, raw)
-                    continue
+                    vendor = self.meters.claims(topic)
+                    parsed = Parsed(Kind.METER_TELEMETRY) if vendor else self.topics.parse(topic)
+                    if parsed.kind is not Kind.GROUP_TELEMETRY:
+                        if gathering.racks:
+                            self._apply_racks(gathering)
+                            gathering = _Gathering()
+                        self._handle(topic, raw, parsed, vendor)
+                        continue
+                    group = parsed.device
+                    if group in self._group_index:  # bounded by the fleet: worth keeping
+                        racks_of[topic] = group
                 counted += 1
                 try:
                     rack = self._rack(topic, group, raw)
@@ -327,17 +334,6 @@ class Ingest:
                 self._apply_racks(gathering)
         finally:
             self._counted[Kind.GROUP_TELEMETRY].inc(counted)
-
-    def _rack_topic(self, topic: str) -> str:
-        """The group whose rack telemetry topic this is, else ""; known groups' cached."""
-        if self.meters.claims(topic):
-            return ""
-        parsed = self.topics.parse(topic)
-        if parsed.kind is not Kind.GROUP_TELEMETRY:
-            return ""
-        if parsed.device in self._group_index:  # bounded by the fleet: worth keeping
-            self._rack_topics[topic] = parsed.device
-        return parsed.device
 
     def _rack(self, topic: str, group: str,
               raw: bytes) -> tuple[_Rack, GroupTelemetryV2] | None:

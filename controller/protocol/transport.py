@@ -76,6 +76,9 @@ BATCH_MAX_BYTES = 512 * 1024
 RECV_BYTES = 64 * 1024  # one socket read; paho's packets are then cut from it
 READ_BUDGET_S = 0.020  # of reading per wake-up while handling keeps up
 KEEP_READING_BELOW = 2_000  # queued messages (and a quarter of the byte bound): keeping up
+# A QoS 0 PUBLISH cut short by a read is completed by the next one up to this size (a
+# group's largest telemetry is 512 KiB); a larger one is left to paho.
+HOLD_MAX_BYTES = 1024 * 1024
 LANE_CACHE_TOPICS = 100_000  # topics whose lane is remembered (a miner's or a rack's each)
 
 
@@ -213,8 +216,10 @@ class _BufferedSocket:
     QoS 0 PUBLISH packets (MQTT 3.1.1 section 3.3: fixed header 0x30-0x39 without QoS
     bits, remaining length, topic, payload; no packet id, nothing to answer) that lie
     whole in the buffer at a packet boundary go to `deliver` as (topic, payload) without
-    paho: paho's pure-Python parse of each is most of the per-message cost. Every other
-    packet (CONNACK, SUBACK, QoS 1 PUBLISH and its PUBACK, PINGRESP, a split packet) is
+    paho: paho's pure-Python parse of each is most of the per-message cost. One that a
+    read cut short (most reads end inside a rack's message) is held back, out of
+    `pending()`, and completed by the next read, up to HOLD_MAX_BYTES. Every other packet
+    (CONNACK, SUBACK, QoS 1 PUBLISH and its PUBACK, PINGRESP, a larger split packet) is
     paho's, as is everything else about the socket.
     """
 
@@ -226,6 +231,7 @@ class _BufferedSocket:
         self._keep_reading = keep_reading
         self._buf = b""
         self._pos = 0
+        self._held = b""  # the start of a QoS 0 PUBLISH that the last read cut short
         self._may_read = True  # this wake-up has not read the socket yet
         self._woke_at = 0.0
 
@@ -241,9 +247,13 @@ class _BufferedSocket:
                 data = self._sock.recv(max(n, RECV_BYTES))
                 if not data:
                     return data  # the broker closed: paho sees it
+                if self._held:
+                    data, self._held = self._held + data, b""
                 self._buf, self._pos = data, 0
             if n == 1 and self._paho._in_packet["command"] == 0:  # paho is between packets
-                self._publishes()
+                if self._publishes():
+                    self._held, self._buf, self._pos = self._buf[self._pos:], b"", 0
+                    continue
                 if self._pos >= len(self._buf):
                     continue
             end = self._pos + n
@@ -251,26 +261,31 @@ class _BufferedSocket:
             self._pos = end
             return out
 
-    def _publishes(self) -> None:
-        """Deliver the whole QoS 0 PUBLISH packets at the front of the buffer."""
+    def _publishes(self) -> bool:
+        """Deliver the whole QoS 0 PUBLISH packets at the front of the buffer; True if the
+        front is then one cut short by the read (and small enough to hold)."""
         buf, pos, size = self._buf, self._pos, len(self._buf)
         deliver = self._deliver
+        split = False
         while pos < size and buf[pos] & 0xF6 == 0x30:  # PUBLISH, QoS 0 (DUP, RETAIN: any)
             length, mult, i = 0, 1, pos + 1
-            while True:
-                if i >= size or i - pos > 4:
-                    self._pos = pos
-                    return  # split across reads (or malformed): paho's
+            while i < size and i - pos <= 4:  # the remaining length: 1-4 bytes
                 byte = buf[i]
                 i += 1
                 length += (byte & 0x7F) * mult
                 mult <<= 7
                 if not byte & 0x80:
                     break
+            else:  # the read ended inside it, or a fifth byte (malformed: paho's)
+                split = i >= size and i - pos <= 4
+                break
             end = i + length
             if end > size:
+                split = end - pos <= HOLD_MAX_BYTES
                 break
-            topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+            topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1]) if length >= 2 else end + 1
+            if topic_end > end:
+                break  # malformed: paho's
             try:
                 topic = buf[i + 2:topic_end].decode()
             except UnicodeDecodeError:
@@ -281,6 +296,7 @@ class _BufferedSocket:
             # paho's keepalive: bytes it did not parse itself were received all the same.
             self._paho._last_bytes_received = time.monotonic()
         self._pos = pos
+        return split
 
     def pending(self) -> int:
         left = len(self._buf) - self._pos
