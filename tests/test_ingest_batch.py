@@ -446,3 +446,48 @@ def _publish_qos(topic: str, payload: bytes, qos: int, packet_id: int) -> bytes:
     raw = topic.encode()
     body = len(raw).to_bytes(2, "big") + raw + packet_id.to_bytes(2, "big") + payload
     return b"\x32" + _length(len(body)) + body
+
+
+# -- commands out at once -----------------------------------------------------------------------
+
+def _subscribe(broker: LocalBroker, topic: str) -> socket.socket:
+    """A raw MQTT 3.1.1 subscriber (QoS 0), read with blocking calls: no event loop."""
+    sock = socket.create_connection((broker.host, broker.port), timeout=5)
+    cid = b"batch-sub"
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    sock.sendall(b"\x10" + _length(len(body)) + body)
+    assert sock.recv(4)[:1] == b"\x20", "CONNACK"
+    raw = topic.encode()
+    body = b"\x00\x01" + len(raw).to_bytes(2, "big") + raw + b"\x00"
+    sock.sendall(b"\x82" + _length(len(body)) + body)
+    assert sock.recv(5)[:1] == b"\x90", "SUBACK"
+    return sock
+
+
+@pytest.mark.integration
+async def test_publish_now_is_written_before_the_loop_runs_again(broker: LocalBroker,
+                                                                 tasks: Any) -> None:
+    """A decision's commands leave with the decision, not turns of the event loop later
+    (the tail of bench_shed_latency): the subscriber has the message while this loop is
+    still blocked; the future then tells the broker acknowledged it."""
+    peer = Peer(make_site(broker, [("a", "s21", 1)]))
+    tasks(peer.run(), "peer")
+    await wait_for(peer.transport.connected.is_set, what="connected")
+    with _subscribe(broker, "cmd/#") as sub:
+        acked = peer.transport.publish_now("cmd/1", b"shed", qos=1)
+        got = sub.recv(64)  # blocking: the event loop does not run meanwhile
+        assert got[:1] == b"\x30" and got.endswith(b"cmd/1shed"), got
+        assert not acked.done(), "acknowledged only once the loop reads the PUBACK"
+        async with asyncio.timeout(5):
+            assert await acked is True
+    assert peer.transport._client is not None
+    assert not peer.transport._client._pending_publishes, "nothing left waiting"
+
+
+async def test_publish_now_without_a_broker_is_false_at_once() -> None:
+    from controller.config import BrokerConfig  # noqa: PLC0415
+    from controller.protocol.transport import Transport  # noqa: PLC0415
+
+    t = Transport(BrokerConfig(port=1), client_id="nobody", subscriptions=[])
+    done = t.publish_now("cmd/1", b"x")
+    assert done.done() and done.result() is False

@@ -7,7 +7,7 @@ in vendor formats are decoded by their drivers and handed to the same meter hand
 the project's own meter messages.
 
 Telemetry (docs/scale.md, "Ingest") is decoded by msgspec into columns
-(`payloads.decode_group_telemetry`) and checked per miner, vectorised: the miner must be
+(`payloads.GroupDecoder`, `TelemetryBatch`) and checked per miner, vectorised: the miner must be
 known and belong to the topic's group, its state known, its power and power target at
 most its model's top operating point plus POWER_MARGIN, its hashrate at most the model's
 top plus HASHRATE_MARGIN, temperature, fans and boards within physical bounds. A miner
@@ -16,6 +16,10 @@ its rack-mates are applied with one array write per field. An `ack_seq` above wh
 controller last sent that miner is unknown rather than trusted (reason `bad_ack`; the
 rest of the reading stands), so it cannot mark commands acknowledged that never were
 (before this run sent a miner anything, its ack is the previous run's and is ignored).
+The transport hands over queued telemetry in batches (`on_telemetry`): consecutive rack
+messages are checked and written to the fleet together, each reading with its own
+message's time, with exactly the result (state, counters, logged reasons) of handling
+them one by one.
 
 Time: each payload's `ts` is checked against the controller's clock. Further ahead than
 `policy.clock_skew_s`, or (prices, hashprice) older than `policy.signal_max_age_s`, is
@@ -340,7 +344,7 @@ class Ingest:
         """A rack message decoded and checked as a whole; None if it has no reading.
 
         Raises:
-            PayloadError: as `decode_group_message`, unknown_group, bad_timestamp, stale.
+            PayloadError: as `GroupDecoder.decode`, unknown_group, bad_timestamp, stale.
         """
         m = self._decoder.decode(raw)
         g = self._group_index.get(group)

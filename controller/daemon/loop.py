@@ -255,21 +255,21 @@ class Controller:
         The broker's acknowledgements arrive in the same TCP stream as everything it
         sends us: under a telemetry flood each waits behind thousands of messages, and
         a decision that awaited them could not decide again for seconds (a grid
-        target came in late). The messages go out now, in order (each publish is
-        queued on its task's first step, and tasks start in the order created); if one
-        is not acknowledged, every miner's command is sent again at the next decision.
+        target came in late). The messages are written now, in order, before the
+        decision goes on (`Transport.publish_now`: not on later turns of a loop busy
+        with telemetry); if one is not acknowledged, every miner's command is sent again
+        at the next decision.
         """
-        task = asyncio.get_running_loop().create_task(self._confirm(messages, retain, commands))
+        acks = [self.transport.publish_now(topic, payload, qos=1, retain=retain)
+                for topic, payload in messages]
+        task = asyncio.get_running_loop().create_task(self._confirm(acks, commands))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _confirm(self, messages: list[tuple[str, bytes]], retain: bool,
-                       commands: bool) -> None:
-        results = await asyncio.gather(*(
-            self.transport.publish(topic, payload, qos=1, retain=retain)
-            for topic, payload in messages))
+    async def _confirm(self, acks: list[asyncio.Future[bool]], commands: bool) -> None:
+        results = await asyncio.gather(*acks)
         if commands:
-            self.metrics.command_messages.inc(len(messages))
+            self.metrics.command_messages.inc(len(acks))
             if not all(results):
                 self.actuator.forget()  # some did not go out: re-send all once reconnected
 

@@ -61,6 +61,7 @@ log = structlog.get_logger("mineops.transport")
 # well inside the 5 s that the daemons promise for SIGTERM.
 GOODBYE_TIMEOUT_S = 1.5  # the owner's last words (availability offline, QoS 1)
 DISCONNECT_TIMEOUT_S = 1.5  # MQTT 3.1.1 DISCONNECT has no answer: it only has to be written
+PUBLISH_TIMEOUT_S = 10.0  # a QoS 1 message's acknowledgement, before it counts as not sent
 
 MessageHandler = Callable[[str, bytes], None]
 
@@ -181,6 +182,31 @@ class IncomingQueue(asyncio.Queue[Incoming]):
                 self.last_lane = k
                 return item
         raise asyncio.QueueEmpty
+
+
+class _Ack:
+    """What aiomqtt's on_publish sets when a PUBACK comes (it calls `.set()`, as on the
+    asyncio.Event its own publish waits on): resolves `publish_now`'s future."""
+
+    __slots__ = ("_done", "_timer")
+
+    def __init__(self, done: asyncio.Future[bool], timer: asyncio.TimerHandle) -> None:
+        self._done = done
+        self._timer = timer
+
+    def set(self) -> None:
+        self._timer.cancel()
+        if not self._done.done():
+            self._done.set_result(True)
+
+
+def _unacknowledged(done: asyncio.Future[bool], pending: dict[int, Any], mid: int,
+                    topic: str) -> None:
+    pending.pop(mid, None)
+    if not done.done():
+        log.warning("mqtt_publish_failed", topic=topic,
+                    error=f"not acknowledged within {PUBLISH_TIMEOUT_S:g} s")
+        done.set_result(False)
 
 
 def _as_incoming(message: aiomqtt.Message) -> Incoming:
@@ -583,11 +609,56 @@ class Transport:
             return False
         try:
             with propagate_lost_cancel():
-                await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+                await client.publish(topic, payload, qos=qos, retain=retain,
+                                     timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError as e:
             log.warning("mqtt_publish_failed", topic=topic, error=str(e))
             return False
         return True
+
+    def publish_now(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                    retain: bool = False) -> asyncio.Future[bool]:
+        """Publish at once: handed to paho and written to the socket (as far as it takes
+        it) before this returns; the future tells whether the broker acknowledged it.
+
+        `publish()` is a coroutine: its message reaches paho when its task first runs and
+        the socket when the event loop next serves writers, turns a loop busy with
+        telemetry can fill with batches (a grid event's command left 5-46 ms after its
+        decision, bench_shed_latency). Messages published here go out in the order of
+        the calls.
+
+        Returns:
+            A future: True once the broker acknowledged the message (QoS 1; QoS 0: once
+            handed over), False if the broker is away, paho refused it, or no
+            acknowledgement came within PUBLISH_TIMEOUT_S (the session may have ended).
+            Dropping it unawaited is harmless.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        client = self._client
+        if client is None:
+            done.set_result(False)
+            return done
+        paho = client._client
+        info = paho.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != 0:
+            log.warning("mqtt_publish_failed", topic=topic, error=f"paho rc {info.rc}")
+            done.set_result(False)
+            return done
+        if qos and not info.is_published():
+            # aiomqtt's on_publish calls .set() on it when the PUBACK comes: registered
+            # before any read can bring one, as aiomqtt's own publish does.
+            pending = client._pending_publishes
+            ack = _Ack(done, loop.call_later(PUBLISH_TIMEOUT_S, _unacknowledged, done,
+                                             pending, info.mid, topic))
+            pending[info.mid] = ack  # type: ignore[assignment]
+        else:
+            done.set_result(True)
+        try:
+            paho.loop_write()
+        except Exception as e:  # a broken socket: aiomqtt's own writer sees it too
+            log.warning("mqtt_write_failed", topic=topic, error=repr(e))
+        return done
 
     def publish_nowait(self, topic: str, payload: bytes) -> bool:
         """Queue a QoS 0 message without waiting for it to be written; False when away.
