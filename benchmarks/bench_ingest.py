@@ -172,6 +172,15 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         handled[0] += 1
 
     controller.on_message = counting  # type: ignore[method-assign]
+    inner_batch = controller.on_telemetry
+
+    def counting_batch(messages: list[tuple[str, bytes]]) -> None:
+        inner_batch(messages)
+        handled[0] += len(messages)
+        batches[0] += 1
+
+    batches = [0]
+    controller.on_telemetry = counting_batch  # type: ignore[method-assign]
     applied = [0]
     apply = controller.fleet.apply
 
@@ -191,16 +200,23 @@ async def _mineops(cfg: SiteConfig, seconds: float) -> tuple[float, float, dict[
         while handled[0] == 0:  # noqa: ASYNC110 - once, until the flood arrives
             await asyncio.sleep(0.01)
         await asyncio.sleep(WARMUP_S)
-        m0, r0 = handled[0], applied[0]
-        t0 = time.perf_counter()
+        m0, r0, b0 = handled[0], applied[0], batches[0]
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - t0
+        cpu_s = time.process_time() - cpu0
         messages = handled[0] - m0
         readings = applied[0] - r0
         status = controller.transport.status()
         info = {"invalid": {":".join(k): v for k, v in ingest.invalid.items()},
                 "dropped": {":".join(k): v for k, v in status.dropped.items()},
-                "queue": status.incoming_queue_messages}
+                "queue": status.incoming_queue_messages,
+                "messages_per_batch": round(messages / max(batches[0] - b0, 1), 1),
+                # The controller's CPU in the window (all its threads): what it had of the
+                # two cores it shares with mosquitto and the publisher, and what it cost.
+                "cpu_share": round(cpu_s / elapsed, 3),
+                "readings_per_cpu_s": round(readings / cpu_s) if cpu_s else None,
+                "us_per_message": round(cpu_s / messages * 1e6, 1) if messages else None}
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

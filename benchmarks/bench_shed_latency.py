@@ -224,6 +224,14 @@ async def measure(n: int, trials: int, rack: int) -> dict[str, object]:
         "event_decide": percentiles([c.decide_ms for c in event]),
         "event_simulator": percentiles([c.apply_ms for c in event]),
         "frequency": percentiles([c.latency_ms for c in freq]),
+        # Where the slowest trials' time went: before the decision, in it, from its end
+        # to the simulator (publish, mosquitto, the simulator's loop), in the simulator.
+        "event_slowest": [
+            {"total": round(c.latency_ms, 1), "queued": round(c.queued_ms, 1),
+             "decide": round(c.decide_ms, 1),
+             "to_sim": round(c.received_ms - c.queued_ms - c.decide_ms, 1),
+             "sim": round(c.latency_ms - c.received_ms, 1)}
+            for c in sorted(event, key=lambda c: -c.latency_ms)[:5]],
         "event_messages": max((c.messages for c in event), default=0),
         "event_miners": max((c.miners for c in event), default=0),
         "trials": len(event), "frequency_trials": len(freq), "failed": failed,
@@ -249,6 +257,7 @@ def main() -> None:
                 results[f"{name}_{key}_{q}_ms"] = round(v, 1)
         results[f"trials_{key}"] = r["trials"]  # type: ignore[assignment]
         results[f"failed_{key}"] = sum(r["failed"].values())  # type: ignore[attr-defined]
+        results[f"event_slowest_{key}"] = r["event_slowest"]  # type: ignore[assignment]
     print(f"\n{'miners':>8} {'what':<28} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  ms")
     for n, r in rows:
         for name, what in (("event", "grid event -> all applied"),
@@ -264,6 +273,8 @@ def main() -> None:
         p99 = r["event"]["p99"]  # type: ignore[index]
         verdict = "" if target is None else (
             f"; target p99 < {target:.0f} ms: {'met' if p99 < target else 'NOT met'}")
+        for slow in r["event_slowest"]:  # type: ignore[attr-defined]
+            print(f"{'':8} slow event trial: " + ", ".join(f"{k} {v:.1f}" for k, v in slow.items()))
         print(f"{'':8} {r['trials']} event / {r['frequency_trials']} frequency trials, failed "
               f"{r['failed']}; an event's command: {r['event_messages']} message(s) for "
               f"{r['event_miners']:,} miners{verdict}")

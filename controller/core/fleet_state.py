@@ -139,8 +139,9 @@ class FleetState:
     def apply(self, idx: npt.NDArray[np.intp], *, state: npt.NDArray[np.int8],
               power_w: npt.NDArray[np.float64], hashrate_ths: npt.NDArray[np.float64],
               target_w: npt.NDArray[np.float64], temp_c: npt.NDArray[np.float64],
-              ack_seq: npt.NDArray[np.int64], taken_at: float) -> None:
-        """Apply validated readings (a rack's message) with one array write per field.
+              ack_seq: npt.NDArray[np.int64],
+              taken_at: float | npt.NDArray[np.float64]) -> None:
+        """Apply validated readings (racks' messages) with one array write per field.
 
         Args:
             idx: Rows, (m,); each at most once (a later duplicate would win).
@@ -151,7 +152,8 @@ class FleetState:
             temp_c: Deg C, NaN unknown, (m,).
             ack_seq: Last command applied, -1 unknown, (m,); the latest reported is kept,
                 and one that went back flags the miner `restarted` (commanded again).
-            taken_at: When the readings were taken, on the monotonic clock, s.
+            taken_at: When the readings were taken, on the monotonic clock, s: one
+                time for all, or (m,) (readings of several messages, each its own).
         """
         self.state[idx] = state
         self.power_w[idx] = power_w

@@ -7,7 +7,7 @@ in vendor formats are decoded by their drivers and handed to the same meter hand
 the project's own meter messages.
 
 Telemetry (docs/scale.md, "Ingest") is decoded by msgspec into columns
-(`payloads.decode_group_telemetry`) and checked per miner, vectorised: the miner must be
+(`payloads.GroupDecoder`, `TelemetryBatch`) and checked per miner, vectorised: the miner must be
 known and belong to the topic's group, its state known, its power and power target at
 most its model's top operating point plus POWER_MARGIN, its hashrate at most the model's
 top plus HASHRATE_MARGIN, temperature, fans and boards within physical bounds. A miner
@@ -16,6 +16,10 @@ its rack-mates are applied with one array write per field. An `ack_seq` above wh
 controller last sent that miner is unknown rather than trusted (reason `bad_ack`; the
 rest of the reading stands), so it cannot mark commands acknowledged that never were
 (before this run sent a miner anything, its ack is the previous run's and is ignored).
+The transport hands over queued telemetry in batches (`on_telemetry`): consecutive rack
+messages are checked and written to the fleet together, each reading with its own
+message's time, with exactly the result (state, counters, logged reasons) of handling
+them one by one.
 
 Time: each payload's `ts` is checked against the controller's clock. Further ahead than
 `policy.clock_skew_s`, or (prices, hashprice) older than `policy.signal_max_age_s`, is
@@ -40,9 +44,9 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -58,18 +62,21 @@ from controller.logs import LogLimiter
 from controller.protocol.payloads import (
     GridEvent,
     GroupCapabilities,
+    GroupDecoder,
+    GroupTelemetryV2,
     HashpriceSignal,
     MeterTelemetry,
     PayloadError,
     PowerControlSet,
     PriceSchedule,
     PriceSignal,
+    TelemetryBatch,
     TelemetryColumns,
     decode,
-    decode_group_telemetry,
     decode_miner_telemetry,
 )
 from controller.protocol.topics import Kind, Parsed, SiteTopics, parse_availability
+from controller.protocol.transport import Incoming
 from drivers.meters import MeterRouter
 
 log = structlog.get_logger("mineops.ingest")
@@ -160,7 +167,12 @@ class Ingest:
         self._quiet = LogLimiter(60.0)
         self._group_index = {g: i for i, g in enumerate(fleet.groups)}
         self._row_of = _Lookup(fleet.index)
+        self._decoder = GroupDecoder()
+        # By group: its last message's ids and state lists (the decoder's, reused while
+        # unchanged) and what they give: rows, state codes.
         self._rows: dict[int, tuple[list[str], npt.NDArray[np.intp]]] = {}
+        self._states: dict[int, tuple[list[str], npt.NDArray[np.int8]]] = {}
+        self._rack_topics: dict[str, str] = {}  # a known group's telemetry topic -> group
         self._plausible()
         # Label children looked up once: `.labels()` per message costs more than the rest.
         self._counted = {k: metrics.messages.labels(k.value) for k in Kind}
@@ -205,7 +217,10 @@ class Ingest:
     def on_message(self, topic: str, raw: bytes) -> None:
         """Validate and apply one message; a bad one is counted and dropped, never raised."""
         vendor = self.meters.claims(topic)
-        parsed = Parsed(Kind.METER_TELEMETRY) if vendor else self.topics.parse(topic)
+        self._handle(topic, raw, Parsed(Kind.METER_TELEMETRY) if vendor
+                     else self.topics.parse(topic), vendor)
+
+    def _handle(self, topic: str, raw: bytes, parsed: Parsed, vendor: bool) -> None:
         kind = parsed.kind
         self._counted[kind].inc()
         try:
@@ -273,26 +288,143 @@ class Ingest:
             raise PayloadError("unknown_miner", miner_id)
         return i
 
-    def _group_telemetry(self, group: str, raw: bytes) -> None:
-        cols = decode_group_telemetry(raw)
+    def on_telemetry(self, messages: Sequence[Incoming]) -> None:
+        """Handle messages taken from the queue together: as `on_message` one by one would.
+
+        The same fleet state, the same counters and the same logged reasons as handling
+        each alone, but the checks and the fleet write of consecutive rack messages are
+        done once for all of them (docs/scale.md, "Ingest"): decoding is per message
+        (msgspec, in C), the numpy work per batch. A rack message that fails as a whole
+        (bad JSON, unknown group, bad timestamp, stale) is counted alone; each reading
+        keeps its own message's time. Any other message is handled by `on_message` after
+        the racks gathered before it, and a rack that comes twice ends a gathering first,
+        so a miner's later reading wins and its acknowledgements are taken in order.
+
+        Args:
+            messages: (topic, payload) in the order received; any kind, telemetry
+                expected.
+        """
+        gathering = _Gathering()
+        racks_of = self._rack_topics
+        counted = 0
+        try:
+            for topic, raw in messages:
+                group = racks_of.get(topic)
+                if group is None:
+                    vendor = self.meters.claims(topic)
+                    parsed = Parsed(Kind.METER_TELEMETRY) if vendor else self.topics.parse(topic)
+                    if parsed.kind is not Kind.GROUP_TELEMETRY:
+                        if gathering.racks:
+                            self._apply_racks(gathering)
+                            gathering = _Gathering()
+                        self._handle(topic, raw, parsed, vendor)
+                        continue
+                    group = parsed.device
+                    if group in self._group_index:  # bounded by the fleet: worth keeping
+                        racks_of[topic] = group
+                counted += 1
+                try:
+                    rack = self._rack(topic, group, raw)
+                except PayloadError as e:
+                    self.reject(Kind.GROUP_TELEMETRY, e.reason, topic, e.detail)
+                    continue
+                except Exception as e:  # a bug must not take the controller down with it
+                    log.exception("message_handler_failed", topic=topic)
+                    self.reject(Kind.GROUP_TELEMETRY, "internal_error", topic, repr(e))
+                    continue
+                if rack is None:
+                    continue
+                if rack[0].g in gathering.groups:
+                    self._apply_racks(gathering)
+                    gathering = _Gathering()
+                self._gather(gathering, *rack)
+            if gathering.racks:
+                self._apply_racks(gathering)
+        finally:
+            self._counted[Kind.GROUP_TELEMETRY].inc(counted)
+
+    def _rack(self, topic: str, group: str,
+              raw: bytes) -> tuple[_Rack, GroupTelemetryV2] | None:
+        """A rack message decoded and checked as a whole; None if it has no reading.
+
+        Raises:
+            PayloadError: as `GroupDecoder.decode`, unknown_group, bad_timestamp, stale.
+        """
+        m = self._decoder.decode(raw)
         g = self._group_index.get(group)
         if g is None:
             raise PayloadError("unknown_group", group)
-        taken_at = self._taken_at(cols.ts, "telemetry")
-        if cols.n:
-            self._apply_columns(g, group, cols, taken_at)
+        taken_at = self._taken_at(m.ts, "telemetry")
+        n = len(m.ids)
+        return (_Rack(topic, group, g, n, taken_at), m) if n else None
 
-    def _apply_columns(self, g: int, group: str, c: TelemetryColumns, taken_at: float) -> None:
-        """Check every reading at once, apply the good ones, count the rest by reason."""
-        fleet = self.fleet
-        n = c.n
-        cached = self._rows.get(g)
-        if cached is not None and cached[0] == c.ids:  # a group sends the same ids each time
-            idx = cached[1]
+    def _gather(self, gathering: _Gathering, rack: _Rack, m: GroupTelemetryV2) -> None:
+        """Add a message to a gathering: its readings' rows and its columns.
+
+        Rows are cached (a group sends the same ids each time); the message itself is not
+        kept.
+        """
+        cached = self._rows.get(rack.g)
+        if cached is not None and (cached[0] is m.ids or cached[0] == m.ids):
+            rows = cached[1]
         else:
-            idx = np.fromiter(map(self._row_of.__getitem__, c.ids), dtype=np.intp, count=n)
-            self._rows[g] = (c.ids, idx)
-        state = np.fromiter(map(_STATE_OR_BAD.__getitem__, c.state), dtype=np.int8, count=n)
+            rows = np.fromiter(map(self._row_of.__getitem__, m.ids), dtype=np.intp,
+                               count=rack.n)
+            self._rows[rack.g] = (m.ids, rows)
+        cached_state = self._states.get(rack.g)
+        if cached_state is not None and cached_state[0] is m.state:
+            codes = cached_state[1]
+        else:
+            codes = np.fromiter(map(_STATE_OR_BAD.__getitem__, m.state), dtype=np.int8,
+                                count=rack.n)
+            self._states[rack.g] = (m.state, codes)
+        gathering.racks.append(rack)
+        gathering.rows.append(rows)
+        gathering.states.append(codes)
+        gathering.groups.add(rack.g)
+        gathering.columns.add(m)
+
+    def _apply_racks(self, gathering: _Gathering) -> None:
+        try:
+            self._apply_columns(gathering)
+        except Exception as e:  # a bug: every message of the batch counts as failed
+            racks = gathering.racks
+            log.exception("message_handler_failed", topic=racks[0].topic, messages=len(racks))
+            for rack in racks:
+                self.reject(Kind.GROUP_TELEMETRY, "internal_error", rack.topic, repr(e))
+
+    def _group_telemetry(self, group: str, raw: bytes) -> None:
+        rack = self._rack(self.topics.group(group, "telemetry"), group, raw)
+        if rack is not None:
+            gathering = _Gathering()
+            self._gather(gathering, *rack)
+            self._apply_columns(gathering)
+
+    def _apply_columns(self, gathering: _Gathering) -> None:
+        """Check every reading gathered at once, apply the good ones, count the rest.
+
+        The rest are counted by reason, message by message, as if each message were
+        handled alone.
+
+        Each group at most once in a gathering (a reading per miner; see `on_telemetry`).
+        A message none of whose readings is good is rejected as a whole (the first
+        reason of its readings).
+        """
+        fleet = self.fleet
+        racks = gathering.racks
+        c = gathering.columns.columns()
+        n = c.n
+        own: int | npt.NDArray[np.intp]
+        taken_at: float | npt.NDArray[np.float64]
+        if len(racks) == 1:
+            idx, own, taken_at = gathering.rows[0], racks[0].g, racks[0].taken_at
+            state = gathering.states[0]
+        else:
+            counts = np.array([r.n for r in racks])
+            idx = np.concatenate(gathering.rows)
+            state = np.concatenate(gathering.states)
+            own = np.repeat(np.array([r.g for r in racks], dtype=np.intp), counts)
+            taken_at = np.repeat(np.array([r.taken_at for r in racks]), counts)
         known = idx >= 0
         rows = np.where(known, idx, 0)
         max_w, max_ths = self._max_w[rows], self._max_ths[rows]
@@ -305,37 +437,60 @@ class Ingest:
                 | (c.hashboards < -1) | (c.hashboards > MAX_HASHBOARDS) | (c.ack_seq < -1))
         checks = (
             ("unknown_miner", ~known),
-            ("wrong_group", known & (fleet.group_idx[rows] != g)),
+            ("wrong_group", known & (fleet.group_idx[rows] != own)),
             ("bad_value", state < 0),
             ("out_of_range", out_of_range),
         )
         bad = np.zeros(n, dtype=bool)
+        news: list[tuple[str, npt.NDArray[np.bool_]]] = []
         for reason, mask in checks:
             new = mask & ~bad
             if new.any():
-                ids = [c.ids[k] for k in np.flatnonzero(new)]
-                self._reject_readings(reason, self.topics.group(group, "telemetry"), ids,
-                                      _why(reason, c, np.flatnonzero(new), group))
+                news.append((reason, new))
                 bad |= new
-        if bad.all():
-            raise PayloadError(_first_reason(checks), f"no valid reading of {n}")
-        ok = ~bad if bad.any() else slice(None)
-        ix = idx[ok]
-        ack = c.ack_seq[ok]
+        any_bad = bool(news)
+        ends: npt.NDArray[np.int64] | None = None  # each message's end in the columns
+        if any_bad:
+            ends = np.cumsum([r.n for r in racks])
+            for k in _segments_with(bad, ends):
+                r, start, end = racks[k], int(ends[k]) - racks[k].n, int(ends[k])
+                for reason, new in news:
+                    j = np.flatnonzero(new[start:end]) + start
+                    if j.size:
+                        self._reject_readings(reason, r.topic, [c.ids[i] for i in j],
+                                              _why(reason, c, j, r.group))
+                if bad[start:end].all():
+                    first = next(reason for reason, mask in checks if mask[start:end].any())
+                    self.reject(Kind.GROUP_TELEMETRY, first, r.topic,
+                                f"no valid reading of {end - start}")
+        ack = c.ack_seq
         if self.sent_seq is not None:
-            sent = self.sent_seq[ix]
+            sent = self.sent_seq[rows]
             over = ack > sent
             if over.any():
                 # Before this run sent a miner anything, its ack is the last run's: ignored.
-                forged = over & (sent >= 0)
+                forged = over & (sent >= 0) & ~bad
                 if forged.any():
-                    self._reject_readings("bad_ack", self.topics.group(group, "telemetry"),
-                                          [fleet.ids[i] for i in ix[forged]],
-                                          "ack_seq above the last sequence sent to the miner")
+                    if ends is None:
+                        ends = np.cumsum([r.n for r in racks])
+                    for k in _segments_with(forged, ends):
+                        r, start, end = racks[k], int(ends[k]) - racks[k].n, int(ends[k])
+                        self._reject_readings(
+                            "bad_ack", r.topic,
+                            [fleet.ids[i] for i in idx[start:end][forged[start:end]]],
+                            "ack_seq above the last sequence sent to the miner")
                 ack = np.where(over, -1, ack)
-        fleet.apply(ix, state=state[ok], power_w=c.power_w[ok],
-                    hashrate_ths=c.hashrate_ths[ok], target_w=c.target_w[ok],
-                    temp_c=c.temp_c[ok], ack_seq=ack, taken_at=taken_at)
+        if any_bad:
+            ok = ~bad
+            if not ok.any():
+                return
+            fleet.apply(idx[ok], state=state[ok], power_w=c.power_w[ok],
+                        hashrate_ths=c.hashrate_ths[ok], target_w=c.target_w[ok],
+                        temp_c=c.temp_c[ok], ack_seq=ack[ok],
+                        taken_at=taken_at if isinstance(taken_at, float) else taken_at[ok])
+        else:
+            fleet.apply(idx, state=state, power_w=c.power_w, hashrate_ths=c.hashrate_ths,
+                        target_w=c.target_w, temp_c=c.temp_c, ack_seq=ack, taken_at=taken_at)
 
     def _miner_telemetry(self, miner_id: str, raw: bytes) -> None:
         m = decode_miner_telemetry(raw)
@@ -605,8 +760,31 @@ def _control_set(item: Any) -> PowerControlSet:
         raise PayloadError(reason, f"{where}: {err['msg']}") from None
 
 
-def _first_reason(checks: tuple[tuple[str, npt.NDArray[np.bool_]], ...]) -> str:
-    return next((reason for reason, mask in checks if mask.any()), "bad_value")
+class _Rack(NamedTuple):
+    """A rack message that passed the checks of a whole message, awaiting its readings'."""
+
+    topic: str
+    group: str
+    g: int  # the group's index
+    n: int  # readings
+    taken_at: float  # monotonic, s
+
+
+@dataclass(slots=True)
+class _Gathering:
+    """Rack messages to check and apply together, each group at most once."""
+
+    racks: list[_Rack] = field(default_factory=list)
+    rows: list[npt.NDArray[np.intp]] = field(default_factory=list)  # each message's
+    states: list[npt.NDArray[np.int8]] = field(default_factory=list)  # each message's codes
+    groups: set[int] = field(default_factory=set)
+    columns: TelemetryBatch = field(default_factory=TelemetryBatch)
+
+
+def _segments_with(mask: npt.NDArray[np.bool_], ends: npt.NDArray[np.int64]) -> list[int]:
+    """The messages (by position) with a True reading; `ends`: each message's end."""
+    found: list[int] = np.unique(np.searchsorted(ends, np.flatnonzero(mask), side="right")).tolist()
+    return found
 
 
 def _why(reason: str, c: TelemetryColumns, k: npt.NDArray[np.intp], group: str) -> str:

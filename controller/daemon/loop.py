@@ -232,6 +232,10 @@ class Controller:
         """Validate and apply one message (see `Ingest.on_message`)."""
         self.ingest.on_message(topic, raw)
 
+    def on_telemetry(self, messages: list[tuple[str, bytes]]) -> None:
+        """Validate and apply queued telemetry together (see `Ingest.on_telemetry`)."""
+        self.ingest.on_telemetry(messages)
+
     def _prepare_again(self) -> None:
         # The step order depends on every row: prepare again (rare: retained, per session).
         self.prepared = prepare(self.fleet.points_w, self.fleet.points_ths)
@@ -266,21 +270,21 @@ class Controller:
         The broker's acknowledgements arrive in the same TCP stream as everything it
         sends us: under a telemetry flood each waits behind thousands of messages, and
         a decision that awaited them could not decide again for seconds (a grid
-        target came in late). The messages go out now, in order (each publish is
-        queued on its task's first step, and tasks start in the order created); if one
-        is not acknowledged, every miner's command is sent again at the next decision.
+        target came in late). The messages are written now, in order, before the
+        decision goes on (`Transport.publish_now`: not on later turns of a loop busy
+        with telemetry); if one is not acknowledged, every miner's command is sent again
+        at the next decision.
         """
-        task = asyncio.get_running_loop().create_task(self._confirm(messages, retain, commands))
+        acks = [self.transport.publish_now(topic, payload, qos=1, retain=retain)
+                for topic, payload in messages]
+        task = asyncio.get_running_loop().create_task(self._confirm(acks, commands))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _confirm(self, messages: list[tuple[str, bytes]], retain: bool,
-                       commands: bool) -> None:
-        results = await asyncio.gather(*(
-            self.transport.publish(topic, payload, qos=1, retain=retain)
-            for topic, payload in messages))
+    async def _confirm(self, acks: list[asyncio.Future[bool]], commands: bool) -> None:
+        results = await asyncio.gather(*acks)
         if commands:
-            self.metrics.command_messages.inc(len(messages))
+            self.metrics.command_messages.inc(len(acks))
             if not all(results):
                 self.actuator.forget()  # some did not go out: re-send all once reconnected
 
@@ -493,7 +497,8 @@ class Controller:
 
     async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.transport.run(self.on_message), name="controller-mqtt")
+            tg.create_task(self.transport.run(self.on_message, self.on_telemetry),
+                           name="controller-mqtt")
             tg.create_task(self._decide_forever(), name="controller-decide")
             if self.campus is not None:
                 tg.create_task(self.campus.run(), name="controller-campus")

@@ -9,12 +9,15 @@ price rules, the controller's clock) are checked by ingest (controller/daemon/in
 Miner telemetry, the one high-rate input, is decoded by msgspec (a C validating JSON
 decoder, ~10x pydantic on these shapes) straight into columns: `TelemetryColumns`, one
 entry per reading, whatever the message's format (per miner, rack v1 rows, rack v2
-columns). The pydantic models of telemetry stay as the documented schema and for
-producers that build one reading at a time.
+columns). Group messages decode into lists (`decode_group_message`), and the lists of
+all the messages ingest handles together become numpy arrays once (`TelemetryBatch`).
+The pydantic models of telemetry stay as the documented schema and for producers that
+build one reading at a time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, TypeVar
@@ -199,10 +202,11 @@ _INT_COLUMNS = ("fan_rpm", "hashboards", "ack_seq")
 
 @dataclass(frozen=True, slots=True)
 class TelemetryColumns:
-    """Readings as columns, n entries, from any telemetry format.
+    """Readings as columns, n entries, from any telemetry format, of one message or several.
 
     Numbers are float64 with NaN for unknown; `fan_rpm`, `hashboards`, `ack_seq` are
-    int64 with -1 for unknown. `ts` is the message's Unix time, s (-1: none given).
+    int64 with -1 for unknown. `ts` is the message's Unix time, s (of several messages
+    the oldest's, as a v2 message's own `ts` is its oldest reading's; -1: none given).
     """
 
     ts: float
@@ -223,24 +227,12 @@ class TelemetryColumns:
         return len(self.ids)
 
 
-def _number_column(values: list[float | None] | None, n: int) -> _F64:
-    if values is None:
-        return np.full(n, np.nan)
-    return np.array(values, dtype=np.float64)  # None -> NaN
-
-
-def _int_column(values: list[int | None] | None, n: int) -> _I64:
-    if values is None:
-        return np.full(n, -1, dtype=np.int64)
-    if None in values:
-        values = [-1 if x is None else x for x in values]
-    return np.array(values, dtype=np.int64)
-
-
 _V2 = msgspec.json.Decoder(GroupTelemetryV2)
 _V1 = msgspec.json.Decoder(GroupTelemetryV1Wire)
 _PEEK = msgspec.json.Decoder(_Version)
 _MINER = msgspec.json.Decoder(MinerTelemetryWire)
+
+
 def _numpy_values(obj: object) -> object:
     if isinstance(obj, np.ndarray | np.generic):
         return obj.tolist()
@@ -266,54 +258,215 @@ def _payload_error(e: msgspec.MsgspecError) -> PayloadError:
     return PayloadError("wrong_type", text)
 
 
+class _GroupV2Wire(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`GroupTelemetryV2` as decoded: `ids` and `state` left as JSON (GroupDecoder)."""
+
+    ts: float
+    ids: msgspec.Raw
+    state: msgspec.Raw
+    power_w: _Col | None = None
+    hashrate_ths: _Col | None = None
+    target_w: _Col | None = None
+    temp_c: _Col | None = None
+    fan_rpm: _IntCol | None = None
+    hashboards: _IntCol | None = None
+    ack_seq: _IntCol | None = None
+    reason: Annotated[list[_Short | None], msgspec.Meta(max_length=MAX_GROUP_READINGS)] | None \
+        = None
+    v: Literal[2] = 2
+
+
+_V2_WIRE = msgspec.json.Decoder(_GroupV2Wire)
+_IDS = msgspec.json.Decoder(Annotated[list[_Id], msgspec.Meta(max_length=MAX_GROUP_READINGS)])
+_STATES = msgspec.json.Decoder(
+    Annotated[list[_Short], msgspec.Meta(max_length=MAX_GROUP_READINGS)])
+
+
+class GroupDecoder:
+    """Decodes group telemetry (`decode`), keeping the `ids` and `state` lists it has seen.
+
+    A rack sends the same ids in every message, and mostly the same states: a column
+    whose JSON was seen before is the same list object as then (validated then), not
+    40 new strings. Ingest relies on that identity to reuse what it derived from them
+    (rows, state codes). The lists are shared: never modify them. At most `max_lists`
+    lists of each kind are kept (then the cache starts again), so a stream of ever new
+    ids costs bounded memory.
+
+    Args:
+        max_lists: Lists kept per column (ids, state); 0 keeps none.
+    """
+
+    def __init__(self, max_lists: int = 20_000) -> None:
+        self.max_lists = max_lists
+        self._ids: dict[bytes, list[str]] = {}
+        self._states: dict[bytes, list[str]] = {}
+
+    def decode(self, raw: bytes) -> GroupTelemetryV2:
+        """A group telemetry message, v2 (columns) or v1 (rows), checked, as v2's lists.
+
+        Lists rather than arrays: the messages ingest handles together become arrays
+        once for all of them (`TelemetryBatch`), which for racks of 40 costs less than
+        the decoding.
+
+        Raises:
+            PayloadError: oversized, bad_json, bad_version, bad_schema (a column of
+                another length than `ids` included), wrong_type, out_of_range (only what
+                no miner can send: an integer beyond 64 bits, a number beyond a double,
+                a list beyond MAX_GROUP_READINGS).
+        """
+        if len(raw) > GroupTelemetry.MAX_BYTES:
+            raise PayloadError("oversized", f"{len(raw)} bytes > {GroupTelemetry.MAX_BYTES}")
+        try:
+            try:
+                w = _V2_WIRE.decode(raw)
+            except msgspec.ValidationError:
+                version = _PEEK.decode(raw).v
+                if version == TELEMETRY_V2:
+                    raise
+                if version != 1:
+                    raise PayloadError("bad_version", f"schema version {version!r}") from None
+                return _rows_as_lists(_V1.decode(raw))
+        except msgspec.MsgspecError as e:
+            raise _payload_error(e) from None
+        ids = self._column(self._ids, _IDS, w.ids, "ids")
+        state = self._column(self._states, _STATES, w.state, "state")
+        n = len(ids)
+        for column in (state, w.power_w, w.hashrate_ths, w.target_w, w.temp_c, w.fan_rpm,
+                       w.hashboards, w.ack_seq, w.reason):
+            if column is not None and len(column) != n:
+                name = "state" if column is state else next(
+                    k for k in (*_NUMBER_COLUMNS, *_INT_COLUMNS, "reason")
+                    if getattr(w, k) is column)
+                raise PayloadError("bad_schema", f"{name}: {len(column)} entries for {n} ids")
+        return GroupTelemetryV2(
+            ts=w.ts, ids=ids, state=state, power_w=w.power_w, hashrate_ths=w.hashrate_ths,
+            target_w=w.target_w, temp_c=w.temp_c, fan_rpm=w.fan_rpm, hashboards=w.hashboards,
+            ack_seq=w.ack_seq, reason=w.reason)
+
+    def _column(self, seen: dict[bytes, list[str]], decoder: msgspec.json.Decoder[list[str]],
+                text: msgspec.Raw, name: str) -> list[str]:
+        key = bytes(text)
+        found = seen.get(key)
+        if found is not None:
+            return found
+        try:
+            values = decoder.decode(key)
+        except msgspec.MsgspecError as e:
+            error = _payload_error(e)
+            where = (error.detail.replace("at `$", f"at `$.{name}") if "at `$" in error.detail
+                     else f"{error.detail} - at `$.{name}`")
+            raise PayloadError(error.reason, where) from None
+        if len(seen) >= self.max_lists:
+            seen.clear()
+        if self.max_lists:
+            seen[key] = values
+        return values
+
+
+_DECODER = GroupDecoder()
+
+
+def decode_group_message(raw: bytes) -> GroupTelemetryV2:
+    """`GroupDecoder.decode` with a decoder shared by the process."""
+    return _DECODER.decode(raw)
+
+
+def _rows_as_lists(m: GroupTelemetryV1Wire) -> GroupTelemetryV2:
+    rows = m.miners
+    return GroupTelemetryV2(
+        ts=m.ts, ids=[r.id for r in rows], state=[r.state for r in rows],
+        power_w=[r.power_w for r in rows], hashrate_ths=[r.hashrate_ths for r in rows],
+        target_w=[r.target_w for r in rows], temp_c=[r.temp_c for r in rows],
+        fan_rpm=[r.fan_rpm for r in rows], hashboards=[r.hashboards for r in rows],
+        ack_seq=[r.ack_seq for r in rows], reason=[r.reason for r in rows])
+
+
+class TelemetryBatch:
+    """Decoded group messages gathered column by column, to become arrays once.
+
+    Each column is a list over every message added, converted to an array once by
+    `columns()`: a numpy call per column per batch, not per message. A message's lists
+    are copied in as it is added, so it need not be kept: thousands of decoded messages
+    alive at once would each be traversed by every garbage collection meanwhile (it
+    doubled the cost of a batch of 400 racks).
+    """
+
+    __slots__ = ("_ints", "_nulls", "_numbers", "_reasons", "_sent_reason", "ids", "state",
+                 "ts")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.state: list[str] = []
+        self.ts = math.inf  # the oldest message's
+        self._numbers: tuple[list[float | None], ...] = ([], [], [], [])
+        self._ints: tuple[list[int | None], ...] = ([], [], [])
+        self._reasons: list[str | None] = []
+        self._sent_reason = False
+        self._nulls = False  # an integer column holds None somewhere
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, m: GroupTelemetryV2) -> None:
+        """Append a message's readings (as `decode_group_message` checked them)."""
+        # Unrolled: this runs for every rack message, and a loop over the columns cost
+        # as much as the copying.
+        n = len(m.ids)
+        self.ids.extend(m.ids)
+        self.state.extend(m.state)
+        self.ts = min(self.ts, m.ts)
+        power, hashrate, target, temp = self._numbers
+        nones: list[None] = [None] * n if (m.power_w is None or m.hashrate_ths is None
+                                           or m.target_w is None or m.temp_c is None) else []
+        power.extend(nones if m.power_w is None else m.power_w)
+        hashrate.extend(nones if m.hashrate_ths is None else m.hashrate_ths)
+        target.extend(nones if m.target_w is None else m.target_w)
+        temp.extend(nones if m.temp_c is None else m.temp_c)
+        fan, boards, ack = self._ints
+        unknown: list[int] = [-1] * n if (m.fan_rpm is None or m.hashboards is None
+                                          or m.ack_seq is None) else []
+        for out, values in ((fan, m.fan_rpm), (boards, m.hashboards), (ack, m.ack_seq)):
+            if values is None:
+                out.extend(unknown)
+            else:
+                out.extend(values)
+                if not self._nulls and None in values:
+                    self._nulls = True
+        if m.reason is not None:
+            if not self._sent_reason:
+                self._reasons = [None] * (len(self.ids) - n)
+                self._sent_reason = True
+            self._reasons.extend(m.reason)
+        elif self._sent_reason:
+            self._reasons.extend([None] * n)
+
+    def columns(self) -> TelemetryColumns:
+        """The readings added, message after message, as columns.
+
+        A column a message left out is unknown for its readings (NaN, or -1 for the
+        integer columns); `reason` is None only if no message sent one; `ts` is the
+        oldest message's (-1 if none).
+        """
+        power, hashrate, target, temp = (np.array(v, dtype=np.float64)  # None: NaN
+                                         for v in self._numbers)
+        fan, boards, ack = (np.array([-1 if x is None else x for x in v] if self._nulls else v,
+                                     dtype=np.int64) for v in self._ints)
+        return TelemetryColumns(
+            ts=self.ts if self.ts < math.inf else -1.0, ids=self.ids,
+            state=self.state, power_w=power, hashrate_ths=hashrate, target_w=target,
+            temp_c=temp, fan_rpm=fan, hashboards=boards, ack_seq=ack,
+            reason=self._reasons if self._sent_reason else None)
+
+
 def decode_group_telemetry(raw: bytes) -> TelemetryColumns:
     """A group telemetry message, v2 (columns) or v1 (rows), as columns.
 
     Raises:
-        PayloadError: oversized, bad_json, bad_version, bad_schema (a column of another
-            length than `ids` included), wrong_type, out_of_range (only what no miner
-            can send: an integer beyond 64 bits, a number beyond a double).
+        PayloadError: as `decode_group_message`.
     """
-    if len(raw) > GroupTelemetry.MAX_BYTES:
-        raise PayloadError("oversized", f"{len(raw)} bytes > {GroupTelemetry.MAX_BYTES}")
-    try:
-        try:
-            m = _V2.decode(raw)
-        except msgspec.ValidationError:
-            version = _PEEK.decode(raw).v
-            if version == TELEMETRY_V2:
-                raise
-            if version != 1:
-                raise PayloadError("bad_version", f"schema version {version!r}") from None
-            return _rows_as_columns(_V1.decode(raw))
-    except msgspec.MsgspecError as e:
-        raise _payload_error(e) from None
-    n = len(m.ids)
-    for name in ("state", *_NUMBER_COLUMNS, *_INT_COLUMNS, "reason"):
-        column = getattr(m, name)
-        if column is not None and len(column) != n:
-            raise PayloadError("bad_schema", f"{name}: {len(column)} entries for {n} ids")
-    return TelemetryColumns(
-        ts=m.ts, ids=m.ids, state=m.state,
-        power_w=_number_column(m.power_w, n), hashrate_ths=_number_column(m.hashrate_ths, n),
-        target_w=_number_column(m.target_w, n), temp_c=_number_column(m.temp_c, n),
-        fan_rpm=_int_column(m.fan_rpm, n), hashboards=_int_column(m.hashboards, n),
-        ack_seq=_int_column(m.ack_seq, n), reason=m.reason)
-
-
-def _rows_as_columns(m: GroupTelemetryV1Wire) -> TelemetryColumns:
-    rows = m.miners
-    n = len(rows)
-    return TelemetryColumns(
-        ts=m.ts, ids=[r.id for r in rows], state=[r.state for r in rows],
-        power_w=_number_column([r.power_w for r in rows], n),
-        hashrate_ths=_number_column([r.hashrate_ths for r in rows], n),
-        target_w=_number_column([r.target_w for r in rows], n),
-        temp_c=_number_column([r.temp_c for r in rows], n),
-        fan_rpm=_int_column([r.fan_rpm for r in rows], n),
-        hashboards=_int_column([r.hashboards for r in rows], n),
-        ack_seq=_int_column([r.ack_seq for r in rows], n),
-        reason=[r.reason for r in rows])
+    batch = TelemetryBatch()
+    batch.add(decode_group_message(raw))
+    return batch.columns()
 
 
 def decode_miner_telemetry(raw: bytes) -> MinerTelemetryWire:

@@ -23,7 +23,10 @@ The queue is bounded in messages and bytes; when full, the oldest message of the
 urgent lane goes (in practice always telemetry), counted by kind in `LinkStatus.dropped`.
 Messages are handled in batches without a task per message, yielding to the event loop
 after every urgent or control message and every `YIELD_EVERY_S` of telemetry, so a
-decision a message triggered runs at once and the socket keeps being read.
+decision a message triggered runs at once and the socket keeps being read. An owner that
+gives `run()` a batch handler gets the queued telemetry as lists (`take_telemetry`:
+a few ms of work each, and only while nothing more urgent waits), so it can check and
+apply many small rack messages at once.
 
 paho-mqtt reads a packet with three `recv` calls and aiomqtt reads one packet per event
 loop turn; on a plain TCP connection `_BufferedSocket` reads in large chunks, takes the
@@ -58,6 +61,7 @@ log = structlog.get_logger("mineops.transport")
 # well inside the 5 s that the daemons promise for SIGTERM.
 GOODBYE_TIMEOUT_S = 1.5  # the owner's last words (availability offline, QoS 1)
 DISCONNECT_TIMEOUT_S = 1.5  # MQTT 3.1.1 DISCONNECT has no answer: it only has to be written
+PUBLISH_TIMEOUT_S = 10.0  # a QoS 1 message's acknowledgement, before it counts as not sent
 
 MessageHandler = Callable[[str, bytes], None]
 
@@ -66,12 +70,21 @@ MessageHandler = Callable[[str, bytes], None]
 MAX_QUEUED_MESSAGES = 20_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 YIELD_EVERY_S = 0.010  # of telemetry handled back to back
+# One batch of telemetry for the batch handler: a few ms of work (racks of 40: ~300
+# messages; groups of 1,000: ~10), so YIELD_EVERY_S still bounds what an urgent message waits.
+BATCH_MAX_MESSAGES = 1024
+BATCH_MAX_BYTES = 512 * 1024
 RECV_BYTES = 64 * 1024  # one socket read; paho's packets are then cut from it
 READ_BUDGET_S = 0.020  # of reading per wake-up while handling keeps up
 KEEP_READING_BELOW = 2_000  # queued messages (and a quarter of the byte bound): keeping up
+# A QoS 0 PUBLISH cut short by a read is completed by the next one up to this size (a
+# group's largest telemetry is 512 KiB); a larger one is left to paho.
+HOLD_MAX_BYTES = 1024 * 1024
+LANE_CACHE_TOPICS = 100_000  # topics whose lane is remembered (a miner's or a rack's each)
 
 
 Incoming = tuple[str, bytes]  # topic, payload
+BatchHandler = Callable[[list[Incoming]], None]
 
 
 class IncomingQueue(asyncio.Queue[Incoming]):
@@ -97,6 +110,7 @@ class IncomingQueue(asyncio.Queue[Incoming]):
         self.dropped: Counter[tuple[str, str]] = Counter()
         self.last_lane = LANE_TELEMETRY  # of the message `get_nowait` returned last
         self._lanes: list[deque[tuple[Incoming, int, Kind]]] = [deque() for _ in range(LANES)]
+        self._lane_of: dict[str, tuple[int, Kind]] = {}  # by topic
         super().__init__(0)  # unbounded to asyncio: the bound is ours, by lane
 
     def _init(self, maxsize: int) -> None:
@@ -112,7 +126,14 @@ class IncomingQueue(asyncio.Queue[Incoming]):
     def _put(self, item: Incoming) -> None:
         if not isinstance(item, tuple):  # aiomqtt's own Message (untuned client)
             item = _as_incoming(item)
-        lane, kind = incoming_lane(item[0])
+        lanes_of = self._lane_of
+        lane_kind = lanes_of.get(item[0])
+        if lane_kind is None:
+            lane_kind = incoming_lane(item[0])
+            if len(lanes_of) >= LANE_CACHE_TOPICS:
+                lanes_of.clear()  # topics come back: a full cache refills within a round
+            lanes_of[item[0]] = lane_kind
+        lane, kind = lane_kind
         size = len(item[1])
         lanes = self._lanes
         while self.bytes + size > self.max_bytes or self.count >= self.max_messages:
@@ -128,6 +149,31 @@ class IncomingQueue(asyncio.Queue[Incoming]):
         self.bytes += size
         self.count += 1
 
+    def take_telemetry(self, max_messages: int = BATCH_MAX_MESSAGES,
+                       max_bytes: int = BATCH_MAX_BYTES) -> list[Incoming]:
+        """The oldest telemetry messages, if nothing more urgent is queued (else none).
+
+        At most `max_messages`, and no more than `max_bytes` of payloads unless the first
+        message alone is larger.
+        """
+        lanes = self._lanes
+        lane = lanes[LANE_TELEMETRY]
+        if not lane or any(lanes[k] for k in range(LANE_TELEMETRY)):
+            return []
+        out: list[Incoming] = []
+        taken = 0
+        popleft = lane.popleft
+        while lane and len(out) < max_messages:
+            size = lane[0][1]
+            if out and taken + size > max_bytes:
+                break
+            out.append(popleft()[0])
+            taken += size
+        self.bytes -= taken
+        self.count -= len(out)
+        self.last_lane = LANE_TELEMETRY
+        return out
+
     def _get(self) -> Incoming:
         for k, lane in enumerate(self._lanes):
             if lane:
@@ -137,6 +183,33 @@ class IncomingQueue(asyncio.Queue[Incoming]):
                 self.last_lane = k
                 return item
         raise asyncio.QueueEmpty
+
+
+class _Ack:
+    """What aiomqtt's on_publish sets when a PUBACK comes: resolves `publish_now`'s future.
+
+    aiomqtt calls `.set()` on it, as on the asyncio.Event its own publish waits on.
+    """
+
+    __slots__ = ("_done", "_timer")
+
+    def __init__(self, done: asyncio.Future[bool], timer: asyncio.TimerHandle) -> None:
+        self._done = done
+        self._timer = timer
+
+    def set(self) -> None:
+        self._timer.cancel()
+        if not self._done.done():
+            self._done.set_result(True)
+
+
+def _unacknowledged(done: asyncio.Future[bool], pending: dict[int, Any], mid: int,
+                    topic: str) -> None:
+    pending.pop(mid, None)
+    if not done.done():
+        log.warning("mqtt_publish_failed", topic=topic,
+                    error=f"not acknowledged within {PUBLISH_TIMEOUT_S:g} s")
+        done.set_result(False)
 
 
 def _as_incoming(message: aiomqtt.Message) -> Incoming:
@@ -172,8 +245,10 @@ class _BufferedSocket:
     QoS 0 PUBLISH packets (MQTT 3.1.1 section 3.3: fixed header 0x30-0x39 without QoS
     bits, remaining length, topic, payload; no packet id, nothing to answer) that lie
     whole in the buffer at a packet boundary go to `deliver` as (topic, payload) without
-    paho: paho's pure-Python parse of each is most of the per-message cost. Every other
-    packet (CONNACK, SUBACK, QoS 1 PUBLISH and its PUBACK, PINGRESP, a split packet) is
+    paho: paho's pure-Python parse of each is most of the per-message cost. One that a
+    read cut short (most reads end inside a rack's message) is held back, out of
+    `pending()`, and completed by the next read, up to HOLD_MAX_BYTES. Every other packet
+    (CONNACK, SUBACK, QoS 1 PUBLISH and its PUBACK, PINGRESP, a larger split packet) is
     paho's, as is everything else about the socket.
     """
 
@@ -185,6 +260,7 @@ class _BufferedSocket:
         self._keep_reading = keep_reading
         self._buf = b""
         self._pos = 0
+        self._held = b""  # the start of a QoS 0 PUBLISH that the last read cut short
         self._may_read = True  # this wake-up has not read the socket yet
         self._woke_at = 0.0
 
@@ -200,9 +276,13 @@ class _BufferedSocket:
                 data = self._sock.recv(max(n, RECV_BYTES))
                 if not data:
                     return data  # the broker closed: paho sees it
+                if self._held:
+                    data, self._held = self._held + data, b""
                 self._buf, self._pos = data, 0
             if n == 1 and self._paho._in_packet["command"] == 0:  # paho is between packets
-                self._publishes()
+                if self._publishes():
+                    self._held, self._buf, self._pos = self._buf[self._pos:], b"", 0
+                    continue
                 if self._pos >= len(self._buf):
                     continue
             end = self._pos + n
@@ -210,26 +290,34 @@ class _BufferedSocket:
             self._pos = end
             return out
 
-    def _publishes(self) -> None:
-        """Deliver the whole QoS 0 PUBLISH packets at the front of the buffer."""
+    def _publishes(self) -> bool:
+        """Deliver the whole QoS 0 PUBLISH packets at the front of the buffer.
+
+        Returns True if the front is then one cut short by the read (and small enough to
+        hold).
+        """
         buf, pos, size = self._buf, self._pos, len(self._buf)
         deliver = self._deliver
+        split = False
         while pos < size and buf[pos] & 0xF6 == 0x30:  # PUBLISH, QoS 0 (DUP, RETAIN: any)
             length, mult, i = 0, 1, pos + 1
-            while True:
-                if i >= size or i - pos > 4:
-                    self._pos = pos
-                    return  # split across reads (or malformed): paho's
+            while i < size and i - pos <= 4:  # the remaining length: 1-4 bytes
                 byte = buf[i]
                 i += 1
                 length += (byte & 0x7F) * mult
                 mult <<= 7
                 if not byte & 0x80:
                     break
+            else:  # the read ended inside it, or a fifth byte (malformed: paho's)
+                split = i >= size and i - pos <= 4
+                break
             end = i + length
             if end > size:
+                split = end - pos <= HOLD_MAX_BYTES
                 break
-            topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+            topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1]) if length >= 2 else end + 1
+            if topic_end > end:
+                break  # malformed: paho's
             try:
                 topic = buf[i + 2:topic_end].decode()
             except UnicodeDecodeError:
@@ -240,6 +328,7 @@ class _BufferedSocket:
             # paho's keepalive: bytes it did not parse itself were received all the same.
             self._paho._last_bytes_received = time.monotonic()
         self._pos = pos
+        return split
 
     def pending(self) -> int:
         left = len(self._buf) - self._pos
@@ -405,8 +494,15 @@ class Transport:
         self._queue = IncomingQueue(maxsize, max_bytes=self._max_queued_bytes)
         return self._queue
 
-    async def run(self, handler: MessageHandler) -> None:
-        """Connect, subscribe and dispatch forever; reconnect on any broker failure."""
+    async def run(self, handler: MessageHandler, telemetry: BatchHandler | None = None) -> None:
+        """Connect, subscribe and dispatch forever; reconnect on any broker failure.
+
+        Args:
+            handler: Called with each message (topic, payload).
+            telemetry: If given, called instead with telemetry taken from the queue in
+                batches (`IncomingQueue.take_telemetry`: up to BATCH_MAX_MESSAGES and
+                BATCH_MAX_BYTES, in the order received, while nothing more urgent waits).
+        """
         attempt = 0
         while True:
             try:
@@ -423,7 +519,7 @@ class Transport:
                     if self._on_connect:
                         await self._on_connect()
                     try:
-                        await self._dispatch(client, handler)
+                        await self._dispatch(client, handler, telemetry)
                     except asyncio.CancelledError:
                         await self._say_goodbye()
                         raise
@@ -440,8 +536,11 @@ class Transport:
             finally:
                 self._lost()
 
-    async def _dispatch(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
+    async def _dispatch(self, client: aiomqtt.Client, handler: MessageHandler,
+                        telemetry: BatchHandler | None) -> None:
         """Hand every message to `handler`, by lane, until the connection ends.
+
+        Telemetry goes in batches to `telemetry`, if given.
 
         The first message after a quiet spell is awaited through aiomqtt (it also raises
         MqttError when the connection drops); a backlog is then taken from the queue
@@ -454,13 +553,23 @@ class Transport:
         messages = client.messages
         clock = time.perf_counter
         while True:
-            topic, payload = cast(Incoming, await messages.__anext__())
-            handler(topic, payload)
+            first = cast(Incoming, await messages.__anext__())
+            if telemetry is not None and queue.last_lane == LANE_TELEMETRY:
+                telemetry([first, *queue.take_telemetry()])
+            else:
+                handler(*first)
             started = clock()
             while queue.count:
-                topic, payload = queue.get_nowait()
-                handler(topic, payload)
-                if queue.last_lane < LANE_TELEMETRY or clock() - started > YIELD_EVERY_S:
+                if telemetry is not None and (batch := queue.take_telemetry()):
+                    telemetry(batch)
+                else:
+                    topic, payload = queue.get_nowait()
+                    handler(topic, payload)
+                    if queue.last_lane < LANE_TELEMETRY:
+                        await asyncio.sleep(0)
+                        started = clock()
+                        continue
+                if clock() - started > YIELD_EVERY_S:
                     await asyncio.sleep(0)
                     started = clock()
 
@@ -525,11 +634,58 @@ class Transport:
             return False
         try:
             with propagate_lost_cancel():
-                await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+                await client.publish(topic, payload, qos=qos, retain=retain,
+                                     timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError as e:
             log.warning("mqtt_publish_failed", topic=topic, error=str(e))
             return False
         return True
+
+    def publish_now(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                    retain: bool = False) -> asyncio.Future[bool]:
+        """Publish at once; the future tells whether the broker acknowledged it.
+
+        The message is handed to paho and written to the socket (as far as it takes it)
+        before this returns.
+
+        `publish()` is a coroutine: its message reaches paho when its task first runs and
+        the socket when the event loop next serves writers, turns a loop busy with
+        telemetry can fill with batches (a grid event's command left 5-46 ms after its
+        decision, bench_shed_latency). Messages published here go out in the order of
+        the calls.
+
+        Returns:
+            A future: True once the broker acknowledged the message (QoS 1; QoS 0: once
+            handed over), False if the broker is away, paho refused it, or no
+            acknowledgement came within PUBLISH_TIMEOUT_S (the session may have ended).
+            Dropping it unawaited is harmless.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        client = self._client
+        if client is None:
+            done.set_result(False)
+            return done
+        paho = client._client
+        info = paho.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != 0:
+            log.warning("mqtt_publish_failed", topic=topic, error=f"paho rc {info.rc}")
+            done.set_result(False)
+            return done
+        if qos and not info.is_published():
+            # aiomqtt's on_publish calls .set() on it when the PUBACK comes: registered
+            # before any read can bring one, as aiomqtt's own publish does.
+            pending = client._pending_publishes
+            ack = _Ack(done, loop.call_later(PUBLISH_TIMEOUT_S, _unacknowledged, done,
+                                             pending, info.mid, topic))
+            pending[info.mid] = ack  # type: ignore[assignment]
+        else:
+            done.set_result(True)
+        try:
+            paho.loop_write()
+        except Exception as e:  # a broken socket: aiomqtt's own writer sees it too
+            log.warning("mqtt_write_failed", topic=topic, error=repr(e))
+        return done
 
     def publish_nowait(self, topic: str, payload: bytes) -> bool:
         """Queue a QoS 0 message without waiting for it to be written; False when away.
