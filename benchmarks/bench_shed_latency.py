@@ -225,7 +225,9 @@ async def measure(n: int, trials: int, rack: int) -> dict[str, object]:
         "event_simulator": percentiles([c.apply_ms for c in event]),
         "frequency": percentiles([c.latency_ms for c in freq]),
         # Where the slowest trials' time went: before the decision, in it, from its end
-        # to the simulator (publish, mosquitto, the simulator's loop), in the simulator.
+        # to the simulator (mosquitto, the simulator's loop; negative when the command,
+        # written as soon as it is built, arrived before the decision finished its
+        # snapshot), in the simulator.
         "event_slowest": [
             {"total": round(c.latency_ms, 1), "queued": round(c.queued_ms, 1),
              "decide": round(c.decide_ms, 1),

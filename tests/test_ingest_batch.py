@@ -491,3 +491,19 @@ async def test_publish_now_without_a_broker_is_false_at_once() -> None:
     t = Transport(BrokerConfig(port=1), client_id="nobody", subscriptions=[])
     done = t.publish_now("cmd/1", b"x")
     assert done.done() and done.result() is False
+
+
+@pytest.mark.integration
+async def test_publish_now_leaves_no_writer_behind(broker: LocalBroker, tasks: Any) -> None:
+    """Writing at once must not leave the event loop watching a writable socket with
+    nothing to write: it would spin, a core busy while the controller idles."""
+    peer = Peer(make_site(broker, [("a", "s21", 1)]))
+    tasks(peer.run(), "peer")
+    await wait_for(peer.transport.connected.is_set, what="connected")
+    for k in range(3):
+        acks = [peer.transport.publish_now(f"cmd/{k}/{j}", b"x" * 100) for j in range(3)]
+        assert await asyncio.gather(*acks) == [True] * 3
+    await asyncio.sleep(0.05)
+    cpu_s = time.process_time()
+    await asyncio.sleep(0.5)
+    assert time.process_time() - cpu_s < 0.1, "the loop spun while idle"

@@ -344,7 +344,8 @@ def _tune_client(client: aiomqtt.Client, queue: IncomingQueue) -> bool:
     """Give the paho client under `client` our reads and our queue; True if it took.
 
     paho gets a `_BufferedSocket` once it opens a plain TCP socket, and puts its messages
-    straight into `queue` as (topic, payload).
+    straight into `queue` as (topic, payload); its writer is registered at once on the
+    event loop's thread (`publish_now`).
 
     It reaches into aiomqtt (2.x) and paho (2.x) internals, pinned in pyproject.toml;
     if they are not as expected, nothing changes (a log line says so) and aiomqtt
@@ -376,8 +377,35 @@ def _tune_client(client: aiomqtt.Client, queue: IncomingQueue) -> bool:
     def on_message(_client: Any, _userdata: Any, message: Any) -> None:
         put((message.topic, message.payload))
 
+    register_later = paho.on_socket_register_write  # aiomqtt's: add_writer, scheduled
+
+    def on_socket_register_write(paho_client: Any, userdata: Any, sock: Any) -> None:
+        # aiomqtt adds its writer on a later loop turn (paho may call this from the
+        # connecting thread). Transport.publish_now writes at once, and paho then asks
+        # to remove the writer before that turn adds it: a writer left watching a
+        # writable socket with nothing to write spins the loop. On the loop's own
+        # thread the writer is added now, so add and remove stay in order.
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:  # the connecting thread
+            register_later(paho_client, userdata, sock)
+            return
+        if running is not getattr(client, "_loop", None):
+            register_later(paho_client, userdata, sock)
+            return
+
+        def write() -> None:
+            try:
+                paho_client.loop_write()
+            except Exception as exc:  # a broken socket: the session ends, as in aiomqtt
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        running.add_writer(sock.fileno(), write)
+
     paho.on_socket_open = on_socket_open
     paho.on_message = on_message
+    paho.on_socket_register_write = on_socket_register_write
     return True
 
 
@@ -681,10 +709,11 @@ class Transport:
             pending[info.mid] = ack  # type: ignore[assignment]
         else:
             done.set_result(True)
-        try:
-            paho.loop_write()
-        except Exception as e:  # a broken socket: aiomqtt's own writer sees it too
-            log.warning("mqtt_write_failed", topic=topic, error=repr(e))
+        if self._tuned:  # the writer is registered in step (`_tune_client`): safe to write
+            try:
+                paho.loop_write()
+            except Exception as e:  # a broken socket: aiomqtt's own writer sees it too
+                log.warning("mqtt_write_failed", topic=topic, error=repr(e))
         return done
 
     def publish_nowait(self, topic: str, payload: bytes) -> bool:
