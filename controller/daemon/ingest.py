@@ -463,23 +463,7 @@ class Ingest:
                     first = next(reason for reason, mask in checks if mask[start:end].any())
                     self.reject(Kind.GROUP_TELEMETRY, first, r.topic,
                                 f"no valid reading of {end - start}")
-        ack = c.ack_seq
-        if self.sent_seq is not None:
-            sent = self.sent_seq[rows]
-            over = ack > sent
-            if over.any():
-                # Before this run sent a miner anything, its ack is the last run's: ignored.
-                forged = over & (sent >= 0) & ~bad
-                if forged.any():
-                    if ends is None:
-                        ends = np.cumsum([r.n for r in racks])
-                    for k in _segments_with(forged, ends):
-                        r, start, end = racks[k], int(ends[k]) - racks[k].n, int(ends[k])
-                        self._reject_readings(
-                            "bad_ack", r.topic,
-                            [fleet.ids[i] for i in idx[start:end][forged[start:end]]],
-                            "ack_seq above the last sequence sent to the miner")
-                ack = np.where(over, -1, ack)
+        ack = self._trusted_acks(c.ack_seq, idx, rows, bad, racks)
         if any_bad:
             ok = ~bad
             if not ok.any():
@@ -491,6 +475,32 @@ class Ingest:
         else:
             fleet.apply(idx, state=state, power_w=c.power_w, hashrate_ths=c.hashrate_ths,
                         target_w=c.target_w, temp_c=c.temp_c, ack_seq=ack, taken_at=taken_at)
+
+    def _trusted_acks(self, ack: npt.NDArray[np.int64], idx: npt.NDArray[np.intp],
+                      rows: npt.NDArray[np.intp], bad: npt.NDArray[np.bool_],
+                      racks: list[_Rack]) -> npt.NDArray[np.int64]:
+        """`ack` with every acknowledgement above what this run sent that miner unknown (-1).
+
+        One above a sequence actually sent is forged or corrupt: counted (`bad_ack`) for
+        the readings otherwise good. Before this run sent a miner anything, its ack is the
+        last run's: ignored without a count.
+        """
+        if self.sent_seq is None:
+            return ack
+        sent = self.sent_seq[rows]
+        over = ack > sent
+        if not over.any():
+            return ack
+        forged = over & (sent >= 0) & ~bad
+        if forged.any():
+            ends = np.cumsum([r.n for r in racks])
+            for k in _segments_with(forged, ends):
+                r, start, end = racks[k], int(ends[k]) - racks[k].n, int(ends[k])
+                self._reject_readings(
+                    "bad_ack", r.topic,
+                    [self.fleet.ids[i] for i in idx[start:end][forged[start:end]]],
+                    "ack_seq above the last sequence sent to the miner")
+        return np.where(over, -1, ack)
 
     def _miner_telemetry(self, miner_id: str, raw: bytes) -> None:
         m = decode_miner_telemetry(raw)
