@@ -11,7 +11,9 @@ One mosquitto on loopback, one publisher process flooding as fast as the broker 
 Each subscriber is measured for `--seconds` once saturated, in the same run. Scenarios:
 a message per miner (`miner/<id>/telemetry`, v1), racks of 40 and groups of 1,000 (v2
 columns on `group/<g>/telemetry`). Targets (the Scale issue): per-miner >= 1.5x naive,
-racked >= 1M readings/s. A table, then one JSON line.
+racked >= 1M readings/s, racks of 40 included. mineops' info gives its CPU share of the
+window (it shares two cores with mosquitto and the publisher: most of the spread between
+runs) and its CPU per message. A table, then one JSON line.
 
     .venv/bin/python benchmarks/bench_ingest.py [--seconds 5] [--miners 20000]
 """
@@ -293,6 +295,9 @@ def main() -> None:
     if racked:
         summary["racked_readings_per_s"] = round(max(racked))
         summary["racked_target_met"] = max(racked) >= 1_000_000
+    if "rack40" in by:  # the issue's case: small messages, a rack's own
+        summary["rack40_readings_per_s"] = round(by["rack40"]["mineops_readings_applied_per_s"])
+        summary["rack40_target_met"] = summary["rack40_readings_per_s"] >= 1_000_000
     print(json.dumps(summary))
 
 
